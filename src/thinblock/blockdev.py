@@ -1,0 +1,149 @@
+"""The narrow block interfaces every layer implements (in the style of nbdkit's plugin API).
+
+Two flavours, one vocabulary:
+
+* ``RawDevice`` -- synchronous, implemented by the storage layers below the volume:
+  a PD's chunklet range, a RAID LD, the zero LD.  Their I/O is a handful of
+  pread/pwrite calls into the page cache, cheap enough to run inline on the event
+  loop; slow work (fsync, zeroing large ranges, rebuild) is pushed to threads by
+  the caller.
+* ``Volume`` -- asynchronous, implemented by a virtual volume (with or without its
+  write cache).  Front ends (NBD, the API's import/export, tests) drive only this.
+  Fast paths never suspend, so a front end can run them with
+  ``thinblock.aio.start_eager`` and reply without creating a Task.
+
+Requests are validated at the front-end edge (offset + length <= size, length > 0);
+inside the stack those are invariants and are asserted, not re-validated.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+# Anything a write accepts: the NBD server hands in memoryviews of its receive buffer.
+Buffer = bytes | bytearray | memoryview
+
+
+class ExtentFlags(enum.IntFlag):
+    """Block-status flags; the same bits as NBD's base:allocation context."""
+
+    ALLOCATED = 0
+    HOLE = 1  # no storage behind it (zero LD)
+    ZERO = 2  # reads as zeros
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """A run of ``length`` bytes with the same status; extents are contiguous from the query offset."""
+
+    length: int
+    flags: ExtentFlags
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a volume can do; the NBD server advertises exactly these."""
+
+    can_write: bool = True
+    can_flush: bool = True
+    can_fua: bool = True
+    can_trim: bool = True
+    can_zero: bool = True
+    can_fast_zero: bool = True
+    can_cache: bool = True
+    can_multi_conn: bool = True
+    # Block size constraints (NBD_INFO_BLOCK_SIZE).
+    minimum_block: int = 1
+    preferred_block: int = 4096
+    maximum_block: int = 32 * 1024 * 1024
+
+
+@runtime_checkable
+class RawDevice(Protocol):
+    """Synchronous byte-addressed device: a PD range, an LD, the zero LD.
+
+    Callers guarantee ``0 <= offset`` and ``offset + length <= size``.
+    """
+
+    @property
+    def size(self) -> int: ...
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` with ``len(buf)`` bytes from ``offset``.  Raises MediumError."""
+        ...
+
+    def read(self, offset: int, length: int) -> bytes | bytearray:
+        """Return ``length`` bytes from ``offset``.  Raises MediumError."""
+        ...
+
+    def write(self, offset: int, data: Buffer) -> None:
+        """Write ``data`` at ``offset``.  Raises MediumError, ReadOnlyDevice (zero LD)."""
+        ...
+
+    def zero(self, offset: int, length: int) -> None:
+        """Make the range read as zeros (punch a hole where possible, else write zeros)."""
+        ...
+
+    def flush(self) -> None:
+        """Make everything written so far durable (fsync).  Blocking: call it off the loop."""
+        ...
+
+
+@runtime_checkable
+class Volume(Protocol):
+    """What a host sees: a virtual volume.  All methods are coroutines; the front end
+    has validated ranges against ``size`` and ``capabilities.maximum_block``.
+
+    Errors: ``OutOfSpace`` (ENOSPC: a write needed a new region and none may be had),
+    ``MediumError`` (EIO), ``InvalidArgument`` (EINVAL).
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def description(self) -> str: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def capabilities(self) -> Capabilities: ...
+
+    async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview: ...
+
+    async def write(self, offset: int, data: Buffer, fua: bool = False) -> None: ...
+
+    async def write_zeroes(
+        self, offset: int, length: int, *, may_trim: bool = True, fast: bool = False, fua: bool = False
+    ) -> None:
+        """Zero a range.  ``may_trim=False`` is NBD's NO_HOLE: keep the allocation.
+        ``fast=True`` is NBD's FAST_ZERO: raise ``SlowZero`` rather than write zeros slowly."""
+        ...
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None: ...
+
+    async def flush(self) -> None:
+        """Every write acknowledged before this call (on any connection) becomes durable."""
+        ...
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        """Extents covering at least the first byte of the range, at most ``length`` bytes."""
+        ...
+
+    async def cache(self, offset: int, length: int) -> None:
+        """Advisory prefetch (NBD_CMD_CACHE)."""
+        ...
+
+
+@runtime_checkable
+class VolumeProvider(Protocol):
+    """How a front end finds exports: the engine implements it; tests may use a toy one."""
+
+    def export_names(self) -> list[str]: ...
+
+    def open_volume(self, name: str) -> Volume:
+        """Raises NotFound for an unknown name."""
+        ...

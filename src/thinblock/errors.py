@@ -1,0 +1,79 @@
+"""The exceptions every layer raises, and what a front end turns them into.
+
+Each maps to one NBD errno and one HTTP status at the edges (nbd/, api/); inside
+the engine they carry a clear message naming the object concerned.
+
+Running out of space is an *expected* result: the pool returns a ``SpaceShortage``
+value (see pool/), and only the volume's public API turns it into ``OutOfSpace``.
+Corruption is an error: ``MetadataCorrupt`` refuses to open a store.
+"""
+
+from __future__ import annotations
+
+
+class ThinblockError(Exception):
+    """Base of every error thinblock raises on purpose."""
+
+    http_status = 500
+
+
+class InvalidArgument(ThinblockError, ValueError):
+    """Bad input: out-of-range offset, misaligned size, negative size, bad name... Changes nothing."""
+
+    http_status = 400
+
+
+class NotFound(ThinblockError):
+    """An unknown PD id, pool, LD or VV name, alert id."""
+
+    http_status = 404
+
+
+class AlreadyExists(ThinblockError):
+    """A duplicate name (pool, VV) or a PD path already in use."""
+
+    http_status = 409
+
+
+class Conflict(ThinblockError):
+    """The operation is not possible in the object's current state (a pool with VVs, a PD in use)."""
+
+    http_status = 409
+
+
+class OutOfSpace(ThinblockError):
+    """A write needed a new region and none may be had: VV allocation limit, pool growth
+    limit, or no PD with free chunklets.  Writes to regions already assigned still succeed.
+
+    ``reason`` is the alert kind that was raised (vv-allocation-limit, pool-growth-limit,
+    pool-out-of-chunklets)."""
+
+    http_status = 507
+
+    def __init__(self, message: str, reason: str = "out-of-space") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class MediumError(ThinblockError):
+    """Unrecoverable I/O error: the data cannot be read or written (too many failed PDs)."""
+
+    http_status = 500
+
+
+class ReadOnlyDevice(ThinblockError):
+    """A write was sent to a device that refuses writes (the zero LD)."""
+
+    http_status = 500
+
+
+class MetadataCorrupt(ThinblockError):
+    """The metadata store failed its check on open.  Nothing is repaired silently."""
+
+    http_status = 500
+
+
+class SlowZero(ThinblockError):
+    """A FAST_ZERO write-zeroes request could not be done faster than writing zeros (NBD_ENOTSUP)."""
+
+    http_status = 400
