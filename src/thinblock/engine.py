@@ -69,7 +69,9 @@ class Engine:
         raise NotImplementedError
 
     # --- physical disks -------------------------------------------------------------
-    async def add_pd(self, path: str | Path, size: int | None = None, chunklet_size: int = DEFAULT_CHUNKLET) -> PDInfo:
+    async def add_pd(
+        self, path: str | Path, size: int | None = None, chunklet_size: int = DEFAULT_CHUNKLET
+    ) -> PDInfo:
         """Add a file (created sparse at ``size`` if missing) or an existing file/block device."""
         raise NotImplementedError
 
@@ -110,7 +112,12 @@ class Engine:
         raise NotImplementedError
 
     async def set_pool(
-        self, name: str, *, growth_increment: Any = UNSET, growth_warning: Any = UNSET, growth_limit: Any = UNSET
+        self,
+        name: str,
+        *,
+        growth_increment: Any = UNSET,
+        growth_warning: Any = UNSET,
+        growth_limit: Any = UNSET,
     ) -> PoolInfo:
         """Pass None to remove a warning or limit."""
         raise NotImplementedError
