@@ -1,0 +1,412 @@
+"""SQLite backend of the metadata store: one file, WAL mode, the embedded default.
+
+Durability: ``synchronous=NORMAL`` in WAL mode means a commit is written to the WAL
+(it survives ``kill -9`` of the server) but not fsynced; ``sync()`` fsyncs the WAL
+and the database file, which the engine calls on every flush, so everything committed
+before a completed flush also survives a power cut.
+
+Redundancy for the check: each VV row counts its assigned regions and each LD row
+counts its used regions, updated in the same transaction as the map.  A map row lost
+or added behind the engine's back shows up as a count that does not match.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..errors import MetadataCorrupt
+from .store import AlertRow, LDRow, MetadataStore, PDRow, PoolRow, VVRow
+
+SCHEMA_VERSION = "1"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS pds (
+    id INTEGER PRIMARY KEY, path TEXT NOT NULL UNIQUE, size INTEGER NOT NULL,
+    chunklet_size INTEGER NOT NULL, health TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS pools (
+    id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, raid INTEGER NOT NULL, set_size INTEGER NOT NULL,
+    step INTEGER NOT NULL, region_size INTEGER NOT NULL, growth_increment INTEGER NOT NULL,
+    growth_warning INTEGER, growth_limit INTEGER);
+CREATE TABLE IF NOT EXISTS lds (
+    id INTEGER PRIMARY KEY, pool_id INTEGER NOT NULL REFERENCES pools(id), raid INTEGER NOT NULL,
+    set_size INTEGER NOT NULL, step INTEGER NOT NULL, region_size INTEGER NOT NULL,
+    regions INTEGER NOT NULL, regions_used INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS ld_chunklets (
+    ld_id INTEGER NOT NULL REFERENCES lds(id), row INTEGER NOT NULL, col INTEGER NOT NULL,
+    pd_id INTEGER NOT NULL REFERENCES pds(id), chunklet INTEGER NOT NULL,
+    PRIMARY KEY (ld_id, row, col), UNIQUE (pd_id, chunklet)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS vvs (
+    id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, pool_id INTEGER NOT NULL REFERENCES pools(id),
+    size INTEGER NOT NULL, alloc_warning_bytes INTEGER, alloc_warning_pct REAL,
+    alloc_limit_bytes INTEGER, alloc_limit_pct REAL, cache_mode TEXT NOT NULL, created REAL NOT NULL,
+    regions INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS vv_map (
+    vv_id INTEGER NOT NULL, vv_region INTEGER NOT NULL, ld_id INTEGER NOT NULL, ld_region INTEGER NOT NULL,
+    PRIMARY KEY (vv_id, vv_region), UNIQUE (ld_id, ld_region)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS alerts (
+    id INTEGER PRIMARY KEY, time REAL NOT NULL, severity TEXT NOT NULL, kind TEXT NOT NULL,
+    object TEXT NOT NULL, message TEXT NOT NULL, state TEXT NOT NULL);
+"""
+
+
+class SQLiteStore(MetadataStore):
+    FILENAME = "thinblock.db"
+
+    def __init__(self, data_dir: str | Path, *, create: bool = True) -> None:
+        self.path = Path(data_dir) / self.FILENAME
+        if not self.path.exists() and not create:
+            raise MetadataCorrupt(f"no metadata store at {self.path}")
+        try:
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per method.
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(_SCHEMA)
+            version = self.get_meta("schema_version")
+            if version is None:
+                self.set_meta("schema_version", SCHEMA_VERSION)
+            elif version != SCHEMA_VERSION:
+                raise MetadataCorrupt(
+                    f"{self.path}: schema version {version}, this thinblock reads {SCHEMA_VERSION}"
+                )
+        except sqlite3.DatabaseError as exc:
+            raise MetadataCorrupt(f"{self.path}: cannot read the metadata store: {exc}") from exc
+
+    # --- helpers ---
+    def _tx(self, sql: str, args: tuple[object, ...] = ()) -> sqlite3.Cursor:
+        try:
+            with self._db:  # commit on success, roll back on error
+                return self._db.execute(sql, args)
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.IntegrityError):
+                raise
+            raise MetadataCorrupt(f"{self.path}: {exc}") from exc
+
+    # --- life cycle ---
+    def close(self) -> None:
+        self._db.close()
+
+    def sync(self) -> None:
+        for p in (self.path, Path(str(self.path) + "-wal")):
+            try:
+                fd = os.open(p, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._tx(
+            "INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+            (key, value),
+        )
+
+    def check(self) -> list[str]:
+        """Every rule of the brief's store check, each as a query; problems named plainly."""
+        q = self._db.execute
+        problems: list[str] = []
+        try:
+            for (msg,) in q("PRAGMA quick_check").fetchall():
+                if msg != "ok":
+                    problems.append(f"sqlite: {msg}")
+            if problems:
+                return problems
+            for vv, region, n in q(
+                "SELECT vv_id, vv_region, COUNT(*) FROM vv_map GROUP BY vv_id, vv_region HAVING COUNT(*) > 1"
+            ):
+                problems.append(f"VV {vv} region {region} is mapped {n} times")
+            for ld, region, n in q(
+                "SELECT ld_id, ld_region, COUNT(*) FROM vv_map GROUP BY ld_id, ld_region HAVING COUNT(*) > 1"
+            ):
+                problems.append(f"LD {ld} region {region} is assigned {n} times")
+            for vv, region, ld in q(
+                "SELECT m.vv_id, m.vv_region, m.ld_id FROM vv_map m LEFT JOIN lds l ON l.id = m.ld_id"
+                " WHERE l.id IS NULL LIMIT 20"
+            ):
+                problems.append(f"VV {vv} region {region} points at LD {ld}, which does not exist")
+            for vv, region, ld, ldr in q(
+                "SELECT m.vv_id, m.vv_region, m.ld_id, m.ld_region FROM vv_map m JOIN lds l ON l.id = m.ld_id"
+                " WHERE m.ld_region < 0 OR m.ld_region >= l.regions LIMIT 20"
+            ):
+                problems.append(f"VV {vv} region {region} points at region {ldr} outside LD {ld}")
+            for vv, region, ld in q(
+                "SELECT m.vv_id, m.vv_region, m.ld_id FROM vv_map m JOIN lds l ON l.id = m.ld_id"
+                " JOIN vvs v ON v.id = m.vv_id WHERE v.pool_id != l.pool_id LIMIT 20"
+            ):
+                problems.append(f"VV {vv} region {region} points at LD {ld} of another pool")
+            for vv, region in q(
+                "SELECT m.vv_id, m.vv_region FROM vv_map m LEFT JOIN vvs v ON v.id = m.vv_id"
+                " WHERE v.id IS NULL LIMIT 20"
+            ):
+                problems.append(f"map entry for region {region} of VV {vv}, which does not exist")
+            for vv, region, size in q(
+                "SELECT m.vv_id, m.vv_region, v.size FROM vv_map m JOIN vvs v ON v.id = m.vv_id"
+                " JOIN lds l ON l.id = m.ld_id WHERE m.vv_region < 0 OR m.vv_region * l.region_size >= v.size"
+                " LIMIT 20"
+            ):
+                problems.append(f"VV {vv} maps region {region}, past its size {size}")
+            for name, counted, actual in q(
+                "SELECT v.name, v.regions, (SELECT COUNT(*) FROM vv_map m WHERE m.vv_id = v.id) FROM vvs v"
+            ):
+                if counted != actual:
+                    problems.append(
+                        f"VV '{name}' records {counted} assigned regions but its map holds {actual}"
+                        " (region map rows lost or added)"
+                    )
+            for ld, counted, actual in q(
+                "SELECT l.id, l.regions_used, (SELECT COUNT(*) FROM vv_map m WHERE m.ld_id = l.id) FROM lds l"
+            ):
+                if counted != actual:
+                    problems.append(f"LD {ld} records {counted} used regions but the maps assign {actual}")
+            for pd, chunklet, n in q(
+                "SELECT pd_id, chunklet, COUNT(*) FROM ld_chunklets GROUP BY pd_id, chunklet HAVING COUNT(*) > 1"
+            ):
+                problems.append(f"chunklet {chunklet} of PD {pd} is used {n} times")
+            for ld, pd, chunklet in q(
+                "SELECT c.ld_id, c.pd_id, c.chunklet FROM ld_chunklets c LEFT JOIN pds p ON p.id = c.pd_id"
+                " WHERE p.id IS NULL OR c.chunklet < 0 OR c.chunklet >= p.size / p.chunklet_size LIMIT 20"
+            ):
+                problems.append(f"LD {ld} uses chunklet {chunklet} of PD {pd}, which does not exist")
+            for ld, row, n in q(
+                "SELECT ld_id, row, COUNT(DISTINCT pd_id) FROM ld_chunklets GROUP BY ld_id, row"
+            ):
+                (cnt,) = q("SELECT COUNT(*) FROM ld_chunklets WHERE ld_id=? AND row=?", (ld, row)).fetchone()
+                if cnt != n:
+                    problems.append(f"LD {ld} row {row} has two chunklets on one PD")
+            for ld, pool in q(
+                "SELECT l.id, l.pool_id FROM lds l LEFT JOIN pools p ON p.id = l.pool_id WHERE p.id IS NULL"
+            ):
+                problems.append(f"LD {ld} belongs to pool {pool}, which does not exist")
+            for (ld,) in q(
+                "SELECT l.id FROM lds l WHERE NOT EXISTS (SELECT 1 FROM ld_chunklets c WHERE c.ld_id = l.id)"
+            ):
+                problems.append(f"LD {ld} has no chunklets")
+            for name, pool in q(
+                "SELECT v.name, v.pool_id FROM vvs v LEFT JOIN pools p ON p.id = v.pool_id WHERE p.id IS NULL"
+            ):
+                problems.append(f"VV '{name}' belongs to pool {pool}, which does not exist")
+        except sqlite3.DatabaseError as exc:
+            problems.append(f"sqlite: {exc}")
+        return problems
+
+    # --- PDs ---
+    def add_pd(self, path: str, size: int, chunklet_size: int) -> int:
+        cur = self._tx(
+            "INSERT INTO pds(path, size, chunklet_size, health) VALUES(?, ?, ?, 'normal')",
+            (path, size, chunklet_size),
+        )
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    def set_pd_health(self, pd_id: int, health: str) -> None:
+        self._tx("UPDATE pds SET health=? WHERE id=?", (health, pd_id))
+
+    def remove_pd(self, pd_id: int) -> None:
+        self._tx("DELETE FROM pds WHERE id=?", (pd_id,))
+
+    def load_pds(self) -> list[PDRow]:
+        return [
+            PDRow(*r)
+            for r in self._db.execute("SELECT id, path, size, chunklet_size, health FROM pds ORDER BY id")
+        ]
+
+    # --- pools ---
+    def add_pool(self, row: PoolRow) -> int:
+        cur = self._tx(
+            "INSERT INTO pools(name, raid, set_size, step, region_size, growth_increment, growth_warning,"
+            " growth_limit) VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                row.name,
+                row.raid,
+                row.set_size,
+                row.step,
+                row.region_size,
+                row.growth_increment,
+                row.growth_warning,
+                row.growth_limit,
+            ),
+        )
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    def update_pool(self, row: PoolRow) -> None:
+        self._tx(
+            "UPDATE pools SET growth_increment=?, growth_warning=?, growth_limit=? WHERE id=?",
+            (row.growth_increment, row.growth_warning, row.growth_limit, row.id),
+        )
+
+    def delete_pool(self, pool_id: int) -> None:
+        self._tx("DELETE FROM pools WHERE id=?", (pool_id,))
+
+    def load_pools(self) -> list[PoolRow]:
+        return [
+            PoolRow(*r)
+            for r in self._db.execute(
+                "SELECT id, name, raid, set_size, step, region_size, growth_increment, growth_warning, growth_limit"
+                " FROM pools ORDER BY id"
+            )
+        ]
+
+    # --- LDs ---
+    def add_ld(self, row: LDRow) -> int:
+        try:
+            with self._db:
+                cur = self._db.execute(
+                    "INSERT INTO lds(pool_id, raid, set_size, step, region_size, regions) VALUES(?, ?, ?, ?, ?, ?)",
+                    (row.pool_id, row.raid, row.set_size, row.step, row.region_size, row.regions),
+                )
+                ld_id = cur.lastrowid
+                assert ld_id is not None
+                self._db.executemany(
+                    "INSERT INTO ld_chunklets(ld_id, row, col, pd_id, chunklet) VALUES(?, ?, ?, ?, ?)",
+                    [(ld_id, r, c, pd, idx) for (r, c), (pd, idx) in row.chunklets.items()],
+                )
+            return ld_id
+        except sqlite3.IntegrityError:
+            raise
+        except sqlite3.DatabaseError as exc:
+            raise MetadataCorrupt(f"{self.path}: {exc}") from exc
+
+    def replace_chunklet(self, ld_id: int, row: int, column: int, pd_id: int, index: int) -> None:
+        self._tx(
+            "UPDATE ld_chunklets SET pd_id=?, chunklet=? WHERE ld_id=? AND row=? AND col=?",
+            (pd_id, index, ld_id, row, column),
+        )
+
+    def delete_ld(self, ld_id: int) -> None:
+        with self._db:
+            self._db.execute("DELETE FROM ld_chunklets WHERE ld_id=?", (ld_id,))
+            self._db.execute("DELETE FROM lds WHERE id=?", (ld_id,))
+
+    def load_lds(self) -> list[LDRow]:
+        lds = {
+            r[0]: LDRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], {})
+            for r in self._db.execute(
+                "SELECT id, pool_id, raid, set_size, step, region_size, regions FROM lds ORDER BY id"
+            )
+        }
+        for ld_id, row, col, pd_id, chunklet in self._db.execute(
+            "SELECT ld_id, row, col, pd_id, chunklet FROM ld_chunklets"
+        ):
+            if ld_id in lds:
+                lds[ld_id].chunklets[(row, col)] = (pd_id, chunklet)
+        return list(lds.values())
+
+    # --- VVs and maps ---
+    def add_vv(self, row: VVRow) -> int:
+        cur = self._tx(
+            "INSERT INTO vvs(name, pool_id, size, alloc_warning_bytes, alloc_warning_pct, alloc_limit_bytes,"
+            " alloc_limit_pct, cache_mode, created) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                row.name,
+                row.pool_id,
+                row.size,
+                row.alloc_warning_bytes,
+                row.alloc_warning_pct,
+                row.alloc_limit_bytes,
+                row.alloc_limit_pct,
+                row.cache_mode,
+                row.created,
+            ),
+        )
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    def update_vv(self, row: VVRow) -> None:
+        self._tx(
+            "UPDATE vvs SET size=?, alloc_warning_bytes=?, alloc_warning_pct=?, alloc_limit_bytes=?,"
+            " alloc_limit_pct=?, cache_mode=? WHERE id=?",
+            (
+                row.size,
+                row.alloc_warning_bytes,
+                row.alloc_warning_pct,
+                row.alloc_limit_bytes,
+                row.alloc_limit_pct,
+                row.cache_mode,
+                row.id,
+            ),
+        )
+
+    def delete_vv(self, vv_id: int) -> None:
+        self._tx("DELETE FROM vvs WHERE id=?", (vv_id,))
+
+    def load_vvs(self) -> list[VVRow]:
+        return [
+            VVRow(*r)
+            for r in self._db.execute(
+                "SELECT id, name, pool_id, size, alloc_warning_bytes, alloc_warning_pct, alloc_limit_bytes,"
+                " alloc_limit_pct, cache_mode, created FROM vvs ORDER BY id"
+            )
+        ]
+
+    def assign(self, vv_id: int, vv_region: int, ld_id: int, ld_region: int) -> None:
+        db = self._db
+        try:
+            db.execute("BEGIN")
+            db.execute(
+                "INSERT INTO vv_map(vv_id, vv_region, ld_id, ld_region) VALUES(?, ?, ?, ?)",
+                (vv_id, vv_region, ld_id, ld_region),
+            )
+            db.execute("UPDATE vvs SET regions = regions + 1 WHERE id=?", (vv_id,))
+            db.execute("UPDATE lds SET regions_used = regions_used + 1 WHERE id=?", (ld_id,))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    def unassign(self, vv_id: int, vv_regions: list[int]) -> None:
+        db = self._db
+        try:
+            db.execute("BEGIN")
+            for vr in vv_regions:
+                row = db.execute(
+                    "DELETE FROM vv_map WHERE vv_id=? AND vv_region=? RETURNING ld_id", (vv_id, vr)
+                ).fetchone()
+                if row is not None:
+                    db.execute("UPDATE vvs SET regions = regions - 1 WHERE id=?", (vv_id,))
+                    db.execute("UPDATE lds SET regions_used = regions_used - 1 WHERE id=?", (row[0],))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    def iter_map(self) -> Iterator[tuple[int, int, int, int]]:
+        cur = self._db.execute("SELECT vv_id, vv_region, ld_id, ld_region FROM vv_map")
+        while True:
+            rows = cur.fetchmany(65536)
+            if not rows:
+                return
+            yield from rows
+
+    # --- alerts ---
+    def add_alert(self, time: float, severity: str, kind: str, obj: str, message: str, state: str) -> int:
+        cur = self._tx(
+            "INSERT INTO alerts(time, severity, kind, object, message, state) VALUES(?, ?, ?, ?, ?, ?)",
+            (time, severity, kind, obj, message, state),
+        )
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    def set_alert_state(self, alert_id: int, state: str) -> None:
+        self._tx("UPDATE alerts SET state=? WHERE id=?", (state, alert_id))
+
+    def load_alerts(self) -> list[AlertRow]:
+        return [
+            AlertRow(*r)
+            for r in self._db.execute(
+                "SELECT id, time, severity, kind, object, message, state FROM alerts ORDER BY id"
+            )
+        ]
