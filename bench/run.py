@@ -1,0 +1,278 @@
+"""thinblock side by side with qemu-nbd and nbdkit (issue 5).
+
+    python -m bench.run [--quick] [--servers ...] [--repeat 3] [--runtime 8]
+
+One after the other on this machine: thinblock (RAID 0 pool, then RAID 1 pool), qemu-nbd on a
+fresh qcow2 image, nbdkit file on a fresh sparse raw file, nbdkit null.  Every repetition
+starts every server afresh (new image / file / data directory) and runs the five standard fio
+profiles in order against it, so seqwrite-fresh always writes never-written space; the
+servers take turns within each repetition, so drift of this machine's speed touches all of
+them alike.  Then the same with 4 connections.  Prints one table and writes it, with the
+machine's description and the metadata-scale figures, to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from .fio import PROFILE_NAMES, FioError, profile_by_name, run_fio
+from .report import (
+    RESULTS_DIR,
+    TARGETS,
+    Cell,
+    Results,
+    key_value_table,
+    machine_description,
+    results_path,
+    results_table,
+)
+from .servers import SERVER_KEYS, Server, ServerError, all_servers, serving
+
+ROOT = Path(__file__).resolve().parent.parent
+ALIASES = {
+    "thinblock": ("thinblock-raid0", "thinblock-raid1"),
+    "peers": ("qemu-nbd", "nbdkit-file", "nbdkit-null"),
+}
+
+
+def _server_keys(values: list[str]) -> list[str]:
+    wanted: list[str] = []
+    for value in values:
+        for name in value.split(","):
+            name = name.strip()
+            for key in ALIASES.get(name, (name,)):
+                if key not in SERVER_KEYS:
+                    raise argparse.ArgumentTypeError(
+                        f"unknown server {key!r} (known: {', '.join(SERVER_KEYS)})"
+                    )
+                if key not in wanted:
+                    wanted.append(key)
+    return [key for key in SERVER_KEYS if key in wanted]  # always in the standard order
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke test: --runtime 2 --size 256M, few regions"
+    )
+    parser.add_argument(
+        "--servers",
+        nargs="+",
+        default=list(SERVER_KEYS),
+        help=f"subset of: {' '.join(SERVER_KEYS)} (or 'thinblock', 'peers'); comma or space separated",
+    )
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each profile; the median is reported")
+    parser.add_argument("--runtime", type=int, help="seconds of each time-based profile (default 8; quick 2)")
+    parser.add_argument("--size", help="fio --size, per connection (default 1G; quick 256M)")
+    parser.add_argument("--connections", type=int, nargs="+", default=[1, 4], help="default: 1 4")
+    parser.add_argument("--profiles", nargs="+", choices=PROFILE_NAMES, default=list(PROFILE_NAMES))
+    parser.add_argument(
+        "--thinblock-launch",
+        choices=("auto", "daemon", "engine"),
+        default="auto",
+        help="start thinblock as the daemon + CLI, with bench.launch_thinblock, or the daemon "
+        "falling back to the launcher (default)",
+    )
+    parser.add_argument("--no-metadata", action="store_true", help="skip the metadata-scale figures")
+    parser.add_argument(
+        "--regions", type=int, help="assigned regions for the open figure (default 1,000,000)"
+    )
+    parser.add_argument("--store", type=Path, help="keep the million-region store here and reuse it")
+    parser.add_argument("--workdir", type=Path, help="where images and data dirs go (default: a temp dir)")
+    parser.add_argument("--output", type=Path, help="Markdown file (default bench/results/<date>-<host>.md)")
+    parser.add_argument("--no-write", action="store_true", help="print only, write no Markdown")
+    args = parser.parse_args(argv)
+    try:
+        args.servers = _server_keys(args.servers)
+    except argparse.ArgumentTypeError as exc:
+        parser.error(str(exc))
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    args.runtime = args.runtime or (2 if args.quick else 8)
+    args.size = args.size or ("256M" if args.quick else "1G")
+    return args
+
+
+def run_profiles(args: argparse.Namespace, servers: list[Server], workdir: Path, console: Console) -> Results:
+    results = Results([s.key for s in servers], list(args.profiles), list(args.connections))
+    profiles = [profile_by_name(name) for name in args.profiles]
+    broken: dict[str, str] = {}  # servers that failed to start: not retried
+    for connections in args.connections:
+        for repetition in range(1, args.repeat + 1):
+            for server in servers:
+                console.print(f"[bold]{connections} conn, run {repetition}/{args.repeat}: {server.key}[/]")
+                if server.key in broken:
+                    for profile in profiles:
+                        results.fail(Cell(connections, profile.name, server.key), broken[server.key])
+                    console.print(f"  skipped: {broken[server.key]}")
+                    continue
+                try:
+                    with serving(server, workdir, connections) as uri:
+                        for profile in profiles:
+                            cell = Cell(connections, profile.name, server.key)
+                            timeout = args.runtime * 3 + 120 if profile.time_based else 900
+                            try:
+                                result, _ = run_fio(
+                                    profile, uri, size=args.size, runtime=args.runtime,
+                                    connections=connections, timeout=timeout,
+                                )  # fmt: skip
+                            except FioError as exc:
+                                results.fail(cell, str(exc))
+                                console.print(f"  [red]{profile.name}: {exc}[/]")
+                                continue
+                            results.add(cell, result)
+                            console.print(
+                                f"  {profile.name:15s} {result.mib_s:9.1f} MiB/s {result.iops:10.0f} IOPS"
+                                f"  p99 {result.p99_us:8.0f} us"
+                            )
+                except (ServerError, OSError, subprocess.SubprocessError) as exc:
+                    broken[server.key] = f"did not start: {exc}"[:400]
+                    for profile in profiles:
+                        results.fail(Cell(connections, profile.name, server.key), broken[server.key])
+                    console.print(f"  [red]{broken[server.key]}[/]")
+    return results
+
+
+def targets_summary(results: Results) -> list[str]:
+    lines = []
+    for server, target in TARGETS.items():
+        if server not in results.servers:
+            continue
+        cells = [c for c in results.cells() if c.server == server]
+        misses = [m for m in results.target_misses() if m[0].server == server]
+        if not misses:
+            lines.append(f"{server}: ratio to qemu-nbd >= {target:.1f} on all {len(cells)} profiles (met).")
+            continue
+        lines.append(
+            f"{server}: target ratio to qemu-nbd >= {target:.1f} missed on {len(misses)} of {len(cells)}:"
+        )
+        for cell, _, ratio in misses:
+            how = (
+                "not measured" if ratio is None else f"{ratio:.2f}, short by {(target - ratio) / target:.0%}"
+            )
+            lines.append(f"  - {cell.profile}, {cell.connections} conn: {how}")
+    if TARGETS.keys() & set(results.servers) and "qemu-nbd" not in results.servers:
+        lines.append("(qemu-nbd was not run, so no ratio could be computed.)")
+    return lines
+
+
+def markdown_report(
+    args: argparse.Namespace,
+    argv: list[str],
+    started: datetime.datetime,
+    seconds: float,
+    machine: list[tuple[str, str]],
+    servers: list[Server],
+    results: Results,
+    metadata_markdown: str | None,
+) -> str:
+    host = dict(machine)["host"]
+    out = [f"# thinblock benchmark: {started:%Y-%m-%d} on {host}", ""]
+    if args.quick:
+        out += ["> **Quick run** (smoke test: short runtime, small size); not a measurement to compare.", ""]
+    out += [
+        f"Command: `{' '.join(['python -m bench.run', shlex.join(argv)]).strip()}`",
+        f"Started {started:%Y-%m-%d %H:%M:%S}, took {seconds / 60:.1f} min.",
+        "",
+        "## Machine",
+        "",
+        key_value_table("machine", machine, ("item", "value")).markdown(),
+        "",
+        "## Servers",
+        "",
+        *[f"- **{server.key}**: {server.description}" for server in servers],
+        "",
+        "## Settings",
+        "",
+        f"- fio `--size={args.size}` per connection, time-based profiles `--runtime={args.runtime}`, "
+        f"{args.repeat} runs of each profile (median reported); connections: "
+        f"{', '.join(str(c) for c in args.connections)}.",
+        "- Every run starts every server afresh; within a run the servers take turns.",
+        "",
+        "## fio profiles",
+        "",
+        results_table(results).markdown(),
+        "",
+        "MiB/s, IOPS and p99 (fio's completion latency, microseconds) are each the median of the runs; "
+        "*spread* is (max - min) / median of MiB/s over the runs; *vs qemu-nbd* is MiB/s over "
+        "qemu-nbd's on the same profile in this run (higher is better); *p99 vs qemu* is p99 over "
+        "qemu-nbd's (lower is better).",
+        "",
+        "## Targets",
+        "",
+        *[line if line.startswith("  ") else f"- {line}" for line in targets_summary(results)],
+        "",
+    ]
+    if metadata_markdown is not None:
+        out += ["## Metadata scale", "", metadata_markdown, ""]
+    failures = [(cell, msgs) for cell, msgs in results.errors.items()]
+    if failures:
+        out += ["## Failures", ""]
+        for cell, messages in failures:
+            out.append(f"- {cell.server}, {cell.profile}, {cell.connections} conn: {messages[-1]}")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    console = Console()
+    servers = [s for s in all_servers(args.thinblock_launch) if s.key in args.servers]
+    started = datetime.datetime.now()
+    began = time.monotonic()
+    if args.workdir:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="thinblock-bench-", dir=args.workdir))
+    try:
+        machine = machine_description(workdir, ROOT)
+        results = run_profiles(args, servers, workdir, console)
+        metadata_markdown = None
+        metadata_table = None
+        if not args.no_metadata:
+            from .metadata_scale import figures_table, run
+
+            console.print("[bold]metadata scale[/]")
+            figures = run(workdir / "metadata", quick=args.quick, regions=args.regions, store=args.store)
+            metadata_table = figures_table(figures)
+            metadata_markdown = metadata_table.markdown()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    seconds = time.monotonic() - began
+
+    console.print(key_value_table("machine", machine, ("item", "value")).rich())
+    console.print(results_table(results).rich())
+    for line in targets_summary(results):
+        console.print(line)
+    if metadata_table is not None:
+        console.print(metadata_table.rich())
+
+    if not args.no_write:
+        text = markdown_report(args, argv, started, seconds, machine, servers, results, metadata_markdown)
+        output = args.output or results_path("quick" if args.quick else "", started.date())
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text)
+        written = [output]
+        if not args.quick and args.output is None:
+            latest = RESULTS_DIR / "latest.md"
+            latest.write_text(text)
+            written.append(latest)
+        console.print(
+            "written: "
+            + ", ".join(str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p) for p in written)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
