@@ -9,24 +9,46 @@ work to threads; listings are plain methods.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
+import re
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from .alerts import AlertBus
 from .blockdev import Volume
+from .cache.writeback import WriteBackCache
+from .errors import AlreadyExists, Conflict, InvalidArgument, MediumError, MetadataCorrupt, NotFound
+from .logical.raid import Chunklet, LogicalDisk, RaidLevel, validate_policy
+from .metadata.sqlite import SQLiteStore
+from .metadata.store import PoolRow, VVRow
 from .model import (
     Alert,
+    AlertKind,
     CacheMode,
     CheckReport,
+    ChunkletRef,
+    LDHealth,
     LDInfo,
+    PDHealth,
     PDInfo,
     PoolInfo,
     RebuildProgress,
+    Severity,
     VVInfo,
     VVStats,
 )
-from .units import GiB, Limit, MiB
+from .physical.pd import PhysicalDisk
+from .pool.chunklets import ChunkletAllocator
+from .pool.pool import Pool
+from .units import GiB, Limit, MiB, format_size
+from .volume.vv import VirtualVolume
+
+log = logging.getLogger("thinblock.engine")
 
 DEFAULT_CHUNKLET = 256 * MiB
 DEFAULT_REGION = 1 * MiB
@@ -47,47 +69,370 @@ class EngineOptions:
     max_dirty_bytes: int = 256 * MiB  # write-back cache: writers wait beyond this
     destage_delay: float = 0.05  # seconds dirty data may sit before destage starts
     default_cache_mode: CacheMode = CacheMode.WRITETHROUGH
+    allow_tiny_chunklets: bool = False  # chunklets below 1 MiB (tests and drills only)
+
+
+DEFAULT_SET_SIZE = {0: 2, 1: 2, 5: 4}
+MAX_NAME = 255
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]*$")
+MAX_VV_SIZE = 1 << 60  # 1 EiB: far past "at least 64 TiB", still exact in every map structure
+REBUILD_STEP = 1 * MiB
+
+
+def _check_name(kind: str, name: object) -> str:
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME or not _NAME_RE.match(name):
+        raise InvalidArgument(
+            f"invalid {kind} name {name!r}: 1 to {MAX_NAME} characters, letters, digits and . _ : + -,"
+            " starting with a letter or digit"
+        )
+    return name
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
 
 
 class Engine:
+    """See the module docstring.  Build with ``await Engine.open(data_dir)``."""
+
+    def __init__(self, data_dir: Path, store: SQLiteStore, options: EngineOptions) -> None:
+        self.data_dir = data_dir
+        self.options = options
+        self.store = store
+        self.alerts = AlertBus(store)
+        self.chunklets = ChunkletAllocator()
+        self.pds: dict[int, PhysicalDisk] = {}
+        self.lds: dict[int, LogicalDisk] = {}
+        self.ld_pool: dict[int, Pool] = {}
+        self.pools: dict[str, Pool] = {}
+        self.vvs: dict[str, VirtualVolume] = {}
+        self.cache = WriteBackCache(max_dirty=options.max_dirty_bytes, destage_delay=options.destage_delay)
+        self.started = time.time()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._flush_lock = asyncio.Lock()
+        self._flush_requested = 0
+        self._flush_done = 0
+        self._rebuild = RebuildProgress(False, 0, 0, 0, 0)
+        self._rebuild_lock = asyncio.Lock()
+        self._closed = False
+
+    # --- life cycle -------------------------------------------------------------------
     @classmethod
     async def open(cls, data_dir: str | Path, options: EngineOptions | None = None) -> Engine:
         """Open (or create) the store in ``data_dir``, check it (MetadataCorrupt on failure),
         open PDs, rebuild in-memory maps, start background work (destage)."""
-        raise NotImplementedError
+        data_dir = Path(data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        store = SQLiteStore(data_dir)
+        problems = store.check()
+        if problems:
+            store.close()
+            raise MetadataCorrupt(
+                f"metadata store {store.path} failed its check, refusing to start "
+                f"({len(problems)} problem(s)): " + "; ".join(problems[:10])
+            )
+        engine = cls(data_dir, store, options or EngineOptions())
+        engine._loop = asyncio.get_running_loop()
+        try:
+            await engine._load()
+        except BaseException:
+            engine._close_files()
+            raise
+        engine.cache.start()
+        return engine
 
     @staticmethod
     def check(data_dir: str | Path) -> CheckReport:
         """Check a store without opening it for service (``thinblock check``)."""
-        raise NotImplementedError
+        try:
+            store = SQLiteStore(data_dir, create=False)
+        except MetadataCorrupt as exc:
+            return CheckReport(False, [str(exc)], {})
+        try:
+            problems = store.check()
+            counts: dict[str, int] = {}
+            if not problems:
+                for table in ("pds", "pools", "lds", "ld_chunklets", "vvs", "vv_map", "alerts"):
+                    counts[table] = store._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+                for row in store.load_pds():
+                    if not os.path.exists(row.path):
+                        problems.append(f"PD {row.id} at {row.path} is missing")
+            return CheckReport(not problems, problems, counts)
+        finally:
+            store.close()
+
+    async def _load(self) -> None:
+        store = self.store
+        for row in store.load_pds():
+            pd = self._open_pd(row.id, row.path, row.size, row.chunklet_size)
+            if row.health == PDHealth.FAILED.value and not pd.failed:
+                pd.fail("marked failed before the restart")
+        for prow in store.load_pools():
+            pool = self._make_pool(prow)
+        pools_by_id = {p.id: p for p in self.pools.values()}
+        for lrow in store.load_lds():
+            pool = pools_by_id[lrow.pool_id]
+            n_rows = 1 + max(r for r, _ in lrow.chunklets)
+            rows = [
+                [
+                    Chunklet(self.pds[lrow.chunklets[(r, c)][0]], lrow.chunklets[(r, c)][1])
+                    for c in range(lrow.set_size)
+                ]
+                for r in range(n_rows)
+            ]
+            for r in rows:
+                for ch in r:
+                    self.chunklets.mark_used(ch.pd.id, ch.index)
+            ld = LogicalDisk(lrow.id, RaidLevel(lrow.raid), lrow.set_size, lrow.step, rows)
+            self.lds[ld.id] = ld
+            self.ld_pool[ld.id] = pool
+            pool.attach_ld(ld, lrow.regions)
+        vvs_by_id: dict[int, VirtualVolume] = {}
+        for vrow in store.load_vvs():
+            vv = self._make_vv(vrow, pools_by_id[vrow.pool_id])
+            vvs_by_id[vv.row.id] = vv
+        # The region maps: one pass over the store (a million rows take about a second).
+        for vv_id, vv_region, ld_id, ld_region in store.iter_map():
+            vv = vvs_by_id[vv_id]
+            packed = (ld_id << 32) | ld_region
+            vv.map.set(vv_region, packed)
+            vv.pool.mark_assigned(packed)
+        for pd in self.pds.values():
+            if pd.failed:
+                self._on_pd_failed(pd, pd.failure_reason or "failed")
+        if store.get_meta("clean") == "0":
+            await self._scrub_free_regions()
+        store.set_meta("clean", "0")
+
+    async def _scrub_free_regions(self) -> None:
+        """After an unclean shutdown: a region may hold data whose assignment never reached the
+        store (power cut between data and WAL).  Zero every free region before offering it."""
+        log.warning("unclean shutdown detected: zeroing the free regions of every LD")
+        jobs = []
+        for pool in self.pools.values():
+            size = pool.region_size
+            for slots in pool.slots.values():
+                if slots.ld.health == LDHealth.FAILED:
+                    continue
+                for first, count in slots.free_ranges():
+                    jobs.append((slots.ld, first * size, count * size))
+
+        def scrub() -> None:
+            for ld, offset, length in jobs:
+                try:
+                    ld.zero(offset, length)
+                except MediumError as exc:
+                    log.error("scrub failed ld=%d error=%s", ld.id, exc)
+            for ld in {j[0] for j in jobs}:
+                try:
+                    ld.flush()
+                except MediumError:
+                    pass
+
+        await asyncio.get_running_loop().run_in_executor(None, scrub)
+
+    def _open_pd(self, pd_id: int, path: str, size: int, chunklet_size: int) -> PhysicalDisk:
+        try:
+            pd = PhysicalDisk.open(
+                pd_id, path, size=size, chunklet_size=chunklet_size, create=False, allow_tiny=True
+            )
+        except InvalidArgument as exc:
+            # A PD that vanished is a failed disk, not a reason to refuse to serve the others.
+            pd = PhysicalDisk(pd_id, path, -1, size, chunklet_size, False)
+            pd.fail(f"cannot open: {exc}")
+        self._register_pd(pd)
+        return pd
+
+    def _register_pd(self, pd: PhysicalDisk) -> None:
+        self.pds[pd.id] = pd
+        self.chunklets.add_pd(pd)
+        pd.add_failure_listener(self._pd_failure_listener)
+
+    def _make_pool(self, row: PoolRow) -> Pool:
+        pool = Pool(row, store=self.store, alerts=self.alerts, chunklets=self.chunklets, ld_registry=self.lds)
+        pool.on_ld_created = self._ld_created
+        self.pools[row.name] = pool
+        return pool
+
+    def _make_vv(self, row: VVRow, pool: Pool) -> VirtualVolume:
+        vv = VirtualVolume(
+            row,
+            pool,
+            store=self.store,
+            alerts=self.alerts,
+            lds=self.lds,
+            cache=self.cache,
+            flush_node=self.flush_all,
+        )
+        self.vvs[row.name] = vv
+        pool.vv_count += 1
+        return vv
+
+    def _ld_created(self, ld: LogicalDisk, pool: Pool) -> None:
+        self.ld_pool[ld.id] = pool
 
     async def close(self) -> None:
         """Destage and flush everything, stop background work, mark the store clean."""
-        raise NotImplementedError
+        if self._closed:
+            return
+        await self.cache.stop()
+        try:
+            await self.flush_all()
+        except MediumError as exc:
+            log.error("final flush failed: %s", exc)
+            self.store.set_meta("clean", "0")
+        else:
+            self.store.set_meta("clean", "1")
+            await asyncio.get_running_loop().run_in_executor(None, self.store.sync)
+        self._closed = True
+        self._close_files()
+
+    def _close_files(self) -> None:
+        for pd in self.pds.values():
+            try:
+                pd.close()
+            except OSError:
+                pass
+        self.store.close()
 
     async def flush_all(self) -> None:
-        raise NotImplementedError
+        """Every write acknowledged before this call becomes durable: destage the cache, fsync
+        every PD, make the store's commits durable.  Concurrent callers share fsync rounds: a
+        round that *started* after a caller asked covers that caller."""
+        self._flush_requested += 1
+        ticket = self._flush_requested
+        async with self._flush_lock:
+            if self._flush_done >= ticket:
+                return
+            target = self._flush_requested
+            await self.cache.destage_all()
+            errors = self.cache.take_errors()
+            pending = {pool: pool.take_pending() for pool in self.pools.values()}
+            pds = [pd for pd in self.pds.values() if not pd.failed]
+            failures = await asyncio.get_running_loop().run_in_executor(None, _sync_all, pds, self.store)
+            for pool, batch in pending.items():
+                pool.free_pending(batch)
+            self._flush_done = target
+        if errors or failures:
+            raise MediumError("flush could not make every write durable: " + "; ".join(errors + failures))
+
+    # --- PD failure ---------------------------------------------------------------------
+    def _pd_failure_listener(self, pd: PhysicalDisk, reason: str) -> None:
+        # May be called from an executor thread (an fsync failing): hop to the loop.
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._on_pd_failed(pd, reason)
+        else:
+            loop.call_soon_threadsafe(self._on_pd_failed, pd, reason)
+
+    def _on_pd_failed(self, pd: PhysicalDisk, reason: str) -> None:
+        if self._closed:
+            return
+        self.store.set_pd_health(pd.id, PDHealth.FAILED.value)
+        self.alerts.condition(
+            AlertKind.PD_FAILED, f"pd:{pd.id}", Severity.CRITICAL, f"PD {pd.id} ({pd.path}) failed: {reason}"
+        )
+        self._refresh_ld_alerts()
+
+    def _refresh_ld_alerts(self) -> None:
+        for ld in self.lds.values():
+            health = ld.health
+            obj = f"ld:{ld.id}"
+            if health == LDHealth.FAILED:
+                self.alerts.condition(
+                    AlertKind.LD_FAILED,
+                    obj,
+                    Severity.CRITICAL,
+                    f"LD {ld.id} (RAID {int(ld.raid)}) lost data: too many failed PDs; its lost regions answer EIO",
+                )
+            elif health in (LDHealth.DEGRADED, LDHealth.REBUILDING):
+                self.alerts.condition(
+                    AlertKind.LD_DEGRADED,
+                    obj,
+                    Severity.WARNING,
+                    f"LD {ld.id} (RAID {int(ld.raid)}) is degraded: a member PD failed; run a rebuild",
+                )
+            else:
+                self.alerts.clear(AlertKind.LD_DEGRADED, obj)
+                self.alerts.clear(AlertKind.LD_FAILED, obj)
 
     # --- physical disks -------------------------------------------------------------
     async def add_pd(
         self, path: str | Path, size: int | None = None, chunklet_size: int = DEFAULT_CHUNKLET
     ) -> PDInfo:
         """Add a file (created sparse at ``size`` if missing) or an existing file/block device."""
-        raise NotImplementedError
+        path = os.path.abspath(os.fspath(path))
+        if any(pd.path == path for pd in self.pds.values()):
+            raise AlreadyExists(
+                f"{path} is already PD {next(p.id for p in self.pds.values() if p.path == path)}"
+            )
+        pd = PhysicalDisk.open(
+            0,
+            path,
+            size=size,
+            chunklet_size=chunklet_size,
+            create=True,
+            allow_tiny=self.options.allow_tiny_chunklets,
+        )
+        pd_id = self.store.add_pd(path, pd.size, pd.chunklet_size)
+        pd.id = pd_id
+        self._register_pd(pd)
+        # New chunklets may let a pool that ran out grow again.
+        for pool in self.pools.values():
+            self.alerts.clear(AlertKind.POOL_OUT_OF_CHUNKLETS, pool.object_name)
+        log.info("pd added pd=%d path=%s size=%d chunklets=%d", pd_id, path, pd.size, pd.chunklet_count)
+        return self.get_pd(pd_id)
+
+    def _pd(self, pd_id: int) -> PhysicalDisk:
+        try:
+            return self.pds[int(pd_id)]
+        except (KeyError, ValueError):
+            raise NotFound(f"PD {pd_id} not found") from None
+
+    def _pd_info(self, pd: PhysicalDisk) -> PDInfo:
+        used = self.chunklets.used_count(pd.id)
+        return PDInfo(
+            pd.id,
+            pd.path,
+            pd.size,
+            pd.chunklet_size,
+            pd.chunklet_count,
+            used,
+            pd.chunklet_count - used,
+            pd.health,
+        )
 
     def list_pds(self) -> list[PDInfo]:
-        raise NotImplementedError
+        return [self._pd_info(pd) for pd in self.pds.values()]
 
     def get_pd(self, pd_id: int) -> PDInfo:
-        raise NotImplementedError
+        return self._pd_info(self._pd(pd_id))
 
     async def fail_pd(self, pd_id: int) -> PDInfo:
         """Mark a PD failed (drills); its LDs go degraded or failed and alerts fire."""
-        raise NotImplementedError
+        pd = self._pd(pd_id)
+        if not pd.failed:
+            pd.fail("failed by the administrator")
+        return self._pd_info(pd)
 
     async def remove_pd(self, pd_id: int) -> None:
         """Only when none of its chunklets is used (Conflict otherwise)."""
-        raise NotImplementedError
+        pd = self._pd(pd_id)
+        used = self.chunklets.used_count(pd.id)
+        if used:
+            raise Conflict(f"PD {pd.id} still holds {used} chunklet(s) of LDs; rebuild or release them first")
+        self.chunklets.remove_pd(pd.id)
+        del self.pds[pd.id]
+        pd.remove_failure_listener(self._pd_failure_listener)
+        pd.close()
+        self.store.remove_pd(pd.id)
+        self.alerts.clear_object(f"pd:{pd.id}")
 
     # --- pools ----------------------------------------------------------------------
     async def create_pool(
@@ -103,13 +448,69 @@ class Engine:
         growth_limit: int | None = None,
     ) -> PoolInfo:
         """set_size defaults: RAID 0 -> 2, RAID 1 -> 2, RAID 5 -> 4."""
-        raise NotImplementedError
+        _check_name("pool", name)
+        if name in self.pools:
+            raise AlreadyExists(f"pool '{name}' already exists")
+        if raid not in DEFAULT_SET_SIZE:
+            raise InvalidArgument(f"RAID level must be 0, 1 or 5, not {raid}")
+        if set_size is None:
+            set_size = DEFAULT_SET_SIZE[raid]
+        validate_policy(RaidLevel(raid), set_size, step)
+        if not _is_power_of_two(region_size) or region_size < 4096:
+            raise InvalidArgument(f"region size must be a power of two of at least 4 KiB, not {region_size}")
+        if growth_increment <= 0:
+            raise InvalidArgument(f"growth increment must be positive, not {growth_increment}")
+        for what, value in (("growth warning", growth_warning), ("growth limit", growth_limit)):
+            if value is not None and value <= 0:
+                raise InvalidArgument(f"{what} must be positive, not {value}")
+        usable_pds = [
+            pd for pd in self.pds.values() if not pd.failed and self.chunklets.free_count(pd.id) > 0
+        ]
+        if set_size > len(usable_pds):
+            raise InvalidArgument(
+                f"a RAID {raid} set of {set_size} needs {set_size} PDs with free chunklets;"
+                f" there are {len(usable_pds)}"
+            )
+        row = PoolRow(
+            0, name, raid, set_size, step, region_size, growth_increment, growth_warning, growth_limit
+        )
+        row.id = self.store.add_pool(row)
+        pool = self._make_pool(row)
+        log.info("pool created pool=%s raid=%d set_size=%d region_size=%d", name, raid, set_size, region_size)
+        return self._pool_info(pool)
+
+    def _pool(self, name: str) -> Pool:
+        try:
+            return self.pools[name]
+        except (KeyError, TypeError):
+            raise NotFound(f"pool '{name}' not found") from None
+
+    def _pool_info(self, pool: Pool) -> PoolInfo:
+        r = pool.row
+        capacity = pool.capacity
+        used = pool.used_regions * r.region_size
+        return PoolInfo(
+            r.name,
+            r.raid,
+            r.set_size,
+            r.step,
+            r.region_size,
+            capacity,
+            used,
+            capacity - used,
+            r.growth_increment,
+            r.growth_warning,
+            r.growth_limit,
+            len(pool.slots),
+            pool.vv_count,
+            pool.state(),
+        )
 
     def list_pools(self) -> list[PoolInfo]:
-        raise NotImplementedError
+        return [self._pool_info(p) for p in self.pools.values()]
 
     def get_pool(self, name: str) -> PoolInfo:
-        raise NotImplementedError
+        return self._pool_info(self._pool(name))
 
     async def set_pool(
         self,
@@ -120,29 +521,159 @@ class Engine:
         growth_limit: Any = UNSET,
     ) -> PoolInfo:
         """Pass None to remove a warning or limit."""
-        raise NotImplementedError
+        pool = self._pool(name)
+        row = pool.row
+        new = replace(row)
+        if growth_increment is not UNSET:
+            if not isinstance(growth_increment, int) or growth_increment <= 0:
+                raise InvalidArgument(f"growth increment must be positive, not {growth_increment}")
+            new.growth_increment = growth_increment
+        for field, value in (("growth_warning", growth_warning), ("growth_limit", growth_limit)):
+            if value is UNSET:
+                continue
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise InvalidArgument(f"{field.replace('_', ' ')} must be positive or none, not {value}")
+            setattr(new, field, value)
+        self.store.update_pool(new)
+        pool.row = new
+        pool.settings_changed()
+        return self._pool_info(pool)
 
     async def compact_pool(self, name: str) -> int:
         """Release LDs whose regions are all free back to free chunklets; returns how many."""
-        raise NotImplementedError
+        pool = self._pool(name)
+        await pool.sync_pending()  # regions awaiting fsync count as free once it is done
+        released = 0
+        for ld_id in pool.releasable_lds():
+            ld = pool.detach_ld(ld_id)
+            self.store.delete_ld(ld_id)
+            del self.lds[ld_id]
+            self.ld_pool.pop(ld_id, None)
+            for chunk_row in ld.rows:
+                for ch in chunk_row:
+                    self.chunklets.release(ch.pd.id, ch.index)
+            self.alerts.clear_object(f"ld:{ld_id}")
+            self.alerts.event(
+                AlertKind.LD_RELEASED,
+                f"ld:{ld_id}",
+                Severity.INFO,
+                f"pool '{name}' released LD {ld_id} ({format_size(ld.size)}) back to free chunklets",
+            )
+            released += 1
+        pool.settings_changed()
+        return released
 
     async def delete_pool(self, name: str) -> None:
         """Only when it has no VVs (Conflict otherwise); its LDs are released."""
-        raise NotImplementedError
+        pool = self._pool(name)
+        if pool.vv_count:
+            raise Conflict(f"pool '{name}' still has {pool.vv_count} volume(s); delete them first")
+        await self.compact_pool(name)
+        assert not pool.slots
+        self.store.delete_pool(pool.id)
+        del self.pools[name]
+        self.alerts.clear_object(pool.object_name)
 
     # --- logical disks --------------------------------------------------------------
+    def _ld_info(self, ld: LogicalDisk) -> LDInfo:
+        pool = self.ld_pool[ld.id]
+        slots = pool.slots[ld.id]
+        refs = [
+            ChunkletRef(ch.pd.id, ch.index, ch.pd.chunklet_offset(ch.index), r, c)
+            for r, chunk_row in enumerate(ld.rows)
+            for c, ch in enumerate(chunk_row)
+        ]
+        return LDInfo(
+            ld.id,
+            pool.name,
+            int(ld.raid),
+            ld.set_size,
+            ld.step,
+            ld.size,
+            pool.region_size,
+            slots.regions,
+            slots.regions - slots.free,
+            ld.health,
+            refs,
+        )
+
     def list_lds(self, pool: str | None = None) -> list[LDInfo]:
-        raise NotImplementedError
+        if pool is not None:
+            self._pool(pool)
+        return [
+            self._ld_info(ld) for ld in self.lds.values() if pool is None or self.ld_pool[ld.id].name == pool
+        ]
 
     def get_ld(self, ld_id: int) -> LDInfo:
-        raise NotImplementedError
+        try:
+            return self._ld_info(self.lds[int(ld_id)])
+        except (KeyError, ValueError):
+            raise NotFound(f"LD {ld_id} not found") from None
 
     async def rebuild(self, progress: Callable[[RebuildProgress], None] | None = None) -> RebuildProgress:
-        """Rebuild every degraded LD onto spare chunklets of healthy PDs."""
-        raise NotImplementedError
+        """Rebuild every degraded LD onto spare chunklets of healthy PDs, in bounded steps on the
+        loop (no lock needed against host I/O, which runs between steps)."""
+        async with self._rebuild_lock:
+            work = [
+                (ld, row, col)
+                for ld in self.lds.values()
+                if ld.health in (LDHealth.DEGRADED, LDHealth.REBUILDING)
+                for row, col in ld.failed_members()
+            ]
+            lds_total = len({ld.id for ld, _, _ in work})
+            total = sum(ld.rows[row][col].pd.chunklet_size for ld, row, col in work)
+            done_bytes = 0
+            done_lds: set[int] = set()
+            self._rebuild = RebuildProgress(bool(work), lds_total, 0, total, 0)
+            if progress:
+                progress(self._rebuild)
+            for ld, row, col in work:
+                failed = ld.rows[row][col]
+                exclude = {ch.pd.id for ch in ld.rows[row]}
+                picked = self.chunklets.pick(1, chunklet_size=failed.pd.chunklet_size, exclude=exclude)
+                if picked is None:
+                    log.error("rebuild ld=%d row=%d: no spare chunklet on another healthy PD", ld.id, row)
+                    self.alerts.condition(
+                        AlertKind.POOL_OUT_OF_CHUNKLETS,
+                        self.ld_pool[ld.id].object_name,
+                        Severity.CRITICAL,
+                        f"LD {ld.id} cannot be rebuilt: no spare chunklet on a healthy PD outside its RAID set",
+                    )
+                    continue
+                spare = picked[0]
+                await asyncio.get_running_loop().run_in_executor(
+                    None, spare.pd.punch, spare.pd.chunklet_offset(spare.index), spare.pd.chunklet_size
+                )
+                job = ld.start_rebuild(row, col, spare)
+                base = done_bytes
+                while not job.done:
+                    job.step(REBUILD_STEP)
+                    self._rebuild = RebuildProgress(
+                        True, lds_total, len(done_lds), total, base + job.bytes_done, ld.id
+                    )
+                    if progress:
+                        progress(self._rebuild)
+                    await asyncio.sleep(0)
+                done_bytes = base + job.bytes_total
+                await asyncio.get_running_loop().run_in_executor(None, spare.pd.fsync)
+                self.store.replace_chunklet(ld.id, row, col, spare.pd.id, spare.index)
+                self.chunklets.release(failed.pd.id, failed.index)
+                if ld.health == LDHealth.NORMAL:
+                    done_lds.add(ld.id)
+                    self.alerts.event(
+                        AlertKind.REBUILD_DONE,
+                        f"ld:{ld.id}",
+                        Severity.INFO,
+                        f"LD {ld.id} rebuilt: redundancy restored",
+                    )
+            self._refresh_ld_alerts()
+            self._rebuild = RebuildProgress(False, lds_total, len(done_lds), total, done_bytes)
+            if progress:
+                progress(self._rebuild)
+            return self._rebuild
 
     def rebuild_status(self) -> RebuildProgress:
-        raise NotImplementedError
+        return self._rebuild
 
     # --- virtual volumes ------------------------------------------------------------
     async def create_vv(
@@ -155,53 +686,162 @@ class Engine:
         alloc_limit: Limit | None = None,
         cache_mode: CacheMode | None = None,
     ) -> VVInfo:
-        raise NotImplementedError
+        _check_name("volume", name)
+        if name in self.vvs:
+            raise AlreadyExists(f"volume '{name}' already exists")
+        p = self._pool(pool)
+        self._check_vv_size(size)
+        mode = CacheMode(cache_mode) if cache_mode is not None else self.options.default_cache_mode
+        row = VVRow(0, name, p.id, size, None, None, None, None, mode.value, time.time())
+        _apply_limit(row, "alloc_warning", alloc_warning)
+        _apply_limit(row, "alloc_limit", alloc_limit)
+        row.id = self.store.add_vv(row)
+        self._make_vv(row, p)
+        log.info("vv created vv=%s pool=%s size=%d cache=%s", name, pool, size, mode.value)
+        return self.get_vv(name)
+
+    @staticmethod
+    def _check_vv_size(size: object) -> int:
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+            raise InvalidArgument(f"volume size must be a positive number of bytes, not {size!r}")
+        if size % 512:
+            raise InvalidArgument(f"volume size must be a multiple of 512 bytes, not {size}")
+        if size > MAX_VV_SIZE:
+            raise InvalidArgument(
+                f"volume size {format_size(size)} is past the maximum {format_size(MAX_VV_SIZE)}"
+            )
+        return size
+
+    def _vv(self, name: str) -> VirtualVolume:
+        try:
+            return self.vvs[name]
+        except (KeyError, TypeError):
+            raise NotFound(f"volume '{name}' not found") from None
+
+    def _vv_info(self, vv: VirtualVolume) -> VVInfo:
+        r = vv.row
+        warning, limit = vv.alloc_warning, vv.alloc_limit
+        return VVInfo(
+            r.name,
+            vv.pool.name,
+            r.size,
+            vv.region_size,
+            vv.allocated,
+            vv.map.count,
+            None if warning is None else warning.resolve(r.size),
+            None if limit is None else limit.resolve(r.size),
+            None if warning is None else str(warning),
+            None if limit is None else str(limit),
+            vv.cache_mode,
+            self.cache.dirty_by_owner.get(r.id, 0),
+            r.created,
+        )
 
     def list_vvs(self) -> list[VVInfo]:
-        raise NotImplementedError
+        return [self._vv_info(v) for v in self.vvs.values()]
 
     def get_vv(self, name: str) -> VVInfo:
-        raise NotImplementedError
+        return self._vv_info(self._vv(name))
 
     def vv_stats(self, name: str) -> VVStats:
-        raise NotImplementedError
+        v = self._vv(name)
+        return VVStats(v.reads, v.writes, v.read_bytes, v.write_bytes, v.trims, v.zeroes, v.flushes, v.errors)
 
     async def set_vv(
         self, name: str, *, alloc_warning: Any = UNSET, alloc_limit: Any = UNSET, cache_mode: Any = UNSET
     ) -> VVInfo:
-        raise NotImplementedError
+        vv = self._vv(name)
+        row = replace(vv.row)
+        if alloc_warning is not UNSET:
+            _apply_limit(row, "alloc_warning", alloc_warning)
+        if alloc_limit is not UNSET:
+            _apply_limit(row, "alloc_limit", alloc_limit)
+        new_mode = None
+        if cache_mode is not UNSET:
+            try:
+                new_mode = CacheMode(cache_mode)
+            except ValueError:
+                raise InvalidArgument(
+                    f"cache mode must be writeback or writethrough, not {cache_mode!r}"
+                ) from None
+            row.cache_mode = new_mode.value
+        self.store.update_vv(row)
+        vv.row = row
+        if new_mode is not None:
+            vv.set_cache_mode(new_mode)
+        vv.check_thresholds_after_release()
+        if vv.map.count:
+            vv._check_after_assign()
+        return self._vv_info(vv)
 
     async def grow_vv(self, name: str, size: int) -> VVInfo:
         """Grow only; shrinking raises InvalidArgument."""
-        raise NotImplementedError
+        vv = self._vv(name)
+        self._check_vv_size(size)
+        if size < vv.row.size:
+            raise InvalidArgument(
+                f"volume '{name}' is {format_size(vv.row.size)}; it can grow, not shrink to {format_size(size)}"
+            )
+        row = replace(vv.row)
+        row.size = size
+        self.store.update_vv(row)
+        vv.row = row
+        vv.check_thresholds_after_release()
+        return self._vv_info(vv)
 
     async def delete_vv(self, name: str) -> None:
         """Every LD region it holds goes back to its pool, zeroed."""
-        raise NotImplementedError
+        vv = self._vv(name)
+        vv.deleted = True
+        await vv.unmap_regions(0, (vv.row.size + vv.region_size - 1) // vv.region_size)
+        self.store.delete_vv(vv.row.id)
+        del self.vvs[name]
+        vv.pool.vv_count -= 1
+        self.alerts.clear_object(vv.object_name)
+        log.info("vv deleted vv=%s", name)
 
     def volume(self, name: str) -> Volume:
         """The I/O handle of a VV (the same object for every caller)."""
-        raise NotImplementedError
+        return self._vv(name)
 
     # VolumeProvider, for the NBD server
     def export_names(self) -> list[str]:
-        raise NotImplementedError
+        return list(self.vvs)
 
     def open_volume(self, name: str) -> Volume:
-        raise NotImplementedError
+        return self._vv(name)
 
     # --- alerts ---------------------------------------------------------------------
     def list_alerts(self, include_cleared: bool = False) -> list[Alert]:
         """Open alerts (new, acknowledged); with include_cleared, all of them."""
-        raise NotImplementedError
+        return self.alerts.list(include_cleared)
 
     def ack_alert(self, alert_id: int) -> Alert:
-        raise NotImplementedError
+        return self.alerts.ack(alert_id)
 
     def subscribe(self, callback: Callable[[Alert], None]) -> Callable[[], None]:
         """Call ``callback`` (on the loop thread) for every alert raised; returns an unsubscribe."""
-        raise NotImplementedError
+        return self.alerts.subscribe(callback)
 
     # --- node -----------------------------------------------------------------------
     def cache_dirty_bytes(self) -> int:
-        raise NotImplementedError
+        return self.cache.dirty_bytes
+
+
+def _apply_limit(row: VVRow, field: str, value: Limit | None) -> None:
+    if value is not None and not isinstance(value, Limit):
+        raise InvalidArgument(f"{field.replace('_', ' ')} must be a Limit (bytes or percent), not {value!r}")
+    setattr(row, f"{field}_bytes", None if value is None else value.bytes)
+    setattr(row, f"{field}_pct", None if value is None else value.percent)
+
+
+def _sync_all(pds: list[PhysicalDisk], store: SQLiteStore) -> list[str]:
+    """Blocking: fsync every PD, then the store (data before the metadata that points at it)."""
+    failures = []
+    for pd in pds:
+        try:
+            pd.fsync()
+        except MediumError as exc:
+            failures.append(str(exc))
+    store.sync()
+    return failures

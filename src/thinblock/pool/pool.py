@@ -1,0 +1,395 @@
+"""Pools: the patent's data allocation control structure (3PAR's CPG).
+
+A pool hands out free LD regions to VVs.  When it has none it creates a new LD from
+free chunklets (claim 7), sized by its growth increment, unless that would take its
+usable capacity past the growth limit or no PDs have the chunklets (claim 6): then
+the allocation fails with a ``SpaceShortage`` *value* and an alert.
+
+LD region identity is one packed int, used everywhere above this layer::
+
+    packed = ld_id << 32 | region_index          (region_index < 2**32)
+
+Free-list rule (architecture brief): a region returns to the free list only after it
+has been zeroed durably.  ``release`` punches the region at once (so it reads zeros
+in this process), then parks it in ``pending``; it becomes free again only after the
+PDs under it have been fsynced (``flush`` or, when the free list runs dry, right
+before growing).  Fresh LDs are zeroed and fsynced before their regions are offered.
+
+Concurrency: all methods run on the event loop thread; only blocking work (zeroing
+new chunklets, fsync) is sent to a thread, and only one LD is created at a time per
+pool: allocations that need it wait on the same future.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from ..alerts import AlertBus
+from ..errors import MediumError
+from ..logical.raid import Chunklet, LogicalDisk, RaidLevel, usable_per_row
+from ..metadata.store import LDRow, MetadataStore, PoolRow
+from ..model import AlertKind, LDHealth, PoolState, Severity
+from ..units import format_size
+from .chunklets import ChunkletAllocator
+
+log = logging.getLogger("thinblock.pool")
+
+REGION_BITS = 32
+REGION_MASK = (1 << REGION_BITS) - 1
+
+
+def pack(ld_id: int, index: int) -> int:
+    return (ld_id << REGION_BITS) | index
+
+
+@dataclass(frozen=True, slots=True)
+class SpaceShortage:
+    """No region could be had: an expected result, not an error."""
+
+    reason: AlertKind
+    message: str
+
+
+class LDSlots:
+    """Allocation state of one LD's regions: a used-byte per region, and a search hint."""
+
+    __slots__ = ("free", "hint", "ld", "regions", "used")
+
+    def __init__(self, ld: LogicalDisk, regions: int) -> None:
+        self.ld = ld
+        self.regions = regions
+        self.used = bytearray(regions)  # 0 free, 1 assigned, 2 pending (zeroed, awaiting fsync)
+        self.free = regions
+        self.hint = 0
+
+    def take(self) -> int:
+        index = self.used.find(0, self.hint)
+        if index < 0:
+            index = self.used.find(0)
+        assert index >= 0 and self.free > 0
+        self.used[index] = 1
+        self.free -= 1
+        self.hint = index + 1
+        return index
+
+    def free_ranges(self) -> list[tuple[int, int]]:
+        """Runs of free regions as (first, count), for zeroing after an unclean shutdown."""
+        runs: list[tuple[int, int]] = []
+        i, used, n = 0, self.used, self.regions
+        while i < n:
+            start = used.find(0, i)
+            if start < 0:
+                break
+            end = start
+            while end < n and used[end] == 0:
+                end += 1
+            runs.append((start, end - start))
+            i = end
+        return runs
+
+
+# A hook tests use to make LD creation deliberately slow (claim 8's queue test).
+LDCreateHook = Callable[["Pool"], Awaitable[None]]
+
+
+class Pool:
+    def __init__(
+        self,
+        row: PoolRow,
+        *,
+        store: MetadataStore,
+        alerts: AlertBus,
+        chunklets: ChunkletAllocator,
+        ld_registry: dict[int, LogicalDisk],
+    ) -> None:
+        self.row = row
+        self._store = store
+        self._alerts = alerts
+        self._chunklets = chunklets
+        self._ld_registry = ld_registry
+        self.slots: dict[int, LDSlots] = {}  # ld_id -> allocation state, in creation order
+        self.used_regions = 0
+        self.free_regions = 0
+        self.pending: list[int] = []  # packed regions zeroed, awaiting fsync before reuse
+        self._growing: asyncio.Future[SpaceShortage | None] | None = None
+        self.before_ld_create: LDCreateHook | None = None
+        self.on_ld_created: Callable[[LogicalDisk, Pool], None] | None = None
+        self.vv_count = 0
+
+    # --- properties ---
+    @property
+    def id(self) -> int:
+        return self.row.id
+
+    @property
+    def name(self) -> str:
+        return self.row.name
+
+    @property
+    def region_size(self) -> int:
+        return self.row.region_size
+
+    @property
+    def capacity(self) -> int:
+        return sum(s.regions for s in self.slots.values()) * self.row.region_size
+
+    @property
+    def object_name(self) -> str:
+        return f"pool:{self.row.name}"
+
+    def state(self) -> PoolState:
+        state = PoolState.HEALTHY
+        if self.row.growth_warning is not None and self.capacity >= self.row.growth_warning:
+            state = PoolState.WARNING
+        healths = {s.ld.health for s in self.slots.values()}
+        if LDHealth.DEGRADED in healths or LDHealth.REBUILDING in healths:
+            state = max(state, PoolState.DEGRADED)
+        out_of_space = self._alerts.is_open(
+            AlertKind.POOL_GROWTH_LIMIT, self.object_name
+        ) or self._alerts.is_open(AlertKind.POOL_OUT_OF_CHUNKLETS, self.object_name)
+        if out_of_space and self.free_regions == 0:
+            state = max(state, PoolState.OUT_OF_SPACE)
+        if LDHealth.FAILED in healths:
+            state = PoolState.FAILED
+        return state
+
+    # --- loading ---
+    def attach_ld(self, ld: LogicalDisk, regions: int) -> LDSlots:
+        slots = LDSlots(ld, regions)
+        self.slots[ld.id] = slots
+        self.free_regions += regions
+        return slots
+
+    def mark_assigned(self, packed: int) -> None:
+        """Loading a map entry: the region is taken."""
+        slots = self.slots[packed >> REGION_BITS]
+        index = packed & REGION_MASK
+        assert slots.used[index] == 0, f"LD {slots.ld.id} region {index} assigned twice"
+        slots.used[index] = 1
+        slots.free -= 1
+        self.free_regions -= 1
+        self.used_regions += 1
+
+    # --- allocation ---
+    def try_allocate(self) -> int | None:
+        """A free region at once, or None (then ``allocate`` must be awaited)."""
+        if self.free_regions == 0:
+            return None
+        for slots in self.slots.values():
+            if slots.free and slots.ld.health != LDHealth.FAILED:
+                index = slots.take()
+                self.free_regions -= 1
+                self.used_regions += 1
+                return pack(slots.ld.id, index)
+        return None
+
+    async def allocate(self) -> int | SpaceShortage:
+        """A free region, creating an LD first if needed."""
+        while True:
+            packed = self.try_allocate()
+            if packed is not None:
+                return packed
+            if self.pending:
+                await self.sync_pending()
+                continue
+            shortage = await self.grow()
+            if shortage is not None:
+                packed = self.try_allocate()  # someone may have freed one meanwhile
+                return shortage if packed is None else packed
+
+    def release(self, packed: int) -> None:
+        """Give a region back: zero it now, free it after the next fsync (caller has unmapped it)."""
+        slots = self.slots[packed >> REGION_BITS]
+        index = packed & REGION_MASK
+        assert slots.used[index] == 1, f"LD {slots.ld.id} region {index} released but not assigned"
+        size = self.row.region_size
+        slots.ld.zero(index * size, size)
+        slots.used[index] = 2
+        self.used_regions -= 1
+        self.pending.append(packed)
+
+    def take_pending(self) -> list[int]:
+        """Before an fsync: the regions it will make durably zero."""
+        batch, self.pending = self.pending, []
+        return batch
+
+    def free_pending(self, batch: list[int]) -> None:
+        """After the fsync of every PD under ``batch``: the regions are free again."""
+        for packed in batch:
+            slots = self.slots.get(packed >> REGION_BITS)
+            if slots is None:
+                continue
+            index = packed & REGION_MASK
+            assert slots.used[index] == 2
+            slots.used[index] = 0
+            slots.free += 1
+            slots.hint = min(slots.hint, index)
+            self.free_regions += 1
+
+    async def sync_pending(self) -> None:
+        batch = self.take_pending()
+        if not batch:
+            return
+        lds = {self.slots[p >> REGION_BITS].ld for p in batch if (p >> REGION_BITS) in self.slots}
+        await asyncio.get_running_loop().run_in_executor(None, _flush_lds, lds)
+        self.free_pending(batch)
+
+    # --- growth (claims 6 and 7) ---
+    async def grow(self) -> SpaceShortage | None:
+        """Create one LD of the growth increment.  Concurrent callers share one creation."""
+        if self._growing is not None:
+            return await asyncio.shield(self._growing)
+        fut: asyncio.Future[SpaceShortage | None] = asyncio.get_running_loop().create_future()
+        self._growing = fut
+        try:
+            result = await self._create_ld()
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: waiters re-raise it
+            raise
+        else:
+            fut.set_result(result)
+            return result
+        finally:
+            self._growing = None
+
+    async def _create_ld(self) -> SpaceShortage | None:
+        row = self.row
+        raid = RaidLevel(row.raid)
+        capacity = self.capacity
+        sizes = sorted(self._chunklets.chunklet_sizes(), reverse=True)
+        if not sizes:
+            return self._out_of_chunklets("no physical disks")
+        obj = self.object_name
+        for chunklet_size in sizes:
+            per_row = usable_per_row(raid, row.set_size, chunklet_size)
+            rows_wanted = max(1, -(-row.growth_increment // per_row))
+            if row.growth_limit is not None:
+                rows_allowed = (row.growth_limit - capacity) // per_row
+                if rows_allowed <= 0:
+                    continue
+                rows_wanted = min(rows_wanted, rows_allowed)
+            picked: list[list[Chunklet]] = []
+            for _ in range(rows_wanted):
+                chunk_row = self._chunklets.pick(row.set_size, chunklet_size=chunklet_size)
+                if chunk_row is None:
+                    break
+                picked.append(chunk_row)
+            if picked:
+                return await self._build_ld(raid, picked, per_row)
+        if (
+            row.growth_limit is not None
+            and capacity + min(usable_per_row(raid, row.set_size, s) for s in sizes) > row.growth_limit
+        ):
+            message = (
+                f"pool '{row.name}' cannot grow: its growth limit is {format_size(row.growth_limit)}"
+                f" and it already has {format_size(capacity)}"
+            )
+            self._alerts.condition(AlertKind.POOL_GROWTH_LIMIT, obj, Severity.CRITICAL, message)
+            return SpaceShortage(AlertKind.POOL_GROWTH_LIMIT, message)
+        return self._out_of_chunklets(f"fewer than {row.set_size} healthy PDs have a free chunklet")
+
+    def _out_of_chunklets(self, why: str) -> SpaceShortage:
+        message = f"pool '{self.row.name}' cannot grow: {why}"
+        self._alerts.condition(AlertKind.POOL_OUT_OF_CHUNKLETS, self.object_name, Severity.CRITICAL, message)
+        return SpaceShortage(AlertKind.POOL_OUT_OF_CHUNKLETS, message)
+
+    async def _build_ld(
+        self, raid: RaidLevel, rows: list[list[Chunklet]], per_row: int
+    ) -> SpaceShortage | None:
+        row = self.row
+        try:
+            if self.before_ld_create is not None:
+                await self.before_ld_create(self)
+            # Chunklets may hold a released LD's data: zero them durably before any region is offered.
+            await asyncio.get_running_loop().run_in_executor(None, _zero_chunklets, rows)
+        except BaseException as exc:
+            for chunk_row in rows:
+                for c in chunk_row:
+                    self._chunklets.release(c.pd.id, c.index)
+            if isinstance(exc, MediumError):
+                return self._out_of_chunklets(f"a PD failed while its chunklets were zeroed: {exc}")
+            raise
+        size = per_row * len(rows)
+        regions = size // row.region_size
+        ld_row = LDRow(
+            id=0,
+            pool_id=row.id,
+            raid=int(raid),
+            set_size=row.set_size,
+            step=row.step,
+            region_size=row.region_size,
+            regions=regions,
+            chunklets={
+                (r, c): (ch.pd.id, ch.index)
+                for r, chunk_row in enumerate(rows)
+                for c, ch in enumerate(chunk_row)
+            },
+        )
+        ld_id = self._store.add_ld(ld_row)
+        ld = LogicalDisk(ld_id, raid, row.set_size, row.step, rows)
+        self._ld_registry[ld_id] = ld
+        self.attach_ld(ld, regions)
+        if self.on_ld_created is not None:
+            self.on_ld_created(ld, self)
+        obj = self.object_name
+        self._alerts.event(
+            AlertKind.LD_CREATED,
+            f"ld:{ld_id}",
+            Severity.INFO,
+            f"pool '{row.name}' grew by LD {ld_id}: RAID {int(raid)}, {len(rows)} row(s), {format_size(regions * row.region_size)}",
+        )
+        self._alerts.clear(AlertKind.POOL_GROWTH_LIMIT, obj)
+        self._alerts.clear(AlertKind.POOL_OUT_OF_CHUNKLETS, obj)
+        self.check_growth_warning()
+        log.info("ld created pool=%s ld=%d rows=%d size=%d", row.name, ld_id, len(rows), size)
+        return None
+
+    def check_growth_warning(self) -> None:
+        warning = self.row.growth_warning
+        obj = self.object_name
+        if warning is not None and self.capacity >= warning:
+            self._alerts.condition(
+                AlertKind.POOL_GROWTH_WARNING,
+                obj,
+                Severity.WARNING,
+                f"pool '{self.row.name}' has grown to {format_size(self.capacity)},"
+                f" past its growth warning of {format_size(warning)}",
+            )
+        else:
+            self._alerts.clear(AlertKind.POOL_GROWTH_WARNING, obj)
+
+    def settings_changed(self) -> None:
+        """Warning or limit moved: re-evaluate the conditions they govern."""
+        self.check_growth_warning()
+        limit = self.row.growth_limit
+        if limit is None or limit > self.capacity:
+            self._alerts.clear(AlertKind.POOL_GROWTH_LIMIT, self.object_name)
+
+    # --- compaction ---
+    def releasable_lds(self) -> list[int]:
+        return [ld_id for ld_id, s in self.slots.items() if s.free == s.regions]
+
+    def detach_ld(self, ld_id: int) -> LogicalDisk:
+        slots = self.slots.pop(ld_id)
+        assert slots.free == slots.regions, "only an entirely free LD can be released"
+        self.free_regions -= slots.regions
+        return slots.ld
+
+
+def _flush_lds(lds: set[LogicalDisk]) -> None:
+    for ld in lds:
+        ld.flush()
+
+
+def _zero_chunklets(rows: list[list[Chunklet]]) -> None:
+    pds = {}
+    for chunk_row in rows:
+        for c in chunk_row:
+            c.pd.punch(c.pd.chunklet_offset(c.index), c.pd.chunklet_size)
+            pds[c.pd.id] = c.pd
+    for pd in pds.values():
+        pd.fsync()

@@ -1,0 +1,97 @@
+"""A VV's region map: VV region -> packed LD region, or the zero LD.
+
+Sparse in two levels so that a 64 TiB VV (64 Mi regions of 1 MiB) costs nothing
+until written::
+
+    vv_region r  ->  chunks[r >> 10]  ->  array('q')[r & 1023]  ->  packed LD region, or -1
+                     (dict: only chunks      (8 KiB per 1,024 regions,
+                      holding an entry)       allocated on first assignment)
+
+-1 means "points at the zero LD" (claim 1's initial pointer).  Lookup is two C-level
+indexing operations; one million assigned regions take about 8 MiB.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Iterator
+
+CHUNK_SHIFT = 10
+CHUNK_LEN = 1 << CHUNK_SHIFT
+CHUNK_MASK = CHUNK_LEN - 1
+ZERO_LD = -1
+_EMPTY_CHUNK = array("q", [ZERO_LD]) * CHUNK_LEN
+
+
+class RegionMap:
+    __slots__ = ("chunks", "count")
+
+    def __init__(self) -> None:
+        self.chunks: dict[int, array[int]] = {}
+        self.count = 0
+
+    def get(self, region: int) -> int:
+        chunk = self.chunks.get(region >> CHUNK_SHIFT)
+        return ZERO_LD if chunk is None else chunk[region & CHUNK_MASK]
+
+    def set(self, region: int, packed: int) -> None:
+        assert packed >= 0
+        key = region >> CHUNK_SHIFT
+        chunk = self.chunks.get(key)
+        if chunk is None:
+            chunk = self.chunks[key] = array("q", _EMPTY_CHUNK)
+        assert chunk[region & CHUNK_MASK] == ZERO_LD, f"region {region} mapped twice"
+        chunk[region & CHUNK_MASK] = packed
+        self.count += 1
+
+    def clear(self, region: int) -> int:
+        """Point the region back at the zero LD; returns what it pointed at."""
+        key = region >> CHUNK_SHIFT
+        chunk = self.chunks[key]
+        packed = chunk[region & CHUNK_MASK]
+        assert packed != ZERO_LD
+        chunk[region & CHUNK_MASK] = ZERO_LD
+        self.count -= 1
+        if chunk == _EMPTY_CHUNK:
+            del self.chunks[key]
+        return packed
+
+    def mapped_in(self, first: int, end: int) -> Iterator[tuple[int, int]]:
+        """(region, packed) for every mapped region in [first, end), in order, skipping empty chunks."""
+        for key in sorted(
+            k for k in self.chunks if (k << CHUNK_SHIFT) < end and ((k + 1) << CHUNK_SHIFT) > first
+        ):
+            chunk = self.chunks[key]
+            base = key << CHUNK_SHIFT
+            lo = max(first - base, 0)
+            hi = min(end - base, CHUNK_LEN)
+            for i in range(lo, hi):
+                packed = chunk[i]
+                if packed != ZERO_LD:
+                    yield base + i, packed
+
+    def next_mapped(self, first: int, end: int) -> int:
+        """The first mapped region in [first, end), or ``end``."""
+        for region, _ in self.mapped_in(first, end):
+            return region
+        return end
+
+    def next_unmapped(self, first: int, end: int) -> int:
+        """The first region in [first, end) that points at the zero LD, or ``end``."""
+        r = first
+        while r < end:
+            chunk = self.chunks.get(r >> CHUNK_SHIFT)
+            if chunk is None:
+                return r
+            i = r & CHUNK_MASK
+            stop = min(CHUNK_LEN, i + (end - r))
+            try:
+                j = chunk.index(ZERO_LD, i, stop)
+            except ValueError:
+                r += stop - i
+                continue
+            return r - i + j
+        return end
+
+    def items(self) -> Iterator[tuple[int, int]]:
+        return self.mapped_in(0, 1 << 62)

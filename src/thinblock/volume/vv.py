@@ -1,0 +1,460 @@
+"""Virtual volumes: what a host sees (claims 1, 5, 8, 9, 10).
+
+A request is split by region; each region either points at the zero LD or at one
+LD region of the VV's pool (see ``regionmap``)::
+
+    host offset ... |<------ region 0 ------>|<------ region 1 ------>|<-- region 2 ...
+    map             |  zero LD (reads zeros)  |  LD 7 region 12        |  zero LD
+    read            |  zeros, no disk I/O     |  cache, then LD 7      |  zeros
+    write           |  allocate, then write   |  write (cache or LD)   |  allocate ...
+
+Write path, per region (claim 1): mapped -> write there; zero LD and all-zero data ->
+nothing (zero detect); zero LD otherwise -> check the allocation limit (claim 5), take
+a region from the pool (which may create an LD, claim 7), record the assignment in the
+store *before* writing data into it, write, then check the warning (claim 9).  While a
+region is being assigned, later writes to the same region wait for that assignment
+(claim 8) instead of assigning twice; other regions are not held up.
+
+Caller contract (the front end validated it): 0 <= offset, offset + length <= size,
+length > 0.  Methods run on the event loop thread; the fast paths never suspend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from ..alerts import AlertBus
+from ..blockdev import Buffer, Capabilities, Extent, ExtentFlags
+from ..cache.writeback import WriteBackCache
+from ..errors import InvalidArgument, OutOfSpace
+from ..logical.raid import LogicalDisk
+from ..metadata.store import MetadataStore, VVRow
+from ..model import AlertKind, CacheMode, Severity
+from ..pool.pool import REGION_BITS, REGION_MASK, Pool, SpaceShortage
+from ..units import Limit, format_size
+from .regionmap import CHUNK_MASK, CHUNK_SHIFT, ZERO_LD, RegionMap
+
+log = logging.getLogger("thinblock.volume")
+
+_ZEROS = bytes(4 * 1024 * 1024)
+HOLE_ZERO = ExtentFlags.HOLE | ExtentFlags.ZERO
+# Trims and deletes unmap at most this many regions before yielding to the loop.
+UNMAP_BATCH = 256
+
+
+def _is_zero(data: Buffer) -> bool:
+    n = len(data)
+    if n <= len(_ZEROS):
+        return data == _ZEROS[:n] if isinstance(data, bytes) else bytes(data) == _ZEROS[:n]
+    return not any(memoryview(data).cast("B"))
+
+
+class VirtualVolume:
+    def __init__(
+        self,
+        row: VVRow,
+        pool: Pool,
+        *,
+        store: MetadataStore,
+        alerts: AlertBus,
+        lds: dict[int, LogicalDisk],
+        cache: WriteBackCache,
+        flush_node: Callable[[], Awaitable[None]],
+    ) -> None:
+        self.row = row
+        self.pool = pool
+        self._store = store
+        self._alerts = alerts
+        self._lds = lds
+        self._wb = cache
+        self._flush_node = flush_node
+        self.map = RegionMap()
+        region_size = pool.region_size
+        assert region_size & (region_size - 1) == 0
+        self.region_size = region_size
+        self._shift = region_size.bit_length() - 1
+        self._mask = region_size - 1
+        self._allocating: dict[int, asyncio.Future[int]] = {}
+        self._writeback = row.cache_mode == CacheMode.WRITEBACK.value
+        self.capabilities = Capabilities()
+        # statistics (plain ints: cheap on the hot path)
+        self.reads = self.writes = self.read_bytes = self.write_bytes = 0
+        self.trims = self.zeroes = self.flushes = self.errors = 0
+        self.deleted = False
+
+    # --- identity ---
+    @property
+    def name(self) -> str:
+        return self.row.name
+
+    @property
+    def description(self) -> str:
+        return (
+            f"thinblock VV '{self.row.name}' in pool '{self.pool.name}' "
+            f"({format_size(self.row.size)} virtual, {format_size(self.allocated)} allocated)"
+        )
+
+    @property
+    def size(self) -> int:
+        return self.row.size
+
+    @property
+    def object_name(self) -> str:
+        return f"vv:{self.row.name}"
+
+    @property
+    def allocated(self) -> int:
+        return self.map.count * self.region_size
+
+    @property
+    def cache_mode(self) -> CacheMode:
+        return CacheMode.WRITEBACK if self._writeback else CacheMode.WRITETHROUGH
+
+    def set_cache_mode(self, mode: CacheMode) -> None:
+        self._writeback = mode == CacheMode.WRITEBACK
+        self.row.cache_mode = mode.value
+
+    @property
+    def alloc_warning(self) -> Limit | None:
+        r = self.row
+        if r.alloc_warning_bytes is None and r.alloc_warning_pct is None:
+            return None
+        return Limit(r.alloc_warning_bytes, r.alloc_warning_pct)
+
+    @property
+    def alloc_limit(self) -> Limit | None:
+        r = self.row
+        if r.alloc_limit_bytes is None and r.alloc_limit_pct is None:
+            return None
+        return Limit(r.alloc_limit_bytes, r.alloc_limit_pct)
+
+    def _lookup(self, region: int) -> int:
+        chunk = self.map.chunks.get(region >> CHUNK_SHIFT)
+        return ZERO_LD if chunk is None else chunk[region & CHUNK_MASK]
+
+    # --- reads (claim 10) ---
+    async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        self.reads += 1
+        self.read_bytes += length
+        shift = self._shift
+        region = offset >> shift
+        if (offset + length - 1) >> shift == region:
+            # One region: the common case, one pread at most.
+            chunk = self.map.chunks.get(region >> CHUNK_SHIFT)
+            packed = ZERO_LD if chunk is None else chunk[region & CHUNK_MASK]
+            if packed == ZERO_LD:
+                return _ZEROS[:length] if length <= len(_ZEROS) else bytes(length)
+            ld_offset = ((packed & REGION_MASK) << shift) + (offset & self._mask)
+            ld = self._lds[packed >> REGION_BITS]
+            if not self._wb.has(packed):
+                return ld.read(ld_offset, length)
+            buf = bytearray(length)
+            view = memoryview(buf)
+            ld.read_into(ld_offset, view)
+            self._wb.overlay(packed, offset & self._mask, view)
+            return buf
+        buf = bytearray(length)
+        self._read_into(offset, memoryview(buf))
+        return buf
+
+    def _read_into(self, offset: int, view: memoryview) -> None:
+        """Fill ``view`` (already zeroed) from ``offset``, region by region."""
+        shift, mask, size = self._shift, self._mask, self.region_size
+        pos, end = 0, len(view)
+        while pos < end:
+            voff = offset + pos
+            n = min(size - (voff & mask), end - pos)
+            packed = self._lookup(voff >> shift)
+            if packed != ZERO_LD:
+                piece = view[pos : pos + n]
+                self._lds[packed >> REGION_BITS].read_into(
+                    ((packed & REGION_MASK) << shift) + (voff & mask), piece
+                )
+                self._wb.overlay(packed, voff & mask, piece)
+            pos += n
+
+    async def read_extents(
+        self, offset: int, length: int
+    ) -> list[tuple[int, int, bytes | bytearray | memoryview | None]]:
+        """The read as (offset, length, data) runs; data None where the zero LD is (a hole):
+        the NBD server sends those as OFFSET_HOLE chunks, no zeros on the wire."""
+        self.reads += 1
+        self.read_bytes += length
+        shift, mask, size = self._shift, self._mask, self.region_size
+        out: list[tuple[int, int, bytes | bytearray | memoryview | None]] = []
+        pos = offset
+        end = offset + length
+        while pos < end:
+            n = min(size - (pos & mask), end - pos)
+            packed = self._lookup(pos >> shift)
+            if packed == ZERO_LD:
+                if out and out[-1][2] is None:
+                    prev = out[-1]
+                    out[-1] = (prev[0], prev[1] + n, None)
+                else:
+                    out.append((pos, n, None))
+            else:
+                ld_offset = ((packed & REGION_MASK) << shift) + (pos & mask)
+                ld = self._lds[packed >> REGION_BITS]
+                if self._wb.has(packed):
+                    buf = bytearray(n)
+                    ld.read_into(ld_offset, memoryview(buf))
+                    self._wb.overlay(packed, pos & mask, memoryview(buf))
+                    out.append((pos, n, buf))
+                else:
+                    out.append((pos, n, ld.read(ld_offset, n)))
+            pos += n
+        return out
+
+    # --- writes (claims 1, 2, 4, 8) ---
+    async def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        length = len(data)
+        self.writes += 1
+        self.write_bytes += length
+        shift, mask = self._shift, self._mask
+        region = offset >> shift
+        if (offset + length - 1) >> shift == region:
+            chunk = self.map.chunks.get(region >> CHUNK_SHIFT)
+            packed = ZERO_LD if chunk is None else chunk[region & CHUNK_MASK]
+            if packed == ZERO_LD:
+                if _is_zero(data):
+                    return  # zero detect: the zero LD already reads these zeros
+                packed = await self._assign(region)
+            await self._write_region(packed, offset & mask, data)
+        else:
+            view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data
+            pos = 0
+            while pos < length:
+                voff = offset + pos
+                n = min(self.region_size - (voff & mask), length - pos)
+                piece = view[pos : pos + n]
+                packed = self._lookup(voff >> shift)
+                if packed == ZERO_LD:
+                    if _is_zero(piece):
+                        pos += n
+                        continue
+                    packed = await self._assign(voff >> shift)
+                await self._write_region(packed, voff & mask, piece)
+                pos += n
+        if fua:
+            await self._flush_node()
+
+    async def _write_region(self, packed: int, offset: int, data: Buffer) -> None:
+        ld = self._lds[packed >> REGION_BITS]
+        base = (packed & REGION_MASK) << self._shift
+        if self._writeback:
+            await self._wb.write(packed, ld, base, offset, data, self.row.id)
+        else:
+            if self._wb.has(packed):  # left over from a switch to write-through
+                self._wb.destage_region(packed)
+            ld.write(base + offset, data)
+
+    async def _assign(self, region: int) -> int:
+        """Give ``region`` an LD region (claim 1), or wait for the assignment in progress (claim 8)."""
+        pending = self._allocating.get(region)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        limit = self.alloc_limit
+        if limit is not None:
+            limit_regions = limit.resolve(self.row.size) >> self._shift
+            if self.map.count + len(self._allocating) >= limit_regions:
+                message = (
+                    f"VV '{self.row.name}' reached its allocation limit of {limit}"
+                    f" ({format_size(self.allocated)} allocated): write refused"
+                )
+                self._alerts.condition(
+                    AlertKind.VV_ALLOCATION_LIMIT, self.object_name, Severity.CRITICAL, message
+                )
+                raise OutOfSpace(message, AlertKind.VV_ALLOCATION_LIMIT.value)
+        packed = self.pool.try_allocate()
+        if packed is None:
+            fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            self._allocating[region] = fut
+            try:
+                result = await self.pool.allocate()
+                if isinstance(result, SpaceShortage):
+                    raise OutOfSpace(f"VV '{self.row.name}': {result.message}", result.reason.value)
+                self._record(region, result)
+            except BaseException as exc:
+                fut.set_exception(exc)
+                fut.exception()  # mark retrieved; waiters re-raise it
+                raise
+            else:
+                fut.set_result(result)
+                return result
+            finally:
+                del self._allocating[region]
+        self._record(region, packed)
+        return packed
+
+    def _record(self, region: int, packed: int) -> None:
+        # Rule: a region is recorded as assigned before data is written into it.
+        if self.deleted:
+            self.pool.release(packed)
+            raise InvalidArgument(f"VV '{self.row.name}' was deleted")
+        try:
+            self._store.assign(self.row.id, region, packed >> REGION_BITS, packed & REGION_MASK)
+        except BaseException:
+            self.pool.release(packed)
+            raise
+        self.map.set(region, packed)
+        self._check_after_assign()
+
+    def _check_after_assign(self) -> None:
+        """Claim 9: after an assignment, compare the allocation with the warning and the limit."""
+        allocated = self.allocated
+        warning = self.alloc_warning
+        if warning is not None and allocated >= warning.resolve(self.row.size):
+            self._alerts.condition(
+                AlertKind.VV_ALLOCATION_WARNING,
+                self.object_name,
+                Severity.WARNING,
+                f"VV '{self.row.name}' has {format_size(allocated)} allocated, past its allocation warning of {warning}",
+            )
+        limit = self.alloc_limit
+        if limit is not None and allocated + self.region_size > limit.resolve(self.row.size):
+            self._alerts.condition(
+                AlertKind.VV_ALLOCATION_LIMIT,
+                self.object_name,
+                Severity.CRITICAL,
+                f"VV '{self.row.name}' reached its allocation limit of {limit}: new regions will be refused",
+            )
+
+    def check_thresholds_after_release(self) -> None:
+        """Allocation fell (trim, a limit raised): conditions that ended are cleared."""
+        allocated = self.allocated
+        warning = self.alloc_warning
+        if warning is None or allocated < warning.resolve(self.row.size):
+            self._alerts.clear(AlertKind.VV_ALLOCATION_WARNING, self.object_name)
+        limit = self.alloc_limit
+        if limit is None or allocated + self.region_size <= limit.resolve(self.row.size):
+            self._alerts.clear(AlertKind.VV_ALLOCATION_LIMIT, self.object_name)
+
+    # --- zeroing and trimming (space reclaim) ---
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        self.trims += 1
+        await self._zero_range(offset, length, unmap=True)
+        if fua:
+            await self._flush_node()
+
+    async def write_zeroes(
+        self, offset: int, length: int, *, may_trim: bool = True, fast: bool = False, fua: bool = False
+    ) -> None:
+        # Zeroing here is always fast (unmap, punch, or a small write), so FAST_ZERO never fails.
+        self.zeroes += 1
+        await self._zero_range(offset, length, unmap=may_trim)
+        if fua:
+            await self._flush_node()
+
+    async def _zero_range(self, offset: int, length: int, *, unmap: bool) -> None:
+        """Whole regions go back to the zero LD (``unmap``) or are zeroed in place; partial
+        regions are written with zeros.  Unmapped regions already read zeros; with NO_HOLE
+        (``unmap`` False) they are assigned, so the range stays allocated as asked."""
+        shift, mask, size = self._shift, self._mask, self.region_size
+        end = offset + length
+        first_whole = (offset + mask) >> shift
+        end_whole = end >> shift
+        # Partial head and tail regions.
+        if first_whole > end_whole:  # all within one region
+            await self._zero_partial(offset, length, allocate=not unmap)
+            return
+        head = (first_whole << shift) - offset
+        if head:
+            await self._zero_partial(offset, head, allocate=not unmap)
+        tail = end - (end_whole << shift)
+        if tail:
+            await self._zero_partial(end_whole << shift, tail, allocate=not unmap)
+        if unmap:
+            await self.unmap_regions(first_whole, end_whole)
+            return
+        # NO_HOLE: keep (or make) every whole region allocated, reading zeros.
+        for region in range(first_whole, end_whole):
+            packed = self._lookup(region)
+            if packed == ZERO_LD:
+                await self._assign(region)  # fresh regions are zeroed already
+                continue
+            self._wb.discard(packed)
+            self._lds[packed >> REGION_BITS].zero((packed & REGION_MASK) << shift, size)
+            if (region & 255) == 255:
+                await asyncio.sleep(0)
+
+    async def _zero_partial(self, offset: int, length: int, *, allocate: bool) -> None:
+        packed = self._lookup(offset >> self._shift)
+        if packed == ZERO_LD:
+            if not allocate:
+                return
+            packed = await self._assign(offset >> self._shift)
+            return  # a fresh region reads zeros already
+        if self._writeback:
+            await self._write_region(
+                packed, offset & self._mask, _ZEROS[:length] if length <= len(_ZEROS) else bytes(length)
+            )
+        else:
+            if self._wb.has(packed):
+                self._wb.destage_region(packed)
+            self._lds[packed >> REGION_BITS].zero(
+                ((packed & REGION_MASK) << self._shift) + (offset & self._mask), length
+            )
+
+    async def unmap_regions(self, first: int, end: int) -> int:
+        """Return every mapped region in [first, end) to the zero LD; their LD regions go back to
+        the pool zeroed.  Bounded steps: yields to the loop between batches.  Returns how many."""
+        total = 0
+        while True:
+            batch = []
+            for region, packed in self.map.mapped_in(first, end):
+                batch.append((region, packed))
+                if len(batch) >= UNMAP_BATCH:
+                    break
+            if not batch:
+                break
+            for region, packed in batch:
+                self._wb.discard(packed)
+                self.map.clear(region)
+                # zeroes the LD region now; free for reuse after the next fsync
+                self.pool.release(packed)
+            self._store.unassign(self.row.id, [r for r, _ in batch])
+            total += len(batch)
+            first = batch[-1][0] + 1
+            await asyncio.sleep(0)
+        if total:
+            self.check_thresholds_after_release()
+        return total
+
+    # --- the rest of the block interface ---
+    async def flush(self) -> None:
+        self.flushes += 1
+        await self._flush_node()
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        """Runs of allocated (0) and zero-LD (HOLE|ZERO) space from ``offset``; at most
+        ``length`` bytes and at most 1,024 extents."""
+        shift = self._shift
+        end = offset + length
+        first = offset >> shift
+        last = (end - 1 >> shift) + 1
+        extents: list[Extent] = []
+        region = first
+        while region < last and len(extents) < 1024:
+            if self._lookup(region) == ZERO_LD:
+                stop = self.map.next_mapped(region, last)
+                flags = HOLE_ZERO
+            else:
+                stop = self.map.next_unmapped(region, last)
+                flags = ExtentFlags.ALLOCATED
+            lo = max(region << shift, offset)
+            hi = min(stop << shift, end)
+            extents.append(Extent(hi - lo, flags))
+            region = stop
+        return extents
+
+    async def cache(self, offset: int, length: int) -> None:
+        """NBD_CMD_CACHE: bring assigned regions into the page cache (reads and drops them)."""
+        pos, end, step = offset, offset + length, 4 * 1024 * 1024
+        while pos < end:
+            n = min(step, end - pos)
+            await self.read(pos, n)
+            pos += n
+            await asyncio.sleep(0)
