@@ -64,6 +64,7 @@ class WriteBackCache:
         self.dirty_by_owner: dict[int, int] = {}
         self._destaged = asyncio.Event()  # set whenever dirty data shrank
         self._wake = asyncio.Event()  # set when dirty data appeared
+        self._pressure = asyncio.Event()  # set when a writer waits for room
         self._task: asyncio.Task[None] | None = None
         self.errors: list[str] = []  # destage failures, reported by the next flush
 
@@ -95,6 +96,7 @@ class WriteBackCache:
         while self.dirty_bytes + n > self.max_dirty and self.dirty_bytes > 0:
             self._destaged.clear()
             self._wake.set()
+            self._pressure.set()
             await self._destaged.wait()
         region = self._regions.get(key)
         if region is None:
@@ -179,8 +181,12 @@ class WriteBackCache:
             await self._wake.wait()
             self._wake.clear()
             # Let a burst settle, so rewrites and sequential writes merge, unless memory is short.
-            if self.dirty_bytes < self.max_dirty // 2:
-                await asyncio.sleep(self.destage_delay)
+            if self.dirty_bytes < self.max_dirty // 2 and not self._pressure.is_set():
+                try:
+                    await asyncio.wait_for(self._pressure.wait(), self.destage_delay)
+                except TimeoutError:
+                    pass
+            self._pressure.clear()
             try:
                 await self.destage_all()
             except Exception:  # never let the destager die silently

@@ -266,10 +266,12 @@ class Pool:
         obj = self.object_name
         for chunklet_size in sizes:
             per_row = usable_per_row(raid, row.set_size, chunklet_size)
-            rows_wanted = max(1, -(-row.growth_increment // per_row))
+            # At least one whole region per LD, however small the chunklets.
+            rows_min = max(1, -(-row.region_size // per_row))
+            rows_wanted = max(rows_min, -(-row.growth_increment // per_row))
             if row.growth_limit is not None:
                 rows_allowed = (row.growth_limit - capacity) // per_row
-                if rows_allowed <= 0:
+                if rows_allowed < rows_min:
                     continue
                 rows_wanted = min(rows_wanted, rows_allowed)
             picked: list[list[Chunklet]] = []
@@ -278,8 +280,11 @@ class Pool:
                 if chunk_row is None:
                     break
                 picked.append(chunk_row)
-            if picked:
+            if len(picked) >= rows_min:
                 return await self._build_ld(raid, picked, per_row)
+            for chunk_row in picked:  # not enough for one region: give them back
+                for c in chunk_row:
+                    self._chunklets.release(c.pd.id, c.index)
         if (
             row.growth_limit is not None
             and capacity + min(usable_per_row(raid, row.set_size, s) for s in sizes) > row.growth_limit
