@@ -1,0 +1,413 @@
+"""The daemon's configuration: a TOML file (``--config FILE``) whose keys command-line flags override.
+
+Every key has a default, so an empty file (or none) gives a working daemon on loopback::
+
+    data_dir = "./thinblock-data"
+    log_level = "info"              # debug, info, warning, error
+    log_format = "logfmt"           # logfmt (key=value) or json
+
+    [nbd]
+    listen = "127.0.0.1:10809"      # "" to disable TCP
+    unix_socket = ""                # e.g. "/run/thinblock/nbd.sock"
+    default_export = "vol0"         # the volume a client gets with an empty export name; "" for none
+
+    [api]
+    listen = "127.0.0.1:8080"
+    token = ""                      # bearer token; required when `listen` is not a loopback address
+    require_token = false           # demand the token even on loopback
+
+    [engine]
+    chunklet_size = "256MiB"        # default for `pd add` without --chunklet-size, and first-start PDs
+    max_dirty_bytes = "256MiB"      # write-back cache bound: writers wait beyond it
+    destage_delay = 0.05            # seconds dirty data may sit before destage starts
+    default_cache_mode = "writethrough"
+
+    [webhook]
+    url = ""                        # alerts are POSTed here as JSON
+    timeout = 5.0                   # seconds per attempt
+    max_attempts = 8                # then the alert is dropped (and logged)
+    queue_size = 1000               # alerts waiting for delivery; the oldest is dropped beyond it
+
+    [first_start]                   # what the daemon creates in an empty data directory
+    enabled = true
+    pds = 4
+    pd_size = "64GiB"               # sparse files: no real space until written
+    pool = "default"
+    raid = 1
+    region_size = "1MiB"
+    growth_increment = "1GiB"
+    volume = "vol0"
+    volume_size = "100GiB"
+
+Sizes are integers (bytes) or strings with units ("512K", "16MiB", "1G", "2TiB").
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidArgument
+from .model import CacheMode
+from .units import GiB, MiB, parse_size
+
+DEFAULT_NBD_PORT = 10809
+DEFAULT_API_PORT = 8080
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("logfmt", "json")
+
+
+class ConfigError(InvalidArgument):
+    """The configuration file or a flag is wrong; the message names the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    """A TCP listen address.  ``port`` 0 lets the system pick one (tests)."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str, *, what: str, default_port: int) -> Listen:
+        """``"127.0.0.1:8080"``, ``"[::1]:8080"``, ``"localhost"``, ``":8080"`` (loopback)."""
+        text = text.strip()
+        if not text:
+            raise ConfigError(f"{what}: empty address")
+        host, port_text = text, ""
+        if text.startswith("["):
+            close = text.find("]")
+            if close < 0:
+                raise ConfigError(f"{what}: unclosed '[' in {text!r}")
+            host, rest = text[1:close], text[close + 1 :]
+            if rest and not rest.startswith(":"):
+                raise ConfigError(f"{what}: expected HOST:PORT, not {text!r}")
+            port_text = rest[1:]
+        elif text.count(":") == 1:
+            host, port_text = text.split(":")
+        elif text.count(":") > 1:
+            raise ConfigError(f"{what}: write IPv6 addresses as [ADDR]:PORT, not {text!r}")
+        host = host or "127.0.0.1"
+        if not port_text:
+            port = default_port
+        else:
+            try:
+                port = int(port_text)
+            except ValueError:
+                raise ConfigError(f"{what}: not a port number: {port_text!r}") from None
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"{what}: port out of range: {port}")
+        return cls(host, port)
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False  # a host name other than localhost: may resolve anywhere
+
+    def url_host(self) -> str:
+        return f"[{self.host}]" if ":" in self.host else self.host
+
+    def __str__(self) -> str:
+        return f"{self.url_host()}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookConfig:
+    url: str | None = None
+    timeout: float = 5.0
+    max_attempts: int = 8
+    queue_size: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class FirstStartConfig:
+    enabled: bool = True
+    pds: int = 4
+    pd_size: int = 64 * GiB
+    pool: str = "default"
+    raid: int = 1
+    region_size: int = 1 * MiB
+    growth_increment: int = 1 * GiB
+    volume: str = "vol0"
+    volume_size: int = 100 * GiB
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    data_dir: Path = Path("./thinblock-data")
+    log_level: str = "info"
+    log_format: str = "logfmt"
+    nbd_listen: Listen | None = field(default_factory=lambda: Listen("127.0.0.1", DEFAULT_NBD_PORT))
+    nbd_unix_socket: Path | None = None
+    default_export: str | None = "vol0"
+    api_listen: Listen = field(default_factory=lambda: Listen("127.0.0.1", DEFAULT_API_PORT))
+    api_token: str | None = None
+    api_require_token: bool = False
+    chunklet_size: int = 256 * MiB
+    max_dirty_bytes: int = 256 * MiB
+    destage_delay: float = 0.05
+    default_cache_mode: CacheMode = CacheMode.WRITETHROUGH
+    webhook: WebhookConfig = field(default_factory=WebhookConfig)
+    first_start: FirstStartConfig = field(default_factory=FirstStartConfig)
+
+    @property
+    def token_required(self) -> bool:
+        """The API demands the bearer token: when it listens off loopback (the issue's rule), when
+        ``api.require_token`` says so, and whenever a token is configured (an administrator who set
+        one expects it to be enforced)."""
+        return self.api_require_token or self.api_token is not None or not self.api_listen.is_loopback
+
+    def validate(self) -> Config:
+        """Cross-key rules; raises ConfigError.  Called before anything is opened or bound."""
+        if self.token_required and not self.api_token:
+            where = "off loopback" if not self.api_listen.is_loopback else "with api.require_token"
+            raise ConfigError(
+                f"the API listens on {self.api_listen} ({where}): set api.token in the config file "
+                "(or --api-token, or the THINBLOCK_API_TOKEN environment variable) so that it is not open to anyone"
+            )
+        if self.nbd_listen is None and self.nbd_unix_socket is None:
+            raise ConfigError("NBD has nowhere to listen: give nbd.listen or nbd.unix_socket")
+        return self
+
+
+# --- parsing -----------------------------------------------------------------------------------
+
+
+def _size(value: Any, key: str, *, positive: bool = True) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ConfigError(f"{key}: expected a size (bytes or a string like '16MiB'), not {value!r}")
+    try:
+        n = parse_size(value)
+    except InvalidArgument as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+    if positive and n <= 0:
+        raise ConfigError(f"{key}: must be greater than zero")
+    return n
+
+
+def _int(value: Any, key: str, *, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key}: expected an integer, not {value!r}")
+    if not low <= value <= high:
+        raise ConfigError(f"{key}: must be between {low} and {high}, not {value}")
+    return value
+
+
+def _float(value: Any, key: str, *, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{key}: expected a number, not {value!r}")
+    if not low <= value <= high:
+        raise ConfigError(f"{key}: must be between {low} and {high}, not {value}")
+    return float(value)
+
+
+def _str(value: Any, key: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, not {value!r}")
+    return value
+
+
+def _optional_str(value: Any, key: str) -> str | None:
+    """Empty string means "not set" (TOML has no null)."""
+    text = _str(value, key).strip()
+    return text or None
+
+
+def _bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, not {value!r}")
+    return value
+
+
+def _choice(value: Any, key: str, choices: tuple[str, ...]) -> str:
+    text = _str(value, key).lower()
+    if text not in choices:
+        raise ConfigError(f"{key}: expected one of {', '.join(choices)}, not {value!r}")
+    return text
+
+
+def _table(doc: dict[str, Any], name: str, known: set[str]) -> dict[str, Any]:
+    table = doc.get(name, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{name}] must be a table")
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown key in [{name}]: {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+        )
+    return table
+
+
+_TOP_KEYS = {"data_dir", "log_level", "log_format"}
+_TABLES = {
+    "nbd": {"listen", "unix_socket", "default_export"},
+    "api": {"listen", "token", "require_token"},
+    "engine": {"chunklet_size", "max_dirty_bytes", "destage_delay", "default_cache_mode"},
+    "webhook": {"url", "timeout", "max_attempts", "queue_size"},
+    "first_start": {f.name for f in fields(FirstStartConfig)},
+}
+
+
+def parse_config(doc: dict[str, Any], *, base_dir: Path | None = None) -> Config:
+    """Build a Config from a parsed TOML document.  Relative paths are relative to ``base_dir``
+    (the config file's directory), so a config file means the same wherever it is started from."""
+    unknown = sorted(set(doc) - _TOP_KEYS - set(_TABLES))
+    if unknown:
+        raise ConfigError(
+            f"unknown key: {', '.join(unknown)} (known: {', '.join(sorted(_TOP_KEYS | set(_TABLES)))})"
+        )
+    tables = {name: _table(doc, name, known) for name, known in _TABLES.items()}
+
+    def path(value: Any, key: str) -> Path:
+        p = Path(_str(value, key)).expanduser()
+        return p if p.is_absolute() or base_dir is None else base_dir / p
+
+    cfg = Config()
+    changes: dict[str, Any] = {}
+    if "data_dir" in doc:
+        changes["data_dir"] = path(doc["data_dir"], "data_dir")
+    if "log_level" in doc:
+        changes["log_level"] = _choice(doc["log_level"], "log_level", LOG_LEVELS)
+    if "log_format" in doc:
+        changes["log_format"] = _choice(doc["log_format"], "log_format", LOG_FORMATS)
+
+    nbd = tables["nbd"]
+    if "listen" in nbd:
+        text = _str(nbd["listen"], "nbd.listen")
+        changes["nbd_listen"] = (
+            Listen.parse(text, what="nbd.listen", default_port=DEFAULT_NBD_PORT) if text.strip() else None
+        )
+    if "unix_socket" in nbd:
+        sock = _optional_str(nbd["unix_socket"], "nbd.unix_socket")
+        changes["nbd_unix_socket"] = path(sock, "nbd.unix_socket") if sock else None
+    if "default_export" in nbd:
+        changes["default_export"] = _optional_str(nbd["default_export"], "nbd.default_export")
+
+    api = tables["api"]
+    if "listen" in api:
+        changes["api_listen"] = Listen.parse(
+            _str(api["listen"], "api.listen"), what="api.listen", default_port=DEFAULT_API_PORT
+        )
+    if "token" in api:
+        changes["api_token"] = _optional_str(api["token"], "api.token")
+    if "require_token" in api:
+        changes["api_require_token"] = _bool(api["require_token"], "api.require_token")
+
+    engine = tables["engine"]
+    if "chunklet_size" in engine:
+        changes["chunklet_size"] = _size(engine["chunklet_size"], "engine.chunklet_size")
+    if "max_dirty_bytes" in engine:
+        changes["max_dirty_bytes"] = _size(engine["max_dirty_bytes"], "engine.max_dirty_bytes")
+    if "destage_delay" in engine:
+        changes["destage_delay"] = _float(engine["destage_delay"], "engine.destage_delay", low=0, high=3600)
+    if "default_cache_mode" in engine:
+        changes["default_cache_mode"] = CacheMode(
+            _choice(engine["default_cache_mode"], "engine.default_cache_mode", tuple(CacheMode))
+        )
+
+    hook = tables["webhook"]
+    webhook = cfg.webhook
+    if "url" in hook:
+        url = _optional_str(hook["url"], "webhook.url")
+        if url and not url.startswith(("http://", "https://")):
+            raise ConfigError(f"webhook.url: expected an http:// or https:// URL, not {url!r}")
+        webhook = replace(webhook, url=url)
+    if "timeout" in hook:
+        webhook = replace(webhook, timeout=_float(hook["timeout"], "webhook.timeout", low=0.1, high=600))
+    if "max_attempts" in hook:
+        webhook = replace(
+            webhook, max_attempts=_int(hook["max_attempts"], "webhook.max_attempts", low=1, high=1000)
+        )
+    if "queue_size" in hook:
+        webhook = replace(
+            webhook, queue_size=_int(hook["queue_size"], "webhook.queue_size", low=1, high=1_000_000)
+        )
+    changes["webhook"] = webhook
+
+    first = tables["first_start"]
+    fs = cfg.first_start
+    fs_changes: dict[str, Any] = {}
+    for key, value in first.items():
+        name = f"first_start.{key}"
+        if key == "enabled":
+            fs_changes[key] = _bool(value, name)
+        elif key == "pds":
+            fs_changes[key] = _int(value, name, low=1, high=1024)
+        elif key == "raid":
+            fs_changes[key] = _int(value, name, low=0, high=6)
+        elif key in ("pool", "volume"):
+            fs_changes[key] = _str(value, name)
+        else:
+            fs_changes[key] = _size(value, name)
+    changes["first_start"] = replace(fs, **fs_changes)
+    return replace(cfg, **changes)
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read a TOML config file (None: all defaults).  Raises ConfigError with the file name."""
+    if path is None:
+        return Config()
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            doc = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {p}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    try:
+        return parse_config(doc, base_dir=p.resolve().parent)
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
+
+
+def apply_overrides(cfg: Config, **flags: Any) -> Config:
+    """Command-line flags win over the file.  ``None`` means "flag not given".
+
+    Accepted: data_dir, nbd (HOST:PORT or ""), nbd_unix, api (HOST:PORT), api_token, log_level,
+    log_format, default_export, chunklet_size, max_dirty_bytes, webhook_url, first_start_pd_size,
+    first_start (bool)."""
+    changes: dict[str, Any] = {}
+    for key, value in flags.items():
+        if value is None:
+            continue
+        if key == "data_dir":
+            changes["data_dir"] = Path(value).expanduser()
+        elif key == "nbd":
+            changes["nbd_listen"] = (
+                Listen.parse(value, what="--nbd", default_port=DEFAULT_NBD_PORT) if value.strip() else None
+            )
+        elif key == "nbd_unix":
+            changes["nbd_unix_socket"] = Path(value).expanduser() if value.strip() else None
+        elif key == "api":
+            changes["api_listen"] = Listen.parse(value, what="--api", default_port=DEFAULT_API_PORT)
+        elif key == "api_token":
+            changes["api_token"] = value or None
+        elif key == "log_level":
+            changes["log_level"] = _choice(value, "--log-level", LOG_LEVELS)
+        elif key == "log_format":
+            changes["log_format"] = _choice(value, "--log-format", LOG_FORMATS)
+        elif key == "default_export":
+            changes["default_export"] = value or None
+        elif key in ("chunklet_size", "max_dirty_bytes"):
+            changes[key] = _size(value, "--" + key.replace("_", "-"))
+        elif key == "webhook_url":
+            changes["webhook"] = replace(cfg.webhook, url=value or None)
+        elif key == "first_start_pd_size":
+            fs = changes.get("first_start", cfg.first_start)
+            changes["first_start"] = replace(fs, pd_size=_size(value, "--first-start-pd-size"))
+        elif key == "first_start":
+            fs = changes.get("first_start", cfg.first_start)
+            changes["first_start"] = replace(fs, enabled=bool(value))
+        else:
+            raise ValueError(f"unknown override {key!r}")
+    return replace(cfg, **changes)
