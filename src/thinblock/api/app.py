@@ -1,0 +1,803 @@
+"""The REST API: JSON over HTTP under ``/api/v1``, an OpenAPI description, ``/metrics``.
+
+A front end of the engine like the NBD server: every endpoint is a coroutine run on the
+daemon's one event loop (the engine is called from the loop thread only, as its API requires),
+turns JSON into engine calls and engine views (``thinblock.model``) into JSON.
+
+Errors (the issue's rule: "errors as JSON with a message and the right status code"):
+``{"error": "pool 'gold' not found"}`` with the status each ``thinblock.errors`` class carries
+(400 bad input, 404 unknown, 409 conflict, 507 out of space).  Request validation errors are
+400, not FastAPI's 422, and an unexpected exception is a logged 500 that names no internals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import socket
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StringConstraints, WithJsonSchema
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .. import __version__
+from ..engine import UNSET, Engine
+from ..errors import InvalidArgument, NotFound, ThinblockError
+from ..model import (
+    AlertKind,
+    AlertState,
+    CacheMode,
+    LDHealth,
+    PDHealth,
+    Severity,
+)
+from ..model import (
+    RebuildProgress as RebuildProgressInfo,
+)
+from ..units import Limit, parse_size
+from .metrics import build_registry, render_metrics
+
+log = logging.getLogger("thinblock.api")
+
+API_PREFIX = "/api/v1"
+# Sizes and ids stay within what the metadata store (SQLite INTEGER, 64-bit signed) can hold, so
+# an absurd number is a 400 here rather than an overflow deep inside.
+MAX_INT = 2**63 - 1
+MAX_NAME = 255
+
+# --- request value types -------------------------------------------------------------------------
+
+_SIZE_PATTERN = r"^\s*\d+(\.\d+)?\s*[KMGTPkmgtp]?([iI]?[bB])?\s*$"
+_LIMIT_PATTERN = r"^\s*(\d+(\.\d+)?\s*%|\d+(\.\d+)?\s*[KMGTPkmgtp]?([iI]?[bB])?)\s*$"
+
+
+def _size_to_bytes(value: Any) -> int:
+    """Bytes as an integer, or a string with units; within what the store can hold."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError("expected a size: bytes as an integer, or a string like '16MiB'")
+    n = parse_size(value)  # InvalidArgument is a ValueError: pydantic turns it into a 400
+    if n > MAX_INT:
+        raise ValueError(f"size out of range: {value}")
+    return n
+
+
+def _limit(value: Any) -> Limit:
+    """Bytes, a size string, or a percentage of the volume's size."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError("expected a limit: bytes, a size like '10GiB', or a percentage like '80%'")
+    limit = Limit.parse(value)
+    if limit.bytes is not None and limit.bytes > MAX_INT:
+        raise ValueError(f"limit out of range: {value}")
+    return limit
+
+
+# A size: bytes as an integer, or a string with units as administrators type them ("16MiB").
+Size = Annotated[
+    int,
+    PlainValidator(_size_to_bytes),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": 0, "maximum": MAX_INT},
+                {"type": "string", "pattern": _SIZE_PATTERN},
+            ],
+            "description": "bytes, or a string with units: 512K, 16MiB, 1G, 2TiB",
+        }
+    ),
+]
+# A VV allocation warning or limit: bytes, a size string, or a percentage of the virtual size.
+LimitSpec = Annotated[
+    Limit,
+    PlainValidator(_limit),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": 1, "maximum": MAX_INT},
+                {"type": "string", "pattern": _LIMIT_PATTERN},
+            ],
+            "description": "bytes, a size with units (10GiB), or a percentage of the volume size (80%)",
+        }
+    ),
+]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME)]
+IdPath = Annotated[int, PathParam(ge=0, le=MAX_INT)]
+NamePath = Annotated[str, PathParam(min_length=1, max_length=MAX_NAME)]
+
+
+class _Request(BaseModel):
+    # Unknown fields are refused: a typo ("growth_limt") must not be silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- response models (mirror thinblock.model) ----------------------------------------------------
+
+
+class ErrorBody(BaseModel):
+    error: str
+
+
+class PDOut(BaseModel):
+    id: int
+    path: str
+    size: int
+    chunklet_size: int
+    chunklets: int
+    chunklets_used: int
+    chunklets_free: int
+    health: PDHealth
+
+
+class PDCreate(_Request):
+    path: Annotated[str, StringConstraints(min_length=1, max_length=4096)] = Field(
+        description="a file (created sparse when missing) or a block device; relative to the data directory"
+    )
+    size: Size | None = Field(default=None, description="required when the file does not exist")
+    chunklet_size: Size | None = Field(default=None, description="default: the daemon's engine.chunklet_size")
+
+
+class ChunkletOut(BaseModel):
+    pd_id: int
+    index: int
+    offset: int
+    row: int
+    column: int
+
+
+class LDOut(BaseModel):
+    id: int
+    pool: str
+    raid: int
+    set_size: int
+    step: int
+    size: int
+    region_size: int
+    regions: int
+    regions_used: int
+    regions_free: int
+    health: LDHealth
+    chunklets: list[ChunkletOut]
+
+
+class PoolOut(BaseModel):
+    name: str
+    raid: int
+    set_size: int
+    step: int
+    region_size: int
+    capacity: int
+    used: int
+    free: int
+    growth_increment: int
+    growth_warning: int | None
+    growth_limit: int | None
+    lds: int
+    volumes: int
+    state: str
+
+
+class PoolCreate(_Request):
+    name: Name
+    raid: Literal[0, 1, 5]
+    set_size: Annotated[int, Field(ge=1, le=64)] | None = None
+    step: Size | None = None
+    region_size: Size | None = None
+    growth_increment: Size | None = None
+    growth_warning: Size | None = None
+    growth_limit: Size | None = None
+
+
+class PoolUpdate(_Request):
+    """Only the fields given change; ``null`` removes a warning or limit."""
+
+    growth_increment: Size | None = None
+    growth_warning: Size | None = None
+    growth_limit: Size | None = None
+
+
+class CompactOut(BaseModel):
+    released_lds: int
+    pool: PoolOut
+
+
+class VolumeOut(BaseModel):
+    name: str
+    pool: str
+    size: int
+    region_size: int
+    allocated: int
+    regions_allocated: int
+    alloc_warning: int | None
+    alloc_limit: int | None
+    alloc_warning_spec: str | None
+    alloc_limit_spec: str | None
+    cache_mode: CacheMode
+    dirty_bytes: int
+    created: float
+    export_uri: str | None = Field(description="where NBD clients (qemu-img, nbdinfo, nbdcopy) reach it")
+
+
+class VolumeCreate(_Request):
+    name: Name
+    pool: Name
+    size: Size
+    alloc_warning: LimitSpec | None = None
+    alloc_limit: LimitSpec | None = None
+    cache_mode: CacheMode | None = None
+
+
+class VolumeUpdate(_Request):
+    """Only the fields given change; ``null`` removes a warning or limit."""
+
+    alloc_warning: LimitSpec | None = None
+    alloc_limit: LimitSpec | None = None
+    cache_mode: CacheMode | None = None
+
+
+class VolumeGrow(_Request):
+    size: Size = Field(description="the new virtual size (grow only)")
+
+
+class VolumeStatsOut(BaseModel):
+    reads: int
+    writes: int
+    read_bytes: int
+    write_bytes: int
+    trims: int
+    zeroes: int
+    flushes: int
+    errors: int
+
+
+class AlertOut(BaseModel):
+    id: int
+    time: float
+    severity: Severity
+    kind: AlertKind
+    object: str
+    message: str
+    state: AlertState
+
+
+class RebuildOut(BaseModel):
+    running: bool
+    lds_total: int
+    lds_done: int
+    bytes_total: int
+    bytes_done: int
+    current_ld: int | None
+    error: str | None = Field(default=None, description="why the last rebuild stopped, if it failed")
+
+
+class NBDOut(BaseModel):
+    uri: str | None = Field(description="nbd://HOST:PORT, or null when TCP is off")
+    unix_socket: str | None
+    default_export: str | None
+
+
+class StatusOut(BaseModel):
+    node: str
+    version: str
+    started: float
+    uptime: float
+    pds: int
+    pds_failed: int
+    pools: int
+    lds: int
+    lds_degraded: int
+    volumes: int
+    capacity: int = Field(description="usable bytes of every pool's LDs")
+    used: int = Field(description="bytes of assigned regions")
+    virtual: int = Field(description="sum of the volumes' virtual sizes")
+    allocated: int = Field(description="sum of the volumes' allocated bytes")
+    dirty_bytes: int
+    open_alerts: int
+    rebuild_running: bool
+    nbd: NBDOut
+
+
+# --- node information the daemon hands in ----------------------------------------------------------
+
+
+@dataclass
+class NodeInfo:
+    """What the API reports about the node beside the engine's state (the daemon keeps uptime)."""
+
+    name: str = field(default_factory=socket.gethostname)
+    version: str = __version__
+    started: float = field(default_factory=time.time)
+    started_monotonic: float = field(default_factory=time.monotonic)
+    nbd_uri: str | None = None  # nbd://127.0.0.1:10809
+    nbd_unix_socket: str | None = None
+    default_export: str | None = None
+    data_dir: Path | None = None
+    default_chunklet_size: int | None = None
+
+    @property
+    def uptime(self) -> float:
+        return time.monotonic() - self.started_monotonic
+
+    def export_uri(self, volume: str) -> str | None:
+        quoted = urllib.parse.quote(volume, safe="")
+        if self.nbd_uri:
+            return f"{self.nbd_uri}/{quoted}"
+        if self.nbd_unix_socket:
+            return f"nbd+unix:///{quoted}?socket={urllib.parse.quote(self.nbd_unix_socket, safe='/')}"
+        return None
+
+
+class ApiContext:
+    """The state of one API instance: engine, node info, the rebuild it started."""
+
+    def __init__(self, engine: Engine, node: NodeInfo, extra_metrics: list[Any] | None = None) -> None:
+        self.engine = engine
+        self.node = node
+        self.rebuild_task: asyncio.Task[RebuildProgressInfo | None] | None = None
+        self.rebuild_error: str | None = None
+        self.registry = build_registry(engine, node, extra=extra_metrics or [])
+
+    def rebuild_running(self) -> bool:
+        return self.rebuild_task is not None and not self.rebuild_task.done()
+
+    async def aclose(self) -> None:
+        """Stop background work the API started (the daemon calls this before engine.close())."""
+        task = self.rebuild_task
+        if task is not None and not task.done():
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+
+# --- conversions ---------------------------------------------------------------------------------
+
+
+def _pool_out(info: Any) -> PoolOut:
+    d = asdict(info)
+    d["state"] = str(info.state)
+    return PoolOut(**d)
+
+
+def _ld_out(info: Any) -> LDOut:
+    d = asdict(info)
+    d["regions_free"] = info.regions - info.regions_used
+    return LDOut(**d)
+
+
+def _volume_out(info: Any, node: NodeInfo) -> VolumeOut:
+    return VolumeOut(**asdict(info), export_uri=node.export_uri(info.name))
+
+
+def _rebuild_out(ctx: ApiContext) -> RebuildOut:
+    progress = ctx.engine.rebuild_status()
+    d = asdict(progress)
+    # The task covers the moment between "started" and the engine reporting it runs.
+    d["running"] = progress.running or ctx.rebuild_running()
+    return RebuildOut(**d, error=ctx.rebuild_error)
+
+
+def _unset_unless_given(model: BaseModel, name: str, convert: Callable[[Any], Any] = lambda v: v) -> Any:
+    """PATCH semantics: a field absent from the body stays as it is; ``null`` removes it."""
+    if name not in model.model_fields_set:
+        return UNSET
+    value = getattr(model, name)
+    return None if value is None else convert(value)
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _describe_validation(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:3]:
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
+        where = ".".join(loc) or "body"
+        msg = str(err.get("msg", "invalid"))
+        # pydantic prefixes messages of ValueErrors raised in validators.
+        msg = msg.removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}")
+    more = len(exc.errors()) - 3
+    return "invalid request: " + "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ThinblockError)
+    async def _thinblock_error(request: Request, exc: ThinblockError) -> JSONResponse:
+        status = exc.http_status
+        if status >= 500:
+            log.error(
+                "%s %s failed: %s",
+                request.method,
+                request.url.path,
+                exc,
+                extra={"event": "api-error", "status": status},
+            )
+        return _error(status, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(400, _describe_validation(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code in (204, 304):
+            return Response(status_code=exc.status_code)
+        return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception(
+            "%s %s: unexpected error", request.method, request.url.path, extra={"event": "api-internal-error"}
+        )
+        return _error(500, f"internal error ({type(exc).__name__}); see the daemon log")
+
+
+# --- authentication ------------------------------------------------------------------------------
+
+
+class BearerTokenMiddleware:
+    """Every HTTP request (API, /metrics, /docs, the OpenAPI document) must carry
+    ``Authorization: Bearer <token>``; otherwise 401.  Compared in constant time."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = b""
+        for key, value in scope.get("headers", []):
+            if key == b"authorization":
+                given = value
+                break
+        if not hmac.compare_digest(given, self.expected):
+            message = "missing bearer token" if not given else "wrong bearer token"
+            response = _error(401, f"unauthorized: {message}", headers={"WWW-Authenticate": "Bearer"})
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+# --- the app -------------------------------------------------------------------------------------
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "bad input"},
+    404: {"model": ErrorBody, "description": "unknown object"},
+    409: {"model": ErrorBody, "description": "conflict with the object's state, or a duplicate name"},
+    507: {"model": ErrorBody, "description": "out of space"},
+}
+
+
+def create_app(
+    engine: Engine,
+    node: NodeInfo | None = None,
+    *,
+    token: str | None = None,
+    extra_metrics: list[Any] | None = None,
+) -> FastAPI:
+    """The FastAPI app for ``engine``.  With ``token`` every request needs it (bearer).
+    ``extra_metrics``: more prometheus collectors (the daemon's webhook and NBD latencies)."""
+    node = node or NodeInfo()
+    ctx = ApiContext(engine, node, extra_metrics)
+    app = FastAPI(
+        title="thinblock",
+        version=__version__,
+        description="Thin-provisioning block storage (3PAR-style zero logical disk): management API.",
+        openapi_url=f"{API_PREFIX}/openapi.json",
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.ctx = ctx
+    _install_error_handlers(app)
+    app.include_router(_router(ctx), prefix=API_PREFIX)
+
+    @app.get("/metrics", include_in_schema=True, tags=["metrics"], response_class=Response)
+    async def metrics() -> Response:
+        """Prometheus text format: per-volume, pool, PD, LD, cache and alert state, read at scrape time."""
+        body, content_type = render_metrics(ctx.registry)
+        return Response(content=body, media_type=content_type)
+
+    _customise_openapi(app, token_required=token is not None)
+    if token is not None:
+        app.add_middleware(BearerTokenMiddleware, token=token)
+    return app
+
+
+def _customise_openapi(app: FastAPI, *, token_required: bool) -> None:
+    """Describe what the app really does: 400 (not 422) for invalid requests, 401 with a token."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        error_ref = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+        for path_item in schema.get("paths", {}).values():
+            for operation in path_item.values():
+                responses = operation.setdefault("responses", {})
+                responses.pop("422", None)
+                responses.setdefault("400", {"description": "bad input", "content": error_ref})
+                if token_required:
+                    responses["401"] = {"description": "missing or wrong bearer token", "content": error_ref}
+        components = schema.setdefault("components", {})
+        schemas = components.setdefault("schemas", {})
+        for unused in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(unused, None)
+        schemas.setdefault("ErrorBody", ErrorBody.model_json_schema())
+        if token_required:
+            components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            schema["security"] = [{"bearer": []}]
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _router(ctx: ApiContext) -> APIRouter:
+    engine = ctx.engine
+    node = ctx.node
+    router = APIRouter(responses=_ERRORS)
+
+    # --- status -------------------------------------------------------------------------------
+    @router.get("/status", tags=["status"])
+    async def status() -> StatusOut:
+        """The node at a glance: uptime, counts, capacity, open alerts, where NBD listens."""
+        pds = engine.list_pds()
+        pools = engine.list_pools()
+        lds = engine.list_lds()
+        vvs = engine.list_vvs()
+        return StatusOut(
+            node=node.name,
+            version=node.version,
+            started=node.started,
+            uptime=node.uptime,
+            pds=len(pds),
+            pds_failed=sum(1 for pd in pds if pd.health == PDHealth.FAILED),
+            pools=len(pools),
+            lds=len(lds),
+            lds_degraded=sum(1 for ld in lds if ld.health != LDHealth.NORMAL),
+            volumes=len(vvs),
+            capacity=sum(p.capacity for p in pools),
+            used=sum(p.used for p in pools),
+            virtual=sum(v.size for v in vvs),
+            allocated=sum(v.allocated for v in vvs),
+            dirty_bytes=engine.cache_dirty_bytes(),
+            open_alerts=len(engine.list_alerts()),
+            rebuild_running=_rebuild_out(ctx).running,
+            nbd=NBDOut(
+                uri=node.nbd_uri, unix_socket=node.nbd_unix_socket, default_export=node.default_export
+            ),
+        )
+
+    # --- physical disks -----------------------------------------------------------------------
+    @router.get("/pds", tags=["pds"])
+    async def list_pds() -> list[PDOut]:
+        return [PDOut(**asdict(pd)) for pd in engine.list_pds()]
+
+    @router.post("/pds", status_code=201, tags=["pds"])
+    async def add_pd(body: PDCreate) -> PDOut:
+        """Add a PD: a file (created sparse at ``size`` when it does not exist) or a block device."""
+        path = Path(body.path).expanduser()
+        if not path.is_absolute() and node.data_dir is not None:
+            path = node.data_dir / path
+        chunklet = body.chunklet_size or node.default_chunklet_size
+        if chunklet is None:
+            pd = await _os_errors_are_bad_input(engine.add_pd(path, body.size), path)
+        else:
+            pd = await _os_errors_are_bad_input(engine.add_pd(path, body.size, chunklet), path)
+        return PDOut(**asdict(pd))
+
+    @router.get("/pds/{pd_id}", tags=["pds"])
+    async def show_pd(pd_id: IdPath) -> PDOut:
+        return PDOut(**asdict(engine.get_pd(pd_id)))
+
+    @router.post("/pds/{pd_id}/fail", tags=["pds"])
+    async def fail_pd(pd_id: IdPath) -> PDOut:
+        """Mark a PD failed (for drills): its LDs go degraded or failed, alerts fire."""
+        return PDOut(**asdict(await engine.fail_pd(pd_id)))
+
+    @router.delete("/pds/{pd_id}", status_code=204, tags=["pds"])
+    async def remove_pd(pd_id: IdPath) -> Response:
+        """Only when none of its chunklets is used (409 otherwise)."""
+        await engine.remove_pd(pd_id)
+        return Response(status_code=204)
+
+    # --- pools --------------------------------------------------------------------------------
+    @router.get("/pools", tags=["pools"])
+    async def list_pools() -> list[PoolOut]:
+        return [_pool_out(p) for p in engine.list_pools()]
+
+    @router.post("/pools", status_code=201, tags=["pools"])
+    async def create_pool(body: PoolCreate) -> PoolOut:
+        kwargs: dict[str, Any] = {"raid": body.raid, "set_size": body.set_size}
+        for key in ("step", "region_size", "growth_increment", "growth_warning", "growth_limit"):
+            value = getattr(body, key)
+            if value is not None:
+                kwargs[key] = value
+        return _pool_out(await engine.create_pool(body.name, **kwargs))
+
+    @router.get("/pools/{name}", tags=["pools"])
+    async def show_pool(name: NamePath) -> PoolOut:
+        return _pool_out(engine.get_pool(name))
+
+    @router.patch("/pools/{name}", tags=["pools"])
+    async def set_pool(name: NamePath, body: PoolUpdate) -> PoolOut:
+        if "growth_increment" in body.model_fields_set and body.growth_increment is None:
+            raise InvalidArgument("growth_increment cannot be removed, only changed")
+        return _pool_out(
+            await engine.set_pool(
+                name,
+                growth_increment=_unset_unless_given(body, "growth_increment"),
+                growth_warning=_unset_unless_given(body, "growth_warning"),
+                growth_limit=_unset_unless_given(body, "growth_limit"),
+            )
+        )
+
+    @router.post("/pools/{name}/compact", tags=["pools"])
+    async def compact_pool(name: NamePath) -> CompactOut:
+        """Release the pool's LDs whose regions are all free back to free chunklets."""
+        released = await engine.compact_pool(name)
+        return CompactOut(released_lds=released, pool=_pool_out(engine.get_pool(name)))
+
+    @router.delete("/pools/{name}", status_code=204, tags=["pools"])
+    async def delete_pool(name: NamePath) -> Response:
+        """Only when it has no volumes (409 otherwise); its LDs are released."""
+        await engine.delete_pool(name)
+        return Response(status_code=204)
+
+    # --- logical disks ------------------------------------------------------------------------
+    @router.get("/lds", tags=["lds"])
+    async def list_lds(
+        pool: Annotated[str | None, Query(min_length=1, max_length=MAX_NAME)] = None,
+    ) -> list[LDOut]:
+        if pool is not None:
+            engine.get_pool(pool)  # NotFound for an unknown pool rather than an empty list
+        return [_ld_out(ld) for ld in engine.list_lds(pool)]
+
+    @router.get("/lds/{ld_id}", tags=["lds"])
+    async def show_ld(ld_id: IdPath) -> LDOut:
+        return _ld_out(engine.get_ld(ld_id))
+
+    @router.post("/rebuild", status_code=202, tags=["lds"])
+    async def start_rebuild() -> RebuildOut:
+        """Rebuild every degraded LD onto spare chunklets, in the background; poll GET /rebuild."""
+        if not ctx.rebuild_running():
+            ctx.rebuild_error = None
+            ctx.rebuild_task = asyncio.create_task(_run_rebuild(ctx), name="thinblock-rebuild")
+            await asyncio.sleep(0)  # let it start, so that the status below reflects it
+        return _rebuild_out(ctx)
+
+    @router.get("/rebuild", tags=["lds"])
+    async def rebuild_status() -> RebuildOut:
+        return _rebuild_out(ctx)
+
+    # --- volumes ------------------------------------------------------------------------------
+    @router.get("/volumes", tags=["volumes"])
+    async def list_volumes() -> list[VolumeOut]:
+        return [_volume_out(v, node) for v in engine.list_vvs()]
+
+    @router.post("/volumes", status_code=201, tags=["volumes"])
+    async def create_volume(body: VolumeCreate) -> VolumeOut:
+        info = await engine.create_vv(
+            body.name,
+            pool=body.pool,
+            size=body.size,
+            alloc_warning=body.alloc_warning,
+            alloc_limit=body.alloc_limit,
+            cache_mode=body.cache_mode,
+        )
+        return _volume_out(info, node)
+
+    @router.get("/volumes/{name}", tags=["volumes"])
+    async def show_volume(name: NamePath) -> VolumeOut:
+        return _volume_out(engine.get_vv(name), node)
+
+    @router.patch("/volumes/{name}", tags=["volumes"])
+    async def set_volume(name: NamePath, body: VolumeUpdate) -> VolumeOut:
+        if "cache_mode" in body.model_fields_set and body.cache_mode is None:
+            raise InvalidArgument("cache_mode cannot be removed, only changed (writeback or writethrough)")
+        info = await engine.set_vv(
+            name,
+            alloc_warning=_unset_unless_given(body, "alloc_warning"),
+            alloc_limit=_unset_unless_given(body, "alloc_limit"),
+            cache_mode=_unset_unless_given(body, "cache_mode"),
+        )
+        return _volume_out(info, node)
+
+    @router.post("/volumes/{name}/grow", tags=["volumes"])
+    async def grow_volume(name: NamePath, body: VolumeGrow) -> VolumeOut:
+        """Grow the virtual size (shrinking is refused); NBD clients see it on their next connection."""
+        return _volume_out(await engine.grow_vv(name, body.size), node)
+
+    @router.delete("/volumes/{name}", status_code=204, tags=["volumes"])
+    async def delete_volume(name: NamePath) -> Response:
+        """Every region it holds goes back to its pool, zeroed."""
+        await engine.delete_vv(name)
+        return Response(status_code=204)
+
+    @router.get("/volumes/{name}/stats", tags=["volumes"])
+    async def volume_stats(name: NamePath) -> VolumeStatsOut:
+        """I/O counters since the daemon started."""
+        engine.get_vv(name)
+        return VolumeStatsOut(**asdict(engine.vv_stats(name)))
+
+    # --- alerts -------------------------------------------------------------------------------
+    @router.get("/alerts", tags=["alerts"])
+    async def list_alerts(
+        all: Annotated[bool, Query(description="include cleared alerts")] = False,
+    ) -> list[AlertOut]:
+        """Open alerts (new, acknowledged), newest last; with ``all``, cleared ones too."""
+        return [AlertOut(**asdict(a)) for a in engine.list_alerts(include_cleared=all)]
+
+    @router.get("/alerts/{alert_id}", tags=["alerts"])
+    async def show_alert(alert_id: IdPath) -> AlertOut:
+        for alert in engine.list_alerts(include_cleared=True):
+            if alert.id == alert_id:
+                return AlertOut(**asdict(alert))
+        raise NotFound(f"alert {alert_id} not found")
+
+    @router.post("/alerts/{alert_id}/ack", tags=["alerts"])
+    async def ack_alert(alert_id: IdPath) -> AlertOut:
+        return AlertOut(**asdict(engine.ack_alert(alert_id)))
+
+    return router
+
+
+async def _os_errors_are_bad_input(coro: Awaitable[Any], path: Path) -> Any:
+    """A path the daemon cannot create or open is the caller's mistake (400), not a server fault."""
+    try:
+        return await coro
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise InvalidArgument(f"cannot use {path} as a PD: {reason}") from None
+
+
+async def _run_rebuild(ctx: ApiContext) -> RebuildProgressInfo | None:
+    """The background rebuild; its failure is kept for GET /rebuild (and logged), not raised."""
+    started = time.monotonic()
+    log.info("rebuild started", extra={"event": "rebuild-start"})
+    try:
+        result = await ctx.engine.rebuild()
+    except asyncio.CancelledError:
+        log.warning("rebuild cancelled", extra={"event": "rebuild-cancelled"})
+        raise
+    except ThinblockError as exc:
+        ctx.rebuild_error = str(exc)
+        log.error("rebuild failed: %s", exc, extra={"event": "rebuild-failed"})
+        return None
+    except Exception as exc:
+        ctx.rebuild_error = f"internal error ({type(exc).__name__}); see the daemon log"
+        log.exception("rebuild failed", extra={"event": "rebuild-failed"})
+        return None
+    log.info(
+        "rebuild finished",
+        extra={
+            "event": "rebuild-done",
+            "lds": result.lds_done,
+            "bytes": result.bytes_done,
+            "seconds": round(time.monotonic() - started, 3),
+        },
+    )
+    return result
+
+
+__all__ = ["API_PREFIX", "ApiContext", "BearerTokenMiddleware", "NodeInfo", "create_app"]

@@ -1,0 +1,393 @@
+"""``/metrics``: the engine's state in the Prometheus text format, read at scrape time.
+
+``EngineCollector`` is a custom collector: nothing is copied into prometheus-client objects
+as things happen; each scrape asks the engine for its listings (on the loop thread, where
+the engine must be called) and turns them into metric families.
+
+Latency histograms: the engine keeps I/O counters per volume (``Engine.vv_stats``) but no
+latencies.  ``LatencyRecorder`` measures them at the NBD front end instead: the daemon hands
+the NBD server an ``InstrumentedProvider`` whose volumes time every request from the call
+into the engine to its completion (network time excluded).  Observing is a bisect and two
+additions on the loop thread, no lock, no allocation.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from ..model import AlertKind, AlertState, LDHealth, PDHealth, PoolState
+
+if TYPE_CHECKING:
+    from ..blockdev import Buffer, Capabilities, Extent, Volume, VolumeProvider
+    from ..engine import Engine
+    from .app import NodeInfo
+
+# From 50 µs (a cached read) to 10 s (a write waiting for a new LD on a slow disk).
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+OPERATIONS = ("read", "write", "write_zeroes", "trim", "flush", "block_status", "cache")
+
+
+class EngineCollector:
+    """Reads engine state at scrape time (registered with ``auto_describe=False``)."""
+
+    def __init__(self, engine: Engine, node: NodeInfo) -> None:
+        self.engine = engine
+        self.node = node
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._node()
+        yield from self._volumes()
+        yield from self._pools()
+        yield from self._pds()
+        yield from self._lds()
+        yield from self._alerts()
+
+    def _node(self) -> Iterable[Metric]:
+        info = InfoMetricFamily("thinblock_build", "thinblock version and node name")
+        info.add_metric([], {"version": self.node.version, "node": self.node.name})
+        yield info
+        up = GaugeMetricFamily("thinblock_uptime_seconds", "seconds since the daemon started")
+        up.add_metric([], self.node.uptime)
+        yield up
+        dirty = GaugeMetricFamily("thinblock_cache_dirty_bytes", "write-back cache bytes not yet destaged")
+        dirty.add_metric([], self.engine.cache_dirty_bytes())
+        yield dirty
+        progress = self.engine.rebuild_status()
+        running = GaugeMetricFamily("thinblock_rebuild_running", "1 while a rebuild runs")
+        running.add_metric([], 1 if progress.running else 0)
+        yield running
+        done = GaugeMetricFamily("thinblock_rebuild_bytes", "bytes of the current rebuild", labels=["part"])
+        done.add_metric(["total"], progress.bytes_total)
+        done.add_metric(["done"], progress.bytes_done)
+        yield done
+
+    def _volumes(self) -> Iterable[Metric]:
+        labels = ["vv", "pool"]
+        virtual = GaugeMetricFamily("thinblock_vv_virtual_bytes", "virtual size of the volume", labels=labels)
+        allocated = GaugeMetricFamily(
+            "thinblock_vv_allocated_bytes", "bytes of LD regions assigned to the volume", labels=labels
+        )
+        regions = GaugeMetricFamily(
+            "thinblock_vv_regions_allocated", "LD regions assigned to the volume", labels=labels
+        )
+        warning = GaugeMetricFamily(
+            "thinblock_vv_alloc_warning_bytes", "allocation warning (when set)", labels=labels
+        )
+        limit = GaugeMetricFamily(
+            "thinblock_vv_alloc_limit_bytes", "allocation limit (when set)", labels=labels
+        )
+        dirty = GaugeMetricFamily(
+            "thinblock_vv_dirty_bytes", "write-back cache bytes of the volume not yet destaged", labels=labels
+        )
+        requests = CounterMetricFamily(
+            "thinblock_vv_requests", "I/O requests since the daemon started", labels=["vv", "op"]
+        )
+        data = CounterMetricFamily(
+            "thinblock_vv_bytes", "bytes read and written since the daemon started", labels=["vv", "op"]
+        )
+        errors = CounterMetricFamily("thinblock_vv_errors", "I/O requests that failed", labels=["vv"])
+        for vv in self.engine.list_vvs():
+            key = [vv.name, vv.pool]
+            virtual.add_metric(key, vv.size)
+            allocated.add_metric(key, vv.allocated)
+            regions.add_metric(key, vv.regions_allocated)
+            dirty.add_metric(key, vv.dirty_bytes)
+            if vv.alloc_warning is not None:
+                warning.add_metric(key, vv.alloc_warning)
+            if vv.alloc_limit is not None:
+                limit.add_metric(key, vv.alloc_limit)
+            stats = self.engine.vv_stats(vv.name)
+            for op, count in (
+                ("read", stats.reads),
+                ("write", stats.writes),
+                ("trim", stats.trims),
+                ("write_zeroes", stats.zeroes),
+                ("flush", stats.flushes),
+            ):
+                requests.add_metric([vv.name, op], count)
+            data.add_metric([vv.name, "read"], stats.read_bytes)
+            data.add_metric([vv.name, "write"], stats.write_bytes)
+            errors.add_metric([vv.name], stats.errors)
+        yield from (virtual, allocated, regions, warning, limit, dirty, requests, data, errors)
+
+    def _pools(self) -> Iterable[Metric]:
+        labels = ["pool"]
+        families = {
+            "capacity": GaugeMetricFamily(
+                "thinblock_pool_capacity_bytes", "usable bytes of the pool's LDs", labels=labels
+            ),
+            "used": GaugeMetricFamily(
+                "thinblock_pool_used_bytes", "bytes of assigned regions", labels=labels
+            ),
+            "free": GaugeMetricFamily("thinblock_pool_free_bytes", "capacity minus used", labels=labels),
+            "lds": GaugeMetricFamily("thinblock_pool_lds", "LDs in the pool", labels=labels),
+            "volumes": GaugeMetricFamily("thinblock_pool_volumes", "volumes in the pool", labels=labels),
+            "growth_warning": GaugeMetricFamily(
+                "thinblock_pool_growth_warning_bytes", "growth warning (when set)", labels=labels
+            ),
+            "growth_limit": GaugeMetricFamily(
+                "thinblock_pool_growth_limit_bytes", "growth limit (when set)", labels=labels
+            ),
+        }
+        state = GaugeMetricFamily(
+            "thinblock_pool_state",
+            "1 for the pool's current state, 0 for the others",
+            labels=["pool", "state"],
+        )
+        for pool in self.engine.list_pools():
+            for attr, family in families.items():
+                value = getattr(pool, attr)
+                if value is not None:
+                    family.add_metric([pool.name], value)
+            for s in PoolState:
+                state.add_metric([pool.name, str(s)], 1 if pool.state == s else 0)
+        yield from families.values()
+        yield state
+
+    def _pds(self) -> Iterable[Metric]:
+        size = GaugeMetricFamily("thinblock_pd_size_bytes", "size of the PD", labels=["pd", "path"])
+        chunklets = GaugeMetricFamily(
+            "thinblock_pd_chunklets", "chunklets of the PD", labels=["pd", "path", "state"]
+        )
+        health = GaugeMetricFamily(
+            "thinblock_pd_health",
+            "1 for the PD's current health, 0 for the others",
+            labels=["pd", "path", "health"],
+        )
+        for pd in self.engine.list_pds():
+            key = [str(pd.id), pd.path]
+            size.add_metric(key, pd.size)
+            chunklets.add_metric([*key, "used"], pd.chunklets_used)
+            chunklets.add_metric([*key, "free"], pd.chunklets_free)
+            for h in PDHealth:
+                health.add_metric([*key, str(h)], 1 if pd.health == h else 0)
+        yield from (size, chunklets, health)
+
+    def _lds(self) -> Iterable[Metric]:
+        regions = GaugeMetricFamily(
+            "thinblock_ld_regions", "LD regions by state", labels=["ld", "pool", "state"]
+        )
+        health = GaugeMetricFamily(
+            "thinblock_ld_health",
+            "1 for the LD's current health, 0 for the others",
+            labels=["ld", "pool", "health"],
+        )
+        for ld in self.engine.list_lds():
+            key = [str(ld.id), ld.pool]
+            regions.add_metric([*key, "used"], ld.regions_used)
+            regions.add_metric([*key, "free"], ld.regions - ld.regions_used)
+            for h in LDHealth:
+                health.add_metric([*key, str(h)], 1 if ld.health == h else 0)
+        yield from (regions, health)
+
+    def _alerts(self) -> Iterable[Metric]:
+        counts = {(kind.value, state.value): 0 for kind in AlertKind for state in AlertState}
+        for alert in self.engine.list_alerts(include_cleared=True):
+            key = (str(alert.kind), str(alert.state))
+            counts[key] = counts.get(key, 0) + 1
+        family = GaugeMetricFamily("thinblock_alerts", "alerts by kind and state", labels=["kind", "state"])
+        for (kind, state), n in sorted(counts.items()):
+            family.add_metric([kind, state], n)
+        yield family
+
+
+# --- latencies measured at the NBD front end -----------------------------------------------------
+
+
+class _Histogram:
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+
+class LatencyRecorder:
+    """Per volume and operation request latencies, exported as ``thinblock_vv_request_seconds``.
+
+    ``live_volumes`` names the volumes that still exist: histograms of deleted ones are dropped
+    at the next scrape."""
+
+    def __init__(self, live_volumes: Callable[[], Iterable[str]]) -> None:
+        self._live_volumes = live_volumes
+        self._histograms: dict[tuple[str, str], _Histogram] = {}
+
+    def observe(self, volume: str, op: str, seconds: float) -> None:
+        histogram = self._histograms.get((volume, op))
+        if histogram is None:
+            histogram = self._histograms[(volume, op)] = _Histogram()
+        histogram.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        histogram.total += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(
+            "thinblock_vv_request_seconds",
+            "NBD request latency inside the server (engine call to completion), by volume and operation",
+            labels=["vv", "op"],
+        )
+        live = set(self._live_volumes())
+        for (volume, op), histogram in sorted(self._histograms.items()):
+            if volume not in live:
+                del self._histograms[(volume, op)]
+                continue
+            buckets: list[tuple[str, float]] = []
+            cumulative = 0
+            for bound, count in zip(LATENCY_BUCKETS, histogram.counts, strict=False):
+                cumulative += count
+                buckets.append((repr(bound), cumulative))
+            cumulative += histogram.counts[-1]
+            buckets.append(("+Inf", cumulative))
+            family.add_metric([volume, op], buckets, histogram.total)
+        yield family
+
+
+class InstrumentedVolume:
+    """A ``Volume`` that times every request into a LatencyRecorder, else passes through.
+
+    Fast paths stay fast: each method is one coroutine awaiting the engine's, so a request
+    that never suspends inside the engine never suspends here either (``start_eager``)."""
+
+    __slots__ = ("_inner", "_name", "_recorder")
+
+    def __init__(self, inner: Volume, recorder: LatencyRecorder) -> None:
+        self._inner = inner
+        self._recorder = recorder
+        self._name = inner.name
+
+    @property
+    def name(self) -> str:
+        return self._inner.name
+
+    @property
+    def description(self) -> str:
+        return self._inner.description
+
+    @property
+    def size(self) -> int:
+        return self._inner.size
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._inner.capabilities
+
+    def __getattr__(self, attr: str) -> Any:  # anything beyond the Volume protocol goes straight through
+        return getattr(self._inner, attr)
+
+    async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        t0 = time.perf_counter()
+        try:
+            return await self._inner.read(offset, length)
+        finally:
+            self._recorder.observe(self._name, "read", time.perf_counter() - t0)
+
+    async def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        t0 = time.perf_counter()
+        try:
+            await self._inner.write(offset, data, fua)
+        finally:
+            self._recorder.observe(self._name, "write", time.perf_counter() - t0)
+
+    async def write_zeroes(
+        self, offset: int, length: int, *, may_trim: bool = True, fast: bool = False, fua: bool = False
+    ) -> None:
+        t0 = time.perf_counter()
+        try:
+            await self._inner.write_zeroes(offset, length, may_trim=may_trim, fast=fast, fua=fua)
+        finally:
+            self._recorder.observe(self._name, "write_zeroes", time.perf_counter() - t0)
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        t0 = time.perf_counter()
+        try:
+            await self._inner.trim(offset, length, fua)
+        finally:
+            self._recorder.observe(self._name, "trim", time.perf_counter() - t0)
+
+    async def flush(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            await self._inner.flush()
+        finally:
+            self._recorder.observe(self._name, "flush", time.perf_counter() - t0)
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        t0 = time.perf_counter()
+        try:
+            return await self._inner.block_status(offset, length)
+        finally:
+            self._recorder.observe(self._name, "block_status", time.perf_counter() - t0)
+
+    async def cache(self, offset: int, length: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            await self._inner.cache(offset, length)
+        finally:
+            self._recorder.observe(self._name, "cache", time.perf_counter() - t0)
+
+
+class InstrumentedProvider:
+    """The VolumeProvider the daemon gives the NBD server: the engine's volumes, timed."""
+
+    def __init__(self, inner: VolumeProvider, recorder: LatencyRecorder) -> None:
+        self._inner = inner
+        self._recorder = recorder
+
+    def export_names(self) -> list[str]:
+        return self._inner.export_names()
+
+    def open_volume(self, name: str) -> Volume:
+        return InstrumentedVolume(self._inner.open_volume(name), self._recorder)
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._inner, attr)
+
+
+# --- registry ------------------------------------------------------------------------------------
+
+
+def build_registry(engine: Engine, node: NodeInfo, extra: Iterable[Any] = ()) -> CollectorRegistry:
+    """A registry of its own per app (tests build many): engine state, extra collectors
+    (webhook delivery, NBD latencies), and the process's CPU and memory."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(EngineCollector(engine, node))
+    for collector in extra:
+        registry.register(collector)
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    return registry
+
+
+def render_metrics(registry: CollectorRegistry) -> tuple[bytes, str]:
+    return generate_latest(registry), CONTENT_TYPE_LATEST
