@@ -1,0 +1,1219 @@
+"""``thinblock``: the daemon (``serve``), the offline store check (``check``), and the
+administrator's commands, a client of the REST API (``--api URL`` or THINBLOCK_API,
+``--token`` or THINBLOCK_TOKEN).
+
+Every listing is a table on a terminal, and ``--json`` on every command gives what the
+API returns (a list command gives a list of the objects its show command gives).  Sizes
+are accepted and shown with units (512K, 16MiB, 1G, 2TiB; percentages for VV limits).
+
+Errors are one line on stderr and a non-zero exit status, never a traceback:
+1 the daemon refused or the operation failed, 2 a usage error, 3 the daemon cannot be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+from rich import box
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from . import __version__
+from .errors import InvalidArgument
+from .units import Limit, format_size, parse_size
+
+DEFAULT_API = "http://127.0.0.1:8080"
+API_PREFIX = "/api/v1"
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+
+class CliError(Exception):
+    """One line for stderr, and the exit status."""
+
+    def __init__(self, message: str, status: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# --- argument types ------------------------------------------------------------------------------
+
+
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except InvalidArgument as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_size_arg(text: str) -> int:
+    n = _size_arg(text)
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than zero: {text!r}")
+    return n
+
+
+def _optional_size_arg(text: str) -> int | None:
+    """A size, or ``none`` to remove a warning or limit."""
+    if text.strip().lower() in ("none", "off", "-"):
+        return None
+    return _positive_size_arg(text)
+
+
+def _limit_arg(text: str) -> str | int:
+    """A VV limit: a size or a percentage; sent as given (the daemon keeps percentages relative)."""
+    try:
+        limit = Limit.parse(text)
+    except InvalidArgument as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return f"{limit.percent:g}%" if limit.percent is not None else int(limit.bytes or 0)
+
+
+def _optional_limit_arg(text: str) -> str | int | None:
+    if text.strip().lower() in ("none", "off", "-"):
+        return None
+    return _limit_arg(text)
+
+
+def _id_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an id: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"not an id: {text!r}")
+    return value
+
+
+# --- the parser ----------------------------------------------------------------------------------
+
+
+def _client_options() -> argparse.ArgumentParser:
+    """Options every API command takes, before or after the command words.  SUPPRESS defaults,
+    so that a value given before the command is not overwritten by the subcommand's default."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("connection and output")
+    g.add_argument(
+        "--api",
+        metavar="URL",
+        default=argparse.SUPPRESS,
+        help=f"the daemon's API (THINBLOCK_API; default {DEFAULT_API})",
+    )
+    g.add_argument("--token", default=argparse.SUPPRESS, help="bearer token (THINBLOCK_TOKEN)")
+    g.add_argument(
+        "--timeout", type=float, default=argparse.SUPPRESS, help="seconds to wait for the daemon (default 30)"
+    )
+    g.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON (for scripts)")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _client_options()
+    parser = argparse.ArgumentParser(
+        prog="thinblock",
+        description="Thin-provisioning block storage (3PAR-style): the daemon and its administration.",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"thinblock {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def leaf(group: Any, name: str, help_text: str, func: Callable[..., Any]) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = group.add_parser(
+            name, help=help_text, description=help_text, parents=[common]
+        )
+        p.set_defaults(func=func)
+        return p
+
+    def noun(name: str, help_text: str) -> Any:
+        p = commands.add_parser(name, help=help_text, description=help_text)
+        return p.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    # serve / check: local, no API
+    serve = commands.add_parser(
+        "serve", help="run the daemon (NBD and the REST API)", description=_SERVE_HELP
+    )
+    serve.set_defaults(func=cmd_serve)
+    serve.add_argument("--config", metavar="FILE", help="TOML configuration file (flags override it)")
+    serve.add_argument("--data", metavar="DIR", help="data directory (default ./thinblock-data)")
+    serve.add_argument(
+        "--nbd", metavar="HOST:PORT", help='NBD listen address (default 127.0.0.1:10809; "" for none)'
+    )
+    serve.add_argument("--nbd-unix", metavar="PATH", help="also listen for NBD on this Unix socket")
+    serve.add_argument("--api", metavar="HOST:PORT", help="API listen address (default 127.0.0.1:8080)")
+    serve.add_argument(
+        "--api-token", metavar="TOKEN", help="bearer token the API demands (THINBLOCK_API_TOKEN)"
+    )
+    serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    serve.add_argument("--log-format", choices=("logfmt", "json"))
+    serve.add_argument(
+        "--default-export", metavar="VV", help='the export of an empty NBD export name ("" for none)'
+    )
+    serve.add_argument(
+        "--chunklet-size", metavar="SIZE", help="default chunklet size of new PDs (default 256MiB)"
+    )
+    serve.add_argument("--max-dirty", metavar="SIZE", help="write-back cache bound (default 256MiB)")
+    serve.add_argument("--webhook-url", metavar="URL", help="POST alerts here as JSON")
+    serve.add_argument(
+        "--first-start-pd-size", metavar="SIZE", help="size of the PDs a first start creates (default 64GiB)"
+    )
+    serve.add_argument(
+        "--no-first-start",
+        action="store_true",
+        help="do not create PDs, pool and volume in an empty data directory",
+    )
+
+    check = commands.add_parser(
+        "check", help="check a data directory's metadata store offline", parents=[common]
+    )
+    check.set_defaults(func=cmd_check)
+    check.add_argument(
+        "--data", metavar="DIR", help="data directory (default: the config's, or ./thinblock-data)"
+    )
+    check.add_argument("--config", metavar="FILE", help="take the data directory from this config file")
+
+    leaf(commands, "status", "the node at a glance: uptime, pools, volumes, open alerts", cmd_status)
+
+    pd = noun("pd", "physical disks")
+    p = leaf(pd, "add", "add a PD: a file (created sparse when missing) or a block device", cmd_pd_add)
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--size", type=_positive_size_arg, help="size of a new file (e.g. 64GiB)")
+    p.add_argument("--chunklet-size", type=_positive_size_arg, help="default: the daemon's (256MiB)")
+    leaf(pd, "list", "list PDs", cmd_pd_list)
+    leaf(pd, "show", "show a PD", cmd_pd_show).add_argument("id", type=_id_arg, metavar="ID")
+    leaf(pd, "fail", "mark a PD failed (for drills): its LDs go degraded", cmd_pd_fail).add_argument(
+        "id", type=_id_arg, metavar="ID"
+    )
+    leaf(pd, "remove", "remove a PD none of whose chunklets is used", cmd_pd_remove).add_argument(
+        "id", type=_id_arg, metavar="ID"
+    )
+
+    pool = noun("pool", "pools (RAID policy, growth increment, warning and limit)")
+    p = leaf(pool, "create", "create a pool", cmd_pool_create)
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--raid", type=int, choices=(0, 1, 5), required=True)
+    p.add_argument(
+        "--set-size", type=int, metavar="N", help="PDs per RAID set (default: 2 for RAID 0 and 1, 4 for 5)"
+    )
+    p.add_argument("--step", type=_positive_size_arg, metavar="SIZE", help="RAID step size (default 128K)")
+    p.add_argument(
+        "--region-size", type=_positive_size_arg, metavar="SIZE", help="allocation unit (default 1MiB)"
+    )
+    p.add_argument(
+        "--growth-increment",
+        type=_positive_size_arg,
+        metavar="SIZE",
+        help="usable size of each new LD (default 1GiB)",
+    )
+    p.add_argument("--growth-warning", type=_positive_size_arg, metavar="SIZE")
+    p.add_argument("--growth-limit", type=_positive_size_arg, metavar="SIZE")
+    leaf(pool, "list", "list pools", cmd_pool_list)
+    leaf(pool, "show", "show a pool", cmd_pool_show).add_argument("name", metavar="NAME")
+    p = leaf(pool, "set", "change a pool's growth settings", cmd_pool_set)
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--growth-increment", type=_positive_size_arg, metavar="SIZE")
+    p.add_argument(
+        "--growth-warning", type=_optional_size_arg, metavar="SIZE|none", default=argparse.SUPPRESS
+    )
+    p.add_argument("--growth-limit", type=_optional_size_arg, metavar="SIZE|none", default=argparse.SUPPRESS)
+    leaf(
+        pool, "compact", "release LDs with no region in use back to free chunklets", cmd_pool_compact
+    ).add_argument("name", metavar="NAME")
+    leaf(pool, "delete", "delete a pool with no volumes", cmd_pool_delete).add_argument(
+        "name", metavar="NAME"
+    )
+
+    vv = noun("vv", "virtual volumes")
+    p = leaf(vv, "create", "create a thin volume", cmd_vv_create)
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--pool", required=True)
+    p.add_argument("--size", type=_positive_size_arg, required=True, help="virtual size (e.g. 100GiB)")
+    p.add_argument(
+        "--alloc-warning", type=_limit_arg, metavar="SIZE|PCT", help="alert when allocation passes it"
+    )
+    p.add_argument("--alloc-limit", type=_limit_arg, metavar="SIZE|PCT", help="refuse allocation past it")
+    p.add_argument(
+        "--cache", choices=("writeback", "writethrough"), help="cache mode (default: the daemon's)"
+    )
+    p = leaf(vv, "list", "list volumes", cmd_vv_list)
+    p.add_argument("--pool", help="only the volumes of this pool")
+    leaf(vv, "show", "show a volume", cmd_vv_show).add_argument("name", metavar="NAME")
+    p = leaf(vv, "set", "change a volume's allocation warning, limit or cache mode", cmd_vv_set)
+    p.add_argument("name", metavar="NAME")
+    p.add_argument(
+        "--alloc-warning", type=_optional_limit_arg, metavar="SIZE|PCT|none", default=argparse.SUPPRESS
+    )
+    p.add_argument(
+        "--alloc-limit", type=_optional_limit_arg, metavar="SIZE|PCT|none", default=argparse.SUPPRESS
+    )
+    p.add_argument("--cache", choices=("writeback", "writethrough"))
+    p = leaf(vv, "grow", "grow a volume's virtual size", cmd_vv_grow)
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("size", type=_positive_size_arg, metavar="SIZE", help="the new size")
+    p = leaf(vv, "delete", "delete a volume (its regions go back to the pool, zeroed)", cmd_vv_delete)
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation on a terminal")
+    p = leaf(
+        vv, "import", "copy a raw image (file or nbd:// URI) into a volume, skipping zeros", cmd_vv_import
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("source", metavar="SOURCE", help="raw image file, block device, or nbd:// URI")
+    p.add_argument(
+        "--nbd", metavar="URI", help="reach the daemon's NBD at this URI (default: what it reports)"
+    )
+    p = leaf(vv, "export", "copy a volume out to a raw image (file or nbd:// URI), sparse", cmd_vv_export)
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("dest", metavar="DEST", help="raw image file, block device, or nbd:// URI")
+    p.add_argument(
+        "--nbd", metavar="URI", help="reach the daemon's NBD at this URI (default: what it reports)"
+    )
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+    alerts = commands.add_parser(
+        "alerts", help="open alerts (--all: cleared ones too); alerts ack ID", parents=[common]
+    )
+    alerts.set_defaults(func=cmd_alerts)
+    alerts.add_argument("--all", action="store_true", help="include cleared alerts")
+    alert_verbs = alerts.add_subparsers(dest="verb", metavar="VERB")
+    leaf(alert_verbs, "ack", "acknowledge an alert", cmd_alert_ack).add_argument(
+        "id", type=_id_arg, metavar="ID"
+    )
+
+    ld = noun("ld", "logical disks (RAID sets of chunklets)")
+    p = leaf(ld, "list", "list LDs", cmd_ld_list)
+    p.add_argument("--pool", help="only the LDs of this pool")
+    leaf(ld, "show", "show an LD: RAID layout, chunklets, regions, health", cmd_ld_show).add_argument(
+        "id", type=_id_arg, metavar="ID"
+    )
+
+    p = leaf(commands, "rebuild", "rebuild degraded LDs onto spare chunklets, with progress", cmd_rebuild)
+    p.add_argument("--no-wait", action="store_true", help="start it and return")
+    return parser
+
+
+_SERVE_HELP = """\
+Run the daemon: NBD (default 127.0.0.1:10809) and the REST API (default 127.0.0.1:8080) from one
+event loop.  The first start in an empty data directory creates four sparse 64 GiB file PDs,
+pool 'default' (RAID 1) and a 100 GiB thin volume 'vol0', the default export.  SIGTERM or
+SIGINT stops it cleanly (in-flight requests finish, everything is flushed)."""
+
+
+# --- the client ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    args: argparse.Namespace
+    out: Console
+    err: Console
+    transport: httpx.BaseTransport | None = None
+    _client: httpx.Client | None = None
+
+    @property
+    def json(self) -> bool:
+        return bool(getattr(self.args, "json", False))
+
+    @property
+    def api(self) -> str:
+        url = getattr(self.args, "api", None) or os.environ.get("THINBLOCK_API") or DEFAULT_API
+        url = url.rstrip("/")
+        if "://" not in url:
+            url = "http://" + url
+        return url.removesuffix(API_PREFIX)
+
+    @property
+    def client(self) -> httpx.Client:
+        if self._client is None:
+            token = getattr(self.args, "token", None) or os.environ.get("THINBLOCK_TOKEN")
+            headers = {"user-agent": f"thinblock-cli/{__version__}"}
+            if token:
+                headers["authorization"] = f"Bearer {token}"
+            self._client = httpx.Client(
+                base_url=self.api + API_PREFIX,
+                headers=headers,
+                timeout=getattr(self.args, "timeout", None) or 30.0,
+                transport=self.transport,
+            )
+        return self._client
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        """One API call; the decoded JSON (None for 204).  Failures become a CliError."""
+        try:
+            response = self.client.request(method, path, **kwargs)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise CliError(
+                f"cannot reach thinblock at {self.api}: is `thinblock serve` running? ({_reason(exc)})",
+                EXIT_UNREACHABLE,
+            ) from None
+        except httpx.TimeoutException:
+            raise CliError(
+                f"thinblock at {self.api} did not answer in time (--timeout)", EXIT_UNREACHABLE
+            ) from None
+        except httpx.HTTPError as exc:
+            raise CliError(
+                f"talking to thinblock at {self.api} failed: {_reason(exc)}", EXIT_UNREACHABLE
+            ) from None
+        if response.status_code == 204:
+            return None
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if response.is_success:
+            if body is None:
+                raise CliError(
+                    f"thinblock at {self.api} answered {method} {path} with something that is not JSON"
+                )
+            return body
+        message = body.get("error") if isinstance(body, dict) else None
+        if response.status_code == 401:
+            hint = (
+                ""
+                if getattr(self.args, "token", None) or os.environ.get("THINBLOCK_TOKEN")
+                else (" (give --token or set THINBLOCK_TOKEN)")
+            )
+            raise CliError(f"{message or 'unauthorized'}{hint}")
+        if not message:
+            message = f"HTTP {response.status_code} from {self.api} for {method} {path}"
+        raise CliError(str(message))
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+    def print_json(self, value: Any) -> None:
+        self.out.file.write(json.dumps(value, indent=2, sort_keys=False) + "\n")
+
+    def print_table(self, table: Table) -> None:
+        self.out.print(table)
+
+    def say(self, message: str) -> None:
+        self.out.print(message, highlight=False, markup=False)
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc)
+    return text or type(exc).__name__
+
+
+def _quote(name: str) -> str:
+    return urllib.parse.quote(name, safe="")
+
+
+# --- rendering -----------------------------------------------------------------------------------
+
+
+def _table(*columns: str, title: str | None = None) -> Table:
+    table = Table(*columns, title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
+    return table
+
+
+def _kv_table(rows: Sequence[tuple[str, Any]], title: str | None = None) -> Table:
+    table = Table(box=None, show_header=False, title=title, title_justify="left", pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows:
+        table.add_row(key, "-" if value is None else str(value))
+    return table
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "-"
+
+
+def _limit_text(value: int | None, spec: str | None) -> str:
+    if value is None:
+        return "-"
+    if spec and spec.endswith("%"):
+        return f"{spec} ({format_size(value)})"
+    return format_size(value)
+
+
+def _time_text(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h {minutes}m"
+    if hours:
+        return f"{hours}h {minutes}m {secs}s"
+    if minutes:
+        return f"{minutes}m {secs}s"
+    return f"{secs}s"
+
+
+_HEALTH_STYLE = {
+    "normal": "green",
+    "healthy": "green",
+    "degraded": "yellow",
+    "warning": "yellow",
+    "rebuilding": "cyan",
+    "failed": "red",
+    "out-of-space": "red",
+}
+_SEVERITY_STYLE = {"info": "blue", "warning": "yellow", "critical": "bold red"}
+
+
+def _styled(text: str, styles: dict[str, str]) -> str:
+    style = styles.get(text)
+    return f"[{style}]{text}[/]" if style else text
+
+
+def render_pd(pd: dict[str, Any]) -> Table:
+    return _kv_table(
+        [
+            ("id", pd["id"]),
+            ("path", pd["path"]),
+            ("size", format_size(pd["size"])),
+            ("chunklet size", format_size(pd["chunklet_size"])),
+            ("chunklets", f"{pd['chunklets_used']} used, {pd['chunklets_free']} free of {pd['chunklets']}"),
+            ("health", _styled(pd["health"], _HEALTH_STYLE)),
+        ],
+        title=f"PD {pd['id']}",
+    )
+
+
+def render_pds(pds: list[dict[str, Any]]) -> Table:
+    t = _table("ID", "PATH", "SIZE", "CHUNKLET", "USED", "FREE", "HEALTH", title="physical disks")
+    for pd in pds:
+        t.add_row(
+            str(pd["id"]),
+            pd["path"],
+            format_size(pd["size"]),
+            format_size(pd["chunklet_size"]),
+            str(pd["chunklets_used"]),
+            str(pd["chunklets_free"]),
+            _styled(pd["health"], _HEALTH_STYLE),
+        )
+    return t
+
+
+def render_pool(p: dict[str, Any]) -> Table:
+    return _kv_table(
+        [
+            ("name", p["name"]),
+            ("raid", f"RAID {p['raid']}, set size {p['set_size']}, step {format_size(p['step'])}"),
+            ("region size", format_size(p["region_size"])),
+            ("capacity", format_size(p["capacity"])),
+            ("used", f"{format_size(p['used'])} ({_pct(p['used'], p['capacity'])})"),
+            ("free", format_size(p["free"])),
+            ("growth increment", format_size(p["growth_increment"])),
+            ("growth warning", format_size(p["growth_warning"])),
+            ("growth limit", format_size(p["growth_limit"])),
+            ("LDs", p["lds"]),
+            ("volumes", p["volumes"]),
+            ("state", _styled(p["state"], _HEALTH_STYLE)),
+        ],
+        title=f"pool {p['name']}",
+    )
+
+
+def render_pools(pools: list[dict[str, Any]]) -> Table:
+    t = _table(
+        "NAME",
+        "RAID",
+        "REGION",
+        "CAPACITY",
+        "USED",
+        "FREE",
+        "LDS",
+        "VVS",
+        "WARNING",
+        "LIMIT",
+        "STATE",
+        title="pools",
+    )
+    for p in pools:
+        t.add_row(
+            p["name"],
+            f"{p['raid']} ({p['set_size']})",
+            format_size(p["region_size"]),
+            format_size(p["capacity"]),
+            format_size(p["used"]),
+            format_size(p["free"]),
+            str(p["lds"]),
+            str(p["volumes"]),
+            format_size(p["growth_warning"]),
+            format_size(p["growth_limit"]),
+            _styled(p["state"], _HEALTH_STYLE),
+        )
+    return t
+
+
+def render_vv(v: dict[str, Any]) -> Table:
+    return _kv_table(
+        [
+            ("name", v["name"]),
+            ("pool", v["pool"]),
+            ("size", format_size(v["size"])),
+            (
+                "allocated",
+                f"{format_size(v['allocated'])} ({_pct(v['allocated'], v['size'])}), "
+                f"{v['regions_allocated']} regions of {format_size(v['region_size'])}",
+            ),
+            ("alloc warning", _limit_text(v["alloc_warning"], v.get("alloc_warning_spec"))),
+            ("alloc limit", _limit_text(v["alloc_limit"], v.get("alloc_limit_spec"))),
+            ("cache", v["cache_mode"]),
+            ("dirty", format_size(v["dirty_bytes"])),
+            ("created", _time_text(v["created"])),
+            ("export", v.get("export_uri")),
+        ],
+        title=f"volume {v['name']}",
+    )
+
+
+def render_vvs(vvs: list[dict[str, Any]]) -> Table:
+    t = _table("NAME", "POOL", "SIZE", "ALLOCATED", "USED", "WARNING", "LIMIT", "CACHE", title="volumes")
+    for v in vvs:
+        t.add_row(
+            v["name"],
+            v["pool"],
+            format_size(v["size"]),
+            format_size(v["allocated"]),
+            _pct(v["allocated"], v["size"]),
+            _limit_text(v["alloc_warning"], v.get("alloc_warning_spec")),
+            _limit_text(v["alloc_limit"], v.get("alloc_limit_spec")),
+            v["cache_mode"],
+        )
+    return t
+
+
+def render_ld(ld: dict[str, Any]) -> list[Table]:
+    info = _kv_table(
+        [
+            ("id", ld["id"]),
+            ("pool", ld["pool"]),
+            ("raid", f"RAID {ld['raid']}, set size {ld['set_size']}, step {format_size(ld['step'])}"),
+            ("size", format_size(ld["size"])),
+            (
+                "regions",
+                f"{ld['regions_used']} used, {ld['regions_free']} free of {ld['regions']} "
+                f"({format_size(ld['region_size'])} each)",
+            ),
+            ("health", _styled(ld["health"], _HEALTH_STYLE)),
+        ],
+        title=f"LD {ld['id']}",
+    )
+    chunklets = _table("ROW", "COLUMN", "PD", "CHUNKLET", "OFFSET", title="chunklets")
+    for c in ld["chunklets"]:
+        chunklets.add_row(
+            str(c["row"]), str(c["column"]), str(c["pd_id"]), str(c["index"]), format_size(c["offset"])
+        )
+    return [info, chunklets]
+
+
+def render_lds(lds: list[dict[str, Any]]) -> Table:
+    t = _table(
+        "ID", "POOL", "RAID", "SIZE", "REGIONS", "USED", "FREE", "PDS", "HEALTH", title="logical disks"
+    )
+    for ld in lds:
+        pds = sorted({c["pd_id"] for c in ld["chunklets"]})
+        t.add_row(
+            str(ld["id"]),
+            ld["pool"],
+            f"{ld['raid']} ({ld['set_size']})",
+            format_size(ld["size"]),
+            str(ld["regions"]),
+            str(ld["regions_used"]),
+            str(ld["regions_free"]),
+            ",".join(map(str, pds)),
+            _styled(ld["health"], _HEALTH_STYLE),
+        )
+    return t
+
+
+def render_alerts(alerts: list[dict[str, Any]]) -> Table:
+    t = _table("ID", "TIME", "SEVERITY", "KIND", "OBJECT", "STATE", "MESSAGE", title="alerts")
+    for a in alerts:
+        t.add_row(
+            str(a["id"]),
+            _time_text(a["time"]),
+            _styled(a["severity"], _SEVERITY_STYLE),
+            a["kind"],
+            a["object"],
+            a["state"],
+            a["message"],
+        )
+    return t
+
+
+def render_status(s: dict[str, Any]) -> Table:
+    nbd = s.get("nbd") or {}
+    where = nbd.get("uri") or ""
+    if nbd.get("unix_socket"):
+        where = f"{where} unix:{nbd['unix_socket']}".strip()
+    return _kv_table(
+        [
+            ("node", f"{s['node']} (thinblock {s['version']})"),
+            ("uptime", _duration(s["uptime"])),
+            (
+                "NBD",
+                f"{where or '-'}"
+                + (f", default export {nbd['default_export']}" if nbd.get("default_export") else ""),
+            ),
+            ("PDs", f"{s['pds']}" + (f" ([red]{s['pds_failed']} failed[/])" if s["pds_failed"] else "")),
+            (
+                "pools",
+                f"{s['pools']}: {format_size(s['used'])} used of {format_size(s['capacity'])} "
+                f"({_pct(s['used'], s['capacity'])})",
+            ),
+            (
+                "LDs",
+                f"{s['lds']}"
+                + (f" ([yellow]{s['lds_degraded']} not normal[/])" if s["lds_degraded"] else ""),
+            ),
+            (
+                "volumes",
+                f"{s['volumes']}: {format_size(s['allocated'])} allocated of "
+                f"{format_size(s['virtual'])} virtual",
+            ),
+            ("cache dirty", format_size(s["dirty_bytes"])),
+            ("open alerts", f"[yellow]{s['open_alerts']}[/]" if s["open_alerts"] else "0"),
+            ("rebuild", "running" if s["rebuild_running"] else "-"),
+        ],
+        title="thinblock",
+    )
+
+
+# --- commands ------------------------------------------------------------------------------------
+
+
+def _show(ctx: Context, value: Any, render: Callable[[Any], Any]) -> None:
+    if ctx.json:
+        ctx.print_json(value)
+        return
+    rendered = render(value)
+    for table in rendered if isinstance(rendered, list) else [rendered]:
+        ctx.print_table(table)
+
+
+def cmd_status(ctx: Context) -> None:
+    _show(ctx, ctx.call("GET", "/status"), render_status)
+
+
+def cmd_pd_add(ctx: Context) -> None:
+    a = ctx.args
+    path = a.path
+    if not path.startswith("/") and _api_is_local(ctx.api):
+        path = os.path.abspath(path)  # relative to where the administrator is, not the daemon
+    body: dict[str, Any] = {"path": path}
+    if a.size is not None:
+        body["size"] = a.size
+    if a.chunklet_size is not None:
+        body["chunklet_size"] = a.chunklet_size
+    _show(ctx, ctx.call("POST", "/pds", json=body), render_pd)
+
+
+def cmd_pd_list(ctx: Context) -> None:
+    _show(ctx, ctx.call("GET", "/pds"), render_pds)
+
+
+def cmd_pd_show(ctx: Context) -> None:
+    _show(ctx, ctx.call("GET", f"/pds/{ctx.args.id}"), render_pd)
+
+
+def cmd_pd_fail(ctx: Context) -> None:
+    _show(ctx, ctx.call("POST", f"/pds/{ctx.args.id}/fail"), render_pd)
+
+
+def cmd_pd_remove(ctx: Context) -> None:
+    ctx.call("DELETE", f"/pds/{ctx.args.id}")
+    _done(ctx, {"removed": "pd", "id": ctx.args.id}, f"removed PD {ctx.args.id}")
+
+
+def cmd_pool_create(ctx: Context) -> None:
+    a = ctx.args
+    body: dict[str, Any] = {"name": a.name, "raid": a.raid}
+    for key in ("set_size", "step", "region_size", "growth_increment", "growth_warning", "growth_limit"):
+        if getattr(a, key) is not None:
+            body[key] = getattr(a, key)
+    _show(ctx, ctx.call("POST", "/pools", json=body), render_pool)
+
+
+def cmd_pool_list(ctx: Context) -> None:
+    _show(ctx, ctx.call("GET", "/pools"), render_pools)
+
+
+def cmd_pool_show(ctx: Context) -> None:
+    _show(ctx, ctx.call("GET", f"/pools/{_quote(ctx.args.name)}"), render_pool)
+
+
+def cmd_pool_set(ctx: Context) -> None:
+    a = ctx.args
+    body: dict[str, Any] = {}
+    if a.growth_increment is not None:
+        body["growth_increment"] = a.growth_increment
+    for key in ("growth_warning", "growth_limit"):
+        if hasattr(a, key):
+            body[key] = getattr(a, key)
+    if not body:
+        raise CliError(
+            "nothing to change: give --growth-increment, --growth-warning or --growth-limit", EXIT_USAGE
+        )
+    _show(ctx, ctx.call("PATCH", f"/pools/{_quote(a.name)}", json=body), render_pool)
+
+
+def cmd_pool_compact(ctx: Context) -> None:
+    result = ctx.call("POST", f"/pools/{_quote(ctx.args.name)}/compact")
+    if ctx.json:
+        ctx.print_json(result)
+        return
+    n = result["released_lds"]
+    ctx.say(f"pool {ctx.args.name!r}: released {n} LD{'s' if n != 1 else ''} back to free chunklets")
+    ctx.print_table(render_pool(result["pool"]))
+
+
+def cmd_pool_delete(ctx: Context) -> None:
+    ctx.call("DELETE", f"/pools/{_quote(ctx.args.name)}")
+    _done(ctx, {"deleted": "pool", "name": ctx.args.name}, f"deleted pool {ctx.args.name!r}")
+
+
+def cmd_vv_create(ctx: Context) -> None:
+    a = ctx.args
+    body: dict[str, Any] = {"name": a.name, "pool": a.pool, "size": a.size}
+    if a.alloc_warning is not None:
+        body["alloc_warning"] = a.alloc_warning
+    if a.alloc_limit is not None:
+        body["alloc_limit"] = a.alloc_limit
+    if a.cache is not None:
+        body["cache_mode"] = a.cache
+    _show(ctx, ctx.call("POST", "/volumes", json=body), render_vv)
+
+
+def cmd_vv_list(ctx: Context) -> None:
+    vvs = ctx.call("GET", "/volumes")
+    if ctx.args.pool:
+        ctx.call("GET", f"/pools/{_quote(ctx.args.pool)}")  # "pool 'x' not found" rather than nothing
+        vvs = [v for v in vvs if v["pool"] == ctx.args.pool]
+    _show(ctx, vvs, render_vvs)
+
+
+def cmd_vv_show(ctx: Context) -> None:
+    _show(ctx, ctx.call("GET", f"/volumes/{_quote(ctx.args.name)}"), render_vv)
+
+
+def cmd_vv_set(ctx: Context) -> None:
+    a = ctx.args
+    body: dict[str, Any] = {}
+    for key in ("alloc_warning", "alloc_limit"):
+        if hasattr(a, key):
+            body[key] = getattr(a, key)
+    if a.cache is not None:
+        body["cache_mode"] = a.cache
+    if not body:
+        raise CliError("nothing to change: give --alloc-warning, --alloc-limit or --cache", EXIT_USAGE)
+    _show(ctx, ctx.call("PATCH", f"/volumes/{_quote(a.name)}", json=body), render_vv)
+
+
+def cmd_vv_grow(ctx: Context) -> None:
+    _show(
+        ctx,
+        ctx.call("POST", f"/volumes/{_quote(ctx.args.name)}/grow", json={"size": ctx.args.size}),
+        render_vv,
+    )
+
+
+def cmd_vv_delete(ctx: Context) -> None:
+    name = ctx.args.name
+    if not ctx.args.yes and sys.stdin.isatty() and not ctx.json:
+        vv = ctx.call("GET", f"/volumes/{_quote(name)}")
+        answer = input(
+            f"delete volume {name!r} ({format_size(vv['size'])}, {format_size(vv['allocated'])} of data)? [y/N] "
+        )
+        if answer.strip().lower() not in ("y", "yes"):
+            raise CliError("not deleted")
+    ctx.call("DELETE", f"/volumes/{_quote(name)}")
+    _done(ctx, {"deleted": "volume", "name": name}, f"deleted volume {name!r}")
+
+
+def cmd_alerts(ctx: Context) -> None:
+    alerts = ctx.call("GET", "/alerts", params={"all": "true" if ctx.args.all else "false"})
+    if ctx.json:
+        ctx.print_json(alerts)
+    elif not alerts:
+        ctx.say("no alerts" if ctx.args.all else "no open alerts")
+    else:
+        ctx.print_table(render_alerts(alerts))
+
+
+def cmd_alert_ack(ctx: Context) -> None:
+    alert = ctx.call("POST", f"/alerts/{ctx.args.id}/ack")
+    _done(ctx, alert, f"alert {alert['id']} ({alert['kind']} on {alert['object']}) acknowledged")
+
+
+def cmd_ld_list(ctx: Context) -> None:
+    params = {"pool": ctx.args.pool} if ctx.args.pool else None
+    _show(ctx, ctx.call("GET", "/lds", params=params), render_lds)
+
+
+def cmd_ld_show(ctx: Context) -> None:
+    _show(ctx, ctx.call("GET", f"/lds/{ctx.args.id}"), render_ld)
+
+
+def cmd_rebuild(ctx: Context) -> None:
+    progress = ctx.call("POST", "/rebuild")
+    if not ctx.args.no_wait:
+        progress = _follow_rebuild(ctx, progress)
+    if progress.get("error"):
+        raise CliError(f"rebuild failed: {progress['error']}")
+    if ctx.json:
+        ctx.print_json(progress)
+    elif ctx.args.no_wait and progress["running"]:
+        ctx.say("rebuild started; follow it with `thinblock rebuild` or `thinblock ld list`")
+    elif progress["lds_total"] == 0:
+        ctx.say("nothing to rebuild: no LD is degraded")
+    else:
+        ctx.say(
+            f"rebuilt {progress['lds_done']} of {progress['lds_total']} LDs "
+            f"({format_size(progress['bytes_done'])})"
+        )
+
+
+def _follow_rebuild(ctx: Context, progress: dict[str, Any]) -> dict[str, Any]:
+    show_bar = ctx.err.is_terminal and not ctx.json
+    with contextlib.ExitStack() as stack:
+        bar: Progress | None = None
+        task = None
+        if show_bar:
+            bar = stack.enter_context(
+                Progress(
+                    TextColumn("rebuild"),
+                    BarColumn(),
+                    DownloadColumn(binary_units=True),
+                    TaskProgressColumn(),
+                    TimeRemainingColumn(),
+                    console=ctx.err,
+                    transient=False,
+                )
+            )
+            task = bar.add_task("rebuild", total=progress["bytes_total"] or None)
+        while progress["running"]:
+            if bar is not None and task is not None:
+                bar.update(task, total=progress["bytes_total"] or None, completed=progress["bytes_done"])
+            time.sleep(0.2)
+            progress = ctx.call("GET", "/rebuild")
+        if bar is not None and task is not None:
+            bar.update(task, total=progress["bytes_total"] or 1, completed=progress["bytes_done"] or 1)
+    return progress
+
+
+def _done(ctx: Context, value: Any, message: str) -> None:
+    if ctx.json:
+        ctx.print_json(value)
+    else:
+        ctx.say(message)
+
+
+# --- import / export: nbdcopy over the daemon's NBD export ---------------------------------------
+#
+# The copy runs through NBD, the same path a host takes, with libnbd's nbdcopy (Debian
+# libnbd-bin): it uses several connections and requests in flight, reads the source's
+# block status to skip holes, detects zero blocks (-S) and sends them as WRITE_ZEROES that
+# the volume turns into nothing (zero detect), or skips them outright when the volume holds
+# no data yet (--destination-is-zero); it flushes at the end (--flush) and reports progress
+# on a file descriptor we read.  A client of our own would re-implement all of that.
+
+
+def _is_nbd_uri(text: str) -> bool:
+    return text.startswith(("nbd://", "nbds://", "nbd+unix://", "nbds+unix://", "nbd+vsock://"))
+
+
+def _api_is_local(api: str) -> bool:
+    host = urllib.parse.urlsplit(api).hostname or ""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def _volume_uri(ctx: Context, vv: dict[str, Any]) -> str:
+    override = getattr(ctx.args, "nbd", None)
+    if override:
+        if not _is_nbd_uri(override):
+            raise CliError(f"--nbd: not an NBD URI: {override!r} (e.g. nbd://127.0.0.1:10809)", EXIT_USAGE)
+        parts = urllib.parse.urlsplit(override)
+        if parts.scheme.endswith("+unix"):
+            return urllib.parse.urlunsplit((parts.scheme, "", "/" + _quote(vv["name"]), parts.query, ""))
+        return f"{parts.scheme}://{parts.netloc}/{_quote(vv['name'])}"
+    uri = vv.get("export_uri")
+    if not uri:
+        raise CliError("the daemon reports no NBD address for this volume; give --nbd URI")
+    parts = urllib.parse.urlsplit(uri)
+    if parts.hostname in ("0.0.0.0", "::"):  # listening everywhere: reach it where the API is
+        api_host = urllib.parse.urlsplit(ctx.api).hostname or "127.0.0.1"
+        host = f"[{api_host}]" if ":" in api_host else api_host
+        uri = urllib.parse.urlunsplit((parts.scheme, f"{host}:{parts.port}", parts.path, parts.query, ""))
+    return uri
+
+
+def _nbdcopy() -> str:
+    path = shutil.which("nbdcopy")
+    if path is None:
+        raise CliError("nbdcopy not found: install libnbd-bin (Debian: apt-get install libnbd-bin)")
+    return path
+
+
+def _image_size(source: str) -> int:
+    if _is_nbd_uri(source):
+        nbdinfo = shutil.which("nbdinfo")
+        if nbdinfo is None:
+            raise CliError("nbdinfo not found: install libnbd-bin (Debian: apt-get install libnbd-bin)")
+        result = subprocess.run([nbdinfo, "--size", source], capture_output=True, text=True, timeout=60)
+        if result.returncode != 0:
+            reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "nbdinfo failed"
+            raise CliError(f"cannot open {source}: {reason}")
+        return int(result.stdout.strip())
+    try:
+        st = os.stat(source)
+    except OSError as exc:
+        raise CliError(f"cannot open {source}: {exc.strerror}") from None
+    if stat.S_ISBLK(st.st_mode):
+        with open(source, "rb") as f:
+            return f.seek(0, os.SEEK_END)
+    if not stat.S_ISREG(st.st_mode):
+        raise CliError(f"{source} is neither a file, a block device nor an nbd:// URI")
+    return st.st_size
+
+
+def _run_nbdcopy(ctx: Context, args: list[str], total: int, label: str) -> float:
+    """Run nbdcopy with a progress bar on a terminal; the seconds it took.  Raises CliError."""
+    cmd = [_nbdcopy(), "--flush"]
+    show_bar = ctx.err.is_terminal and not ctx.json
+    read_fd, write_fd = os.pipe()
+    cmd.append(f"--progress={write_fd}")
+    cmd.extend(["--", *args])
+    started = time.monotonic()
+    with tempfile.TemporaryFile(mode="w+") as errors:
+        try:
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors, pass_fds=(write_fd,)
+            )
+        finally:
+            os.close(write_fd)
+        with os.fdopen(read_fd, "r") as progress_lines, contextlib.ExitStack() as stack:
+            bar: Progress | None = None
+            task = None
+            if show_bar:
+                bar = stack.enter_context(
+                    Progress(
+                        TextColumn(label),
+                        BarColumn(),
+                        DownloadColumn(binary_units=True),
+                        TaskProgressColumn(),
+                        TimeRemainingColumn(),
+                        console=ctx.err,
+                    )
+                )
+                task = bar.add_task(label, total=total or 1)
+            try:
+                for line in _lines(progress_lines):
+                    percent = _parse_progress(line)
+                    if bar is not None and task is not None and percent is not None:
+                        bar.update(task, completed=(total or 1) * percent // 100)
+                rc = proc.wait()
+            except KeyboardInterrupt:
+                proc.terminate()
+                proc.wait()
+                raise
+        if rc != 0:
+            errors.seek(0)
+            lines = [ln.strip() for ln in errors.read().splitlines() if ln.strip()]
+            reason = lines[-1] if lines else f"nbdcopy exited with status {rc}"
+            raise CliError(f"copy failed: {reason.removeprefix('nbdcopy: ')}")
+    return time.monotonic() - started
+
+
+def _lines(f: IO[str]) -> Iterator[str]:
+    while True:
+        line = f.readline()
+        if not line:
+            return
+        yield line
+
+
+def _parse_progress(line: str) -> int | None:
+    """nbdcopy --progress=FD writes ``N/100`` lines."""
+    head, _, _ = line.strip().partition("/")
+    return int(head) if head.isdigit() else None
+
+
+def cmd_vv_import(ctx: Context) -> None:
+    a = ctx.args
+    vv = ctx.call("GET", f"/volumes/{_quote(a.name)}")
+    target = _volume_uri(ctx, vv)
+    size = _image_size(a.source)
+    if size > vv["size"]:
+        raise CliError(
+            f"{a.source} ({format_size(size)}) is larger than volume {a.name!r} ({format_size(vv['size'])}): "
+            f"grow it first: thinblock vv grow {a.name} {size}"
+        )
+    args = []
+    if vv["regions_allocated"] == 0 and vv["dirty_bytes"] == 0:
+        # Nothing written yet: every block reads zeros already, so zero blocks need not be sent at all.
+        args.append("--destination-is-zero")
+    seconds = _run_nbdcopy(ctx, [*args, a.source, target], size, f"import {a.name}")
+    after = ctx.call("GET", f"/volumes/{_quote(a.name)}")
+    result = {
+        "volume": a.name,
+        "source": a.source,
+        "bytes": size,
+        "allocated": after["allocated"],
+        "seconds": round(seconds, 3),
+    }
+    _done(
+        ctx,
+        result,
+        f"imported {format_size(size)} from {a.source} into {a.name!r} in {seconds:.1f}s: "
+        f"{format_size(after['allocated'])} allocated",
+    )
+
+
+def cmd_vv_export(ctx: Context) -> None:
+    a = ctx.args
+    vv = ctx.call("GET", f"/volumes/{_quote(a.name)}")
+    source = _volume_uri(ctx, vv)
+    if not _is_nbd_uri(a.dest) and a.dest != "-":
+        dest = Path(a.dest)
+        if dest.is_dir():
+            raise CliError(f"{a.dest} is a directory; give a file name")
+        if dest.is_file() and dest.stat().st_size > 0 and not a.force:
+            raise CliError(f"{a.dest} exists; give --force to overwrite it")
+        if dest.is_file():
+            dest.unlink()  # nbdcopy writes into a file; a stale longer tail must not survive
+    seconds = _run_nbdcopy(ctx, [source, a.dest], vv["size"], f"export {a.name}")
+    result = {"volume": a.name, "dest": a.dest, "bytes": vv["size"], "seconds": round(seconds, 3)}
+    _done(ctx, result, f"exported {a.name!r} ({format_size(vv['size'])}) to {a.dest} in {seconds:.1f}s")
+
+
+# --- local commands ------------------------------------------------------------------------------
+
+
+def cmd_serve(ctx: Context) -> int:
+    from .config import ConfigError, apply_overrides, load_config
+    from .daemon import serve
+
+    a = ctx.args
+    try:
+        cfg = load_config(a.config)
+        cfg = apply_overrides(
+            cfg,
+            data_dir=a.data,
+            nbd=a.nbd,
+            nbd_unix=a.nbd_unix,
+            api=a.api,
+            api_token=a.api_token or os.environ.get("THINBLOCK_API_TOKEN") or None,
+            log_level=a.log_level,
+            log_format=a.log_format,
+            default_export=a.default_export,
+            chunklet_size=a.chunklet_size,
+            max_dirty_bytes=a.max_dirty,
+            webhook_url=a.webhook_url,
+            first_start_pd_size=a.first_start_pd_size,
+            first_start=False if a.no_first_start else None,
+        ).validate()
+    except ConfigError as exc:
+        raise CliError(f"configuration: {exc}", EXIT_USAGE) from None
+    return serve(cfg)
+
+
+def cmd_check(ctx: Context) -> int:
+    from .config import ConfigError, load_config
+    from .engine import Engine
+
+    a = ctx.args
+    try:
+        cfg = load_config(a.config)
+    except ConfigError as exc:
+        raise CliError(f"configuration: {exc}", EXIT_USAGE) from None
+    data_dir = Path(a.data) if a.data else cfg.data_dir
+    if not data_dir.is_dir():
+        raise CliError(f"no data directory at {data_dir}")
+    try:
+        report = Engine.check(data_dir)
+    except Exception as exc:  # a store that cannot even be read is a failed check, said in one line
+        raise CliError(f"cannot check {data_dir}: {exc}") from None
+    if ctx.json:
+        ctx.print_json({"ok": report.ok, "problems": list(report.problems), "counts": dict(report.counts)})
+    else:
+        ctx.out.print(f"[bold]{data_dir}[/]: " + ("[green]ok[/]" if report.ok else "[red]NOT OK[/]"))
+        for key, value in sorted(report.counts.items()):
+            ctx.say(f"  {key}: {value}")
+        for problem in report.problems:
+            ctx.say(f"  problem: {problem}")
+    return EXIT_OK if report.ok else EXIT_ERROR
+
+
+# --- entry point ---------------------------------------------------------------------------------
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    transport: httpx.BaseTransport | None = None,
+    stdout: IO[str] | None = None,
+    stderr: IO[str] | None = None,
+) -> int:
+    """The ``thinblock`` command; returns the exit status.  ``transport`` and the streams are for tests."""
+    out_stream = stdout or sys.stdout
+    err_stream = stderr or sys.stderr
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors (argparse printed them)
+        return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    out = Console(file=out_stream, soft_wrap=True) if stdout is None else Console(file=out_stream, width=200)
+    err = Console(file=err_stream, stderr=True) if stderr is None else Console(file=err_stream, width=200)
+    ctx = Context(args=args, out=out, err=err, transport=transport)
+    try:
+        result = args.func(ctx)
+        return result if isinstance(result, int) else EXIT_OK
+    except CliError as exc:
+        _fail_line(err_stream, str(exc))
+        return exc.status
+    except KeyboardInterrupt:
+        _fail_line(err_stream, "interrupted")
+        return 130
+    except BrokenPipeError:  # `thinblock vv list | head`
+        with contextlib.suppress(Exception):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keep the interpreter from complaining at exit
+        return EXIT_OK
+    except Exception as exc:
+        if os.environ.get("THINBLOCK_DEBUG"):
+            raise
+        _fail_line(
+            err_stream, f"unexpected {type(exc).__name__}: {exc} (THINBLOCK_DEBUG=1 shows the traceback)"
+        )
+        return EXIT_ERROR
+    finally:
+        ctx.close()
+
+
+def _fail_line(stream: IO[str], message: str) -> None:
+    stream.write(f"error: {' '.join(message.split())}\n")
+    stream.flush()

@@ -1,0 +1,471 @@
+"""``thinblock serve``: one process, one asyncio event loop (uvloop), serving NBD and the REST API.
+
+Start:
+  1. configure structured logging (one event per line, logfmt or JSON);
+  2. bind the API socket first (a busy port fails in a second, before any store is touched);
+  3. open the engine on the data directory (the store is checked; a failed check refuses to start);
+  4. on the first start in an empty data directory, create the working default: four sparse
+     file PDs, pool ``default`` (RAID 1, region 1 MiB) and a 100 GiB thin volume ``vol0``,
+     the default export (the issue's rule; every figure is a ``[first_start]`` key);
+  5. start the webhook poster, the NBD server and uvicorn's Server (as a task in this loop,
+     its own signal handling disabled), then log where to point qemu-img and nbdinfo.
+
+Stop, on SIGTERM or SIGINT (ours, not uvicorn's): stop accepting on NBD and HTTP, let the
+requests in flight finish, flush, ``engine.close()`` (destage, fsync, mark clean), exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import Config
+from .engine import Engine, EngineOptions
+from .errors import MetadataCorrupt, NotFound, ThinblockError
+from .units import format_size
+
+log = logging.getLogger("thinblock.daemon")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+FIRST_START_MARKER = "first-start.pending"
+SHUTDOWN_GRACE = 10.0  # seconds for in-flight HTTP requests at shutdown
+
+
+# --- structured logging --------------------------------------------------------------------------
+
+# Attributes every LogRecord has; anything else came in through ``extra=`` and is a field.
+_RECORD_ATTRS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message", "taskName"}
+
+
+def _fields(record: logging.LogRecord) -> Iterator[tuple[str, Any]]:
+    for key, value in vars(record).items():
+        if key not in _RECORD_ATTRS and not key.startswith("_"):
+            yield key, value
+
+
+def _logfmt_value(value: Any) -> str:
+    text = value if isinstance(value, str) else str(value)
+    if text and not any(c in text for c in ' ="\\\n\t') and text.isprintable():
+        return text
+    return json.dumps(text)
+
+
+class LogfmtFormatter(logging.Formatter):
+    """``ts=2024-05-01T12:00:00.123Z level=info logger=thinblock.daemon event=ready msg="..." key=value``"""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        parts = [f"ts={ts}", f"level={record.levelname.lower()}", f"logger={record.name}"]
+        fields = dict(_fields(record))
+        event = fields.pop("event", None)
+        if event is not None:
+            parts.append(f"event={_logfmt_value(event)}")
+        parts.append(f"msg={_logfmt_value(record.getMessage())}")
+        parts.extend(f"{key}={_logfmt_value(value)}" for key, value in fields.items())
+        if record.exc_info:
+            parts.append(f"exc={_logfmt_value(self.formatException(record.exc_info))}")
+        return " ".join(parts)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": record.created,
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in _fields(record):
+            doc[key] = value if isinstance(value, int | float | bool | str | None) else str(value)
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
+
+
+def setup_logging(level: str, fmt: str = "logfmt", stream: Any = None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else LogfmtFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # One line per HTTP request is noise at info level; at debug it is useful.
+    logging.getLogger("uvicorn.access").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+    for noisy in ("httpx", "httpcore", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if level != "debug" else logging.DEBUG)
+
+
+# --- first start ---------------------------------------------------------------------------------
+
+
+def _directory_is_empty(path: Path) -> bool:
+    return not path.exists() or not any(path.iterdir())
+
+
+async def create_first_start_defaults(engine: Engine, cfg: Config) -> None:
+    """The working default of an empty data directory.  Idempotent, so that a first start cut
+    short (the marker file is still there) completes on the next start instead of leaving half."""
+    fs = cfg.first_start
+    data_dir = cfg.data_dir.resolve()
+    known_paths = {str(Path(pd.path).resolve()) for pd in engine.list_pds()}
+    for i in range(fs.pds):
+        path = data_dir / f"pd{i}.img"
+        if str(path) in known_paths:
+            continue
+        pd = await engine.add_pd(path, fs.pd_size, cfg.chunklet_size)
+        log.info(
+            "first start: added a sparse file PD",
+            extra={"event": "first-start-pd", "pd": pd.id, "path": str(path), "size": format_size(pd.size)},
+        )
+    try:
+        engine.get_pool(fs.pool)
+    except NotFound:
+        await engine.create_pool(
+            fs.pool, raid=fs.raid, region_size=fs.region_size, growth_increment=fs.growth_increment
+        )
+        log.info(
+            "first start: created a pool",
+            extra={
+                "event": "first-start-pool",
+                "pool": fs.pool,
+                "raid": fs.raid,
+                "region_size": format_size(fs.region_size),
+            },
+        )
+    try:
+        engine.get_vv(fs.volume)
+    except NotFound:
+        await engine.create_vv(fs.volume, pool=fs.pool, size=fs.volume_size)
+        log.info(
+            "first start: created a thin volume",
+            extra={
+                "event": "first-start-volume",
+                "vv": fs.volume,
+                "pool": fs.pool,
+                "size": format_size(fs.volume_size),
+            },
+        )
+
+
+# --- uvicorn inside our loop ---------------------------------------------------------------------
+
+
+def _uvicorn_server(app: Any, cfg: Config) -> Any:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # The daemon handles SIGTERM/SIGINT itself, for NBD and the engine as well:
+            # uvicorn must neither take them over nor re-raise them when it stops.
+            yield
+
+    config = uvicorn.Config(
+        app,
+        loop="none",
+        lifespan="off",
+        log_config=None,
+        access_log=True,
+        server_header=False,
+        proxy_headers=False,
+        ws="none",
+        timeout_graceful_shutdown=int(SHUTDOWN_GRACE),
+    )
+    return Server(config)
+
+
+def _bind_tcp(host: str, port: int, what: str) -> socket.socket:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        reason = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+        raise StartupError(f"cannot listen for {what} on {host}:{port}: {reason}") from None
+    return sock
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why, for one clear line in the log."""
+
+
+# --- the daemon ----------------------------------------------------------------------------------
+
+
+class Daemon:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.stop_requested = asyncio.Event()
+        self.stop_signal: str | None = None
+        self.engine: Engine | None = None
+        self.nbd: Any = None
+        self.api_server: Any = None
+        self.api_task: asyncio.Task[None] | None = None
+        self.api_ctx: Any = None
+        self.webhook: Any = None
+        self._unsubscribe: Any = None
+
+    def request_stop(self, signame: str) -> None:
+        if self.stop_requested.is_set():
+            log.warning("already stopping", extra={"event": "signal", "signal": signame})
+            return
+        self.stop_signal = signame
+        log.info("stop requested", extra={"event": "signal", "signal": signame})
+        self.stop_requested.set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop, sig.name)
+        try:
+            await self._start()
+        except StartupError as exc:
+            log.error("%s", exc, extra={"event": "startup-failed"})
+            await self._stop()
+            return EXIT_FAILURE
+        except MetadataCorrupt as exc:
+            log.error(
+                "refusing to start: the metadata store failed its check: %s (run `thinblock check --data %s`)",
+                exc,
+                self.cfg.data_dir,
+                extra={"event": "startup-failed"},
+            )
+            await self._stop()
+            return EXIT_FAILURE
+        except ThinblockError as exc:
+            log.error("cannot start: %s", exc, extra={"event": "startup-failed"})
+            await self._stop()
+            return EXIT_FAILURE
+        except Exception:
+            log.exception("cannot start", extra={"event": "startup-failed"})
+            await self._stop()
+            return EXIT_FAILURE
+
+        assert self.api_task is not None
+        stop_wait = asyncio.ensure_future(self.stop_requested.wait())
+        done, _ = await asyncio.wait({stop_wait, self.api_task}, return_when=asyncio.FIRST_COMPLETED)
+        rc = EXIT_OK
+        if self.api_task in done and not self.stop_requested.is_set():
+            # uvicorn stopped on its own: something is badly wrong; stop everything cleanly.
+            failure = self.api_task.exception() if not self.api_task.cancelled() else None
+            log.error("the API server stopped unexpectedly: %r", failure, extra={"event": "api-stopped"})
+            rc = EXIT_FAILURE
+        stop_wait.cancel()
+        if not await self._stop():
+            rc = EXIT_FAILURE
+        return rc
+
+    async def _start(self) -> None:
+        cfg = self.cfg
+        from .api.app import NodeInfo, create_app
+
+        api_sock = _bind_tcp(cfg.api_listen.host, cfg.api_listen.port, "the API")
+        api_port = api_sock.getsockname()[1]
+        try:
+            data_dir = cfg.data_dir
+            first_start = _directory_is_empty(data_dir) or (data_dir / FIRST_START_MARKER).exists()
+            data_dir.mkdir(parents=True, exist_ok=True)
+            if first_start and cfg.first_start.enabled:
+                (data_dir / FIRST_START_MARKER).touch()
+            log.info(
+                "opening the engine",
+                extra={
+                    "event": "engine-opening",
+                    "data_dir": str(data_dir.resolve()),
+                    "version": __version__,
+                },
+            )
+            self.engine = await Engine.open(
+                data_dir,
+                EngineOptions(
+                    max_dirty_bytes=cfg.max_dirty_bytes,
+                    destage_delay=cfg.destage_delay,
+                    default_cache_mode=cfg.default_cache_mode,
+                ),
+            )
+            engine = self.engine
+            if first_start and cfg.first_start.enabled:
+                await create_first_start_defaults(engine, cfg)
+                (data_dir / FIRST_START_MARKER).unlink(missing_ok=True)
+                self._log_first_start_summary()
+
+            nbd_uri = f"nbd://{cfg.nbd_listen.url_host()}:{cfg.nbd_listen.port}" if cfg.nbd_listen else None
+            node = NodeInfo(
+                nbd_uri=nbd_uri,
+                nbd_unix_socket=str(cfg.nbd_unix_socket) if cfg.nbd_unix_socket else None,
+                default_export=cfg.default_export,
+                data_dir=data_dir.resolve(),
+                default_chunklet_size=cfg.chunklet_size,
+            )
+
+            extra_metrics: list[Any] = []
+            if cfg.webhook.url:
+                from .api.webhook import WebhookPoster
+
+                self.webhook = WebhookPoster(
+                    cfg.webhook.url,
+                    node=node.name,
+                    timeout=cfg.webhook.timeout,
+                    max_attempts=cfg.webhook.max_attempts,
+                    queue_size=cfg.webhook.queue_size,
+                )
+                self.webhook.start()
+                self._unsubscribe = engine.subscribe(self.webhook.submit)
+                extra_metrics.append(self.webhook)
+                log.info("alerts go to the webhook", extra={"event": "webhook", "url": cfg.webhook.url})
+
+            from .api.metrics import InstrumentedProvider, LatencyRecorder
+
+            latencies = LatencyRecorder(lambda: [vv.name for vv in engine.list_vvs()])
+            extra_metrics.append(latencies)
+            await self._start_nbd(InstrumentedProvider(engine, latencies))
+
+            app = create_app(engine, node, token=cfg.api_token, extra_metrics=extra_metrics)
+            self.api_ctx = app.state.ctx
+            self.api_server = _uvicorn_server(app, cfg)
+        except BaseException:
+            api_sock.close()
+            raise
+        self.api_task = asyncio.create_task(self.api_server.serve(sockets=[api_sock]), name="thinblock-api")
+        while not self.api_server.started and not self.api_task.done():
+            await asyncio.sleep(0.01)
+        if self.api_task.done():
+            raise StartupError("the API server failed to start")
+        api_url = f"http://{cfg.api_listen.url_host()}:{api_port}"
+        self._log_ready(api_url)
+
+    async def _start_nbd(self, provider: Any) -> None:
+        cfg = self.cfg
+        try:
+            from .nbd.server import NBDServer
+        except ImportError as exc:
+            raise StartupError(f"the NBD front end is not available: {exc}") from None
+        default_export = cfg.default_export
+        if default_export is not None:
+            assert self.engine is not None
+            try:
+                self.engine.get_vv(default_export)
+            except NotFound:
+                log.warning(
+                    "the default export does not exist (yet): clients must name a volume",
+                    extra={"event": "default-export-missing", "vv": default_export},
+                )
+        self.nbd = NBDServer(provider, default_export=default_export)
+        host = cfg.nbd_listen.host if cfg.nbd_listen else None
+        port = cfg.nbd_listen.port if cfg.nbd_listen else None
+        unix_path = str(cfg.nbd_unix_socket) if cfg.nbd_unix_socket else None
+        try:
+            await self.nbd.start(host=host, port=port, unix_path=unix_path)
+        except OSError as exc:
+            self.nbd = None
+            where = " and ".join(w for w in (cfg.nbd_listen and str(cfg.nbd_listen), unix_path) if w)
+            reason = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+            raise StartupError(f"cannot listen for NBD on {where}: {reason}") from None
+
+    def _log_first_start_summary(self) -> None:
+        fs = self.cfg.first_start
+        log.info(
+            f"first start: created {fs.pds} sparse file PDs of {format_size(fs.pd_size)} in "
+            f"{self.cfg.data_dir.resolve()}, pool {fs.pool!r} (RAID {fs.raid}, region "
+            f"{format_size(fs.region_size)}) and thin volume {fs.volume!r} ({format_size(fs.volume_size)})",
+            extra={"event": "first-start"},
+        )
+
+    def _log_ready(self, api_url: str) -> None:
+        cfg = self.cfg
+        nbd_uri = f"nbd://{cfg.nbd_listen.url_host()}:{cfg.nbd_listen.port}" if cfg.nbd_listen else None
+        fields: dict[str, Any] = {"event": "ready", "api": f"{api_url}/api/v1", "pid": os.getpid()}
+        if nbd_uri:
+            fields["nbd"] = nbd_uri
+        if cfg.nbd_unix_socket:
+            fields["nbd_unix"] = str(cfg.nbd_unix_socket)
+        if cfg.default_export:
+            fields["default_export"] = cfg.default_export
+        log.info("thinblock is serving", extra=fields)
+        export = cfg.default_export
+        assert self.engine is not None
+        if export is None:
+            names = [vv.name for vv in self.engine.list_vvs()]
+            export = names[0] if names else None
+        if export is not None:
+            if nbd_uri:
+                target = f"{nbd_uri}/{export}"
+            else:
+                target = f"nbd+unix:///{export}?socket={cfg.nbd_unix_socket}"
+            for hint in (
+                f"nbdinfo {target}",
+                f"qemu-img info {target}",
+                f"qemu-io -f raw -c 'write -P 0xab 0 1M' {target}",
+            ):
+                log.info(hint, extra={"event": "hint", "vv": export})
+        api_hint = "" if api_url == "http://127.0.0.1:8080" else f" --api {api_url}"
+        log.info(f"thinblock{api_hint} vv list", extra={"event": "hint"})
+
+    async def _stop(self) -> bool:
+        """Stop accepting, finish in-flight requests, flush, close the engine.  True when clean."""
+        clean = True
+        started = time.monotonic()
+        if self.api_server is not None:
+            self.api_server.should_exit = True
+        if self.nbd is not None:
+            try:
+                await self.nbd.stop()
+            except Exception:
+                clean = False
+                log.exception("stopping the NBD server failed", extra={"event": "nbd-stop-failed"})
+        if self.api_task is not None:
+            try:
+                await self.api_task
+            except BaseException:
+                log.exception("the API server failed while stopping", extra={"event": "api-stop-failed"})
+        if self.api_ctx is not None:
+            await self.api_ctx.aclose()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        if self.webhook is not None:
+            await self.webhook.stop(drain_timeout=2.0)
+        if self.engine is not None:
+            try:
+                await self.engine.close()
+            except Exception:
+                clean = False
+                log.exception("closing the engine failed", extra={"event": "engine-close-failed"})
+            else:
+                log.info(
+                    "engine flushed and closed",
+                    extra={"event": "engine-closed", "seconds": round(time.monotonic() - started, 3)},
+                )
+        log.info("stopped", extra={"event": "stopped", "clean": clean})
+        return clean
+
+
+def serve(cfg: Config) -> int:
+    """Run the daemon until SIGTERM/SIGINT; the process exit code."""
+    setup_logging(cfg.log_level, cfg.log_format)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.run(Daemon(cfg).run())
+    return uvloop.run(Daemon(cfg).run())
