@@ -1,0 +1,477 @@
+"""Physical disks: a file or a block device carved into fixed-size chunklets.
+
+A PD is the bottom of the stack: positional I/O (``preadv``/``pwritev`` straight into and
+out of the caller's buffers, no copies), punch-hole for zeroing, fsync.  It has a health
+state; the first I/O error marks it failed ("an I/O error marks it failed", issue 2),
+tells its failure listeners once, and every later I/O on it raises ``MediumError`` at
+once, so a RAID layer above can route around it.
+
+Threading: the I/O methods are plain syscalls and may be called from any thread (the
+engine runs fsync and large zeroing in worker threads).  Failure listeners are therefore
+called on whichever thread hit the error; a listener that touches the event loop must
+use ``loop.call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import stat
+import threading
+from collections.abc import Callable, Sequence
+
+from ..blockdev import Buffer
+from ..errors import InvalidArgument, MediumError
+from ..model import PDHealth
+from ..units import KiB, MiB, format_size
+
+log = logging.getLogger(__name__)
+
+MIN_CHUNKLET = 1 * MiB
+MIN_TINY_CHUNKLET = 4 * KiB
+
+# Linux limits one preadv/pwritev to IOV_MAX buffers; longer lists are split.
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+# Bounded zero source for the write-zeros fallback (never one allocation per request).
+_ZERO_CHUNK = 1 * MiB
+_ZEROS = memoryview(bytes(_ZERO_CHUNK))
+
+# fallocate(2) modes (linux/falloc.h).
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+# Errors meaning "this file system / device cannot punch holes at all": fall back to
+# writing zeros, and stop trying.
+_NO_PUNCH_ERRNOS = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.ENODEV}
+
+
+def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6", use_errno=True)
+        fn = libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_libc_fallocate = _load_fallocate()
+
+
+def fallocate_punch(fd: int, offset: int, length: int) -> None:
+    """``fallocate(fd, PUNCH_HOLE | KEEP_SIZE, offset, length)``; raises OSError.
+
+    A module-level function so that tests can replace it to exercise the fallback."""
+    if _libc_fallocate is None:
+        raise OSError(errno.ENOSYS, "fallocate is not available")
+    if _libc_fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+class PhysicalDisk:
+    """One PD.  Build it with :meth:`open`."""
+
+    def __init__(self, pd_id: int, path: str, fd: int, size: int, chunklet_size: int, is_block: bool) -> None:
+        self.id = pd_id
+        self.path = path
+        self.size = size
+        self.chunklet_size = chunklet_size
+        self.is_block_device = is_block
+        self._fd = fd
+        # ``failed`` is read on the hot path of every RAID I/O: a plain attribute, set only
+        # by fail().  ``_blocked`` folds "failed or errors injected" into one check.
+        self.failed = False
+        self.failure_reason: str | None = None
+        self._blocked = False
+        self._inject = False
+        self._closed = False
+        self._can_punch = True
+        self._listeners: list[Callable[[PhysicalDisk, str], None]] = []
+        self._fail_lock = threading.Lock()
+
+    # --- construction -----------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        pd_id: int,
+        path: str,
+        *,
+        size: int | None,
+        chunklet_size: int,
+        create: bool,
+        allow_tiny: bool = False,
+    ) -> PhysicalDisk:
+        """Open a PD.
+
+        * A missing file is created sparse at ``size`` when ``create`` is true.
+        * An existing file or block device is used as it is: its size, or the smaller
+          ``size`` given (the rest is left alone).
+        * ``chunklet_size`` is a power of two from 1 MiB (from 4 KiB with ``allow_tiny``,
+          for tests); the PD must hold at least one chunklet.
+
+        Raises InvalidArgument with a message naming the path on any bad input.
+        """
+        path = os.fspath(path)
+        min_chunklet = MIN_TINY_CHUNKLET if allow_tiny else MIN_CHUNKLET
+        if not _is_power_of_two(chunklet_size) or chunklet_size < min_chunklet:
+            raise InvalidArgument(
+                f"chunklet size must be a power of two of at least {format_size(min_chunklet)}, "
+                f"not {chunklet_size}"
+            )
+        if size is not None and size <= 0:
+            raise InvalidArgument(f"PD size must be positive, not {size}")
+
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            st = None
+        except OSError as exc:
+            raise InvalidArgument(f"cannot use {path} as a PD: {exc.strerror}") from None
+
+        if st is None:
+            if not create:
+                raise InvalidArgument(f"PD {path} does not exist")
+            if size is None:
+                raise InvalidArgument(f"PD {path} does not exist; give a size to create it")
+            if size < chunklet_size:
+                raise InvalidArgument(
+                    f"PD size {format_size(size)} is smaller than one chunklet ({format_size(chunklet_size)})"
+                )
+            fd = cls._create_sparse(path, size)
+            return cls(pd_id, path, fd, size, chunklet_size, is_block=False)
+
+        is_block = stat.S_ISBLK(st.st_mode)
+        if not (is_block or stat.S_ISREG(st.st_mode)):
+            raise InvalidArgument(f"{path} is neither a regular file nor a block device")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise InvalidArgument(f"cannot open PD {path}: {exc.strerror}") from None
+        try:
+            actual = os.lseek(fd, 0, os.SEEK_END) if is_block else st.st_size
+            if size is None:
+                size = actual
+            elif size > actual:
+                raise InvalidArgument(
+                    f"PD {path} holds {format_size(actual)} ({actual} bytes), "
+                    f"less than the size asked for ({size} bytes)"
+                )
+            if size < chunklet_size:
+                raise InvalidArgument(
+                    f"PD {path} ({format_size(size)}) is smaller than one chunklet "
+                    f"({format_size(chunklet_size)})"
+                )
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(pd_id, path, fd, size, chunklet_size, is_block=is_block)
+
+    @staticmethod
+    def _create_sparse(path: str, size: int) -> int:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise InvalidArgument(f"cannot create PD {path}: {exc.strerror}") from None
+        try:
+            os.ftruncate(fd, size)
+            # The new file and its size must survive a crash before any chunklet of it is
+            # recorded as in use: fsync the file and its directory entry.
+            os.fsync(fd)
+            dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as exc:
+            os.close(fd)
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            raise InvalidArgument(f"cannot create PD {path} of {size} bytes: {exc.strerror}") from None
+        return fd
+
+    # --- geometry ---------------------------------------------------------------------
+    @property
+    def chunklet_count(self) -> int:
+        return self.size // self.chunklet_size
+
+    def chunklet_offset(self, index: int) -> int:
+        if not 0 <= index < self.chunklet_count:
+            raise InvalidArgument(f"PD {self.id} has no chunklet {index} (it has {self.chunklet_count})")
+        return index * self.chunklet_size
+
+    @property
+    def health(self) -> PDHealth:
+        return PDHealth.FAILED if self.failed else PDHealth.NORMAL
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    def as_device(self, offset: int = 0, length: int | None = None) -> PDRange:
+        """A RawDevice over ``[offset, offset + length)`` of this PD (default: all of it)."""
+        return PDRange(self, offset, self.size - offset if length is None else length)
+
+    # --- failure ----------------------------------------------------------------------
+    def add_failure_listener(self, cb: Callable[[PhysicalDisk, str], None]) -> None:
+        self._listeners.append(cb)
+
+    def remove_failure_listener(self, cb: Callable[[PhysicalDisk, str], None]) -> None:
+        try:
+            self._listeners.remove(cb)
+        except ValueError:
+            pass
+
+    def fail(self, reason: str) -> None:
+        """Mark the PD failed.  Listeners hear of it once, however many threads fail it."""
+        with self._fail_lock:
+            if self.failed:
+                return
+            self.failed = True
+            self._blocked = True
+            self.failure_reason = reason
+            listeners = list(self._listeners)
+        log.error("PD %d (%s) failed: %s", self.id, self.path, reason)
+        for cb in listeners:
+            try:
+                cb(self, reason)
+            except Exception:
+                log.exception("PD %d failure listener %r raised", self.id, cb)
+
+    def inject_errors(self, on: bool) -> None:
+        """Drills: while on, every I/O fails as if the device returned EIO (and so fails the PD)."""
+        self._inject = on
+        self._blocked = on or self.failed
+
+    def _refuse(self, what: str, offset: int) -> MediumError:
+        """The error for I/O attempted while ``_blocked``: a failed PD or injected errors."""
+        if not self.failed:
+            self.fail(f"injected I/O error on {what} at offset {offset}")
+        return MediumError(f"PD {self.id} ({self.path}) has failed: {self.failure_reason}")
+
+    def _io_error(self, what: str, offset: int, exc: OSError) -> MediumError:
+        if self._closed:
+            return MediumError(f"PD {self.id} ({self.path}) is closed")
+        self.fail(f"{what} error at offset {offset}: {exc}")
+        return MediumError(f"PD {self.id} ({self.path}): {what} error at offset {offset}: {exc.strerror}")
+
+    # --- I/O --------------------------------------------------------------------------
+    def pread_into(self, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` from ``offset`` with one syscall; bytes past the end of the file read as zeros."""
+        if self._blocked:
+            raise self._refuse("read", offset)
+        try:
+            got = os.preadv(self._fd, (buf,), offset)
+        except OSError as exc:
+            raise self._io_error("read", offset, exc) from exc
+        if got != len(buf):
+            self._finish_read(offset, [buf], got)
+
+    def preadv(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        """Fill ``bufs`` (consecutive on the disk from ``offset``): one syscall per IOV_MAX buffers."""
+        if self._blocked:
+            raise self._refuse("read", offset)
+        start = 0
+        while start < len(bufs):
+            part = bufs[start : start + IOV_MAX]
+            want = sum(len(b) for b in part) if len(part) > 1 else len(part[0])
+            try:
+                got = os.preadv(self._fd, part, offset)
+            except OSError as exc:
+                raise self._io_error("read", offset, exc) from exc
+            if got != want:
+                self._finish_read(offset, list(part), got)
+            offset += want
+            start += IOV_MAX
+
+    def _finish_read(self, offset: int, bufs: list[memoryview], got: int) -> None:
+        """Slow path of a short read: keep reading; at end of file, fill with zeros."""
+        while True:
+            # Drop what is already filled.
+            while bufs and got >= len(bufs[0]):
+                got -= len(bufs[0])
+                offset += len(bufs[0])
+                bufs.pop(0)
+            if not bufs:
+                return
+            if got:
+                offset += got
+                bufs[0] = bufs[0][got:]
+            try:
+                got = os.preadv(self._fd, bufs[:IOV_MAX], offset)
+            except OSError as exc:
+                raise self._io_error("read", offset, exc) from exc
+            if got == 0:  # end of file: the rest reads as zeros (a sparse file cut short)
+                for b in bufs:
+                    self._zero_fill(b)
+                return
+
+    @staticmethod
+    def _zero_fill(buf: memoryview) -> None:
+        for pos in range(0, len(buf), _ZERO_CHUNK):
+            n = min(_ZERO_CHUNK, len(buf) - pos)
+            buf[pos : pos + n] = _ZEROS[:n]
+
+    def pwrite(self, offset: int, data: Buffer) -> None:
+        """Write all of ``data`` at ``offset``."""
+        if self._blocked:
+            raise self._refuse("write", offset)
+        try:
+            done = os.pwrite(self._fd, data, offset)
+            if done != len(data):
+                view = memoryview(data)
+                while done < len(view):
+                    n = os.pwrite(self._fd, view[done:], offset + done)
+                    if n <= 0:
+                        raise OSError(errno.ENOSPC, "no progress writing")
+                    done += n
+        except OSError as exc:
+            raise self._io_error("write", offset, exc) from exc
+
+    def pwritev(self, offset: int, bufs: Sequence[Buffer]) -> None:
+        """Write ``bufs`` consecutively from ``offset``: one syscall per IOV_MAX buffers."""
+        if self._blocked:
+            raise self._refuse("write", offset)
+        start = 0
+        while start < len(bufs):
+            part = bufs[start : start + IOV_MAX]
+            want = sum(len(b) for b in part) if len(part) > 1 else len(part[0])
+            try:
+                done = os.pwritev(self._fd, part, offset)
+                if done != want:
+                    self._finish_write(offset, part, done)
+            except OSError as exc:
+                raise self._io_error("write", offset, exc) from exc
+            offset += want
+            start += IOV_MAX
+
+    def _finish_write(self, offset: int, bufs: Sequence[Buffer], done: int) -> None:
+        rest = [memoryview(b) for b in bufs]
+        while rest:
+            while rest and done >= len(rest[0]):
+                done -= len(rest[0])
+                offset += len(rest[0])
+                rest.pop(0)
+            if not rest:
+                return
+            if done:
+                offset += done
+                rest[0] = rest[0][done:]
+            done = os.pwritev(self._fd, rest[:IOV_MAX], offset)
+            if done <= 0:
+                raise OSError(errno.ENOSPC, "no progress writing")
+
+    def punch(self, offset: int, length: int) -> None:
+        """Make ``[offset, offset + length)`` read as zeros: punch a hole (freeing the space of
+        a sparse file), or write zeros where the file system or device cannot punch."""
+        if self._blocked:
+            raise self._refuse("punch", offset)
+        if length <= 0:
+            return
+        if self._can_punch:
+            lo, hi = offset, offset + length
+            if self.is_block_device:
+                # Block devices punch (discard with zeroing) only whole logical blocks; write
+                # zeros at unaligned edges.
+                lo, hi = -(-offset // 4096) * 4096, (offset + length) // 4096 * 4096
+            if lo < hi:
+                try:
+                    fallocate_punch(self._fd, lo, hi - lo)
+                except OSError as exc:
+                    if exc.errno in _NO_PUNCH_ERRNOS or (self.is_block_device and exc.errno == errno.EINVAL):
+                        log.info("PD %d (%s) cannot punch holes (%s); writing zeros", self.id, self.path, exc)
+                        self._can_punch = False
+                    else:
+                        raise self._io_error("punch", offset, exc) from exc
+                else:
+                    if lo > offset:
+                        self._write_zeros(offset, lo - offset)
+                    if hi < offset + length:
+                        self._write_zeros(hi, offset + length - hi)
+                    return
+        self._write_zeros(offset, length)
+
+    def _write_zeros(self, offset: int, length: int) -> None:
+        end = offset + length
+        while offset < end:
+            n = min(_ZERO_CHUNK, end - offset)
+            self.pwrite(offset, _ZEROS[:n])
+            offset += n
+
+    def fsync(self) -> None:
+        """Make everything written (and punched) so far durable.  Blocking."""
+        if self._blocked:
+            raise self._refuse("fsync", 0)
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise self._io_error("fsync", 0, exc) from exc
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            os.close(self._fd)
+        except OSError:
+            pass
+
+    def __enter__(self) -> PhysicalDisk:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "failed" if self.failed else "normal"
+        return (
+            f"PhysicalDisk(id={self.id}, path={self.path!r}, size={self.size}, "
+            f"chunklet_size={self.chunklet_size}, {state})"
+        )
+
+
+class PDRange:
+    """A RawDevice over a byte range of one PD (a chunklet, or the whole disk)."""
+
+    def __init__(self, pd: PhysicalDisk, offset: int, length: int) -> None:
+        if offset < 0 or length <= 0 or offset + length > pd.size:
+            raise InvalidArgument(f"range [{offset}, {offset + length}) is not inside PD {pd.id}")
+        self.pd = pd
+        self.offset = offset
+        self._size = length
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        assert offset >= 0 and offset + len(buf) <= self._size
+        self.pd.pread_into(self.offset + offset, buf)
+
+    def read(self, offset: int, length: int) -> bytearray:
+        buf = bytearray(length)
+        self.read_into(offset, memoryview(buf))
+        return buf
+
+    def write(self, offset: int, data: Buffer) -> None:
+        assert offset >= 0 and offset + len(data) <= self._size
+        self.pd.pwrite(self.offset + offset, data)
+
+    def zero(self, offset: int, length: int) -> None:
+        assert offset >= 0 and offset + length <= self._size
+        self.pd.punch(self.offset + offset, length)
+
+    def flush(self) -> None:
+        self.pd.fsync()
