@@ -1,0 +1,209 @@
+"""The daemon's TOML configuration and the flags that override it (thinblock.config)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from thinblock.config import Config, ConfigError, Listen, apply_overrides, load_config, parse_config
+from thinblock.model import CacheMode
+from thinblock.units import GiB, MiB
+
+
+def test_defaults_are_the_documented_ones() -> None:
+    cfg = load_config(None)
+    assert cfg.data_dir == Path("./thinblock-data")
+    assert cfg.nbd_listen == Listen("127.0.0.1", 10809)
+    assert cfg.api_listen == Listen("127.0.0.1", 8080)
+    assert cfg.nbd_unix_socket is None
+    assert cfg.default_export == "vol0"
+    assert cfg.api_token is None and not cfg.token_required
+    fs = cfg.first_start
+    assert (fs.enabled, fs.pds, fs.pd_size, fs.pool, fs.raid, fs.region_size) == (
+        True,
+        4,
+        64 * GiB,
+        "default",
+        1,
+        MiB,
+    )
+    assert (fs.volume, fs.volume_size) == ("vol0", 100 * GiB)
+    assert cfg.validate() is cfg
+
+
+def test_full_file(tmp_path: Path) -> None:
+    path = tmp_path / "etc" / "thinblock.toml"
+    path.parent.mkdir()
+    path.write_text(
+        """
+data_dir = "data"
+log_level = "debug"
+log_format = "json"
+
+[nbd]
+listen = "127.0.0.1:11000"
+unix_socket = "/run/tb.sock"
+default_export = ""
+
+[api]
+listen = "[::1]:9000"
+token = "s3cret"
+
+[engine]
+chunklet_size = "4MiB"
+max_dirty_bytes = 1048576
+destage_delay = 0
+default_cache_mode = "writeback"
+
+[webhook]
+url = "http://127.0.0.1:9999/hook"
+timeout = 1.5
+max_attempts = 3
+queue_size = 10
+
+[first_start]
+pds = 3
+pd_size = "64MiB"
+raid = 5
+growth_increment = "8M"
+volume = "disk"
+volume_size = "1G"
+"""
+    )
+    cfg = load_config(path)
+    assert cfg.data_dir == path.parent / "data"  # relative to the config file, not the cwd
+    assert (cfg.log_level, cfg.log_format) == ("debug", "json")
+    assert cfg.nbd_listen == Listen("127.0.0.1", 11000)
+    assert cfg.nbd_unix_socket == Path("/run/tb.sock")
+    assert cfg.default_export is None
+    assert cfg.api_listen == Listen("::1", 9000) and cfg.api_listen.is_loopback
+    assert cfg.api_token == "s3cret" and cfg.token_required  # a configured token is enforced
+    assert (cfg.chunklet_size, cfg.max_dirty_bytes, cfg.destage_delay) == (4 * MiB, MiB, 0.0)
+    assert cfg.default_cache_mode == CacheMode.WRITEBACK
+    assert cfg.webhook.url == "http://127.0.0.1:9999/hook"
+    assert (cfg.webhook.timeout, cfg.webhook.max_attempts, cfg.webhook.queue_size) == (1.5, 3, 10)
+    fs = cfg.first_start
+    assert (fs.pds, fs.pd_size, fs.raid, fs.growth_increment, fs.volume, fs.volume_size) == (
+        3,
+        64 * MiB,
+        5,
+        8 * MiB,
+        "disk",
+        GiB,
+    )
+    assert fs.pool == "default"  # untouched keys keep their defaults
+    cfg.validate()
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ({"data_dri": "x"}, "unknown key: data_dri"),
+        ({"nbd": {"port": 1}}, "unknown key in [nbd]: port"),
+        ({"nbd": "x"}, "[nbd] must be a table"),
+        ({"log_level": "loud"}, "log_level: expected one of"),
+        ({"engine": {"chunklet_size": "big"}}, "engine.chunklet_size: not a size"),
+        ({"engine": {"chunklet_size": 0}}, "engine.chunklet_size: must be greater than zero"),
+        ({"engine": {"max_dirty_bytes": True}}, "engine.max_dirty_bytes: expected a size"),
+        ({"engine": {"default_cache_mode": "fast"}}, "engine.default_cache_mode"),
+        ({"api": {"listen": "127.0.0.1:99999"}}, "api.listen: port out of range"),
+        ({"api": {"listen": "127.0.0.1:http"}}, "api.listen: not a port number"),
+        ({"api": {"listen": "::1:8080"}}, "write IPv6 addresses as [ADDR]:PORT"),
+        ({"api": {"require_token": "yes"}}, "api.require_token: expected true or false"),
+        ({"webhook": {"url": "ftp://x"}}, "webhook.url: expected an http"),
+        ({"webhook": {"max_attempts": 0}}, "webhook.max_attempts: must be between"),
+        ({"first_start": {"pds": "4"}}, "first_start.pds: expected an integer"),
+        ({"first_start": {"pd_size": "1 zillion"}}, "first_start.pd_size: not a size"),
+    ],
+)
+def test_mistakes_name_the_key(doc: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=None) as info:
+        parse_config(doc)
+    assert message in str(info.value)
+
+
+def test_bad_toml_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("data_dir = \n")
+    with pytest.raises(ConfigError, match="bad.toml: not valid TOML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.toml")
+    path.write_text("[api]\nlisten = 5\n")
+    with pytest.raises(ConfigError, match=r"bad.toml: api.listen: expected a string"):
+        load_config(path)
+
+
+def test_flags_override_the_file() -> None:
+    cfg = parse_config({"data_dir": "/srv/a", "api": {"listen": "127.0.0.1:1"}, "log_level": "error"})
+    cfg = apply_overrides(
+        cfg,
+        data_dir="/srv/b",
+        nbd="127.0.0.1:0",
+        nbd_unix="/tmp/x.sock",
+        api="127.0.0.1:2",
+        log_level="debug",
+        chunklet_size="1MiB",
+        max_dirty_bytes="2MiB",
+        webhook_url="http://127.0.0.1:3/",
+        first_start_pd_size="32MiB",
+        default_export="",
+        log_format=None,  # not given: the file's (default) stays
+    )
+    assert cfg.data_dir == Path("/srv/b")
+    assert cfg.nbd_listen == Listen("127.0.0.1", 0)
+    assert cfg.nbd_unix_socket == Path("/tmp/x.sock")
+    assert cfg.api_listen == Listen("127.0.0.1", 2)
+    assert cfg.log_level == "debug" and cfg.log_format == "logfmt"
+    assert (cfg.chunklet_size, cfg.max_dirty_bytes) == (MiB, 2 * MiB)
+    assert cfg.webhook.url == "http://127.0.0.1:3/"
+    assert cfg.first_start.pd_size == 32 * MiB
+    assert cfg.default_export is None
+    assert apply_overrides(cfg, first_start=False).first_start.enabled is False
+    with pytest.raises(ConfigError, match="--api: not a port number"):
+        apply_overrides(cfg, api="127.0.0.1:x")
+
+
+@pytest.mark.parametrize(
+    ("text", "listen", "loopback"),
+    [
+        ("127.0.0.1:8080", Listen("127.0.0.1", 8080), True),
+        ("127.0.0.2:8080", Listen("127.0.0.2", 8080), True),
+        ("localhost", Listen("localhost", 8080), True),
+        (":9000", Listen("127.0.0.1", 9000), True),
+        ("[::1]:80", Listen("::1", 80), True),
+        ("[::]:80", Listen("::", 80), False),
+        ("0.0.0.0:8080", Listen("0.0.0.0", 8080), False),
+        ("10.1.2.3", Listen("10.1.2.3", 8080), False),
+        ("storage1.example:8080", Listen("storage1.example", 8080), False),
+    ],
+)
+def test_listen_addresses(text: str, listen: Listen, loopback: bool) -> None:
+    parsed = Listen.parse(text, what="api.listen", default_port=8080)
+    assert parsed == listen
+    assert parsed.is_loopback is loopback
+
+
+def test_token_required_off_loopback() -> None:
+    """The issue's rule: bound elsewhere than loopback, the API requires a token.  The daemon
+    refuses to start open to the network rather than serve without one."""
+    cfg = apply_overrides(Config(), api="0.0.0.0:8080")
+    assert cfg.token_required
+    with pytest.raises(ConfigError, match="off loopback.*set api.token"):
+        cfg.validate()
+    assert apply_overrides(cfg, api_token="t").validate().api_token == "t"
+
+
+def test_require_token_on_loopback_needs_a_token() -> None:
+    cfg = parse_config({"api": {"require_token": True}})
+    assert cfg.token_required
+    with pytest.raises(ConfigError, match="require_token"):
+        cfg.validate()
+
+
+def test_nbd_must_listen_somewhere() -> None:
+    with pytest.raises(ConfigError, match="NBD has nowhere to listen"):
+        parse_config({"nbd": {"listen": ""}}).validate()
+    cfg = parse_config({"nbd": {"listen": "", "unix_socket": "/tmp/s"}}).validate()
+    assert cfg.nbd_listen is None and cfg.nbd_unix_socket == Path("/tmp/s")
