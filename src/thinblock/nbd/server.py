@@ -1,0 +1,782 @@
+"""The NBD server: a thin asyncio layer around the sans-IO core in ``protocol.py``.
+
+One ``asyncio.BufferedProtocol`` per connection (the protocol family of callbacks, not
+streams): the event loop receives straight into the core's buffers -- a WRITE payload
+lands in a buffer of its own that goes to the volume as a memoryview, never copied
+again.  Each request runs the volume's coroutine with ``thinblock.aio.start_eager``:
+when it completes without suspending (the common case: a map lookup and a pread or
+pwrite) the reply goes out at once, with no Task; otherwise a done callback on the
+Task sends it.  Many requests are in flight per connection and replies go out as they
+complete, in any order (the protocol allows it).
+
+Reads.  ``Volume.read(offset, length)`` returns bytes, a bytearray or a memoryview.
+A volume may also offer an optional fast method::
+
+    read_extents(offset, length) -> list[tuple[int, int, bytes | bytearray | memoryview | None]]
+
+(plain or ``async``): pieces ``(absolute offset, length, data)`` covering the request
+in order, ``None`` for a run that reads as zeros (the zero LD).  When it exists (found
+with ``getattr``) it is used instead of ``read``, and with structured replies the
+holes go out as NBD_REPLY_TYPE_OFFSET_HOLE chunks: no zeros on the wire.
+
+Errors.  ``OutOfSpace`` -> NBD_ENOSPC, ``MediumError`` -> NBD_EIO, ``InvalidArgument`` ->
+NBD_EINVAL, ``SlowZero`` -> NBD_ENOTSUP, ``ReadOnlyDevice`` -> NBD_EPERM; any other
+exception -> NBD_EIO and one log line.  A request never crashes the server; a client
+that breaks the protocol or vanishes costs only its own connection.
+
+Limits the volume can rely on (``thinblock.blockdev``): every range is inside the volume,
+``length > 0``, and no call is longer than ``capabilities.maximum_block`` -- TRIM and
+WRITE_ZEROES longer than that (allowed on the wire) are split into steps, BLOCK_STATUS
+queries are clipped (the protocol lets a server describe less than was asked).
+
+Back-pressure.  A connection stops reading while too many requests or bytes are in
+flight, or while the transport's write buffer is above its high-water mark, and starts
+again when they drain.
+
+Shutdown (``stop()``): stop accepting, stop reading, answer requests already received
+but not started with NBD_ESHUTDOWN, let those in flight finish, flush every volume a
+client opened, close the connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import socket
+import stat
+from collections.abc import Callable, Coroutine, Iterator
+from functools import partial
+from typing import Any
+
+from thinblock.aio import start_eager
+from thinblock.blockdev import Volume, VolumeProvider
+from thinblock.errors import InvalidArgument, MediumError, NotFound, OutOfSpace, ReadOnlyDevice, SlowZero
+
+from .constants import Command, CommandFlags, Errno
+from .protocol import (
+    NEED_DATA,
+    Buffer,
+    ConnectionClosed,
+    ExportChosen,
+    ExportInfo,
+    OptionRequest,
+    ProtocolError,
+    ReplyError,
+    Request,
+    RequestRejected,
+    ServerConnection,
+)
+
+log = logging.getLogger("thinblock.nbd")
+
+DEFAULT_PORT = 10809
+DEFAULT_MAX_CONNECTIONS = 256
+DEFAULT_MAX_REQUESTS = 128  # in flight per connection
+DEFAULT_MAX_BYTES = 128 * 1024 * 1024  # payload bytes in flight per connection
+DEFAULT_HANDSHAKE_TIMEOUT = 30.0  # seconds a client may take to reach transmission
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0  # seconds stop() waits for requests in flight
+_WRITE_HIGH_WATER = 8 * 1024 * 1024
+_WRITE_LOW_WATER = 2 * 1024 * 1024
+_CLOSE_GRACE = 5.0  # seconds a closing transport may take to drain before it is aborted
+_LOG_BURST = 10  # log lines of one kind per connection before they are suppressed
+
+_KIND_VALUE = 0  # the coroutine's result is the reply's content
+_KIND_READ = 1  # bytes-like from Volume.read
+_KIND_EXTENTS = 2  # pieces from read_extents
+
+
+def errno_for(exc: BaseException, flags: int = 0) -> Errno:
+    """The NBD error for an exception a volume raised."""
+    if isinstance(exc, OutOfSpace):
+        return Errno.ENOSPC
+    if isinstance(exc, MediumError):
+        return Errno.EIO
+    if isinstance(exc, InvalidArgument):
+        return Errno.EINVAL
+    if isinstance(exc, SlowZero):
+        # "The server SHOULD NOT return NBD_ENOTSUP except as documented in response to
+        # NBD_CMD_WRITE_ZEROES when NBD_CMD_FLAG_FAST_ZERO is supported."
+        return Errno.ENOTSUP if flags & CommandFlags.FAST_ZERO else Errno.EIO
+    if isinstance(exc, ReadOnlyDevice):
+        return Errno.EPERM
+    if isinstance(exc, asyncio.CancelledError):
+        return Errno.ESHUTDOWN
+    return Errno.EIO
+
+
+async def _in_steps(
+    operation: Callable[..., Coroutine[Any, Any, None]], offset: int, length: int, step: int, **kwargs: Any
+) -> None:
+    """Run a TRIM or WRITE_ZEROES longer than the volume's maximum block in steps."""
+    end = offset + length
+    while offset < end:
+        n = min(step, end - offset)
+        await operation(offset, n, **kwargs)
+        offset += n
+
+
+class NBDServer:
+    """Serves the volumes of ``provider`` over NBD (TCP and/or a Unix socket)."""
+
+    def __init__(
+        self,
+        provider: VolumeProvider,
+        *,
+        default_export: str | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_requests_per_connection: int = DEFAULT_MAX_REQUESTS,
+        max_bytes_per_connection: int = DEFAULT_MAX_BYTES,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+    ) -> None:
+        self.provider = provider
+        self.default_export = default_export or None
+        self.max_connections = max_connections
+        self.max_requests_per_connection = max_requests_per_connection
+        self.max_bytes_per_connection = max_bytes_per_connection
+        self.handshake_timeout = handshake_timeout
+        self.shutdown_timeout = shutdown_timeout
+        self._servers: list[asyncio.Server] = []
+        self._unix_path: str | None = None
+        self._connections: set[_Connection] = set()
+        self._opened: dict[str, Volume] = {}  # volumes that entered transmission, flushed on stop
+        self._ids = itertools.count(1)
+        self._stopping = False
+        self._stopped = asyncio.Event()
+        self.connections_total = 0
+
+    # --- listening ---------------------------------------------------------------------------
+    async def start(
+        self, host: str | None = "127.0.0.1", port: int | None = DEFAULT_PORT, unix_path: str | None = None
+    ) -> None:
+        """Listen on ``host:port`` (when both are given; port 0 picks a free one) and/or on
+        the Unix socket ``unix_path`` (a stale socket file there is replaced)."""
+        if (host is None or port is None) and unix_path is None:
+            raise ValueError("nothing to listen on: give host and port, or unix_path")
+        loop = asyncio.get_running_loop()
+        try:
+            if host is not None and port is not None:
+                self._servers.append(
+                    await loop.create_server(self._protocol_factory, host, port, reuse_address=True)
+                )
+            if unix_path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    if stat.S_ISSOCK(os.stat(unix_path).st_mode):
+                        os.unlink(unix_path)
+                self._servers.append(await loop.create_unix_server(self._protocol_factory, unix_path))
+                self._unix_path = unix_path
+        except BaseException:
+            for server in self._servers:
+                server.close()
+            self._servers.clear()
+            raise
+        log.info(
+            "NBD server listening on %s",
+            ", ".join(self._describe(a) for a in self.addresses),
+            extra={"event": "nbd-listening"},
+        )
+
+    @staticmethod
+    def _describe(address: Any) -> str:
+        if isinstance(address, tuple):
+            host, port = address[0], address[1]
+            return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return f"unix:{address}"
+
+    @property
+    def addresses(self) -> list[Any]:
+        """Bound socket addresses: ``(host, port, ...)`` tuples for TCP, paths for Unix sockets."""
+        return [sock.getsockname() for server in self._servers for sock in server.sockets]
+
+    @property
+    def port(self) -> int | None:
+        """The bound TCP port (the real one when port 0 was asked for), or None."""
+        for address in self.addresses:
+            if isinstance(address, tuple):
+                return int(address[1])
+        return None
+
+    @property
+    def unix_path(self) -> str | None:
+        return self._unix_path
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    def _protocol_factory(self) -> _Connection:
+        return _Connection(self, next(self._ids))
+
+    async def serve_forever(self) -> None:
+        """Return once ``stop()`` has finished."""
+        await self._stopped.wait()
+
+    async def stop(self) -> None:
+        """Stop accepting, let requests in flight finish (up to ``shutdown_timeout``), flush
+        every opened volume, close every connection."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        for server in self._servers:
+            server.close()
+        connections = list(self._connections)
+        for connection in connections:
+            connection.begin_shutdown()
+        waits = [connection.idle() for connection in connections]
+        if waits:
+            _done, pending = await asyncio.wait(waits, timeout=self.shutdown_timeout)
+            if pending:
+                log.warning(
+                    "%d connections still had requests in flight after %.0f s",
+                    len(pending),
+                    self.shutdown_timeout,
+                    extra={"event": "nbd-shutdown-timeout"},
+                )
+                for waiter in pending:
+                    waiter.cancel()
+        for name, volume in list(self._opened.items()):
+            try:
+                await volume.flush()
+            except Exception as exc:
+                log.error(
+                    "flushing volume %s on shutdown failed: %r",
+                    name,
+                    exc,
+                    extra={"event": "nbd-flush-failed"},
+                )
+        for connection in list(self._connections):
+            connection.close_transport(abort=False)
+        closing = [connection.lost() for connection in list(self._connections)]
+        if closing:
+            _done, pending = await asyncio.wait(closing, timeout=_CLOSE_GRACE)
+            for connection in list(self._connections):
+                connection.close_transport(abort=True)
+            for waiter in pending:
+                waiter.cancel()
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), timeout=_CLOSE_GRACE)
+        if self._unix_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._unix_path)
+        self._servers.clear()
+        log.info("NBD server stopped", extra={"event": "nbd-stopped"})
+        self._stopped.set()
+
+    # --- policy the protocol core asks for -----------------------------------------------------
+    def _list_exports(self) -> Iterator[tuple[str, str]]:
+        for name in self.provider.export_names():
+            try:
+                description = self.provider.open_volume(name).description
+            except NotFound:
+                continue  # deleted meanwhile
+            except Exception as exc:
+                log.error(
+                    "cannot open volume %s to list it: %r", name, exc, extra={"event": "nbd-list-failed"}
+                )
+                continue
+            yield name, description
+
+    def _lookup_export(self, name: str) -> ExportInfo | None:
+        try:
+            volume = self.provider.open_volume(name)
+        except NotFound:
+            return None
+        except Exception as exc:
+            log.error("cannot open volume %s: %r", name, exc, extra={"event": "nbd-open-failed"})
+            return None
+        return ExportInfo.from_capabilities(
+            volume.name, volume.size, volume.capabilities, description=volume.description, backend=volume
+        )
+
+    def _new_core(self) -> ServerConnection:
+        return ServerConnection(
+            list_exports=self._list_exports,
+            lookup_export=self._lookup_export,
+            default_export=self.default_export,
+        )
+
+
+class _Connection(asyncio.BufferedProtocol):
+    """One client connection: feeds the core, runs requests, writes replies."""
+
+    def __init__(self, server: NBDServer, number: int) -> None:
+        self.server = server
+        self.number = number
+        self.peer = f"#{number}"
+        self.transport: asyncio.Transport | None = None
+        self.core = server._new_core()
+        self.volume: Volume | None = None
+        self._read_extents: Callable[[int, int], Any] | None = None
+        self._max_block = 0
+        self._in_flight = 0
+        self._bytes_in_flight = 0
+        self._processing = False
+        self._reading_paused = False
+        self._write_paused = False
+        self._closing = False  # no more requests are started
+        self._shutting_down = False
+        self._lost = False
+        self._idle_waiter: asyncio.Future[None] | None = None
+        self._lost_waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._log_counts: dict[str, int] = {}
+
+    # --- asyncio callbacks ------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        server = self.server
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer = f"{NBDServer._describe(peer)}#{self.number}"
+        else:
+            self.peer = f"unix#{self.number}"
+        server._connections.add(self)
+        server.connections_total += 1
+        if server._stopping or len(server._connections) > server.max_connections:
+            why = (
+                "the server is stopping"
+                if server._stopping
+                else f"{server.max_connections} connections already"
+            )
+            log.warning("refusing connection %s: %s", self.peer, why, extra={"event": "nbd-refused"})
+            self._closing = True
+            transport.abort()
+            return
+        transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER, low=_WRITE_LOW_WATER)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # "both the client and server SHOULD disable Nagle's algorithm" (asyncio usually has)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._timer = asyncio.get_running_loop().call_later(server.handshake_timeout, self._handshake_timeout)
+        self._flush_core()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.core.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.core.buffer_updated(nbytes)
+        self._process()
+
+    def eof_received(self) -> bool:
+        self.core.receive_eof()
+        self._process()
+        # Keep the transport open to send the replies of requests still in flight; we close it.
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._closing = True
+        self.server._connections.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self.core.in_transmission and self.core.state != "closed":
+            log.debug("client %s went away during negotiation", self.peer, extra={"event": "nbd-gone"})
+        elif self._in_flight:
+            log.info(
+                "client %s went away with %d requests in flight",
+                self.peer,
+                self._in_flight,
+                extra={"event": "nbd-gone"},
+            )
+        if self._lost_waiter is not None and not self._lost_waiter.done():
+            self._lost_waiter.set_result(None)
+        self._notify_idle()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._resume()
+
+    # --- the event loop of one connection ------------------------------------------------------
+    def _process(self) -> None:
+        if self._processing or self._closing:
+            return
+        self._processing = True
+        try:
+            core = self.core
+            server = self.server
+            while True:
+                if (
+                    self._write_paused
+                    or self._in_flight >= server.max_requests_per_connection
+                    or self._bytes_in_flight >= server.max_bytes_per_connection
+                ):
+                    self._pause_reading()
+                    break
+                event = core.next_event()
+                if event is NEED_DATA:
+                    break
+                kind = type(event)
+                if kind is Request:
+                    self._dispatch(event)  # type: ignore[arg-type]
+                elif kind is RequestRejected:
+                    self._log_rejected(event)  # type: ignore[arg-type]
+                elif kind is OptionRequest:
+                    log.debug("client %s: %s", self.peer, event, extra={"event": "nbd-option"})
+                elif kind is ExportChosen:
+                    self._export_chosen(event)  # type: ignore[arg-type]
+                elif kind is ConnectionClosed:
+                    self._client_closed(event)  # type: ignore[arg-type]
+                    break
+                else:
+                    assert kind is ProtocolError
+                    self._protocol_error(event)  # type: ignore[arg-type]
+                    break
+        except Exception as exc:  # a bug here costs this connection, not the server
+            log.exception(
+                "client %s: internal error: %r", self.peer, exc, extra={"event": "nbd-internal-error"}
+            )
+            self._flush_core()
+            self._closing = True
+            self.close_transport(abort=True)
+        finally:
+            self._processing = False
+        self._flush_core()
+
+    def _flush_core(self) -> None:
+        out = self.core.data_to_send()
+        if out:
+            self._write(out)
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None and not self._lost:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _resume(self) -> None:
+        """Requests or write buffer drained: carry on with what is buffered, then read again."""
+        if self._closing or self._lost:
+            return
+        self._process()
+        server = self.server
+        if (
+            self._reading_paused
+            and not self._closing
+            and not self._write_paused
+            and self._in_flight < server.max_requests_per_connection
+            and self._bytes_in_flight < server.max_bytes_per_connection
+            and self.transport is not None
+        ):
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def _write(self, data: Buffer) -> None:
+        transport = self.transport
+        if transport is not None and not self._lost and not transport.is_closing():
+            transport.write(data)
+
+    def _write_all(self, buffers: list[Buffer]) -> None:
+        transport = self.transport
+        if transport is not None and not self._lost and not transport.is_closing():
+            for data in buffers:
+                transport.write(data)
+
+    # --- negotiation outcome and the end of a connection ---------------------------------------
+    def _handshake_timeout(self) -> None:
+        self._timer = None
+        if not self.core.in_transmission and not self._lost:
+            log.warning(
+                "client %s did not finish negotiating within %.0f s; closing",
+                self.peer,
+                self.server.handshake_timeout,
+                extra={"event": "nbd-handshake-timeout"},
+            )
+            self._closing = True
+            self.close_transport(abort=True)
+
+    def _export_chosen(self, event: ExportChosen) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        export = event.export
+        volume = export.backend
+        self.volume = volume
+        self._max_block = export.maximum_block
+        self._read_extents = getattr(volume, "read_extents", None)
+        self.server._opened.setdefault(export.name, volume)
+        log.info(
+            "client %s opened %s (%s replies%s)",
+            self.peer,
+            export.name,
+            "structured" if event.structured_replies else "simple",
+            ", base:allocation" if event.base_allocation else "",
+            extra={"event": "nbd-open", "vv": export.name},
+        )
+
+    def _client_closed(self, event: ConnectionClosed) -> None:
+        self._closing = True
+        self._pause_reading()
+        if event.clean:
+            log.debug("client %s: %s", self.peer, event.reason, extra={"event": "nbd-close"})
+        else:
+            log.warning("client %s: %s", self.peer, event.reason, extra={"event": "nbd-close"})
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._in_flight:
+            self._flush_core()
+            self.close_transport(abort=False)
+
+    def _protocol_error(self, event: ProtocolError) -> None:
+        log.warning(
+            "client %s broke the protocol: %s; disconnecting",
+            self.peer,
+            event.reason,
+            extra={"event": "nbd-protocol"},
+        )
+        self._closing = True
+        self._flush_core()
+        # A hard disconnect: requests in flight run to completion but their replies are dropped.
+        self.close_transport(abort=False)
+
+    def close_transport(self, abort: bool) -> None:
+        transport = self.transport
+        if transport is None or self._lost:
+            return
+        if abort:
+            transport.abort()
+            return
+        if not transport.is_closing():
+            transport.close()
+            # A client that stops reading must not keep a closing connection alive forever.
+            asyncio.get_running_loop().call_later(_CLOSE_GRACE, self.close_transport, True)
+
+    def begin_shutdown(self) -> None:
+        """Server stop: no new requests; answer those already received with ESHUTDOWN."""
+        self._shutting_down = True
+        self._pause_reading()
+        if self._lost:
+            return
+        if not self.core.in_transmission:
+            self._closing = True
+            self.close_transport(abort=True)
+            return
+        if self._closing:
+            return
+        core = self.core
+        # "The error value issued in respect of these requests and any subsequently received
+        # requests SHOULD be NBD_ESHUTDOWN."
+        while True:
+            event = core.next_event()
+            if event is NEED_DATA or isinstance(event, (ConnectionClosed, ProtocolError)):
+                break
+            if isinstance(event, Request):
+                self._write(core.reply_error(event, Errno.ESHUTDOWN, "the server is shutting down"))
+        self._flush_core()
+        self._closing = True
+
+    def idle(self) -> asyncio.Future[None]:
+        """Done when no request of this connection is in flight."""
+        loop = asyncio.get_running_loop()
+        if self._idle_waiter is None or self._idle_waiter.done():
+            self._idle_waiter = loop.create_future()
+        if not self._in_flight or self._lost:
+            self._idle_waiter.set_result(None)
+        return self._idle_waiter
+
+    def lost(self) -> asyncio.Future[None]:
+        """Done when the connection is closed."""
+        if self._lost_waiter is None:
+            self._lost_waiter = asyncio.get_running_loop().create_future()
+            if self._lost:
+                self._lost_waiter.set_result(None)
+        return self._lost_waiter
+
+    def _notify_idle(self) -> None:
+        waiter = self._idle_waiter
+        if waiter is not None and not waiter.done() and (not self._in_flight or self._lost):
+            waiter.set_result(None)
+
+    # --- requests ----------------------------------------------------------------------------
+    def _dispatch(self, request: Request) -> None:
+        if self._shutting_down:
+            self._write(self.core.reply_error(request, Errno.ESHUTDOWN, "the server is shutting down"))
+            return
+        volume = self.volume
+        assert volume is not None
+        command = request.command
+        offset = request.offset
+        length = request.length
+        kind = _KIND_VALUE
+        try:
+            if not length and command is not Command.FLUSH:
+                # Zero-length requests: "the behavior of a server on such a request is unspecified
+                # although the server SHOULD NOT disconnect".  Nothing to do, success.
+                self._complete(request, _KIND_READ, b"")
+                return
+            coro: Coroutine[Any, Any, Any]
+            if command is Command.READ:
+                read_extents = self._read_extents
+                if read_extents is not None:
+                    kind = _KIND_EXTENTS
+                    result = read_extents(offset, length)
+                    if not asyncio.iscoroutine(result):
+                        self._complete(request, kind, result)
+                        return
+                    coro = result
+                else:
+                    kind = _KIND_READ
+                    coro = volume.read(offset, length)
+            elif command is Command.WRITE:
+                assert request.data is not None
+                coro = volume.write(offset, request.data, fua=bool(request.flags & CommandFlags.FUA))
+            elif command is Command.FLUSH:
+                coro = volume.flush()
+            elif command is Command.TRIM:
+                fua = bool(request.flags & CommandFlags.FUA)
+                if length > self._max_block:
+                    coro = _in_steps(volume.trim, offset, length, self._max_block, fua=fua)
+                else:
+                    coro = volume.trim(offset, length, fua=fua)
+            elif command is Command.WRITE_ZEROES:
+                flags = request.flags
+                options = {
+                    "may_trim": not flags & CommandFlags.NO_HOLE,
+                    "fast": bool(flags & CommandFlags.FAST_ZERO),
+                    "fua": bool(flags & CommandFlags.FUA),
+                }
+                if length > self._max_block:
+                    coro = _in_steps(volume.write_zeroes, offset, length, self._max_block, **options)
+                else:
+                    coro = volume.write_zeroes(offset, length, **options)
+            elif command is Command.BLOCK_STATUS:
+                # "the server MAY return less data than requested"
+                coro = volume.block_status(offset, min(length, self._max_block))
+            else:
+                assert command is Command.CACHE
+                coro = volume.cache(offset, length)
+            finished, result = start_eager(coro)
+        except Exception as exc:
+            self._fail(request, exc)
+            return
+        if finished:
+            self._complete(request, kind, result)
+            return
+        self._in_flight += 1
+        self._bytes_in_flight += length if command in (Command.READ, Command.WRITE) else 0
+        result.add_done_callback(partial(self._task_done, request, kind))
+
+    def _task_done(self, request: Request, kind: int, task: asyncio.Task[Any]) -> None:
+        self._in_flight -= 1
+        if request.command in (Command.READ, Command.WRITE):
+            self._bytes_in_flight -= request.length
+        try:
+            if task.cancelled():
+                self._fail(request, asyncio.CancelledError())
+            else:
+                exc = task.exception()
+                if exc is not None:
+                    self._fail(request, exc)
+                else:
+                    self._complete(request, kind, task.result())
+        except Exception as exc:  # never let a callback take the loop down
+            log.exception(
+                "client %s: internal error: %r", self.peer, exc, extra={"event": "nbd-internal-error"}
+            )
+        self._notify_idle()
+        if self._closing:
+            if not self._in_flight and not self._shutting_down:
+                self._flush_core()
+                self.close_transport(abort=False)
+        else:
+            self._resume()
+
+    def _complete(self, request: Request, kind: int, result: Any) -> None:
+        core = self.core
+        command = request.command
+        try:
+            if command is Command.READ:
+                if kind == _KIND_EXTENTS:
+                    self._write_all(core.reply_read_extents(request, result))
+                else:
+                    self._write_all(core.reply_read(request, result))
+            elif command is Command.BLOCK_STATUS:
+                self._write(core.reply_block_status(request, [(e.length, int(e.flags)) for e in result]))
+            else:
+                self._write(core.reply_ok(request))
+        except (ReplyError, TypeError, AttributeError) as exc:
+            self._log_once(
+                "bad-result",
+                logging.ERROR,
+                "volume %s returned an unusable result for %s: %s",
+                self._volume_name(),
+                command.name,
+                exc,
+            )
+            self._write(core.reply_error(request, Errno.EIO, "internal error"))
+
+    def _fail(self, request: Request, exc: BaseException) -> None:
+        error = errno_for(exc, request.flags)
+        if error == Errno.EIO and not isinstance(exc, MediumError):
+            # Anything the volume did not raise on purpose: one line, no traceback flood.
+            self._log_once(
+                "unexpected",
+                logging.ERROR,
+                "client %s: %s at offset %d length %d failed unexpectedly: %r",
+                self.peer,
+                request.command.name,
+                request.offset,
+                request.length,
+                exc,
+            )
+            message = "internal error"
+        else:
+            message = str(exc) or error.name
+            level = (
+                logging.DEBUG if error in (Errno.ENOSPC, Errno.ENOTSUP, Errno.ESHUTDOWN) else logging.WARNING
+            )
+            self._log_once(
+                error.name,
+                level,
+                "client %s: %s at offset %d length %d: %s: %s",
+                self.peer,
+                request.command.name,
+                request.offset,
+                request.length,
+                error.name,
+                message,
+            )
+        self._write(self.core.reply_error(request, error, message))
+
+    def _volume_name(self) -> str:
+        return getattr(self.volume, "name", "?")
+
+    def _log_rejected(self, event: RequestRejected) -> None:
+        self._log_once(
+            "rejected",
+            logging.WARNING,
+            "client %s: request refused with %s: %s",
+            self.peer,
+            event.error.name,
+            event.reason,
+        )
+
+    def _log_once(self, kind: str, level: int, message: str, *args: Any) -> None:
+        """Log the first few messages of a kind per connection, then say they are suppressed."""
+        if not log.isEnabledFor(level):
+            return
+        count = self._log_counts.get(kind, 0) + 1
+        self._log_counts[kind] = count
+        if count <= _LOG_BURST:
+            log.log(level, message, *args, extra={"event": "nbd-request"})
+        elif count == _LOG_BURST + 1:
+            log.log(
+                level,
+                "client %s: further %s messages suppressed",
+                self.peer,
+                kind,
+                extra={"event": "nbd-request"},
+            )
+
+
+__all__ = ["DEFAULT_PORT", "NBDServer", "errno_for"]
