@@ -1,0 +1,915 @@
+"""RAID logical disks: chunklets of distinct PDs combined by RAID 0, 1 or 5.
+
+An LD is a list of *rows*.  A row is one RAID set: ``set_size`` chunklets on distinct PDs
+(its *columns*).  Rows are concatenated: LD bytes ``[r * row_usable, (r + 1) * row_usable)``
+live in row ``r``.  Inside a row, with ``step`` the stripe unit:
+
+RAID 0, set of 3: units go round the columns; stripe ``s`` is at chunklet offset ``s * step``::
+
+                col 0   col 1   col 2
+    stripe 0:   D0      D1      D2
+    stripe 1:   D3      D4      D5
+
+RAID 1, 2 or 3 mirrors: every column holds the whole row (chunklet offset = row offset).
+
+RAID 5, set of 4: rotating parity, left-symmetric (Linux md's default).  Parity of stripe
+``s`` is on column ``p = (n - 1) - s % n``; data unit ``d`` of the stripe is on column
+``(p + 1 + d) % n``, so consecutive data units walk across every column::
+
+                col 0   col 1   col 2   col 3
+    stripe 0:   D0      D1      D2      P
+    stripe 1:   D4      D5      P       D3
+    stripe 2:   D8      P       D6      D7
+    stripe 3:   P       D9      D10     D11
+
+Failure rules (issue 2): RAID 1 and RAID 5 serve reads and writes with one failed member
+in a set (RAID 1: any number short of all mirrors).  Two failed members of a RAID 5 set,
+or every mirror of a RAID 1 set, lose that row: any I/O touching it raises MediumError.
+RAID 0 loses exactly the stripe units on a failed PD.  Other rows keep working.  After a
+MediumError from a write, the written range is undefined (as on any disk).
+
+Concurrency: reads and writes normally run on the event-loop thread, but the engine may
+zero or flush an LD from a worker thread.  RAID 1 and RAID 5 writes, zeroing, degraded
+RAID 5 reads and rebuild steps hold the LD's lock (a RAID 5 read-modify-write must not
+interleave with another on the same stripe); healthy reads and RAID 0 take no lock.
+
+RAID 5 has no write journal: a crash between a data write and its parity write leaves
+that stripe's parity stale (the classic write hole); it matters only if a member of that
+set then fails before the stripe is rewritten.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..blockdev import Buffer
+from ..errors import Conflict, InvalidArgument, MediumError
+from ..model import LDHealth
+from ..physical.pd import PhysicalDisk
+from ..units import KiB, MiB, format_size
+from . import parity as px
+
+MIN_STEP = 512
+MAX_STEP = 1 * MiB
+MAX_RAID0_SET = 32
+REBUILD_STEP = 1 * MiB
+
+# Shared sink for parity units a RAID 5 read skips over: reading through them keeps each
+# column's read to one preadv.  Its contents are never looked at, so sharing is harmless.
+_DISCARD = memoryview(bytearray(MAX_STEP))
+# Shared zero source for zeroing partial RAID 5 stripes.
+_ZEROS = memoryview(bytes(MAX_STEP))
+
+
+class RaidLevel(enum.IntEnum):
+    RAID0 = 0
+    RAID1 = 1
+    RAID5 = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Chunklet:
+    """Chunklet ``index`` of ``pd``: bytes ``[index * chunklet_size, (index + 1) * chunklet_size)``."""
+
+    pd: PhysicalDisk
+    index: int
+
+    @property
+    def offset(self) -> int:
+        return self.pd.chunklet_offset(self.index)
+
+
+def _raid_level(raid: int) -> RaidLevel:
+    try:
+        return RaidLevel(raid)
+    except ValueError:
+        raise InvalidArgument(f"RAID level must be 0, 1 or 5, not {raid!r}") from None
+
+
+def validate_policy(raid: int, set_size: int, step: int, chunklet_size: int | None = None) -> None:
+    """Check a RAID policy (level, set size, step); InvalidArgument says what is wrong.
+
+    RAID 0: 1..32 chunklets; RAID 1: 2 or 3 mirrors; RAID 5: 3..9 (one of them parity).
+    ``step`` (the stripe unit) is a power of two from 512 B to 1 MiB, and no larger than
+    the chunklet when ``chunklet_size`` is given."""
+    level = _raid_level(raid)
+    if level is RaidLevel.RAID0 and not 1 <= set_size <= MAX_RAID0_SET:
+        raise InvalidArgument(f"RAID 0 set size must be 1 to {MAX_RAID0_SET}, not {set_size}")
+    if level is RaidLevel.RAID1 and set_size not in (2, 3):
+        raise InvalidArgument(f"RAID 1 set size (mirrors) must be 2 or 3, not {set_size}")
+    if level is RaidLevel.RAID5 and not 3 <= set_size <= 9:
+        raise InvalidArgument(f"RAID 5 set size must be 3 to 9, not {set_size}")
+    if step <= 0 or step & (step - 1) or not MIN_STEP <= step <= MAX_STEP:
+        raise InvalidArgument(
+            f"step must be a power of two from {MIN_STEP} B to {format_size(MAX_STEP)}, not {step}"
+        )
+    if chunklet_size is not None and step > chunklet_size:
+        raise InvalidArgument(
+            f"step {format_size(step)} is larger than the chunklet ({format_size(chunklet_size)})"
+        )
+
+
+def usable_per_row(raid: int, set_size: int, chunklet_size: int) -> int:
+    """Usable bytes of one row (RAID set) of ``set_size`` chunklets."""
+    level = _raid_level(raid)
+    if level is RaidLevel.RAID0:
+        return set_size * chunklet_size
+    if level is RaidLevel.RAID1:
+        return chunklet_size
+    return (set_size - 1) * chunklet_size
+
+
+# A piece of a request inside one row: (column, offset in the chunklet, offset in the
+# request, length).
+_Unit = tuple[int, int, int, int]
+
+
+class LogicalDisk:
+    """A RAID LD; implements ``thinblock.blockdev.RawDevice``."""
+
+    def __init__(self, ld_id: int, raid: int, set_size: int, step: int, rows: Sequence[Sequence[Chunklet]]):
+        level = _raid_level(raid)
+        if not rows:
+            raise InvalidArgument(f"LD {ld_id}: an LD needs at least one row of chunklets")
+        chunklet_size = rows[0][0].pd.chunklet_size if rows[0] else 0
+        validate_policy(level, set_size, step, chunklet_size or None)
+        seen: set[tuple[int, int]] = set()
+        for r, row in enumerate(rows):
+            if len(row) != set_size:
+                raise InvalidArgument(
+                    f"LD {ld_id}: row {r} has {len(row)} chunklets, the set size is {set_size}"
+                )
+            pd_ids = [id(ch.pd) for ch in row]
+            if len(set(pd_ids)) != len(pd_ids):
+                raise InvalidArgument(f"LD {ld_id}: row {r} uses a PD twice; a RAID set needs distinct PDs")
+            for ch in row:
+                if ch.pd.chunklet_size != chunklet_size:
+                    raise InvalidArgument(
+                        f"LD {ld_id}: PD {ch.pd.id} has chunklets of {ch.pd.chunklet_size} bytes, "
+                        f"not {chunklet_size}"
+                    )
+                ch.pd.chunklet_offset(ch.index)  # raises InvalidArgument when out of range
+                key = (id(ch.pd), ch.index)
+                if key in seen:
+                    raise InvalidArgument(f"LD {ld_id}: chunklet {ch.index} of PD {ch.pd.id} is used twice")
+                seen.add(key)
+
+        self.id = ld_id
+        self.raid = level
+        self.set_size = set_size
+        self.step = step
+        self.chunklet_size = chunklet_size
+        self.rows: list[list[Chunklet]] = [list(row) for row in rows]
+        self.row_usable = usable_per_row(level, set_size, chunklet_size)
+        self._size = self.row_usable * len(self.rows)
+        # Per-row (PD, byte offset of the chunklet) tuples: the hot path indexes these.
+        self._pds: list[tuple[PhysicalDisk, ...]] = []
+        self._bases: list[tuple[int, ...]] = []
+        for row in self.rows:
+            self._pds.append(tuple(ch.pd for ch in row))
+            self._bases.append(tuple(ch.offset for ch in row))
+        self._stripe_data = (set_size - 1) * step  # RAID 5 data bytes per stripe
+        self._lock = threading.RLock()
+        self._rebuilds: dict[int, list[RebuildJob]] = {}
+        self._lost_at_flush: set[int] = self._lost_rows()  # losses before we existed were reported then
+        if level is RaidLevel.RAID0:
+            self._read_row = self._r0_read_row
+            self._write_row = self._r0_write_row
+            self._zero_row = self._r0_zero_row
+        elif level is RaidLevel.RAID1:
+            self._read_row = self._r1_read_row
+            self._write_row = self._r1_write_row
+            self._zero_row = self._r1_zero_row
+        else:
+            self._read_row = self._r5_read_row
+            self._write_row = self._r5_write_row
+            self._zero_row = self._r5_zero_row
+
+    # --- RawDevice --------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        n = len(buf)
+        assert offset >= 0 and offset + n <= self._size, (offset, n, self._size)
+        ru = self.row_usable
+        r, roff = divmod(offset, ru)
+        if roff + n <= ru:
+            self._read_row(r, roff, buf)
+            return
+        pos = 0
+        while pos < n:
+            take = min(ru - roff, n - pos)
+            self._read_row(r, roff, buf[pos : pos + take])
+            pos += take
+            r += 1
+            roff = 0
+
+    def read(self, offset: int, length: int) -> bytearray:
+        buf = bytearray(length)
+        self.read_into(offset, memoryview(buf))
+        return buf
+
+    def write(self, offset: int, data: Buffer) -> None:
+        mv = data if type(data) is memoryview else memoryview(data)
+        n = len(mv)
+        assert offset >= 0 and offset + n <= self._size, (offset, n, self._size)
+        ru = self.row_usable
+        r, roff = divmod(offset, ru)
+        if roff + n <= ru:
+            self._write_row(r, roff, mv)
+            return
+        pos = 0
+        while pos < n:
+            take = min(ru - roff, n - pos)
+            self._write_row(r, roff, mv[pos : pos + take])
+            pos += take
+            r += 1
+            roff = 0
+
+    def zero(self, offset: int, length: int) -> None:
+        """Make the range read as zeros: punch holes on the members (parity of zeros is
+        zeros, so whole RAID 5 stripes are punched too); partial RAID 5 stripes are written."""
+        assert offset >= 0 and offset + length <= self._size, (offset, length, self._size)
+        ru = self.row_usable
+        r, roff = divmod(offset, ru)
+        end = offset + length
+        while offset < end:
+            take = min(ru - roff, end - offset)
+            self._zero_row(r, roff, take)
+            offset += take
+            r += 1
+            roff = 0
+
+    def flush(self) -> None:
+        """fsync every distinct healthy PD under this LD (members and rebuild targets).  Blocking.
+
+        Raises MediumError when a RAID set lost data since the last flush (a write
+        acknowledged since then may be gone), once per loss, like Linux's fsync."""
+        pds: dict[int, PhysicalDisk] = {}
+        with self._lock:
+            for row_pds in self._pds:
+                for pd in row_pds:
+                    pds[id(pd)] = pd
+            for jobs in self._rebuilds.values():
+                for job in jobs:
+                    pds[id(job.replacement.pd)] = job.replacement.pd
+        for pd in pds.values():
+            if pd.failed:
+                continue
+            try:
+                pd.fsync()
+            except MediumError:
+                pass  # the PD is now failed; whether data is lost is decided below
+        lost = self._lost_rows()
+        new_losses = lost - self._lost_at_flush
+        self._lost_at_flush = lost
+        if new_losses:
+            rows = ", ".join(str(r) for r in sorted(new_losses))
+            raise MediumError(
+                f"LD {self.id}: data lost in row(s) {rows} (failed PDs); flush cannot make it durable"
+            )
+
+    # --- health -----------------------------------------------------------------------
+    def _failed_cols(self, r: int) -> list[int]:
+        return [c for c, pd in enumerate(self._pds[r]) if pd.failed]
+
+    def _row_lost(self, failed: int) -> bool:
+        if self.raid is RaidLevel.RAID0:
+            return failed > 0
+        if self.raid is RaidLevel.RAID1:
+            return failed >= self.set_size
+        return failed >= 2
+
+    def _lost_rows(self) -> set[int]:
+        return {r for r in range(len(self.rows)) if self._row_lost(len(self._failed_cols(r)))}
+
+    @property
+    def health(self) -> LDHealth:
+        degraded = False
+        for r in range(len(self.rows)):
+            failed = len(self._failed_cols(r))
+            if self._row_lost(failed):
+                return LDHealth.FAILED
+            degraded = degraded or failed > 0
+        if any(self._rebuilds.values()):
+            return LDHealth.REBUILDING
+        return LDHealth.DEGRADED if degraded else LDHealth.NORMAL
+
+    def failed_members(self) -> list[tuple[int, int]]:
+        """(row, column) of every member whose PD has failed."""
+        return [(r, c) for r in range(len(self.rows)) for c in self._failed_cols(r)]
+
+    def is_readable(self, offset: int, length: int) -> bool:
+        """False when some byte of the range is lost (reading it would raise MediumError)."""
+        assert offset >= 0 and length >= 0 and offset + length <= self._size
+        ru = self.row_usable
+        end = offset + length
+        while offset < end:
+            r, roff = divmod(offset, ru)
+            take = min(ru - roff, end - offset)
+            failed = self._failed_cols(r)
+            if failed:
+                if self.raid is RaidLevel.RAID0:
+                    touched = {
+                        u[0] for u in self._r0_units(roff, min(take, self.set_size * self.step + self.step))
+                    }
+                    if touched.intersection(failed):
+                        return False
+                elif self._row_lost(len(failed)):
+                    return False
+            offset += take
+        return True
+
+    @property
+    def pds(self) -> list[PhysicalDisk]:
+        """The distinct PDs holding this LD's chunklets."""
+        seen: dict[int, PhysicalDisk] = {}
+        for row_pds in self._pds:
+            for pd in row_pds:
+                seen.setdefault(id(pd), pd)
+        return list(seen.values())
+
+    @property
+    def rebuild_jobs(self) -> list[RebuildJob]:
+        return [job for jobs in self._rebuilds.values() for job in jobs]
+
+    def _lost_error(self, r: int) -> MediumError:
+        failed = self._failed_cols(r)
+        pds = ", ".join(str(self._pds[r][c].id) for c in failed)
+        return MediumError(
+            f"LD {self.id} (RAID {int(self.raid)}) row {r}: {len(failed)} of {self.set_size} members "
+            f"failed (PD {pds}); the data of this RAID set is lost"
+        )
+
+    # --- striping helpers (RAID 0 and RAID 5 data units) --------------------------------
+    def _r0_units(self, roff: int, n: int) -> list[_Unit]:
+        step, k = self.step, self.set_size
+        u, uoff = divmod(roff, step)
+        units = []
+        pos = 0
+        while pos < n:
+            take = min(step - uoff, n - pos)
+            s, col = divmod(u, k)
+            units.append((col, s * step + uoff, pos, take))
+            pos += take
+            u += 1
+            uoff = 0
+        return units
+
+    def _r5_units(self, roff: int, n: int) -> list[_Unit]:
+        step, k = self.step, self.set_size
+        u, uoff = divmod(roff, step)
+        units = []
+        pos = 0
+        while pos < n:
+            take = min(step - uoff, n - pos)
+            s, d = divmod(u, k - 1)
+            p = k - 1 - s % k
+            units.append(((p + 1 + d) % k, s * step + uoff, pos, take))
+            pos += take
+            u += 1
+            uoff = 0
+        return units
+
+    def _read_runs(self, r: int, units: list[_Unit], buf: memoryview, skip_col: int = -1) -> None:
+        """Read ``units`` with one preadv per column: a column's units are consecutive on
+        its chunklet, except RAID 5 parity units in between, which are read into a discard
+        buffer rather than splitting the read."""
+        runs: dict[int, tuple[int, list[memoryview]]] = {}
+        ends: dict[int, int] = {}
+        for col, coff, pos, take in units:
+            if col == skip_col:
+                continue
+            view = buf[pos : pos + take]
+            run = runs.get(col)
+            if run is None:
+                runs[col] = (coff, [view])
+            else:
+                gap = coff - ends[col]
+                if gap:
+                    run[1].append(_DISCARD[:gap])
+                run[1].append(view)
+            ends[col] = coff + take
+        pds, bases = self._pds[r], self._bases[r]
+        for col, (start, views) in runs.items():
+            pds[col].preadv(bases[col] + start, views)
+
+    # --- RAID 0 -------------------------------------------------------------------------
+    def _r0_read_row(self, r: int, roff: int, buf: memoryview) -> None:
+        step = self.step
+        u, uoff = divmod(roff, step)
+        if uoff + len(buf) <= step:  # inside one stripe unit: one pread
+            s, col = divmod(u, self.set_size)
+            self._pds[r][col].pread_into(self._bases[r][col] + s * step + uoff, buf)
+            return
+        self._read_runs(r, self._r0_units(roff, len(buf)), buf)
+
+    def _r0_write_row(self, r: int, roff: int, data: memoryview) -> None:
+        step = self.step
+        u, uoff = divmod(roff, step)
+        pds, bases = self._pds[r], self._bases[r]
+        if uoff + len(data) <= step:
+            s, col = divmod(u, self.set_size)
+            pds[col].pwrite(bases[col] + s * step + uoff, data)
+            return
+        runs: dict[int, tuple[int, list[memoryview]]] = {}
+        for col, coff, pos, take in self._r0_units(roff, len(data)):
+            run = runs.get(col)
+            if run is None:
+                runs[col] = (coff, [data[pos : pos + take]])
+            else:
+                run[1].append(data[pos : pos + take])
+        for col, (start, views) in runs.items():
+            pds[col].pwritev(bases[col] + start, views)
+
+    def _r0_zero_row(self, r: int, roff: int, n: int) -> None:
+        # A contiguous LD range covers one contiguous range of each column's chunklet.
+        spans: dict[int, list[int]] = {}
+        for col, coff, _pos, take in self._r0_units(roff, n):
+            span = spans.get(col)
+            if span is None:
+                spans[col] = [coff, coff + take]
+            else:
+                span[1] = coff + take
+        pds, bases = self._pds[r], self._bases[r]
+        for col, (lo, hi) in spans.items():
+            pds[col].punch(bases[col] + lo, hi - lo)
+
+    # --- RAID 1 -------------------------------------------------------------------------
+    def _r1_read_row(self, r: int, roff: int, buf: memoryview) -> None:
+        # First healthy mirror: keeps one copy of hot data in the page cache.  A mirror
+        # that fails mid-read is marked failed by the PD; try the next one.
+        bases = self._bases[r]
+        for c, pd in enumerate(self._pds[r]):
+            if pd.failed:
+                continue
+            try:
+                pd.pread_into(bases[c] + roff, buf)
+                return
+            except MediumError:
+                continue
+        raise self._lost_error(r)
+
+    def _r1_write_row(self, r: int, roff: int, data: memoryview) -> None:
+        with self._lock:
+            bases = self._bases[r]
+            written = 0
+            for c, pd in enumerate(self._pds[r]):
+                if pd.failed:
+                    continue
+                try:
+                    pd.pwrite(bases[c] + roff, data)
+                    written += 1
+                except MediumError:
+                    pass
+            if not written:
+                raise self._lost_error(r)
+            jobs = self._rebuilds.get(r)
+            if jobs:
+                # Below the watermark the replacement is already a copy: keep it one.
+                for job in list(jobs):
+                    below = min(len(data), job.bytes_done - roff)
+                    if below > 0:
+                        job._write_replacement(roff, data[:below])
+
+    def _r1_zero_row(self, r: int, roff: int, n: int) -> None:
+        with self._lock:
+            bases = self._bases[r]
+            zeroed = 0
+            for c, pd in enumerate(self._pds[r]):
+                if pd.failed:
+                    continue
+                try:
+                    pd.punch(bases[c] + roff, n)
+                    zeroed += 1
+                except MediumError:
+                    pass
+            if not zeroed:
+                raise self._lost_error(r)
+            for job in list(self._rebuilds.get(r, ())):
+                below = min(n, job.bytes_done - roff)
+                if below > 0:
+                    job._punch_replacement(roff, below)
+
+    # --- RAID 5 -------------------------------------------------------------------------
+    def _r5_read_row(self, r: int, roff: int, buf: memoryview) -> None:
+        step, k = self.step, self.set_size
+        n = len(buf)
+        u, uoff = divmod(roff, step)
+        if uoff + n <= step:  # inside one data unit: one pread
+            s, d = divmod(u, k - 1)
+            col = (k - s % k + d) % k  # (p + 1 + d) % k with p = k - 1 - s % k
+            pd = self._pds[r][col]
+            if not pd.failed:
+                try:
+                    pd.pread_into(self._bases[r][col] + s * step + uoff, buf)
+                    return
+                except MediumError:
+                    pass
+        elif not any(pd.failed for pd in self._pds[r]):
+            try:
+                self._read_runs(r, self._r5_units(roff, n), buf)
+                return
+            except MediumError:
+                pass
+        self._r5_read_row_degraded(r, roff, buf)
+
+    def _r5_read_row_degraded(self, r: int, roff: int, buf: memoryview) -> None:
+        """Read with at most one failed column, rebuilding its units from the others."""
+        with self._lock:
+            while True:
+                failed = self._failed_cols(r)
+                if len(failed) > 1:
+                    raise self._lost_error(r)
+                try:
+                    units = self._r5_units(roff, len(buf))
+                    missing = failed[0] if failed else -1
+                    self._read_runs(r, units, buf, skip_col=missing)
+                    for col, coff, pos, take in units:
+                        if col == missing:
+                            self._r5_reconstruct_into(r, missing, coff, buf[pos : pos + take])
+                    return
+                except MediumError:
+                    # Another member failed during the read: retry with one more failed
+                    # column (at most set_size times, then the row is lost).
+                    if len(self._failed_cols(r)) == len(failed):
+                        raise
+
+    def _r5_reconstruct_into(self, r: int, missing: int, coff: int, dest: memoryview) -> None:
+        """``dest`` = XOR of the other columns at chunklet offset ``coff`` (data and parity)."""
+        k = self.set_size
+        pds, bases = self._pds[r], self._bases[r]
+        m = px.scratch_matrix(px.OLD, k - 1, len(dest))
+        i = 0
+        for c in range(k):
+            if c != missing:
+                pds[c].pread_into(bases[c] + coff, px.view(m[i]))
+                i += 1
+        px.xor_rows(m, px.as_array(dest))
+
+    def _r5_write_row(self, r: int, roff: int, data: memoryview) -> None:
+        n = len(data)
+        d_bytes = self._stripe_data
+        step = self.step
+        with self._lock:
+            pos = 0
+            while pos < n:
+                s, within = divmod(roff + pos, d_bytes)
+                if within == 0 and n - pos >= d_bytes:
+                    count = (n - pos) // d_bytes
+                    self._r5_write_full(r, s, count, data[pos : pos + count * d_bytes])
+                    pos += count * d_bytes
+                else:
+                    take = min(d_bytes - within, n - pos)
+                    self._r5_write_partial(r, s, within, data[pos : pos + take])
+                    pos += take
+            jobs = self._rebuilds.get(r)
+            if jobs:
+                first, last = roff // d_bytes, (roff + n - 1) // d_bytes
+                if first == last and (roff % step) + n <= step:  # one unit: resync just its bytes
+                    lo = first * step + roff % step
+                    hi = lo + n
+                else:
+                    lo, hi = first * step, (last + 1) * step
+                for job in list(jobs):
+                    job._resync(lo, hi)
+
+    def _r5_write_full(self, r: int, s0: int, count: int, data: memoryview) -> None:
+        """Full-stripe writes: parity straight from the new data, no reads."""
+        k, step = self.set_size, self.step
+        if len(self._failed_cols(r)) > 1:
+            raise self._lost_error(r)
+        parity = px.stripe_parity(px.as_array(data), count, k - 1, step)
+        pmv = px.view(parity.reshape(-1))
+        pds, bases = self._pds[r], self._bases[r]
+        for c in range(k):
+            pd = pds[c]
+            if pd.failed:
+                continue
+            views: list[memoryview] = []
+            for i in range(count):
+                p = k - 1 - (s0 + i) % k
+                if c == p:
+                    views.append(pmv[i * step : (i + 1) * step])
+                else:
+                    o = (i * (k - 1) + (c - p - 1) % k) * step
+                    views.append(data[o : o + step])
+            try:
+                pd.pwritev(bases[c] + s0 * step, views)
+            except MediumError:
+                pass  # tolerated below if it is the only failed member
+        if len(self._failed_cols(r)) > 1:
+            raise self._lost_error(r)
+
+    def _r5_write_partial(self, r: int, s: int, within: int, data: memoryview) -> None:
+        """Write part of one stripe: read-modify-write of the parity (new parity = old parity
+        ^ old data ^ new data), or, when the write lands on the failed column, reconstruct-write."""
+        k, step = self.set_size, self.step
+        p = k - 1 - s % k
+        pieces: list[tuple[int, int, memoryview]] = []  # (column, offset in unit, data)
+        d, uoff = divmod(within, step)
+        pos = 0
+        n = len(data)
+        while pos < n:
+            take = min(step - uoff, n - pos)
+            pieces.append(((p + 1 + d) % k, uoff, data[pos : pos + take]))
+            pos += take
+            d += 1
+            uoff = 0
+        # The parity bytes touched: one unit's range, or (spanning units) the whole unit.
+        lo, hi = (pieces[0][1], pieces[0][1] + n) if len(pieces) == 1 else (0, step)
+        base = s * step
+        while True:
+            failed = self._failed_cols(r)
+            if len(failed) > 1:
+                raise self._lost_error(r)
+            missing = failed[0] if failed else -1
+            try:
+                if missing == p:
+                    parity = None  # parity member is gone: data alone is the truth
+                elif any(col == missing for col, _, _ in pieces):
+                    parity = self._r5_parity_reconstruct(r, base, p, missing, pieces, lo, hi)
+                else:
+                    parity = self._r5_parity_rmw(r, base, p, pieces, lo, hi)
+                break
+            except MediumError:
+                # A member failed while reading old data/parity; nothing is written yet,
+                # so start over with one more failed column.
+                if len(self._failed_cols(r)) == len(failed):
+                    raise
+        # Write phase.  Parity first; whichever member fails from here on, the parity
+        # computed above is the right one for the new data, so the survivors stay
+        # consistent as long as at most one member of the set is failed.
+        pds, bases = self._pds[r], self._bases[r]
+        if parity is not None and not pds[p].failed:
+            try:
+                pds[p].pwrite(bases[p] + base + lo, parity)
+            except MediumError:
+                pass
+        for col, uoff, view in pieces:
+            if not pds[col].failed:
+                try:
+                    pds[col].pwrite(bases[col] + base + uoff, view)
+                except MediumError:
+                    pass
+        if len(self._failed_cols(r)) > 1:
+            raise self._lost_error(r)
+
+    def _r5_parity_rmw(
+        self, r: int, base: int, p: int, pieces: list[tuple[int, int, memoryview]], lo: int, hi: int
+    ) -> memoryview:
+        pds, bases = self._pds[r], self._bases[r]
+        par = px.scratch(px.PARITY, hi - lo)
+        pds[p].pread_into(bases[p] + base + lo, px.view(par))
+        for col, uoff, view in pieces:
+            old = px.scratch(px.OLD, len(view))
+            pds[col].pread_into(bases[col] + base + uoff, px.view(old))
+            seg = par[uoff - lo : uoff - lo + len(view)]
+            px.xor_into(seg, old, px.as_array(view))
+        return px.view(par)
+
+    def _r5_parity_reconstruct(
+        self,
+        r: int,
+        base: int,
+        p: int,
+        missing: int,
+        pieces: list[tuple[int, int, memoryview]],
+        lo: int,
+        hi: int,
+    ) -> memoryview:
+        """Degraded write onto the failed column: rebuild the stripe's bytes [lo, hi) from the
+        survivors, lay the new data over them, and take the parity of the result."""
+        k = self.set_size
+        pds, bases = self._pds[r], self._bases[r]
+        m = px.scratch_matrix(px.OLD, k, hi - lo)
+        for c in range(k):
+            if c != missing:
+                pds[c].pread_into(bases[c] + base + lo, px.view(m[c]))
+        px.xor_rows(m[[c for c in range(k) if c != missing]], m[missing])
+        for col, uoff, view in pieces:
+            m[col, uoff - lo : uoff - lo + len(view)] = px.as_array(view)
+        par = px.scratch(px.PARITY, hi - lo)
+        px.xor_rows(m[[c for c in range(k) if c != p]], par)
+        return px.view(par)
+
+    def _r5_zero_row(self, r: int, roff: int, n: int) -> None:
+        d_bytes, step, k = self._stripe_data, self.step, self.set_size
+        end = roff + n
+        first_full = -(-roff // d_bytes)
+        last_full = end // d_bytes  # exclusive
+        with self._lock:
+            if first_full >= last_full:  # no whole stripe inside: write zeros
+                self._r5_write_zeros(r, roff, n)
+                return
+            if roff < first_full * d_bytes:
+                self._r5_write_zeros(r, roff, first_full * d_bytes - roff)
+            # Whole stripes: punch every member over them; parity of zeros is zeros.
+            if len(self._failed_cols(r)) > 1:
+                raise self._lost_error(r)
+            lo, hi = first_full * step, last_full * step
+            pds, bases = self._pds[r], self._bases[r]
+            for c in range(k):
+                if not pds[c].failed:
+                    try:
+                        pds[c].punch(bases[c] + lo, hi - lo)
+                    except MediumError:
+                        pass
+            if len(self._failed_cols(r)) > 1:
+                raise self._lost_error(r)
+            for job in list(self._rebuilds.get(r, ())):
+                below = min(hi, job.bytes_done) - lo
+                if below > 0:
+                    job._punch_replacement(lo, below)
+            if last_full * d_bytes < end:
+                self._r5_write_zeros(r, last_full * d_bytes, end - last_full * d_bytes)
+
+    def _r5_write_zeros(self, r: int, roff: int, n: int) -> None:
+        pos = 0
+        while pos < n:
+            take = min(len(_ZEROS), n - pos)
+            self._r5_write_row(r, roff + pos, _ZEROS[:take])
+            pos += take
+
+    # --- rebuild ------------------------------------------------------------------------
+    def start_rebuild(self, row: int, column: int, replacement: Chunklet) -> RebuildJob:
+        """Start rebuilding the failed member (row, column) onto ``replacement`` (a free
+        chunklet on a healthy PD that is not in the row).  Drive it with ``job.step()``."""
+        if self.raid is RaidLevel.RAID0:
+            raise Conflict(f"LD {self.id} is RAID 0: there is no redundancy to rebuild from")
+        if not 0 <= row < len(self.rows) or not 0 <= column < self.set_size:
+            raise InvalidArgument(f"LD {self.id} has no member (row {row}, column {column})")
+        with self._lock:
+            member = self.rows[row][column]
+            if not member.pd.failed:
+                raise Conflict(f"LD {self.id} row {row} column {column} (PD {member.pd.id}) has not failed")
+            jobs = self._rebuilds.get(row, [])
+            if any(job.column == column for job in jobs):
+                raise Conflict(f"LD {self.id} row {row} column {column} is already being rebuilt")
+            rpd = replacement.pd
+            if rpd.failed:
+                raise InvalidArgument(f"replacement PD {rpd.id} has failed")
+            if rpd.chunklet_size != self.chunklet_size:
+                raise InvalidArgument(
+                    f"replacement PD {rpd.id} has chunklets of {rpd.chunklet_size} bytes, "
+                    f"LD {self.id} uses {self.chunklet_size}"
+                )
+            replacement.pd.chunklet_offset(replacement.index)  # range check
+            if any(pd is rpd for pd in self._pds[row]) or any(job.replacement.pd is rpd for job in jobs):
+                raise InvalidArgument(
+                    f"replacement PD {rpd.id} already holds a member of LD {self.id} row {row}; "
+                    "a RAID set needs distinct PDs"
+                )
+            for other_row in self.rows:
+                if replacement in other_row:
+                    raise InvalidArgument(
+                        f"chunklet {replacement.index} of PD {rpd.id} already belongs to LD {self.id}"
+                    )
+            if self._row_lost(len(self._failed_cols(row))):
+                raise Conflict(f"LD {self.id} row {row} has lost its data; there is nothing to rebuild from")
+            job = RebuildJob(self, row, column, replacement)
+            self._rebuilds.setdefault(row, []).append(job)
+            return job
+
+    def _end_rebuild(self, job: RebuildJob) -> None:
+        jobs = self._rebuilds.get(job.row)
+        if jobs and job in jobs:
+            jobs.remove(job)
+            if not jobs:
+                del self._rebuilds[job.row]
+
+    def _complete_rebuild(self, job: RebuildJob) -> None:
+        """The replacement is a full copy: it takes the failed member's place."""
+        self._end_rebuild(job)
+        r, c = job.row, job.column
+        self.rows[r][c] = job.replacement
+        self._pds[r] = tuple(ch.pd for ch in self.rows[r])
+        self._bases[r] = tuple(ch.offset for ch in self.rows[r])
+
+    def _rebuild_range(self, job: RebuildJob, lo: int, hi: int) -> None:
+        """Write the member's true content for chunklet bytes [lo, hi) onto the replacement."""
+        r, col = job.row, job.column
+        pds, bases = self._pds[r], self._bases[r]
+        rpd, rbase = job.replacement.pd, job._base
+        while lo < hi:
+            n = min(REBUILD_STEP, hi - lo)
+            out = px.scratch(px.REBUILD_OUT, n)
+            if self.raid is RaidLevel.RAID1:
+                for c, pd in enumerate(pds):
+                    if c == col or pd.failed:
+                        continue
+                    try:
+                        pd.pread_into(bases[c] + lo, px.view(out))
+                        break
+                    except MediumError:
+                        continue
+                else:
+                    raise self._lost_error(r)
+            else:
+                others = [c for c in range(self.set_size) if c != col]
+                m = px.scratch_matrix(px.REBUILD, len(others), n)
+                for i, c in enumerate(others):
+                    pds[c].pread_into(bases[c] + lo, px.view(m[i]))
+                px.xor_rows(m, out)
+            rpd.pwrite(rbase + lo, px.view(out))
+            lo += n
+
+    def __repr__(self) -> str:
+        return (
+            f"LogicalDisk(id={self.id}, RAID {int(self.raid)}, set_size={self.set_size}, step={self.step}, "
+            f"rows={len(self.rows)}, size={self._size}, {self.health})"
+        )
+
+
+class RebuildJob:
+    """Rebuild of one failed member onto a replacement chunklet, in bounded steps.
+
+    Run ``step()`` on the event-loop thread and yield between steps.  Writes to the row
+    meanwhile also reach the replacement below the watermark (``bytes_done``); above it
+    the rebuild copies them later.  Reads never use the replacement until it is done; then
+    it takes the failed member's place in ``ld.rows`` (the caller records that in the
+    metadata store, after fsyncing the replacement PD).
+
+    A failure of the replacement PD, or of another member that leaves nothing to rebuild
+    from, ends the job: ``step()`` raises MediumError and ``error`` says why."""
+
+    def __init__(self, ld: LogicalDisk, row: int, column: int, replacement: Chunklet) -> None:
+        self.ld = ld
+        self.row = row
+        self.column = column
+        self.replacement = replacement
+        self.bytes_total = ld.chunklet_size
+        self.bytes_done = 0
+        self.done = False
+        self.error: str | None = None
+        self._base = replacement.offset
+
+    @property
+    def failed_member(self) -> Chunklet:
+        return self.ld.rows[self.row][self.column] if not self.done else self.replacement
+
+    def step(self, max_bytes: int = 1 << 20) -> int:
+        """Rebuild the next ``max_bytes`` (at most) of the member; returns how many."""
+        if self.error is not None:
+            raise MediumError(
+                f"rebuild of LD {self.ld.id} row {self.row} column {self.column} failed: {self.error}"
+            )
+        if self.done:
+            return 0
+        with self.ld._lock:
+            lo = self.bytes_done
+            hi = min(self.bytes_total, lo + max(max_bytes, 4 * KiB))
+            try:
+                self.ld._rebuild_range(self, lo, hi)
+            except MediumError as exc:
+                self._abort(str(exc))
+                raise
+            self.bytes_done = hi
+            if hi == self.bytes_total:
+                self.done = True
+                self.ld._complete_rebuild(self)
+            return hi - lo
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Stop the job; the member stays failed and the replacement chunklet unused."""
+        with self.ld._lock:
+            if not self.done and self.error is None:
+                self._abort(reason)
+
+    def _abort(self, reason: str) -> None:
+        self.error = reason
+        self.ld._end_rebuild(self)
+
+    # Called by the LD's write paths with the LD lock held.
+    def _write_replacement(self, coff: int, data: memoryview) -> None:
+        try:
+            self.replacement.pd.pwrite(self._base + coff, data)
+        except MediumError as exc:
+            self._abort(str(exc))  # the host write succeeded on the members; only the rebuild ends
+
+    def _punch_replacement(self, coff: int, length: int) -> None:
+        try:
+            self.replacement.pd.punch(self._base + coff, length)
+        except MediumError as exc:
+            self._abort(str(exc))
+
+    def _resync(self, lo: int, hi: int) -> None:
+        """RAID 5: a write changed chunklet bytes [lo, hi) of the row; redo the rebuilt part."""
+        hi = min(hi, self.bytes_done)
+        if lo < hi:
+            try:
+                self.ld._rebuild_range(self, lo, hi)
+            except MediumError as exc:
+                self._abort(str(exc))
+
+    def __repr__(self) -> str:
+        state = "done" if self.done else f"failed: {self.error}" if self.error else "running"
+        return (
+            f"RebuildJob(ld={self.ld.id}, row={self.row}, column={self.column}, "
+            f"{self.bytes_done}/{self.bytes_total}, {state})"
+        )
