@@ -428,7 +428,10 @@ def _quote(name: str) -> str:
 
 
 def _table(*columns: str, title: str | None = None) -> Table:
-    table = Table(*columns, title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
+    table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
+    for name in columns:
+        # A narrow terminal folds long cells onto more lines; it never cuts a name short.
+        table.add_column(name, overflow="fold")
     return table
 
 
@@ -1001,13 +1004,11 @@ def _image_size(source: str) -> int:
     return st.st_size
 
 
-def _run_nbdcopy(ctx: Context, args: list[str], total: int, label: str) -> float:
+def _run_nbdcopy(ctx: Context, options: list[str], source: str, dest: str, total: int, label: str) -> float:
     """Run nbdcopy with a progress bar on a terminal; the seconds it took.  Raises CliError."""
-    cmd = [_nbdcopy(), "--flush"]
     show_bar = ctx.err.is_terminal and not ctx.json
     read_fd, write_fd = os.pipe()
-    cmd.append(f"--progress={write_fd}")
-    cmd.extend(["--", *args])
+    cmd = [_nbdcopy(), "--flush", f"--progress={write_fd}", *options, "--", source, dest]
     started = time.monotonic()
     with tempfile.TemporaryFile(mode="w+") as errors:
         try:
@@ -1073,11 +1074,11 @@ def cmd_vv_import(ctx: Context) -> None:
             f"{a.source} ({format_size(size)}) is larger than volume {a.name!r} ({format_size(vv['size'])}): "
             f"grow it first: thinblock vv grow {a.name} {size}"
         )
-    args = []
+    options = []
     if vv["regions_allocated"] == 0 and vv["dirty_bytes"] == 0:
         # Nothing written yet: every block reads zeros already, so zero blocks need not be sent at all.
-        args.append("--destination-is-zero")
-    seconds = _run_nbdcopy(ctx, [*args, a.source, target], size, f"import {a.name}")
+        options.append("--destination-is-zero")
+    seconds = _run_nbdcopy(ctx, options, a.source, target, size, f"import {a.name}")
     after = ctx.call("GET", f"/volumes/{_quote(a.name)}")
     result = {
         "volume": a.name,
@@ -1106,7 +1107,7 @@ def cmd_vv_export(ctx: Context) -> None:
             raise CliError(f"{a.dest} exists; give --force to overwrite it")
         if dest.is_file():
             dest.unlink()  # nbdcopy writes into a file; a stale longer tail must not survive
-    seconds = _run_nbdcopy(ctx, [source, a.dest], vv["size"], f"export {a.name}")
+    seconds = _run_nbdcopy(ctx, [], source, a.dest, vv["size"], f"export {a.name}")
     result = {"volume": a.name, "dest": a.dest, "bytes": vv["size"], "seconds": round(seconds, 3)}
     _done(ctx, result, f"exported {a.name!r} ({format_size(vv['size'])}) to {a.dest} in {seconds:.1f}s")
 
@@ -1187,8 +1188,9 @@ def main(
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, usage errors (argparse printed them)
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
-    out = Console(file=out_stream, soft_wrap=True) if stdout is None else Console(file=out_stream, width=200)
-    err = Console(file=err_stream, stderr=True) if stderr is None else Console(file=err_stream, width=200)
+    # Not a terminal (a pipe, a file, a test): tables as wide as their content, never cut.
+    out = Console(file=out_stream, width=None if out_stream.isatty() else 300)
+    err = Console(file=err_stream, stderr=stderr is None)
     ctx = Context(args=args, out=out, err=err, transport=transport)
     try:
         result = args.func(ctx)

@@ -5,6 +5,7 @@ Every key has a default, so an empty file (or none) gives a working daemon on lo
     data_dir = "./thinblock-data"
     log_level = "info"              # debug, info, warning, error
     log_format = "logfmt"           # logfmt (key=value) or json
+    event_loop = "uvloop"           # uvloop, or asyncio (the standard loop, for debugging)
 
     [nbd]
     listen = "127.0.0.1:10809"      # "" to disable TCP
@@ -58,6 +59,7 @@ DEFAULT_NBD_PORT = 10809
 DEFAULT_API_PORT = 8080
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("logfmt", "json")
+EVENT_LOOPS = ("uvloop", "asyncio")
 
 
 class ConfigError(InvalidArgument):
@@ -144,6 +146,7 @@ class Config:
     data_dir: Path = Path("./thinblock-data")
     log_level: str = "info"
     log_format: str = "logfmt"
+    event_loop: str = "uvloop"
     nbd_listen: Listen | None = field(default_factory=lambda: Listen("127.0.0.1", DEFAULT_NBD_PORT))
     nbd_unix_socket: Path | None = None
     default_export: str | None = "vol0"
@@ -245,7 +248,7 @@ def _table(doc: dict[str, Any], name: str, known: set[str]) -> dict[str, Any]:
     return table
 
 
-_TOP_KEYS = {"data_dir", "log_level", "log_format"}
+_TOP_KEYS = {"data_dir", "log_level", "log_format", "event_loop"}
 _TABLES = {
     "nbd": {"listen", "unix_socket", "default_export"},
     "api": {"listen", "token", "require_token"},
@@ -277,6 +280,8 @@ def parse_config(doc: dict[str, Any], *, base_dir: Path | None = None) -> Config
         changes["log_level"] = _choice(doc["log_level"], "log_level", LOG_LEVELS)
     if "log_format" in doc:
         changes["log_format"] = _choice(doc["log_format"], "log_format", LOG_FORMATS)
+    if "event_loop" in doc:
+        changes["event_loop"] = _choice(doc["event_loop"], "event_loop", EVENT_LOOPS)
 
     nbd = tables["nbd"]
     if "listen" in nbd:

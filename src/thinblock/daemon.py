@@ -106,8 +106,9 @@ def setup_logging(level: str, fmt: str = "logfmt", stream: Any = None) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    # One line per HTTP request is noise at info level; at debug it is useful.
-    logging.getLogger("uvicorn.access").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+    # uvicorn's own start/stop lines and one line per HTTP request are noise at info level.
+    for chatty in ("uvicorn.access", "uvicorn.error"):
+        logging.getLogger(chatty).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
     for noisy in ("httpx", "httpcore", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING if level != "debug" else logging.DEBUG)
 
@@ -311,22 +312,12 @@ class Daemon:
                 (data_dir / FIRST_START_MARKER).unlink(missing_ok=True)
                 self._log_first_start_summary()
 
-            nbd_uri = f"nbd://{cfg.nbd_listen.url_host()}:{cfg.nbd_listen.port}" if cfg.nbd_listen else None
-            node = NodeInfo(
-                nbd_uri=nbd_uri,
-                nbd_unix_socket=str(cfg.nbd_unix_socket) if cfg.nbd_unix_socket else None,
-                default_export=cfg.default_export,
-                data_dir=data_dir.resolve(),
-                default_chunklet_size=cfg.chunklet_size,
-            )
-
             extra_metrics: list[Any] = []
             if cfg.webhook.url:
                 from .api.webhook import WebhookPoster
 
                 self.webhook = WebhookPoster(
                     cfg.webhook.url,
-                    node=node.name,
                     timeout=cfg.webhook.timeout,
                     max_attempts=cfg.webhook.max_attempts,
                     queue_size=cfg.webhook.queue_size,
@@ -342,6 +333,13 @@ class Daemon:
             extra_metrics.append(latencies)
             await self._start_nbd(InstrumentedProvider(engine, latencies))
 
+            node = NodeInfo(
+                nbd_uri=self.nbd_uri,
+                nbd_unix_socket=str(cfg.nbd_unix_socket) if cfg.nbd_unix_socket else None,
+                default_export=cfg.default_export,
+                data_dir=data_dir.resolve(),
+                default_chunklet_size=cfg.chunklet_size,
+            )
             app = create_app(engine, node, token=cfg.api_token, extra_metrics=extra_metrics)
             self.api_ctx = app.state.ctx
             self.api_server = _uvicorn_server(app, cfg)
@@ -393,9 +391,17 @@ class Daemon:
             extra={"event": "first-start"},
         )
 
+    @property
+    def nbd_uri(self) -> str | None:
+        """nbd://HOST:PORT with the port really bound (the config may say 0: any free port)."""
+        cfg = self.cfg
+        if cfg.nbd_listen is None or self.nbd is None or self.nbd.port is None:
+            return None
+        return f"nbd://{cfg.nbd_listen.url_host()}:{self.nbd.port}"
+
     def _log_ready(self, api_url: str) -> None:
         cfg = self.cfg
-        nbd_uri = f"nbd://{cfg.nbd_listen.url_host()}:{cfg.nbd_listen.port}" if cfg.nbd_listen else None
+        nbd_uri = self.nbd_uri
         fields: dict[str, Any] = {"event": "ready", "api": f"{api_url}/api/v1", "pid": os.getpid()}
         if nbd_uri:
             fields["nbd"] = nbd_uri
@@ -464,8 +470,13 @@ class Daemon:
 def serve(cfg: Config) -> int:
     """Run the daemon until SIGTERM/SIGINT; the process exit code."""
     setup_logging(cfg.log_level, cfg.log_format)
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        return asyncio.run(Daemon(cfg).run())
-    return uvloop.run(Daemon(cfg).run())
+    if cfg.event_loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+            log.warning(
+                "uvloop is not installed: using the standard event loop", extra={"event": "no-uvloop"}
+            )
+        else:
+            return uvloop.run(Daemon(cfg).run())
+    return asyncio.run(Daemon(cfg).run())
