@@ -126,7 +126,7 @@ def test_mistakes_name_the_key(doc: dict[str, object], message: str) -> None:
 def test_bad_toml_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text("data_dir = \n")
-    with pytest.raises(ConfigError, match="bad.toml: not valid TOML"):
+    with pytest.raises(ConfigError, match=r"bad\.toml: not valid TOML"):
         load_config(path)
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.toml")
@@ -190,7 +190,7 @@ def test_token_required_off_loopback() -> None:
     refuses to start open to the network rather than serve without one."""
     cfg = apply_overrides(Config(), api="0.0.0.0:8080")
     assert cfg.token_required
-    with pytest.raises(ConfigError, match="off loopback.*set api.token"):
+    with pytest.raises(ConfigError, match=r"off loopback.*set api\.token"):
         cfg.validate()
     assert apply_overrides(cfg, api_token="t").validate().api_token == "t"
 

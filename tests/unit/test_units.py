@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from thinblock.errors import InvalidArgument
-from thinblock.units import GiB, KiB, MiB, PiB, TiB, Limit, format_size, parse_size
+from thinblock.units import GiB, KiB, Limit, MiB, PiB, TiB, format_size, parse_size
 
 
 @pytest.mark.parametrize(
