@@ -592,7 +592,8 @@ class Engine:
             ld.size,
             pool.region_size,
             slots.regions,
-            slots.regions - slots.free,
+            # assigned regions only: released ones awaiting their fsync (2) are not in any map
+            slots.used.count(1),
             ld.health,
             refs,
         )
