@@ -53,6 +53,8 @@ class Figure:
 
 
 def _ms(seconds: float) -> str:
+    if seconds < 0.001:
+        return f"{seconds * 1e6:,.0f} us"
     return f"{seconds * 1000:,.1f} ms" if seconds < 1 else f"{seconds:,.2f} s"
 
 
@@ -65,7 +67,7 @@ def _reason(exc: BaseException) -> str:
         return "not measured: the engine is not implemented yet (NotImplementedError)"
     if isinstance(exc, ImportError):
         return f"not measured: {exc}"
-    return f"not measured: {type(exc).__name__}: {exc}"[:300]
+    return " ".join(f"not measured: {type(exc).__name__}: {exc}".split())[:300]
 
 
 # --- engine helpers ---------------------------------------------------------------------------------
@@ -84,9 +86,7 @@ async def _make_pool(engine: Any, pd_dir: Path, name: str, region_size: int, cap
     pd_dir.mkdir(parents=True, exist_ok=True)
     for index in range(2):
         await engine.add_pd(pd_dir / f"{name}-pd{index}.img", size=per_pd, chunklet_size=chunklet)
-    await engine.create_pool(
-        name, raid=0, set_size=2, step=min(128 * KiB, region_size), region_size=region_size
-    )
+    await engine.create_pool(name, raid=0, set_size=2, region_size=region_size)
 
 
 async def _smallest_region_pool(engine: Any, pd_dir: Path, name: str, regions: int) -> int:
@@ -283,6 +283,19 @@ def _find_vv_list_path(openapi: dict[str, Any]) -> str:
     return sorted(candidates, key=len)[0]
 
 
+OPENAPI_URLS = ("/api/v1/openapi.json", "/openapi.json", "/api/openapi.json")
+
+
+def _openapi(client: Any) -> dict[str, Any]:
+    """The daemon's OpenAPI document (FastAPI serves it under the API prefix)."""
+    for url in OPENAPI_URLS:
+        response = client.get(url)
+        if response.status_code == 200:
+            document: dict[str, Any] = response.json()
+            return document
+    raise RuntimeError(f"no OpenAPI document at {', '.join(OPENAPI_URLS)}")
+
+
 def _count_items(document: Any) -> int:
     if isinstance(document, list):
         return len(document)
@@ -316,15 +329,9 @@ async def measure_api_listing(workdir: Path, count: int = 1000) -> list[Figure]:
         ]
     api_port, nbd_port = free_port(), free_port()
     cmd = [
-        exe,
-        "serve",
-        "--data",
-        str(data_dir),
-        "--nbd",
-        f"{HOST}:{nbd_port}",
-        "--api",
-        f"{HOST}:{api_port}",
-    ]
+        exe, "serve", "--data", str(data_dir), "--nbd", f"{HOST}:{nbd_port}", "--api", f"{HOST}:{api_port}",
+        "--no-first-start",
+    ]  # fmt: skip
     process = Process(cmd, workdir / "listing" / "daemon.log", thinblock_env())
     try:
         try:
@@ -333,7 +340,7 @@ async def measure_api_listing(workdir: Path, count: int = 1000) -> list[Figure]:
             return [*figures, Figure(f"list {count:,} VVs through the REST API", _reason(exc))]
         base = f"http://{HOST}:{api_port}"
         with httpx.Client(base_url=base, timeout=60) as client:
-            path = _find_vv_list_path(client.get("/openapi.json").raise_for_status().json())
+            path = _find_vv_list_path(_openapi(client))
             times = []
             for _ in range(5):
                 began = time.perf_counter()
@@ -416,7 +423,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     table = figures_table(figures)
-    Console().print(table.rich())
+    Console(width=None if sys.stdout.isatty() else 200).print(table.rich())
     if not args.no_write:
         output = args.output or results_path("metadata" + ("-quick" if args.quick else ""))
         output.parent.mkdir(parents=True, exist_ok=True)

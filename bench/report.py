@@ -123,7 +123,7 @@ class Table:
 
     def markdown(self) -> str:
         def escape(text: str) -> str:
-            return text.replace("|", "\\|")
+            return " ".join(text.split()).replace("|", "\\|")  # one line per row
 
         lines = ["| " + " | ".join(escape(h) for h in self.headers) + " |"]
         lines.append(

@@ -83,6 +83,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="start thinblock as the daemon + CLI, with bench.launch_thinblock, or the daemon "
         "falling back to the launcher (default)",
     )
+    parser.add_argument(
+        "--thinblock-loop",
+        choices=("uvloop", "asyncio"),
+        help="thinblock's event loop (default: the daemon's default; the launcher's is uvloop)",
+    )
     parser.add_argument("--no-metadata", action="store_true", help="skip the metadata-scale figures")
     parser.add_argument(
         "--regions", type=int, help="assigned regions for the open figure (default 1,000,000)"
@@ -161,7 +166,9 @@ def targets_summary(results: Results) -> list[str]:
                 "not measured" if ratio is None else f"{ratio:.2f}, short by {(target - ratio) / target:.0%}"
             )
             lines.append(f"  - {cell.profile}, {cell.connections} conn: {how}")
-    if TARGETS.keys() & set(results.servers) and "qemu-nbd" not in results.servers:
+    if not TARGETS.keys() & set(results.servers):
+        lines.append("No thinblock server in this run: no target to check.")
+    elif "qemu-nbd" not in results.servers:
         lines.append("(qemu-nbd was not run, so no ratio could be computed.)")
     return lines
 
@@ -227,8 +234,9 @@ def markdown_report(
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    console = Console()
-    servers = [s for s in all_servers(args.thinblock_launch) if s.key in args.servers]
+    # Piped to a file or a CI log, rich would squeeze the table into 80 columns.
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    servers = [s for s in all_servers(args.thinblock_launch, args.thinblock_loop) if s.key in args.servers]
     started = datetime.datetime.now()
     began = time.monotonic()
     if args.workdir:

@@ -66,12 +66,14 @@ class Process:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
-    def log_tail(self, lines: int = 8) -> str:
+    def log_tail(self, lines: int = 2) -> str:
+        """The last lines of its output (for a Python traceback: the exception)."""
         try:
             text = self.log_path.read_text(errors="replace")
         except OSError:
             return ""
-        return " | ".join(text.strip().splitlines()[-lines:])
+        tail = [line.strip() for line in text.strip().splitlines()[-lines:]]
+        return " | ".join(tail)
 
     def stop(self, timeout: float = 15.0) -> None:
         if self.popen.poll() is None:
@@ -304,6 +306,7 @@ class ThinblockServer:
     key: str
     raid: int
     launch: str = "auto"
+    event_loop: str | None = None  # "uvloop" or "asyncio"; None: the daemon's default (launcher: uvloop)
     export_size: int = 16 * 2**30
     pd_size: int = 16 * 2**30
     launched_with: str | None = None
@@ -312,6 +315,8 @@ class ThinblockServer:
     @property
     def description(self) -> str:
         how = self.launched_with or self.launch
+        if self.event_loop:
+            how += f", {self.event_loop} event loop"
         text = (
             f"thinblock ({how}), fresh data dir, RAID {self.raid} pool (set size 2) over two "
             f"{self.pd_size // 2**30} GiB sparse file PDs, one {self.export_size // 2**30} GiB VV"
@@ -342,10 +347,16 @@ class ThinblockServer:
         try:
             nbd_port, api_port = free_port(), free_port()
             api = f"http://{HOST}:{api_port}"
-            cmd = [exe, "serve", "--data", str(directory / "data"), "--nbd", f"{HOST}:{nbd_port}"]
-            process = Process(
-                [*cmd, "--api", f"{HOST}:{api_port}"], directory / "server.log", thinblock_env()
-            )
+            # --no-first-start: the bench creates its own PDs, pool and VV (not the first-start defaults).
+            cmd = [
+                exe, "serve", "--data", str(directory / "data"), "--nbd", f"{HOST}:{nbd_port}",
+                "--api", f"{HOST}:{api_port}", "--no-first-start",
+            ]  # fmt: skip
+            if self.event_loop:
+                config = directory / "thinblock.toml"
+                config.write_text(f'event_loop = "{self.event_loop}"\n')
+                cmd += ["--config", str(config)]
+            process = Process(cmd, directory / "server.log", thinblock_env())
             try:
                 wait_for_port(api_port, process)
                 cli = [exe, "--api", api]
@@ -375,6 +386,7 @@ class ThinblockServer:
                 sys.executable, "-m", "bench.launch_thinblock", "--data", str(directory / "data"),
                 "--pd-dir", str(directory), "--port", str(port), "--raid", str(self.raid),
                 "--pd-size", str(self.pd_size), "--vv-size", str(self.export_size), "--export", EXPORT,
+                "--loop", self.event_loop or "uvloop",
             ]  # fmt: skip
             uri = f"nbd://{HOST}:{port}/{EXPORT}"
             return _start(cmd, directory, uri, port, self.export_size, env=thinblock_env(), timeout=120)
@@ -395,11 +407,11 @@ def _fresh_dir(workdir: Path, key: str) -> Path:
     raise ServerError("no fresh directory")
 
 
-def all_servers(thinblock_launch: str = "auto") -> list[Server]:
+def all_servers(thinblock_launch: str = "auto", thinblock_loop: str | None = None) -> list[Server]:
     """Every server of a run, in the order they run."""
     return [
-        ThinblockServer("thinblock-raid0", raid=0, launch=thinblock_launch),
-        ThinblockServer("thinblock-raid1", raid=1, launch=thinblock_launch),
+        ThinblockServer("thinblock-raid0", raid=0, launch=thinblock_launch, event_loop=thinblock_loop),
+        ThinblockServer("thinblock-raid1", raid=1, launch=thinblock_launch, event_loop=thinblock_loop),
         QemuNbd(),
         NbdkitFile(),
         NbdkitNull(),
