@@ -92,6 +92,7 @@ _CHUNK_HOLE = struct.Struct(">IHHQIQI")  # chunk header + offset + hole size
 _CHUNK_ERROR = struct.Struct(">IHHQIIH")  # chunk header + error + message length
 
 REQUEST_SIZE = _REQUEST.size  # 28
+_IHAVEOPT_HIGH = Magic.IHAVEOPT >> 32
 OPTION_HEADER_SIZE = _OPTION_HEADER.size  # 16
 EXPORT_NAME_ZEROES = 124
 
@@ -114,7 +115,8 @@ _JOIN_LIMIT = 16 * 1024
 _ZEROES = bytes(1024 * 1024)
 
 _SERVER_HANDSHAKE_FLAGS = HandshakeFlags.FIXED_NEWSTYLE | HandshakeFlags.NO_ZEROES
-_KNOWN_CLIENT_FLAGS = ClientFlags.C_FIXED_NEWSTYLE | ClientFlags.C_NO_ZEROES
+# Plain ints: ``~`` of an IntFlag keeps only the defined bits, which would hide unknown ones.
+_KNOWN_CLIENT_FLAGS = int(ClientFlags.C_FIXED_NEWSTYLE | ClientFlags.C_NO_ZEROES)
 
 _COMMAND_BY_VALUE: dict[int, Command] = {c.value: c for c in Command}
 _ALL_COMMAND_FLAGS = 0
@@ -832,10 +834,10 @@ class ServerConnection:
             exports = list(self._list_exports())
         except Exception as exc:
             self._outbox.append(
-                encode_option_error(Option.LIST, OptionReply.ERR_SHUTDOWN, "cannot list exports")
+                encode_option_error(Option.LIST, OptionReply.ERR_POLICY, "cannot list exports")
             )
             return OptionRequest(
-                Option.LIST, OptionReply.ERR_SHUTDOWN, detail=f"listing exports failed: {exc!r}"
+                Option.LIST, OptionReply.ERR_POLICY, detail=f"listing exports failed: {exc!r}"
             )
         for name, description in exports:
             self._outbox.append(encode_rep_server(name, description))
@@ -955,10 +957,11 @@ class ServerConnection:
         self._max_block = export.maximum_block
         # "NBD_CMD_FLAG_FUA ... is valid for all commands, provided NBD_FLAG_SEND_FUA has been
         # negotiated".  Other flags only for the commands documented for them.
-        fua = CommandFlags.FUA if flags & TransmissionFlags.SEND_FUA else 0
-        zero_flags = fua | CommandFlags.NO_HOLE
+        # (Plain ints, so that ``flags & ~allowed`` also catches bits no enum member has.)
+        fua = int(CommandFlags.FUA) if flags & TransmissionFlags.SEND_FUA else 0
+        zero_flags = fua | int(CommandFlags.NO_HOLE)
         if flags & TransmissionFlags.SEND_FAST_ZERO:
-            zero_flags |= CommandFlags.FAST_ZERO
+            zero_flags |= int(CommandFlags.FAST_ZERO)
         self._allowed_flags = {
             Command.READ: fua,
             Command.WRITE: fua,
@@ -966,7 +969,7 @@ class ServerConnection:
             Command.TRIM: fua,
             Command.CACHE: fua,
             Command.WRITE_ZEROES: zero_flags,
-            Command.BLOCK_STATUS: fua | CommandFlags.REQ_ONE,
+            Command.BLOCK_STATUS: fua | int(CommandFlags.REQ_ONE),
         }
         return ExportChosen(export, self.structured_replies, self.base_allocation)
 
@@ -996,14 +999,16 @@ class ServerConnection:
         start = self._start
         available = self._end - start
         if available < REQUEST_SIZE:
+            if available >= 4:
+                (magic,) = _U32.unpack_from(self._buf, start)
+                # Fail early on a bad magic; wait for 8 bytes to tell an option ('IHAVEOPT') apart.
+                if magic != Magic.REQUEST and (magic != _IHAVEOPT_HIGH or available >= 8 or self._eof):
+                    return self._bad_magic(start, available)
             return self._at_eof(available, REQUEST_SIZE)
         magic, flags, command, handle, offset, length = _REQUEST.unpack_from(self._buf, start)
-        self._consumed(REQUEST_SIZE)
         if magic != Magic.REQUEST:
-            if available >= 8 and _OPTION_HEADER.unpack_from(self._buf, start)[0] == Magic.IHAVEOPT:
-                return self._fail("client sent an option after negotiation ended")
-            # Without a valid header the stream cannot be resynchronised.
-            return self._fail(f"bad request magic {magic:#010x}")
+            return self._bad_magic(start, available)
+        self._consumed(REQUEST_SIZE)
 
         allowed = self._allowed_flags.get(command)
         if allowed is not None and not flags & ~allowed:
@@ -1021,6 +1026,13 @@ class ServerConnection:
             # the server "MUST handle all outstanding requests" and then close.
             return self._close("client sent NBD_CMD_DISC")
         return Request(handle, _COMMAND_BY_VALUE[command], _command_flags(flags), offset, length)
+
+    def _bad_magic(self, start: int, available: int) -> ProtocolError:
+        # Without a valid header the stream cannot be resynchronised: a hard disconnect.
+        if available >= 8 and _OPTION_HEADER.unpack_from(self._buf, start)[0] == Magic.IHAVEOPT:
+            return self._fail("client sent an option after negotiation ended")
+        (magic,) = _U32.unpack_from(self._buf, start)
+        return self._fail(f"bad request magic {magic:#010x}")
 
     def _check_command(self, command: int, flags: int, allowed: int | None) -> tuple[Errno, str]:
         """Why a request with this command and these flags is refused (the slow path)."""
