@@ -420,6 +420,7 @@ class _Connection(asyncio.BufferedProtocol):
                 if kind is Request:
                     self._dispatch(event)  # type: ignore[arg-type]
                 elif kind is RequestRejected:
+                    self._flush_core()  # its error reply, before replies to later requests
                     self._log_rejected(event)  # type: ignore[arg-type]
                 elif kind is OptionRequest:
                     log.debug("client %s: %s", self.peer, event, extra={"event": "nbd-option"})
