@@ -135,7 +135,7 @@ async def test_zero_length_read_succeeds_without_data(nbd_server, bystander) -> 
 async def test_structured_client_gets_error_chunks(nbd_server, bystander) -> None:
     client = await connected(nbd_server, structured=True, meta=False)
     client.send(request(READ, 7, 0, 0xFFFFFFFF))
-    magic, flags, type_, handle, payload = await client.reply()
+    _magic, flags, type_, handle, payload = await client.reply()
     assert (type_, handle, flags) == (0x8001, 7, 1)
     assert struct.unpack(">I", payload[:4])[0] == EINVAL
     await client.aclose()
@@ -310,7 +310,7 @@ async def test_a_thousand_connections_opened_and_dropped(nbd_server, bystander) 
 
     async def one(i: int) -> None:
         try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", nbd_server.port)
+            _reader, writer = await asyncio.open_connection("127.0.0.1", nbd_server.port)
         except OSError:
             return
         try:

@@ -158,7 +158,7 @@ async def test_holes_are_not_sent_as_zeros(server: NBDServer) -> None:
     client.send(request(READ, 2, 0, 1 * MiB))
     chunks = []
     while True:
-        _magic, flags, type_, handle, payload = await client.reply()
+        _magic, flags, type_, _handle, payload = await client.reply()
         chunks.append((type_, payload))
         if flags & 1:
             break
@@ -312,7 +312,8 @@ async def test_unix_socket_replaces_a_stale_socket_and_is_removed_on_stop() -> N
         f.write("not a socket")
     with pytest.raises(OSError):
         await NBDServer(MemProvider()).start(None, None, unix_path=path)
-    assert open(path).read() == "not a socket"
+    with open(path) as f:
+        assert f.read() == "not a socket"
     os.unlink(path)
     os.rmdir(directory)
 
