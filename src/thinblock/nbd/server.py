@@ -49,7 +49,7 @@ import socket
 import stat
 from collections.abc import Callable, Coroutine, Iterator
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 from thinblock.aio import start_eager
 from thinblock.blockdev import Volume, VolumeProvider
@@ -328,7 +328,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     # --- asyncio callbacks ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop transports are not asyncio.Transport subclasses
         self.transport = transport
         server = self.server
         peer = transport.get_extra_info("peername")
