@@ -119,6 +119,7 @@ async def test_pd_in_use_cannot_be_removed(client: httpx.AsyncClient, engine: En
         {"path": "x.img", "size": "lots"},
         {"path": "x.img", "size": -1},
         {"path": "x.img", "size": True},
+        {"path": "x.img", "size": 4096.5},
         {"path": "x.img", "size": 2**64},
         {"path": "x.img", "size": "9999999999PiB"},
         {"path": "x.img", "size": "64MiB", "colour": "red"},
@@ -223,7 +224,9 @@ async def test_volume_lifecycle(client: httpx.AsyncClient, engine: Engine) -> No
     stats = _ok(await client.get("/volumes/vol1/stats"))
     assert (stats["writes"], stats["write_bytes"]) == (1, 2 * MiB + 1)
 
-    grown = _ok(await client.post("/volumes/vol1/grow", json={"size": "2GiB"}))
+    grown = _ok(
+        await client.post("/volumes/vol1/grow", json={"size": float(2 * GiB)})
+    )  # JSON has one number type
     assert grown["size"] == 2 * GiB and grown["alloc_warning"] == GiB  # the percentage follows
     assert "shrink" in _err(await client.post("/volumes/vol1/grow", json={"size": "1GiB"}), 400)
 

@@ -63,8 +63,14 @@ _SIZE_PATTERN = r"^\s*\d+(\.\d+)?\s*[KMGTPkmgtp]?([iI]?[bB])?\s*$"
 _LIMIT_PATTERN = r"^\s*(\d+(\.\d+)?\s*%|\d+(\.\d+)?\s*[KMGTPkmgtp]?([iI]?[bB])?)\s*$"
 
 
+def _whole(value: Any) -> Any:
+    """JSON has one number type: 4096.0 is the integer 4096 (as JSON Schema counts it)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def _size_to_bytes(value: Any) -> int:
     """Bytes as an integer, or a string with units; within what the store can hold."""
+    value = _whole(value)
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise ValueError("expected a size: bytes as an integer, or a string like '16MiB'")
     n = parse_size(value)  # InvalidArgument is a ValueError: pydantic turns it into a 400
@@ -75,6 +81,7 @@ def _size_to_bytes(value: Any) -> int:
 
 def _limit(value: Any) -> Limit:
     """Bytes, a size string, or a percentage of the volume's size."""
+    value = _whole(value)
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise ValueError("expected a limit: bytes, a size like '10GiB', or a percentage like '80%'")
     limit = Limit.parse(value)
@@ -112,8 +119,9 @@ LimitSpec = Annotated[
     ),
 ]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME)]
-IdPath = Annotated[int, PathParam(ge=0, le=MAX_INT)]
-NamePath = Annotated[str, PathParam(min_length=1, max_length=MAX_NAME)]
+IdPath = Annotated[int, PathParam(ge=0, le=MAX_INT, examples=[1])]
+PoolPath = Annotated[str, PathParam(min_length=1, max_length=MAX_NAME, examples=["default"])]
+VolumePath = Annotated[str, PathParam(min_length=1, max_length=MAX_NAME, examples=["vol0"])]
 
 
 class _Request(BaseModel):
@@ -145,6 +153,10 @@ class PDCreate(_Request):
     )
     size: Size | None = Field(default=None, description="required when the file does not exist")
     chunklet_size: Size | None = Field(default=None, description="default: the daemon's engine.chunklet_size")
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"path": "/srv/thinblock/pd4.img", "size": "64GiB"}]}
+    )
 
 
 class ChunkletOut(BaseModel):
@@ -197,6 +209,15 @@ class PoolCreate(_Request):
     growth_warning: Size | None = None
     growth_limit: Size | None = None
 
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"name": "gold", "raid": 5, "set_size": 4, "growth_increment": "1GiB", "growth_limit": "1TiB"}
+            ]
+        },
+    )
+
 
 class PoolUpdate(_Request):
     """Only the fields given change; ``null`` removes a warning or limit."""
@@ -204,6 +225,10 @@ class PoolUpdate(_Request):
     growth_increment: Size | None = None
     growth_warning: Size | None = None
     growth_limit: Size | None = None
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"growth_warning": "800GiB", "growth_limit": "1TiB"}]}
+    )
 
 
 class CompactOut(BaseModel):
@@ -236,6 +261,21 @@ class VolumeCreate(_Request):
     alloc_limit: LimitSpec | None = None
     cache_mode: CacheMode | None = None
 
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "vol1",
+                    "pool": "default",
+                    "size": "100GiB",
+                    "alloc_warning": "80%",
+                    "alloc_limit": "90%",
+                }
+            ]
+        },
+    )
+
 
 class VolumeUpdate(_Request):
     """Only the fields given change; ``null`` removes a warning or limit."""
@@ -244,9 +284,15 @@ class VolumeUpdate(_Request):
     alloc_limit: LimitSpec | None = None
     cache_mode: CacheMode | None = None
 
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"alloc_limit": None, "cache_mode": "writeback"}]}
+    )
+
 
 class VolumeGrow(_Request):
     size: Size = Field(description="the new virtual size (grow only)")
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"size": "200GiB"}]})
 
 
 class VolumeStatsOut(BaseModel):
@@ -636,11 +682,11 @@ def _router(ctx: ApiContext) -> APIRouter:
         return _pool_out(await engine.create_pool(body.name, **kwargs))
 
     @router.get("/pools/{name}", tags=["pools"])
-    async def show_pool(name: NamePath) -> PoolOut:
+    async def show_pool(name: PoolPath) -> PoolOut:
         return _pool_out(engine.get_pool(name))
 
     @router.patch("/pools/{name}", tags=["pools"])
-    async def set_pool(name: NamePath, body: PoolUpdate) -> PoolOut:
+    async def set_pool(name: PoolPath, body: PoolUpdate) -> PoolOut:
         if "growth_increment" in body.model_fields_set and body.growth_increment is None:
             raise InvalidArgument("growth_increment cannot be removed, only changed")
         return _pool_out(
@@ -653,13 +699,13 @@ def _router(ctx: ApiContext) -> APIRouter:
         )
 
     @router.post("/pools/{name}/compact", tags=["pools"])
-    async def compact_pool(name: NamePath) -> CompactOut:
+    async def compact_pool(name: PoolPath) -> CompactOut:
         """Release the pool's LDs whose regions are all free back to free chunklets."""
         released = await engine.compact_pool(name)
         return CompactOut(released_lds=released, pool=_pool_out(engine.get_pool(name)))
 
     @router.delete("/pools/{name}", status_code=204, tags=["pools"])
-    async def delete_pool(name: NamePath) -> Response:
+    async def delete_pool(name: PoolPath) -> Response:
         """Only when it has no volumes (409 otherwise); its LDs are released."""
         await engine.delete_pool(name)
         return Response(status_code=204)
@@ -708,11 +754,11 @@ def _router(ctx: ApiContext) -> APIRouter:
         return _volume_out(info, node)
 
     @router.get("/volumes/{name}", tags=["volumes"])
-    async def show_volume(name: NamePath) -> VolumeOut:
+    async def show_volume(name: VolumePath) -> VolumeOut:
         return _volume_out(engine.get_vv(name), node)
 
     @router.patch("/volumes/{name}", tags=["volumes"])
-    async def set_volume(name: NamePath, body: VolumeUpdate) -> VolumeOut:
+    async def set_volume(name: VolumePath, body: VolumeUpdate) -> VolumeOut:
         if "cache_mode" in body.model_fields_set and body.cache_mode is None:
             raise InvalidArgument("cache_mode cannot be removed, only changed (writeback or writethrough)")
         info = await engine.set_vv(
@@ -724,18 +770,18 @@ def _router(ctx: ApiContext) -> APIRouter:
         return _volume_out(info, node)
 
     @router.post("/volumes/{name}/grow", tags=["volumes"])
-    async def grow_volume(name: NamePath, body: VolumeGrow) -> VolumeOut:
+    async def grow_volume(name: VolumePath, body: VolumeGrow) -> VolumeOut:
         """Grow the virtual size (shrinking is refused); NBD clients see it on their next connection."""
         return _volume_out(await engine.grow_vv(name, body.size), node)
 
     @router.delete("/volumes/{name}", status_code=204, tags=["volumes"])
-    async def delete_volume(name: NamePath) -> Response:
+    async def delete_volume(name: VolumePath) -> Response:
         """Every region it holds goes back to its pool, zeroed."""
         await engine.delete_vv(name)
         return Response(status_code=204)
 
     @router.get("/volumes/{name}/stats", tags=["volumes"])
-    async def volume_stats(name: NamePath) -> VolumeStatsOut:
+    async def volume_stats(name: VolumePath) -> VolumeStatsOut:
         """I/O counters since the daemon started."""
         engine.get_vv(name)
         return VolumeStatsOut(**asdict(engine.vv_stats(name)))
