@@ -92,6 +92,23 @@ _CHUNK_HOLE = struct.Struct(">IHHQIQI")  # chunk header + offset + hole size
 _CHUNK_ERROR = struct.Struct(">IHHQIIH")  # chunk header + error + message length
 
 REQUEST_SIZE = _REQUEST.size  # 28
+# Plain ints for the hot path (attribute access on enum classes is comparatively slow).
+_REQUEST_MAGIC = int(Magic.REQUEST)
+_SIMPLE_MAGIC = int(Magic.SIMPLE_REPLY)
+_STRUCTURED_MAGIC = int(Magic.STRUCTURED_REPLY)
+_DONE = int(ReplyFlags.DONE)
+_TYPE_OFFSET_DATA = int(ReplyType.OFFSET_DATA)
+_TYPE_OFFSET_HOLE = int(ReplyType.OFFSET_HOLE)
+_CMD_WRITE = int(Command.WRITE)
+_CMD_DISC = int(Command.DISC)
+_CMD_FLUSH = int(Command.FLUSH)
+_CMD_WRITE_ZEROES = int(Command.WRITE_ZEROES)
+_CMD_BLOCK_STATUS = int(Command.BLOCK_STATUS)
+_PAYLOAD_COMMANDS = frozenset({int(Command.READ), int(Command.WRITE), int(Command.CACHE)})
+_OK: tuple[Errno, str] = (Errno.OK, "")
+_COMMAND_READ = Command.READ
+_COMMAND_WRITE = Command.WRITE
+_COMMAND_BLOCK_STATUS = Command.BLOCK_STATUS
 _IHAVEOPT_HIGH = Magic.IHAVEOPT >> 32
 OPTION_HEADER_SIZE = _OPTION_HEADER.size  # 16
 EXPORT_NAME_ZEROES = 124
@@ -577,6 +594,7 @@ class ServerConnection:
         self._min_block = 1
         self._max_block = 0
         self._allowed_flags: dict[int, int] = {}
+        self._refusals: dict[int, tuple[Errno, str]] = {}
 
     # --- introspection ---------------------------------------------------------------------
     @property
@@ -962,6 +980,28 @@ class ServerConnection:
         zero_flags = fua | int(CommandFlags.NO_HOLE)
         if flags & TransmissionFlags.SEND_FAST_ZERO:
             zero_flags |= int(CommandFlags.FAST_ZERO)
+        # Commands this export refuses whatever their range.
+        refusals: dict[int, tuple[Errno, str]] = {}
+        if flags & TransmissionFlags.READ_ONLY:
+            # "it SHOULD return NBD_EPERM if it receives a write or trim request on a read-only export"
+            for command in (Command.WRITE, Command.TRIM, Command.WRITE_ZEROES):
+                refusals[command] = (Errno.EPERM, f"{_name_of(Command, command)}: the export is read-only")
+        for command, flag in (
+            (Command.FLUSH, TransmissionFlags.SEND_FLUSH),
+            (Command.TRIM, TransmissionFlags.SEND_TRIM),
+            (Command.WRITE_ZEROES, TransmissionFlags.SEND_WRITE_ZEROES),
+            (Command.CACHE, TransmissionFlags.SEND_CACHE),
+        ):
+            if not flags & flag and command not in refusals:
+                refusals[command] = (Errno.EINVAL, f"{_name_of(Command, command)} was not advertised")
+        if not self.base_allocation:
+            # "Servers SHOULD reply with NBD_EINVAL to clients sending NBD_CMD_BLOCK_STATUS without
+            # selecting at least one metadata context."
+            refusals[Command.BLOCK_STATUS] = (
+                Errno.EINVAL,
+                "NBD_CMD_BLOCK_STATUS without a negotiated metadata context",
+            )
+        self._refusals = refusals
         self._allowed_flags = {
             Command.READ: fua,
             Command.WRITE: fua,
@@ -1002,11 +1042,11 @@ class ServerConnection:
             if available >= 4:
                 (magic,) = _U32.unpack_from(self._buf, start)
                 # Fail early on a bad magic; wait for 8 bytes to tell an option ('IHAVEOPT') apart.
-                if magic != Magic.REQUEST and (magic != _IHAVEOPT_HIGH or available >= 8 or self._eof):
+                if magic != _REQUEST_MAGIC and (magic != _IHAVEOPT_HIGH or available >= 8 or self._eof):
                     return self._bad_magic(start, available)
             return self._at_eof(available, REQUEST_SIZE)
         magic, flags, command, handle, offset, length = _REQUEST.unpack_from(self._buf, start)
-        if magic != Magic.REQUEST:
+        if magic != _REQUEST_MAGIC:
             return self._bad_magic(start, available)
         self._consumed(REQUEST_SIZE)
 
@@ -1015,13 +1055,13 @@ class ServerConnection:
             error, reason = self._check_range(command, offset, length)
         else:
             error, reason = self._check_command(command, flags, allowed)
-        if command == Command.WRITE:
+        if command == _CMD_WRITE:
             if error:
                 return self._refuse_write(handle, flags, offset, length, error, reason)
             return self._start_write(handle, flags, offset, length)
         if error:
             return self._reject(handle, command, flags, offset, length, error, reason)
-        if command == Command.DISC:
+        if command == _CMD_DISC:
             # "A client MUST NOT send anything to the server after sending an NBD_CMD_DISC";
             # the server "MUST handle all outstanding requests" and then close.
             return self._close("client sent NBD_CMD_DISC")
@@ -1037,8 +1077,8 @@ class ServerConnection:
     def _check_command(self, command: int, flags: int, allowed: int | None) -> tuple[Errno, str]:
         """Why a request with this command and these flags is refused (the slow path)."""
         name = _name_of(Command, command)
-        if command == Command.DISC:
-            return Errno.OK, ""
+        if command == _CMD_DISC:
+            return _OK
         if allowed is None:
             # "The server SHOULD return NBD_EINVAL if it receives an unknown command."
             return Errno.EINVAL, f"{name} is not supported"
@@ -1051,35 +1091,17 @@ class ServerConnection:
         return Errno.EINVAL, f"{name}: flags {refused!r} are not allowed for this command or not negotiated"
 
     def _check_range(self, command: int, offset: int, length: int) -> tuple[Errno, str]:
-        """Validate a request whose command and flags are acceptable."""
-        export_flags = self._export_flags
-        if command == Command.READ:
-            pass
-        elif command in (Command.WRITE, Command.WRITE_ZEROES, Command.TRIM):
-            if export_flags & TransmissionFlags.READ_ONLY:
-                # "it SHOULD return NBD_EPERM if it receives a write or trim request on a read-only export"
-                return Errno.EPERM, f"{_name_of(Command, command)}: the export is read-only"
-            if command == Command.TRIM and not export_flags & TransmissionFlags.SEND_TRIM:
-                return Errno.EINVAL, "NBD_CMD_TRIM was not advertised"
-            if command == Command.WRITE_ZEROES and not export_flags & TransmissionFlags.SEND_WRITE_ZEROES:
-                return Errno.EINVAL, "NBD_CMD_WRITE_ZEROES was not advertised"
-        elif command == Command.FLUSH:
-            if not export_flags & TransmissionFlags.SEND_FLUSH:
-                return Errno.EINVAL, "NBD_CMD_FLUSH was not advertised"
+        """Validate a request whose command and flags are acceptable (the hot path)."""
+        refusal = self._refusals.get(command)
+        if refusal is not None:
+            return refusal
+        if command == _CMD_FLUSH:
             # "For a flush request, length and offset are reserved, and MUST be set to all-zero."
             if offset or length:
                 return Errno.EINVAL, f"NBD_CMD_FLUSH with offset {offset} and length {length} (must be 0)"
-            return Errno.OK, ""
-        elif command == Command.CACHE:
-            if not export_flags & TransmissionFlags.SEND_CACHE:
-                return Errno.EINVAL, "NBD_CMD_CACHE was not advertised"
-        elif command == Command.BLOCK_STATUS:
-            if not self.base_allocation:
-                # "Servers SHOULD reply with NBD_EINVAL to clients sending NBD_CMD_BLOCK_STATUS
-                # without selecting at least one metadata context."
-                return Errno.EINVAL, "NBD_CMD_BLOCK_STATUS without a negotiated metadata context"
-            if length == 0:
-                return Errno.EINVAL, "NBD_CMD_BLOCK_STATUS of length 0"
+            return _OK
+        if command == _CMD_BLOCK_STATUS and not length:
+            return Errno.EINVAL, "NBD_CMD_BLOCK_STATUS of length 0"
         if offset + length > self._size:  # Python ints: no 64-bit wrap-around
             name = _name_of(Command, command)
             reason = f"{name}: offset {offset} + length {length} is past the end of the export"
@@ -1087,7 +1109,7 @@ class ServerConnection:
             # "The server SHOULD return NBD_ENOSPC if it receives a write request including one or
             # more sectors beyond the size of the device" (and likewise write zeroes); "NBD_EINVAL
             # if it receives a read or trim request including one or more sectors beyond the size".
-            if command in (Command.WRITE, Command.WRITE_ZEROES):
+            if command in (_CMD_WRITE, _CMD_WRITE_ZEROES):
                 return Errno.ENOSPC, reason
             return Errno.EINVAL, reason
         minimum = self._min_block
@@ -1097,7 +1119,7 @@ class ServerConnection:
             return Errno.EINVAL, (
                 f"{_name_of(Command, command)}: offset {offset} / length {length} not aligned to {minimum}"
             )
-        if length > self._max_block and command in (Command.READ, Command.WRITE, Command.CACHE):
+        if length > self._max_block and command in _PAYLOAD_COMMANDS:
             # "... or is larger than the advertised maximum block size."  TRIM, BLOCK_STATUS and
             # WRITE_ZEROES carry no payload: they are accepted up to the export size (qemu sends
             # zeroing requests larger than the maximum block size).
@@ -1105,10 +1127,10 @@ class ServerConnection:
                 f"{_name_of(Command, command)}: length {length} is larger than the maximum block size "
                 f"{self._max_block}"
             )
-        return Errno.OK, ""
+        return _OK
 
     def _start_write(self, handle: int, flags: int, offset: int, length: int) -> Event:
-        request = Request(handle, Command.WRITE, _command_flags(flags), offset, length)
+        request = Request(handle, _COMMAND_WRITE, _command_flags(flags), offset, length)
         start = self._start
         available = self._end - start
         if available >= length:
@@ -1156,11 +1178,11 @@ class ServerConnection:
         A simple reply: allowed with structured replies for "any request other than NBD_CMD_READ,
         but only if the reply has no data payload"."""
         command = request.command
-        if command == Command.READ and (self.structured_replies or request.length):
+        if command is _COMMAND_READ and (self.structured_replies or request.length):
             raise ReplyError("a successful NBD_CMD_READ needs reply_read")
-        if command == Command.BLOCK_STATUS:
+        if command is _COMMAND_BLOCK_STATUS:
             raise ReplyError("a successful NBD_CMD_BLOCK_STATUS needs reply_block_status")
-        return _SIMPLE_REPLY.pack(Magic.SIMPLE_REPLY, 0, request.handle)
+        return _SIMPLE_REPLY.pack(_SIMPLE_MAGIC, 0, request.handle)
 
     def reply_error(self, request: Request, error: Errno | int, message: str = "") -> bytes:
         """Failure of any request: a structured ERROR chunk when structured replies were
@@ -1169,7 +1191,7 @@ class ServerConnection:
             raise ReplyError("reply_error needs a nonzero error")
         if self.structured_replies:
             return encode_chunk_error(request.handle, error, message)
-        return _SIMPLE_REPLY.pack(Magic.SIMPLE_REPLY, error, request.handle)
+        return _SIMPLE_REPLY.pack(_SIMPLE_MAGIC, error, request.handle)
 
     def reply_read(self, request: Request, data: Buffer) -> list[Buffer]:
         """Success of a READ: ``data`` is exactly ``request.length`` bytes.  Returns the
@@ -1182,15 +1204,15 @@ class ServerConnection:
             if not length:
                 return [encode_chunk_none(handle)]
             header = _CHUNK_OFFSET.pack(
-                Magic.STRUCTURED_REPLY,
-                ReplyFlags.DONE,
-                ReplyType.OFFSET_DATA,
+                _STRUCTURED_MAGIC,
+                _DONE,
+                _TYPE_OFFSET_DATA,
                 handle,
                 length + 8,
                 request.offset,
             )
         else:
-            header = _SIMPLE_REPLY.pack(Magic.SIMPLE_REPLY, 0, handle)
+            header = _SIMPLE_REPLY.pack(_SIMPLE_MAGIC, 0, handle)
         if length <= _JOIN_LIMIT:
             return [header + data]
         return [header, data]
@@ -1221,7 +1243,7 @@ class ServerConnection:
             raise ReplyError(f"read pieces end at {position}, not {end}")
         out: list[Buffer] = []
         if not self.structured_replies:
-            out.append(_SIMPLE_REPLY.pack(Magic.SIMPLE_REPLY, 0, handle))
+            out.append(_SIMPLE_REPLY.pack(_SIMPLE_MAGIC, 0, handle))
             for _offset, length, data in merged:
                 if data is not None:
                     out.append(data)
@@ -1237,17 +1259,15 @@ class ServerConnection:
         for i, (offset, length, data) in enumerate(merged):
             # The data is all here already: no error can be detected while sending the last
             # chunk, so it may carry NBD_REPLY_FLAG_DONE.
-            flags = ReplyFlags.DONE if i == last else 0
+            flags = _DONE if i == last else 0
             if data is None:
                 out.append(
-                    _CHUNK_HOLE.pack(
-                        Magic.STRUCTURED_REPLY, flags, ReplyType.OFFSET_HOLE, handle, 12, offset, length
-                    )
+                    _CHUNK_HOLE.pack(_STRUCTURED_MAGIC, flags, _TYPE_OFFSET_HOLE, handle, 12, offset, length)
                 )
             else:
                 out.append(
                     _CHUNK_OFFSET.pack(
-                        Magic.STRUCTURED_REPLY, flags, ReplyType.OFFSET_DATA, handle, length + 8, offset
+                        _STRUCTURED_MAGIC, flags, _TYPE_OFFSET_DATA, handle, length + 8, offset
                     )
                 )
                 out.append(data)

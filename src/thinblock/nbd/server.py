@@ -81,7 +81,11 @@ DEFAULT_SHUTDOWN_TIMEOUT = 30.0  # seconds stop() waits for requests in flight
 _WRITE_HIGH_WATER = 8 * 1024 * 1024
 _WRITE_LOW_WATER = 2 * 1024 * 1024
 _CLOSE_GRACE = 5.0  # seconds a closing transport may take to drain before it is aborted
-_LOG_BURST = 10  # log lines of one kind per connection before they are suppressed
+_LOG_BURST = 10
+_OUT_BATCH = 256 * 1024  # queued reply bytes that are written without waiting for the batch to end
+_JOIN_LIMIT = (
+    16 * 1024
+)  # reply buffers up to this size are joined; larger ones go out as they are  # log lines of one kind per connection before they are suppressed
 
 _KIND_VALUE = 0  # the coroutine's result is the reply's content
 _KIND_READ = 1  # bytes-like from Volume.read
@@ -325,10 +329,15 @@ class _Connection(asyncio.BufferedProtocol):
         self._lost_waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._log_counts: dict[str, int] = {}
+        self._out: list[Buffer] = []
+        self._out_bytes = 0
+        self._flush_scheduled = False
 
     # --- asyncio callbacks ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport = cast(asyncio.Transport, transport)  # uvloop transports are not asyncio.Transport subclasses
+        transport = cast(
+            asyncio.Transport, transport
+        )  # uvloop transports are not asyncio.Transport subclasses
         self.transport = transport
         server = self.server
         peer = transport.get_extra_info("peername")
@@ -355,7 +364,8 @@ class _Connection(asyncio.BufferedProtocol):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._timer = asyncio.get_running_loop().call_later(server.handshake_timeout, self._handshake_timeout)
-        self._flush_core()
+        self._flush_core()  # the greeting
+        self._flush_out()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.core.get_buffer(sizehint)
@@ -443,6 +453,7 @@ class _Connection(asyncio.BufferedProtocol):
         finally:
             self._processing = False
         self._flush_core()
+        self._flush_out()
 
     def _flush_core(self) -> None:
         out = self.core.data_to_send()
@@ -472,15 +483,45 @@ class _Connection(asyncio.BufferedProtocol):
             self.transport.resume_reading()
 
     def _write(self, data: Buffer) -> None:
-        transport = self.transport
-        if transport is not None and not self._lost and not transport.is_closing():
-            transport.write(data)
+        """Queue reply bytes; they go out together at the end of this loop iteration."""
+        self._out.append(data)
+        self._out_bytes += len(data)
+        if self._out_bytes >= _OUT_BATCH:
+            self._flush_out()
+        elif not self._flush_scheduled and not self._processing:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_out)
 
     def _write_all(self, buffers: list[Buffer]) -> None:
+        for data in buffers:
+            self._write(data)
+
+    def _flush_out(self) -> None:
+        """Write the queued replies: small ones joined into one buffer (one syscall for a burst
+        of 4 KiB replies), large ones as they are (never copied)."""
+        self._flush_scheduled = False
+        out = self._out
+        if not out:
+            return
+        self._out = []
+        self._out_bytes = 0
         transport = self.transport
-        if transport is not None and not self._lost and not transport.is_closing():
-            for data in buffers:
+        if transport is None or self._lost or transport.is_closing():
+            return
+        if len(out) == 1:
+            transport.write(out[0])
+            return
+        run: list[Buffer] = []
+        for data in out:
+            if len(data) > _JOIN_LIMIT:
+                if run:
+                    transport.write(b"".join(run))
+                    run = []
                 transport.write(data)
+            else:
+                run.append(data)
+        if run:
+            transport.write(b"".join(run) if len(run) > 1 else run[0])
 
     # --- negotiation outcome and the end of a connection ---------------------------------------
     def _handshake_timeout(self) -> None:
@@ -544,6 +585,8 @@ class _Connection(asyncio.BufferedProtocol):
         transport = self.transport
         if transport is None or self._lost:
             return
+        if not abort:
+            self._flush_out()
         if abort:
             transport.abort()
             return
