@@ -29,6 +29,9 @@ Every key has a default, so an empty file (or none) gives a working daemon on lo
     max_attempts = 8                # then the alert is dropped (and logged)
     queue_size = 1000               # alerts waiting for delivery; the oldest is dropped beyond it
 
+    [metrics]
+    latency_histograms = true       # time every NBD request (about a microsecond each)
+
     [first_start]                   # what the daemon creates in an empty data directory
     enabled = true
     pds = 4
@@ -158,6 +161,7 @@ class Config:
     destage_delay: float = 0.05
     default_cache_mode: CacheMode = CacheMode.WRITETHROUGH
     webhook: WebhookConfig = field(default_factory=WebhookConfig)
+    latency_histograms: bool = True
     first_start: FirstStartConfig = field(default_factory=FirstStartConfig)
 
     @property
@@ -254,6 +258,7 @@ _TABLES = {
     "api": {"listen", "token", "require_token"},
     "engine": {"chunklet_size", "max_dirty_bytes", "destage_delay", "default_cache_mode"},
     "webhook": {"url", "timeout", "max_attempts", "queue_size"},
+    "metrics": {"latency_histograms"},
     "first_start": {f.name for f in fields(FirstStartConfig)},
 }
 
@@ -335,6 +340,11 @@ def parse_config(doc: dict[str, Any], *, base_dir: Path | None = None) -> Config
             webhook, queue_size=_int(hook["queue_size"], "webhook.queue_size", low=1, high=1_000_000)
         )
     changes["webhook"] = webhook
+
+    if "latency_histograms" in tables["metrics"]:
+        changes["latency_histograms"] = _bool(
+            tables["metrics"]["latency_histograms"], "metrics.latency_histograms"
+        )
 
     first = tables["first_start"]
     fs = cfg.first_start

@@ -329,9 +329,12 @@ class Daemon:
 
             from .api.metrics import InstrumentedProvider, LatencyRecorder
 
-            latencies = LatencyRecorder(lambda: [vv.name for vv in engine.list_vvs()])
-            extra_metrics.append(latencies)
-            await self._start_nbd(InstrumentedProvider(engine, latencies))
+            if cfg.latency_histograms:
+                latencies = LatencyRecorder(lambda: [vv.name for vv in engine.list_vvs()])
+                extra_metrics.append(latencies)
+                await self._start_nbd(InstrumentedProvider(engine, latencies))
+            else:
+                await self._start_nbd(engine)
 
             node = NodeInfo(
                 nbd_uri=self.nbd_uri,

@@ -24,7 +24,11 @@ TOKEN = "correct-horse-battery-staple"
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[RunningDaemon]:
-    config = f'[api]\nrequire_token = true\ntoken = "{TOKEN}"\n' + SMALL_CONFIG
+    # (Also the daemon without latency histograms: NBD volumes straight from the engine.)
+    config = (
+        f'[api]\nrequire_token = true\ntoken = "{TOKEN}"\n[metrics]\nlatency_histograms = false\n'
+        + SMALL_CONFIG
+    )
     d = start_daemon(tmp_path, config=config, token=TOKEN)
     try:
         yield d
@@ -72,3 +76,7 @@ def test_cli_with_and_without_the_token(daemon: RunningDaemon) -> None:
     assert [v["name"] for v in daemon.cli_json("vv", "list")] == ["vol0"]
     # NBD is not the API: hosts reach volumes without the token.
     qemu_io(daemon.export("vol0"), "write -P 7 0 4k", "read -P 7 0 4k")
+    with daemon.http() as client:
+        metrics = client.get("/metrics").text
+    assert 'thinblock_vv_allocated_bytes{pool="default",vv="vol0"} 1.048576e+06' in metrics
+    assert "thinblock_vv_request_seconds" not in metrics

@@ -19,6 +19,7 @@ def test_defaults_are_the_documented_ones() -> None:
     assert cfg.nbd_unix_socket is None
     assert cfg.default_export == "vol0"
     assert cfg.api_token is None and not cfg.token_required
+    assert cfg.latency_histograms is True
     fs = cfg.first_start
     assert (fs.enabled, fs.pds, fs.pd_size, fs.pool, fs.raid, fs.region_size) == (
         True,
@@ -62,6 +63,9 @@ timeout = 1.5
 max_attempts = 3
 queue_size = 10
 
+[metrics]
+latency_histograms = false
+
 [first_start]
 pds = 3
 pd_size = "64MiB"
@@ -83,6 +87,7 @@ volume_size = "1G"
     assert cfg.default_cache_mode == CacheMode.WRITEBACK
     assert cfg.webhook.url == "http://127.0.0.1:9999/hook"
     assert (cfg.webhook.timeout, cfg.webhook.max_attempts, cfg.webhook.queue_size) == (1.5, 3, 10)
+    assert cfg.latency_histograms is False
     fs = cfg.first_start
     assert (fs.pds, fs.pd_size, fs.raid, fs.growth_increment, fs.volume, fs.volume_size) == (
         3,
