@@ -7,6 +7,7 @@ import json
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,38 @@ volume_size = "64MiB"
         assert again.cli_json("vv", "show", "vol0")["allocated"] == 2 * MiB
     finally:
         assert again.stop() == 0
+
+
+def test_sigterm_during_a_copy(tmp_path: Path) -> None:
+    """SIGTERM while a host is writing: the daemon stops accepting, lets the requests in flight
+    finish, flushes, exits 0, and the store it leaves passes the check and reopens."""
+    daemon = start_daemon(tmp_path)
+    # A slow source (nbdkit's random data, each read delayed) keeps nbdcopy writing for a while.
+    copy = subprocess.Popen(
+        ["nbdcopy", "--", "[", "nbdkit", "--filter=delay", "random", "512M", "rdelay=20ms", "]",
+         daemon.export("vol0")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        for _ in range(500):
+            if daemon.cli_json("vv", "show", "vol0")["allocated"] > 0:
+                break
+            time.sleep(0.02)
+        else:
+            raise AssertionError("the copy never started writing")
+        assert copy.poll() is None, "the copy finished before the test could interrupt it"
+        assert daemon.stop(signal.SIGTERM) == 0
+        assert daemon.events("engine-closed")
+    finally:
+        copy.kill()
+        copy.wait()
+        daemon.kill()
+    check = subprocess.run(
+        [*THINBLOCK, "check", "--data", str(daemon.data_dir), "--json"], capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert json.loads(check.stdout)["counts"]["vv_map"] > 0  # what was written is mapped
 
 
 def test_check_reports_and_fails_on_a_broken_store(tmp_path: Path) -> None:
