@@ -124,13 +124,14 @@ class Completed:
         return self
 
 
-async def run(*argv: str, timeout: float = 60.0) -> Completed:
+async def run(*argv: str, timeout: float = 60.0, cwd: str | Path | None = None) -> Completed:
     """Run a client without blocking the event loop the server runs on."""
     proc = await asyncio.create_subprocess_exec(
         *argv,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         stdin=asyncio.subprocess.DEVNULL,
+        cwd=cwd,
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)

@@ -230,17 +230,18 @@ async def test_fio_verified_over_several_connections(
         "--bsrange=4k-64k",
         "--rw=randwrite",
         "--verify=crc32c",
+        "--verify_state_save=0",
         "--randseed=1234",
         "--group_reporting",
         "--output-format=json",
     ]
-    result = (await run(*common, "--do_verify=1")).check()
+    result = (await run(*common, "--do_verify=1", cwd=tmp_path)).check()
     report = json.loads(result.out[result.out.index("{") :])
     job = report["jobs"][0]
     assert job["error"] == 0
     assert job["write"]["io_bytes"] >= 8 * MiB and job["read"]["io_bytes"] >= 8 * MiB
     # The same data read again by a fresh fio run that only verifies...
-    (await run(*common, "--verify_only")).check()
+    (await run(*common, "--verify_only", cwd=tmp_path)).check()
     # ... and read back through qemu-io/qemu-img: what the clients see is what the volume holds.
     out = tmp_path / "vol0.raw"
     (await run("qemu-img", "convert", "-f", "raw", "-O", "raw", uri(nbd_server, "vol0"), str(out))).check()
