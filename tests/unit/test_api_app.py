@@ -8,6 +8,7 @@ tested end to end in tests/e2e.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,9 @@ async def test_pd_in_use_cannot_be_removed(client: httpx.AsyncClient, engine: En
         {"path": "x.img", "size": "9999999999PiB"},
         {"path": "x.img", "size": "64MiB", "colour": "red"},
         {"path": "/nonexistent-dir/sub/x.img", "size": "64MiB"},
+        {"path": "pd\x00.img", "size": "64MiB"},
+        {"path": "/dev/null"},
+        {"path": "/"},
     ],
 )
 async def test_pd_bad_input_is_400_and_changes_nothing(
@@ -131,6 +135,42 @@ async def test_pd_bad_input_is_400_and_changes_nothing(
 ) -> None:
     _err(await client.post("/pds", json=body), 400)
     assert _ok(await client.get("/pds")) == []
+
+
+async def test_pd_add_never_fails_with_a_server_error(engine: Engine, tmp_path: Path) -> None:
+    """The schemathesis fuzz (tests/e2e) leaves POST /pds out, lest it create files anywhere:
+    here every combination of awkward paths and sizes, inside the test's directory."""
+    data = tmp_path / "data"
+    (data / "a-directory").mkdir()
+    (data / "empty.img").touch()
+    (data / "odd.img").write_bytes(b"x" * 1000)
+    paths = [
+        "a-directory",
+        "empty.img",
+        "odd.img",
+        "new-{}.img",
+        "missing/dir/x.img",
+        "/dev/null",
+        "/proc/self",
+    ]
+    sizes = [None, 0, 1, 512, MiB + 1, 64 * MiB, 2**62, "1.5K"]
+    chunklets = [None, 0, 3 * MiB, MiB, 64 * MiB, 2**40]
+    app = create_app(engine, _node(tmp_path))
+    statuses: dict[int, int] = {}
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://thinblock/api/v1"
+    ) as c:
+        for n, (path, size, chunklet) in enumerate(itertools.product(paths, sizes, chunklets)):
+            body: dict[str, Any] = {"path": path.format(n)}
+            if size is not None:
+                body["size"] = size
+            if chunklet is not None:
+                body["chunklet_size"] = chunklet
+            r = await c.post("/pds", json=body)
+            assert r.status_code in (201, 400, 409), (body, r.status_code, r.text)
+            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+        assert statuses.get(201) and statuses.get(400)  # both outcomes were met
+        assert len(_ok(await c.get("/pds"))) == statuses[201]
 
 
 # --- pools ---------------------------------------------------------------------------------------

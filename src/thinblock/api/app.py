@@ -18,7 +18,7 @@ import logging
 import socket
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -148,7 +148,7 @@ class PDOut(BaseModel):
 
 
 class PDCreate(_Request):
-    path: Annotated[str, StringConstraints(min_length=1, max_length=4096)] = Field(
+    path: Annotated[str, StringConstraints(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")] = Field(
         description="a file (created sparse when missing) or a block device; relative to the data directory"
     )
     size: Size | None = Field(default=None, description="required when the file does not exist")
@@ -434,12 +434,11 @@ def _rebuild_out(ctx: ApiContext) -> RebuildOut:
     return RebuildOut(**d, error=ctx.rebuild_error)
 
 
-def _unset_unless_given(model: BaseModel, name: str, convert: Callable[[Any], Any] = lambda v: v) -> Any:
+def _unset_unless_given(model: BaseModel, name: str) -> Any:
     """PATCH semantics: a field absent from the body stays as it is; ``null`` removes it."""
     if name not in model.model_fields_set:
         return UNSET
-    value = getattr(model, name)
-    return None if value is None else convert(value)
+    return getattr(model, name)
 
 
 # --- errors --------------------------------------------------------------------------------------
