@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import shlex
 import shutil
 import subprocess
@@ -182,6 +183,7 @@ def markdown_report(
     servers: list[Server],
     results: Results,
     metadata_markdown: str | None,
+    load: tuple[tuple[float, ...], tuple[float, ...]],
 ) -> str:
     host = dict(machine)["host"]
     out = [f"# thinblock benchmark: {started:%Y-%m-%d} on {host}", ""]
@@ -205,6 +207,8 @@ def markdown_report(
         f"{args.repeat} runs of each profile (median reported); connections: "
         f"{', '.join(str(c) for c in args.connections)}.",
         "- Every run starts every server afresh; within a run the servers take turns.",
+        f"- Load average (1, 5, 15 min) at the start: {_load(load[0])}; at the end: {_load(load[1])} "
+        f"(on {os.cpu_count()} cores: more than that means something else was running).",
         "",
         "## fio profiles",
         "",
@@ -231,6 +235,10 @@ def markdown_report(
     return "\n".join(out)
 
 
+def _load(values: tuple[float, ...]) -> str:
+    return " / ".join(f"{v:.1f}" for v in values)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -239,12 +247,14 @@ def main(argv: list[str] | None = None) -> int:
     servers = [s for s in all_servers(args.thinblock_launch, args.thinblock_loop) if s.key in args.servers]
     started = datetime.datetime.now()
     began = time.monotonic()
+    load_start = os.getloadavg()
     if args.workdir:
         args.workdir.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="thinblock-bench-", dir=args.workdir))
     try:
         machine = machine_description(workdir, ROOT)
         results = run_profiles(args, servers, workdir, console)
+        load_end = os.getloadavg()
         metadata_markdown = None
         metadata_table = None
         if not args.no_metadata:
@@ -266,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
         console.print(metadata_table.rich())
 
     if not args.no_write:
-        text = markdown_report(args, argv, started, seconds, machine, servers, results, metadata_markdown)
+        text = markdown_report(
+            args, argv, started, seconds, machine, servers, results, metadata_markdown, (load_start, load_end)
+        )
         output = args.output or results_path("quick" if args.quick else "", started.date())
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(text)

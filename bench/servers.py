@@ -119,7 +119,9 @@ def wait_for_export(uri: str, expected_size: int, process: Process, timeout: flo
             return
         last = proc.stderr.strip()
         time.sleep(0.1)
-    raise ServerError(f"{uri} not ready within {timeout:.0f} s: {last}")
+    raise ServerError(
+        f"{uri} not ready within {timeout:.0f} s: {last}; server log: {process.log_tail(1)[-300:]}"
+    )
 
 
 @dataclass
@@ -418,4 +420,4 @@ def all_servers(thinblock_launch: str = "auto", thinblock_loop: str | None = Non
     ]
 
 
-SERVER_KEYS = ("thinblock-raid0", "thinblock-raid1", "qemu-nbd", "nbdkit-file", "nbdkit-null")
+SERVER_KEYS = tuple(server.key for server in all_servers())

@@ -111,7 +111,7 @@ def sample_results() -> Results:
         results.add(Cell(1, "randread-4k", "qemu-nbd"), result(mib))
     for mib in (45, 45, 45):
         results.add(Cell(1, "randread-4k", "thinblock-raid0"), result(mib))
-    results.fail(Cell(1, "randread-4k", "thinblock-raid1"), "did not start: boom")
+    results.fail(Cell(1, "randread-4k", "thinblock-raid1"), "did not start:\n  boom | bang")
     return results
 
 
@@ -146,7 +146,8 @@ def test_markdown_table_has_one_row_per_cell_with_medians_and_ratios() -> None:
     assert "| 1 | seqread | thinblock-raid0 | 125.0 | 1 | 100 | 8% | 1.25 | 0.50 | met (>= 1.0) |" in lines
     assert "| 1 | seqread | qemu-nbd | 100.0 | 1 | 200 | 20% | 1.00 | 1.00 |  |" in lines
     failed = next(line for line in lines if "randread-4k | thinblock-raid1" in line)
-    assert "FAILED" in failed and "did not start: boom" in failed
+    # The message stays on its row, its pipe escaped.
+    assert "FAILED" in failed and failed.endswith("| did not start: boom \\| bang |")
 
 
 # --- metadata scale: finding the VV listing in the daemon's API -------------------------------------
