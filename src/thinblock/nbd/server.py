@@ -17,7 +17,8 @@ A volume may also offer an optional fast method::
 (plain or ``async``): pieces ``(absolute offset, length, data)`` covering the request
 in order, ``None`` for a run that reads as zeros (the zero LD).  When it exists (found
 with ``getattr``) it is used instead of ``read``, and with structured replies the
-holes go out as NBD_REPLY_TYPE_OFFSET_HOLE chunks: no zeros on the wire.
+holes go out as NBD_REPLY_TYPE_OFFSET_HOLE chunks: no zeros on the wire.  Buffers a
+volume returns go to the transport as they are: they must not change afterwards.
 
 Errors.  ``OutOfSpace`` -> NBD_ENOSPC, ``MediumError`` -> NBD_EIO, ``InvalidArgument`` ->
 NBD_EINVAL, ``SlowZero`` -> NBD_ENOTSUP, ``ReadOnlyDevice`` -> NBD_EPERM; any other
