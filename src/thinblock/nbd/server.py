@@ -88,6 +88,7 @@ _JOIN_LIMIT = (
     16 * 1024
 )  # reply buffers up to this size are joined; larger ones go out as they are  # log lines of one kind per connection before they are suppressed
 
+_FUA = int(CommandFlags.FUA)
 _KIND_VALUE = 0  # the coroutine's result is the reply's content
 _KIND_READ = 1  # bytes-like from Volume.read
 _KIND_EXTENTS = 2  # pieces from read_extents
@@ -674,21 +675,21 @@ class _Connection(asyncio.BufferedProtocol):
                     coro = volume.read(offset, length)
             elif command is Command.WRITE:
                 assert request.data is not None
-                coro = volume.write(offset, request.data, fua=bool(request.flags & CommandFlags.FUA))
+                coro = volume.write(offset, request.data, fua=bool(int(request.flags) & _FUA))
             elif command is Command.FLUSH:
                 coro = volume.flush()
             elif command is Command.TRIM:
-                fua = bool(request.flags & CommandFlags.FUA)
+                fua = bool(int(request.flags) & _FUA)
                 if length > self._max_block:
                     coro = _in_steps(volume.trim, offset, length, self._max_block, fua=fua)
                 else:
                     coro = volume.trim(offset, length, fua=fua)
             elif command is Command.WRITE_ZEROES:
-                flags = request.flags
+                flags = int(request.flags)
                 options = {
                     "may_trim": not flags & CommandFlags.NO_HOLE,
                     "fast": bool(flags & CommandFlags.FAST_ZERO),
-                    "fua": bool(flags & CommandFlags.FUA),
+                    "fua": bool(flags & _FUA),
                 }
                 if length > self._max_block:
                     coro = _in_steps(volume.write_zeroes, offset, length, self._max_block, **options)
