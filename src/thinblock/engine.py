@@ -367,19 +367,27 @@ class Engine:
         self, path: str | Path, size: int | None = None, chunklet_size: int = DEFAULT_CHUNKLET
     ) -> PDInfo:
         """Add a file (created sparse at ``size`` if missing) or an existing file/block device."""
+        if "\0" in os.fspath(path):
+            raise InvalidArgument("a PD path must not contain a NUL byte")
         path = os.path.abspath(os.fspath(path))
         if any(pd.path == path for pd in self.pds.values()):
             raise AlreadyExists(
                 f"{path} is already PD {next(p.id for p in self.pds.values() if p.path == path)}"
             )
-        pd = PhysicalDisk.open(
-            0,
-            path,
-            size=size,
-            chunklet_size=chunklet_size,
-            create=True,
-            allow_tiny=self.options.allow_tiny_chunklets,
-        )
+        try:
+            pd = PhysicalDisk.open(
+                0,
+                path,
+                size=size,
+                chunklet_size=chunklet_size,
+                create=True,
+                allow_tiny=self.options.allow_tiny_chunklets,
+            )
+        except InvalidArgument:
+            raise
+        except (OSError, ValueError) as exc:
+            raise InvalidArgument(f"cannot use {path} as a PD: {exc}") from None
+
         pd_id = self.store.add_pd(path, pd.size, pd.chunklet_size)
         pd.id = pd_id
         self._register_pd(pd)
@@ -816,6 +824,9 @@ class Engine:
     def list_alerts(self, include_cleared: bool = False) -> list[Alert]:
         """Open alerts (new, acknowledged); with include_cleared, all of them."""
         return self.alerts.list(include_cleared)
+
+    def get_alert(self, alert_id: int) -> Alert:
+        return self.alerts.get(alert_id)
 
     def ack_alert(self, alert_id: int) -> Alert:
         return self.alerts.ack(alert_id)
