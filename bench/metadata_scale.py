@@ -173,6 +173,8 @@ async def measure_assignment_rate(workdir: Path, count: int) -> list[Figure]:
 
 async def build_store(store: Path, regions: int) -> tuple[int, float]:
     """A data directory holding ``regions`` assigned regions; returns (region size, seconds)."""
+    marker = store / STORE_MARKER
+    marker.write_text(json.dumps({"regions": regions, "complete": False}))  # ours, to delete if need be
     began = time.perf_counter()
     engine = await _open_engine(store / "data")
     try:
@@ -187,7 +189,7 @@ async def build_store(store: Path, regions: int) -> tuple[int, float]:
     finally:
         await engine.close()
     seconds = time.perf_counter() - began
-    (store / STORE_MARKER).write_text(json.dumps({"regions": regions, "region_size": region_size}))
+    marker.write_text(json.dumps({"regions": regions, "region_size": region_size, "complete": True}))
     return region_size, seconds
 
 
@@ -232,13 +234,16 @@ async def measure_million(workdir: Path, regions: int, store: Path | None) -> li
     marker = store / STORE_MARKER
     figures = []
     reused = False
-    if keep and marker.exists() and json.loads(marker.read_text()).get("regions") == regions:
-        region_size = int(json.loads(marker.read_text())["region_size"])
+    built = json.loads(marker.read_text()) if keep and marker.exists() else {}
+    if built.get("complete") and built.get("regions") == regions:
+        region_size = int(built["region_size"])
         reused = True
     else:
-        if store.exists():
+        if store.exists() and any(store.iterdir()):
+            if not marker.exists():  # never delete a directory this benchmark did not build
+                raise RuntimeError(f"{store} is not empty and holds no benchmark store ({STORE_MARKER})")
             shutil.rmtree(store)
-        store.mkdir(parents=True)
+        store.mkdir(parents=True, exist_ok=True)
         region_size, seconds = await build_store(store, regions)
         figures.append(
             Figure(

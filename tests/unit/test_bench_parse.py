@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from bench.fio import PROFILES, FioError, FioResult, fio_command, parse_fio_json, profile_by_name
-from bench.metadata_scale import _count_items, _find_vv_list_path
+from bench.metadata_scale import _count_items, _find_vv_list_path, measure_million
 from bench.report import Cell, Results, Summary, results_table, verdict
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -164,3 +164,10 @@ def test_vv_listing_route_and_count() -> None:
     assert _count_items({"vvs": [{}, {}], "total": 2}) == 2
     with pytest.raises(RuntimeError):
         _count_items({"total": 2})
+
+
+async def test_store_option_never_deletes_a_directory_the_benchmark_did_not_build(tmp_path: Path) -> None:
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(RuntimeError, match="holds no benchmark store"):
+        await measure_million(tmp_path / "scratch", 10, store=tmp_path)
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
