@@ -5,10 +5,10 @@ a temporary directory; real clients (qemu-img, qemu-io, nbdinfo, nbdcopy, fio) r
 subprocesses started with asyncio, so the loop keeps serving while they run.
 
 The volumes come from the ``nbd_provider`` fixture, parametrized over ``PROVIDERS``: a
-factory that takes the standard volume specs and returns a VolumeProvider.  Only the
-in-memory provider is here; the same tests run against the engine by adding a factory
-(for instance ``PROVIDERS["engine"] = engine_provider``) that creates VVs with these names,
-sizes, descriptions and allocation limits.
+factory that takes the standard volume specs and returns a VolumeProvider.  Two run:
+``mem``, an in-memory toy that isolates the protocol, and ``engine``, the real thinblock
+engine (sparse file PDs, a RAID 1 pool, SQLite metadata) -- every client test runs
+against both.
 
 Import the fixtures into a test module with ``from .nbd_helpers import nbd_provider, nbd_server``.
 """
@@ -70,7 +70,35 @@ async def mem_provider(specs: list[VolumeSpec], tmp_path: Path) -> AsyncIterator
     yield MemProvider(*volumes)
 
 
-PROVIDERS: dict[str, ProviderFactory] = {"mem": mem_provider}
+@asynccontextmanager
+async def engine_provider(specs: list[VolumeSpec], tmp_path: Path) -> AsyncIterator[VolumeProvider]:
+    """The real engine: four 128 MiB sparse PDs, a RAID 1 pool with 64 KiB regions (so that
+    client I/O crosses many region boundaries), one VV per spec; every other VV write-back."""
+    from thinblock.engine import Engine, EngineOptions
+    from thinblock.model import CacheMode
+    from thinblock.units import Limit
+
+    engine = await Engine.open(tmp_path / "engine", EngineOptions(allow_tiny_chunklets=True))
+    try:
+        for i in range(4):
+            await engine.add_pd(tmp_path / "engine" / f"pd{i}.img", size=128 * MiB, chunklet_size=MiB)
+        await engine.create_pool("p", raid=1, region_size=64 * 1024, growth_increment=8 * MiB, step=4096)
+        for i, spec in enumerate(specs):
+            await engine.create_vv(
+                spec.name,
+                pool="p",
+                size=spec.size,
+                alloc_limit=None if spec.alloc_limit is None else Limit(bytes=spec.alloc_limit),
+                cache_mode=CacheMode.WRITEBACK if i % 2 else CacheMode.WRITETHROUGH,
+            )
+        yield engine
+    finally:
+        await engine.close()
+    report = Engine.check(tmp_path / "engine")
+    assert report.ok, report.problems
+
+
+PROVIDERS: dict[str, ProviderFactory] = {"mem": mem_provider, "engine": engine_provider}
 
 
 @pytest.fixture(params=sorted(PROVIDERS))

@@ -268,3 +268,7 @@ async def test_enospc_past_the_allocation_limit(nbd_server: NBDServer, nbd_provi
     assert no_hole.code != 0 and "No space left on device" in no_hole.out + no_hole.err
     # The server keeps serving everyone else.
     (await run(*qemu_io(uri(nbd_server, "vol1"), "write -P 9 0 1M", "read -P 9 0 1M"))).check()
+    list_alerts = getattr(nbd_provider, "list_alerts", None)
+    if list_alerts is not None:  # the engine: the refusal is recorded, once
+        kinds = [a.kind.value for a in list_alerts(True) if a.object == "vv:limited"]
+        assert kinds.count("vv-allocation-limit") == 1, kinds
