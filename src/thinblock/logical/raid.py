@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from ..blockdev import Buffer
 from ..errors import Conflict, InvalidArgument, MediumError
 from ..model import LDHealth
-from ..physical.pd import PhysicalDisk
+from ..physical.pd import FAILURES, PhysicalDisk
 from ..units import KiB, MiB, format_size
 from . import parity as px
 
@@ -175,6 +175,9 @@ class LogicalDisk:
         self._lock = threading.RLock()
         self._rebuilds: dict[int, list[RebuildJob]] = {}
         self._lost_at_flush: set[int] = self._lost_rows()  # losses before we existed were reported then
+        # Lost rows, recomputed only when some PD has failed since (see FAILURES).
+        self._lost_cache: frozenset[int] = frozenset()
+        self._lost_generation = -1
         if level is RaidLevel.RAID0:
             self._read_row = self._r0_read_row
             self._write_row = self._r0_write_row
@@ -287,6 +290,10 @@ class LogicalDisk:
 
     def _lost_rows(self) -> set[int]:
         return {r for r in range(len(self.rows)) if self._row_lost(len(self._failed_cols(r)))}
+
+    def _refresh_lost_cache(self) -> None:
+        self._lost_generation = FAILURES.value
+        self._lost_cache = frozenset(self._lost_rows())
 
     @property
     def health(self) -> LDHealth:
@@ -505,7 +512,11 @@ class LogicalDisk:
             s, d = divmod(u, k - 1)
             col = (k - s % k + d) % k  # (p + 1 + d) % k with p = k - 1 - s % k
             pd = self._pds[r][col]
-            if not pd.failed:
+            if FAILURES.value != self._lost_generation:
+                self._refresh_lost_cache()
+            # Row-level rule: a set with two failed members is lost as a whole, even the
+            # units that happen to sit on a surviving PD.
+            if not pd.failed and r not in self._lost_cache:
                 try:
                     pd.pread_into(self._bases[r][col] + s * step + uoff, buf)
                     return
@@ -790,6 +801,7 @@ class LogicalDisk:
         self.rows[r][c] = job.replacement
         self._pds[r] = tuple(ch.pd for ch in self.rows[r])
         self._bases[r] = tuple(ch.offset for ch in self.rows[r])
+        self._lost_generation = -1
 
     def _rebuild_range(self, job: RebuildJob, lo: int, hi: int) -> None:
         """Write the member's true content for chunklet bytes [lo, hi) onto the replacement."""

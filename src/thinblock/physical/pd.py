@@ -49,6 +49,18 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 _NO_PUNCH_ERRNOS = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.ENODEV}
 
 
+class FailureGeneration:
+    """Counts PD failures process-wide.  Layers above cache what they derive from PD health
+    (e.g. which RAID rows are lost) and recompute only when this number moves: one integer
+    compare on the hot path instead of a scan of every member's state."""
+
+    value = 0
+
+
+FAILURES = FailureGeneration()
+_FAIL_LOCK = threading.Lock()  # failures are rare: one lock for all PDs keeps FAILURES exact
+
+
 def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
     name = ctypes.util.find_library("c")
     try:
@@ -98,7 +110,6 @@ class PhysicalDisk:
         self._closed = False
         self._can_punch = True
         self._listeners: list[Callable[[PhysicalDisk, str], None]] = []
-        self._fail_lock = threading.Lock()
 
     # --- construction -----------------------------------------------------------------
     @classmethod
@@ -236,11 +247,12 @@ class PhysicalDisk:
 
     def fail(self, reason: str) -> None:
         """Mark the PD failed.  Listeners hear of it once, however many threads fail it."""
-        with self._fail_lock:
+        with _FAIL_LOCK:
             if self.failed:
                 return
             self.failed = True
             self._blocked = True
+            FAILURES.value += 1
             self.failure_reason = reason
             listeners = list(self._listeners)
         log.error("PD %d (%s) failed: %s", self.id, self.path, reason)
