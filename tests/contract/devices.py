@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from thinblock.logical.raid import Chunklet, LogicalDisk, RaidLevel
+import numpy as np
+import numpy.typing as npt
+
+from thinblock.logical.raid import Chunklet, LogicalDisk, RaidLevel, usable_per_row
 from thinblock.physical.pd import PhysicalDisk
 from thinblock.units import KiB
 
@@ -60,3 +63,37 @@ def ld_boundaries(ld: LogicalDisk) -> list[int]:
 def close_all(pds: list[PhysicalDisk]) -> None:
     for pd in pds:
         pd.close()
+
+
+def expected_placement(
+    raid: RaidLevel, k: int, npds: int, offsets: npt.NDArray[np.int64], step: int = STEP
+) -> list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]]:
+    """For LD offsets of an LD built by ``make_ld`` (row r = chunklet r of PDs r, r+1, ...),
+    the (PD index, PD offset) of every copy of each byte, straight from the layout rules
+    written out independently of the implementation:
+
+    * RAID 0: unit u of a row is on column u % k, at chunklet offset (u // k) * step;
+    * RAID 1: every column, at the row offset;
+    * RAID 5: stripe s has parity on column (k - 1) - s % k and data unit d on column
+      (parity + 1 + d) % k, at chunklet offset s * step.
+    """
+    chunklet = CHUNKLET
+    ru = usable_per_row(raid, k, chunklet)
+    row, ro = offsets // ru, offsets % ru
+    if raid is RaidLevel.RAID1:
+        return [((row + c) % npds, row * chunklet + ro) for c in range(k)]
+    if raid is RaidLevel.RAID0:
+        unit = ro // step
+        col, coff = unit % k, (unit // k) * step + ro % step
+    else:
+        data_per_stripe = (k - 1) * step
+        stripe = ro // data_per_stripe
+        d = (ro % data_per_stripe) // step
+        parity_col = (k - 1) - stripe % k
+        col, coff = (parity_col + 1 + d) % k, stripe * step + ro % step
+    return [((row + col) % npds, row * chunklet + coff)]
+
+
+def row_pd_indexes(k: int, npds: int, row: int) -> set[int]:
+    """PD indexes (into the list given to ``make_ld``) of row ``row``'s members."""
+    return {(row + j) % npds for j in range(k)}
