@@ -311,7 +311,7 @@ class VirtualVolume:
                 AlertKind.VV_ALLOCATION_WARNING,
                 self.object_name,
                 Severity.WARNING,
-                f"VV '{self.row.name}' has {format_size(allocated)} allocated, past its allocation warning of {warning}",
+                f"VV '{self.row.name}' has {format_size(allocated)} allocated, at or past its allocation warning of {warning}",
             )
         limit = self.alloc_limit
         if limit is not None and allocated + self.region_size > limit.resolve(self.row.size):
