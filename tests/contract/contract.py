@@ -45,9 +45,15 @@ class AsyncDevice(Protocol):
 
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview: ...
 
-    async def write(self, offset: int, data: Buffer) -> None: ...
+    async def write(self, offset: int, data: Buffer, fua: bool = False) -> None: ...
 
-    async def zero(self, offset: int, length: int) -> None: ...
+    async def zero(self, offset: int, length: int) -> None:
+        """Make the range read as zeros (an adapter picks how: write-zeroes, NO_HOLE, trim)."""
+        ...
+
+    async def trim(self, offset: int, length: int) -> None:
+        """Discard the range: afterwards it reads as zeros (thinblock's rule for TRIM)."""
+        ...
 
     async def flush(self) -> None: ...
 
@@ -76,11 +82,16 @@ class RawAsyncDevice:
         assert guarded[_GUARD : _GUARD + length] == plain, "read and read_into disagree"
         return plain
 
-    async def write(self, offset: int, data: Buffer) -> None:
+    async def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
         self.raw.write(offset, data)
+        if fua:
+            self.raw.flush()
 
     async def zero(self, offset: int, length: int) -> None:
         self.raw.zero(offset, length)
+
+    async def trim(self, offset: int, length: int) -> None:
+        self.raw.zero(offset, length)  # a raw device's zero punches holes: that is its trim
 
     async def flush(self) -> None:
         self.raw.flush()
@@ -100,11 +111,14 @@ class VolumeAsyncDevice:
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         return await self.volume.read(offset, length)
 
-    async def write(self, offset: int, data: Buffer) -> None:
-        await self.volume.write(offset, data)
+    async def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        await self.volume.write(offset, data, fua=fua)
 
     async def zero(self, offset: int, length: int) -> None:
         await self.volume.write_zeroes(offset, length)
+
+    async def trim(self, offset: int, length: int) -> None:
+        await self.volume.trim(offset, length)
 
     async def flush(self) -> None:
         await self.volume.flush()
@@ -250,6 +264,27 @@ class WritableContract(ReadableContract):
         await device.write(lo + 4096, b"after zero")
         assert await read_all(device, lo + 4090, 20) == bytes(6) + b"after zero" + bytes(4)
 
+    async def test_trim_reads_zeros_and_keeps_neighbours(self, device: AsyncDevice) -> None:
+        marks = device.boundaries or [device.size // 2]
+        lo = max(0, marks[0] - 4096)
+        length = min(max(marks[-1] - lo + 4096, 3 * 4096), device.size - lo, 2 * 1024 * 1024)
+        model = bytearray(pattern(length, 24))
+        await device.write(lo, model)
+        for a, n in [(10, 100), (4096, 4096), (length // 2 - 5000, 10000)]:
+            if a >= 0 and a + n <= length:
+                await device.trim(lo + a, n)
+                model[a : a + n] = bytes(n)
+        assert await read_all(device, lo, length) == model
+        await device.write(lo + 4096, b"rewritten")
+        model[4096 : 4096 + 9] = b"rewritten"
+        assert await read_all(device, lo, length) == model
+
+    async def test_fua_write_reads_back(self, device: AsyncDevice) -> None:
+        off = min(device.size - 5000, 777)
+        data = pattern(5000, 25)
+        await device.write(off, data, fua=True)
+        assert await read_all(device, off, 5000) == data
+
     async def test_flush_keeps_data(self, device: AsyncDevice) -> None:
         data = pattern(10000, 41)
         off = min(device.size - len(data), 3333)
@@ -297,10 +332,13 @@ class WritableContract(ReadableContract):
             op = rng.random()
             if op < 0.45:
                 data = pattern(n, 1000 + i)
-                await device.write(lo + a, data)
+                await device.write(lo + a, data, fua=rng.random() < 0.1)
                 model[a : a + n] = data
-            elif op < 0.6:
+            elif op < 0.55:
                 await device.zero(lo + a, n)
+                model[a : a + n] = bytes(n)
+            elif op < 0.6:
+                await device.trim(lo + a, n)
                 model[a : a + n] = bytes(n)
             elif op < 0.65:
                 await device.flush()
@@ -326,8 +364,9 @@ class ReadOnlyContract(ReadableContract):
                 await device.write(off, pattern(length, 3))
             assert await read_all(device, off, length) == bytes(length)
 
-    async def test_zero_and_flush_succeed(self, device: AsyncDevice) -> None:
+    async def test_zero_trim_and_flush_succeed(self, device: AsyncDevice) -> None:
         await device.zero(0, min(device.size, 1 << 20))
+        await device.trim(0, min(device.size, 1 << 20))
         await device.flush()
         assert await read_all(device, 0, 4096) == bytes(4096)
 
