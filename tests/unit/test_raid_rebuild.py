@@ -240,3 +240,18 @@ def test_start_rebuild_refuses_what_cannot_work(tmp_path: Path) -> None:
     with pytest.raises(Conflict, match="lost its data"):
         raid5.start_rebuild(0, 2, Chunklet(pds[3], 0))
     close_all([*pds, odd])
+
+
+def test_rebuildable_members_skip_lost_rows_and_running_jobs(tmp_path: Path) -> None:
+    pds = make_pds(tmp_path, 6, chunklets=3)
+    ld = make_ld(pds[:5], RaidLevel.RAID5, 3, rows=3)  # rows on PDs (0,1,2), (1,2,3), (2,3,4)
+    raid0 = make_ld(pds[:2], RaidLevel.RAID0, 2, rows=1, ld_id=2, first_chunklet=2)
+    assert ld.rebuildable_members() == []
+    pds[0].fail("one")
+    pds[1].fail("two")  # row 0 lost; row 1 degraded (PD 1 is its column 0)
+    assert ld.health is LDHealth.FAILED
+    assert ld.rebuildable_members() == [(1, 0)]
+    ld.start_rebuild(1, 0, Chunklet(pds[5], 1))
+    assert ld.rebuildable_members() == []
+    assert raid0.rebuildable_members() == []
+    close_all(pds)

@@ -311,6 +311,21 @@ class LogicalDisk:
         """(row, column) of every member whose PD has failed."""
         return [(r, c) for r in range(len(self.rows)) for c in self._failed_cols(r)]
 
+    def rebuildable_members(self) -> list[tuple[int, int]]:
+        """Failed members that ``start_rebuild`` would accept now: in a row that has not lost
+        its data (an LD can be FAILED in one row and merely degraded in another), and not
+        already being rebuilt.  Always empty for RAID 0."""
+        if self.raid is RaidLevel.RAID0:
+            return []
+        out: list[tuple[int, int]] = []
+        for r in range(len(self.rows)):
+            failed = self._failed_cols(r)
+            if not failed or self._row_lost(len(failed)):
+                continue
+            busy = {job.column for job in self._rebuilds.get(r, ())}
+            out.extend((r, c) for c in failed if c not in busy)
+        return out
+
     def is_readable(self, offset: int, length: int) -> bool:
         """False when some byte of the range is lost (reading it would raise MediumError)."""
         assert offset >= 0 and length >= 0 and offset + length <= self._size
@@ -399,6 +414,7 @@ class LogicalDisk:
             else:
                 gap = coff - ends[col]
                 if gap:
+                    assert 0 < gap <= self.step, gap  # only a RAID 5 parity unit lies between
                     run[1].append(_DISCARD[:gap])
                 run[1].append(view)
             ends[col] = coff + take

@@ -402,7 +402,8 @@ class PhysicalDisk:
                 try:
                     fallocate_punch(self._fd, lo, hi - lo)
                 except OSError as exc:
-                    if exc.errno in _NO_PUNCH_ERRNOS or (self.is_block_device and exc.errno == errno.EINVAL):
+                    # EINVAL: a file system or device that does not take this fallocate mode.
+                    if exc.errno in _NO_PUNCH_ERRNOS or exc.errno == errno.EINVAL:
                         log.info("PD %d (%s) cannot punch holes (%s); writing zeros", self.id, self.path, exc)
                         self._can_punch = False
                     else:
