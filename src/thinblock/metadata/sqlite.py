@@ -58,11 +58,22 @@ class SQLiteStore(MetadataStore):
 
     def __init__(self, data_dir: str | Path, *, create: bool = True) -> None:
         self.path = Path(data_dir) / self.FILENAME
-        if not self.path.exists() and not create:
+        existed = self.path.exists()
+        if not existed and not create:
             raise MetadataCorrupt(f"no metadata store at {self.path}")
         try:
             # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per method.
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            if existed and not self._holds_a_store():
+                # A store file that is there but empty (truncated to nothing, say) must not be taken
+                # for a new store: that would drop every volume silently.  "A failed check refuses
+                # to start with a clear message, never silently repairs."  Nothing is written to it.
+                size = self.path.stat().st_size
+                self._db.close()
+                raise MetadataCorrupt(
+                    f"{self.path} exists but holds no thinblock metadata ({size} bytes; truncated or"
+                    " emptied?): refusing to use it as a new store"
+                )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA foreign_keys=ON")
@@ -78,6 +89,11 @@ class SQLiteStore(MetadataStore):
             raise MetadataCorrupt(f"{self.path}: cannot read the metadata store: {exc}") from exc
 
     # --- helpers ---
+    def _holds_a_store(self) -> bool:
+        """Does the open file hold a store (its ``meta`` table with a schema version)?  Reads only."""
+        row = self._db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
+        return row is not None and self.get_meta("schema_version") is not None
+
     def _tx(self, sql: str, args: tuple[object, ...] = ()) -> sqlite3.Cursor:
         try:
             with self._db:  # commit on success, roll back on error
