@@ -87,17 +87,28 @@ class WriteBackCache:
     def has(self, key: int) -> bool:
         return key in self._regions
 
-    async def write(
-        self, key: int, ld: LogicalDisk, base: int, offset: int, data: Buffer, owner: int = 0
-    ) -> None:
-        """Cache a write of ``data`` at ``offset`` within the LD region ``key`` (LD offset ``base``),
-        on behalf of VV ``owner``."""
-        n = len(data)
-        while self.dirty_bytes + n > self.max_dirty and self.dirty_bytes > 0:
+    def has_room(self, n: int) -> bool:
+        """Whether a write of ``n`` bytes can be cached now, without waiting for the destager."""
+        return self.dirty_bytes + n <= self.max_dirty or self.dirty_bytes == 0
+
+    async def wait_for_room(self, n: int) -> None:
+        """Back-pressure: wait until a write of ``n`` bytes fits.  Whatever the caller looked up
+        before waiting (which LD region a VV region maps to) may have changed meanwhile: a trim
+        may have given that LD region back to the pool.  So callers wait first, look up after."""
+        while not self.has_room(n):
             self._destaged.clear()
             self._wake.set()
             self._pressure.set()
             await self._destaged.wait()
+
+    async def write(
+        self, key: int, ld: LogicalDisk, base: int, offset: int, data: Buffer, owner: int = 0
+    ) -> None:
+        """Cache a write of ``data`` at ``offset`` within the LD region ``key`` (LD offset ``base``),
+        on behalf of VV ``owner``.  Call ``wait_for_room`` first and look ``key`` up after it: then
+        this never waits before the data is in the cache."""
+        n = len(data)
+        await self.wait_for_room(n)
         region = self._regions.get(key)
         if region is None:
             region = self._regions[key] = RegionDirty(ld, base, owner)

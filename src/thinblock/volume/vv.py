@@ -218,28 +218,42 @@ class VirtualVolume:
         if (offset + length - 1) >> shift == region:
             chunk = self.map.chunks.get(region >> CHUNK_SHIFT)
             packed = ZERO_LD if chunk is None else chunk[region & CHUNK_MASK]
-            if packed == ZERO_LD:
-                if _is_zero(data):
-                    return  # zero detect: the zero LD already reads these zeros
-                packed = await self._assign(region)
-            await self._write_region(packed, offset & mask, data)
+            if packed != ZERO_LD and (not self._writeback or self._wb.has_room(length)):
+                await self._write_region(packed, offset & mask, data)  # the fast path: no wait
+            else:
+                await self._write_piece(region, offset & mask, data)
         else:
             view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data
             pos = 0
             while pos < length:
                 voff = offset + pos
                 n = min(self.region_size - (voff & mask), length - pos)
-                piece = view[pos : pos + n]
-                packed = self._lookup(voff >> shift)
-                if packed == ZERO_LD:
-                    if _is_zero(piece):
-                        pos += n
-                        continue
-                    packed = await self._assign(voff >> shift)
-                await self._write_region(packed, voff & mask, piece)
+                await self._write_piece(voff >> shift, voff & mask, view[pos : pos + n])
                 pos += n
         if fua:
             await self._flush_node()
+
+    async def _write_piece(self, region: int, offset: int, data: Buffer) -> None:
+        """Write ``data`` at ``offset`` inside VV ``region``, assigning the region first when it
+        points at the zero LD (zero detect: an all-zero piece assigns nothing).
+
+        Whatever is awaited here -- an assignment in progress (claim 8), room in the write-back
+        cache -- lets other requests run, and a trim or a delete may give the region's LD region
+        back to the pool meanwhile.  So the map is looked up again after every wait, and the
+        data goes to the LD region found with no wait in between: it never lands in an LD
+        region that is free (another VV's, once reused)."""
+        n = len(data)
+        while True:
+            packed = self._lookup(region)
+            if packed == ZERO_LD:
+                if _is_zero(data):
+                    return  # zero detect: the zero LD already reads these zeros
+                await self._assign(region)
+            elif self._writeback and not self._wb.has_room(n):
+                await self._wb.wait_for_room(n)
+            else:
+                await self._write_region(packed, offset, data)
+                return
 
     async def _write_region(self, packed: int, offset: int, data: Buffer) -> None:
         ld = self._lds[packed >> REGION_BITS]
@@ -388,8 +402,10 @@ class VirtualVolume:
             packed = await self._assign(offset >> self._shift)
             return  # a fresh region reads zeros already
         if self._writeback:
-            await self._write_region(
-                packed, offset & self._mask, _ZEROS[:length] if length <= len(_ZEROS) else bytes(length)
+            await self._write_piece(
+                offset >> self._shift,
+                offset & self._mask,
+                _ZEROS[:length] if length <= len(_ZEROS) else bytes(length),
             )
         else:
             if self._wb.has(packed):
