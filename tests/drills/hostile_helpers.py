@@ -1120,18 +1120,18 @@ def check_transcript(steps: list[Step], data: bytes) -> None:
         elif isinstance(event, Request):
             assert chosen is not None
             check_request(event, chosen)
-            replies = parse_replies(
+            answered = parse_replies(
                 out, structured, {event.handle: (int(event.command), event.offset, event.length)}
             )
-            assert list(replies) == [event.handle], "an answered request got other replies"
+            assert list(answered) == [event.handle], "an answered request got other replies"
         elif isinstance(event, RequestRejected):
             assert chosen is not None
             assert event.error in WIRE_ERRORS, f"rejected with {event.error}"
-            replies = parse_replies(
+            answered = parse_replies(
                 out, structured, {event.handle: (event.command, event.offset, event.length)}
             )
-            assert list(replies) == [event.handle], "a rejected request did not get exactly one reply"
-            assert replies[event.handle].error == int(event.error)
+            assert list(answered) == [event.handle], "a rejected request did not get exactly one reply"
+            assert answered[event.handle].error == int(event.error)
         elif isinstance(event, ConnectionClosed):
             if out:
                 replies = parse_option_replies(out)
@@ -1226,13 +1226,14 @@ _BOUNDARY_U64 = [0, 1, 1 * MiB, 1 * MiB - 1, 1 << 32, 1 << 63, U64_MAX, U64_MAX 
 
 
 @st.composite
-def mutated_sessions(draw: st.DrawFn) -> bytes:
-    """A valid session with 1-4 mutations: bit flips, truncation, insertion, deletion,
-    duplication, and 32/64-bit fields overwritten with boundary values."""
+def mutated_sessions(draw: st.DrawFn) -> tuple[bytes, int]:
+    """A valid session with 1-4 mutations (and how many): bit flips, truncation, insertion,
+    deletion, duplication, and 32/64-bit fields overwritten with boundary values."""
     session, transmission = draw(valid_sessions())
     data = bytearray(session)
     rng = draw(st.randoms(use_true_random=False))
-    for _ in range(draw(st.integers(1, 4))):
+    mutations = draw(st.integers(1, 4))
+    for _ in range(mutations):
         kind = draw(st.sampled_from(["flip", "flip", "truncate", "insert", "delete", "dup", "u32", "u64"]))
         # Positions: mostly uniform (hypothesis favours small numbers), often in the requests.
         low = transmission if transmission < len(data) and rng.random() < 0.6 else 0
@@ -1251,7 +1252,7 @@ def mutated_sessions(draw: st.DrawFn) -> bytes:
             data[pos : pos + 4] = u32(draw(st.sampled_from(_BOUNDARY_U32)))
         elif kind == "u64":
             data[pos : pos + 8] = u64(draw(st.sampled_from(_BOUNDARY_U64)))
-    return bytes(data)
+    return bytes(data), mutations
 
 
 @st.composite

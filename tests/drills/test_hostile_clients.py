@@ -38,9 +38,11 @@ import random
 import socket
 import struct
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -94,6 +96,7 @@ from .hostile_helpers import (
     PeerClosed,
     RawClient,
     Reply,
+    Step,
     Witness,
     check_transcript,
     chunkings,
@@ -132,7 +135,7 @@ ROUND_RSS_BOUND = 64 * MiB
 SLOW_READER_BOUND = 256 * MiB
 FD_SLACK = 2  # a socket or two still closing when the count is read
 
-DAEMON_TABLES = {
+DAEMON_TABLES: dict[str, dict[str, Any]] = {
     "nbd": {"default_export": EXPORT},
     "engine": {"chunklet_size": "1MiB", "max_dirty_bytes": "32MiB"},
     "first_start": {
@@ -641,18 +644,35 @@ def case_option_of_1_gib(ctx: Ctx) -> None:
     # "if a server believes a client's behaviour constitutes a denial of service, it MAY initiate
     # a hard disconnect" (an error reply first is a courtesy).
     for length in (1 * GiB, U32_MAX):
-        for opt in (OPT_INFO, OPT_EXPORT_NAME, 0x7777):
-            with ctx.raw() as c:
-                c.handshake()
-                c.send(option_bytes(opt, length=length))
-                chunk = b"\x00" * (1 * MiB)
-                for _ in range(8):  # start sending it, until the server hangs up
-                    if not c.try_send(chunk):
-                        break
-                sent = c.expect_closed()
-                if sent:
-                    replies = parse_option_replies(sent)
-                    assert [r.type for r in replies] == [REP_ERR_TOO_BIG] and replies[0].option == opt
+        for opt in (OPT_INFO, OPT_GO, OPT_LIST, 0x7777):
+            sent = _send_huge_option(ctx, opt, length)
+            if sent:
+                replies = parse_option_replies(sent)
+                assert [r.type for r in replies] == [REP_ERR_TOO_BIG] and replies[0].option == opt
+
+
+@handshake_case
+def case_export_name_of_1_gib(ctx: Ctx) -> None:
+    # NBD_OPT_EXPORT_NAME has no reply packets ("The server will reply to any option apart from
+    # NBD_OPT_EXPORT_NAME with reply packets"; a client reads the export's size and flags next):
+    # refused, it can only be "terminate the session" -- a close with nothing sent.
+    for length in (1 * GiB, U32_MAX):
+        assert _send_huge_option(ctx, OPT_EXPORT_NAME, length) == b"", (
+            "an option reply to NBD_OPT_EXPORT_NAME"
+        )
+
+
+def _send_huge_option(ctx: Ctx, opt: int, length: int) -> bytes:
+    """An option header announcing ``length`` bytes, then 8 MiB of them (or as much as the
+    server takes before it hangs up); what the server sent before it closed."""
+    with ctx.raw() as c:
+        c.handshake()
+        c.send(option_bytes(opt, length=length))
+        chunk = b"\x00" * (1 * MiB)
+        for _ in range(8):
+            if not c.try_send(chunk):
+                break
+        return c.expect_closed()
 
 
 @handshake_case
@@ -731,14 +751,29 @@ def _after_case(ctx: Ctx) -> None:
     ctx.witness.check()
 
 
+# Cases that fail because of a bug in the server (see the reasons); the suite says so.
+KNOWN_BUGS = {
+    "export_name_of_1_gib": "bug: nbd/protocol.py ServerConnection._next_option answers an option longer than "
+    "max_option_length with an NBD_REP_ERR_TOO_BIG option reply even when it is NBD_OPT_EXPORT_NAME, which "
+    "has no reply packets (the spec: terminate the session)",
+}
+
+
+def _cases(names: list[str]) -> list[object]:
+    return [
+        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[n])) if n in KNOWN_BUGS else n
+        for n in names
+    ]
+
+
 @pytest.mark.parametrize("structured", [False, True], ids=["simple", "structured"])
-@pytest.mark.parametrize("name", sorted(TRANSMISSION_CASES))
+@pytest.mark.parametrize("name", _cases(sorted(TRANSMISSION_CASES)))
 def test_hostile_request(ctx: Ctx, name: str, structured: bool) -> None:
     TRANSMISSION_CASES[name](ctx, structured)
     _after_case(ctx)
 
 
-@pytest.mark.parametrize("name", sorted(HANDSHAKE_CASES))
+@pytest.mark.parametrize("name", _cases(sorted(HANDSHAKE_CASES)))
 def test_hostile_handshake(ctx: Ctx, name: str) -> None:
     HANDSHAKE_CASES[name](ctx)
     _after_case(ctx)
@@ -789,11 +824,15 @@ def churn(ctx: Ctx, count: int, workers: int = 16) -> int:
 
 
 def all_cases(ctx: Ctx) -> int:
-    for fn in HANDSHAKE_CASES.values():
-        fn(ctx)
-    for tfn in TRANSMISSION_CASES.values():
-        tfn(ctx, False)
-        tfn(ctx, True)
+    """Every hostile case once (transmission ones in both reply modes); the cases of known bugs
+    too, as hostile input, without their failing assertion."""
+    for name, fn in HANDSHAKE_CASES.items():
+        with contextlib.suppress(*((AssertionError,) if name in KNOWN_BUGS else ())):
+            fn(ctx)
+    for name, tfn in TRANSMISSION_CASES.items():
+        for structured in (False, True):
+            with contextlib.suppress(*((AssertionError,) if name in KNOWN_BUGS else ())):
+                tfn(ctx, structured)
     return len(HANDSHAKE_CASES) + 2 * len(TRANSMISSION_CASES)
 
 
@@ -933,15 +972,17 @@ def check_stream(data: bytes, chunks: list[int], mode: str, eof: bool) -> list:
     return whole
 
 
-def _valid(session: tuple[bytes, int], chunks: list[int], mode: str, eof: bool) -> None:
+def _valid(session: tuple[bytes, int], chunks: list[int], mode: str, eof: bool) -> list[Step]:
     data, _ = session
     steps = check_stream(data, chunks, mode, eof)
     kinds = [type(s.event).__name__ for s in steps[1:]]
     # The generator itself is right: a valid session is served without a refusal.
     assert "ProtocolError" not in kinds and "RequestRejected" not in kinds, kinds
+    return steps
 
 
 _fuzz_args = (chunkings, feed_modes, st.booleans())
+_random_streams = st.one_of(negotiated_then_random(), options_with_random_data(), st.binary(max_size=200))
 
 
 @CI_FUZZ
@@ -954,34 +995,46 @@ def test_fuzz_valid_sessions_are_served(
 
 @CI_FUZZ
 @given(mutated_sessions(), *_fuzz_args)
-def test_fuzz_mutated_sessions(data: bytes, chunks: list[int], mode: str, eof: bool) -> None:
-    check_stream(data, chunks, mode, eof)
+def test_fuzz_mutated_sessions(mutated: tuple[bytes, int], chunks: list[int], mode: str, eof: bool) -> None:
+    check_stream(mutated[0], chunks, mode, eof)
 
 
 @CI_FUZZ
-@given(st.one_of(negotiated_then_random(), options_with_random_data(), st.binary(max_size=200)), *_fuzz_args)
+@given(_random_streams, *_fuzz_args)
 def test_fuzz_random_bytes(data: bytes, chunks: list[int], mode: str, eof: bool) -> None:
     check_stream(data, chunks, mode, eof)
 
 
 @pytest.mark.long
-@LONG_FUZZ
-@given(mutated_sessions(), *_fuzz_args)
-def test_fuzz_mutated_sessions_long(data: bytes, chunks: list[int], mode: str, eof: bool) -> None:
-    check_stream(data, chunks, mode, eof)
+def test_fuzz_long() -> None:
+    """The three properties with 20,000 examples each; the figures for docs/reliability.md."""
+    figures: Counter[str] = Counter()
 
+    def tally(data: bytes, steps: list[Step]) -> None:
+        figures["streams"] += 1
+        figures["bytes_fed"] += len(data)
+        for step in steps[1:]:
+            figures["event:" + type(step.event).__name__] += 1
 
-@pytest.mark.long
-@LONG_FUZZ
-@given(st.one_of(negotiated_then_random(), options_with_random_data(), st.binary(max_size=200)), *_fuzz_args)
-def test_fuzz_random_bytes_long(data: bytes, chunks: list[int], mode: str, eof: bool) -> None:
-    check_stream(data, chunks, mode, eof)
+    @LONG_FUZZ
+    @given(valid_sessions(), *_fuzz_args)
+    def valid(session: tuple[bytes, int], chunks: list[int], mode: str, eof: bool) -> None:
+        tally(session[0], _valid(session, chunks, mode, eof))
 
+    @LONG_FUZZ
+    @given(mutated_sessions(), *_fuzz_args)
+    def mutated(mutated: tuple[bytes, int], chunks: list[int], mode: str, eof: bool) -> None:
+        figures["mutations"] += mutated[1]
+        tally(mutated[0], check_stream(mutated[0], chunks, mode, eof))
 
-@pytest.mark.long
-@LONG_FUZZ
-@given(valid_sessions(), *_fuzz_args)
-def test_fuzz_valid_sessions_are_served_long(
-    session: tuple[bytes, int], chunks: list[int], mode: str, eof: bool
-) -> None:
-    _valid(session, chunks, mode, eof)
+    @LONG_FUZZ
+    @given(_random_streams, *_fuzz_args)
+    def random_bytes(data: bytes, chunks: list[int], mode: str, eof: bool) -> None:
+        tally(data, check_stream(data, chunks, mode, eof))
+
+    started = time.monotonic()
+    valid()
+    mutated()
+    random_bytes()
+    figures["seconds"] = round(time.monotonic() - started)
+    print("\nDRILL4-FUZZ-LONG " + " ".join(f"{k}={v}" for k, v in sorted(figures.items())) + " failures=0")
