@@ -18,9 +18,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import MetadataCorrupt
+from ..model import AlertKind, AlertState, PDHealth, Severity
 from .store import AlertRow, LDRow, MetadataStore, PDRow, PoolRow, VVRow
 
 SCHEMA_VERSION = "1"
+
+# Values the engine interprets; anything else in the store is damage (see ``check``).
+_RAID_LEVELS = (0, 1, 5)
+_PD_HEALTH = {h.value for h in PDHealth}
+_SEVERITIES = {s.value for s in Severity}
+_ALERT_KINDS = {k.value for k in AlertKind}
+_ALERT_STATES = {s.value for s in AlertState}
+
+
+def _is_power_of_two(n: object) -> bool:
+    return isinstance(n, int) and n > 0 and n & (n - 1) == 0
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -85,7 +98,8 @@ class SQLiteStore(MetadataStore):
                 raise MetadataCorrupt(
                     f"{self.path}: schema version {version}, this thinblock reads {SCHEMA_VERSION}"
                 )
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
+            # UnicodeDecodeError: SQLite's message quotes damaged schema text that is not UTF-8.
             raise MetadataCorrupt(f"{self.path}: cannot read the metadata store: {exc}") from exc
 
     # --- helpers ---
@@ -212,8 +226,60 @@ class SQLiteStore(MetadataStore):
                 "SELECT v.name, v.pool_id FROM vvs v LEFT JOIN pools p ON p.id = v.pool_id WHERE p.id IS NULL"
             ):
                 problems.append(f"VV '{name}' belongs to pool {pool}, which does not exist")
-        except sqlite3.DatabaseError as exc:
+            problems += self._check_values()
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
             problems.append(f"sqlite: {exc}")
+        return problems
+
+    def _check_values(self) -> list[str]:
+        """Every row reads back through the queries the engine loads with (text that is not UTF-8,
+        a damaged schema, would otherwise stop the engine only half-way through loading), and
+        every value the engine interprets is one it can use."""
+        problems: list[str] = []
+        pds = self.load_pds()
+        pools = self.load_pools()
+        lds = self.load_lds()
+        self.load_vvs()
+        for _ in self.iter_map():
+            pass
+        alerts = self.load_alerts()
+        for key in ("schema_version", "clean"):
+            self.get_meta(key)
+        chunklet_of = {}
+        for pd in pds:
+            chunklet_of[pd.id] = pd.chunklet_size
+            if not _is_power_of_two(pd.chunklet_size) or pd.chunklet_size < 4096:
+                problems.append(f"PD {pd.id} has a chunklet size of {pd.chunklet_size} bytes")
+            elif pd.size < pd.chunklet_size:
+                problems.append(f"PD {pd.id} is {pd.size} bytes, smaller than one chunklet")
+            if pd.health not in _PD_HEALTH:
+                problems.append(f"PD {pd.id} has health {pd.health!r}")
+        for pool in pools:
+            if pool.raid not in _RAID_LEVELS or not _is_power_of_two(pool.region_size):
+                problems.append(f"pool '{pool.name}' has RAID {pool.raid} and region size {pool.region_size}")
+        for ld in lds:
+            if ld.raid not in _RAID_LEVELS or not _is_power_of_two(ld.region_size) or ld.set_size < 1:
+                problems.append(
+                    f"LD {ld.id} has RAID {ld.raid}, set size {ld.set_size}, region size {ld.region_size}"
+                )
+                continue
+            rows = 1 + max((r for r, _ in ld.chunklets), default=-1)
+            if set(ld.chunklets) != {(r, c) for r in range(rows) for c in range(ld.set_size)}:
+                problems.append(
+                    f"LD {ld.id} does not have {ld.set_size} chunklets in each of its {rows} rows"
+                )
+            sizes = {chunklet_of.get(pd_id) for pd_id, _ in ld.chunklets.values()}
+            if len(sizes) > 1:
+                problems.append(f"LD {ld.id} has chunklets of different sizes")
+        for alert in alerts:
+            if (
+                alert.severity not in _SEVERITIES
+                or alert.kind not in _ALERT_KINDS
+                or alert.state not in _ALERT_STATES
+            ):
+                problems.append(
+                    f"alert {alert.id} has severity {alert.severity!r}, kind {alert.kind!r}, state {alert.state!r}"
+                )
         return problems
 
     # --- PDs ---
