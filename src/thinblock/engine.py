@@ -550,26 +550,29 @@ class Engine:
     async def compact_pool(self, name: str) -> int:
         """Release LDs whose regions are all free back to free chunklets; returns how many."""
         pool = self._pool(name)
-        await pool.sync_pending()  # regions awaiting fsync count as free once it is done
-        released = 0
-        for ld_id in pool.releasable_lds():
-            ld = pool.detach_ld(ld_id)
-            self.store.delete_ld(ld_id)
-            del self.lds[ld_id]
-            self.ld_pool.pop(ld_id, None)
-            for chunk_row in ld.rows:
-                for ch in chunk_row:
-                    self.chunklets.release(ch.pd.id, ch.index)
-            self.alerts.clear_object(f"ld:{ld_id}")
-            self.alerts.event(
-                AlertKind.LD_RELEASED,
-                f"ld:{ld_id}",
-                Severity.INFO,
-                f"pool '{name}' released LD {ld_id} ({format_size(ld.size)}) back to free chunklets",
-            )
-            released += 1
-        pool.settings_changed()
-        return released
+        # Not while a rebuild runs: it works through a list of LDs taken when it started and
+        # would go on rebuilding an LD released meanwhile (releasing its chunklets twice).
+        async with self._rebuild_lock:
+            await pool.sync_pending()  # regions awaiting fsync count as free once it is done
+            released = 0
+            for ld_id in pool.releasable_lds():
+                ld = pool.detach_ld(ld_id)
+                self.store.delete_ld(ld_id)
+                del self.lds[ld_id]
+                self.ld_pool.pop(ld_id, None)
+                for chunk_row in ld.rows:
+                    for ch in chunk_row:
+                        self.chunklets.release(ch.pd.id, ch.index)
+                self.alerts.clear_object(f"ld:{ld_id}")
+                self.alerts.event(
+                    AlertKind.LD_RELEASED,
+                    f"ld:{ld_id}",
+                    Severity.INFO,
+                    f"pool '{name}' released LD {ld_id} ({format_size(ld.size)}) back to free chunklets",
+                )
+                released += 1
+            pool.settings_changed()
+            return released
 
     async def delete_pool(self, name: str) -> None:
         """Only when it has no VVs (Conflict otherwise); its LDs are released."""
@@ -623,12 +626,8 @@ class Engine:
         """Rebuild every degraded LD onto spare chunklets of healthy PDs, in bounded steps on the
         loop (no lock needed against host I/O, which runs between steps)."""
         async with self._rebuild_lock:
-            work = [
-                (ld, row, col)
-                for ld in self.lds.values()
-                if ld.health in (LDHealth.DEGRADED, LDHealth.REBUILDING)
-                for row, col in ld.failed_members()
-            ]
+            # Per member, not per LD health: an LD can have lost one row and be merely degraded in another.
+            work = [(ld, row, col) for ld in self.lds.values() for row, col in ld.rebuildable_members()]
             lds_total = len({ld.id for ld, _, _ in work})
             total = sum(ld.rows[row][col].pd.chunklet_size for ld, row, col in work)
             done_bytes = 0
@@ -655,8 +654,16 @@ class Engine:
                 )
                 job = ld.start_rebuild(row, col, spare)
                 base = done_bytes
+                failed_step = False
                 while not job.done:
-                    job.step(REBUILD_STEP)
+                    try:
+                        job.step(REBUILD_STEP)
+                    except MediumError as exc:
+                        # the spare's PD failed, or the set lost a second member: give the spare back
+                        log.error("rebuild ld=%d row=%d column=%d failed: %s", ld.id, row, col, exc)
+                        self.chunklets.release(spare.pd.id, spare.index)
+                        failed_step = True
+                        break
                     self._rebuild = RebuildProgress(
                         True, lds_total, len(done_lds), total, base + job.bytes_done, ld.id
                     )
@@ -664,6 +671,8 @@ class Engine:
                         progress(self._rebuild)
                     await asyncio.sleep(0)
                 done_bytes = base + job.bytes_total
+                if failed_step:
+                    continue
                 await asyncio.get_running_loop().run_in_executor(None, spare.pd.fsync)
                 self.store.replace_chunklet(ld.id, row, col, spare.pd.id, spare.index)
                 self.chunklets.release(failed.pd.id, failed.index)
