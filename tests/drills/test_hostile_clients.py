@@ -112,6 +112,7 @@ from .hostile_helpers import (
     qemu_io_verify,
     request_bytes,
     run_core,
+    running_daemon,
     start_daemon,
     summarize,
     valid_sessions,
@@ -914,34 +915,83 @@ def test_witness_data_read_by_qemu_io(ctx: Ctx) -> None:
     qemu_io_verify(ctx.daemon.uri(EXPORT), ctx.witness.qemu_io_commands())
 
 
+def test_stop_with_hostile_clients_connected(tmp_path: Path) -> None:
+    """SIGTERM while clients stall in the handshake, in a request header, in a WRITE payload, and
+    one never reads its replies: the daemon still stops cleanly (exit 0), and after a restart the
+    witness's data is all there."""
+    workdir = tmp_path / "stop"
+    daemon = start_daemon(workdir, DAEMON_TABLES)
+    clients: list[RawClient] = []
+    try:
+        witness = Witness(daemon.nbd_port, EXPORT)
+        witness.check()
+        witness.check()
+        stalled = RawClient(daemon.nbd_port)
+        stalled.greeting()
+        half_payload = RawClient(daemon.nbd_port).negotiate(EXPORT)
+        half_payload.request(CMD_WRITE, HOSTILE_AREA, 1 * MiB, data=b"x" * 1000)
+        never_reads = RawClient(daemon.nbd_port).negotiate(EXPORT)
+        never_reads.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        for _ in range(50):
+            never_reads.request(CMD_READ, 0, 32 * MiB)
+        half_header = RawClient(daemon.nbd_port).negotiate(EXPORT, structured=True)
+        half_header.send(request_bytes(CMD_READ, 1, 0, 4096)[:10])
+        clients = [stalled, half_payload, never_reads, half_header, witness.client]
+        witness.check()  # a round trip through the server's event loop, after the hostile bytes
+    finally:
+        rc = daemon.stop()
+        for c in clients:
+            c.close()
+    assert rc == 0, f"the daemon did not stop cleanly:\n{daemon.log_tail()}"
+    assert not daemon.bad_log_records(), daemon.bad_log_records()[:5]
+    with running_daemon(workdir, DAEMON_TABLES) as again, RawClient(again.nbd_port).negotiate(EXPORT) as c:
+        assert c.read(0, witness.area).data == witness.expected(), (
+            "data lost over a stop with hostile clients"
+        )
+
+
 @pytest.mark.long
+def test_stalled_handshake_is_closed_long(ctx: Ctx) -> None:
+    """A client that connects and never negotiates is closed by the server (its handshake
+    timeout, 30 s by default), so stalled clients cannot hold connection slots for ever."""
+    with ctx.raw() as c:
+        c.greeting()
+        started = time.monotonic()
+        assert c.expect_closed(timeout=120) == b""
+        print(f"\nstalled handshake closed by the server after {time.monotonic() - started:.0f} s")
+    _after_case(ctx)
+
+
+@pytest.mark.long
+@pytest.mark.timeout(1800)
 def test_hostile_rounds_long(tmp_path: Path) -> None:
-    """20 rounds of every hostile case and 500 connections per round (10,000 in all), RSS and
-    open fds checked after every round against the first."""
+    """20 rounds of every hostile case and 500 connections per round (10,000 in all), after three
+    rounds of warm-up (the allocator keeps its peak, which the known bug above makes higher);
+    RSS and open fds checked after every round: nothing may accumulate."""
     daemon = start_daemon(tmp_path / "hostile-long", DAEMON_TABLES)
     try:
         witness = Witness(daemon.nbd_port, EXPORT)
         ctx = Ctx(daemon, witness)
-        all_cases(ctx)
-        churn(ctx, 500)
+        for _ in range(3):
+            all_cases(ctx)
+            churn(ctx, 500)
         rss0, fds0 = daemon.rss(), daemon.fds()
         started = time.monotonic()
         sessions = connections = 0
-        peak = rss0
+        series = []
         for round_ in range(20):
             sessions += all_cases(ctx)
             connections += churn(ctx, 500)
             _after_case(ctx)
             rss = daemon.rss()
-            peak = max(peak, rss)
-            assert rss - rss0 < ROUND_RSS_BOUND, f"round {round_}: RSS {rss0 >> 20} -> {rss >> 20} MiB"
+            series.append(rss >> 20)
+            assert rss - rss0 < ROUND_RSS_BOUND, f"round {round_}: RSS {rss0 >> 20} -> {series} MiB"
             assert daemon.settled_fds(fds0 + FD_SLACK) <= fds0 + FD_SLACK
         qemu_io_verify(daemon.uri(EXPORT), witness.qemu_io_commands())
         print(
             f"\nDRILL4-LONG rounds=20 hostile_sessions={sessions} connections={connections}"
-            f" witness_checks={witness.checks} rss_start_mib={rss0 >> 20} rss_peak_mib={peak >> 20}"
-            f" rss_end_mib={daemon.rss() >> 20} fds_start={fds0} fds_end={daemon.fds()}"
-            f" seconds={time.monotonic() - started:.0f} data_lost=0"
+            f" witness_checks={witness.checks} rss_after_warmup_mib={rss0 >> 20} rss_per_round_mib={series}"
+            f" fds_start={fds0} fds_end={daemon.fds()} seconds={time.monotonic() - started:.0f} data_lost=0"
         )
         witness.client.disconnect()
     finally:
@@ -1006,6 +1056,7 @@ def test_fuzz_random_bytes(data: bytes, chunks: list[int], mode: str, eof: bool)
 
 
 @pytest.mark.long
+@pytest.mark.timeout(3600)
 def test_fuzz_long() -> None:
     """The three properties with 20,000 examples each; the figures for docs/reliability.md."""
     figures: Counter[str] = Counter()

@@ -344,6 +344,7 @@ def test_load_16_connections_4_volumes(tmp_path: Path) -> None:
 
 
 @pytest.mark.long
+@pytest.mark.timeout(900)
 def test_load_16_connections_4_volumes_long(tmp_path: Path) -> None:
     figures = run_load(tmp_path, LONG)
     print(f"\nDRILL7-LONG {json.dumps(figures)} errors=0 verify_failures=0 data_lost=0")
