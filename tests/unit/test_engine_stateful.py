@@ -54,6 +54,7 @@ from hypothesis.stateful import (
 from tests.engine_helpers import CHUNKLET, STEP, make_engine
 from thinblock.blockdev import ExtentFlags
 from thinblock.engine import Engine, EngineOptions
+from thinblock.errors import MediumError
 from thinblock.model import CacheMode, LDHealth
 from thinblock.units import KiB, MiB
 from thinblock.volume.vv import VirtualVolume
@@ -684,3 +685,29 @@ async def test_compaction_during_a_rebuild_waits_for_it(tmp_path: Path) -> None:
         assert bytes(await vol.read(0, len(data))) == expected
         await engine.close()
         assert Engine.check(tmp_path / str(pauses)).ok
+
+
+async def test_every_flush_that_may_cover_a_lost_write_fails(tmp_path: Path) -> None:
+    """Write-back data whose destage fails (its RAID 1 set lost both mirrors) must be
+    reported by the flush round that found the loss -- and by every other flush asked for
+    before that round ended, whether it shares that round or runs the next one: each may
+    cover the lost write, so none may report success."""
+    options = EngineOptions(allow_tiny_chunklets=True, destage_delay=60.0)
+    engine = await make_engine(tmp_path, pds=4, options=options)
+    await engine.create_pool("p", raid=1, region_size=16 * KiB, growth_increment=CHUNKLET, step=STEP)
+    await engine.create_vv("v", pool="p", size=MiB, cache_mode=CacheMode.WRITEBACK)
+    vol = engine.volume("v")
+    await vol.write(0, b"doomed")
+    assert engine.cache_dirty_bytes() == 6
+    for ref in engine.list_lds()[0].chunklets:
+        await engine.fail_pd(ref.pd_id)
+    # The first flush runs a round; the second asks during it (the next round); the third
+    # asks during it as well, so the second flush's round covers it.
+    flushes = [asyncio.ensure_future(vol.flush()) for _ in range(3)]
+    results = await asyncio.gather(*flushes, return_exceptions=True)
+    assert all(isinstance(r, MediumError) for r in results), results
+    # Once reported, a flush asked for afterwards covers nothing that was lost.
+    await vol.write(MiB // 2, b"fine")  # a new LD on the two healthy PDs
+    await vol.flush()
+    assert bytes(await vol.read(MiB // 2, 4)) == b"fine"
+    await engine.close()
