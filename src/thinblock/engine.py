@@ -77,6 +77,8 @@ MAX_NAME = 255
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]*$")
 MAX_VV_SIZE = 1 << 60  # 1 EiB: far past "at least 64 TiB", still exact in every map structure
 REBUILD_STEP = 1 * MiB
+COMMIT_BATCH = 4096
+COMMIT_DELAY = 0.5
 
 
 def _check_name(kind: str, name: object) -> str:
@@ -117,6 +119,7 @@ class Engine:
         self._rebuild = RebuildProgress(False, 0, 0, 0, 0)
         self._rebuild_lock = asyncio.Lock()
         self._closed = False
+        self._commit_timer: asyncio.TimerHandle | None = None
 
     # --- life cycle -------------------------------------------------------------------
     @classmethod
@@ -270,6 +273,21 @@ class Engine:
         pool.vv_count += 1
         return vv
 
+    def _assignment_recorded(self) -> None:
+        """Assignments are committed in groups: at every flush, every COMMIT_BATCH assignments,
+        and at the latest COMMIT_DELAY seconds after the first uncommitted one."""
+        if self.store.pending_assignments >= COMMIT_BATCH:
+            self._commit_now()
+        elif self._commit_timer is None and self._loop is not None:
+            self._commit_timer = self._loop.call_later(COMMIT_DELAY, self._commit_now)
+
+    def _commit_now(self) -> None:
+        if self._commit_timer is not None:
+            self._commit_timer.cancel()
+            self._commit_timer = None
+        if not self._closed:
+            self.store.commit()
+
     def _ld_created(self, ld: LogicalDisk, pool: Pool) -> None:
         self.ld_pool[ld.id] = pool
 
@@ -286,6 +304,9 @@ class Engine:
         else:
             self.store.set_meta("clean", "1")
             await asyncio.get_running_loop().run_in_executor(None, self.store.sync)
+        if self._commit_timer is not None:
+            self._commit_timer.cancel()
+            self._commit_timer = None
         self._closed = True
         self._close_files()
 
@@ -310,6 +331,7 @@ class Engine:
                 errors = self.cache.take_errors()
                 pending = {pool: pool.take_pending() for pool in self.pools.values()}
                 pds = [pd for pd in self.pds.values() if not pd.failed]
+                self._commit_now()  # the assignments of every write acknowledged so far
                 failures = await asyncio.get_running_loop().run_in_executor(None, _sync_all, pds, self.store)
                 for pool, batch in pending.items():
                     pool.free_pending(batch)
@@ -351,6 +373,9 @@ class Engine:
         for ld in self.lds.values():
             health = ld.health
             obj = f"ld:{ld.id}"
+            slots = self.ld_pool[ld.id].slots.get(ld.id)
+            if slots is not None:
+                slots.lost = health == LDHealth.FAILED
             if health == LDHealth.FAILED:
                 self.alerts.condition(
                     AlertKind.LD_FAILED,

@@ -71,6 +71,9 @@ class SQLiteStore(MetadataStore):
 
     def __init__(self, data_dir: str | Path, *, create: bool = True) -> None:
         self.path = Path(data_dir) / self.FILENAME
+        self._vv_delta: dict[int, int] = {}
+        self._ld_delta: dict[int, int] = {}
+        self.pending_assignments = 0
         existed = self.path.exists()
         if not existed and not create:
             raise MetadataCorrupt(f"no metadata store at {self.path}")
@@ -109,6 +112,7 @@ class SQLiteStore(MetadataStore):
         return row is not None and self.get_meta("schema_version") is not None
 
     def _tx(self, sql: str, args: tuple[object, ...] = ()) -> sqlite3.Cursor:
+        self.commit()  # pending assignments first: a failing statement must not roll them back
         try:
             with self._db:  # commit on success, roll back on error
                 return self._db.execute(sql, args)
@@ -119,6 +123,7 @@ class SQLiteStore(MetadataStore):
 
     # --- life cycle ---
     def close(self) -> None:
+        self.commit()
         self._db.close()
 
     def sync(self) -> None:
@@ -342,6 +347,7 @@ class SQLiteStore(MetadataStore):
 
     # --- LDs ---
     def add_ld(self, row: LDRow) -> int:
+        self.commit()
         try:
             with self._db:
                 cur = self._db.execute(
@@ -367,6 +373,7 @@ class SQLiteStore(MetadataStore):
         )
 
     def delete_ld(self, ld_id: int) -> None:
+        self.commit()
         with self._db:
             self._db.execute("DELETE FROM ld_chunklets WHERE ld_id=?", (ld_id,))
             self._db.execute("DELETE FROM lds WHERE id=?", (ld_id,))
@@ -433,22 +440,41 @@ class SQLiteStore(MetadataStore):
         ]
 
     def assign(self, vv_id: int, vv_region: int, ld_id: int, ld_region: int) -> None:
+        """Insert the map row in the open transaction (begun if needed); ``commit`` ends it.
+        The VV and LD region counters are kept in memory and written by ``commit``, in the
+        same transaction as the rows they count, so they always agree once committed."""
         db = self._db
-        try:
+        if not db.in_transaction:
             db.execute("BEGIN")
-            db.execute(
-                "INSERT INTO vv_map(vv_id, vv_region, ld_id, ld_region) VALUES(?, ?, ?, ?)",
-                (vv_id, vv_region, ld_id, ld_region),
+        db.execute(
+            "INSERT INTO vv_map(vv_id, vv_region, ld_id, ld_region) VALUES(?, ?, ?, ?)",
+            (vv_id, vv_region, ld_id, ld_region),
+        )
+        self._vv_delta[vv_id] = self._vv_delta.get(vv_id, 0) + 1
+        self._ld_delta[ld_id] = self._ld_delta.get(ld_id, 0) + 1
+        self.pending_assignments += 1
+
+    def commit(self) -> None:
+        db = self._db
+        if not db.in_transaction:
+            return
+        try:
+            db.executemany(
+                "UPDATE vvs SET regions = regions + ? WHERE id=?", [(n, k) for k, n in self._vv_delta.items()]
             )
-            db.execute("UPDATE vvs SET regions = regions + 1 WHERE id=?", (vv_id,))
-            db.execute("UPDATE lds SET regions_used = regions_used + 1 WHERE id=?", (ld_id,))
+            db.executemany(
+                "UPDATE lds SET regions_used = regions_used + ? WHERE id=?",
+                [(n, k) for k, n in self._ld_delta.items()],
+            )
             db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
+        except sqlite3.DatabaseError as exc:
+            raise MetadataCorrupt(f"{self.path}: cannot commit region assignments: {exc}") from exc
+        self._vv_delta.clear()
+        self._ld_delta.clear()
+        self.pending_assignments = 0
 
     def unassign(self, vv_id: int, vv_regions: list[int]) -> None:
+        self.commit()
         db = self._db
         try:
             db.execute("BEGIN")

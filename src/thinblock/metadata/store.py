@@ -6,8 +6,11 @@ SQLite (``sqlite.py``) is the embedded single-node backend, and a PostgreSQL bac
 for paired nodes is an addition behind the same methods, not a rewrite.
 
 Transaction rule: every mutating method is one transaction, committed when it
-returns (visible to a new process after ``kill -9``).  ``sync()`` makes every
-committed transaction durable against power loss; the engine calls it on flush.
+returns (visible to a new process after ``kill -9``) -- except ``assign``, the one
+call on the write path: it records the assignment in an open transaction that
+``commit`` ends (the engine commits on every flush and within half a second).
+``sync()`` makes every committed transaction durable against power loss; the engine
+calls it on flush, after ``commit``.
 """
 
 from __future__ import annotations
@@ -155,7 +158,12 @@ class MetadataStore(abc.ABC):
 
     @abc.abstractmethod
     def assign(self, vv_id: int, vv_region: int, ld_id: int, ld_region: int) -> None:
-        """Record a region assignment (committed before any data is written into it)."""
+        """Record a region assignment (before any data is written into it), in the open
+        transaction that ``commit`` ends."""
+
+    @abc.abstractmethod
+    def commit(self) -> None:
+        """Commit the assignments recorded since the last commit (no-op when none)."""
 
     @abc.abstractmethod
     def unassign(self, vv_id: int, vv_regions: list[int]) -> None:

@@ -56,7 +56,7 @@ class SpaceShortage:
 class LDSlots:
     """Allocation state of one LD's regions: a used-byte per region, and a search hint."""
 
-    __slots__ = ("free", "hint", "ld", "regions", "used")
+    __slots__ = ("free", "hint", "ld", "lost", "regions", "used")
 
     def __init__(self, ld: LogicalDisk, regions: int) -> None:
         self.ld = ld
@@ -64,6 +64,7 @@ class LDSlots:
         self.used = bytearray(regions)  # 0 free, 1 assigned, 2 pending (zeroed, awaiting fsync)
         self.free = regions
         self.hint = 0
+        self.lost = False  # the LD lost data (health FAILED): hand out none of its regions
 
     def take(self) -> int:
         index = self.used.find(0, self.hint)
@@ -179,7 +180,7 @@ class Pool:
         if self.free_regions == 0:
             return None
         for slots in self.slots.values():
-            if slots.free and slots.ld.health != LDHealth.FAILED:
+            if slots.free and not slots.lost:
                 index = slots.take()
                 self.free_regions -= 1
                 self.used_regions += 1

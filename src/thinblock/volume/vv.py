@@ -62,6 +62,7 @@ class VirtualVolume:
         lds: dict[int, LogicalDisk],
         cache: WriteBackCache,
         flush_node: Callable[[], Awaitable[None]],
+        assignment_recorded: Callable[[], None] = lambda: None,
     ) -> None:
         self.row = row
         self.pool = pool
@@ -70,6 +71,7 @@ class VirtualVolume:
         self._lds = lds
         self._wb = cache
         self._flush_node = flush_node
+        self._assignment_recorded = assignment_recorded
         self.map = RegionMap()
         region_size = pool.region_size
         assert region_size & (region_size - 1) == 0
@@ -314,6 +316,7 @@ class VirtualVolume:
             self.pool.release(packed)
             raise
         self.map.set(region, packed)
+        self._assignment_recorded()
         self._check_after_assign()
 
     def _check_after_assign(self) -> None:
