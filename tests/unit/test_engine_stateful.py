@@ -347,9 +347,33 @@ class EngineMachine(RuleBasedStateMachine):
 
     @rule(data=st.data())
     def read_partial(self, data: st.DataObject) -> None:
+        """A plain read, the same read as extents (holes where the zero LD is: what the NBD
+        server sends as hole chunks), and block status from the same offset."""
         offset, length = self.draw_range(data, max_regions=4)
+        want = bytes(self.model[offset : offset + length])
         got = bytes(self.run(self.vol.read(offset, length)))
-        assert got == self.model[offset : offset + length], f"read of {length} at {offset}"
+        assert got == want, f"read of {length} at {offset}"
+        pos = offset
+        for ext_offset, ext_length, piece in self.run(self.vol.read_extents(offset, length)):
+            assert ext_offset == pos and ext_length > 0
+            regions = self.regions_touched(ext_offset, ext_length)
+            if piece is None:
+                assert not self.allocated.intersection(regions), (
+                    f"hole at {ext_offset} over allocated regions"
+                )
+                piece = bytes(ext_length)
+            else:
+                assert self.allocated.issuperset(regions), f"data extent at {ext_offset} over a hole"
+            assert bytes(piece) == want[pos - offset : pos - offset + ext_length], f"extent at {ext_offset}"
+            pos += ext_length
+        assert pos == offset + length
+        pos = offset
+        for ext in self.run(self.vol.block_status(offset, length)):
+            assert ext.length > 0 and pos + ext.length <= offset + length
+            allocated = [r in self.allocated for r in self.regions_touched(pos, ext.length)]
+            assert all(allocated) if not ext.flags & ExtentFlags.HOLE else not any(allocated), (pos, ext)
+            pos += ext.length
+        assert pos == offset + length  # a short range: one reply covers it all
 
     @rule(data=st.data(), fua=st.booleans())
     def trim(self, data: st.DataObject, fua: bool) -> None:
