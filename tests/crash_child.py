@@ -4,7 +4,8 @@ engine until it is killed with SIGKILL.
     python -m tests.crash_child DATA_DIR SEED RECORD_FILE
 
 It opens the engine on DATA_DIR (set up by the test: a RAID 1 pool and the volumes of
-``VOLUMES``), prints ``ready``, then runs the operations of ``operations(SEED)`` one at
+``VOLUMES``), starts a rebuild in the background if an LD is degraded (the test fails a
+PD now and then), prints ``ready``, then runs the operations of ``operations(SEED)`` one at
 a time.  After each operation marked ``flush_after`` it flushes the engine and, once the
 flush has completed, appends the operation's sequence number to RECORD_FILE and fsyncs
 it: every operation up to that number was acknowledged before a completed flush, so it
@@ -87,6 +88,11 @@ async def apply(engine: Engine, op: Op) -> None:
 
 async def run(data_dir: Path, seed: int, record: Path) -> None:
     engine = await Engine.open(data_dir, OPTIONS)
+    # A PD failed before this run: rebuild in the background while writing (the kill may
+    # land in the middle of it, before the replacement chunklets are recorded).
+    rebuild = None
+    if any(ld.health.value != "normal" for ld in engine.list_lds()):
+        rebuild = asyncio.ensure_future(engine.rebuild())
     print("ready", flush=True)
     fd = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     for op in operations(seed):
@@ -95,6 +101,9 @@ async def run(data_dir: Path, seed: int, record: Path) -> None:
             await engine.flush_all()
             os.write(fd, f"{op.seq}\n".encode())
             os.fsync(fd)
+        if rebuild is not None and rebuild.done():
+            rebuild.result()  # a rebuild that failed fails the child
+            rebuild = None
 
 
 if __name__ == "__main__":

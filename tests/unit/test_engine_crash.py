@@ -12,6 +12,9 @@ After each kill the test process checks the store (``Engine.check``), opens the 
 * isolation after the crash: a new volume sized to the pool's free space gets every
   free LD region; one byte written into each region reads back followed by zeros.
 
+Every fifth round the test fails a mirror PD (and adds a fresh PD); the next child
+rebuilds in the background while it writes, so some kills land mid-rebuild.
+
 The child's operations are a pure function of its seed (tests/crash_child.py), so the
 test recomputes them.  What the volumes hold after a round (verified as above) is the
 starting point of the next.  The volumes are on a RAID 1 pool: one write-through, one
@@ -108,7 +111,9 @@ def check_volume(name: str, got: bytes, start: bytearray, done: list[Op], later:
         )
 
 
-async def verify_round(data_dir: Path, models: dict[str, bytearray], seed: int, last: int) -> None:
+async def verify_round(
+    data_dir: Path, models: dict[str, bytearray], seed: int, last: int, *, fail_a_pd: bool
+) -> None:
     report = Engine.check(data_dir)
     assert report.ok, f"store check after the kill: {report.problems}"
     engine = await Engine.open(data_dir, OPTIONS)
@@ -119,8 +124,24 @@ async def verify_round(data_dir: Path, models: dict[str, bytearray], seed: int, 
             check_volume(name, got, models[name], done, later)
             models[name][:] = got  # the next round starts from what is there now
         await check_isolation(engine)
+        if fail_a_pd:
+            await fail_a_mirror(engine, data_dir)
     finally:
         await engine.close()
+
+
+async def fail_a_mirror(engine: Engine, data_dir: Path) -> None:
+    """Fail a PD under the volumes (only while no LD is degraded: one failed mirror per
+    RAID 1 set at most) and add a fresh one, so that the pool can still grow and the
+    next child's rebuild has somewhere to go."""
+    if any(ld.health.value != "normal" for ld in engine.list_lds()):
+        return
+    used = sorted({ref.pd_id for ld in engine.list_lds() for ref in ld.chunklets})
+    if not used:
+        return
+    await engine.add_pd(data_dir / f"pd{len(engine.list_pds())}.img", size=4 * MiB, chunklet_size=CHUNKLET)
+    await engine.fail_pd(used[len(engine.list_pds()) % len(used)])
+    assert any(ld.health.value == "degraded" for ld in engine.list_lds())
 
 
 async def check_isolation(engine: Engine) -> None:
@@ -187,7 +208,7 @@ def crash_rounds(tmp_path: Path, rounds: int, master_seed: int) -> None:
         last = last_recorded_flush(record)
         recorded += last >= 0
         try:
-            asyncio.run(verify_round(data_dir, models, seed, last))
+            asyncio.run(verify_round(data_dir, models, seed, last, fail_a_pd=round_no % 5 == 2))
         except AssertionError as exc:
             raise AssertionError(
                 f"round {round_no} (master seed {master_seed}, child seed {seed}): {exc}"
