@@ -116,6 +116,7 @@ class Pool:
         self.free_regions = 0
         self.pending: list[int] = []  # packed regions zeroed, awaiting fsync before reuse
         self._growing: asyncio.Future[SpaceShortage | None] | None = None
+        self._syncing: asyncio.Future[None] | None = None  # sync_pending's fsync in progress
         self.before_ld_create: LDCreateHook | None = None
         self.on_ld_created: Callable[[LogicalDisk, Pool], None] | None = None
         self.vv_count = 0
@@ -193,7 +194,7 @@ class Pool:
             packed = self.try_allocate()
             if packed is not None:
                 return packed
-            if self.pending:
+            if self.pending or self._syncing is not None:
                 await self.sync_pending()
                 continue
             shortage = await self.grow()
@@ -231,12 +232,24 @@ class Pool:
             self.free_regions += 1
 
     async def sync_pending(self) -> None:
+        """Free the pending regions: fsync the LDs under them.  A sync already in progress is
+        waited for first -- the regions it frees are what a second allocator is after; without
+        the wait it found nothing pending, grew the pool instead, and at the growth limit
+        failed with ENOSPC while regions were about to become free."""
+        if self._syncing is not None:
+            await asyncio.shield(self._syncing)
         batch = self.take_pending()
         if not batch:
             return
-        lds = {self.slots[p >> REGION_BITS].ld for p in batch if (p >> REGION_BITS) in self.slots}
-        await asyncio.get_running_loop().run_in_executor(None, _flush_lds, lds)
-        self.free_pending(batch)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._syncing = done
+        try:
+            lds = {self.slots[p >> REGION_BITS].ld for p in batch if (p >> REGION_BITS) in self.slots}
+            await asyncio.get_running_loop().run_in_executor(None, _flush_lds, lds)
+            self.free_pending(batch)
+        finally:
+            self._syncing = None
+            done.set_result(None)
 
     # --- growth (claims 6 and 7) ---
     async def grow(self) -> SpaceShortage | None:
