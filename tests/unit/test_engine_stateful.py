@@ -55,7 +55,7 @@ from tests.engine_helpers import CHUNKLET, STEP, make_engine
 from thinblock.blockdev import ExtentFlags
 from thinblock.engine import Engine, EngineOptions
 from thinblock.errors import MediumError
-from thinblock.model import CacheMode, LDHealth
+from thinblock.model import AlertKind, CacheMode, LDHealth
 from thinblock.units import KiB, MiB
 from thinblock.volume.vv import VirtualVolume
 
@@ -735,4 +735,24 @@ async def test_every_flush_that_may_cover_a_lost_write_fails(tmp_path: Path) -> 
     await vol.write(MiB // 2, b"fine")  # a new LD on the two healthy PDs
     await vol.flush()
     assert bytes(await vol.read(MiB // 2, 4)) == b"fine"
+    await engine.close()
+
+
+async def test_allocations_at_a_full_pool_wait_for_trimmed_regions_instead_of_failing(tmp_path: Path) -> None:
+    """The pool is at its growth limit and full; two regions were trimmed (zeroed, awaiting
+    their fsync).  Two writes that each need a region at the same time must both get one:
+    the second waits for the first one's fsync rather than trying to grow (ENOSPC)."""
+    region = 16 * KiB
+    engine = await make_engine(tmp_path, pds=2)
+    await engine.create_pool(
+        "p", raid=1, region_size=region, growth_increment=CHUNKLET, step=STEP, growth_limit=CHUNKLET
+    )
+    await engine.create_vv("v", pool="p", size=MiB)
+    vol = engine.volume("v")
+    await vol.write(0, make_data("random", 1, CHUNKLET))  # every region of the one LD allowed
+    await vol.trim(0, 2 * region)
+    await asyncio.gather(vol.write(10 * region, b"a"), vol.write(20 * region, b"b"))
+    assert bytes(await vol.read(10 * region, 1)) + bytes(await vol.read(20 * region, 1)) == b"ab"
+    assert engine.get_vv("v").regions_allocated == CHUNKLET // region
+    assert AlertKind.POOL_GROWTH_LIMIT.value not in [a.kind.value for a in engine.list_alerts(True)]
     await engine.close()
