@@ -19,6 +19,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .alerts import AlertBus
 from .blockdev import Volume
 from .cache.writeback import WriteBackCache
@@ -196,18 +198,27 @@ class Engine:
         for vrow in store.load_vvs():
             vv = self._make_vv(vrow, pools_by_id[vrow.pool_id])
             vvs_by_id[vv.row.id] = vv
-        # The region maps: one pass over the store (a million rows take about a second).
-        for vv_id, vv_region, ld_id, ld_region in store.iter_map():
-            vv = vvs_by_id[vv_id]
-            packed = (ld_id << 32) | ld_region
-            vv.map.set(vv_region, packed)
-            vv.pool.mark_assigned(packed)
+        # The region maps, from one array of the whole map (the check just read it): a million
+        # regions load in about a second, vectorised per VV and per LD.
+        self._load_maps(store.map_array(), vvs_by_id)
         for pd in self.pds.values():
             if pd.failed:
                 self._on_pd_failed(pd, pd.failure_reason or "failed")
         if store.get_meta("clean") == "0":
             await self._scrub_free_regions()
         store.set_meta("clean", "0")
+
+    def _load_maps(self, rows: np.ndarray, vvs_by_id: dict[int, VirtualVolume]) -> None:
+        if not len(rows):
+            return
+        packed_all = (rows[:, 2] << 32) | rows[:, 3]
+        for vv_id in np.unique(rows[:, 0]):
+            sel = rows[:, 0] == vv_id
+            vv = vvs_by_id[int(vv_id)]
+            vv.map.load(rows[sel, 1], packed_all[sel])
+        for ld_id in np.unique(rows[:, 2]):
+            indexes = rows[rows[:, 2] == ld_id, 3]
+            self.ld_pool[int(ld_id)].mark_assigned_many(int(ld_id), indexes)
 
     async def _scrub_free_regions(self) -> None:
         """After an unclean shutdown: a region may hold data whose assignment never reached the

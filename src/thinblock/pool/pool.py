@@ -27,6 +27,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..alerts import AlertBus
 from ..errors import MediumError
 from ..logical.raid import Chunklet, LogicalDisk, RaidLevel, usable_per_row
@@ -174,6 +176,17 @@ class Pool:
         slots.free -= 1
         self.free_regions -= 1
         self.used_regions += 1
+
+    def mark_assigned_many(self, ld_id: int, indexes: np.ndarray) -> None:
+        """Loading: these regions of LD ``ld_id`` are taken (the store check ruled out duplicates)."""
+        slots = self.slots[ld_id]
+        used = np.frombuffer(slots.used, dtype=np.uint8)
+        assert not used[indexes].any(), f"LD {ld_id}: a region assigned twice"
+        used[indexes] = 1
+        n = len(indexes)
+        slots.free -= n
+        self.free_regions -= n
+        self.used_regions += n
 
     # --- allocation ---
     def try_allocate(self) -> int | None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 from array import array
 from collections.abc import Iterator
 
+import numpy as np
+
 CHUNK_SHIFT = 10
 CHUNK_LEN = 1 << CHUNK_SHIFT
 CHUNK_MASK = CHUNK_LEN - 1
@@ -43,6 +45,26 @@ class RegionMap:
         assert chunk[region & CHUNK_MASK] == ZERO_LD, f"region {region} mapped twice"
         chunk[region & CHUNK_MASK] = packed
         self.count += 1
+
+    def load(self, regions: np.ndarray, packed: np.ndarray) -> None:
+        """Loading: set many entries at once (regions not yet mapped, no duplicates)."""
+        keys = regions >> CHUNK_SHIFT
+        order = np.argsort(keys, kind="stable")
+        keys, regions, packed = keys[order], regions[order], packed[order]
+        bounds = np.flatnonzero(np.diff(keys)) + 1
+        for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(keys)], strict=True):
+            key = int(keys[lo])
+            chunk = self.chunks.get(key)
+            values = (
+                np.full(CHUNK_LEN, ZERO_LD, dtype=np.int64)
+                if chunk is None
+                else np.frombuffer(chunk, np.int64).copy()
+            )
+            values[regions[lo:hi] & CHUNK_MASK] = packed[lo:hi]
+            new = array("q")
+            new.frombytes(values.tobytes())
+            self.chunks[key] = new
+        self.count += len(regions)
 
     def clear(self, region: int) -> int:
         """Point the region back at the zero LD; returns what it pointed at."""
