@@ -341,9 +341,16 @@ class Engine:
                 await self.cache.destage_all()
                 errors = self.cache.take_errors()
                 pending = {pool: pool.take_pending() for pool in self.pools.values()}
-                pds = [pd for pd in self.pds.values() if not pd.failed]
-                self._commit_now()  # the assignments of every write acknowledged so far
-                failures = await asyncio.get_running_loop().run_in_executor(None, _sync_all, pds, self.store)
+                try:
+                    pds = [pd for pd in self.pds.values() if not pd.failed]
+                    self._commit_now()  # the assignments of every write acknowledged so far
+                    failures = await asyncio.get_running_loop().run_in_executor(
+                        None, _sync_all, pds, self.store
+                    )
+                except BaseException:
+                    for pool, batch in pending.items():
+                        pool.return_pending(batch)  # not known to be durably zero
+                    raise
                 for pool, batch in pending.items():
                     pool.free_pending(batch)
                 self._flush_done = target

@@ -118,7 +118,8 @@ class Pool:
         self.free_regions = 0
         self.pending: list[int] = []  # packed regions zeroed, awaiting fsync before reuse
         self._growing: asyncio.Future[SpaceShortage | None] | None = None
-        self._syncing: asyncio.Future[None] | None = None  # sync_pending's fsync in progress
+        # id(batch) -> done: pending regions taken for an fsync (a flush's or sync_pending's)
+        self._in_sync: dict[int, asyncio.Future[None]] = {}
         self.before_ld_create: LDCreateHook | None = None
         self.on_ld_created: Callable[[LogicalDisk, Pool], None] | None = None
         self.vv_count = 0
@@ -207,8 +208,14 @@ class Pool:
             packed = self.try_allocate()
             if packed is not None:
                 return packed
-            if self.pending or self._syncing is not None:
+            if self.pending:
                 await self.sync_pending()
+                continue
+            if self._in_sync:
+                # An fsync in progress (a flush, another allocation) is about to free released
+                # regions: wait for it rather than grow the pool -- at the growth limit that
+                # failed the write with ENOSPC although regions were about to be free.
+                await asyncio.wait(list(self._in_sync.values()))
                 continue
             shortage = await self.grow()
             if shortage is not None:
@@ -227,9 +234,23 @@ class Pool:
         self.pending.append(packed)
 
     def take_pending(self) -> list[int]:
-        """Before an fsync: the regions it will make durably zero."""
+        """Before an fsync: the regions it will make durably zero.  Hand the batch back with
+        ``free_pending`` after the fsync, or ``return_pending`` when it failed; meanwhile an
+        allocation that finds no free region waits for it instead of growing the pool."""
         batch, self.pending = self.pending, []
+        if batch:
+            self._in_sync[id(batch)] = asyncio.get_running_loop().create_future()
         return batch
+
+    def return_pending(self, batch: list[int]) -> None:
+        """The fsync failed: the regions are not known to be durably zero; they stay pending."""
+        self.pending.extend(batch)
+        self._sync_ended(batch)
+
+    def _sync_ended(self, batch: list[int]) -> None:
+        done = self._in_sync.pop(id(batch), None)
+        if done is not None:
+            done.set_result(None)
 
     def free_pending(self, batch: list[int]) -> None:
         """After the fsync of every PD under ``batch``: the regions are free again."""
@@ -243,26 +264,20 @@ class Pool:
             slots.free += 1
             slots.hint = min(slots.hint, index)
             self.free_regions += 1
+        self._sync_ended(batch)
 
     async def sync_pending(self) -> None:
-        """Free the pending regions: fsync the LDs under them.  A sync already in progress is
-        waited for first -- the regions it frees are what a second allocator is after; without
-        the wait it found nothing pending, grew the pool instead, and at the growth limit
-        failed with ENOSPC while regions were about to become free."""
-        if self._syncing is not None:
-            await asyncio.shield(self._syncing)
+        """Free the pending regions: fsync the LDs under them."""
         batch = self.take_pending()
         if not batch:
             return
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._syncing = done
         try:
             lds = {self.slots[p >> REGION_BITS].ld for p in batch if (p >> REGION_BITS) in self.slots}
             await asyncio.get_running_loop().run_in_executor(None, _flush_lds, lds)
-            self.free_pending(batch)
-        finally:
-            self._syncing = None
-            done.set_result(None)
+        except BaseException:
+            self.return_pending(batch)
+            raise
+        self.free_pending(batch)
 
     # --- growth (claims 6 and 7) ---
     async def grow(self) -> SpaceShortage | None:
