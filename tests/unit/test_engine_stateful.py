@@ -741,7 +741,8 @@ async def test_every_flush_that_may_cover_a_lost_write_fails(tmp_path: Path) -> 
 async def test_allocations_at_a_full_pool_wait_for_trimmed_regions_instead_of_failing(tmp_path: Path) -> None:
     """The pool is at its growth limit and full; two regions were trimmed (zeroed, awaiting
     their fsync).  Two writes that each need a region at the same time must both get one:
-    the second waits for the first one's fsync rather than trying to grow (ENOSPC)."""
+    the second waits for the first one's fsync rather than trying to grow (ENOSPC); and so
+    must writes that need a region while a flush is fsyncing the trimmed regions."""
     region = 16 * KiB
     engine = await make_engine(tmp_path, pds=2)
     await engine.create_pool(
@@ -754,5 +755,9 @@ async def test_allocations_at_a_full_pool_wait_for_trimmed_regions_instead_of_fa
     await asyncio.gather(vol.write(10 * region, b"a"), vol.write(20 * region, b"b"))
     assert bytes(await vol.read(10 * region, 1)) + bytes(await vol.read(20 * region, 1)) == b"ab"
     assert engine.get_vv("v").regions_allocated == CHUNKLET // region
+    # The same while a flush is making the trimmed regions free: the write waits for it.
+    await vol.trim(0, 2 * region)
+    await asyncio.gather(vol.flush(), vol.write(30 * region, b"c"), vol.write(31 * region, b"d"))
+    assert bytes(await vol.read(30 * region, 1)) + bytes(await vol.read(31 * region, 1)) == b"cd"
     assert AlertKind.POOL_GROWTH_LIMIT.value not in [a.kind.value for a in engine.list_alerts(True)]
     await engine.close()
