@@ -753,11 +753,7 @@ def _after_case(ctx: Ctx) -> None:
 
 
 # Cases that fail because of a bug in the server (see the reasons); the suite says so.
-KNOWN_BUGS = {
-    "export_name_of_1_gib": "bug: nbd/protocol.py ServerConnection._next_option answers an option longer than "
-    "max_option_length with an NBD_REP_ERR_TOO_BIG option reply even when it is NBD_OPT_EXPORT_NAME, which "
-    "has no reply packets (the spec: terminate the session)",
-}
+KNOWN_BUGS: dict[str, str] = {}  # case name -> the bug it exposes (xfail, strict); none open
 
 
 def _cases(names: list[str]) -> list[object]:
@@ -860,12 +856,6 @@ def test_a_thousand_connections_opened_and_dropped(fresh: Ctx) -> None:
     assert fds_after <= fds_before + FD_SLACK, f"open fds {fds_before} -> {fds_after}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: nbd/server.py _Connection.close_transport() schedules call_later(_CLOSE_GRACE=5 s, "
-    "self.close_transport, True) and connection_lost() never cancels it, so every closed connection "
-    "(with its core's 256 KiB receive buffer) stays alive 5 s: 1,000 quick connections cost ~170 MiB",
-)
 def test_memory_after_a_thousand_connections(fresh: Ctx) -> None:
     rss_before = fresh.daemon.rss()
     churn(fresh, 1000)

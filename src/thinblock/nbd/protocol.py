@@ -767,7 +767,10 @@ class ServerConnection:
             return self._fail(f"bad option magic {magic:#018x}")
         if length > self._max_option_length:
             # A hard disconnect is allowed when "a server believes a client's behaviour constitutes
-            # a denial of service"; say why first.
+            # a denial of service"; say why first -- except to NBD_OPT_EXPORT_NAME, which has no
+            # option reply at all: the spec's only answer to a refused one is to end the session.
+            if option == Option.EXPORT_NAME:
+                return self._fail(f"NBD_OPT_EXPORT_NAME of {length} bytes is too large")
             self._outbox.append(
                 encode_option_error(
                     option,

@@ -330,6 +330,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._idle_waiter: asyncio.Future[None] | None = None
         self._lost_waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._abort_timer: asyncio.TimerHandle | None = None  # a closing transport's deadline
         self._log_counts: dict[str, int] = {}
         self._out: list[Buffer] = []
         self._out_bytes = 0
@@ -389,6 +390,10 @@ class _Connection(asyncio.BufferedProtocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._abort_timer is not None:
+            # The deadline's handle would keep this connection (and its buffers) alive for seconds.
+            self._abort_timer.cancel()
+            self._abort_timer = None
         if not self.core.in_transmission and self.core.state != "closed":
             log.debug("client %s went away during negotiation", self.peer, extra={"event": "nbd-gone"})
         elif self._in_flight:
@@ -595,7 +600,9 @@ class _Connection(asyncio.BufferedProtocol):
         if not transport.is_closing():
             transport.close()
             # A client that stops reading must not keep a closing connection alive forever.
-            asyncio.get_running_loop().call_later(_CLOSE_GRACE, self.close_transport, True)
+            self._abort_timer = asyncio.get_running_loop().call_later(
+                _CLOSE_GRACE, self.close_transport, True
+            )
 
     def begin_shutdown(self) -> None:
         """Server stop: no new requests; answer those already received with ESHUTDOWN."""
