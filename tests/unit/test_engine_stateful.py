@@ -574,8 +574,8 @@ class EngineMachine(RuleBasedStateMachine):
 
 
 CI_SETTINGS = settings(
-    max_examples=12,
-    stateful_step_count=40,
+    max_examples=15,
+    stateful_step_count=50,
     deadline=None,
     # no "explain" phase: it traces every line, which makes a failing run take minutes
     phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
