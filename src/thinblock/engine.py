@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -122,6 +122,7 @@ class Engine:
         self._rebuild_lock = asyncio.Lock()
         self._closed = False
         self._commit_timer: asyncio.TimerHandle | None = None
+        self._commit_barrier: asyncio.Future[None] | None = None
 
     # --- life cycle -------------------------------------------------------------------
     @classmethod
@@ -279,6 +280,8 @@ class Engine:
             lds=self.lds,
             cache=self.cache,
             flush_node=self.flush_all,
+            assignment_recorded=self._assignment_recorded,
+            assignments_committed=self._assignments_committed,
         )
         self.vvs[row.name] = vv
         pool.vv_count += 1
@@ -291,6 +294,29 @@ class Engine:
             self._commit_now()
         elif self._commit_timer is None and self._loop is not None:
             self._commit_timer = self._loop.call_later(COMMIT_DELAY, self._commit_now)
+
+    def _assignments_committed(self) -> Awaitable[None]:
+        """Completes once every assignment recorded so far is committed: one commit at the end of
+        this loop turn serves every writer that asked during it (group commit, no fsync)."""
+        barrier = self._commit_barrier
+        if barrier is None:
+            if self.store.pending_assignments == 0:
+                return _DONE
+            assert self._loop is not None
+            barrier = self._commit_barrier = self._loop.create_future()
+            self._loop.call_soon(self._run_commit_barrier)
+        return barrier
+
+    def _run_commit_barrier(self) -> None:
+        barrier, self._commit_barrier = self._commit_barrier, None
+        assert barrier is not None
+        try:
+            self._commit_now()
+        except Exception as exc:
+            barrier.set_exception(exc)
+            barrier.exception()
+        else:
+            barrier.set_result(None)
 
     def _commit_now(self) -> None:
         if self._commit_timer is not None:
@@ -897,6 +923,17 @@ class Engine:
     # --- node -----------------------------------------------------------------------
     def cache_dirty_bytes(self) -> int:
         return self.cache.dirty_bytes
+
+
+class _Done:
+    """An awaitable that is already complete (no Future, no loop turn)."""
+
+    def __await__(self) -> Generator[None, None, None]:
+        return
+        yield
+
+
+_DONE = _Done()
 
 
 def _apply_limit(row: VVRow, field: str, value: Limit | None) -> None:

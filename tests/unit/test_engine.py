@@ -454,3 +454,36 @@ async def test_alerts_are_listed_acknowledged_and_delivered(tmp_path: Path) -> N
     await engine.volume("v").write(CHUNKLET * 3, b"y")
     assert len(received) == 1
     await engine.close()
+
+
+async def test_assignment_commits_write_through_before_ack_and_write_back_within_half_a_second(
+    tmp_path: Path,
+) -> None:
+    """A write-through write is acknowledged only once its region assignment is committed (it must
+    survive kill -9); write-back assignments are grouped, committed at the latest 0.5 s later."""
+    from thinblock.aio import start_eager
+
+    engine = await make_engine(tmp_path)
+    await engine.create_pool("p", raid=1, region_size=REGION, growth_increment=CHUNKLET, step=STEP)
+    await engine.create_vv("wt", pool="p", size=MiB)
+    await engine.create_vv("wb", pool="p", size=MiB, cache_mode=CacheMode.WRITEBACK)
+    await engine.volume("wt").write(0, b"first")  # creates the LD
+
+    def committed_rows() -> int:
+        db = sqlite3.connect(tmp_path / "thinblock.db")  # another connection sees only commits
+        try:
+            return int(db.execute("SELECT COUNT(*) FROM vv_map").fetchone()[0])
+        finally:
+            db.close()
+
+    assert committed_rows() == 1
+    done, task = start_eager(engine.volume("wt").write(REGION, b"x"))
+    assert not done, "a fresh write-through write waits for its commit"
+    assert committed_rows() == 1
+    await task
+    assert committed_rows() == 2
+    await engine.volume("wb").write(0, b"y")
+    assert committed_rows() == 2  # grouped: not yet
+    await asyncio.sleep(0.7)
+    assert committed_rows() == 3
+    await engine.close()

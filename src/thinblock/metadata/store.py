@@ -81,6 +81,9 @@ class AlertRow:
 
 
 class MetadataStore(abc.ABC):
+    #: assignments recorded by ``assign`` and not yet committed
+    pending_assignments: int = 0
+
     # --- life cycle ---
     @abc.abstractmethod
     def check(self) -> list[str]:

@@ -70,6 +70,7 @@ class VirtualVolume:
         cache: WriteBackCache,
         flush_node: Callable[[], Awaitable[None]],
         assignment_recorded: Callable[[], None] = lambda: None,
+        assignments_committed: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.row = row
         self.pool = pool
@@ -79,6 +80,7 @@ class VirtualVolume:
         self._wb = cache
         self._flush_node = flush_node
         self._assignment_recorded = assignment_recorded
+        self._assignments_committed = assignments_committed
         self.map = RegionMap()
         region_size = pool.region_size
         assert region_size & (region_size - 1) == 0
@@ -239,6 +241,18 @@ class VirtualVolume:
                 n = min(self.region_size - (voff & mask), length - pos)
                 await self._write_piece(voff >> shift, voff & mask, view[pos : pos + n])
                 pos += n
+        if (
+            not self._writeback
+            and self._store.pending_assignments
+            and self._assignments_committed is not None
+        ):
+            # Write-through (claim 4) promises an acknowledged write is on the LD: it must survive
+            # the server's own crash, so no write-through write is acknowledged while any region
+            # assignment (its own, or one it wrote into right after) is uncommitted.  Every writer
+            # of a loop turn shares one commit.  Write-back acknowledges from the cache, which a
+            # crash loses anyway: its assignments are committed in groups, by the next flush at
+            # the latest.
+            await self._assignments_committed()
         if fua:
             await self._flush_node()
 
@@ -275,7 +289,9 @@ class VirtualVolume:
             ld.write(base + offset, data)
 
     async def _assign(self, region: int) -> int:
-        """Give ``region`` an LD region (claim 1), or wait for the assignment in progress (claim 8)."""
+        """Give ``region`` an LD region (claim 1), or wait for the assignment in progress (claim 8).
+
+        The assignment is recorded, not yet committed: see ``write`` for when that matters."""
         pending = self._allocating.get(region)
         if pending is not None:
             return await asyncio.shield(pending)
