@@ -31,8 +31,8 @@ serve: setup
 	$(BIN)/thinblock serve
 
 lint: venv
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check --no-cache src tests bench
+	$(BIN)/ruff format --no-cache --check src tests bench
 
 typecheck: venv
 	$(BIN)/mypy

@@ -28,9 +28,8 @@ async def _maybe_await(value: Any) -> None:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    from thinblock.nbd.server import NBDServer
-
     from thinblock.engine import Engine
+    from thinblock.nbd.server import NBDServer
 
     engine = await Engine.open(args.data)
     try:
