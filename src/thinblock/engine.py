@@ -122,7 +122,9 @@ class Engine:
         self._rebuild_lock = asyncio.Lock()
         self._closed = False
         self._commit_timer: asyncio.TimerHandle | None = None
-        self._commit_barrier: asyncio.Future[None] | None = None
+        # Writers waiting for the commit at the end of this loop turn, one future each (see
+        # _assignments_committed), or None when no such commit is scheduled.
+        self._commit_waiters: list[asyncio.Future[None]] | None = None
 
     # --- life cycle -------------------------------------------------------------------
     @classmethod
@@ -297,26 +299,39 @@ class Engine:
 
     def _assignments_committed(self) -> Awaitable[None]:
         """Completes once every assignment recorded so far is committed: one commit at the end of
-        this loop turn serves every writer that asked during it (group commit, no fsync)."""
-        barrier = self._commit_barrier
-        if barrier is None:
+        this loop turn serves every writer that asked during it (group commit, no fsync).
+
+        Each writer gets a future of its own.  One future shared by several writers breaks the
+        NBD server's eager start (``aio.start_eager``): the first writer's await marks the future
+        blocking and the Task that will take it over only runs later, so a second writer awaiting
+        it in the same turn got RuntimeError("await wasn't used with future") -- NBD_EIO for a
+        plain write-through write to a fresh region with two requests in flight (drill 3)."""
+        waiters = self._commit_waiters
+        if waiters is None:
             if self.store.pending_assignments == 0:
                 return _DONE
             assert self._loop is not None
-            barrier = self._commit_barrier = self._loop.create_future()
+            waiters = self._commit_waiters = []
             self._loop.call_soon(self._run_commit_barrier)
-        return barrier
+        assert self._loop is not None
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        waiters.append(waiter)
+        return waiter
 
     def _run_commit_barrier(self) -> None:
-        barrier, self._commit_barrier = self._commit_barrier, None
-        assert barrier is not None
+        waiters, self._commit_waiters = self._commit_waiters, None
+        assert waiters is not None
         try:
             self._commit_now()
         except Exception as exc:
-            barrier.set_exception(exc)
-            barrier.exception()
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+                    waiter.exception()
         else:
-            barrier.set_result(None)
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     def _commit_now(self) -> None:
         if self._commit_timer is not None:
