@@ -29,6 +29,9 @@ class _Resume:
     def __await__(self) -> Generator[Any, Any, Any]:
         coro = self._coro
         yielded = self._first
+        if getattr(yielded, "_asyncio_future_blocking", None) is not None:
+            # start_eager cleared the flag; our Task needs it to see "the coroutine waits on me".
+            yielded._asyncio_future_blocking = True
         while True:
             try:
                 sent = yield yielded
@@ -59,4 +62,9 @@ def start_eager(coro: Coroutine[Any, Any, T]) -> tuple[bool, Any]:
         first = coro.send(None)
     except StopIteration as stop:
         return True, stop.value
+    if getattr(first, "_asyncio_future_blocking", False):
+        # Until our Task takes it, the future would look "already awaited": another coroutine
+        # started eagerly in this turn that awaits the same future would get RuntimeError("await
+        # wasn't used with future").  _Resume sets the flag again when it hands the future over.
+        first._asyncio_future_blocking = False
     return False, asyncio.ensure_future(_await(_Resume(coro, first)))
