@@ -262,9 +262,14 @@ class EngineMachine(RuleBasedStateMachine):
         offset, length = self.draw_range(data)
         payload = make_data(kind, seed, length)
         self.run(self.vol.write(offset, as_buffer(payload, how), fua=fua))
-        self.model[offset : offset + length] = payload
-        for r in self.regions_touched(offset, length):
-            lo, hi = max(offset, r * self.region), min(offset + length, (r + 1) * self.region)
+        self.wrote(offset, payload)
+
+    def wrote(self, offset: int, payload: bytes) -> None:
+        """The model after a write: zero detect assigns only regions it puts non-zero bytes in
+        (however the write was split into requests)."""
+        self.model[offset : offset + len(payload)] = payload
+        for r in self.regions_touched(offset, len(payload)):
+            lo, hi = max(offset, r * self.region), min(offset + len(payload), (r + 1) * self.region)
             if any(payload[lo - offset : hi - offset]):
                 self.allocated.add(r)
 
@@ -283,8 +288,7 @@ class EngineMachine(RuleBasedStateMachine):
             await asyncio.gather(*(self.vol.write(o, p) for o, p in pieces))
 
         self.run(go())
-        self.model[offset : offset + length] = payload
-        self.allocated.update(self.regions_touched(offset, length))
+        self.wrote(offset, payload)
 
     @rule(data=st.data(), seed=st.integers(0, 2**32), trim_first=st.booleans(), prefill=st.booleans())
     def write_racing_trim(self, data: st.DataObject, seed: int, trim_first: bool, prefill: bool) -> None:
@@ -523,11 +527,7 @@ class EngineMachine(RuleBasedStateMachine):
         self.run(go())
         for kind, offset, length, payload, _ in plan:
             if kind == "write":
-                self.model[offset : offset + length] = payload
-                for r in self.regions_touched(offset, length):
-                    lo, hi = max(offset, r * self.region), min(offset + length, (r + 1) * self.region)
-                    if any(payload[lo - offset : hi - offset]):
-                        self.allocated.add(r)
+                self.wrote(offset, payload)
             elif kind == "trim":
                 self.zeroed(offset, length, may_trim=True)
         self.run(self.eng.rebuild())  # what the first pass could not reach (an LD made meanwhile)
