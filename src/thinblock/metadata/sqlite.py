@@ -414,24 +414,31 @@ class SQLiteStore(MetadataStore):
 
     # --- LDs ---
     def add_ld(self, row: LDRow) -> int:
+        # One explicit transaction: in autocommit mode (isolation_level=None) ``with self._db``
+        # opens none, and a kill between the two inserts left an LD without chunklets, which
+        # the check then refuses to open.
         self.commit()
+        db = self._db
         try:
-            with self._db:
-                cur = self._db.execute(
-                    "INSERT INTO lds(pool_id, raid, set_size, step, region_size, regions) VALUES(?, ?, ?, ?, ?, ?)",
-                    (row.pool_id, row.raid, row.set_size, row.step, row.region_size, row.regions),
-                )
-                ld_id = cur.lastrowid
-                assert ld_id is not None
-                self._db.executemany(
-                    "INSERT INTO ld_chunklets(ld_id, row, col, pd_id, chunklet) VALUES(?, ?, ?, ?, ?)",
-                    [(ld_id, r, c, pd, idx) for (r, c), (pd, idx) in row.chunklets.items()],
-                )
+            db.execute("BEGIN")
+            cur = db.execute(
+                "INSERT INTO lds(pool_id, raid, set_size, step, region_size, regions) VALUES(?, ?, ?, ?, ?, ?)",
+                (row.pool_id, row.raid, row.set_size, row.step, row.region_size, row.regions),
+            )
+            ld_id = cur.lastrowid
+            assert ld_id is not None
+            db.executemany(
+                "INSERT INTO ld_chunklets(ld_id, row, col, pd_id, chunklet) VALUES(?, ?, ?, ?, ?)",
+                [(ld_id, r, c, pd, idx) for (r, c), (pd, idx) in row.chunklets.items()],
+            )
+            db.execute("COMMIT")
             return ld_id
-        except sqlite3.IntegrityError:
+        except BaseException as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.IntegrityError):
+                raise MetadataCorrupt(f"{self.path}: {exc}") from exc
             raise
-        except sqlite3.DatabaseError as exc:
-            raise MetadataCorrupt(f"{self.path}: {exc}") from exc
 
     def replace_chunklet(self, ld_id: int, row: int, column: int, pd_id: int, index: int) -> None:
         self._tx(
@@ -441,9 +448,16 @@ class SQLiteStore(MetadataStore):
 
     def delete_ld(self, ld_id: int) -> None:
         self.commit()
-        with self._db:
-            self._db.execute("DELETE FROM ld_chunklets WHERE ld_id=?", (ld_id,))
-            self._db.execute("DELETE FROM lds WHERE id=?", (ld_id,))
+        db = self._db
+        try:
+            db.execute("BEGIN")  # one transaction, as in add_ld
+            db.execute("DELETE FROM ld_chunklets WHERE ld_id=?", (ld_id,))
+            db.execute("DELETE FROM lds WHERE id=?", (ld_id,))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
 
     def load_lds(self) -> list[LDRow]:
         lds = {
