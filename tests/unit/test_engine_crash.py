@@ -28,6 +28,7 @@ import itertools
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -38,7 +39,7 @@ import numpy as np
 import pytest
 
 from tests.crash_child import OPTIONS, REGION, VOLUMES, Op, operations
-from tests.engine_helpers import CHUNKLET, STEP
+from tests.engine_helpers import CHUNKLET, STEP, make_engine
 from thinblock.engine import Engine
 from thinblock.units import MiB
 
@@ -290,3 +291,33 @@ async def test_raid1_mirrors_agree_after_an_unclean_stop(tmp_path: Path) -> None
         assert after == before, "a read changed when the mirror it came from failed"
     finally:
         await engine.close()
+
+
+async def test_an_ld_is_recorded_and_released_in_one_transaction(tmp_path: Path) -> None:
+    """An LD row and its chunklet rows go into the store together (and out of it together):
+    a failure -- or a kill -- between the two statements must not leave an LD without
+    chunklets, which the store check then refuses to open."""
+    engine = await make_engine(tmp_path, pds=3)
+    await engine.create_pool("p", raid=1, region_size=REGION, growth_increment=CHUNKLET, step=STEP)
+    await engine.create_vv("v", pool="p", size=MiB)
+    vol = engine.volume("v")
+    db = engine.store._db
+    # Stand-in for a kill right after the LD row went in: its chunklet rows never arrive.
+    db.execute(
+        "CREATE TEMP TRIGGER crash BEFORE INSERT ON ld_chunklets BEGIN SELECT RAISE(ABORT, 'crash'); END"
+    )
+    with pytest.raises(sqlite3.DatabaseError):
+        await vol.write(0, b"x")
+    db.execute("DROP TRIGGER crash")
+    assert engine.store.check() == []
+    assert db.execute("SELECT COUNT(*) FROM lds").fetchone()[0] == 0
+    # Releasing: the chunklet rows go, then the LD row cannot.
+    await vol.write(0, b"x")
+    await vol.trim(0, REGION)
+    db.execute("CREATE TEMP TRIGGER crash BEFORE DELETE ON lds BEGIN SELECT RAISE(ABORT, 'crash'); END")
+    with pytest.raises(sqlite3.DatabaseError):
+        await engine.compact_pool("p")
+    db.execute("DROP TRIGGER crash")
+    assert engine.store.check() == []
+    assert db.execute("SELECT COUNT(*) FROM ld_chunklets").fetchone()[0] == 2
+    await engine.close()
