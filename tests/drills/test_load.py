@@ -255,6 +255,7 @@ def _load(tmp_path: Path, plan: Plan, daemon: Daemon) -> dict[str, Any]:
     try:
         proc = subprocess.run(
             ["fio", "--output-format=json", f"--output={output}", str(job)],
+            cwd=job.parent,  # fio leaves its verify state files in the working directory
             capture_output=True,
             text=True,
             timeout=plan.seconds * 3 + 120,
