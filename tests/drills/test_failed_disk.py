@@ -136,6 +136,11 @@ def _alerts_of(daemon: Daemon, kind: str) -> list[dict[str, Any]]:
     return [a for a in daemon.alerts() if a["kind"] == kind]
 
 
+def _objects(daemon: Daemon, kind: str) -> set[str]:
+    """The objects that have (or had) an alert of ``kind``."""
+    return {a["object"] for a in _alerts_of(daemon, kind)}
+
+
 async def _raid0_check(daemon: Daemon, volume: str, tag: int) -> tuple[int, int, int]:
     """Every written block of the RAID 0 volume: right data or EIO.  (ok, eio, bytes verified)."""
     ok = eio = 0
@@ -223,11 +228,12 @@ async def failed_disk_drill(
                 assert any("Input/output error" in m for m in messages), messages
 
             # --- the alerts ---
-            objects = lambda kind: {a["object"] for a in _alerts_of(daemon, kind)}  # noqa: E731
-            assert f"pd:{target}" in objects("pd-failed")
+            assert f"pd:{target}" in _objects(daemon, "pd-failed")
             for ld in affected:
                 kind = "ld-failed" if ld["raid"] == 0 else "ld-degraded"
-                assert f"ld:{ld['id']}" in objects(kind), f"no {kind} alert for LD {ld['id']} ({ld['pool']})"
+                assert f"ld:{ld['id']}" in _objects(daemon, kind), (
+                    f"no {kind} alert for LD {ld['id']} ({ld['pool']})"
+                )
             health = {ld["id"]: ld["health"] for ld in _lds(daemon)}
             for ld in affected:
                 assert health[ld["id"]] == ("failed" if ld["raid"] == 0 else "degraded"), (ld["id"], health)
