@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import enum
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from ..blockdev import Buffer
@@ -196,6 +196,18 @@ class LogicalDisk:
     def size(self) -> int:
         return self._size
 
+    def _row_spans(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
+        """Split an LD range at row boundaries: (row, offset in row, offset in the request, length)."""
+        ru = self.row_usable
+        r, roff = divmod(offset, ru)
+        pos = 0
+        while pos < length:
+            take = min(ru - roff, length - pos)
+            yield r, roff, pos, take
+            pos += take
+            r += 1
+            roff = 0
+
     def read_into(self, offset: int, buf: memoryview) -> None:
         n = len(buf)
         assert offset >= 0 and offset + n <= self._size, (offset, n, self._size)
@@ -204,13 +216,8 @@ class LogicalDisk:
         if roff + n <= ru:
             self._read_row(r, roff, buf)
             return
-        pos = 0
-        while pos < n:
-            take = min(ru - roff, n - pos)
+        for r, roff, pos, take in self._row_spans(offset, n):
             self._read_row(r, roff, buf[pos : pos + take])
-            pos += take
-            r += 1
-            roff = 0
 
     def read(self, offset: int, length: int) -> bytearray:
         buf = bytearray(length)
@@ -226,27 +233,15 @@ class LogicalDisk:
         if roff + n <= ru:
             self._write_row(r, roff, mv)
             return
-        pos = 0
-        while pos < n:
-            take = min(ru - roff, n - pos)
+        for r, roff, pos, take in self._row_spans(offset, n):
             self._write_row(r, roff, mv[pos : pos + take])
-            pos += take
-            r += 1
-            roff = 0
 
     def zero(self, offset: int, length: int) -> None:
         """Make the range read as zeros: punch holes on the members (parity of zeros is
         zeros, so whole RAID 5 stripes are punched too); partial RAID 5 stripes are written."""
         assert offset >= 0 and offset + length <= self._size, (offset, length, self._size)
-        ru = self.row_usable
-        r, roff = divmod(offset, ru)
-        end = offset + length
-        while offset < end:
-            take = min(ru - roff, end - offset)
+        for r, roff, _pos, take in self._row_spans(offset, length):
             self._zero_row(r, roff, take)
-            offset += take
-            r += 1
-            roff = 0
 
     def flush(self) -> None:
         """fsync every distinct healthy PD under this LD (members and rebuild targets).  Blocking.
