@@ -487,3 +487,17 @@ async def test_assignment_commits_write_through_before_ack_and_write_back_within
     await asyncio.sleep(0.7)
     assert committed_rows() == 3
     await engine.close()
+
+
+async def test_cache_prefetch_is_not_counted_as_host_reads(tmp_path: Path) -> None:
+    engine = await make_engine(tmp_path)
+    await engine.create_pool("p", raid=1, region_size=REGION, growth_increment=CHUNKLET, step=STEP)
+    await engine.create_vv("v", pool="p", size=MiB)
+    vol = engine.volume("v")
+    await vol.write(REGION, pattern(1, 2 * REGION))
+    await vol.cache(0, MiB)
+    stats = engine.vv_stats("v")
+    assert (stats.reads, stats.read_bytes) == (0, 0)
+    assert bytes(await vol.read(REGION, 2 * REGION)) == pattern(1, 2 * REGION)
+    assert engine.vv_stats("v").reads == 1
+    await engine.close()

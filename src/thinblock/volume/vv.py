@@ -495,8 +495,9 @@ class VirtualVolume:
     async def cache(self, offset: int, length: int) -> None:
         """NBD_CMD_CACHE: bring assigned regions into the page cache (reads and drops them)."""
         pos, end, step = offset, offset + length, 4 * 1024 * 1024
+        scratch = memoryview(bytearray(min(step, length)))
         while pos < end:
             n = min(step, end - pos)
-            await self.read(pos, n)
+            self._read_into(pos, scratch[:n])  # not through read(): a prefetch is no host read
             pos += n
             await asyncio.sleep(0)
