@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from thinblock.memory import warm_heap
+
 HOST = "127.0.0.1"
 
 
@@ -71,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cprofile", help="write a cProfile of the serving process to this file")
     args = parser.parse_args(argv)
 
+    warm_heap()  # as the daemon does
     run: Any = asyncio.run
     if args.loop == "uvloop":
         with contextlib.suppress(ImportError):

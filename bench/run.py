@@ -122,6 +122,10 @@ def run_profiles(args: argparse.Namespace, servers: list[Server], workdir: Path,
                         results.fail(Cell(connections, profile.name, server.key), broken[server.key])
                     console.print(f"  skipped: {broken[server.key]}")
                     continue
+                # Every server starts from the same page cache state: the dirty data the previous
+                # server left (its files are deleted, but writeback may still be running) would
+                # otherwise throttle this one's writes.  sync(2) waits until it is on disk.
+                os.sync()
                 try:
                     with serving(server, workdir, connections) as uri:
                         for profile in profiles:

@@ -22,6 +22,8 @@ Every key has a default, so an empty file (or none) gives a working daemon on lo
     max_dirty_bytes = "256MiB"      # write-back cache bound: writers wait beyond it
     destage_delay = 0.05            # seconds dirty data may sit before destage starts
     default_cache_mode = "writethrough"
+    io_threads = 4                  # threads for large write-through writes; 0: all on the event loop
+    offload_min = "128KiB"          # writes (per region) of this size or more go to those threads
 
     [webhook]
     url = ""                        # alerts are POSTed here as JSON
@@ -56,7 +58,7 @@ from typing import Any
 
 from .errors import InvalidArgument
 from .model import CacheMode
-from .units import GiB, MiB, parse_size
+from .units import GiB, KiB, MiB, parse_size
 
 DEFAULT_NBD_PORT = 10809
 DEFAULT_API_PORT = 8080
@@ -160,6 +162,8 @@ class Config:
     max_dirty_bytes: int = 256 * MiB
     destage_delay: float = 0.05
     default_cache_mode: CacheMode = CacheMode.WRITETHROUGH
+    io_threads: int = 4
+    offload_min: int = 128 * KiB
     webhook: WebhookConfig = field(default_factory=WebhookConfig)
     latency_histograms: bool = True
     first_start: FirstStartConfig = field(default_factory=FirstStartConfig)
@@ -256,7 +260,14 @@ _TOP_KEYS = {"data_dir", "log_level", "log_format", "event_loop"}
 _TABLES = {
     "nbd": {"listen", "unix_socket", "default_export"},
     "api": {"listen", "token", "require_token"},
-    "engine": {"chunklet_size", "max_dirty_bytes", "destage_delay", "default_cache_mode"},
+    "engine": {
+        "chunklet_size",
+        "max_dirty_bytes",
+        "destage_delay",
+        "default_cache_mode",
+        "io_threads",
+        "offload_min",
+    },
     "webhook": {"url", "timeout", "max_attempts", "queue_size"},
     "metrics": {"latency_histograms"},
     "first_start": {f.name for f in fields(FirstStartConfig)},
@@ -321,6 +332,10 @@ def parse_config(doc: dict[str, Any], *, base_dir: Path | None = None) -> Config
         changes["default_cache_mode"] = CacheMode(
             _choice(engine["default_cache_mode"], "engine.default_cache_mode", tuple(CacheMode))
         )
+    if "io_threads" in engine:
+        changes["io_threads"] = _int(engine["io_threads"], "engine.io_threads", low=0, high=256)
+    if "offload_min" in engine:
+        changes["offload_min"] = _size(engine["offload_min"], "engine.offload_min")
 
     hook = tables["webhook"]
     webhook = cfg.webhook

@@ -34,6 +34,7 @@ from . import __version__
 from .config import Config
 from .engine import Engine, EngineOptions
 from .errors import MetadataCorrupt, NotFound, ThinblockError
+from .memory import warm_heap
 from .units import format_size
 
 log = logging.getLogger("thinblock.daemon")
@@ -304,6 +305,8 @@ class Daemon:
                     max_dirty_bytes=cfg.max_dirty_bytes,
                     destage_delay=cfg.destage_delay,
                     default_cache_mode=cfg.default_cache_mode,
+                    io_threads=cfg.io_threads,
+                    offload_min_bytes=cfg.offload_min,
                 ),
             )
             engine = self.engine
@@ -473,6 +476,7 @@ class Daemon:
 def serve(cfg: Config) -> int:
     """Run the daemon until SIGTERM/SIGINT; the process exit code."""
     setup_logging(cfg.log_level, cfg.log_format)
+    warm_heap()  # large request buffers reuse mapped pages instead of faulting (memory.py)
     if cfg.event_loop == "uvloop":
         try:
             import uvloop

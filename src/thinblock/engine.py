@@ -45,9 +45,10 @@ from .model import (
     VVStats,
 )
 from .physical.pd import PhysicalDisk
+from .physical.workers import IOWorkers
 from .pool.chunklets import ChunkletAllocator
 from .pool.pool import Pool
-from .units import GiB, Limit, MiB, format_size
+from .units import GiB, KiB, Limit, MiB, format_size
 from .volume.vv import VirtualVolume
 
 log = logging.getLogger("thinblock.engine")
@@ -72,6 +73,10 @@ class EngineOptions:
     destage_delay: float = 0.05  # seconds dirty data may sit before destage starts
     default_cache_mode: CacheMode = CacheMode.WRITETHROUGH
     allow_tiny_chunklets: bool = False  # chunklets below 1 MiB (tests and drills only)
+    # Write-through writes of at least offload_min_bytes (per region) go to io_threads I/O
+    # threads instead of the event loop (physical/workers.py); io_threads 0: all inline.
+    io_threads: int = 4
+    offload_min_bytes: int = 128 * KiB
 
 
 DEFAULT_SET_SIZE = {0: 2, 1: 2, 5: 4}
@@ -111,6 +116,7 @@ class Engine:
         self.pools: dict[str, Pool] = {}
         self.vvs: dict[str, VirtualVolume] = {}
         self.cache = WriteBackCache(max_dirty=options.max_dirty_bytes, destage_delay=options.destage_delay)
+        self.io = IOWorkers(options.io_threads) if options.io_threads > 0 else None
         self.started = time.time()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_lock = asyncio.Lock()
@@ -284,6 +290,8 @@ class Engine:
             flush_node=self.flush_all,
             assignment_recorded=self._assignment_recorded,
             assignments_committed=self._assignments_committed,
+            io=self.io,
+            offload_min=self.options.offload_min_bytes,
         )
         self.vvs[row.name] = vv
         pool.vv_count += 1
@@ -348,6 +356,13 @@ class Engine:
         if self._closed:
             return
         await self.cache.stop()
+        # Writes still with the I/O threads (their requests were abandoned: a connection
+        # dropped at shutdown) land before the files close; regions waiting for them go back.
+        for ld in list(self.lds.values()):
+            await ld.offload_drained()
+        await asyncio.sleep(0)
+        if self.io is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.io.shutdown)
         try:
             await self.flush_all()
         except MediumError as exc:
@@ -743,7 +758,14 @@ class Engine:
                 await asyncio.get_running_loop().run_in_executor(
                     None, spare.pd.punch, spare.pd.chunklet_offset(spare.index), spare.pd.chunklet_size
                 )
-                job = ld.start_rebuild(row, col, spare)
+                # No offloaded write may still be landing on a mirror when the copy starts;
+                # while the job runs, RAID 1 writes to its row are inline (submit_write).
+                ld.hold_offload()
+                try:
+                    await ld.offload_drained()
+                    job = ld.start_rebuild(row, col, spare)
+                finally:
+                    ld.release_offload()
                 base = done_bytes
                 failed_step = False
                 while not job.done:

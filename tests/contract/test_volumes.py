@@ -47,6 +47,9 @@ class VolumeCase:
     zero_with: type[VolumeAsyncDevice] = VolumeAsyncDevice
     size: int = VV_SIZE
     max_dirty: int = 256 * MiB
+    # Write-through writes of this size or more go to the I/O threads; 0: no I/O threads
+    # (every write inline on the loop).  512 sends every write-through write there.
+    offload_min: int = 512
 
     @property
     def id(self) -> str:
@@ -55,12 +58,14 @@ class VolumeCase:
         ]
         extra = "-odd-size" if self.size % REGION else ""
         extra += "-backpressure" if self.max_dirty < MiB else ""
+        extra += "-inline" if not self.offload_min else ""
         return f"raid{self.raid}-{self.cache_mode.value}-{zero}{extra}"
 
 
 WT, WB = CacheMode.WRITETHROUGH, CacheMode.WRITEBACK
 CASES = [
     VolumeCase(1, 2, WT),
+    VolumeCase(1, 2, WT, offload_min=0),
     VolumeCase(5, 3, WT),
     VolumeCase(0, 2, WT, TrimZeroDevice),
     VolumeCase(1, 2, WT, NoHoleZeroDevice, size=VV_SIZE - 512),
@@ -83,7 +88,11 @@ class TestVirtualVolume(WritableContract):
     async def device(self, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[AsyncDevice]:
         case: VolumeCase = request.param
         options = EngineOptions(
-            allow_tiny_chunklets=True, destage_delay=0.001, max_dirty_bytes=case.max_dirty
+            allow_tiny_chunklets=True,
+            destage_delay=0.001,
+            max_dirty_bytes=case.max_dirty,
+            io_threads=4 if case.offload_min else 0,
+            offload_min_bytes=case.offload_min or 1,
         )
         engine = await make_engine(tmp_path, pds=4, pd_size=8 * MiB, options=options)
         await engine.create_pool(

@@ -73,12 +73,15 @@ async def mem_provider(specs: list[VolumeSpec], tmp_path: Path) -> AsyncIterator
 @asynccontextmanager
 async def engine_provider(specs: list[VolumeSpec], tmp_path: Path) -> AsyncIterator[VolumeProvider]:
     """The real engine: four 128 MiB sparse PDs, a RAID 1 pool with 64 KiB regions (so that
-    client I/O crosses many region boundaries), one VV per spec; every other VV write-back."""
+    client I/O crosses many region boundaries), one VV per spec; every other VV write-back.
+    Write-through writes of 16 KiB or more into a region go to the I/O threads."""
     from thinblock.engine import Engine, EngineOptions
     from thinblock.model import CacheMode
     from thinblock.units import Limit
 
-    engine = await Engine.open(tmp_path / "engine", EngineOptions(allow_tiny_chunklets=True))
+    engine = await Engine.open(
+        tmp_path / "engine", EngineOptions(allow_tiny_chunklets=True, offload_min_bytes=16 * 1024)
+    )
     try:
         for i in range(4):
             await engine.add_pd(tmp_path / "engine" / f"pd{i}.img", size=128 * MiB, chunklet_size=MiB)

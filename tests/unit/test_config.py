@@ -56,6 +56,8 @@ chunklet_size = "4MiB"
 max_dirty_bytes = 1048576
 destage_delay = 0
 default_cache_mode = "writeback"
+io_threads = 2
+offload_min = "64KiB"
 
 [webhook]
 url = "http://127.0.0.1:9999/hook"
@@ -85,6 +87,7 @@ volume_size = "1G"
     assert cfg.api_token == "s3cret" and cfg.token_required  # a configured token is enforced
     assert (cfg.chunklet_size, cfg.max_dirty_bytes, cfg.destage_delay) == (4 * MiB, MiB, 0.0)
     assert cfg.default_cache_mode == CacheMode.WRITEBACK
+    assert (cfg.io_threads, cfg.offload_min) == (2, 64 * 1024)
     assert cfg.webhook.url == "http://127.0.0.1:9999/hook"
     assert (cfg.webhook.timeout, cfg.webhook.max_attempts, cfg.webhook.queue_size) == (1.5, 3, 10)
     assert cfg.latency_histograms is False

@@ -112,6 +112,24 @@ def assert_free_regions_hold_nothing(eng: Engine) -> None:
                 assert not any(data), f"free LD {ld_id} region {index} holds data"
 
 
+def assert_mirrors_agree(eng: Engine) -> None:
+    """Every RAID 1 row whose members are all healthy holds the same bytes on each of them:
+    no write (inline, or its mirror copies made in parallel by the I/O threads) and no
+    rebuild (which must not copy a range an offloaded write is still changing) left them
+    different."""
+    for ld in eng.lds.values():
+        if ld.raid != 1:
+            continue
+        for row in ld.rows:
+            if any(ch.pd.failed for ch in row):
+                continue
+            copies = {
+                bytes(ch.pd.as_device(ch.offset, ch.pd.chunklet_size).read(0, ch.pd.chunklet_size))
+                for ch in row
+            }
+            assert len(copies) == 1, f"LD {ld.id}: the mirrors of a row differ"
+
+
 class EngineMachine(RuleBasedStateMachine):
     raid: int = 1
     initial_cache_mode: CacheMode = CacheMode.WRITETHROUGH
@@ -212,11 +230,17 @@ class EngineMachine(RuleBasedStateMachine):
         tail_cut=st.sampled_from([0, 0, 512, 3 * 512]),
         destage_delay=st.sampled_from([0.0005, 60.0]),
         max_dirty=st.sampled_from([12 * KiB, 4 * MiB]),
+        offload_min=st.sampled_from([512, 2 * KiB, 1 << 30]),
     )
-    def setup(self, region: int, regions: int, tail_cut: int, destage_delay: float, max_dirty: int) -> None:
+    def setup(
+        self, region: int, regions: int, tail_cut: int, destage_delay: float, max_dirty: int, offload_min: int
+    ) -> None:
         self.region = region
         self.options = EngineOptions(
-            allow_tiny_chunklets=True, destage_delay=destage_delay, max_dirty_bytes=max_dirty
+            allow_tiny_chunklets=True,
+            destage_delay=destage_delay,
+            max_dirty_bytes=max_dirty,
+            offload_min_bytes=offload_min,  # 512 and 2 KiB: write-through writes go to the I/O threads
         )
         self.open_engine()
         set_size = SET_SIZE[self.raid]
@@ -571,6 +595,11 @@ class EngineMachine(RuleBasedStateMachine):
         fsync) reads zeros on the LD and has no data waiting in the write-back cache."""
         if self.engine is not None:
             assert_free_regions_hold_nothing(self.eng)
+
+    @invariant()
+    def mirrors_agree(self) -> None:
+        if self.engine is not None:
+            assert_mirrors_agree(self.eng)
 
 
 CI_SETTINGS = settings(

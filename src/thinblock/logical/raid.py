@@ -33,6 +33,14 @@ zero or flush an LD from a worker thread.  RAID 1 and RAID 5 writes, zeroing, de
 RAID 5 reads and rebuild steps hold the LD's lock (a RAID 5 read-modify-write must not
 interleave with another on the same stripe); healthy reads and RAID 0 take no lock.
 
+Large writes may be handed to I/O threads (``submit_write``, see ``physical.workers``): one
+job per PD part, without the lock, so a RAID 1 write's mirror copies are made in parallel.
+That is offered only where no lock is needed -- RAID 0, and RAID 1 rows with every mirror
+healthy and no rebuild job -- and a rebuild must not start while such writes are in flight
+(it would copy a range a late mirror write then changes on one side only): the engine calls
+``hold_offload``, awaits ``offload_drained`` and only then ``start_rebuild``, which checks.
+The counters of offloaded writes are touched on the event-loop thread only.
+
 RAID 5 has no write journal: a crash between a data write and its parity write leaves
 that stripe's parity stale (the classic write hole); it matters only if a member of that
 set then fails before the stripe is rewritten.
@@ -40,6 +48,7 @@ set then fails before the stripe is rewritten.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import threading
 from collections.abc import Iterator, Sequence
@@ -49,6 +58,7 @@ from ..blockdev import Buffer
 from ..errors import Conflict, InvalidArgument, MediumError
 from ..model import LDHealth
 from ..physical.pd import FAILURES, PhysicalDisk
+from ..physical.workers import Submit
 from ..units import KiB, MiB, format_size
 from . import parity as px
 
@@ -174,6 +184,11 @@ class LogicalDisk:
         self._stripe_data = (set_size - 1) * step  # RAID 5 data bytes per stripe
         self._lock = threading.RLock()
         self._rebuilds: dict[int, list[RebuildJob]] = {}
+        # Offloaded writes (submit_write): how many are in flight, how many holders keep new
+        # ones inline, and who waits for the count to reach zero.  Event-loop thread only.
+        self.offloaded = 0
+        self._offload_holds = 0
+        self._drain_waiters: list[asyncio.Future[None]] = []
         self._lost_at_flush: set[int] = self._lost_rows()  # losses before we existed were reported then
         # Lost rows, recomputed only when some PD has failed since (see FAILURES).
         self._lost_cache: frozenset[int] = frozenset()
@@ -242,6 +257,75 @@ class LogicalDisk:
         assert offset >= 0 and offset + length <= self._size, (offset, length, self._size)
         for r, roff, _pos, take in self._row_spans(offset, length):
             self._zero_row(r, roff, take)
+
+    # --- offloaded writes (see the module docstring) ------------------------------------
+    def submit_write(
+        self, offset: int, data: memoryview, submit: Submit
+    ) -> asyncio.Future[list[object]] | None:
+        """Hand the write of ``data`` at ``offset`` to I/O threads, one job per PD part: a future
+        of the parts' outcomes (pass them to ``check_write``), or None when this write must be
+        done inline with ``write`` (RAID 5, a degraded or rebuilding RAID 1 row, a write that
+        spans rows, offload held for a rebuild).  Event-loop thread only."""
+        if self._offload_holds:
+            return None
+        n = len(data)
+        assert offset >= 0 and offset + n <= self._size, (offset, n, self._size)
+        r, roff = divmod(offset, self.row_usable)
+        if roff + n > self.row_usable:
+            return None
+        pds, bases = self._pds[r], self._bases[r]
+        if self.raid is RaidLevel.RAID0:
+            futures = [
+                submit(pds[col].pwritev, bases[col] + start, views)
+                for col, (start, views) in self._r0_runs(roff, data).items()
+            ]
+        elif self.raid is RaidLevel.RAID1:
+            if r in self._rebuilds or any(pd.failed for pd in pds):
+                return None
+            futures = [submit(pd.pwrite, bases[c] + roff, data) for c, pd in enumerate(pds)]
+        else:
+            return None
+        self.offloaded += 1
+        done = asyncio.gather(*futures, return_exceptions=True)
+        done.add_done_callback(self._offload_done)
+        return done
+
+    def _offload_done(self, _done: asyncio.Future[list[object]]) -> None:
+        self.offloaded -= 1
+        if not self.offloaded and self._drain_waiters:
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def check_write(self, outcomes: list[object]) -> None:
+        """Raise what an offloaded write's parts raised, by the same rules as ``write``: a RAID 1
+        write stands if one mirror took it (a mirror that failed marked its PD failed)."""
+        errors = [o for o in outcomes if isinstance(o, BaseException)]
+        if not errors:
+            return
+        if (
+            self.raid is RaidLevel.RAID1
+            and len(errors) < len(outcomes)
+            and all(isinstance(e, MediumError) for e in errors)
+        ):
+            return
+        raise errors[0]
+
+    def hold_offload(self) -> None:
+        """New writes run inline until ``release_offload``; pair with ``offload_drained``."""
+        self._offload_holds += 1
+
+    def release_offload(self) -> None:
+        assert self._offload_holds > 0
+        self._offload_holds -= 1
+
+    async def offload_drained(self) -> None:
+        """Return when no offloaded write of this LD is in flight."""
+        while self.offloaded:
+            waiter = asyncio.get_running_loop().create_future()
+            self._drain_waiters.append(waiter)
+            await waiter
 
     def flush(self) -> None:
         """fsync every distinct healthy PD under this LD (members and rebuild targets).  Blocking.
@@ -435,6 +519,12 @@ class LogicalDisk:
             s, col = divmod(u, self.set_size)
             pds[col].pwrite(bases[col] + s * step + uoff, data)
             return
+        for col, (start, views) in self._r0_runs(roff, data).items():
+            pds[col].pwritev(bases[col] + start, views)
+
+    def _r0_runs(self, roff: int, data: memoryview) -> dict[int, tuple[int, list[memoryview]]]:
+        """Per column: (chunklet offset, the pieces of ``data``) -- a column's units of a
+        contiguous row range are consecutive on its chunklet, so one pwritev each."""
         runs: dict[int, tuple[int, list[memoryview]]] = {}
         for col, coff, pos, take in self._r0_units(roff, len(data)):
             run = runs.get(col)
@@ -442,8 +532,7 @@ class LogicalDisk:
                 runs[col] = (coff, [data[pos : pos + take]])
             else:
                 run[1].append(data[pos : pos + take])
-        for col, (start, views) in runs.items():
-            pds[col].pwritev(bases[col] + start, views)
+        return runs
 
     def _r0_zero_row(self, r: int, roff: int, n: int) -> None:
         # A contiguous LD range covers one contiguous range of each column's chunklet.
@@ -766,6 +855,12 @@ class LogicalDisk:
             raise Conflict(f"LD {self.id} is RAID 0: there is no redundancy to rebuild from")
         if not 0 <= row < len(self.rows) or not 0 <= column < self.set_size:
             raise InvalidArgument(f"LD {self.id} has no member (row {row}, column {column})")
+        if self.offloaded:
+            # A mirror write still landing could change a range after the rebuild copied it.
+            raise Conflict(
+                f"LD {self.id}: {self.offloaded} offloaded write(s) in flight; hold_offload and await "
+                "offload_drained before starting a rebuild"
+            )
         with self._lock:
             member = self.rows[row][column]
             if not member.pd.failed:
