@@ -11,7 +11,7 @@ import pytest
 from thinblock.errors import InvalidArgument, MediumError
 from thinblock.model import PDHealth
 from thinblock.physical import pd as pd_module
-from thinblock.physical.pd import IOV_MAX, PhysicalDisk
+from thinblock.physical.pd import IOV_MAX, WRITE_PIECE, PhysicalDisk
 from thinblock.units import KiB, MiB
 
 CHUNK = 64 * KiB
@@ -121,6 +121,38 @@ def test_write_read_roundtrip_any_alignment(tmp_path: Path) -> None:
         small = bytearray(30)
         pd.pread_into(12345, memoryview(small))
         assert small == data[:10] + b"abc" + data[13:20] + b"def" + data[23:30]
+
+
+def test_large_writes_reach_the_kernel_in_pieces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No write syscall carries more than WRITE_PIECE bytes (the page cache sizes its folios
+    after the write), and the bytes land where they belong, for pwrite and pwritev alike."""
+    sizes: list[int] = []
+    real_pwrite, real_pwritev = os.pwrite, os.pwritev
+
+    def pwrite(fd: int, data: bytes, offset: int) -> int:
+        sizes.append(len(data))
+        return real_pwrite(fd, data, offset)
+
+    def pwritev(fd: int, bufs: list[bytes], offset: int) -> int:
+        sizes.append(sum(len(b) for b in bufs))
+        return real_pwritev(fd, bufs, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(os, "pwritev", pwritev)
+    with open_pd(tmp_path) as pd:
+        big = os.urandom(WRITE_PIECE * 3 + 1000)
+        pd.pwrite(4096, big)
+        assert max(sizes) == WRITE_PIECE and sum(sizes) == len(big)
+        sizes.clear()
+        parts = [os.urandom(n) for n in (100 * KiB, 100 * KiB, 100 * KiB, WRITE_PIECE + 5, 7, 64 * KiB)]
+        pd.pwritev(MiB, parts)
+        assert max(sizes) <= WRITE_PIECE and sum(sizes) == sum(map(len, parts))
+        back = bytearray(len(big))
+        pd.pread_into(4096, memoryview(back))
+        assert back == big
+        back = bytearray(sum(map(len, parts)))
+        pd.pread_into(MiB, memoryview(back))
+        assert back == b"".join(parts)
 
 
 def test_vectored_io_splits_past_iov_max(tmp_path: Path) -> None:

@@ -35,6 +35,13 @@ MIN_TINY_CHUNKLET = 4 * KiB
 
 # Linux limits one preadv/pwritev to IOV_MAX buffers; longer lists are split.
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+# Writes go to the kernel in pieces of at most this many bytes.  Linux (6.x, ext4 and xfs)
+# sizes the page-cache folios of a file range after the length of the write that fills
+# them, and a later small write costs in proportion to the folio it lands in: measured
+# here, a 4 KiB overwrite took 12-14 us in space written with 1 MiB pwrites and 5 us in
+# space written with 256 KiB ones, while fresh space was written as fast either way
+# (about 4.5 GiB/s).  Hosts write 1 MiB and then overwrite 4 KiB all the time.
+WRITE_PIECE = 256 * KiB
 
 # Bounded zero source for the write-zeros fallback (never one allocation per request).
 _ZERO_CHUNK = 1 * MiB
@@ -337,37 +344,61 @@ class PhysicalDisk:
             buf[pos : pos + n] = _ZEROS[:n]
 
     def pwrite(self, offset: int, data: Buffer) -> None:
-        """Write all of ``data`` at ``offset``."""
+        """Write all of ``data`` at ``offset`` (in WRITE_PIECE syscalls when it is larger)."""
         if self._blocked:
             raise self._refuse("write", offset)
         try:
-            done = os.pwrite(self._fd, data, offset)
-            if done != len(data):
-                view = memoryview(data)
-                while done < len(view):
-                    n = os.pwrite(self._fd, view[done:], offset + done)
-                    if n <= 0:
-                        raise OSError(errno.ENOSPC, "no progress writing")
-                    done += n
+            n = len(data)
+            if n <= WRITE_PIECE:
+                done = os.pwrite(self._fd, data, offset)
+                if done != n:
+                    self._write_rest(memoryview(data).cast("B"), offset, done)
+                return
+            view = memoryview(data).cast("B")
+            for pos in range(0, n, WRITE_PIECE):
+                piece = view[pos : pos + WRITE_PIECE]
+                done = os.pwrite(self._fd, piece, offset + pos)
+                if done != len(piece):
+                    self._write_rest(piece, offset + pos, done)
         except OSError as exc:
             raise self._io_error("write", offset, exc) from exc
 
+    def _write_rest(self, view: memoryview, offset: int, done: int) -> None:
+        while done < len(view):
+            n = os.pwrite(self._fd, view[done:], offset + done)
+            if n <= 0:
+                raise OSError(errno.ENOSPC, "no progress writing")
+            done += n
+
     def pwritev(self, offset: int, bufs: Sequence[Buffer]) -> None:
-        """Write ``bufs`` consecutively from ``offset``: one syscall per IOV_MAX buffers."""
+        """Write ``bufs`` consecutively from ``offset``: one syscall per run of buffers of at
+        most WRITE_PIECE bytes and IOV_MAX buffers (a larger buffer goes as ``pwrite``)."""
         if self._blocked:
             raise self._refuse("write", offset)
-        start = 0
-        while start < len(bufs):
-            part = bufs[start : start + IOV_MAX]
-            want = sum(len(b) for b in part) if len(part) > 1 else len(part[0])
-            try:
-                done = os.pwritev(self._fd, part, offset)
-                if done != want:
-                    self._finish_write(offset, part, done)
-            except OSError as exc:
-                raise self._io_error("write", offset, exc) from exc
-            offset += want
-            start += IOV_MAX
+        part: list[Buffer] = []
+        want = 0
+        for buf in bufs:
+            n = len(buf)
+            if part and (want + n > WRITE_PIECE or len(part) == IOV_MAX):
+                self._pwritev_part(offset, part, want)
+                offset += want
+                part, want = [], 0
+            if n > WRITE_PIECE:
+                self.pwrite(offset, buf)
+                offset += n
+                continue
+            part.append(buf)
+            want += n
+        if part:
+            self._pwritev_part(offset, part, want)
+
+    def _pwritev_part(self, offset: int, part: list[Buffer], want: int) -> None:
+        try:
+            done = os.pwritev(self._fd, part, offset)
+            if done != want:
+                self._finish_write(offset, part, done)
+        except OSError as exc:
+            raise self._io_error("write", offset, exc) from exc
 
     def _finish_write(self, offset: int, bufs: Sequence[Buffer], done: int) -> None:
         rest = [memoryview(b) for b in bufs]
