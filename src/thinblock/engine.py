@@ -268,9 +268,9 @@ class Engine:
         self._register_pd(pd)
         return pd
 
-    def _register_pd(self, pd: PhysicalDisk) -> None:
+    def _register_pd(self, pd: PhysicalDisk, zeroed: bool = False) -> None:
         self.pds[pd.id] = pd
-        self.chunklets.add_pd(pd)
+        self.chunklets.add_pd(pd, zeroed=zeroed)
         pd.add_failure_listener(self._pd_failure_listener)
 
     def _make_pool(self, row: PoolRow) -> Pool:
@@ -496,7 +496,7 @@ class Engine:
 
         pd_id = self.store.add_pd(path, pd.size, pd.chunklet_size)
         pd.id = pd_id
-        self._register_pd(pd)
+        self._register_pd(pd, zeroed=pd.created)
         # New chunklets may let a pool that ran out grow again.
         for pool in self.pools.values():
             self.alerts.clear(AlertKind.POOL_OUT_OF_CHUNKLETS, pool.object_name)
@@ -755,6 +755,7 @@ class Engine:
                     )
                     continue
                 spare = picked[0]
+                self.chunklets.take_zeroed(spare)  # the rebuild writes it whole
                 await asyncio.get_running_loop().run_in_executor(
                     None, spare.pd.punch, spare.pd.chunklet_offset(spare.index), spare.pd.chunklet_size
                 )

@@ -107,6 +107,9 @@ class PhysicalDisk:
         self.size = size
         self.chunklet_size = chunklet_size
         self.is_block_device = is_block
+        # True when open() created the file: sparse, fsynced with its directory entry, so
+        # every chunklet durably reads zeros (no old data to zero before first use).
+        self.created = False
         self._fd = fd
         # ``failed`` is read on the hot path of every RAID I/O: a plain attribute, set only
         # by fail().  ``_blocked`` folds "failed or errors injected" into one check.
@@ -167,7 +170,9 @@ class PhysicalDisk:
                     f"PD size {format_size(size)} is smaller than one chunklet ({format_size(chunklet_size)})"
                 )
             fd = cls._create_sparse(path, size)
-            return cls(pd_id, path, fd, size, chunklet_size, is_block=False)
+            pd = cls(pd_id, path, fd, size, chunklet_size, is_block=False)
+            pd.created = True
+            return pd
 
         is_block = stat.S_ISBLK(st.st_mode)
         if not (is_block or stat.S_ISREG(st.st_mode)):

@@ -14,15 +14,31 @@ class ChunkletAllocator:
         self.pds: dict[int, PhysicalDisk] = {}
         self._used: dict[int, bytearray] = {}
         self._free: dict[int, int] = {}
+        # 1: a free chunklet known to read zeros *durably* (a PD file this process created,
+        # never used since).  A new LD must zero (punch) and fsync its chunklets before it
+        # offers a region, and that fsync writes back every dirty page of the PD file: under
+        # a stream of fresh writes, seconds during which every writer needing a region waits.
+        # Known-zero chunklets skip it.  Anything released, and every chunklet of a PD found
+        # on open, is unknown (the zeroing path).
+        self._zeroed: dict[int, bytearray] = {}
 
-    def add_pd(self, pd: PhysicalDisk) -> None:
+    def add_pd(self, pd: PhysicalDisk, *, zeroed: bool = False) -> None:
         self.pds[pd.id] = pd
         self._used[pd.id] = bytearray(pd.chunklet_count)
         self._free[pd.id] = pd.chunklet_count
+        self._zeroed[pd.id] = bytearray(b"\x01" * pd.chunklet_count if zeroed else pd.chunklet_count)
 
     def remove_pd(self, pd_id: int) -> None:
         assert self._free[pd_id] == len(self._used[pd_id]), "PD still has used chunklets"
-        del self.pds[pd_id], self._used[pd_id], self._free[pd_id]
+        del self.pds[pd_id], self._used[pd_id], self._free[pd_id], self._zeroed[pd_id]
+
+    def take_zeroed(self, chunklet: Chunklet) -> bool:
+        """Whether a just-picked chunklet is known to read zeros durably; it is not any more
+        once taken (its LD writes it)."""
+        flags = self._zeroed[chunklet.pd.id]
+        known = bool(flags[chunklet.index])
+        flags[chunklet.index] = 0
+        return known
 
     def mark_used(self, pd_id: int, index: int) -> None:
         used = self._used[pd_id]
@@ -37,6 +53,7 @@ class ChunkletAllocator:
         assert used[index], f"chunklet {index} of PD {pd_id} released twice"
         used[index] = 0
         self._free[pd_id] += 1
+        self._zeroed[pd_id][index] = 0  # may hold data now
 
     def used_count(self, pd_id: int) -> int:
         return len(self._used[pd_id]) - self._free[pd_id]

@@ -351,8 +351,11 @@ class Pool:
         try:
             if self.before_ld_create is not None:
                 await self.before_ld_create(self)
-            # Chunklets may hold a released LD's data: zero them durably before any region is offered.
-            await asyncio.get_running_loop().run_in_executor(None, _zero_chunklets, rows)
+            # Chunklets may hold a released LD's data: zero them durably before any region is
+            # offered -- all but those known to read zeros durably already (ChunkletAllocator).
+            unknown = [c for chunk_row in rows for c in chunk_row if not self._chunklets.take_zeroed(c)]
+            if unknown:
+                await asyncio.get_running_loop().run_in_executor(None, _zero_chunklets, unknown)
         except BaseException as exc:
             for chunk_row in rows:
                 for c in chunk_row:
@@ -432,11 +435,10 @@ def _flush_lds(lds: set[LogicalDisk]) -> None:
         ld.flush()
 
 
-def _zero_chunklets(rows: list[list[Chunklet]]) -> None:
+def _zero_chunklets(chunklets: list[Chunklet]) -> None:
     pds = {}
-    for chunk_row in rows:
-        for c in chunk_row:
-            c.pd.punch(c.pd.chunklet_offset(c.index), c.pd.chunklet_size)
-            pds[c.pd.id] = c.pd
+    for c in chunklets:
+        c.pd.punch(c.pd.chunklet_offset(c.index), c.pd.chunklet_size)
+        pds[c.pd.id] = c.pd
     for pd in pds.values():
         pd.fsync()
