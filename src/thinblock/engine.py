@@ -230,10 +230,18 @@ class Engine:
             self.ld_pool[int(ld_id)].mark_assigned_many(int(ld_id), indexes)
 
     async def _scrub_free_regions(self) -> None:
-        """After an unclean shutdown: a region may hold data whose assignment never reached the
-        store (power cut between data and WAL).  Zero every free region before offering it."""
-        log.warning("unclean shutdown detected: zeroing the free regions of every LD")
+        """After an unclean shutdown, before serving:
+
+        * a free region may hold data whose assignment never reached the store (power cut
+          between data and WAL): every free region is zeroed before it is offered;
+        * a write in flight at the crash may have reached some members of a RAID set and not
+          others: every assigned region of a RAID 1 or RAID 5 LD is resynchronised
+          (``LogicalDisk.resync``), so that a later member failure does not change what reads
+          return.  This reads the assigned data once; md limits the same pass with a
+          write-intent bitmap, which thinblock does not have (yet)."""
+        log.warning("unclean shutdown detected: zeroing free regions, resynchronising RAID 1/5 LDs")
         jobs = []
+        resyncs = []
         for pool in self.pools.values():
             size = pool.region_size
             for slots in pool.slots.values():
@@ -241,20 +249,35 @@ class Engine:
                     continue
                 for first, count in slots.free_ranges():
                     jobs.append((slots.ld, first * size, count * size))
+                if slots.ld.raid is not RaidLevel.RAID0:
+                    for first, count in slots.assigned_ranges():
+                        resyncs.append((slots.ld, first * size, count * size))
 
-        def scrub() -> None:
+        def scrub() -> int:
             for ld, offset, length in jobs:
                 try:
                     ld.zero(offset, length)
                 except MediumError as exc:
                     log.error("scrub failed ld=%d error=%s", ld.id, exc)
-            for ld in {j[0] for j in jobs}:
+            repaired = 0
+            for ld, offset, length in resyncs:
+                try:
+                    repaired += ld.resync(offset, length)
+                except MediumError as exc:
+                    log.error("resync failed ld=%d error=%s", ld.id, exc)
+            for ld in {j[0] for j in jobs + resyncs}:
                 try:
                     ld.flush()
                 except MediumError:
                     pass
+            return repaired
 
-        await asyncio.get_running_loop().run_in_executor(None, scrub)
+        repaired = await asyncio.get_running_loop().run_in_executor(None, scrub)
+        log.warning(
+            "unclean shutdown recovery done: %d bytes of RAID redundancy rewritten",
+            repaired,
+            extra={"event": "resync-done", "bytes": repaired},
+        )
 
     def _open_pd(self, pd_id: int, path: str, size: int, chunklet_size: int) -> PhysicalDisk:
         try:

@@ -135,9 +135,9 @@ def diverged_mirrors(engine: Engine) -> list[int]:
     """LDs whose healthy RAID 1 mirrors differ (read straight from the PD files).
 
     A write or trim in flight when the process was killed can reach one mirror and not the
-    other; nothing resynchronises them after an unclean stop (see
-    test_raid1_mirrors_agree_after_an_unclean_stop, a known gap).  Reads come from the
-    first healthy mirror, so this shows only once that mirror fails."""
+    other; the open after an unclean stop resynchronises them (LogicalDisk.resync, see
+    test_raid1_mirrors_agree_after_an_unclean_stop).  Reads come from the first healthy
+    mirror, so a difference would show only once that mirror fails."""
     paths = {pd.id: pd.path for pd in engine.list_pds() if pd.health.value == "normal"}
     diverged = []
     for ld in engine.list_lds():
@@ -154,9 +154,11 @@ def diverged_mirrors(engine: Engine) -> list[int]:
 async def fail_a_mirror(engine: Engine, data_dir: Path) -> bool:
     """Fail a PD under the volumes (only while no LD is degraded: one failed mirror per
     RAID 1 set at most) and add a fresh one, so that the pool can still grow and the
-    next child's rebuild has somewhere to go.  Not while some LD's mirrors differ: failing
-    the one reads come from would expose the known gap above (earlier reads change)."""
-    if any(ld.health.value != "normal" for ld in engine.list_lds()) or diverged_mirrors(engine):
+    next child's rebuild has somewhere to go.  The mirrors must agree first: the unclean
+    start resynchronised them."""
+    diverged = diverged_mirrors(engine)
+    assert not diverged, f"LDs {diverged}: mirrors differ after the resync of an unclean start"
+    if any(ld.health.value != "normal" for ld in engine.list_lds()):
         return False
     used = sorted({ref.pd_id for ld in engine.list_lds() for ref in ld.chunklets})
     if not used:
@@ -252,17 +254,11 @@ def test_flushed_writes_survive_sigkill_long(tmp_path: Path) -> None:
         crash_rounds(tmp_path / str(master_seed), rounds=40, master_seed=master_seed)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: after an unclean stop nothing resynchronises RAID 1 mirrors (nor RAID 5 parity),"
-    " so a write in flight at the crash can leave them different and a later PD failure changes"
-    " what reads return",
-)
 async def test_raid1_mirrors_agree_after_an_unclean_stop(tmp_path: Path) -> None:
     """Found by the crash test: a write reached the first mirror and the process died before
     the second.  After the restart reads return the first mirror's bytes; when that mirror's
     PD then fails, the same reads must return the same bytes (Linux md resyncs the mirrors
-    after an unclean shutdown for exactly this)."""
+    after an unclean shutdown for exactly this; so does Engine.open, LogicalDisk.resync)."""
     engine = await Engine.open(tmp_path, OPTIONS)
     for i in range(3):
         await engine.add_pd(tmp_path / f"pd{i}.img", size=4 * MiB, chunklet_size=CHUNKLET)
@@ -289,6 +285,40 @@ async def test_raid1_mirrors_agree_after_an_unclean_stop(tmp_path: Path) -> None
         await engine.fail_pd(first.pd_id)
         after = bytes(await engine.volume("v").read(0, 300))
         assert after == before, "a read changed when the mirror it came from failed"
+    finally:
+        await engine.close()
+
+
+async def test_raid5_parity_agrees_after_an_unclean_stop(tmp_path: Path) -> None:
+    """The RAID 5 form of the same crash: new data reached its unit, the parity write did
+    not.  After the restart, failing the PD under that unit must not bring the old bytes
+    back through the stale parity."""
+    engine = await Engine.open(tmp_path, OPTIONS)
+    for i in range(4):
+        await engine.add_pd(tmp_path / f"pd{i}.img", size=4 * MiB, chunklet_size=CHUNKLET)
+    await engine.create_pool(
+        "p", raid=5, set_size=3, region_size=REGION, growth_increment=CHUNKLET, step=STEP
+    )
+    await engine.create_vv("v", pool="p", size=MiB)
+    await engine.volume("v").write(0, b"old" * 100)
+    await engine.flush_all()
+    # LD offset 0 is stripe 0, data unit 0: column 0 (parity of stripe 0 is on column 2).
+    first = engine.list_lds()[0].chunklets[0]
+    path = engine.get_pd(first.pd_id).path
+    with open(path, "r+b") as f:
+        os.pwrite(f.fileno(), b"new" * 100, first.offset)
+    task = engine.cache._task
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    engine._close_files()
+    engine = await Engine.open(tmp_path, OPTIONS)
+    try:
+        before = bytes(await engine.volume("v").read(0, 300))
+        assert before == b"new" * 100
+        await engine.fail_pd(first.pd_id)
+        after = bytes(await engine.volume("v").read(0, 300))
+        assert after == before, "a read changed when the PD under it failed (stale parity)"
     finally:
         await engine.close()
 

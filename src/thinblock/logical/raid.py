@@ -54,6 +54,8 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..blockdev import Buffer
 from ..errors import Conflict, InvalidArgument, MediumError
 from ..model import LDHealth
@@ -846,6 +848,80 @@ class LogicalDisk:
             take = min(len(_ZEROS), n - pos)
             self._r5_write_row(r, roff + pos, _ZEROS[:take])
             pos += take
+
+    # --- resync after an unclean stop ----------------------------------------------------
+    def resync(self, offset: int, length: int) -> int:
+        """Make the redundancy of LD range [offset, offset + length) agree with its data again;
+        returns how many chunklet bytes were rewritten.  Blocking; holds the LD lock.
+
+        After an unclean stop a write may have reached some members of a set and not others:
+        one RAID 1 mirror has it, the other not; a RAID 5 stripe has new data and old parity.
+        Reads look fine (RAID 1 reads the first healthy mirror) until a member fails -- then
+        the same read returns other bytes, or RAID 5 rebuilds a unit from stale parity.  So,
+        like Linux md after an unclean shutdown, the first healthy mirror is copied over the
+        others where they differ, and parity is recomputed where a stripe does not XOR to
+        zero.  Rows with a failed member are left alone (RAID 1 with two or more healthy
+        mirrors excepted): there is nothing consistent to compare against."""
+        if self.raid is RaidLevel.RAID0:
+            return 0
+        assert offset >= 0 and offset + length <= self._size, (offset, length, self._size)
+        repaired = 0
+        with self._lock:
+            for r, roff, _pos, take in self._row_spans(offset, length):
+                if self.raid is RaidLevel.RAID1:
+                    repaired += self._r1_resync(r, roff, take)
+                else:
+                    repaired += self._r5_resync(r, roff, take)
+        return repaired
+
+    def _r1_resync(self, r: int, roff: int, n: int) -> int:
+        pds, bases = self._pds[r], self._bases[r]
+        healthy = [c for c, pd in enumerate(pds) if not pd.failed]
+        if len(healthy) < 2:
+            return 0
+        first, others = healthy[0], healthy[1:]
+        repaired = 0
+        pos = 0
+        while pos < n:
+            take = min(REBUILD_STEP, n - pos)
+            want = px.scratch(px.REBUILD_OUT, take)
+            pds[first].pread_into(bases[first] + roff + pos, px.view(want))
+            for c in others:
+                have = px.scratch(px.REBUILD, take)
+                pds[c].pread_into(bases[c] + roff + pos, px.view(have))
+                if not np.array_equal(have, want):
+                    pds[c].pwrite(bases[c] + roff + pos, px.view(want))
+                    repaired += take
+            pos += take
+        return repaired
+
+    def _r5_resync(self, r: int, roff: int, n: int) -> int:
+        """Every stripe touching row bytes [roff, roff + n): all k units XOR to zero when the
+        parity is right; where not, parity := XOR of the data units."""
+        if any(pd.failed for pd in self._pds[r]):
+            return 0
+        step, k = self.step, self.set_size
+        stripe_data = (k - 1) * step
+        s, s_end = roff // stripe_data, -(-(roff + n) // stripe_data)
+        pds, bases = self._pds[r], self._bases[r]
+        batch = max(1, REBUILD_STEP // step)
+        repaired = 0
+        while s < s_end:
+            count = min(batch, s_end - s)
+            m = px.scratch_matrix(px.REBUILD, k, count * step)
+            for c in range(k):
+                pds[c].pread_into(bases[c] + s * step, px.view(m[c]))
+            total = px.scratch(px.REBUILD_OUT, count * step)
+            px.xor_rows(m, total)
+            for i in range(count):
+                unit = slice(i * step, (i + 1) * step)
+                if total[unit].any():
+                    p = k - 1 - (s + i) % k
+                    fixed = total[unit] ^ m[p, unit]  # XOR of the data units alone
+                    pds[p].pwrite(bases[p] + (s + i) * step, px.view(np.ascontiguousarray(fixed)))
+                    repaired += step
+            s += count
+        return repaired
 
     # --- rebuild ------------------------------------------------------------------------
     def start_rebuild(self, row: int, column: int, replacement: Chunklet) -> RebuildJob:

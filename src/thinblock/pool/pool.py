@@ -80,14 +80,22 @@ class LDSlots:
 
     def free_ranges(self) -> list[tuple[int, int]]:
         """Runs of free regions as (first, count), for zeroing after an unclean shutdown."""
+        return self._runs(0)
+
+    def assigned_ranges(self) -> list[tuple[int, int]]:
+        """Runs of assigned regions as (first, count), for the resync after an unclean shutdown."""
+        return self._runs(1)
+
+    def _runs(self, state: int) -> list[tuple[int, int]]:
         runs: list[tuple[int, int]] = []
         i, used, n = 0, self.used, self.regions
+        mark = bytes([state])
         while i < n:
-            start = used.find(0, i)
+            start = used.find(mark, i)
             if start < 0:
                 break
             end = start
-            while end < n and used[end] == 0:
+            while end < n and used[end] == state:
                 end += 1
             runs.append((start, end - start))
             i = end
