@@ -10,6 +10,7 @@ work to threads; listings are plain methods.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import re
@@ -127,6 +128,7 @@ class Engine:
         self._rebuild = RebuildProgress(False, 0, 0, 0, 0)
         self._rebuild_lock = asyncio.Lock()
         self._closed = False
+        self._lock_fd: int | None = None  # holds the data directory's lock (Engine.open)
         self._commit_timer: asyncio.TimerHandle | None = None
         # Writers waiting for the commit at the end of this loop turn, one future each (see
         # _assignments_committed), or None when no such commit is scheduled.
@@ -139,15 +141,22 @@ class Engine:
         open PDs, rebuild in-memory maps, start background work (destage)."""
         data_dir = Path(data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
-        store = SQLiteStore(data_dir)
+        lock_fd = _lock_data_dir(data_dir)
+        try:
+            store = SQLiteStore(data_dir)
+        except BaseException:
+            os.close(lock_fd)
+            raise
         problems = store.check()
         if problems:
             store.close()
+            os.close(lock_fd)
             raise MetadataCorrupt(
                 f"metadata store {store.path} failed its check, refusing to start "
                 f"({len(problems)} problem(s)): " + "; ".join(problems[:10])
             )
         engine = cls(data_dir, store, options or EngineOptions())
+        engine._lock_fd = lock_fd
         engine._loop = asyncio.get_running_loop()
         try:
             await engine._load()
@@ -407,6 +416,9 @@ class Engine:
             except OSError:
                 pass
         self.store.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the data directory's lock
+            self._lock_fd = None
 
     async def flush_all(self) -> None:
         """Every write acknowledged before this call becomes durable: destage the cache, fsync
@@ -1014,3 +1026,28 @@ def _sync_all(pds: list[PhysicalDisk], store: SQLiteStore) -> list[str]:
             failures.append(str(exc))
     store.sync()
     return failures
+
+
+LOCK_FILE = "thinblock.lock"
+
+
+def _lock_data_dir(data_dir: Path) -> int:
+    """An exclusive lock on ``data_dir`` for this process's lifetime (released when the fd is
+    closed, or when the process dies): two engines on one data directory would hand out the
+    same LD regions to different writers.  Conflict when another process holds it."""
+    path = data_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise Conflict(
+            f"data directory {data_dir} is in use by another thinblock process (pid {holder})"
+        ) from None
+    except OSError:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import logging
 import os
 import stat
@@ -92,6 +93,20 @@ def fallocate_punch(fd: int, offset: int, length: int) -> None:
     if _libc_fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def _lock(fd: int, path: str) -> None:
+    """An exclusive flock on the PD for as long as it is open: a second thinblock process (or
+    a second data directory's engine) adding the same file or device would hand out its
+    chunklets twice.  The lock goes with the fd (close, or the process dying)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise InvalidArgument(f"PD {path} is in use: another process (or engine) holds its lock") from None
+    except OSError as exc:
+        if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise InvalidArgument(f"cannot lock PD {path}: {exc.strerror}") from None
+        # a file system without flock (some network ones): run unlocked, as before
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -182,6 +197,7 @@ class PhysicalDisk:
         except OSError as exc:
             raise InvalidArgument(f"cannot open PD {path}: {exc.strerror}") from None
         try:
+            _lock(fd, path)
             actual = os.lseek(fd, 0, os.SEEK_END) if is_block else st.st_size
             if size is None:
                 size = actual
@@ -206,6 +222,11 @@ class PhysicalDisk:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise InvalidArgument(f"cannot create PD {path}: {exc.strerror}") from None
+        try:
+            _lock(fd, path)
+        except InvalidArgument:
+            os.close(fd)
+            raise
         try:
             os.ftruncate(fd, size)
             # The new file and its size must survive a crash before any chunklet of it is

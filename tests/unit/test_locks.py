@@ -1,0 +1,71 @@
+"""One engine per data directory and per PD: the second one is refused with a clear error,
+and the lock goes away with the first (a clean close, or the process dying)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.engine_helpers import make_engine
+from thinblock.engine import Engine, EngineOptions
+from thinblock.errors import Conflict, InvalidArgument
+from thinblock.units import MiB
+
+OPTIONS = EngineOptions(allow_tiny_chunklets=True)
+
+
+async def test_a_second_engine_on_the_same_data_dir_is_refused(tmp_path: Path) -> None:
+    first = await Engine.open(tmp_path, OPTIONS)
+    with pytest.raises(Conflict, match=f"in use by another thinblock process \\(pid {os.getpid()}\\)"):
+        await Engine.open(tmp_path, OPTIONS)
+    await first.close()
+    again = await Engine.open(tmp_path, OPTIONS)  # released by the close
+    await again.close()
+
+
+async def test_the_lock_dies_with_the_process(tmp_path: Path) -> None:
+    code = (
+        "import asyncio, sys, time\n"
+        "from thinblock.engine import Engine\n"
+        "async def main():\n"
+        "    await Engine.open(sys.argv[1])\n"
+        "    print('open', flush=True)\n"
+        "    time.sleep(60)\n"
+        "asyncio.run(main())\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "open"
+        with pytest.raises(Conflict, match=f"pid {child.pid}"):
+            await Engine.open(tmp_path, OPTIONS)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            engine = await Engine.open(tmp_path, OPTIONS)
+            break
+        except Conflict:
+            assert time.monotonic() < deadline, "the lock outlived the process"
+            time.sleep(0.05)
+    await engine.close()
+
+
+async def test_a_pd_of_another_engine_is_refused(tmp_path: Path) -> None:
+    a = await make_engine(tmp_path / "a", pds=1, pd_size=MiB)
+    b = await Engine.open(tmp_path / "b", OPTIONS)
+    taken = a.list_pds()[0].path
+    with pytest.raises(InvalidArgument, match="is in use"):
+        await b.add_pd(taken, chunklet_size=64 * 1024)
+    assert b.list_pds() == []
+    await a.close()
+    info = await b.add_pd(taken, chunklet_size=64 * 1024)  # free once its engine closed
+    assert info.path == taken
+    await b.close()
