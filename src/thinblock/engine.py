@@ -223,7 +223,7 @@ class Engine:
             if pd.failed:
                 self._on_pd_failed(pd, pd.failure_reason or "failed")
         if store.get_meta("clean") == "0":
-            await self._scrub_free_regions()
+            await self._recover_after_unclean_stop()
         store.set_meta("clean", "0")
 
     def _load_maps(self, rows: np.ndarray, vvs_by_id: dict[int, VirtualVolume]) -> None:
@@ -238,7 +238,7 @@ class Engine:
             indexes = rows[rows[:, 2] == ld_id, 3]
             self.ld_pool[int(ld_id)].mark_assigned_many(int(ld_id), indexes)
 
-    async def _scrub_free_regions(self) -> None:
+    async def _recover_after_unclean_stop(self) -> None:
         """After an unclean shutdown, before serving:
 
         * a free region may hold data whose assignment never reached the store (power cut
