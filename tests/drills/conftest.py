@@ -8,24 +8,27 @@ from pathlib import Path
 
 import pytest
 
-from tests.drills.harness import Daemon
+from tests.support.daemon import Daemon
+
+# The drills build their own PDs, pools and volumes (no first-start defaults, no default export),
+# and read the daemon's log as JSON.
+DRILL_SERVE_ARGS = ("--no-first-start", "--default-export", "")
 
 
 @pytest.fixture
 def make_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
-    """``make_daemon(name="d", config=None)``: a Daemon on ``tmp_path/name/data`` (not started)."""
+    """``make_daemon(name="d", config=None)``: a Daemon on ``tmp_path/name/data`` (not started);
+    killed after the test, whatever its outcome."""
     made: list[Daemon] = []
 
     def make(name: str = "d", *, config: str | None = None) -> Daemon:
-        work = tmp_path / name
-        work.mkdir(parents=True, exist_ok=True)
-        daemon = Daemon(work / "data", work, config=config)
+        daemon = Daemon(tmp_path / name, config=config, args=DRILL_SERVE_ARGS, log_format="json")
         made.append(daemon)
         return daemon
 
     yield make
     for daemon in made:
-        daemon.close()
+        daemon.kill()
 
 
 @pytest.fixture

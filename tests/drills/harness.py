@@ -1,10 +1,6 @@
-"""What every drill needs: the real daemon as a subprocess (started, killed with SIGKILL, restarted),
-the CLI, fio, and self-describing data patterns.
-
-The daemon is ``thinblock serve`` from the project's virtual environment, in a temporary data
-directory, on ``127.0.0.1`` port 0 for NBD and the API (the kernel picks free ports; the daemon
-logs the ports it really bound in its ``ready`` line, which the harness reads).  Every process a
-drill starts is registered and killed by the fixture that made it, whatever the test's outcome.
+"""What the drills share besides the daemon (tests/support/daemon.py starts, kills and restarts
+it): set-up through the REST API, the offline check, fio, self-describing data patterns, a PD
+that fails on demand, and the figures a drill reports.
 
 Data pattern: a 4 KiB block is 128 copies of one 32-byte record naming who wrote it::
 
@@ -19,24 +15,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-BIN = Path(sys.executable).parent
-THINBLOCK = str(BIN / "thinblock")
-LOOPBACK = "127.0.0.1"
+from tests.support.daemon import THINBLOCK_SCRIPT, Daemon, file_tail
+
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
-
-START_TIMEOUT = 60.0  # seconds for the daemon to say it is serving (a loaded 2-core CI machine)
 
 
 # --- data patterns -------------------------------------------------------------------------------
@@ -85,171 +77,13 @@ def decode_block(data: bytes | bytearray | memoryview) -> Decoded:
     return Decoded("garbage")
 
 
-# --- processes -----------------------------------------------------------------------------------
-
-
-class DaemonFailed(Exception):
-    """The daemon did not start (or died); the message carries the end of its log."""
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return "(no log)"
-
-
-class Daemon:
-    """One data directory and the ``thinblock serve`` processes run on it, one at a time."""
-
-    def __init__(self, data_dir: Path, work_dir: Path, *, config: str | None = None) -> None:
-        self.data_dir = data_dir
-        self.work_dir = work_dir
-        # THINBLOCK_TEST_EVENT_LOOP=asyncio runs the daemon on the standard loop (debugging only;
-        # the drills are meant for the default, uvloop).
-        loop = os.environ.get("THINBLOCK_TEST_EVENT_LOOP")
-        if loop:
-            config = f'event_loop = "{loop}"\n' + (config or "")
-        self.config_path: Path | None = None
-        if config is not None:
-            self.config_path = work_dir / "thinblock.toml"
-            self.config_path.write_text(config)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-        self.kills = 0
-        self.api_url = ""
-        self.nbd_port = 0
-        self.log_path = work_dir / "daemon-0.log"
-
-    # --- life cycle ---
-    def _argv(self) -> list[str]:
-        argv = [THINBLOCK, "serve", "--data", str(self.data_dir), "--nbd", f"{LOOPBACK}:0"]
-        argv += ["--api", f"{LOOPBACK}:0", "--no-first-start", "--log-format", "json", "--default-export", ""]
-        if self.config_path is not None:
-            argv += ["--config", str(self.config_path)]
-        return argv
-
-    def _spawn(self) -> subprocess.Popen[bytes]:
-        assert self.proc is None or self.proc.poll() is not None, "a daemon is already running"
-        self.starts += 1
-        self.log_path = self.work_dir / f"daemon-{self.starts}.log"
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                self._argv(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
-        return self.proc
-
-    def log_events(self) -> Iterator[dict[str, Any]]:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return
-        for line in text.splitlines():
-            with contextlib.suppress(ValueError):
-                doc = json.loads(line)
-                if isinstance(doc, dict):
-                    yield doc
-
-    def _take_ready(self) -> bool:
-        """Read the ports from the ``ready`` log line, if it is there yet."""
-        for event in self.log_events():
-            if event.get("event") == "ready":
-                self.api_url = str(event["api"]).removesuffix("/api/v1")
-                self.nbd_port = int(str(event["nbd"]).rsplit(":", 1)[1])
-                return True
-        return False
-
-    def start(self, timeout: float = START_TIMEOUT) -> None:
-        """Start and wait for the ``ready`` line; DaemonFailed if it exits or never gets there."""
-        proc = self._spawn()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._take_ready():
-                return
-            if proc.poll() is not None:
-                raise DaemonFailed(f"thinblock serve exited with {proc.returncode}:\n{_tail(self.log_path)}")
-            time.sleep(0.05)
-        self.kill()
-        raise DaemonFailed(f"thinblock serve was not ready after {timeout:.0f} s:\n{_tail(self.log_path)}")
-
-    def start_expecting_failure(self, timeout: float = START_TIMEOUT) -> tuple[int, list[dict[str, Any]]]:
-        """Start a daemon that should refuse to start: its exit status and its log events.
-        If it starts serving instead, ``(0, events)`` is returned with the daemon running."""
-        proc = self._spawn()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                return proc.returncode, list(self.log_events())
-            if self._take_ready():
-                return 0, list(self.log_events())
-            time.sleep(0.05)
-        self.kill()
-        raise DaemonFailed(f"thinblock serve neither failed nor started in {timeout:.0f} s")
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def kill(self) -> None:
-        """SIGKILL: no flush, no clean shutdown (the crash the drills are about)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=30)
-            self.kills += 1
-
-    def stop(self, timeout: float = 60.0) -> int:
-        """SIGTERM and wait: the clean shutdown; returns the exit status."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-                raise DaemonFailed(
-                    f"thinblock serve did not stop on SIGTERM:\n{_tail(self.log_path)}"
-                ) from None
-        return self.proc.returncode
-
-    def close(self) -> None:
-        self.kill()
-
-    # --- clients ---
-    def uri(self, volume: str) -> str:
-        return f"nbd://{LOOPBACK}:{self.nbd_port}/{volume}"
-
-    def cli_run(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-        """``thinblock --api URL ARGS...`` as an administrator types it."""
-        return subprocess.run(
-            [THINBLOCK, "--api", self.api_url, *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-        )
-
-    def cli(self, *args: str, timeout: float = 120.0) -> Any:
-        """``thinblock --api URL --json ARGS...``; the parsed JSON.  AssertionError on failure."""
-        result = self.cli_run("--json", *args, timeout=timeout)
-        assert result.returncode == 0, (
-            f"thinblock {' '.join(args)} failed ({result.returncode}): {result.stderr}"
-        )
-        return json.loads(result.stdout) if result.stdout.strip() else None
-
-    def alerts(self) -> list[dict[str, Any]]:
-        """Every alert, cleared ones too."""
-        return list(self.cli("alerts", "--all"))
+# --- the offline check and the store ---------------------------------------------------------
 
 
 def thinblock_check(data_dir: Path) -> tuple[int, dict[str, Any]]:
     """The documented offline check, ``thinblock check --data DIR --json``: exit status and report."""
     result = subprocess.run(
-        [THINBLOCK, "check", "--json", "--data", str(data_dir)],
+        [THINBLOCK_SCRIPT, "check", "--json", "--data", str(data_dir)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -292,8 +126,7 @@ def add_pds(daemon: Daemon, layout: Standard, directory: Path, first: int = 0) -
     """Sparse file PDs ``pd{first}.img``... in ``directory``, added through the REST API."""
     sizes = list(layout.sizes) or [layout.size] * layout.count
     return [
-        api_ok(
-            daemon,
+        daemon.api_ok(
             "POST",
             "/pds",
             {"path": str(directory / f"pd{i}.img"), "size": size, "chunklet_size": layout.chunklet},
@@ -383,60 +216,25 @@ class Figures:
                 f.write(json.dumps(line) + "\n")
 
 
-def api_get(daemon: Daemon, path: str, timeout: float = 10.0) -> Any:
-    """GET ``/api/v1{path}`` straight from the REST API (quicker than the CLI inside a timed window)."""
-    import urllib.request
-
-    with urllib.request.urlopen(f"{daemon.api_url}/api/v1{path}", timeout=timeout) as response:
-        return json.loads(response.read())
-
-
-def api(daemon: Daemon, method: str, path: str, body: Any = None, timeout: float = 120.0) -> tuple[int, Any]:
-    """``method /api/v1{path}`` with a JSON body: (HTTP status, parsed JSON or None).  For set-up
-    steps and polling; what an administrator does in a drill goes through the CLI."""
-    import urllib.error
-    import urllib.request
-
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        f"{daemon.api_url}/api/v1{path}",
-        data=data,
-        method=method,
-        headers={"Content-Type": "application/json"} if data is not None else {},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            raw = response.read()
-            return int(response.status), (json.loads(raw) if raw.strip() else None)
-    except urllib.error.HTTPError as exc:
-        raw = exc.read()
-        try:
-            return int(exc.code), json.loads(raw)
-        except ValueError:
-            return int(exc.code), raw.decode(errors="replace")
-
-
-def api_ok(daemon: Daemon, method: str, path: str, body: Any = None) -> Any:
-    status, doc = api(daemon, method, path, body)
-    assert 200 <= status < 300, f"{method} {path} {body}: HTTP {status} {doc}"
-    return doc
-
-
 def setup_pool(
     daemon: Daemon, name: str, raid: int, *, region: int = 64 * KiB, increment: int = 8 * MiB, **extra: Any
 ) -> Any:
     body = {"name": name, "raid": raid, "region_size": region, "growth_increment": increment, **extra}
-    return api_ok(daemon, "POST", "/pools", body)
+    return daemon.api_ok("POST", "/pools", body)
 
 
 def setup_volume(
     daemon: Daemon, name: str, pool: str, size: int, cache: str = "writethrough", **extra: Any
 ) -> Any:
     body = {"name": name, "pool": pool, "size": size, "cache_mode": cache, **extra}
-    return api_ok(daemon, "POST", "/volumes", body)
+    return daemon.api_ok("POST", "/volumes", body)
 
 
 # --- a PD that fails on demand -------------------------------------------------------------------
+
+
+class FuseMountFailed(Exception):
+    """nbdfuse did not mount the error-injecting file; the message carries the end of its log."""
 
 
 class ErrorInjectingFile:
@@ -491,9 +289,9 @@ class ErrorInjectingFile:
             if self.proc.poll() is not None:
                 break
             time.sleep(0.05)
-        log_text = _tail(self.directory / "nbdfuse.log")
+        log_text = file_tail(self.directory / "nbdfuse.log", 30)
         self.close()
-        raise DaemonFailed(f"nbdfuse did not mount {self.path}: {log_text}")
+        raise FuseMountFailed(f"nbdfuse did not mount {self.path}: {log_text}")
 
     def fail(self) -> None:
         """From now on every I/O on the file returns EIO."""

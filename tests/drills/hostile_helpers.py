@@ -1,10 +1,8 @@
 """Helpers for drills 4 (hostile NBD clients) and 7 (load).
 
-Three parts:
+The daemon itself is started by tests/support/daemon.py (with the figures a leak check needs:
+RSS and open file descriptors from /proc).  Here:
 
-* ``Daemon`` / ``start_daemon``: the real ``thinblock serve`` as a subprocess in a temporary
-  data directory, on port 0 for NBD and the API (the ports it got are read from its JSON log),
-  with the figures a leak check needs (RSS and open file descriptors from /proc).
 * ``RawClient`` and ``Witness``: an NBD client over a raw socket that can send anything at all,
   written from the specification's layouts (doc/proto.md of NetworkBlockDevice/nbd), not from
   the server's code; and a well-behaved client that proves, after every hostile act, that the
@@ -13,28 +11,20 @@ Three parts:
   them, a driver that feeds the bytes in any chunking through either input API, and a parser of
   everything the core sends back, so that the drill can check its invariants.
 
-Loopback only; every process started here is stopped by its pid.
+Loopback only.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import json
-import os
-import re
-import signal
 import socket
 import struct
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import httpx
 from hypothesis import strategies as st
 
 from thinblock.nbd.constants import TransmissionFlags
@@ -576,193 +566,7 @@ def qemu_io_verify(uri: str, commands: list[str]) -> None:
     assert output.count("read ") >= len(commands), output[-2000:]
 
 
-# --- the daemon as a subprocess --------------------------------------------------------------------
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL if the test process dies, so no daemon outlives it."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return str(value)
-    return json.dumps(str(value))
-
-
-def toml_text(top: dict[str, Any], tables: dict[str, dict[str, Any]]) -> str:
-    lines = [f"{key} = {_toml_value(value)}" for key, value in top.items()]
-    for name, table in tables.items():
-        lines.append(f"\n[{name}]")
-        lines += [f"{key} = {_toml_value(value)}" for key, value in table.items()]
-    return "\n".join(lines) + "\n"
-
-
-_LISTEN_RE = re.compile(r"127\.0\.0\.1:(\d+)")
-
-
-@dataclass
-class Daemon:
-    """A running ``thinblock serve``; ``stop()`` ends it by pid."""
-
-    proc: subprocess.Popen[bytes]
-    workdir: Path
-    data_dir: Path
-    log_path: Path
-    nbd_port: int = 0
-    api_url: str = ""  # http://127.0.0.1:PORT
-    _log_file: Any = None
-    _http: httpx.Client | None = None
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def uri(self, export: str) -> str:
-        return f"nbd://{HOST}:{self.nbd_port}/{export}"
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def rss(self) -> int:
-        """Resident set size in bytes, from /proc."""
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * KiB
-        raise AssertionError("no VmRSS in /proc status")
-
-    def fds(self) -> int:
-        """Open file descriptors, from /proc/PID/fd."""
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
-
-    def settled_fds(self, at_most: int, timeout: float = 30.0) -> int:
-        """Open fds once they have come down to ``at_most`` (closing sockets takes the server a
-        moment), or the last count after ``timeout`` seconds -- the caller asserts on it."""
-        deadline = time.monotonic() + timeout
-        while True:
-            count = self.fds()
-            if count <= at_most or time.monotonic() > deadline:
-                return count
-            time.sleep(0.1)
-
-    def log_records(self) -> list[dict[str, Any]]:
-        records = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            with contextlib.suppress(ValueError):
-                records.append(json.loads(line))
-        return records
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def bad_log_records(self) -> list[dict[str, Any]]:
-        """Records that mean a bug rather than a hostile client: errors and internal errors."""
-        bad = []
-        for r in self.log_records():
-            if (
-                r.get("level") in ("error", "critical")
-                or "exc" in r
-                or "internal error" in str(r.get("msg", ""))
-            ):
-                bad.append(r)
-        return bad
-
-    @property
-    def http(self) -> httpx.Client:
-        if self._http is None:
-            self._http = httpx.Client(base_url=self.api_url + "/api/v1", timeout=30)
-        return self._http
-
-    def api(self, method: str, path: str, body: Any = None) -> Any:
-        response = self.http.request(method, path, json=body)
-        assert response.status_code < 300, f"{method} {path}: {response.status_code} {response.text}"
-        return response.json() if response.content else None
-
-    def close_http(self) -> None:
-        if self._http is not None:
-            self._http.close()
-            self._http = None
-
-    def stop(self, timeout: float = 60.0) -> int:
-        self.close_http()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-        return self.proc.returncode
-
-
-def start_daemon(
-    workdir: Path,
-    tables: dict[str, dict[str, Any]],
-    *,
-    log_level: str = "info",
-    timeout: float = 60.0,
-) -> Daemon:
-    """Start ``thinblock serve`` with a config file in ``workdir`` (NBD and API on port 0 of
-    loopback, JSON logs); ``tables`` adds to or overrides the config's tables."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    data_dir = workdir / "data"
-    merged: dict[str, dict[str, Any]] = {
-        "nbd": {"listen": f"{HOST}:0"},
-        "api": {"listen": f"{HOST}:0"},
-    }
-    for name, table in tables.items():
-        merged.setdefault(name, {}).update(table)
-    config = workdir / "thinblock.toml"
-    config.write_text(
-        toml_text({"data_dir": str(data_dir), "log_level": log_level, "log_format": "json"}, merged)
-    )
-    log_path = workdir / "daemon.log"
-    log_file = open(log_path, "wb")  # noqa: SIM115 -- closed by Daemon.stop()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "thinblock", "serve", "--config", str(config)],
-        stdin=subprocess.DEVNULL,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        preexec_fn=_die_with_parent,
-    )
-    daemon = Daemon(proc, workdir, data_dir, log_path, _log_file=log_file)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if not daemon.alive():
-                raise AssertionError(f"thinblock serve exited {proc.returncode}:\n{daemon.log_tail()}")
-            for record in daemon.log_records():
-                if record.get("event") == "nbd-listening":
-                    match = _LISTEN_RE.search(str(record.get("msg", "")))
-                    if match:
-                        daemon.nbd_port = int(match.group(1))
-                if record.get("event") == "ready":
-                    daemon.api_url = str(record["api"]).removesuffix("/api/v1")
-            if daemon.api_url and daemon.nbd_port:
-                return daemon
-            if time.monotonic() > deadline:
-                raise AssertionError(f"thinblock serve not ready after {timeout:.0f} s:\n{daemon.log_tail()}")
-            time.sleep(0.05)
-    except BaseException:
-        daemon.proc.kill()
-        daemon.stop()
-        raise
-
-
-@contextlib.contextmanager
-def running_daemon(workdir: Path, tables: dict[str, dict[str, Any]], **kwargs: Any) -> Iterator[Daemon]:
-    daemon = start_daemon(workdir, tables, **kwargs)
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
+# --- waiting ------------------------------------------------------------------------------------
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 30.0, interval: float = 0.05) -> bool:

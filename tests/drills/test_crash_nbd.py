@@ -38,13 +38,10 @@ import pytest
 from tests.drills.flushcheck import FlushChecker
 from tests.drills.harness import (
     BLOCK,
-    LOOPBACK,
-    Daemon,
     Figures,
     MiB,
     Standard,
     add_pds,
-    api_get,
     duplicate_ld_regions,
     fio_argv,
     run_fio,
@@ -53,6 +50,7 @@ from tests.drills.harness import (
     thinblock_check,
 )
 from tests.drills.nbd_client import NBDClient
+from tests.support.daemon import LOOPBACK, Daemon
 
 # The cache holds dirty data for seconds: a kill in the middle of a burst finds it there.
 CONFIG = """
@@ -117,11 +115,11 @@ def _fio_verify(daemon: Daemon, name: str, writes: list[tuple[int, int]], workdi
 
 
 def _wait_for_writes(daemon: Daemon, names: list[str], timeout: float = 60.0) -> None:
-    before = {name: int(api_get(daemon, f"/volumes/{name}/stats")["writes"]) for name in names}
+    before = {name: int(daemon.api_get(f"/volumes/{name}/stats")["writes"]) for name in names}
     deadline = time.monotonic() + timeout
     waiting = set(names)
     while waiting and time.monotonic() < deadline:
-        waiting = {n for n in waiting if int(api_get(daemon, f"/volumes/{n}/stats")["writes"]) <= before[n]}
+        waiting = {n for n in waiting if int(daemon.api_get(f"/volumes/{n}/stats")["writes"]) <= before[n]}
         time.sleep(0.02)
     assert not waiting, f"no writes reached {sorted(waiting)} in {timeout:.0f} s"
 
@@ -140,7 +138,7 @@ async def crash_rounds(
     figures = Figures("1-crash-nbd")
     daemon = make_daemon("crash", config=CONFIG)
     daemon.start()
-    add_pds(daemon, Standard(count=4, size=512 * MiB), daemon.work_dir)
+    add_pds(daemon, Standard(count=4, size=512 * MiB), daemon.workdir)
     setup_pool(daemon, "mirror", 1)
     wt_names = [f"wt{i}" for i in range(wt_volumes)]
     wb_names = [f"wb{i}" for i in range(wb_volumes)]
@@ -159,7 +157,7 @@ async def crash_rounds(
 
     for round_no in range(rounds):
         round_seed = rng.getrandbits(31) + 1
-        workdir = daemon.work_dir / f"round{round_no}"
+        workdir = daemon.workdir / f"round{round_no}"
         workdir.mkdir()
         # --- load: fio on the write-through volumes, our checker on the write-back ones ---
         # One fio process per volume: each job is job 0 of its process, so that the verify run
@@ -189,7 +187,7 @@ async def crash_rounds(
             # The kill comes at a random moment once every volume is really being written.
             await asyncio.to_thread(_wait_for_writes, daemon, wt_names + wb_names)
             await asyncio.sleep(rng.uniform(0.05, max_run))
-            status = await asyncio.to_thread(api_get, daemon, "/status")
+            status = await asyncio.to_thread(daemon.api_get, "/status")
             dirty_at_kill.append(int(status["dirty_bytes"]))
             # --- the crash ---
             daemon.kill()

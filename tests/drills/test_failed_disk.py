@@ -34,16 +34,11 @@ import pytest
 
 from tests.drills.harness import (
     BLOCK,
-    LOOPBACK,
-    THINBLOCK,
-    Daemon,
     ErrorInjectingFile,
     Figures,
     MiB,
     Standard,
     add_pds,
-    api_get,
-    api_ok,
     decode_block,
     fio_argv,
     read_fio_output,
@@ -53,6 +48,7 @@ from tests.drills.harness import (
     setup_volume,
 )
 from tests.drills.nbd_client import NBD_EIO, NBDClient, NBDError
+from tests.support.daemon import LOOPBACK, THINBLOCK_SCRIPT, Daemon
 
 BIG_PD = 256 * MiB
 SMALL_PD = 128 * MiB
@@ -119,13 +115,13 @@ def _wait_for_writes(daemon: Daemon, names: list[str], timeout: float = 60.0) ->
     deadline = time.monotonic() + timeout
     waiting = set(names)
     while waiting and time.monotonic() < deadline:
-        waiting = {n for n in waiting if int(api_get(daemon, f"/volumes/{n}/stats")["writes"]) == 0}
+        waiting = {n for n in waiting if int(daemon.api_get(f"/volumes/{n}/stats")["writes"]) == 0}
         time.sleep(0.02)
     assert not waiting, f"no writes reached {sorted(waiting)}"
 
 
 def _lds(daemon: Daemon) -> list[dict[str, Any]]:
-    return list(daemon.cli("ld", "list"))
+    return list(daemon.cli_subprocess_json("ld", "list"))
 
 
 def _pds_of(ld: dict[str, Any]) -> set[int]:
@@ -172,14 +168,14 @@ async def failed_disk_drill(
     rng = random.Random(seed)
     figures = Figures(f"2-failed-disk-{method}")
     daemon = make_daemon(f"disk-{method}")
-    work = daemon.work_dir
+    work = daemon.workdir
     fuse: ErrorInjectingFile | None = None
     try:
         daemon.start()
         if method == "io-error":
             fuse = ErrorInjectingFile(work, BIG_PD)
             fuse.start()
-            api_ok(daemon, "POST", "/pds", {"path": str(fuse.path), "size": BIG_PD, "chunklet_size": MiB})
+            daemon.api_ok("POST", "/pds", {"path": str(fuse.path), "size": BIG_PD, "chunklet_size": MiB})
             add_pds(daemon, Standard(count=4, size=SMALL_PD), work, first=1)
         else:
             add_pds(daemon, Standard(sizes=[BIG_PD] + [SMALL_PD] * 4), work)
@@ -212,13 +208,13 @@ async def failed_disk_drill(
                 assert fuse is not None
                 fuse.fail()
             else:
-                daemon.cli("pd", "fail", str(target))
+                daemon.cli_subprocess_json("pd", "fail", str(target))
             figures.faults += 1
             assert load.running(), "fio had finished before the PD failed: the drill needs a longer load"
             verified, problem = await load.finish()
             figures.bytes_verified += verified
             assert not problem, f"cycle {cycle}: {problem}"
-            pd = daemon.cli("pd", "show", str(target))
+            pd = daemon.cli_subprocess_json("pd", "show", str(target))
             assert pd["health"] == "failed", pd
             if method == "io-error" and cycle == 0:
                 # It failed by itself, on an I/O error, not by an administrator's command.
@@ -248,7 +244,7 @@ async def failed_disk_drill(
 
             # --- rebuild (a replacement PD first, after the first failure) ---
             if cycle > 0:
-                daemon.cli(
+                daemon.cli_subprocess_json(
                     "pd",
                     "add",
                     str(work / f"pd{spare_no}.img"),
@@ -259,12 +255,14 @@ async def failed_disk_drill(
                 )
                 spare_no += 1
             rc, screen = await asyncio.to_thread(
-                run_in_terminal, [THINBLOCK, "--api", daemon.api_url, "rebuild"]
+                run_in_terminal, [THINBLOCK_SCRIPT, "--api", daemon.api_url, "rebuild"]
             )
             assert rc == 0, screen
             assert "rebuild" in screen and "100%" in screen, f"no progress shown:\n{screen}"
             lds = _lds(daemon)
-            failed_pds = {int(p["id"]) for p in daemon.cli("pd", "list") if p["health"] == "failed"}
+            failed_pds = {
+                int(p["id"]) for p in daemon.cli_subprocess_json("pd", "list") if p["health"] == "failed"
+            }
             for ld in lds:
                 if ld["raid"] != 0:
                     assert ld["health"] == "normal", ld
@@ -285,7 +283,7 @@ async def failed_disk_drill(
             for v in redundant
         ]
         await asyncio.sleep(0.2)
-        await asyncio.to_thread(daemon.cli, "pd", "fail", str(target))
+        await asyncio.to_thread(daemon.cli_subprocess_json, "pd", "fail", str(target))
         figures.faults += 1
         await asyncio.sleep(0.2)
         stop.set()
@@ -308,11 +306,11 @@ async def failed_disk_drill(
 
 
 def _wait_for_more_writes(daemon: Daemon, names: list[str], timeout: float = 60.0) -> None:
-    before = {n: int(api_get(daemon, f"/volumes/{n}/stats")["writes"]) for n in names}
+    before = {n: int(daemon.api_get(f"/volumes/{n}/stats")["writes"]) for n in names}
     deadline = time.monotonic() + timeout
     waiting = set(names)
     while waiting and time.monotonic() < deadline:
-        waiting = {n for n in waiting if int(api_get(daemon, f"/volumes/{n}/stats")["writes"]) <= before[n]}
+        waiting = {n for n in waiting if int(daemon.api_get(f"/volumes/{n}/stats")["writes"]) <= before[n]}
         time.sleep(0.02)
     assert not waiting, f"no writes reached {sorted(waiting)}"
 

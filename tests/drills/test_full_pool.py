@@ -30,18 +30,16 @@ import pytest
 
 from tests.drills.harness import (
     BLOCK,
-    LOOPBACK,
-    Daemon,
     Figures,
     MiB,
     Standard,
     add_pds,
-    api_get,
     duplicate_ld_regions,
     run_data,
     setup_volume,
 )
 from tests.drills.nbd_client import NBD_ENOSPC, NBDClient, NBDError
+from tests.support.daemon import LOOPBACK, Daemon
 
 REGION = 64 * 1024
 PER_REGION = REGION // BLOCK
@@ -123,7 +121,7 @@ async def full_pool_drill(
     figures = Figures("3-full-pool")
     daemon = make_daemon("full")
     daemon.start()
-    work = daemon.work_dir
+    work = daemon.workdir
     conns: list[NBDClient] = []
 
     async def connect(volume: str, n: int) -> list[NBDClient]:
@@ -134,7 +132,7 @@ async def full_pool_drill(
     try:
         # --- 1. the free chunklets of every PD ---
         add_pds(daemon, Standard(count=2, size=4 * MiB), work)  # RAID 1 over them: 4 MiB, 64 regions
-        daemon.cli(
+        daemon.cli_subprocess_json(
             "pool", "create", "all", "--raid", "1", "--region-size", "64K", "--growth-increment", "2MiB"
         )
         setup_volume(daemon, "f1", "all", 64 * MiB)
@@ -171,8 +169,12 @@ async def full_pool_drill(
         add_pds(daemon, Standard(count=4, size=256 * MiB), work, first=pds)
 
         # --- 2. a VV's allocation limit ---
-        daemon.cli("pool", "create", "p", "--raid", "1", "--region-size", "64K", "--growth-increment", "4MiB")
-        daemon.cli("vv", "create", "limited", "--pool", "p", "--size", "64MiB", "--alloc-limit", "1MiB")
+        daemon.cli_subprocess_json(
+            "pool", "create", "p", "--raid", "1", "--region-size", "64K", "--growth-increment", "4MiB"
+        )
+        daemon.cli_subprocess_json(
+            "vv", "create", "limited", "--pool", "p", "--size", "64MiB", "--alloc-limit", "1MiB"
+        )
         setup_volume(daemon, "bystander", "p", 16 * MiB)
         limited = Writer(daemon, "limited", 2)
         bystander = Writer(daemon, "bystander", 3)
@@ -200,13 +202,15 @@ async def full_pool_drill(
             assert await bystander.write(other, crossing)
             figures.bytes_verified += await limited.verify(clients[0], 1024)
             figures.bytes_verified += await bystander.verify(other, crossing + 1)
-            vv = daemon.cli("vv", "show", "limited")
+            vv = daemon.cli_subprocess_json("vv", "show", "limited")
             assert vv["regions_allocated"] == limit_regions, vv
             assert _count(daemon, "vv-allocation-limit", "vv:limited") == crossing + 1
             figures.faults += refused + 1
             # the administrator raises the limit: the same writes succeed
             limit_regions += 16
-            daemon.cli("vv", "set", "limited", "--alloc-limit", f"{limit_regions * REGION // 1024}K")
+            daemon.cli_subprocess_json(
+                "vv", "set", "limited", "--alloc-limit", f"{limit_regions * REGION // 1024}K"
+            )
             again = [r for r in want if r not in limited.image]
             written, refused = await _race(limited, clients, again)
             assert (written, refused) == (len(again), 0)
@@ -215,7 +219,7 @@ async def full_pool_drill(
             figures.rounds += 1
 
         # --- 3. a pool's growth limit, two volumes sharing it ---
-        daemon.cli(
+        daemon.cli_subprocess_json(
             "pool", "create", "capped", "--raid", "1", "--region-size", "64K",
             "--growth-increment", "2MiB", "--growth-limit", "4MiB",
         )  # fmt: skip
@@ -244,12 +248,12 @@ async def full_pool_drill(
                 for region in rng.sample(sorted(w.image), 2):
                     assert await w.write(g[0], region)
                 figures.bytes_verified += await w.verify(g[0], max(next_regions))
-            pool = daemon.cli("pool", "show", "capped")
+            pool = daemon.cli_subprocess_json("pool", "show", "capped")
             assert pool["capacity"] == growth_limit and pool["used"] == used * REGION, pool
             assert _count(daemon, "pool-growth-limit", "pool:capped") == crossing + 1
             figures.faults += refused
             growth_limit += 4 * MiB
-            daemon.cli("pool", "set", "capped", "--growth-limit", f"{growth_limit // MiB}MiB")
+            daemon.cli_subprocess_json("pool", "set", "capped", "--growth-limit", f"{growth_limit // MiB}MiB")
             agains = [[r for r in want if r not in w.image] for w, want in zip(writers, wants, strict=True)]
             results = await asyncio.gather(
                 *(_race(w, g, a) for w, g, a in zip(writers, groups, agains, strict=True))
@@ -261,7 +265,7 @@ async def full_pool_drill(
             figures.rounds += 1
 
         # --- the server stayed up, and its store is sound ---
-        status: dict[str, Any] = api_get(daemon, "/status")
+        status: dict[str, Any] = daemon.api_get("/status")
         assert status["volumes"] == 5
         assert duplicate_ld_regions(daemon.data_dir) == []
     finally:

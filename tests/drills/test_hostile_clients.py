@@ -42,12 +42,12 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.support.daemon import Daemon, running_daemon, start_daemon, toml_text
 from thinblock.nbd.protocol import DEFAULT_MAX_DISCARD
 
 from .hostile_helpers import (
@@ -89,7 +89,6 @@ from .hostile_helpers import (
     STATE_HOLE,
     U32_MAX,
     U64_MAX,
-    Daemon,
     GiB,
     KiB,
     MiB,
@@ -112,8 +111,6 @@ from .hostile_helpers import (
     qemu_io_verify,
     request_bytes,
     run_core,
-    running_daemon,
-    start_daemon,
     summarize,
     valid_sessions,
     wait_until,
@@ -136,19 +133,21 @@ ROUND_RSS_BOUND = 64 * MiB
 SLOW_READER_BOUND = 256 * MiB
 FD_SLACK = 2  # a socket or two still closing when the count is read
 
-DAEMON_TABLES: dict[str, dict[str, Any]] = {
-    "nbd": {"default_export": EXPORT},
-    "engine": {"chunklet_size": "1MiB", "max_dirty_bytes": "32MiB"},
-    "first_start": {
-        "pds": 2,
-        "pd_size": "512MiB",
-        "raid": 1,
-        "region_size": "1MiB",
-        "growth_increment": "8MiB",
-        "volume": EXPORT,
-        "volume_size": VOLUME_SIZE,
-    },
-}
+DAEMON_CONFIG = toml_text(
+    {
+        "nbd": {"default_export": EXPORT},
+        "engine": {"chunklet_size": "1MiB", "max_dirty_bytes": "32MiB"},
+        "first_start": {
+            "pds": 2,
+            "pd_size": "512MiB",
+            "raid": 1,
+            "region_size": "1MiB",
+            "growth_increment": "8MiB",
+            "volume": EXPORT,
+            "volume_size": VOLUME_SIZE,
+        },
+    }
+)
 
 
 # --- the live server -------------------------------------------------------------------------------
@@ -175,7 +174,7 @@ class Ctx:
 
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ctx]:
-    daemon = start_daemon(tmp_path_factory.mktemp("hostile"), DAEMON_TABLES)
+    daemon = start_daemon(tmp_path_factory.mktemp("hostile"), config=DAEMON_CONFIG, log_format="json")
     try:
         witness = Witness(daemon.nbd_port, EXPORT)
         witness.check()
@@ -746,7 +745,7 @@ def case_thousands_of_options_without_waiting(ctx: Ctx) -> None:
 
 
 def _after_case(ctx: Ctx) -> None:
-    assert ctx.daemon.alive(), f"the daemon died:\n{ctx.daemon.log_tail()}"
+    assert ctx.daemon.running, f"the daemon died:\n{ctx.daemon.log_tail()}"
     bad = ctx.daemon.bad_log_records()
     assert not bad, f"errors in the daemon's log: {bad[:5]}"
     ctx.witness.check()
@@ -836,7 +835,7 @@ def all_cases(ctx: Ctx) -> int:
 @pytest.fixture
 def fresh(tmp_path: Path) -> Iterator[Ctx]:
     """A daemon of its own: its memory figures owe nothing to the tests before."""
-    daemon = start_daemon(tmp_path / "fresh", DAEMON_TABLES)
+    daemon = start_daemon(tmp_path / "fresh", config=DAEMON_CONFIG, log_format="json")
     try:
         witness = Witness(daemon.nbd_port, EXPORT)
         witness.check()
@@ -910,7 +909,7 @@ def test_stop_with_hostile_clients_connected(tmp_path: Path) -> None:
     one never reads its replies: the daemon still stops cleanly (exit 0), and after a restart the
     witness's data is all there."""
     workdir = tmp_path / "stop"
-    daemon = start_daemon(workdir, DAEMON_TABLES)
+    daemon = start_daemon(workdir, config=DAEMON_CONFIG, log_format="json")
     clients: list[RawClient] = []
     try:
         witness = Witness(daemon.nbd_port, EXPORT)
@@ -934,7 +933,10 @@ def test_stop_with_hostile_clients_connected(tmp_path: Path) -> None:
             c.close()
     assert rc == 0, f"the daemon did not stop cleanly:\n{daemon.log_tail()}"
     assert not daemon.bad_log_records(), daemon.bad_log_records()[:5]
-    with running_daemon(workdir, DAEMON_TABLES) as again, RawClient(again.nbd_port).negotiate(EXPORT) as c:
+    with (
+        running_daemon(workdir, config=DAEMON_CONFIG, log_format="json") as again,
+        RawClient(again.nbd_port).negotiate(EXPORT) as c,
+    ):
         assert c.read(0, witness.area).data == witness.expected(), (
             "data lost over a stop with hostile clients"
         )
@@ -958,7 +960,7 @@ def test_hostile_rounds_long(tmp_path: Path) -> None:
     """20 rounds of every hostile case and 500 connections per round (10,000 in all), after three
     rounds of warm-up (the allocator keeps its peak, which the known bug above makes higher);
     RSS and open fds checked after every round: nothing may accumulate."""
-    daemon = start_daemon(tmp_path / "hostile-long", DAEMON_TABLES)
+    daemon = start_daemon(tmp_path / "hostile-long", config=DAEMON_CONFIG, log_format="json")
     try:
         witness = Witness(daemon.nbd_port, EXPORT)
         ctx = Ctx(daemon, witness)

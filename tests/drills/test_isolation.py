@@ -31,13 +31,10 @@ import pytest
 
 from tests.drills.harness import (
     BLOCK,
-    LOOPBACK,
-    Daemon,
     Figures,
     MiB,
     Standard,
     add_pds,
-    api,
     block_data,
     decode_block,
     duplicate_ld_regions,
@@ -47,6 +44,7 @@ from tests.drills.harness import (
     thinblock_check,
 )
 from tests.drills.nbd_client import NBDClient
+from tests.support.daemon import LOOPBACK, Daemon
 
 REGION = 64 * 1024
 PER_REGION = REGION // BLOCK
@@ -139,7 +137,7 @@ async def _reclaim(tenant: Tenant, client: NBDClient, rng: random.Random) -> Non
 def _delete_in_background(daemon: Daemon, name: str) -> threading.Thread:
     def run() -> None:
         try:
-            api(daemon, "DELETE", f"/volumes/{name}", timeout=120)
+            daemon.api_request("DELETE", f"/volumes/{name}", timeout=120)
         except OSError:
             pass  # the server was killed under it: expected
 
@@ -163,7 +161,7 @@ async def isolation_drill(
     figures = Figures("5-isolation")
     daemon = make_daemon("tenants")
     daemon.start()
-    add_pds(daemon, Standard(count=4, size=256 * MiB), daemon.work_dir)
+    add_pds(daemon, Standard(count=4, size=256 * MiB), daemon.workdir)
     setup_pool(daemon, "shared", 1, region=REGION, increment=4 * MiB)
     tag = 10
 
@@ -192,7 +190,7 @@ async def isolation_drill(
             alive.append(tenant)
     for i, tenant in enumerate(old):
         if i % 3 == 0:
-            daemon.cli("vv", "delete", tenant.name)
+            daemon.cli_subprocess_json("vv", "delete", tenant.name)
     # --- new volumes get the regions back ---
     fresh = [
         new_tenant(f"new{j}", 2 * MiB, "writeback" if j % 2 else "writethrough")
@@ -201,7 +199,7 @@ async def isolation_drill(
     for tenant in fresh:
         async with await NBDClient.connect(LOOPBACK, daemon.nbd_port, tenant.name) as client:
             await _scribble(tenant, client, rng)
-    pool = daemon.cli("pool", "show", "shared")
+    pool = daemon.cli_subprocess_json("pool", "show", "shared")
     figures.notes["pool_capacity_bytes"] = pool["capacity"]
     await _verify_all(daemon, alive + fresh, figures, "after deletes, trims and new volumes")
     figures.rounds += 1
@@ -227,7 +225,7 @@ async def isolation_drill(
             assert rc == 0 and report["ok"], f"check after a kill during a deletion: {report}"
             daemon.start()
             assert duplicate_ld_regions(daemon.data_dir) == []
-            status, doc = api(daemon, "GET", f"/volumes/{victim.name}")
+            status, doc = daemon.api_request("GET", f"/volumes/{victim.name}")
             if status == 404:
                 delay /= 2  # the deletion was over: kill sooner
             else:
@@ -246,7 +244,7 @@ async def isolation_drill(
                         victim.image[b],
                     ), f"half-deleted {victim.name} block {b} holds {found}"
                     zeros += found.kind == "zeros"
-                daemon.cli("vv", "delete", victim.name)
+                daemon.cli_subprocess_json("vv", "delete", victim.name)
                 if zeros or int(doc["regions_allocated"]) < regions:
                     mid_deletion += 1
                     break

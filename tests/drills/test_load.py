@@ -37,7 +37,9 @@ from typing import Any
 import httpx
 import pytest
 
-from .hostile_helpers import CMD_TRIM, Daemon, KiB, MiB, RawClient, pattern, start_daemon
+from tests.support.daemon import Daemon, start_daemon, toml_text
+
+from .hostile_helpers import CMD_TRIM, KiB, MiB, RawClient, pattern
 
 POOL = "load"
 VOLUMES = ["load0", "load1", "load2", "load3"]
@@ -55,11 +57,13 @@ FD_SLACK = 2
 # region would be far past it.
 RSS_BOUND = MAX_DIRTY + 192 * MiB
 
-DAEMON_TABLES: dict[str, dict[str, Any]] = {
-    "nbd": {"default_export": ""},
-    "engine": {"chunklet_size": "1MiB", "max_dirty_bytes": MAX_DIRTY, "destage_delay": 0.05},
-    "first_start": {"enabled": False},
-}
+DAEMON_CONFIG = toml_text(
+    {
+        "nbd": {"default_export": ""},
+        "engine": {"chunklet_size": "1MiB", "max_dirty_bytes": MAX_DIRTY, "destage_delay": 0.05},
+        "first_start": {"enabled": False},
+    }
+)
 
 
 # Allocation warnings: three volumes cross theirs after a few dozen writes (4, 8 and 16 regions),
@@ -106,12 +110,12 @@ def fio_job(daemon: Daemon, plan: Plan) -> str:
 def set_up(daemon: Daemon, plan: Plan) -> None:
     """4 sparse PDs, an empty RAID 1 pool, 4 volumes (two write-back) with allocation warnings."""
     for i in range(4):
-        daemon.api(
+        daemon.api_ok(
             "POST",
             "/pds",
             {"path": str(daemon.data_dir / f"pd{i}.img"), "size": 1024 * MiB, "chunklet_size": 1 * MiB},
         )
-    daemon.api(
+    daemon.api_ok(
         "POST",
         "/pools",
         {
@@ -122,7 +126,7 @@ def set_up(daemon: Daemon, plan: Plan) -> None:
             "growth_warning": POOL_GROWTH_WARNING,
         },
     )
-    daemon.api(
+    daemon.api_ok(
         "POST",
         "/volumes",
         {
@@ -134,7 +138,7 @@ def set_up(daemon: Daemon, plan: Plan) -> None:
         },
     )
     for i, (volume, warning) in enumerate(WARNINGS.items()):
-        daemon.api(
+        daemon.api_ok(
             "POST",
             "/volumes",
             {
@@ -221,7 +225,7 @@ class Flapper(threading.Thread):
 
 
 def run_load(tmp_path: Path, plan: Plan) -> dict[str, Any]:
-    daemon = start_daemon(tmp_path / "daemon", DAEMON_TABLES)
+    daemon = start_daemon(tmp_path / "daemon", config=DAEMON_CONFIG, log_format="json")
     try:
         figures = _load(tmp_path, plan, daemon)
     finally:
@@ -240,8 +244,7 @@ def run_load(tmp_path: Path, plan: Plan) -> dict[str, Any]:
 
 def _load(tmp_path: Path, plan: Plan, daemon: Daemon) -> dict[str, Any]:
     set_up(daemon, plan)
-    assert daemon.api("GET", f"/lds?pool={POOL}") == [], "the pool must start without LDs"
-    daemon.close_http()
+    assert daemon.api_ok("GET", f"/lds?pool={POOL}") == [], "the pool must start without LDs"
     fds_before, rss_before = daemon.fds(), daemon.rss()
 
     job = tmp_path / "load.fio"
@@ -279,20 +282,20 @@ def _load(tmp_path: Path, plan: Plan, daemon: Daemon) -> dict[str, Any]:
     assert all(j["write"]["io_bytes"] > 0 and j["read"]["io_bytes"] > 0 for j in jobs), (
         "a job wrote or verified nothing"
     )
-    assert daemon.alive(), daemon.log_tail()
+    assert daemon.running, daemon.log_tail()
     assert flapper.failure is None, flapper.failure
     assert flapper.cycles >= plan.flap_cycles
     for volume in [*VOLUMES, FLAP]:
-        stats = daemon.api("GET", f"/volumes/{volume}/stats")
+        stats = daemon.api_ok("GET", f"/volumes/{volume}/stats")
         assert stats["errors"] == 0, (volume, stats)
     bad = daemon.bad_log_records()
     assert not bad, f"errors in the daemon's log: {bad[:5]}"
 
     # Alerts: exactly once per crossing.
     alerts = alerts_by_cli(daemon)
-    assert alerts == daemon.api("GET", "/alerts?all=true"), "the CLI and the API disagree"
+    assert alerts == daemon.api_ok("GET", "/alerts?all=true"), "the CLI and the API disagree"
     count = Counter((a["kind"], a["object"]) for a in alerts)
-    volumes = {v["name"]: v for v in daemon.api("GET", "/volumes")}
+    volumes = {v["name"]: v for v in daemon.api_ok("GET", "/volumes")}
     for volume, warning in WARNINGS.items():
         allocated = volumes[volume]["allocated"]
         crossed = allocated >= warning
@@ -306,7 +309,7 @@ def _load(tmp_path: Path, plan: Plan, daemon: Daemon) -> dict[str, Any]:
     assert len(flaps) == flapper.cycles, (len(flaps), flapper.cycles)
     assert all(a["state"] == "cleared" for a in flaps), [a["state"] for a in flaps]
     assert count[("pool-growth-warning", f"pool:{POOL}")] == 1, count
-    lds = daemon.api("GET", f"/lds?pool={POOL}")
+    lds = daemon.api_ok("GET", f"/lds?pool={POOL}")
     created = [a for a in alerts if a["kind"] == "ld-created"]
     assert len(lds) >= 2 and len(created) == len(lds), (len(lds), len(created))
     assert sorted(a["object"] for a in created) == sorted(f"ld:{ld['id']}" for ld in lds)
@@ -318,7 +321,6 @@ def _load(tmp_path: Path, plan: Plan, daemon: Daemon) -> dict[str, Any]:
     assert not [a for a in alerts if a["severity"] == "critical"], alerts
     others = [a for a in alerts if a not in flaps]
     assert all(a["state"] == "new" for a in others), "an alert was cleared during the run"
-    daemon.close_http()
 
     # No leak: files back to where they were, memory within the bound.
     fds_after = daemon.settled_fds(fds_before + FD_SLACK)

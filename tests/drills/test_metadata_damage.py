@@ -35,8 +35,6 @@ from typing import Any
 import pytest
 
 from tests.drills.harness import (
-    LOOPBACK,
-    Daemon,
     Figures,
     MiB,
     Standard,
@@ -47,6 +45,7 @@ from tests.drills.harness import (
     thinblock_check,
 )
 from tests.drills.nbd_client import HandshakeError, NBDClient, NBDError
+from tests.support.daemon import LOOPBACK, Daemon
 
 REGION = 64 * 1024
 VOLUMES = {"alpha": (1, 4 * MiB), "beta": (2, 4 * MiB), "gamma": (3, 2 * MiB)}
@@ -190,8 +189,8 @@ async def _build(make_daemon: Callable[..., Daemon]) -> tuple[Daemon, dict[str, 
     """Volumes with data in known regions; stopped cleanly.  Returns the images (region -> seq)."""
     daemon = make_daemon("pristine")
     daemon.start()
-    (daemon.work_dir / "pds").mkdir()
-    add_pds(daemon, Standard(count=4, size=32 * MiB), daemon.work_dir / "pds")
+    (daemon.workdir / "pds").mkdir()
+    add_pds(daemon, Standard(count=4, size=32 * MiB), daemon.workdir / "pds")
     setup_pool(daemon, "p", 1, region=REGION, increment=2 * MiB)
     rng = random.Random(6)
     images: dict[str, dict[int, int]] = {}
@@ -207,7 +206,7 @@ async def _build(make_daemon: Callable[..., Daemon]) -> tuple[Daemon, dict[str, 
     assert daemon.stop() == 0
     # Every trial's store names these PD files; a daemon that starts on a damaged store may write to
     # them, so they are put back after such a trial.
-    _copy_tree(daemon.work_dir / "pds", daemon.work_dir / "pds.pristine")
+    _copy_tree(daemon.workdir / "pds", daemon.workdir / "pds.pristine")
     return daemon, images
 
 

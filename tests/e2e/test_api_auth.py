@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from .daemon_harness import SMALL_CONFIG, RunningDaemon, qemu_io, start_daemon
+from tests.support.daemon import SMALL_CONFIG, Daemon, start_daemon
+
+from .client_tools import qemu_io
 
 pytestmark = pytest.mark.e2e
 
@@ -23,7 +25,7 @@ TOKEN = "correct-horse-battery-staple"
 
 
 @pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[RunningDaemon]:
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
     # (Also the daemon without latency histograms: NBD volumes straight from the engine.)
     config = (
         f'[api]\nrequire_token = true\ntoken = "{TOKEN}"\n[metrics]\nlatency_histograms = false\n'
@@ -36,7 +38,7 @@ def daemon(tmp_path: Path) -> Iterator[RunningDaemon]:
         assert d.stop() == 0
 
 
-def test_every_endpoint_refuses_without_the_token(daemon: RunningDaemon) -> None:
+def test_every_endpoint_refuses_without_the_token(daemon: Daemon) -> None:
     with daemon.http() as authorised:
         schema = authorised.get("/api/v1/openapi.json").json()
         before = {
@@ -69,13 +71,13 @@ def test_every_endpoint_refuses_without_the_token(daemon: RunningDaemon) -> None
         assert authorised.get("/api/v1/status").json()["volumes"] == 1
 
 
-def test_cli_with_and_without_the_token(daemon: RunningDaemon) -> None:
+def test_cli_with_and_without_the_token(daemon: Daemon) -> None:
     refused = daemon.cli("vv", "list", token="")
     assert refused.code == 1
     assert refused.err == "error: unauthorized: missing bearer token (give --token or set THINBLOCK_TOKEN)\n"
     assert [v["name"] for v in daemon.cli_json("vv", "list")] == ["vol0"]
     # NBD is not the API: hosts reach volumes without the token.
-    qemu_io(daemon.export("vol0"), "write -P 7 0 4k", "read -P 7 0 4k")
+    qemu_io(daemon.uri("vol0"), "write -P 7 0 4k", "read -P 7 0 4k")
     with daemon.http() as client:
         metrics = client.get("/metrics").text
     assert 'thinblock_vv_allocated_bytes{pool="default",vv="vol0"} 1.048576e+06' in metrics

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.daemon import SMALL_CONFIG, Daemon, start_daemon
 from thinblock.units import GiB, MiB
 
-from .daemon_harness import RunningDaemon, data_extents, nbd_size, qemu_io, run_tool, start_daemon
+from .client_tools import data_extents, nbd_size, qemu_io, run_tool
 
 pytestmark = pytest.mark.e2e
 
@@ -26,21 +27,21 @@ ALERT_KEYS = {"id", "time", "severity", "kind", "object", "message", "state"}
 
 
 @pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[RunningDaemon]:
-    d = start_daemon(tmp_path)
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    d = start_daemon(tmp_path, config=SMALL_CONFIG)
     try:
         yield d
     finally:
-        assert d.stop() == 0, d.log()
+        assert d.stop() == 0, d.log_text()
 
 
-def _alerts(daemon: RunningDaemon, *extra: str) -> list[dict[str, object]]:
+def _alerts(daemon: Daemon, *extra: str) -> list[dict[str, object]]:
     alerts: list[dict[str, object]] = daemon.cli_json("alerts", *extra)
     assert all(set(a) == ALERT_KEYS for a in alerts)
     return alerts
 
 
-def test_walkthrough(daemon: RunningDaemon, tmp_path: Path) -> None:
+def test_walkthrough(daemon: Daemon, tmp_path: Path) -> None:
     # A fifth PD, a RAID 5 pool with a growth limit, a thin volume with a warning and a limit.
     pd = daemon.cli_json("pd", "add", str(tmp_path / "pd-extra.img"), "--size", "64MiB")
     assert (pd["size"], pd["chunklet_size"], pd["health"]) == (64 * MiB, 4 * MiB, "normal")
@@ -62,11 +63,11 @@ def test_walkthrough(daemon: RunningDaemon, tmp_path: Path) -> None:
         2 * MiB,
         4 * MiB,
     )
-    listing = run_tool("nbdinfo", "--list", "--json", daemon.nbd or "").stdout
+    listing = run_tool("nbdinfo", "--list", "--json", daemon.nbd_url or "").stdout
     assert '"export-name": "thin1"' in listing and '"export-name": "vol0"' in listing
 
     # Write with qemu-io; watch allocation grow; the warning fires once.
-    uri = daemon.export("thin1")
+    uri = daemon.uri("thin1")
     qemu_io(uri, "write -P 0x5a 0 3M")
     shown = daemon.cli_json("vv", "show", "thin1")
     assert (shown["allocated"], shown["regions_allocated"]) == (3 * MiB, 3)
@@ -90,7 +91,7 @@ def test_walkthrough(daemon: RunningDaemon, tmp_path: Path) -> None:
 
     # The pool's growth limit: a second volume runs the pool out, and the alert says so.
     daemon.cli_json("vv", "create", "thin2", "--pool", "gold", "--size", "64MiB")
-    failed = qemu_io(daemon.export("thin2"), "write -P 0x22 0 20M", check=False)
+    failed = qemu_io(daemon.uri("thin2"), "write -P 0x22 0 20M", check=False)
     assert "No space left on device" in failed.stdout + failed.stderr
     pool = daemon.cli_json("pool", "show", "gold")
     assert pool["capacity"] <= 16 * MiB and pool["lds"] == 2 and pool["volumes"] == 2
@@ -132,10 +133,10 @@ def test_walkthrough(daemon: RunningDaemon, tmp_path: Path) -> None:
     assert len(daemon.cli_json("pd", "list")) == 4
 
 
-def test_errors_are_one_line_from_the_real_command(daemon: RunningDaemon) -> None:
+def test_errors_are_one_line_from_the_real_command(daemon: Daemon) -> None:
     thinblock = Path(sys.executable).with_name("thinblock")
     command = [str(thinblock)] if thinblock.exists() else [sys.executable, "-m", "thinblock"]
-    env = {**os.environ, "THINBLOCK_API": daemon.api}
+    env = {**os.environ, "THINBLOCK_API": daemon.api_url}
     missing = subprocess.run([*command, "pool", "show", "gold"], capture_output=True, text=True, env=env)
     assert (missing.returncode, missing.stdout, missing.stderr) == (1, "", "error: pool 'gold' not found\n")
     busy = daemon.cli("pool", "delete", "default")
@@ -159,7 +160,7 @@ def test_errors_are_one_line_from_the_real_command(daemon: RunningDaemon) -> Non
     assert "1 GiB" in row and "writethrough" in row
 
 
-def test_import_export_stay_thin(daemon: RunningDaemon, tmp_path: Path) -> None:
+def test_import_export_stay_thin(daemon: Daemon, tmp_path: Path) -> None:
     image = tmp_path / "disk.raw"
     with image.open("wb") as f:  # 64 MiB, data in three places, holes elsewhere
         f.truncate(64 * MiB)
@@ -171,7 +172,7 @@ def test_import_export_stay_thin(daemon: RunningDaemon, tmp_path: Path) -> None:
     assert result["bytes"] == 64 * MiB
     # Only the regions holding data were allocated: the zeros were skipped.
     assert result["allocated"] == daemon.cli_json("vv", "show", "img")["allocated"] == 3 * MiB
-    uri = daemon.export("img")
+    uri = daemon.uri("img")
     assert run_tool("qemu-img", "compare", "-f", "raw", "-F", "raw", str(image), uri).returncode == 0
 
     out = tmp_path / "out.raw"
@@ -187,7 +188,7 @@ def test_import_export_stay_thin(daemon: RunningDaemon, tmp_path: Path) -> None:
     # Volume to volume through nbd:// URIs, and a source too large for the volume.
     daemon.cli_json("vv", "create", "copy", "--pool", "default", "--size", "64MiB")
     assert daemon.cli_json("vv", "import", "copy", uri)["allocated"] == 3 * MiB
-    run_tool("qemu-img", "compare", "-f", "raw", "-F", "raw", uri, daemon.export("copy"))
+    run_tool("qemu-img", "compare", "-f", "raw", "-F", "raw", uri, daemon.uri("copy"))
     big = tmp_path / "big.raw"
     big.write_bytes(b"")
     os.truncate(big, GiB)
@@ -197,8 +198,8 @@ def test_import_export_stay_thin(daemon: RunningDaemon, tmp_path: Path) -> None:
     assert missing.code == 1 and "No such file" in missing.err
 
 
-def test_rebuild_after_a_pd_failure(daemon: RunningDaemon) -> None:
-    uri = daemon.export("vol0")
+def test_rebuild_after_a_pd_failure(daemon: Daemon) -> None:
+    uri = daemon.uri("vol0")
     qemu_io(uri, "write -P 0x42 0 2M")
     [ld] = daemon.cli_json("ld", "list")
     victim = ld["chunklets"][0]["pd_id"]

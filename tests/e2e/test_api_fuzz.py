@@ -33,7 +33,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from .daemon_harness import RunningDaemon, start_daemon
+from tests.support.daemon import SMALL_CONFIG, Daemon, start_daemon
 
 pytestmark = pytest.mark.e2e
 
@@ -43,23 +43,23 @@ STATE = ("/api/v1/pds", "/api/v1/pools", "/api/v1/lds", "/api/v1/volumes", "/api
 
 
 @pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[RunningDaemon]:
-    d = start_daemon(tmp_path)
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    d = start_daemon(tmp_path, config=SMALL_CONFIG)
     try:
         yield d
     finally:
-        assert d.stop() == 0, d.log()
+        assert d.stop() == 0, d.log_text()
 
 
-def test_fuzz_the_api_from_its_openapi(daemon: RunningDaemon) -> None:
+def test_fuzz_the_api_from_its_openapi(daemon: Daemon) -> None:
     # Something of everything for the fuzzer to meet: a second pool and volume with limits.
     daemon.cli_json("pool", "create", "silver", "--raid", "0", "--growth-limit", "64MiB")
     daemon.cli_json("vv", "create", "thin", "--pool", "silver", "--size", "1GiB", "--alloc-limit", "50%")
 
-    schema = schemathesis.openapi.from_url(f"{daemon.api}/api/v1/openapi.json")
+    schema = schemathesis.openapi.from_url(f"{daemon.api_url}/api/v1/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 25
-    state_client = httpx.Client(base_url=daemon.api, timeout=30)
+    state_client = httpx.Client(base_url=daemon.api_url, timeout=30)
 
     def snapshot() -> list[Any]:
         return [state_client.get(path).json() for path in STATE]
@@ -74,13 +74,13 @@ def test_fuzz_the_api_from_its_openapi(daemon: RunningDaemon) -> None:
     assert tried >= 40
 
     # Still serving, still consistent.
-    assert daemon.proc.poll() is None
+    assert daemon.running
     status = daemon.cli_json("status")
     assert status["pools"] >= 1
-    assert "Traceback" not in daemon.log() and "api-internal-error" not in daemon.log()
+    assert "Traceback" not in daemon.log_text() and "api-internal-error" not in daemon.log_text()
 
 
-def _fuzz_operation(daemon: RunningDaemon, operation: Any, mode: GenerationMode, snapshot: Any) -> int:
+def _fuzz_operation(daemon: Daemon, operation: Any, mode: GenerationMode, snapshot: Any) -> int:
     """Fuzz one operation in one mode; 1 if it ran, 0 when no request of that mode exists
     (an operation without parameters has no schema-violating request)."""
     checks = [
@@ -103,7 +103,7 @@ def _fuzz_operation(daemon: RunningDaemon, operation: Any, mode: GenerationMode,
     @given(case=operation.as_strategy(generation_mode=mode))
     def fuzz(case: Any) -> None:
         before = snapshot()
-        response = case.call(base_url=daemon.api)
+        response = case.call(base_url=daemon.api_url)
         case.validate_response(response, checks=checks)
         if 400 <= response.status_code < 500:
             assert snapshot() == before, f"{case.method} {case.formatted_path} was refused but changed state"

@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.daemon import SMALL_CONFIG, Daemon, start_daemon
 from thinblock.units import MiB
 
-from .daemon_harness import SMALL_CONFIG, RunningDaemon, qemu_io, start_daemon
+from .client_tools import qemu_io
 
 pytestmark = pytest.mark.e2e
 
@@ -74,7 +75,7 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture
-def daemon(tmp_path: Path, receiver: Receiver) -> Iterator[RunningDaemon]:
+def daemon(tmp_path: Path, receiver: Receiver) -> Iterator[Daemon]:
     d = start_daemon(tmp_path, config=SMALL_CONFIG + f'\n[webhook]\nurl = "{receiver.url}"\n')
     try:
         yield d
@@ -82,7 +83,7 @@ def daemon(tmp_path: Path, receiver: Receiver) -> Iterator[RunningDaemon]:
         assert d.stop() == 0
 
 
-def _scrape(daemon: RunningDaemon) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+def _scrape(daemon: Daemon) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     with daemon.http() as client:
         r = client.get("/metrics")
     assert r.status_code == 200
@@ -93,8 +94,8 @@ def _scrape(daemon: RunningDaemon) -> dict[tuple[str, frozenset[tuple[str, str]]
     }
 
 
-def test_metrics_and_webhook(daemon: RunningDaemon, receiver: Receiver) -> None:
-    uri = daemon.export("vol0")
+def test_metrics_and_webhook(daemon: Daemon, receiver: Receiver) -> None:
+    uri = daemon.uri("vol0")
     qemu_io(uri, "write -P 1 0 2M", "read -P 1 0 1M", "discard 0 1M")
     vv = daemon.cli_json("vv", "show", "vol0")
     pool = daemon.cli_json("pool", "show", "default")

@@ -12,18 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.daemon import SMALL_CONFIG, THINBLOCK_MODULE, Daemon, start_daemon, write_config
 from thinblock.cli import main as cli_main
 from thinblock.units import GiB, MiB
 
-from .daemon_harness import (
-    THINBLOCK,
-    data_extents,
-    nbd_size,
-    qemu_io,
-    run_tool,
-    start_daemon,
-    write_config,
-)
+from .client_tools import data_extents, nbd_size, qemu_io, run_tool
 
 pytestmark = pytest.mark.e2e
 
@@ -52,13 +45,13 @@ def test_first_start_defaults_then_restart(tmp_path: Path) -> None:
         assert (status["pds"], status["pools"], status["volumes"]) == (4, 1, 1)
 
         # Where to point the clients, in a few lines of the log; and they work as written.
-        uri = daemon.export("vol0")
+        uri = daemon.uri("vol0")
         hints = [line for line in daemon.events("hint")]
-        assert any(f'msg="nbdinfo {uri}"' in line for line in hints), daemon.log()
-        assert any(f'msg="qemu-img info {uri}"' in line for line in hints), daemon.log()
+        assert any(f'msg="nbdinfo {uri}"' in line for line in hints), daemon.log_text()
+        assert any(f'msg="qemu-img info {uri}"' in line for line in hints), daemon.log_text()
         assert daemon.events("first-start")
         info = json.loads(
-            run_tool("nbdinfo", "--json", f"{daemon.nbd}/").stdout
+            run_tool("nbdinfo", "--json", f"{daemon.nbd_url}/").stdout
         )  # empty name: default export
         assert info["exports"][0]["export-size"] == 100 * GiB
         assert "virtual size: 100 GiB" in run_tool("qemu-img", "info", uri).stdout
@@ -70,13 +63,13 @@ def test_first_start_defaults_then_restart(tmp_path: Path) -> None:
         assert daemon.events("engine-closed")
 
         # A later start reopens what is there: nothing created twice, the data still there.
-        again = start_daemon(tmp_path, config="", log_name="restart.log")
+        again = start_daemon(tmp_path, config="")
         try:
             assert not again.events("first-start")
             assert len(again.cli_json("pd", "list")) == 4
             assert [v["name"] for v in again.cli_json("vv", "list")] == ["vol0"]
             assert again.cli_json("vv", "show", "vol0")["allocated"] == 2 * MiB
-            qemu_io(again.export("vol0"), "read -P 0x6b 0 1M", "read -P 0x6c 99G 4k", "read -P 0 1M 1M")
+            qemu_io(again.uri("vol0"), "read -P 0x6b 0 1M", "read -P 0x6c 99G 4k", "read -P 0 1M 1M")
         finally:
             assert again.stop(signal.SIGINT) == 0  # SIGINT stops cleanly too
     finally:
@@ -100,19 +93,19 @@ volume_size = "64MiB"
         image = tmp_path / "pattern.img"
         image.write_bytes(bytes([0x3C]) * (2 * MiB))
         # nbdcopy without --flush: acknowledged writes, no flush from the client.
-        run_tool("nbdcopy", str(image), daemon.export("vol0"))
+        run_tool("nbdcopy", str(image), daemon.uri("vol0"))
         assert daemon.cli_json("vv", "show", "vol0")["dirty_bytes"] > 0
         assert daemon.stop(signal.SIGTERM) == 0
         assert daemon.events("engine-closed") and daemon.events("stopped")
     finally:
         daemon.kill()
     check = subprocess.run(
-        [*THINBLOCK, "check", "--data", str(daemon.data_dir)], capture_output=True, text=True
+        [*THINBLOCK_MODULE, "check", "--data", str(daemon.data_dir)], capture_output=True, text=True
     )
     assert check.returncode == 0, check.stdout + check.stderr
-    again = start_daemon(tmp_path, config=config, log_name="restart.log")
+    again = start_daemon(tmp_path, config=config)
     try:
-        qemu_io(again.export("vol0"), "read -P 0x3c 0 2M", "read -P 0 2M 62M")
+        qemu_io(again.uri("vol0"), "read -P 0x3c 0 2M", "read -P 0 2M 62M")
         assert again.cli_json("vv", "show", "vol0")["allocated"] == 2 * MiB
     finally:
         assert again.stop() == 0
@@ -121,11 +114,11 @@ volume_size = "64MiB"
 def test_sigterm_during_a_copy(tmp_path: Path) -> None:
     """SIGTERM while a host is writing: the daemon stops accepting, lets the requests in flight
     finish, flushes, exits 0, and the store it leaves passes the check and reopens."""
-    daemon = start_daemon(tmp_path)
+    daemon = start_daemon(tmp_path, config=SMALL_CONFIG)
     # A slow source (nbdkit's random data, each read delayed) keeps nbdcopy writing for a while.
     copy = subprocess.Popen(
         ["nbdcopy", "--", "[", "nbdkit", "--filter=delay", "random", "512M", "rdelay=20ms", "]",
-         daemon.export("vol0")],
+         daemon.uri("vol0")],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
@@ -144,18 +137,18 @@ def test_sigterm_during_a_copy(tmp_path: Path) -> None:
         copy.wait()
         daemon.kill()
     check = subprocess.run(
-        [*THINBLOCK, "check", "--data", str(daemon.data_dir), "--json"], capture_output=True, text=True
+        [*THINBLOCK_MODULE, "check", "--data", str(daemon.data_dir), "--json"], capture_output=True, text=True
     )
     assert check.returncode == 0, check.stdout + check.stderr
     assert json.loads(check.stdout)["counts"]["vv_map"] > 0  # what was written is mapped
 
 
 def test_check_reports_and_fails_on_a_broken_store(tmp_path: Path) -> None:
-    daemon = start_daemon(tmp_path)
-    qemu_io(daemon.export("vol0"), "write -P 1 0 64k")
+    daemon = start_daemon(tmp_path, config=SMALL_CONFIG)
+    qemu_io(daemon.uri("vol0"), "write -P 1 0 64k")
     assert daemon.stop() == 0
     ok = subprocess.run(
-        [*THINBLOCK, "check", "--data", str(daemon.data_dir), "--json"], capture_output=True, text=True
+        [*THINBLOCK_MODULE, "check", "--data", str(daemon.data_dir), "--json"], capture_output=True, text=True
     )
     assert ok.returncode == 0, ok.stderr
     report = json.loads(ok.stdout)
@@ -163,7 +156,7 @@ def test_check_reports_and_fails_on_a_broken_store(tmp_path: Path) -> None:
     assert report["counts"]["pds"] == 4 and report["counts"]["vvs"] == 1
     (daemon.data_dir / "pd2.img").unlink()
     broken = subprocess.run(
-        [*THINBLOCK, "check", "--data", str(daemon.data_dir)], capture_output=True, text=True
+        [*THINBLOCK_MODULE, "check", "--data", str(daemon.data_dir)], capture_output=True, text=True
     )
     assert broken.returncode == 1
     assert "NOT OK" in broken.stdout and "pd2.img is missing" in broken.stdout
@@ -174,14 +167,15 @@ def test_busy_port_refuses_to_start_before_touching_anything(tmp_path: Path) -> 
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        daemon = start_daemon(tmp_path, args=("--api", f"127.0.0.1:{port}"), wait=False)
+        daemon = Daemon(tmp_path, config=SMALL_CONFIG, args=("--api", f"127.0.0.1:{port}"))
+        daemon.spawn()
         try:
-            assert daemon.proc.wait(60) == 1
+            assert daemon.wait_exit(60) == 1
         finally:
             daemon.kill()
-    assert f"cannot listen for the API on 127.0.0.1:{port}: address already in use" in daemon.log()
+    assert f"cannot listen for the API on 127.0.0.1:{port}: address already in use" in daemon.log_text()
     assert not daemon.data_dir.exists()
-    assert "Traceback" not in daemon.log()
+    assert "Traceback" not in daemon.log_text()
 
 
 @pytest.mark.parametrize(
@@ -210,12 +204,13 @@ def test_configuration_mistakes_are_one_line(
 
 
 def test_configuration_mistake_from_the_real_command(tmp_path: Path) -> None:
-    daemon = start_daemon(tmp_path, config="[nbd]\nlisten = 'x:y'\n", wait=False)
+    daemon = Daemon(tmp_path, config="[nbd]\nlisten = 'x:y'\n")
+    daemon.spawn()
     try:
-        assert daemon.proc.wait(60) == 2
+        assert daemon.wait_exit(60) == 2
     finally:
         daemon.kill()
-    assert daemon.log() == "error: configuration: " + str(tmp_path / "thinblock.toml") + (
+    assert daemon.log_text() == "error: configuration: " + str(tmp_path / "thinblock.toml") + (
         ": nbd.listen: not a port number: 'y'\n"
     )
     assert not daemon.data_dir.exists()
@@ -223,13 +218,15 @@ def test_configuration_mistake_from_the_real_command(tmp_path: Path) -> None:
 
 def test_unix_socket_and_no_default_export(tmp_path: Path) -> None:
     sock = tmp_path / "nbd.sock"
-    daemon = start_daemon(tmp_path, args=("--nbd-unix", str(sock), "--default-export", ""))
+    daemon = start_daemon(
+        tmp_path, config=SMALL_CONFIG, args=("--nbd-unix", str(sock), "--default-export", "")
+    )
     try:
         uri = f"nbd+unix:///vol0?socket={sock}"
         assert nbd_size(uri) == GiB
         qemu_io(uri, "write -P 9 0 4k", "read -P 9 0 4k")
         assert daemon.cli_json("status")["nbd"] == {
-            "uri": daemon.nbd,
+            "uri": daemon.nbd_url,
             "unix_socket": str(sock),
             "default_export": None,
         }

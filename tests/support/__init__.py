@@ -1,0 +1,1 @@
+"""Test support shared by more than one suite (tests/e2e, tests/drills)."""
