@@ -177,8 +177,7 @@ class Engine:
             problems = store.check()
             counts: dict[str, int] = {}
             if not problems:
-                for table in ("pds", "pools", "lds", "ld_chunklets", "vvs", "vv_map", "alerts"):
-                    counts[table] = store._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+                counts = store.counts()
                 for row in store.load_pds():
                     if not os.path.exists(row.path):
                         problems.append(f"PD {row.id} at {row.path} is missing")

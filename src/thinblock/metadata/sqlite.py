@@ -151,6 +151,12 @@ class SQLiteStore(MetadataStore):
             (key, value),
         )
 
+    def counts(self) -> dict[str, int]:
+        return {
+            table: self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+            for table in ("pds", "pools", "lds", "ld_chunklets", "vvs", "vv_map", "alerts")
+        }
+
     def check(self) -> list[str]:
         """Every rule of the brief's store check, each as a query; problems named plainly."""
         q = self._db.execute

@@ -90,6 +90,11 @@ class MetadataStore(abc.ABC):
         """Problems found (empty when sound).  Never repairs."""
 
     @abc.abstractmethod
+    def counts(self) -> dict[str, int]:
+        """How many records of each kind the store holds (``thinblock check`` prints them):
+        keys pds, pools, lds, ld_chunklets, vvs, vv_map, alerts."""
+
+    @abc.abstractmethod
     def close(self) -> None: ...
 
     @abc.abstractmethod
