@@ -26,8 +26,10 @@ from .wire import (
     SIZE,
     drain,
     feed_buffered,
+    info_payload,
     negotiate,
     new_connection,
+    option,
     request,
     u16,
     u32,
@@ -529,3 +531,34 @@ def test_export_info_refuses_what_the_spec_forbids(kwargs: dict) -> None:
 def test_export_info_always_has_flags() -> None:
     assert _export(flags=TransmissionFlags(0)).flags & TransmissionFlags.HAS_FLAGS
     assert EXPORTS["vol0"].flags == 0x0D6D
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 4096, 1 << 20])
+def test_requests_pipelined_behind_the_last_option_survive_the_buffer_switch(chunk: int) -> None:
+    """Negotiation runs in a small receive buffer and transmission in a large one; a client
+    that sends its first requests right behind NBD_OPT_GO (in the same recv) must not lose
+    or garble them when the core switches buffers.  Also: the small buffer is what an idle
+    connection holds."""
+    conn = new_connection()
+    assert len(conn.get_buffer(-1)) <= 64 * 1024  # before negotiation: the small buffer
+    payload = bytes(range(256)) * 64  # 16 KiB
+    data = (
+        u32(3)
+        + option(8)
+        + option(7, info_payload("vol0"))
+        + request(Command.WRITE, 1, 0, len(payload))
+        + payload
+        + request(Command.READ, 2, 4096, 512)
+        + request(Command.FLUSH, 3)
+    )
+    events = feed_buffered(conn, data, chunk=chunk)
+    assert conn.in_transmission
+    requests = [e for e in events if isinstance(e, Request)]
+    assert [(r.handle, r.command) for r in requests] == [
+        (1, Command.WRITE),
+        (2, Command.READ),
+        (3, Command.FLUSH),
+    ]
+    assert requests[0].data is not None and bytes(requests[0].data) == payload
+    assert conn.buffered_bytes == 0
+    assert len(conn.get_buffer(-1)) >= 128 * 1024  # transmission: room for a deep pipeline

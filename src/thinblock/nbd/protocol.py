@@ -123,6 +123,10 @@ BASE_ALLOCATION_ID = 1
 DEFAULT_MAX_OPTION_LENGTH = 64 * 1024  # export name + queries of the largest legal options fit
 DEFAULT_MAX_OPTIONS = 4096  # options per connection before we call it a denial of service
 DEFAULT_MAX_DISCARD = 64 * 1024 * 1024  # payload of a refused WRITE we still read and drop
+# Negotiation runs in a small receive buffer (grown on demand for a long option), so that a
+# connection that never gets past it -- idle, slow or hostile -- holds little memory; entering
+# transmission it gets the large one, room for a deep pipeline of small requests per recv.
+_NEGOTIATION_BUFFER = 32 * 1024
 _RECEIVE_BUFFER = 256 * 1024
 _MIN_FREE = 16 * 1024
 _SCRATCH = 64 * 1024
@@ -568,7 +572,7 @@ class ServerConnection:
         self._outbox: list[bytes] = [encode_handshake()]
 
         # Receive buffer: unparsed bytes are _buf[_start:_end].
-        self._buf = bytearray(_RECEIVE_BUFFER)
+        self._buf = bytearray(_NEGOTIATION_BUFFER)
         self._start = 0
         self._end = 0
         self._need = 0  # size of the message being waited for, when larger than what we have
@@ -972,6 +976,13 @@ class ServerConnection:
         # was sent, it referred to the same export name used to enter transmission phase".
         self.base_allocation = self.structured_replies and self._meta_export == export.name
         self._state = _State.TRANSMISSION
+        if len(self._buf) < _RECEIVE_BUFFER:
+            # A new buffer, never a resize: the event loop may still hold a view of the old one.
+            live = self._end - self._start
+            grown = bytearray(_RECEIVE_BUFFER)
+            grown[0:live] = self._buf[self._start : self._end]
+            self._buf = grown
+            self._start, self._end = 0, live
         self._size = export.size
         flags = self._export_flags = export.flags
         self._min_block = export.minimum_block
