@@ -119,8 +119,10 @@ def draw_range(data: st.DataObject, h: Harness) -> tuple[int, int]:
 def test_random_io_with_failures_matches_model(
     tmp_path: Path, raid: RaidLevel, k: int, data: st.DataObject
 ) -> None:
-    if True:
-        h = Harness(tmp_path, raid, k)
+    h = Harness(tmp_path, raid, k)
+    # try/finally: hypothesis ends an example early by raising (a draw past its data), and an
+    # example that left its PDs open (and locked) would make the next one fail to open them.
+    try:
         ld = h.ld
         nops = data.draw(st.integers(1, 25), label="ops")
         failures = data.draw(
@@ -189,4 +191,5 @@ def test_random_io_with_failures_matches_model(
         for _ in range(5):
             a, n = draw_range(data, h)
             assert ld.is_readable(a, n) == (not h.lost(a, n, failed)), (a, n)
+    finally:
         close_all(h.pds)
