@@ -27,6 +27,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
+from tests.support.wire import info_payload, meta_payload, option, request, u32, u64
 from thinblock.nbd.constants import TransmissionFlags
 from thinblock.nbd.protocol import (
     NEED_DATA,
@@ -141,45 +142,6 @@ OPTION_HEADER = struct.Struct(">QII")
 OPTION_REPLY_HEADER = struct.Struct(">QIII")
 SIMPLE_REPLY = struct.Struct(">IIQ")
 CHUNK_HEADER = struct.Struct(">IHHQI")
-
-
-def u16(n: int) -> bytes:
-    return struct.pack(">H", n)
-
-
-def u32(n: int) -> bytes:
-    return struct.pack(">I", n)
-
-
-def u64(n: int) -> bytes:
-    return struct.pack(">Q", n)
-
-
-def option_bytes(opt: int, payload: bytes = b"", length: int | None = None) -> bytes:
-    """C: IHAVEOPT, 32-bit option, 32-bit length (``length`` may lie), data."""
-    return OPTION_HEADER.pack(IHAVEOPT, opt, len(payload) if length is None else length) + payload
-
-
-def info_payload(name: bytes | str, infos: tuple[int, ...] = (), name_length: int | None = None) -> bytes:
-    """Data of NBD_OPT_INFO / NBD_OPT_GO: 32-bit name length (may lie), name, 16-bit count, requests."""
-    raw = name.encode() if isinstance(name, str) else name
-    length = len(raw) if name_length is None else name_length
-    return u32(length) + raw + u16(len(infos)) + b"".join(u16(i) for i in infos)
-
-
-def meta_payload(name: bytes | str, queries: tuple[str, ...], name_length: int | None = None) -> bytes:
-    """Data of NBD_OPT_{LIST,SET}_META_CONTEXT: name length, name, query count, queries."""
-    raw = name.encode() if isinstance(name, str) else name
-    length = len(raw) if name_length is None else name_length
-    body = b"".join(u32(len(q.encode())) + q.encode() for q in queries)
-    return u32(length) + raw + u32(len(queries)) + body
-
-
-def request_bytes(
-    command: int, handle: int, offset: int = 0, length: int = 0, flags: int = 0, magic: int = REQUEST_MAGIC
-) -> bytes:
-    """C: magic, 16-bit flags, 16-bit type, 64-bit handle, 64-bit offset, 32-bit length."""
-    return REQUEST_HEADER.pack(magic, flags, command, handle, offset, length)
 
 
 # --- a raw client ----------------------------------------------------------------------------------
@@ -331,7 +293,7 @@ class RawClient:
         self.send(u32(client_flags))
 
     def send_option(self, opt: int, payload: bytes = b"", length: int | None = None) -> None:
-        self.send(option_bytes(opt, payload, length))
+        self.send(option(opt, payload, length))
 
     def read_option_reply(self) -> OptReply:
         magic, opt, rtype, length = OPTION_REPLY_HEADER.unpack(self.recv_exact(OPTION_REPLY_HEADER.size))
@@ -383,7 +345,7 @@ class RawClient:
         return next(self._handles)
 
     def track(self, handle: int, command: int, offset: int, length: int) -> None:
-        """Expect a reply for a request sent by hand (``send(request_bytes(...))``)."""
+        """Expect a reply for a request sent by hand (``send(request(...))``)."""
         self._pending[handle] = _Pending(command, offset, length)
 
     def request(
@@ -401,7 +363,7 @@ class RawClient:
         handle = self.next_handle() if handle is None else handle
         if track:
             self.track(handle, command, offset, length)
-        self.send(request_bytes(command, handle, offset, length, flags) + data)
+        self.send(request(command, handle, offset, length, flags) + data)
         return handle
 
     def read_reply(self) -> Reply:
@@ -488,7 +450,7 @@ class RawClient:
 
     def disconnect(self) -> None:
         with contextlib.suppress(OSError):
-            self.send(request_bytes(CMD_DISC, self.next_handle()))
+            self.send(request(CMD_DISC, self.next_handle()))
         self.close()
 
 
@@ -963,34 +925,34 @@ def valid_sessions(draw: st.DrawFn) -> tuple[bytes, int]:
         kind = draw(st.sampled_from(["structured", "list", "info", "list_meta", "set_meta", "unknown"]))
         name = draw(st.sampled_from(_FUZZ_NAMES))
         if kind == "structured":
-            parts.append(option_bytes(OPT_STRUCTURED_REPLY))
+            parts.append(option(OPT_STRUCTURED_REPLY))
             structured = True
         elif kind == "list":
-            parts.append(option_bytes(OPT_LIST))
+            parts.append(option(OPT_LIST))
         elif kind == "info":
             infos = tuple(draw(st.lists(st.integers(0, 4), max_size=4, unique=True)))
-            parts.append(option_bytes(OPT_INFO, info_payload(name, infos)))
+            parts.append(option(OPT_INFO, info_payload(name, infos)))
         elif kind in ("list_meta", "set_meta"):
             queries = tuple(
                 draw(st.lists(st.sampled_from(["base:allocation", "base:", "qemu:dirty"]), max_size=3))
             )
             opt = OPT_LIST_META_CONTEXT if kind == "list_meta" else OPT_SET_META_CONTEXT
-            parts.append(option_bytes(opt, meta_payload(name, queries)))
+            parts.append(option(opt, meta_payload(name, queries)))
         else:
-            parts.append(option_bytes(draw(st.sampled_from([OPT_STARTTLS, 4, 11, 0x1234])), b"xyz"))
+            parts.append(option(draw(st.sampled_from([OPT_STARTTLS, 4, 11, 0x1234])), b"xyz"))
     name = draw(st.sampled_from(["vol0", "vol0", "ro", ""]))
     ending = draw(st.sampled_from(["go", "go", "go", "export_name", "abort"]))
     meta = structured and draw(st.booleans())
     if meta:
-        parts.append(option_bytes(OPT_SET_META_CONTEXT, meta_payload(name, (BASE_ALLOCATION,))))
+        parts.append(option(OPT_SET_META_CONTEXT, meta_payload(name, (BASE_ALLOCATION,))))
     if ending == "abort":
-        parts.append(option_bytes(OPT_ABORT))
+        parts.append(option(OPT_ABORT))
         data = b"".join(parts)
         return data, len(data)
     if ending == "go":
-        parts.append(option_bytes(OPT_GO, info_payload(name, (INFO_BLOCK_SIZE,))))
+        parts.append(option(OPT_GO, info_payload(name, (INFO_BLOCK_SIZE,))))
     else:
-        parts.append(option_bytes(OPT_EXPORT_NAME, name.encode()))
+        parts.append(option(OPT_EXPORT_NAME, name.encode()))
     transmission = sum(len(p) for p in parts)
     export = FUZZ_EXPORTS[name or FUZZ_DEFAULT_EXPORT]
     tflags = int(export.flags)
@@ -1017,11 +979,11 @@ def valid_sessions(draw: st.DrawFn) -> tuple[bytes, int]:
             flags |= draw(st.sampled_from([0, CMD_FLAG_NO_HOLE, CMD_FLAG_FAST_ZERO]))
         if command == CMD_BLOCK_STATUS and draw(st.booleans()):
             flags |= CMD_FLAG_REQ_ONE
-        parts.append(request_bytes(command, handle, offset, length, flags))
+        parts.append(request(command, handle, offset, length, flags))
         if command == CMD_WRITE:
             parts.append(pattern(handle, length))
     if draw(st.booleans()):
-        parts.append(request_bytes(CMD_DISC, 0))
+        parts.append(request(CMD_DISC, 0))
     return b"".join(parts), transmission
 
 
@@ -1065,9 +1027,9 @@ def negotiated_then_random(draw: st.DrawFn) -> bytes:
     structured = draw(st.booleans())
     parts = [u32(3)]
     if structured:
-        parts.append(option_bytes(OPT_STRUCTURED_REPLY))
-        parts.append(option_bytes(OPT_SET_META_CONTEXT, meta_payload("vol0", (BASE_ALLOCATION,))))
-    parts.append(option_bytes(OPT_GO, info_payload("vol0")))
+        parts.append(option(OPT_STRUCTURED_REPLY))
+        parts.append(option(OPT_SET_META_CONTEXT, meta_payload("vol0", (BASE_ALLOCATION,))))
+    parts.append(option(OPT_GO, info_payload("vol0")))
     for _ in range(draw(st.integers(1, 6))):
         if draw(st.booleans()):
             parts.append(u32(REQUEST_MAGIC) + draw(st.binary(min_size=0, max_size=24)))
@@ -1104,9 +1066,9 @@ def options_with_random_data(draw: st.DrawFn) -> bytes:
                 payload = payload[:cut] + u32(draw(st.sampled_from(_BOUNDARY_U32))) + payload[cut + 4 :]
         else:
             payload = draw(st.binary(max_size=80))
-        parts.append(option_bytes(code, payload))
-    parts.append(option_bytes(OPT_GO, info_payload("vol0")))
-    parts.append(request_bytes(CMD_READ, 1, 0, 512))
+        parts.append(option(code, payload))
+    parts.append(option(OPT_GO, info_payload("vol0")))
+    parts.append(request(CMD_READ, 1, 0, 512))
     return b"".join(parts)
 
 

@@ -104,12 +104,12 @@ from .hostile_helpers import (
     meta_payload,
     mutated_sessions,
     negotiated_then_random,
-    option_bytes,
+    option,
     options_with_random_data,
     parse_option_replies,
     pattern,
     qemu_io_verify,
-    request_bytes,
+    request,
     run_core,
     summarize,
     valid_sessions,
@@ -122,9 +122,11 @@ HOSTILE_AREA = 1 * GiB  # where hostile clients may write; the witness owns [0, 
 # What the server's memory may grow by (RSS, with generous margins for the allocator, which keeps
 # freed memory): a server that buffered a 1 GiB option, a 4 GiB READ or a pile of replies, or
 # that kept closed connections, is far past these.
-# - 1,000 connections, 16 at a time: a connection costs its 256 KiB receive buffer while open.
+# - 1,000 connections, 16 at a time: a connection costs its receive buffer while open (32 KiB
+#   while negotiating, 256 KiB once in transmission).
 CHURN_RSS_BOUND = 64 * MiB
-# - the hostile set twice, which holds 300 connections open at once (256 are accepted: 64 MiB).
+# - the hostile set twice, which holds 300 connections open at once (256 are accepted: at most
+#   64 MiB of receive buffers, if all of them reached transmission).
 HOSTILE_SET_RSS_BOUND = 128 * MiB
 # - rounds after the first (the long variant): nothing may accumulate.
 ROUND_RSS_BOUND = 64 * MiB
@@ -187,7 +189,7 @@ def ctx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ctx]:
 def poison(length: int) -> bytes:
     """A payload made of valid WRITE requests aimed at the witness's data: a server that took a
     refused WRITE's payload for requests would overwrite the witness and be caught."""
-    one = request_bytes(CMD_WRITE, 0xBAD, 0, 36) + b"\xee" * 36
+    one = request(CMD_WRITE, 0xBAD, 0, 36) + b"\xee" * 36
     return (one * (length // len(one) + 1))[:length]
 
 
@@ -240,7 +242,7 @@ def case_bad_request_magic(ctx: Ctx, structured: bool) -> None:
     # hard disconnect if it detects a violation by the other party of a mandatory condition".
     lines = ctx.protocol_log_lines()
     with ctx.client(structured) as c:
-        c.send(request_bytes(CMD_READ, 1, 0, 4096, magic=0x12560953))  # the historic magic
+        c.send(request(CMD_READ, 1, 0, 4096, magic=0x12560953))  # the historic magic
         assert_closed_silently(c)
     assert ctx.protocol_log_lines() > lines, "no log line says why the client was dropped"
 
@@ -255,7 +257,7 @@ def case_garbage_instead_of_requests(ctx: Ctx, structured: bool) -> None:
 @transmission_case
 def case_option_after_go(ctx: Ctx, structured: bool) -> None:
     with ctx.client(structured) as c:
-        c.send(option_bytes(OPT_GO, info_payload("a-longer-name-than-a-request-header")))
+        c.send(option(OPT_GO, info_payload("a-longer-name-than-a-request-header")))
         assert_closed_silently(c)
 
 
@@ -263,7 +265,7 @@ def case_option_after_go(ctx: Ctx, structured: bool) -> None:
 def case_bare_option_header_after_go(ctx: Ctx, structured: bool) -> None:
     # 16 bytes, shorter than a request header: the server must not wait for 12 more.
     with ctx.client(structured) as c:
-        c.send(option_bytes(OPT_LIST))
+        c.send(option(OPT_LIST))
         assert_closed_silently(c)
 
 
@@ -414,7 +416,7 @@ def case_half_a_header_then_a_stall(ctx: Ctx, structured: bool) -> None:
     with ctx.client(structured) as c:
         handle = c.next_handle()
         c.track(handle, CMD_READ, 0, Witness.CHUNK)
-        header = request_bytes(CMD_READ, handle, 0, Witness.CHUNK)
+        header = request(CMD_READ, handle, 0, Witness.CHUNK)
         c.send(header[:13])
         ctx.witness.check()
         assert c.is_open_after(0.3), "the server answered or closed on half a header"
@@ -457,7 +459,7 @@ def case_disconnect_then_garbage(ctx: Ctx, structured: bool) -> None:
     # "There is no reply to an NBD_CMD_DISC"; "A client MUST NOT send anything to the server
     # after sending an NBD_CMD_DISC" -- whatever follows is ignored and the server closes.
     with ctx.client(structured) as c:
-        c.send(request_bytes(CMD_DISC, 1) + request_bytes(CMD_READ, 2, 0, 4096) + b"\xff" * 1000)
+        c.send(request(CMD_DISC, 1) + request(CMD_READ, 2, 0, 4096) + b"\xff" * 1000)
         assert_closed_silently(c)
 
 
@@ -471,7 +473,7 @@ def case_disconnect_with_requests_in_flight(ctx: Ctx, structured: bool) -> None:
             c.request(CMD_WRITE, offset + i * len(data), len(data), data=data, flags=CMD_FLAG_FUA)
             for i in range(16)
         ]
-        c.send(request_bytes(CMD_DISC, 0))
+        c.send(request(CMD_DISC, 0))
         replies = [c.read_reply() for _ in handles]
         assert sorted(r.handle for r in replies) == sorted(handles)
         assert all(r.error == 0 for r in replies)
@@ -561,7 +563,7 @@ def case_unknown_client_flags(ctx: Ctx) -> None:
         lines = ctx.protocol_log_lines()
         with ctx.raw() as c:
             c.handshake(client_flags=flags)
-            c.try_send(option_bytes(OPT_LIST))  # an option it must not answer
+            c.try_send(option(OPT_LIST))  # an option it must not answer
             assert_closed_silently(c)
         assert ctx.protocol_log_lines() > lines
 
@@ -667,7 +669,7 @@ def _send_huge_option(ctx: Ctx, opt: int, length: int) -> bytes:
     server takes before it hangs up); what the server sent before it closed."""
     with ctx.raw() as c:
         c.handshake()
-        c.send(option_bytes(opt, length=length))
+        c.send(option(opt, length=length))
         chunk = b"\x00" * (1 * MiB)
         for _ in range(8):
             if not c.try_send(chunk):
@@ -691,7 +693,7 @@ def case_unknown_options_are_refused_and_negotiation_goes_on(ctx: Ctx) -> None:
 def case_half_an_option_header_then_a_stall(ctx: Ctx) -> None:
     with ctx.raw() as c:
         c.handshake()
-        header = option_bytes(OPT_LIST)
+        header = option(OPT_LIST)
         c.send(header[:7])
         ctx.witness.check()
         assert c.is_open_after(0.3)
@@ -709,7 +711,7 @@ def case_half_an_option_header_then_a_stall(ctx: Ctx) -> None:
 def case_half_an_option_payload_then_a_stall(ctx: Ctx) -> None:
     with ctx.raw() as c:
         c.handshake()
-        message = option_bytes(OPT_INFO, info_payload(EXPORT, (INFO_BLOCK_SIZE,)))
+        message = option(OPT_INFO, info_payload(EXPORT, (INFO_BLOCK_SIZE,)))
         c.send(message[:19])
         ctx.witness.check()
         assert c.is_open_after(0.3)
@@ -735,7 +737,7 @@ def case_thousands_of_options_without_waiting(ctx: Ctx) -> None:
     # has sent"; 10,000 of them in a row is a denial of service the server may end.
     with ctx.raw() as c:
         c.handshake()
-        c.try_send(option_bytes(OPT_STRUCTURED_REPLY) * 10_000)
+        c.try_send(option(OPT_STRUCTURED_REPLY) * 10_000)
         received = c.expect_closed()
         replies = parse_option_replies(received[: len(received) - len(received) % 20])
         assert all(r.type == REP_ACK for r in replies) and len(replies) < 10_000
@@ -924,7 +926,7 @@ def test_stop_with_hostile_clients_connected(tmp_path: Path) -> None:
         for _ in range(50):
             never_reads.request(CMD_READ, 0, 32 * MiB)
         half_header = RawClient(daemon.nbd_port).negotiate(EXPORT, structured=True)
-        half_header.send(request_bytes(CMD_READ, 1, 0, 4096)[:10])
+        half_header.send(request(CMD_READ, 1, 0, 4096)[:10])
         clients = [stalled, half_payload, never_reads, half_header, witness.client]
         witness.check()  # a round trip through the server's event loop, after the hostile bytes
     finally:

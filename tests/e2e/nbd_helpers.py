@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.wire import IHAVEOPT, info_payload, meta_payload, option, request
 from thinblock.blockdev import Volume, VolumeProvider
 from thinblock.nbd.server import NBDServer
 
@@ -175,41 +176,12 @@ async def run(*argv: str, timeout: float = 60.0, cwd: str | Path | None = None) 
 
 
 # --- a raw client, for what real clients never send ------------------------------------------------
+# (its messages come from tests/support/wire.py, re-exported for the e2e tests)
 
 NBDMAGIC = 0x4E42444D41474943
-IHAVEOPT = 0x49484156454F5054
 REPLY_MAGIC = 0x0003E889045565A9
-REQUEST_MAGIC = 0x25609513
 SIMPLE_MAGIC = 0x67446698
 STRUCTURED_MAGIC = 0x668E33EF
-
-
-def option(opt: int, payload: bytes = b"", length: int | None = None) -> bytes:
-    return struct.pack(">QII", IHAVEOPT, opt, len(payload) if length is None else length) + payload
-
-
-def request(command: int, handle: int = 1, offset: int = 0, length: int = 0, flags: int = 0) -> bytes:
-    return struct.pack(">IHHQQI", REQUEST_MAGIC, flags, command, handle, offset, length)
-
-
-def go_payload(name: str, infos: tuple[int, ...] = ()) -> bytes:
-    raw = name.encode()
-    return (
-        struct.pack(">I", len(raw))
-        + raw
-        + struct.pack(">H", len(infos))
-        + b"".join(struct.pack(">H", i) for i in infos)
-    )
-
-
-def meta_payload(name: str, queries: tuple[str, ...]) -> bytes:
-    raw = name.encode()
-    return (
-        struct.pack(">I", len(raw))
-        + raw
-        + struct.pack(">I", len(queries))
-        + b"".join(struct.pack(">I", len(q)) + q.encode() for q in queries)
-    )
 
 
 class RawClient:
@@ -264,7 +236,7 @@ class RawClient:
             if meta:
                 self.send(option(10, meta_payload(export, ("base:allocation",))))
                 assert (await self.option_replies())[-1][1] == 1
-        self.send(option(7, go_payload(export)))
+        self.send(option(7, info_payload(export)))
         replies = await self.option_replies()
         assert replies[-1][1] == 1, replies
         for _opt, reply, payload in replies:

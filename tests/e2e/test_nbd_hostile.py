@@ -17,7 +17,7 @@ from .memvolume import MiB
 from .nbd_helpers import (
     RawClient,
     canary,
-    go_payload,
+    info_payload,
     meta_payload,
     nbd_provider,
     nbd_server,
@@ -235,8 +235,8 @@ async def test_unknown_client_flags_close(nbd_server, bystander, flags: int) -> 
     [
         struct.pack(">I", 100) + b"vol1" + struct.pack(">H", 0),  # name length larger than the option
         struct.pack(">I", 0xFFFFFFFF) + b"vol1" + struct.pack(">H", 0),
-        go_payload("v" * 4097),  # over 4,096 bytes
-        go_payload("vol\x001"),  # NUL in the name
+        info_payload("v" * 4097),  # over 4,096 bytes
+        info_payload("vol\x001"),  # NUL in the name
     ],
     ids=["past-option", "0xffffffff", "4097", "nul"],
 )
@@ -247,7 +247,7 @@ async def test_bad_export_names_in_go_are_invalid(nbd_server, bystander, payload
     (reply,) = await client.option_replies()
     assert reply[1] == ERR_INVALID
     # negotiation goes on: a good GO still works
-    client.send(option(7, go_payload("vol1")))
+    client.send(option(7, info_payload("vol1")))
     assert (await client.option_replies())[-1][1] == 1
     await client.aclose()
 
@@ -292,7 +292,7 @@ async def test_abort_and_vanish_during_negotiation(nbd_server, bystander) -> Non
     assert await client.closed_by_server()
     half = await RawClient.connect(nbd_server)
     await half.greeting()
-    half.send(struct.pack(">I", 1) + option(7, go_payload("vol1"))[:10])
+    half.send(struct.pack(">I", 1) + option(7, info_payload("vol1"))[:10])
     await half.aclose()
 
 
@@ -317,10 +317,10 @@ async def test_a_thousand_connections_opened_and_dropped(nbd_server, bystander) 
             if i % 4 == 1:
                 writer.write(struct.pack(">I", 1))  # flags, then gone
             elif i % 4 == 2:
-                writer.write(struct.pack(">I", 1) + option(7, go_payload("vol1"))[:7])  # half an option
+                writer.write(struct.pack(">I", 1) + option(7, info_payload("vol1"))[:7])  # half an option
             elif i % 4 == 3:
                 writer.write(
-                    struct.pack(">I", 1) + option(7, go_payload("vol1")) + request(READ, 1, 0, 4096)[:20]
+                    struct.pack(">I", 1) + option(7, info_payload("vol1")) + request(READ, 1, 0, 4096)[:20]
                 )
             if i % 2:
                 await writer.drain()

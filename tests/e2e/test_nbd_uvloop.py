@@ -20,7 +20,7 @@ import pytest
 from thinblock.nbd.server import NBDServer
 
 from .memvolume import MiB
-from .nbd_helpers import STANDARD_VOLUMES, go_payload, mem_provider, option, read_volume, request
+from .nbd_helpers import STANDARD_VOLUMES, info_payload, mem_provider, option, read_volume, request
 
 uvloop = pytest.importorskip("uvloop")
 
@@ -142,7 +142,7 @@ def test_real_clients_and_hostile_streams_on_uvloop(uv_server, tmp_path: Path) -
 
     # A refused write's payload is consumed and the stream stays in step.
     sock = raw_connect(server)
-    sock.sendall(struct.pack(">I", 3) + option(7, go_payload("vol1")))
+    sock.sendall(struct.pack(">I", 3) + option(7, info_payload("vol1")))
     while True:
         _magic, _opt, reply, length = struct.unpack(">QIII", recv_exact(sock, 20))
         recv_exact(sock, length)

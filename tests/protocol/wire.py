@@ -4,9 +4,9 @@ and client-side byte builders written from the specification's layouts."""
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 
+from tests.support.wire import info_payload, meta_payload, option, request, u16, u32, u64
 from thinblock.nbd.protocol import (
     NEED_DATA,
     ConnectionClosed,
@@ -27,7 +27,6 @@ EXPORTS = {
 }
 
 GREETING = bytes.fromhex("4e42444d4147494349484156454f50540003")
-IHAVEOPT = bytes.fromhex("49484156454f5054")
 REPLY_MAGIC = bytes.fromhex("0003e889045565a9")
 
 
@@ -42,37 +41,8 @@ def new_connection(default: str | None = "vol0", **kwargs: object) -> ServerConn
     return conn
 
 
-# --- client-side messages, spelled out from the spec ---------------------------------------------
-def u16(n: int) -> bytes:
-    return struct.pack(">H", n)
-
-
-def u32(n: int) -> bytes:
-    return struct.pack(">I", n)
-
-
-def u64(n: int) -> bytes:
-    return struct.pack(">Q", n)
-
-
-def option(opt: int, payload: bytes = b"", length: int | None = None) -> bytes:
-    """C: IHAVEOPT, 32-bit option, 32-bit length, data."""
-    return IHAVEOPT + u32(opt) + u32(len(payload) if length is None else length) + payload
-
-
-def info_payload(name: str | bytes, infos: tuple[int, ...] = ()) -> bytes:
-    raw = name.encode() if isinstance(name, str) else name
-    return u32(len(raw)) + raw + u16(len(infos)) + b"".join(u16(i) for i in infos)
-
-
-def meta_payload(name: str, queries: tuple[str, ...]) -> bytes:
-    raw = name.encode()
-    return u32(len(raw)) + raw + u32(len(queries)) + b"".join(u32(len(q)) + q.encode() for q in queries)
-
-
-def request(command: int, handle: int = 1, offset: int = 0, length: int = 0, flags: int = 0) -> bytes:
-    """C: 0x25609513, 16-bit flags, 16-bit type, 64-bit handle, 64-bit offset, 32-bit length."""
-    return bytes.fromhex("25609513") + u16(flags) + u16(command) + u64(handle) + u64(offset) + u32(length)
+# --- client-side messages: tests/support/wire.py (re-exported here for the protocol tests) ---------
+__all__ = ["info_payload", "meta_payload", "option", "request", "u16", "u32", "u64"]
 
 
 def option_reply(opt: int, reply: int, payload: bytes = b"") -> bytes:
