@@ -267,12 +267,24 @@ class Engine:
                     ld.zero(offset, length)
                 except MediumError as exc:
                     log.error("scrub failed ld=%d error=%s", ld.id, exc)
-            repaired = 0
+            repaired = checked = 0
+            total = sum(length for _, _, length in resyncs)
+            started = last_report = time.monotonic()
             for ld, offset, length in resyncs:
                 try:
                     repaired += ld.resync(offset, length)
                 except MediumError as exc:
                     log.error("resync failed ld=%d error=%s", ld.id, exc)
+                checked += length
+                if time.monotonic() - last_report >= 10:  # a long pass says how far it got
+                    last_report = time.monotonic()
+                    log.warning(
+                        "resync: %s of %s checked (%.0f s)",
+                        format_size(checked),
+                        format_size(total),
+                        last_report - started,
+                        extra={"event": "resync-progress", "bytes": checked, "total": total},
+                    )
             for ld in {j[0] for j in jobs + resyncs}:
                 try:
                     ld.flush()
