@@ -233,3 +233,25 @@ def test_unix_socket_and_no_default_export(tmp_path: Path) -> None:
         assert daemon.cli_json("vv", "show", "vol0")["allocated"] == MiB
     finally:
         assert daemon.stop() == 0
+
+
+def test_a_second_daemon_on_the_same_data_directory_stops_with_a_clear_error(tmp_path: Path) -> None:
+    """Two daemons on one data directory would hand the same LD regions to different writers:
+    the second one must stop at start and name the first one's pid; the first goes on serving."""
+    first = Daemon(tmp_path / "first", config=SMALL_CONFIG, data_dir=tmp_path / "data")
+    first.start()
+    try:
+        assert first.proc is not None
+        second = Daemon(tmp_path / "second", config=SMALL_CONFIG, data_dir=tmp_path / "data")
+        second.spawn()
+        try:
+            assert second.wait_exit(60) == 1
+        finally:
+            second.kill()
+        log = second.log_text()
+        assert f"is in use by another thinblock process (pid {first.proc.pid})" in log
+        assert "Traceback" not in log
+        # The first one is unharmed: it still serves its volume.
+        assert nbd_size(first.uri("vol0")) == GiB  # SMALL_CONFIG: a 1 GiB first-start volume
+    finally:
+        first.stop()
