@@ -400,10 +400,11 @@ class Engine:
             return
         await self.cache.stop()
         # Writes still with the I/O threads (their requests were abandoned: a connection
-        # dropped at shutdown) land before the files close; regions waiting for them go back.
+        # dropped at shutdown) land before the files close.  The pool's write_landed callback
+        # (releasing regions given back meanwhile) is queued with the LD's own when a write
+        # completes, so it has run by the time offload_drained returns.
         for ld in list(self.lds.values()):
             await ld.offload_drained()
-        await asyncio.sleep(0)
         if self.io is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.io.shutdown)
         try:

@@ -918,7 +918,7 @@ class LogicalDisk:
                 if total[unit].any():
                     p = k - 1 - (s + i) % k
                     fixed = total[unit] ^ m[p, unit]  # XOR of the data units alone
-                    pds[p].pwrite(bases[p] + (s + i) * step, px.view(np.ascontiguousarray(fixed)))
+                    pds[p].pwrite(bases[p] + (s + i) * step, px.view(fixed))
                     repaired += step
             s += count
         return repaired

@@ -378,23 +378,16 @@ class PhysicalDisk:
             if n <= WRITE_PIECE:
                 done = os.pwrite(self._fd, data, offset)
                 if done != n:
-                    self._write_rest(memoryview(data).cast("B"), offset, done)
+                    self._finish_write(offset, [data], done)
                 return
             view = memoryview(data).cast("B")
             for pos in range(0, n, WRITE_PIECE):
                 piece = view[pos : pos + WRITE_PIECE]
                 done = os.pwrite(self._fd, piece, offset + pos)
                 if done != len(piece):
-                    self._write_rest(piece, offset + pos, done)
+                    self._finish_write(offset + pos, [piece], done)
         except OSError as exc:
             raise self._io_error("write", offset, exc) from exc
-
-    def _write_rest(self, view: memoryview, offset: int, done: int) -> None:
-        while done < len(view):
-            n = os.pwrite(self._fd, view[done:], offset + done)
-            if n <= 0:
-                raise OSError(errno.ENOSPC, "no progress writing")
-            done += n
 
     def pwritev(self, offset: int, bufs: Sequence[Buffer]) -> None:
         """Write ``bufs`` consecutively from ``offset``: one syscall per run of buffers of at

@@ -12,8 +12,8 @@ loop goes on parsing and answering other requests.  ``os.pwrite`` releases the G
 
 The pool is a plain ``concurrent.futures.ThreadPoolExecutor``; what makes handing work to
 it safe lives with the callers: the LD counts writes in flight and a rebuild waits for them
-(``LogicalDisk.hold_offload``), and a VV gives an LD region back to its pool only after the
-writes in flight into it have landed (``VirtualVolume.unmap_regions``).
+(``LogicalDisk.hold_offload``), and a pool releases an LD region only after the writes in
+flight into it have landed (``Pool.write_started`` / ``write_landed``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ class IOWorkers:
 
     def __init__(self, threads: int, name: str = "thinblock-io") -> None:
         assert threads > 0
-        self.threads = threads
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:

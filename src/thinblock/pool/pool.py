@@ -128,6 +128,12 @@ class Pool:
         self._growing: asyncio.Future[SpaceShortage | None] | None = None
         # id(batch) -> done: pending regions taken for an fsync (a flush's or sync_pending's)
         self._in_sync: dict[int, asyncio.Future[None]] = {}
+        # Offloaded writes (physical/workers.py) still landing, per packed LD region, and the
+        # regions given back meanwhile: ``release`` of such a region waits for its last write
+        # (``write_landed``), so it is never zeroed, or handed to another VV, under a late write.
+        # Event-loop thread only.
+        self._writes_in_flight: dict[int, int] = {}
+        self._release_when_landed: set[int] = set()
         self.before_ld_create: LDCreateHook | None = None
         self.on_ld_created: Callable[[LogicalDisk, Pool], None] | None = None
         self.vv_count = 0
@@ -230,8 +236,31 @@ class Pool:
                 packed = self.try_allocate()  # someone may have freed one meanwhile
                 return shortage if packed is None else packed
 
+    def write_started(self, packed: int) -> None:
+        """An offloaded write into ``packed`` is on its way; pair with ``write_landed``."""
+        self._writes_in_flight[packed] = self._writes_in_flight.get(packed, 0) + 1
+
+    def write_landed(self, packed: int) -> None:
+        left = self._writes_in_flight[packed] - 1
+        if left:
+            self._writes_in_flight[packed] = left
+            return
+        del self._writes_in_flight[packed]
+        if packed in self._release_when_landed:
+            self._release_when_landed.discard(packed)
+            try:
+                self.release(packed)
+            except Exception:  # a failed PD: the region is not reused (it stays counted as used)
+                log.exception(
+                    "pool '%s': releasing LD region %#x after its last write failed", self.name, packed
+                )
+
     def release(self, packed: int) -> None:
-        """Give a region back: zero it now, free it after the next fsync (caller has unmapped it)."""
+        """Give a region back: zero it now, free it after the next fsync (caller has unmapped it).
+        With offloaded writes still landing in it, all that waits for the last of them."""
+        if packed in self._writes_in_flight:
+            self._release_when_landed.add(packed)
+            return
         slots = self.slots[packed >> REGION_BITS]
         index = packed & REGION_MASK
         assert slots.used[index] == 1, f"LD {slots.ld.id} region {index} released but not assigned"

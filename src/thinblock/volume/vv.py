@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from functools import partial
 
 import numpy as np
 
@@ -92,14 +91,11 @@ class VirtualVolume:
         self._shift = region_size.bit_length() - 1
         self._mask = region_size - 1
         self._allocating: dict[int, asyncio.Future[int]] = {}
-        # Write-through writes of offload_min bytes or more go to the I/O threads.  While one is
-        # in flight into an LD region, the region is counted here, and a trim or delete that
-        # unmaps it leaves it in _release_after_io: it goes back to the pool (zeroed, reusable
-        # by any VV) only when the last write into it has landed, never under a late write.
+        # Write-through writes of offload_min bytes or more go to the I/O threads.  The pool
+        # counts them per LD region (write_started / write_landed): a region a trim or delete
+        # gives back meanwhile is released only when the last write into it has landed.
         self._io = io
         self._offload_min = offload_min if io is not None else 1 << 62
-        self._io_inflight: dict[int, int] = {}
-        self._release_after_io: set[int] = set()
         self._writeback = row.cache_mode == CacheMode.WRITEBACK.value
         self.capabilities = Capabilities()
         # statistics (plain ints: cheap on the hot path)
@@ -303,29 +299,14 @@ class VirtualVolume:
                 view = data if type(data) is memoryview else memoryview(data).cast("B")
                 done = ld.submit_write(base + offset, view, self._io.submit)
                 if done is not None:
-                    inflight = self._io_inflight
-                    inflight[packed] = inflight.get(packed, 0) + 1
-                    done.add_done_callback(partial(self._offloaded_write_done, packed))
+                    pool = self.pool
+                    pool.write_started(packed)
+                    done.add_done_callback(lambda _: pool.write_landed(packed))
                     # shield: a cancelled request does not stop threads already writing; the
                     # region stays counted until they are done (the callback above).
                     ld.check_write(await asyncio.shield(done))
                     return
             ld.write(base + offset, data)
-
-    def _offloaded_write_done(self, packed: int, _done: asyncio.Future[list[object]]) -> None:
-        left = self._io_inflight[packed] - 1
-        if left:
-            self._io_inflight[packed] = left
-            return
-        del self._io_inflight[packed]
-        if packed in self._release_after_io:
-            self._release_after_io.discard(packed)
-            try:
-                self.pool.release(packed)
-            except Exception:  # a failed PD: the region is not reused (the pool keeps it)
-                log.exception(
-                    "VV '%s': releasing LD region %#x after its last write failed", self.name, packed
-                )
 
     async def _assign(self, region: int) -> int:
         """Give ``region`` an LD region (claim 1), or wait for the assignment in progress (claim 8).
@@ -494,12 +475,9 @@ class VirtualVolume:
             for region, packed in batch:
                 self._wb.discard(packed)
                 self.map.clear(region)
-                if packed in self._io_inflight:
-                    # An I/O thread is still writing into it: released when that write lands.
-                    self._release_after_io.add(packed)
-                else:
-                    # zeroes the LD region now; free for reuse after the next fsync
-                    self.pool.release(packed)
+                # zeroes the LD region now (once writes still landing in it are done); free for
+                # reuse after the next fsync
+                self.pool.release(packed)
             self._store.unassign(self.row.id, [r for r, _ in batch])
             total += len(batch)
             first = batch[-1][0] + 1
