@@ -80,6 +80,18 @@ def decode_block(data: bytes | bytearray | memoryview) -> Decoded:
 # --- the offline check and the store ---------------------------------------------------------
 
 
+def wait_for_more_writes(daemon: Daemon, names: list[str], timeout: float = 60.0) -> None:
+    """Return once every volume in ``names`` has taken a write since this call (its ``writes``
+    statistic grew): the load is really running on each of them."""
+    before = {n: int(daemon.api_get(f"/volumes/{n}/stats")["writes"]) for n in names}
+    deadline = time.monotonic() + timeout
+    waiting = set(names)
+    while waiting and time.monotonic() < deadline:
+        waiting = {n for n in waiting if int(daemon.api_get(f"/volumes/{n}/stats")["writes"]) <= before[n]}
+        time.sleep(0.02)
+    assert not waiting, f"no writes reached {sorted(waiting)} in {timeout:.0f} s"
+
+
 def thinblock_check(data_dir: Path) -> tuple[int, dict[str, Any]]:
     """The documented offline check, ``thinblock check --data DIR --json``: exit status and report."""
     result = subprocess.run(

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import random
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,6 +47,7 @@ from tests.drills.harness import (
     setup_pool,
     setup_volume,
     thinblock_check,
+    wait_for_more_writes,
 )
 from tests.drills.nbd_client import NBDClient
 from tests.support.daemon import LOOPBACK, Daemon
@@ -114,16 +114,6 @@ def _fio_verify(daemon: Daemon, name: str, writes: list[tuple[int, int]], workdi
     return expected, ""
 
 
-def _wait_for_writes(daemon: Daemon, names: list[str], timeout: float = 60.0) -> None:
-    before = {name: int(daemon.api_get(f"/volumes/{name}/stats")["writes"]) for name in names}
-    deadline = time.monotonic() + timeout
-    waiting = set(names)
-    while waiting and time.monotonic() < deadline:
-        waiting = {n for n in waiting if int(daemon.api_get(f"/volumes/{n}/stats")["writes"]) <= before[n]}
-        time.sleep(0.02)
-    assert not waiting, f"no writes reached {sorted(waiting)} in {timeout:.0f} s"
-
-
 async def crash_rounds(
     make_daemon: Callable[..., Daemon],
     fio: str,
@@ -185,7 +175,7 @@ async def crash_rounds(
             stop = asyncio.Event()
             writers = [asyncio.create_task(checkers[name].run(clients[name], stop)) for name in wb_names]
             # The kill comes at a random moment once every volume is really being written.
-            await asyncio.to_thread(_wait_for_writes, daemon, wt_names + wb_names)
+            await asyncio.to_thread(wait_for_more_writes, daemon, wt_names + wb_names)
             await asyncio.sleep(rng.uniform(0.05, max_run))
             status = await asyncio.to_thread(daemon.api_get, "/status")
             dirty_at_kill.append(int(status["dirty_bytes"]))

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import random
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from tests.drills.harness import (
     run_in_terminal,
     setup_pool,
     setup_volume,
+    wait_for_more_writes,
 )
 from tests.drills.nbd_client import NBD_EIO, NBDClient, NBDError
 from tests.support.daemon import LOOPBACK, THINBLOCK_SCRIPT, Daemon
@@ -109,15 +109,6 @@ class Load:
                 f"fio failed (rc {self.proc.returncode}, errors {errors}): {result.stderr[-3000:]}",
             )
         return result.bytes_read(), ""
-
-
-def _wait_for_writes(daemon: Daemon, names: list[str], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    waiting = set(names)
-    while waiting and time.monotonic() < deadline:
-        waiting = {n for n in waiting if int(daemon.api_get(f"/volumes/{n}/stats")["writes"]) == 0}
-        time.sleep(0.02)
-    assert not waiting, f"no writes reached {sorted(waiting)}"
 
 
 def _lds(daemon: Daemon) -> list[dict[str, Any]]:
@@ -198,9 +189,7 @@ async def failed_disk_drill(
         for cycle in range(cycles):
             cycle_seed = rng.getrandbits(31) + 1
             load = Load(daemon, redundant, volume_size, cycle_seed, work, verify_only=False)
-            await asyncio.to_thread(
-                _wait_for_writes if cycle == 0 else _wait_for_more_writes, daemon, redundant
-            )
+            await asyncio.to_thread(wait_for_more_writes, daemon, redundant)
             await asyncio.sleep(rng.uniform(0.1, 0.5))
             affected = [ld for ld in _lds(daemon) if target in _pds_of(ld)]
             # --- the failure, under load ---
@@ -303,16 +292,6 @@ async def failed_disk_drill(
             fuse.close()
     figures.report()
     return figures
-
-
-def _wait_for_more_writes(daemon: Daemon, names: list[str], timeout: float = 60.0) -> None:
-    before = {n: int(daemon.api_get(f"/volumes/{n}/stats")["writes"]) for n in names}
-    deadline = time.monotonic() + timeout
-    waiting = set(names)
-    while waiting and time.monotonic() < deadline:
-        waiting = {n for n in waiting if int(daemon.api_get(f"/volumes/{n}/stats")["writes"]) <= before[n]}
-        time.sleep(0.02)
-    assert not waiting, f"no writes reached {sorted(waiting)}"
 
 
 async def _read_load(daemon: Daemon, volume: str, size: int, stop: asyncio.Event, seed: int) -> int:
