@@ -218,6 +218,7 @@ class Engine:
         # The region maps, from one array of the whole map (the check just read it): a million
         # regions load in about a second, vectorised per VV and per LD.
         self._load_maps(store.map_array(), vvs_by_id)
+        store.forget_map_array()  # the maps and pool bitmaps hold it now
         for pd in self.pds.values():
             if pd.failed:
                 self._on_pd_failed(pd, pd.failure_reason or "failed")

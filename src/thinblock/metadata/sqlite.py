@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import sqlite3
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -237,6 +236,9 @@ class SQLiteStore(MetadataStore):
                 raise sqlite3.DatabaseError("the region map holds a value that is not an integer")
             self._map_cache = flat.reshape(-1, 4)
         return self._map_cache
+
+    def forget_map_array(self) -> None:
+        self._map_cache = None
 
     def _check_map(self) -> list[str]:
         """The map rules, on the whole map at once (numpy), independent of SQLite's indexes
@@ -579,14 +581,6 @@ class SQLiteStore(MetadataStore):
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
-
-    def iter_map(self) -> Iterator[tuple[int, int, int, int]]:
-        cur = self._db.execute("SELECT vv_id, vv_region, ld_id, ld_region FROM vv_map")
-        while True:
-            rows = cur.fetchmany(65536)
-            if not rows:
-                return
-            yield from rows
 
     # --- alerts ---
     def add_alert(self, time: float, severity: str, kind: str, obj: str, message: str, state: str) -> int:

@@ -16,8 +16,9 @@ calls it on flush, after ``commit``.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
 from dataclasses import dataclass
+
+import numpy as np
 
 
 @dataclass(slots=True)
@@ -178,8 +179,13 @@ class MetadataStore(abc.ABC):
         """Return regions to the zero LD (after their LD regions were zeroed)."""
 
     @abc.abstractmethod
-    def iter_map(self) -> Iterator[tuple[int, int, int, int]]:
-        """Every (vv_id, vv_region, ld_id, ld_region)."""
+    def map_array(self) -> np.ndarray:
+        """Every map row as an (N, 4) int64 array: vv_id, vv_region, ld_id, ld_region.  May be
+        kept between calls (the check on open and the engine's load share one read)."""
+
+    @abc.abstractmethod
+    def forget_map_array(self) -> None:
+        """Drop a kept map array (tens of MiB for millions of regions) once it is loaded."""
 
     # --- alerts ---
     @abc.abstractmethod
