@@ -277,6 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = leaf(vv, "delete", "delete a volume (its regions go back to the pool, zeroed)", cmd_vv_delete)
     p.add_argument("name", metavar="NAME")
     p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation on a terminal")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="delete it even while clients are connected (they are disconnected; their I/O fails)",
+    )
     p = leaf(
         vv, "import", "copy a raw image (file or nbd:// URI) into a volume, skipping zeros", cmd_vv_import
     )
@@ -285,6 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--nbd", metavar="URI", help="reach the daemon's NBD at this URI (default: what it reports)"
     )
+    p.add_argument(
+        "--format",
+        choices=("raw",),
+        help="copy SOURCE's bytes as they are even when qemu-img sees an image format in them",
+    )
+    p.add_argument("--force", action="store_true", help="overwrite a volume that holds data")
     p = leaf(vv, "export", "copy a volume out to a raw image (file or nbd:// URI), sparse", cmd_vv_export)
     p.add_argument("name", metavar="NAME")
     p.add_argument("dest", metavar="DEST", help="raw image file, block device, or nbd:// URI")
@@ -456,6 +467,19 @@ def _limit_text(value: int | None, spec: str | None) -> str:
     return format_size(value)
 
 
+def _size_for_command(n: int) -> str:
+    """A size to paste into a command, exact and in units: 64MiB, 1536KiB, 1000000 (bytes)."""
+    for unit, mult in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= mult and n % mult == 0:
+            return f"{n // mult}{unit}"
+    return str(n)
+
+
+def _ratio(value: float | None) -> str:
+    """The overcommit ratio: virtual sizes over what the pool can hold at most."""
+    return "-" if value is None else f"{value:g}x"
+
+
 def _time_text(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
@@ -533,7 +557,8 @@ def render_pool(p: dict[str, Any]) -> Table:
             ("growth warning", format_size(p["growth_warning"])),
             ("growth limit", format_size(p["growth_limit"])),
             ("LDs", p["lds"]),
-            ("volumes", p["volumes"]),
+            ("volumes", f"{p['volumes']}: {format_size(p.get('virtual'))} virtual"),
+            ("overcommit", _ratio(p.get("overcommit"))),
             ("state", _styled(p["state"], _HEALTH_STYLE)),
         ],
         title=f"pool {p['name']}",
@@ -542,31 +567,18 @@ def render_pool(p: dict[str, Any]) -> Table:
 
 def render_pools(pools: list[dict[str, Any]]) -> Table:
     t = _table(
-        "NAME",
-        "RAID",
-        "REGION",
-        "CAPACITY",
-        "USED",
-        "FREE",
-        "LDS",
-        "VVS",
-        "WARNING",
-        "LIMIT",
-        "STATE",
-        title="pools",
+        "NAME", "RAID", "USED", "SIZE", "WARNING", "LIMIT", "VIRTUAL", "OVERCOMMIT", "STATE", title="pools"
     )
     for p in pools:
         t.add_row(
             p["name"],
             f"{p['raid']} ({p['set_size']})",
-            format_size(p["region_size"]),
-            format_size(p["capacity"]),
             format_size(p["used"]),
-            format_size(p["free"]),
-            str(p["lds"]),
-            str(p["volumes"]),
+            format_size(p["capacity"]),
             format_size(p["growth_warning"]),
             format_size(p["growth_limit"]),
+            format_size(p.get("virtual")),
+            _ratio(p.get("overcommit")),
             _styled(p["state"], _HEALTH_STYLE),
         )
     return t
@@ -697,7 +709,7 @@ def render_status(s: dict[str, Any]) -> Table:
             (
                 "volumes",
                 f"{s['volumes']}: {format_size(s['allocated'])} allocated of "
-                f"{format_size(s['virtual'])} virtual",
+                f"{format_size(s['virtual'])} virtual (overcommit {_ratio(s.get('overcommit'))})",
             ),
             ("cache dirty", format_size(s["dirty_bytes"])),
             ("open alerts", f"[yellow]{s['open_alerts']}[/]" if s["open_alerts"] else "0"),
@@ -854,7 +866,8 @@ def cmd_vv_delete(ctx: Context) -> None:
         )
         if answer.strip().lower() not in ("y", "yes"):
             raise CliError("not deleted")
-    ctx.call("DELETE", f"/volumes/{_quote(name)}")
+    params = {"force": "true"} if ctx.args.force else None
+    ctx.call("DELETE", f"/volumes/{_quote(name)}", params=params)
     _done(ctx, {"deleted": "volume", "name": name}, f"deleted volume {name!r}")
 
 
@@ -1064,15 +1077,50 @@ def _parse_progress(line: str) -> int | None:
     return int(head) if head.isdigit() else None
 
 
+def _image_format(source: str) -> str:
+    """The format qemu-img sees in ``source`` (raw, qcow2, vmdk, vdi, vhdx, luks...)."""
+    qemu_img = shutil.which("qemu-img")
+    if qemu_img is None:
+        raise CliError(
+            "qemu-img not found: it checks that SOURCE is a raw image (Debian: apt-get install "
+            "qemu-utils); give --format raw to copy it without that check"
+        )
+    result = subprocess.run(
+        [qemu_img, "info", "--output=json", source], capture_output=True, text=True, timeout=60
+    )
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines()
+        raise CliError(f"cannot open {source}: {lines[-1] if lines else 'qemu-img info failed'}")
+    try:
+        return str(json.loads(result.stdout)["format"])
+    except (ValueError, KeyError, TypeError):
+        raise CliError(f"qemu-img info gave no format for {source}") from None
+
+
 def cmd_vv_import(ctx: Context) -> None:
     a = ctx.args
     vv = ctx.call("GET", f"/volumes/{_quote(a.name)}")
     target = _volume_uri(ctx, vv)
+    if a.format != "raw":
+        # A qcow2 (or any container) copied byte for byte gives a volume no guest can boot: the
+        # container's header and tables, not the disk it describes.
+        fmt = _image_format(a.source)
+        if fmt != "raw":
+            raise CliError(
+                f"{a.source} is a {fmt} image, not a raw disk: convert it first "
+                f"(qemu-img convert -f {fmt} -O raw {a.source} disk.raw) or, to copy its {fmt} "
+                "bytes as they are, give --format raw"
+            )
     size = _image_size(a.source)
     if size > vv["size"]:
         raise CliError(
             f"{a.source} ({format_size(size)}) is larger than volume {a.name!r} ({format_size(vv['size'])}): "
-            f"grow it first: thinblock vv grow {a.name} {size}"
+            f"grow it first: thinblock vv grow {a.name} {_size_for_command(size)}"
+        )
+    if (vv["regions_allocated"] or vv["dirty_bytes"]) and not a.force:
+        raise CliError(
+            f"volume {a.name!r} holds data ({format_size(vv['allocated'])} allocated): "
+            "give --force to overwrite it"
         )
     options = []
     if vv["regions_allocated"] == 0 and vv["dirty_bytes"] == 0:

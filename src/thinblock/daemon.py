@@ -376,7 +376,8 @@ class Daemon:
                     "the default export does not exist (yet): clients must name a volume",
                     extra={"event": "default-export-missing", "vv": default_export},
                 )
-        self.nbd = NBDServer(provider, default_export=default_export)
+        assert self.engine is not None
+        self.nbd = NBDServer(provider, default_export=default_export, sessions=self.engine.sessions)
         host = cfg.nbd_listen.host if cfg.nbd_listen else None
         port = cfg.nbd_listen.port if cfg.nbd_listen else None
         unix_path = str(cfg.nbd_unix_socket) if cfg.nbd_unix_socket else None

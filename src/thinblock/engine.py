@@ -26,6 +26,7 @@ from .alerts import AlertBus
 from .blockdev import Volume
 from .cache.writeback import WriteBackCache
 from .errors import AlreadyExists, Conflict, InvalidArgument, MediumError, MetadataCorrupt, NotFound
+from .limits import check_pool_growth, check_vv_limits
 from .logical.raid import Chunklet, LogicalDisk, RaidLevel, validate_policy
 from .metadata.sqlite import SQLiteStore
 from .metadata.store import PoolRow, VVRow
@@ -49,6 +50,7 @@ from .physical.pd import PhysicalDisk
 from .physical.workers import IOWorkers
 from .pool.chunklets import ChunkletAllocator
 from .pool.pool import Pool
+from .sessions import SessionRegistry, describe_clients
 from .units import GiB, KiB, Limit, MiB, format_size
 from .volume.vv import VirtualVolume
 
@@ -116,6 +118,8 @@ class Engine:
         self.ld_pool: dict[int, Pool] = {}
         self.pools: dict[str, Pool] = {}
         self.vvs: dict[str, VirtualVolume] = {}
+        # Clients doing I/O on volumes; front ends register their connections here.
+        self.sessions = SessionRegistry()
         self.cache = WriteBackCache(max_dirty=options.max_dirty_bytes, destage_delay=options.destage_delay)
         self.io = IOWorkers(options.io_threads) if options.io_threads > 0 else None
         self.started = time.time()
@@ -625,6 +629,9 @@ class Engine:
         for what, value in (("growth warning", growth_warning), ("growth limit", growth_limit)):
             if value is not None and value <= 0:
                 raise InvalidArgument(f"{what} must be positive, not {value}")
+        check_pool_growth(
+            name, increment=growth_increment, warning=growth_warning, limit=growth_limit, capacity=0
+        )
         usable_pds = [
             pd for pd in self.pds.values() if not pd.failed and self.chunklets.free_count(pd.id) > 0
         ]
@@ -696,6 +703,13 @@ class Engine:
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise InvalidArgument(f"{field.replace('_', ' ')} must be positive or none, not {value}")
             setattr(new, field, value)
+        check_pool_growth(
+            name,
+            increment=new.growth_increment,
+            warning=new.growth_warning,
+            limit=new.growth_limit,
+            capacity=pool.capacity,
+        )
         self.store.update_pool(new)
         pool.row = new
         pool.settings_changed()
@@ -875,6 +889,7 @@ class Engine:
         row = VVRow(0, name, p.id, size, None, None, None, None, mode.value, time.time())
         _apply_limit(row, "alloc_warning", alloc_warning)
         _apply_limit(row, "alloc_limit", alloc_limit)
+        check_vv_limits(name, size=size, region_size=p.region_size, warning=alloc_warning, limit=alloc_limit)
         row.id = self.store.add_vv(row)
         self._make_vv(row, p)
         log.info("vv created vv=%s pool=%s size=%d cache=%s", name, pool, size, mode.value)
@@ -945,6 +960,13 @@ class Engine:
                     f"cache mode must be writeback or writethrough, not {cache_mode!r}"
                 ) from None
             row.cache_mode = new_mode.value
+        check_vv_limits(
+            name,
+            size=row.size,
+            region_size=vv.region_size,
+            warning=_limit_of(row, "alloc_warning"),
+            limit=_limit_of(row, "alloc_limit"),
+        )
         self.store.update_vv(row)
         vv.row = row
         if new_mode is not None:
@@ -969,10 +991,24 @@ class Engine:
         vv.check_thresholds_after_release()
         return self._vv_info(vv)
 
-    async def delete_vv(self, name: str) -> None:
-        """Every LD region it holds goes back to its pool, zeroed."""
+    async def delete_vv(self, name: str, *, force: bool = False) -> None:
+        """Every LD region it holds goes back to its pool, zeroed.  A volume with connected
+        clients is refused (Conflict) unless ``force``: then it is marked deleted first (their
+        requests fail with VolumeGone from then on, never read zeros) and they are disconnected."""
         vv = self._vv(name)
+        clients = self.sessions.of(name)
+        if clients and not force:
+            them = "it" if len(clients) == 1 else "them"
+            raise Conflict(
+                f"volume '{name}' is in use by {describe_clients(clients)}; disconnect {them} or use --force"
+            )
         vv.deleted = True
+        for session in clients:
+            log.warning(
+                "vv delete forced: disconnecting a client",
+                extra={"event": "vv-delete-disconnect", "vv": name, "peer": session.peer},
+            )
+            session.disconnect()
         await vv.unmap_regions(0, (vv.row.size + vv.region_size - 1) // vv.region_size)
         self.store.delete_vv(vv.row.id)
         del self.vvs[name]
@@ -1027,6 +1063,11 @@ def _apply_limit(row: VVRow, field: str, value: Limit | None) -> None:
         raise InvalidArgument(f"{field.replace('_', ' ')} must be a Limit (bytes or percent), not {value!r}")
     setattr(row, f"{field}_bytes", None if value is None else value.bytes)
     setattr(row, f"{field}_pct", None if value is None else value.percent)
+
+
+def _limit_of(row: VVRow, field: str) -> Limit | None:
+    nbytes, pct = getattr(row, f"{field}_bytes"), getattr(row, f"{field}_pct")
+    return None if nbytes is None and pct is None else Limit(nbytes, pct)
 
 
 def _sync_all(pds: list[PhysicalDisk], store: SQLiteStore) -> list[str]:

@@ -55,6 +55,13 @@ class OutOfSpace(ThinblockError):
         self.reason = reason
 
 
+class VolumeGone(ThinblockError):
+    """I/O on a volume that was deleted under its client (``vv delete --force``): an error,
+    never the zeros its released regions would read."""
+
+    http_status = 410
+
+
 class MediumError(ThinblockError):
     """Unrecoverable I/O error: the data cannot be read or written (too many failed PDs)."""
 

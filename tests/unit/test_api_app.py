@@ -248,12 +248,12 @@ async def test_duplicate_pool_is_409(client: httpx.AsyncClient) -> None:
 
 async def test_volume_lifecycle(client: httpx.AsyncClient, engine: Engine) -> None:
     await _setup(client)
-    body = {"name": "vol1", "pool": "default", "size": "1GiB", "alloc_warning": "50%", "alloc_limit": "4MiB"}
+    body = {"name": "vol1", "pool": "default", "size": "1GiB", "alloc_warning": "50%", "alloc_limit": "768MiB"}
     vv = _ok(await client.post("/volumes", json=body), 201)
     assert (vv["name"], vv["pool"], vv["size"], vv["region_size"]) == ("vol1", "default", GiB, MiB)
     assert (vv["allocated"], vv["regions_allocated"], vv["cache_mode"]) == (0, 0, "writethrough")
     assert (vv["alloc_warning"], vv["alloc_warning_spec"]) == (GiB // 2, "50%")
-    assert (vv["alloc_limit"], vv["alloc_limit_spec"]) == (4 * MiB, "4 MiB")
+    assert (vv["alloc_limit"], vv["alloc_limit_spec"]) == (768 * MiB, "768 MiB")
     assert vv["export_uri"] == "nbd://127.0.0.1:10809/vol1"
     assert _ok(await client.get("/volumes")) == [vv]
     assert _ok(await client.get("/volumes/vol1")) == vv

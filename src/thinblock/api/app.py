@@ -46,6 +46,7 @@ from ..model import (
 from ..model import (
     RebuildProgress as RebuildProgressInfo,
 )
+from ..limits import overcommit_ratio
 from ..units import Limit, parse_size
 from .metrics import build_registry, render_metrics
 
@@ -197,6 +198,11 @@ class PoolOut(BaseModel):
     lds: int
     volumes: int
     state: str
+    virtual: int = Field(description="sum of its volumes' virtual sizes")
+    overcommit: float | None = Field(
+        description="virtual over the most the pool can hold (its growth limit, else its capacity); "
+        "null when both are 0"
+    )
 
 
 class PoolCreate(_Request):
@@ -236,6 +242,12 @@ class CompactOut(BaseModel):
     pool: PoolOut
 
 
+class ClientOut(BaseModel):
+    protocol: str = Field(description="NBD or iSCSI")
+    peer: str = Field(description="the client's address (host:port), or unix")
+    opened: float
+
+
 class VolumeOut(BaseModel):
     name: str
     pool: str
@@ -251,6 +263,7 @@ class VolumeOut(BaseModel):
     dirty_bytes: int
     created: float
     export_uri: str | None = Field(description="where NBD clients (qemu-img, nbdinfo, nbdcopy) reach it")
+    clients: list[ClientOut] = Field(default=[], description="connected clients doing I/O on it")
 
 
 class VolumeCreate(_Request):
@@ -347,6 +360,9 @@ class StatusOut(BaseModel):
     used: int = Field(description="bytes of assigned regions")
     virtual: int = Field(description="sum of the volumes' virtual sizes")
     allocated: int = Field(description="sum of the volumes' allocated bytes")
+    overcommit: float | None = Field(
+        description="virtual over what the pools can hold at most (growth limits, else capacity)"
+    )
     dirty_bytes: int
     open_alerts: int
     rebuild_running: bool
@@ -410,10 +426,12 @@ class ApiContext:
 # --- conversions ---------------------------------------------------------------------------------
 
 
-def _pool_out(info: Any) -> PoolOut:
+def _pool_out(info: Any, engine: Engine) -> PoolOut:
     d = asdict(info)
     d["state"] = str(info.state)
-    return PoolOut(**d)
+    virtual = sum(v.size for v in engine.list_vvs() if v.pool == info.name)
+    ratio = overcommit_ratio(virtual, info.capacity, info.growth_limit)
+    return PoolOut(**d, virtual=virtual, overcommit=ratio)
 
 
 def _ld_out(info: Any) -> LDOut:
@@ -422,8 +440,11 @@ def _ld_out(info: Any) -> LDOut:
     return LDOut(**d)
 
 
-def _volume_out(info: Any, node: NodeInfo) -> VolumeOut:
-    return VolumeOut(**asdict(info), export_uri=node.export_uri(info.name))
+def _volume_out(info: Any, node: NodeInfo, engine: Engine) -> VolumeOut:
+    clients = [
+        ClientOut(protocol=s.protocol, peer=s.peer, opened=s.opened) for s in engine.sessions.of(info.name)
+    ]
+    return VolumeOut(**asdict(info), export_uri=node.export_uri(info.name), clients=clients)
 
 
 def _rebuild_out(ctx: ApiContext) -> RebuildOut:
@@ -625,6 +646,11 @@ def _router(ctx: ApiContext) -> APIRouter:
             used=sum(p.used for p in pools),
             virtual=sum(v.size for v in vvs),
             allocated=sum(v.allocated for v in vvs),
+            overcommit=overcommit_ratio(
+                sum(v.size for v in vvs),
+                sum(p.growth_limit if p.growth_limit is not None else p.capacity for p in pools),
+                None,
+            ),
             dirty_bytes=engine.cache_dirty_bytes(),
             open_alerts=len(engine.list_alerts()),
             rebuild_running=_rebuild_out(ctx).running,
@@ -669,7 +695,7 @@ def _router(ctx: ApiContext) -> APIRouter:
     # --- pools --------------------------------------------------------------------------------
     @router.get("/pools", tags=["pools"])
     async def list_pools() -> list[PoolOut]:
-        return [_pool_out(p) for p in engine.list_pools()]
+        return [_pool_out(p, engine) for p in engine.list_pools()]
 
     @router.post("/pools", status_code=201, tags=["pools"])
     async def create_pool(body: PoolCreate) -> PoolOut:
@@ -678,11 +704,11 @@ def _router(ctx: ApiContext) -> APIRouter:
             value = getattr(body, key)
             if value is not None:
                 kwargs[key] = value
-        return _pool_out(await engine.create_pool(body.name, **kwargs))
+        return _pool_out(await engine.create_pool(body.name, **kwargs), engine)
 
     @router.get("/pools/{name}", tags=["pools"])
     async def show_pool(name: PoolPath) -> PoolOut:
-        return _pool_out(engine.get_pool(name))
+        return _pool_out(engine.get_pool(name), engine)
 
     @router.patch("/pools/{name}", tags=["pools"])
     async def set_pool(name: PoolPath, body: PoolUpdate) -> PoolOut:
@@ -694,14 +720,15 @@ def _router(ctx: ApiContext) -> APIRouter:
                 growth_increment=_unset_unless_given(body, "growth_increment"),
                 growth_warning=_unset_unless_given(body, "growth_warning"),
                 growth_limit=_unset_unless_given(body, "growth_limit"),
-            )
+            ),
+            engine,
         )
 
     @router.post("/pools/{name}/compact", tags=["pools"])
     async def compact_pool(name: PoolPath) -> CompactOut:
         """Release the pool's LDs whose regions are all free back to free chunklets."""
         released = await engine.compact_pool(name)
-        return CompactOut(released_lds=released, pool=_pool_out(engine.get_pool(name)))
+        return CompactOut(released_lds=released, pool=_pool_out(engine.get_pool(name), engine))
 
     @router.delete("/pools/{name}", status_code=204, tags=["pools"])
     async def delete_pool(name: PoolPath) -> Response:
@@ -738,7 +765,7 @@ def _router(ctx: ApiContext) -> APIRouter:
     # --- volumes ------------------------------------------------------------------------------
     @router.get("/volumes", tags=["volumes"])
     async def list_volumes() -> list[VolumeOut]:
-        return [_volume_out(v, node) for v in engine.list_vvs()]
+        return [_volume_out(v, node, engine) for v in engine.list_vvs()]
 
     @router.post("/volumes", status_code=201, tags=["volumes"])
     async def create_volume(body: VolumeCreate) -> VolumeOut:
@@ -750,11 +777,11 @@ def _router(ctx: ApiContext) -> APIRouter:
             alloc_limit=body.alloc_limit,
             cache_mode=body.cache_mode,
         )
-        return _volume_out(info, node)
+        return _volume_out(info, node, engine)
 
     @router.get("/volumes/{name}", tags=["volumes"])
     async def show_volume(name: VolumePath) -> VolumeOut:
-        return _volume_out(engine.get_vv(name), node)
+        return _volume_out(engine.get_vv(name), node, engine)
 
     @router.patch("/volumes/{name}", tags=["volumes"])
     async def set_volume(name: VolumePath, body: VolumeUpdate) -> VolumeOut:
@@ -766,17 +793,23 @@ def _router(ctx: ApiContext) -> APIRouter:
             alloc_limit=_unset_unless_given(body, "alloc_limit"),
             cache_mode=_unset_unless_given(body, "cache_mode"),
         )
-        return _volume_out(info, node)
+        return _volume_out(info, node, engine)
 
     @router.post("/volumes/{name}/grow", tags=["volumes"])
     async def grow_volume(name: VolumePath, body: VolumeGrow) -> VolumeOut:
         """Grow the virtual size (shrinking is refused); NBD clients see it on their next connection."""
-        return _volume_out(await engine.grow_vv(name, body.size), node)
+        return _volume_out(await engine.grow_vv(name, body.size), node, engine)
 
     @router.delete("/volumes/{name}", status_code=204, tags=["volumes"])
-    async def delete_volume(name: VolumePath) -> Response:
-        """Every region it holds goes back to its pool, zeroed."""
-        await engine.delete_vv(name)
+    async def delete_volume(
+        name: VolumePath,
+        force: Annotated[
+            bool, Query(description="delete it even with clients connected: they are disconnected")
+        ] = False,
+    ) -> Response:
+        """Every region it holds goes back to its pool, zeroed.  With connected clients: 409,
+        unless ``force`` (they are disconnected, and any request they still send fails)."""
+        await engine.delete_vv(name, force=force)
         return Response(status_code=204)
 
     @router.get("/volumes/{name}/stats", tags=["volumes"])

@@ -54,7 +54,16 @@ from typing import Any, cast
 
 from thinblock.aio import start_eager
 from thinblock.blockdev import Volume, VolumeProvider
-from thinblock.errors import InvalidArgument, MediumError, NotFound, OutOfSpace, ReadOnlyDevice, SlowZero
+from thinblock.errors import (
+    InvalidArgument,
+    MediumError,
+    NotFound,
+    OutOfSpace,
+    ReadOnlyDevice,
+    SlowZero,
+    VolumeGone,
+)
+from thinblock.sessions import Session, SessionRegistry
 
 from .constants import Command, CommandFlags, Errno
 from .protocol import (
@@ -98,7 +107,7 @@ def errno_for(exc: BaseException, flags: int = 0) -> Errno:
     """The NBD error for an exception a volume raised."""
     if isinstance(exc, OutOfSpace):
         return Errno.ENOSPC
-    if isinstance(exc, MediumError):
+    if isinstance(exc, MediumError | VolumeGone):
         return Errno.EIO
     if isinstance(exc, InvalidArgument):
         return Errno.EINVAL
@@ -137,8 +146,12 @@ class NBDServer:
         max_bytes_per_connection: int = DEFAULT_MAX_BYTES,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+        sessions: SessionRegistry | None = None,
     ) -> None:
         self.provider = provider
+        # Where each connection that chose an export is registered (the engine's, so that a
+        # volume delete knows its clients); a registry of its own when none is given.
+        self.sessions = sessions if sessions is not None else SessionRegistry()
         self.default_export = default_export or None
         self.max_connections = max_connections
         self.max_requests_per_connection = max_requests_per_connection
@@ -247,6 +260,8 @@ class NBDServer:
         for name, volume in list(self._opened.items()):
             try:
                 await volume.flush()
+            except VolumeGone:
+                continue  # deleted meanwhile: nothing of it is left to flush
             except Exception as exc:
                 log.error(
                     "flushing volume %s on shutdown failed: %r",
@@ -314,6 +329,8 @@ class _Connection(asyncio.BufferedProtocol):
         self.server = server
         self.number = number
         self.peer = f"#{number}"
+        self.address = "unix"  # the peer's host:port, for the session registry
+        self.session: Session | None = None
         self.transport: asyncio.Transport | None = None
         self.core = server._new_core()
         self.volume: Volume | None = None
@@ -345,7 +362,8 @@ class _Connection(asyncio.BufferedProtocol):
         server = self.server
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
-            self.peer = f"{NBDServer._describe(peer)}#{self.number}"
+            self.address = NBDServer._describe(peer)
+            self.peer = f"{self.address}#{self.number}"
         else:
             self.peer = f"unix#{self.number}"
         server._connections.add(self)
@@ -387,6 +405,9 @@ class _Connection(asyncio.BufferedProtocol):
         self._lost = True
         self._closing = True
         self.server._connections.discard(self)
+        if self.session is not None:
+            self.server.sessions.close(self.session)
+            self.session = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -553,6 +574,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._max_block = export.maximum_block
         self._read_extents = getattr(volume, "read_extents", None)
         self.server._opened.setdefault(export.name, volume)
+        self.session = self.server.sessions.open("NBD", export.name, self.address, self._disconnect)
         log.info(
             "client %s opened %s (%s replies%s)",
             self.peer,
@@ -561,6 +583,12 @@ class _Connection(asyncio.BufferedProtocol):
             ", base:allocation" if event.base_allocation else "",
             extra={"event": "nbd-open", "vv": export.name},
         )
+
+    def _disconnect(self) -> None:
+        """The volume was deleted under this client (forced): no more requests, close now."""
+        self._closing = True
+        self._pause_reading()
+        self.close_transport(abort=True)
 
     def _client_closed(self, event: ConnectionClosed) -> None:
         self._closing = True
@@ -770,7 +798,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _fail(self, request: Request, exc: BaseException) -> None:
         error = errno_for(exc, request.flags)
-        if error == Errno.EIO and not isinstance(exc, MediumError):
+        if error == Errno.EIO and not isinstance(exc, MediumError | VolumeGone):
             # Anything the volume did not raise on purpose: one line, no traceback flood.
             self._log_once(
                 "unexpected",

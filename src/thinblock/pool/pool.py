@@ -236,6 +236,41 @@ class Pool:
                 packed = self.try_allocate()  # someone may have freed one meanwhile
                 return shortage if packed is None else packed
 
+    async def reserve(self, count: int) -> list[int] | SpaceShortage:
+        """``count`` regions at once, or none: for a write that needs several new regions (the
+        all-or-none rule, docs/architecture.md).  On a shortage every region taken so far is
+        given back with ``unreserve`` and the shortage returned; an LD the pool grew on the way
+        stays (its regions free)."""
+        taken: list[int] = []
+        try:
+            while len(taken) < count:
+                packed = self.try_allocate()
+                if packed is None:
+                    result = await self.allocate()
+                    if isinstance(result, SpaceShortage):
+                        self.unreserve(taken)
+                        return result
+                    packed = result
+                taken.append(packed)
+        except BaseException:
+            self.unreserve(taken)
+            raise
+        return taken
+
+    def unreserve(self, regions: list[int]) -> None:
+        """Regions from ``reserve`` that were neither recorded nor written: free again at once.
+        No zeroing or fsync is due -- they were free, hence durably zero, and nothing wrote them."""
+        for packed in regions:
+            slots = self.slots[packed >> REGION_BITS]
+            index = packed & REGION_MASK
+            assert slots.used[index] == 1, f"LD {slots.ld.id} region {index} unreserved but not taken"
+            slots.used[index] = 0
+            slots.free += 1
+            slots.hint = min(slots.hint, index)
+            self.free_regions += 1
+            self.used_regions -= 1
+        regions.clear()
+
     def write_started(self, packed: int) -> None:
         """An offloaded write into ``packed`` is on its way; pair with ``write_landed``."""
         self._writes_in_flight[packed] = self._writes_in_flight.get(packed, 0) + 1

@@ -30,7 +30,7 @@ import numpy as np
 from ..alerts import AlertBus
 from ..blockdev import Buffer, Capabilities, Extent, ExtentFlags
 from ..cache.writeback import WriteBackCache
-from ..errors import InvalidArgument, OutOfSpace
+from ..errors import OutOfSpace, VolumeGone
 from ..logical.raid import LogicalDisk
 from ..metadata.store import MetadataStore, VVRow
 from ..model import AlertKind, CacheMode, Severity
@@ -91,6 +91,9 @@ class VirtualVolume:
         self._shift = region_size.bit_length() - 1
         self._mask = region_size - 1
         self._allocating: dict[int, asyncio.Future[int]] = {}
+        # Regions reserved for multi-region writes in progress and not yet assigned: they
+        # count against the allocation limit like assigned ones (the all-or-none rule).
+        self._reserved = 0
         # Write-through writes of offload_min bytes or more go to the I/O threads.  The pool
         # counts them per LD region (write_started / write_landed): a region a trim or delete
         # gives back meanwhile is released only when the last write into it has landed.
@@ -149,12 +152,19 @@ class VirtualVolume:
             return None
         return Limit(r.alloc_limit_bytes, r.alloc_limit_pct)
 
+    def _gone(self) -> VolumeGone:
+        # Deleted under a connected client (vv delete --force): its regions went back to the
+        # pool, so a read would return zeros where data was and a write would be lost.
+        return VolumeGone(f"volume '{self.row.name}' was deleted")
+
     def _lookup(self, region: int) -> int:
         chunk = self.map.chunks.get(region >> CHUNK_SHIFT)
         return ZERO_LD if chunk is None else chunk[region & CHUNK_MASK]
 
     # --- reads (claim 10) ---
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        if self.deleted:
+            raise self._gone()
         self.reads += 1
         self.read_bytes += length
         shift = self._shift
@@ -199,6 +209,8 @@ class VirtualVolume:
     ) -> list[tuple[int, int, bytes | bytearray | memoryview | None]]:
         """The read as (offset, length, data) runs; data None where the zero LD is (a hole):
         the NBD server sends those as OFFSET_HOLE chunks, no zeros on the wire."""
+        if self.deleted:
+            raise self._gone()
         self.reads += 1
         self.read_bytes += length
         shift, mask, size = self._shift, self._mask, self.region_size
@@ -229,6 +241,8 @@ class VirtualVolume:
 
     # --- writes (claims 1, 2, 4, 8) ---
     async def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        if self.deleted:
+            raise self._gone()
         length = len(data)
         self.writes += 1
         self.write_bytes += length
@@ -243,12 +257,18 @@ class VirtualVolume:
                 await self._write_piece(region, offset & mask, data)
         else:
             view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data
-            pos = 0
-            while pos < length:
-                voff = offset + pos
-                n = min(self.region_size - (voff & mask), length - pos)
-                await self._write_piece(voff >> shift, voff & mask, view[pos : pos + n])
-                pos += n
+            reserved = await self._reserve_new_regions(offset, view)
+            try:
+                pos = 0
+                while pos < length:
+                    voff = offset + pos
+                    n = min(self.region_size - (voff & mask), length - pos)
+                    await self._write_piece(voff >> shift, voff & mask, view[pos : pos + n], reserved)
+                    pos += n
+            finally:
+                if reserved:  # regions another writer assigned meanwhile: not needed after all
+                    self._reserved -= len(reserved)
+                    self.pool.unreserve(reserved)
         if (
             not self._writeback
             and self._store.pending_assignments
@@ -264,7 +284,65 @@ class VirtualVolume:
         if fua:
             await self._flush_node()
 
-    async def _write_piece(self, region: int, offset: int, data: Buffer) -> None:
+    async def _reserve_new_regions(self, offset: int, view: memoryview) -> list[int]:
+        """The all-or-none rule: a write that needs several new regions takes them all from the
+        pool before any is assigned, or fails with OutOfSpace having taken none -- a refused
+        write consumes none of the headroom it was refused for (the VV's allocation limit, the
+        pool's growth limit).  Returns the reserved regions (empty when fewer than two are new:
+        one region is all-or-none by itself); ``_assign`` takes from them."""
+        shift, mask, size = self._shift, self._mask, self.region_size
+        needed = 0
+        pos, end = 0, len(view)
+        while pos < end:
+            voff = offset + pos
+            n = min(size - (voff & mask), end - pos)
+            region = voff >> shift
+            if (
+                self._lookup(region) == ZERO_LD
+                and region not in self._allocating
+                and not _is_zero(view[pos : pos + n])
+            ):
+                needed += 1
+            pos += n
+        if needed < 2:
+            return []
+        self._check_limit(needed)
+        self._reserved += needed  # claimed before the wait: concurrent writers see it
+        try:
+            result = await self.pool.reserve(needed)
+        except BaseException:
+            self._reserved -= needed
+            raise
+        if isinstance(result, SpaceShortage):
+            self._reserved -= needed
+            raise OutOfSpace(
+                f"VV '{self.row.name}': {result.message} (the write needs {needed} new regions of "
+                f"{format_size(size)}; none was taken)",
+                result.reason.value,
+            )
+        return result
+
+    def _check_limit(self, new_regions: int) -> None:
+        """OutOfSpace (and the limit alert) when ``new_regions`` more would pass the allocation limit."""
+        limit = self.alloc_limit
+        if limit is None:
+            return
+        limit_regions = limit.resolve(self.row.size) >> self._shift
+        if self.map.count + len(self._allocating) + self._reserved + new_regions > limit_regions:
+            message = (
+                f"VV '{self.row.name}' reached its allocation limit of {limit}"
+                f" ({format_size(self.allocated)} allocated): write refused"
+            )
+            if new_regions > 1:
+                message += f" (it needs {new_regions} new regions; none was taken)"
+            self._alerts.condition(
+                AlertKind.VV_ALLOCATION_LIMIT, self.object_name, Severity.CRITICAL, message
+            )
+            raise OutOfSpace(message, AlertKind.VV_ALLOCATION_LIMIT.value)
+
+    async def _write_piece(
+        self, region: int, offset: int, data: Buffer, reserved: list[int] | None = None
+    ) -> None:
         """Write ``data`` at ``offset`` inside VV ``region``, assigning the region first when it
         points at the zero LD (zero detect: an all-zero piece assigns nothing).
 
@@ -279,7 +357,7 @@ class VirtualVolume:
             if packed == ZERO_LD:
                 if _is_zero(data):
                     return  # zero detect: the zero LD already reads these zeros
-                await self._assign(region)
+                await self._assign(region, reserved)
             elif self._writeback and not self._wb.has_room(n):
                 await self._wb.wait_for_room(n)
             else:
@@ -308,25 +386,21 @@ class VirtualVolume:
                     return
             ld.write(base + offset, data)
 
-    async def _assign(self, region: int) -> int:
+    async def _assign(self, region: int, reserved: list[int] | None = None) -> int:
         """Give ``region`` an LD region (claim 1), or wait for the assignment in progress (claim 8).
+        With ``reserved`` regions (``_reserve_new_regions``), one of them; they were counted
+        against the limit already.
 
         The assignment is recorded, not yet committed: see ``write`` for when that matters."""
         pending = self._allocating.get(region)
         if pending is not None:
             return await asyncio.shield(pending)
-        limit = self.alloc_limit
-        if limit is not None:
-            limit_regions = limit.resolve(self.row.size) >> self._shift
-            if self.map.count + len(self._allocating) >= limit_regions:
-                message = (
-                    f"VV '{self.row.name}' reached its allocation limit of {limit}"
-                    f" ({format_size(self.allocated)} allocated): write refused"
-                )
-                self._alerts.condition(
-                    AlertKind.VV_ALLOCATION_LIMIT, self.object_name, Severity.CRITICAL, message
-                )
-                raise OutOfSpace(message, AlertKind.VV_ALLOCATION_LIMIT.value)
+        if reserved:
+            mine = reserved.pop()
+            self._reserved -= 1
+            self._record(region, mine)
+            return mine
+        self._check_limit(1)
         packed = self.pool.try_allocate()
         if packed is None:
             fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -352,7 +426,7 @@ class VirtualVolume:
         # Rule: a region is recorded as assigned before data is written into it.
         if self.deleted:
             self.pool.release(packed)
-            raise InvalidArgument(f"VV '{self.row.name}' was deleted")
+            raise self._gone()
         try:
             self._store.assign(self.row.id, region, packed >> REGION_BITS, packed & REGION_MASK)
         except BaseException:
@@ -394,6 +468,8 @@ class VirtualVolume:
 
     # --- zeroing and trimming (space reclaim) ---
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        if self.deleted:
+            raise self._gone()
         self.trims += 1
         await self._zero_range(offset, length, unmap=True)
         if fua:
@@ -403,6 +479,8 @@ class VirtualVolume:
         self, offset: int, length: int, *, may_trim: bool = True, fast: bool = False, fua: bool = False
     ) -> None:
         # Zeroing here is always fast (unmap, punch, or a small write), so FAST_ZERO never fails.
+        if self.deleted:
+            raise self._gone()
         self.zeroes += 1
         await self._zero_range(offset, length, unmap=may_trim)
         if fua:
@@ -488,12 +566,16 @@ class VirtualVolume:
 
     # --- the rest of the block interface ---
     async def flush(self) -> None:
+        if self.deleted:
+            raise self._gone()
         self.flushes += 1
         await self._flush_node()
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         """Runs of allocated (0) and zero-LD (HOLE|ZERO) space from ``offset``; at most
         ``length`` bytes and at most 1,024 extents."""
+        if self.deleted:
+            raise self._gone()
         shift = self._shift
         end = offset + length
         first = offset >> shift
@@ -515,6 +597,8 @@ class VirtualVolume:
 
     async def cache(self, offset: int, length: int) -> None:
         """NBD_CMD_CACHE: bring assigned regions into the page cache (reads and drops them)."""
+        if self.deleted:
+            raise self._gone()
         pos, end, step = offset, offset + length, 4 * 1024 * 1024
         scratch = memoryview(bytearray(min(step, length)))
         while pos < end:
