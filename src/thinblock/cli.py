@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--growth-increment",
         type=_positive_size_arg,
         metavar="SIZE",
-        help="usable size of each new LD (default 1GiB)",
+        help="usable size of each new LD (default 1GiB, or the growth limit when smaller)",
     )
     p.add_argument("--growth-warning", type=_positive_size_arg, metavar="SIZE")
     p.add_argument("--growth-limit", type=_positive_size_arg, metavar="SIZE")

@@ -609,11 +609,16 @@ class Engine:
         set_size: int | None = None,
         step: int = DEFAULT_STEP,
         region_size: int = DEFAULT_REGION,
-        growth_increment: int = DEFAULT_GROWTH_INCREMENT,
+        growth_increment: int | None = None,
         growth_warning: int | None = None,
         growth_limit: int | None = None,
     ) -> PoolInfo:
-        """set_size defaults: RAID 0 -> 2, RAID 1 -> 2, RAID 5 -> 4."""
+        """set_size defaults: RAID 0 -> 2, RAID 1 -> 2, RAID 5 -> 4.  growth_increment defaults
+        to 1 GiB, or to the growth limit when that is smaller."""
+        if growth_increment is None:
+            growth_increment = DEFAULT_GROWTH_INCREMENT
+            if growth_limit is not None and 0 < growth_limit < growth_increment:
+                growth_increment = growth_limit
         _check_name("pool", name)
         if name in self.pools:
             raise AlreadyExists(f"pool '{name}' already exists")

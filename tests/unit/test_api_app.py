@@ -248,7 +248,13 @@ async def test_duplicate_pool_is_409(client: httpx.AsyncClient) -> None:
 
 async def test_volume_lifecycle(client: httpx.AsyncClient, engine: Engine) -> None:
     await _setup(client)
-    body = {"name": "vol1", "pool": "default", "size": "1GiB", "alloc_warning": "50%", "alloc_limit": "768MiB"}
+    body = {
+        "name": "vol1",
+        "pool": "default",
+        "size": "1GiB",
+        "alloc_warning": "50%",
+        "alloc_limit": "768MiB",
+    }
     vv = _ok(await client.post("/volumes", json=body), 201)
     assert (vv["name"], vv["pool"], vv["size"], vv["region_size"]) == ("vol1", "default", GiB, MiB)
     assert (vv["allocated"], vv["regions_allocated"], vv["cache_mode"]) == (0, 0, "writethrough")

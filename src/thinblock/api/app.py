@@ -35,6 +35,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .. import __version__
 from ..engine import UNSET, Engine
 from ..errors import InvalidArgument, NotFound, ThinblockError
+from ..limits import overcommit_ratio
 from ..model import (
     AlertKind,
     AlertState,
@@ -46,7 +47,6 @@ from ..model import (
 from ..model import (
     RebuildProgress as RebuildProgressInfo,
 )
-from ..limits import overcommit_ratio
 from ..units import Limit, parse_size
 from .metrics import build_registry, render_metrics
 
