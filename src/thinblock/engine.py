@@ -46,6 +46,8 @@ from .model import (
     VVInfo,
     VVStats,
 )
+from .pdheaders import PDHeaders
+from .physical.header import HEADER_AREA
 from .physical.pd import PhysicalDisk
 from .physical.workers import IOWorkers
 from .pool.chunklets import ChunkletAllocator
@@ -133,6 +135,9 @@ class Engine:
         self._rebuild_lock = asyncio.Lock()
         self._closed = False
         self._lock_fd: int | None = None  # holds the data directory's lock (Engine.open)
+        # The data directory's id, store generation and failure-event record (pdheaders.py);
+        # set by _load before any PD is used.
+        self.headers = PDHeaders("", 0)
         self._commit_timer: asyncio.TimerHandle | None = None
         # Writers waiting for the commit at the end of this loop turn, one future each (see
         # _assignments_committed), or None when no such commit is scheduled.
@@ -191,10 +196,16 @@ class Engine:
 
     async def _load(self) -> None:
         store = self.store
-        for row in store.load_pds():
+        pd_rows = store.load_pds()
+        self.headers = PDHeaders.load(store, has_pds=bool(pd_rows))
+        # The generation read is what PD headers may carry from now on: durable first (after a
+        # kill -9 the WAL may hold commits the page cache has not written back).
+        store.sync()
+        for row in pd_rows:
             pd = self._open_pd(row.id, row.path, row.size, row.chunklet_size)
             if row.health == PDHealth.FAILED.value and not pd.failed:
                 pd.fail("marked failed before the restart")
+        self._check_pd_headers()
         for prow in store.load_pools():
             pool = self._make_pool(prow)
         pools_by_id = {p.id: p for p in self.pools.values()}
@@ -229,6 +240,19 @@ class Engine:
         if store.get_meta("clean") == "0":
             await self._recover_after_unclean_stop()
         store.set_meta("clean", "0")
+
+    def _check_pd_headers(self) -> None:
+        """Every PD's header against the store (pdheaders.py), before anything is read or written:
+        a store older than the PDs refuses to start; a PD that is not what the store says, or
+        that the freshest failure record names, is failed."""
+        findings = self.headers.verify_at_open(self.pds.values())
+        self.headers.refuse_if_store_behind(findings)
+        for pd_id, why in findings.wrong.items():
+            self.pds[pd_id].fail(f"refused at open: {why}")
+        for pd_id, why in findings.stale.items():
+            pd = self.pds.get(pd_id)
+            if pd is not None and not pd.failed:
+                pd.fail(f"stale: {why}")
 
     def _load_maps(self, rows: np.ndarray, vvs_by_id: dict[int, VirtualVolume]) -> None:
         if not len(rows):
@@ -307,11 +331,17 @@ class Engine:
     def _open_pd(self, pd_id: int, path: str, size: int, chunklet_size: int) -> PhysicalDisk:
         try:
             pd = PhysicalDisk.open(
-                pd_id, path, size=size, chunklet_size=chunklet_size, create=False, allow_tiny=True
+                pd_id,
+                path,
+                size=size,
+                chunklet_size=chunklet_size,
+                create=False,
+                allow_tiny=True,
+                data_offset=HEADER_AREA,
             )
         except InvalidArgument as exc:
             # A PD that vanished is a failed disk, not a reason to refuse to serve the others.
-            pd = PhysicalDisk(pd_id, path, -1, size, chunklet_size, False)
+            pd = PhysicalDisk(pd_id, path, -1, size, chunklet_size, False, data_offset=HEADER_AREA)
             pd.fail(f"cannot open: {exc}")
         self._register_pd(pd)
         return pd
@@ -540,14 +570,26 @@ class Engine:
                 chunklet_size=chunklet_size,
                 create=True,
                 allow_tiny=self.options.allow_tiny_chunklets,
+                data_offset=HEADER_AREA,
             )
         except InvalidArgument:
             raise
         except (OSError, ValueError) as exc:
             raise InvalidArgument(f"cannot use {path} as a PD: {exc}") from None
 
-        pd_id = self.store.add_pd(path, pd.size, pd.chunklet_size)
+        try:
+            pd_id = self.store.add_pd(path, pd.size, pd.chunklet_size)
+        except BaseException:
+            pd.close()
+            raise
         pd.id = pd_id
+        try:
+            # Its header, durably, before any chunklet of it is used (physical/header.py).
+            pd.write_header(self.headers.header_for(pd))
+        except MediumError as exc:
+            pd.close()
+            self.store.remove_pd(pd_id)
+            raise InvalidArgument(f"cannot use {path} as a PD: its header cannot be written: {exc}") from None
         self._register_pd(pd, zeroed=pd.created)
         # New chunklets may let a pool that ran out grow again.
         for pool in self.pools.values():

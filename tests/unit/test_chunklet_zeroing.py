@@ -11,6 +11,7 @@ import pytest
 
 from tests.engine_helpers import CHUNKLET, REGION, STEP, make_engine, pattern, reopen
 from thinblock.engine import Engine
+from thinblock.physical.header import HEADER_AREA
 from thinblock.physical.pd import PhysicalDisk
 from thinblock.units import MiB
 
@@ -73,7 +74,8 @@ async def test_released_chunklets_are_zeroed_and_fsynced_before_reuse(
 
 async def test_chunklets_of_an_existing_pd_file_are_zeroed(tmp_path: Path, fsyncs: list[int]) -> None:
     for i in range(2):
-        (tmp_path / f"old{i}.img").write_bytes(b"\xee" * MiB)  # a file full of someone's data
+        # a file full of someone's data (its first HEADER_AREA bytes become the PD header)
+        (tmp_path / f"old{i}.img").write_bytes(b"\xee" * (HEADER_AREA + MiB))
     engine = await make_engine(tmp_path, pds=0)
     for i in range(2):
         await engine.add_pd(tmp_path / f"old{i}.img", chunklet_size=CHUNKLET)

@@ -28,6 +28,8 @@ from ..blockdev import Buffer
 from ..errors import InvalidArgument, MediumError
 from ..model import PDHealth
 from ..units import KiB, MiB, format_size
+from . import header as pd_header
+from .header import PDHeader
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +118,23 @@ def _is_power_of_two(n: int) -> bool:
 class PhysicalDisk:
     """One PD.  Build it with :meth:`open`."""
 
-    def __init__(self, pd_id: int, path: str, fd: int, size: int, chunklet_size: int, is_block: bool) -> None:
+    def __init__(
+        self,
+        pd_id: int,
+        path: str,
+        fd: int,
+        size: int,
+        chunklet_size: int,
+        is_block: bool,
+        data_offset: int = 0,
+    ) -> None:
         self.id = pd_id
         self.path = path
+        # ``size`` bytes of chunklets from ``data_offset``; what lies before (the engine's PD
+        # header area, physical/header.py) is not chunklet space.
         self.size = size
+        self.data_offset = data_offset
+        self.end = data_offset + size  # the file or device must hold at least this many bytes
         self.chunklet_size = chunklet_size
         self.is_block_device = is_block
         # True when open() created the file: sparse, fsynced with its directory entry, so
@@ -147,12 +162,16 @@ class PhysicalDisk:
         chunklet_size: int,
         create: bool,
         allow_tiny: bool = False,
+        data_offset: int = 0,
     ) -> PhysicalDisk:
         """Open a PD.
 
-        * A missing file is created sparse at ``size`` when ``create`` is true.
-        * An existing file or block device is used as it is: its size, or the smaller
-          ``size`` given (the rest is left alone).
+        ``size`` counts chunklet space, which starts at ``data_offset`` (the engine reserves
+        ``header.HEADER_AREA`` there for the PD header; bare PDs in tests use 0).
+
+        * A missing file is created sparse at ``data_offset + size`` when ``create`` is true.
+        * An existing file or block device is used as it is: all of it after ``data_offset``,
+          or the smaller ``size`` given (the rest is left alone).
         * ``chunklet_size`` is a power of two from 1 MiB (from 4 KiB with ``allow_tiny``,
           for tests); the PD must hold at least one chunklet.
 
@@ -184,8 +203,8 @@ class PhysicalDisk:
                 raise InvalidArgument(
                     f"PD size {format_size(size)} is smaller than one chunklet ({format_size(chunklet_size)})"
                 )
-            fd = cls._create_sparse(path, size)
-            pd = cls(pd_id, path, fd, size, chunklet_size, is_block=False)
+            fd = cls._create_sparse(path, data_offset + size)
+            pd = cls(pd_id, path, fd, size, chunklet_size, is_block=False, data_offset=data_offset)
             pd.created = True
             return pd
 
@@ -198,12 +217,15 @@ class PhysicalDisk:
             raise InvalidArgument(f"cannot open PD {path}: {exc.strerror}") from None
         try:
             _lock(fd, path)
-            actual = os.lseek(fd, 0, os.SEEK_END) if is_block else st.st_size
+            actual = (os.lseek(fd, 0, os.SEEK_END) if is_block else st.st_size) - data_offset
             if size is None:
                 size = actual
             elif size > actual:
                 raise InvalidArgument(
-                    f"PD {path} holds {format_size(actual)} ({actual} bytes), "
+                    f"PD {path} holds {format_size(actual)} ({actual} bytes) after its first "
+                    f"{data_offset} bytes, less than the size asked for ({size} bytes)"
+                    if data_offset
+                    else f"PD {path} holds {format_size(actual)} ({actual} bytes), "
                     f"less than the size asked for ({size} bytes)"
                 )
             if size < chunklet_size:
@@ -214,7 +236,7 @@ class PhysicalDisk:
         except BaseException:
             os.close(fd)
             raise
-        return cls(pd_id, path, fd, size, chunklet_size, is_block=is_block)
+        return cls(pd_id, path, fd, size, chunklet_size, is_block=is_block, data_offset=data_offset)
 
     @staticmethod
     def _create_sparse(path: str, size: int) -> int:
@@ -254,7 +276,7 @@ class PhysicalDisk:
     def chunklet_offset(self, index: int) -> int:
         if not 0 <= index < self.chunklet_count:
             raise InvalidArgument(f"PD {self.id} has no chunklet {index} (it has {self.chunklet_count})")
-        return index * self.chunklet_size
+        return self.data_offset + index * self.chunklet_size
 
     @property
     def health(self) -> PDHealth:
@@ -265,8 +287,8 @@ class PhysicalDisk:
         return self._fd
 
     def as_device(self, offset: int = 0, length: int | None = None) -> PDRange:
-        """A RawDevice over ``[offset, offset + length)`` of this PD (default: all of it)."""
-        return PDRange(self, offset, self.size - offset if length is None else length)
+        """A RawDevice over file bytes ``[offset, offset + length)`` of this PD (default: to its end)."""
+        return PDRange(self, offset, self.end - offset if length is None else length)
 
     # --- failure ----------------------------------------------------------------------
     def add_failure_listener(self, cb: Callable[[PhysicalDisk, str], None]) -> None:
@@ -311,6 +333,27 @@ class PhysicalDisk:
             return MediumError(f"PD {self.id} ({self.path}) is closed")
         self.fail(f"{what} error at offset {offset}: {exc}")
         return MediumError(f"PD {self.id} ({self.path}): {what} error at offset {offset}: {exc.strerror}")
+
+    # --- the PD header (physical/header.py) --------------------------------------------
+    def read_header(self) -> PDHeader | None:
+        """The header in this PD's header area (None: none there).  header.HeaderError for a
+        damaged one; MediumError (and the PD failed) when it cannot be read."""
+        if self._blocked:
+            raise self._refuse("header read", 0)
+        try:
+            return pd_header.read_header(self._fd)
+        except OSError as exc:
+            raise self._io_error("header read", 0, exc) from exc
+
+    def write_header(self, header: PDHeader) -> None:
+        """Write ``header`` durably; MediumError (and the PD failed) when it cannot be."""
+        if self._blocked:
+            raise self._refuse("header write", 0)
+        assert self.data_offset >= pd_header.HEADER_AREA, "this PD has no header area"
+        try:
+            pd_header.write_header(self._fd, header)
+        except OSError as exc:
+            raise self._io_error("header write", 0, exc) from exc
 
     # --- I/O --------------------------------------------------------------------------
     def pread_into(self, offset: int, buf: memoryview) -> None:
@@ -509,7 +552,7 @@ class PDRange:
     """A RawDevice over a byte range of one PD (a chunklet, or the whole disk)."""
 
     def __init__(self, pd: PhysicalDisk, offset: int, length: int) -> None:
-        if offset < 0 or length <= 0 or offset + length > pd.size:
+        if offset < 0 or length <= 0 or offset + length > pd.end:
             raise InvalidArgument(f"range [{offset}, {offset + length}) is not inside PD {pd.id}")
         self.pd = pd
         self.offset = offset

@@ -1,0 +1,176 @@
+"""The PD header (physical/header.py) and the engine's identity checks at open (pdheaders.py)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+from tests.engine_helpers import CHUNKLET, make_engine, reopen
+from thinblock.errors import MetadataCorrupt
+from thinblock.model import PDHealth
+from thinblock.physical.header import (
+    HEADER_AREA,
+    SLOT_SIZE,
+    HeaderError,
+    PDHeader,
+    check_header,
+    new_data_dir_id,
+    read_header,
+    write_header,
+)
+from thinblock.units import MiB
+
+DIR_ID = new_data_dir_id()
+
+
+def header(**changes: object) -> PDHeader:
+    fields: dict[str, object] = {"pd_id": 3, "data_dir_id": DIR_ID, "size": 64 * MiB, "chunklet_size": MiB}
+    fields.update(changes)
+    return PDHeader(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def fd(tmp_path: Path) -> object:
+    path = tmp_path / "pd.img"
+    with path.open("wb") as f:
+        f.truncate(HEADER_AREA + MiB)
+    fd = os.open(path, os.O_RDWR)
+    yield fd
+    os.close(fd)
+
+
+def test_a_blank_pd_has_no_header(fd: int) -> None:
+    assert read_header(fd) is None
+
+
+def test_other_data_is_no_header(fd: int) -> None:
+    os.pwrite(fd, b"\xeb\x63\x90" + b"some boot sector" * 200, 0)
+    assert read_header(fd) is None
+
+
+def test_a_header_reads_back_as_written(fd: int) -> None:
+    h = header(store_generation=7, events=2, failed_pds=frozenset({1, 9}))
+    write_header(fd, h)
+    assert read_header(fd) == h
+    newer = h.with_record(store_generation=8, events=3, failed_pds=frozenset({1, 9, 4}))
+    write_header(fd, newer)
+    assert read_header(fd) == newer
+
+
+def test_writes_alternate_slots_and_a_torn_one_leaves_the_previous(fd: int) -> None:
+    first = header(events=1)
+    second = header(events=2)
+    write_header(fd, first)
+    write_header(fd, second)
+    slots = [os.pread(fd, SLOT_SIZE, 0), os.pread(fd, SLOT_SIZE, SLOT_SIZE)]
+    assert all(s.startswith(b"THINBLKP") for s in slots), "the two writes went to the same slot"
+    # Tear the newest write (a crash in the middle of it): the previous header is read.
+    newest_offset = 0 if read_header_slot_events(slots[0]) == 2 else SLOT_SIZE
+    os.pwrite(fd, b"\0" * 100, newest_offset + 60)
+    assert read_header(fd) == first
+    # The next write goes over the torn slot, not over the good one.
+    third = header(events=3)
+    write_header(fd, third)
+    assert read_header(fd) == third
+    os.pwrite(fd, b"\0" * 100, newest_offset + 60)
+    assert read_header(fd) == first
+
+
+def read_header_slot_events(slot: bytes) -> int:
+    return int(struct.unpack_from("<Q", slot, 8 + 4 + 4 + 8 + 8 + 16 + 8 + 8 + 8 + 8)[0])
+
+
+def test_both_slots_damaged_is_an_error_not_a_blank(fd: int) -> None:
+    write_header(fd, header())
+    write_header(fd, header(events=1))
+    for offset in (0, SLOT_SIZE):
+        os.pwrite(fd, b"\xff" * 8, offset + 40)
+    with pytest.raises(HeaderError, match="checksum"):
+        read_header(fd)
+
+
+def test_a_newer_format_is_refused(fd: int) -> None:
+    write_header(fd, header())
+    for offset in (0, SLOT_SIZE):
+        os.pwrite(fd, struct.pack("<I", 99), offset + 8)
+    with pytest.raises(HeaderError, match="version 99"):
+        read_header(fd)
+
+
+def test_check_header_names_each_mismatch() -> None:
+    want = {"pd_id": 3, "data_dir_id": DIR_ID, "size": 64 * MiB, "chunklet_size": MiB}
+    assert check_header(header(), **want) is None  # type: ignore[arg-type]
+    assert "no thinblock header" in str(check_header(None, **want))  # type: ignore[arg-type]
+    other = new_data_dir_id()
+    assert "another data directory" in str(check_header(header(data_dir_id=other), **want))  # type: ignore[arg-type]
+    assert "says it is PD 4" in str(check_header(header(pd_id=4), **want))  # type: ignore[arg-type]
+    assert "bytes in chunklets" in str(check_header(header(size=32 * MiB), **want))  # type: ignore[arg-type]
+
+
+# --- the engine ------------------------------------------------------------------------------
+
+
+async def test_pd_add_writes_the_header_and_chunklets_start_after_it(tmp_path: Path) -> None:
+    engine = await make_engine(tmp_path, pds=2, pd_size=MiB)
+    try:
+        for pd in engine.pds.values():
+            h = pd.read_header()
+            assert h is not None
+            assert (h.pd_id, h.data_dir_id, h.size, h.chunklet_size) == (
+                pd.id,
+                engine.headers.data_dir_id,
+                MiB,
+                CHUNKLET,
+            )
+            assert pd.chunklet_offset(0) == HEADER_AREA
+            assert os.stat(pd.path).st_size == HEADER_AREA + MiB
+    finally:
+        await engine.close()
+
+
+async def test_a_pd_file_put_in_another_ones_place_is_failed_at_open(tmp_path: Path) -> None:
+    engine = await make_engine(tmp_path, pds=3, pd_size=MiB)
+    paths = {pd.id: pd.path for pd in engine.pds.values()}
+    await engine.close()
+    # PD 1 swapped with PD 2's file; PD 3 replaced by a blank file of the right size.
+    shutil.copyfile(paths[2], paths[1])
+    os.truncate(paths[3], 0)
+    os.truncate(paths[3], HEADER_AREA + MiB)
+    engine = await reopen(engine)
+    try:
+        health = {pd.id: pd.health for pd in engine.list_pds()}
+        assert health == {1: PDHealth.FAILED, 2: PDHealth.NORMAL, 3: PDHealth.FAILED}
+        reasons = {pd.id: pd.failure_reason for pd in engine.pds.values()}
+        assert "says it is PD 2" in str(reasons[1])
+        assert "no thinblock header" in str(reasons[3])
+        alerts = {(a.kind.value, a.object) for a in engine.list_alerts()}
+        assert {("pd-failed", "pd:1"), ("pd-failed", "pd:3")} <= alerts
+    finally:
+        await engine.close()
+
+
+async def test_a_pd_of_another_data_directory_is_failed_at_open(tmp_path: Path) -> None:
+    a = await make_engine(tmp_path / "a", pds=1, pd_size=MiB)
+    b = await make_engine(tmp_path / "b", pds=1, pd_size=MiB)
+    a_path, b_path = a.pds[1].path, b.pds[1].path
+    await a.close()
+    await b.close()
+    shutil.copyfile(b_path, a_path)
+    a = await reopen(a)
+    try:
+        assert a.pds[1].failed
+        assert "another data directory" in str(a.pds[1].failure_reason)
+    finally:
+        await a.close()
+
+
+async def test_a_store_with_pds_and_no_data_directory_id_is_refused(tmp_path: Path) -> None:
+    engine = await make_engine(tmp_path, pds=1, pd_size=MiB)
+    engine.store._db.execute("DELETE FROM meta WHERE key='data_dir_id'")
+    await engine.close()
+    with pytest.raises(MetadataCorrupt, match="no data directory id"):
+        await reopen(engine)
