@@ -49,6 +49,7 @@ from tests.drills.harness import (
 )
 from tests.drills.nbd_client import NBD_EIO, NBDClient, NBDError
 from tests.support.daemon import LOOPBACK, THINBLOCK_SCRIPT, Daemon
+from thinblock.physical.header import HEADER_AREA
 
 BIG_PD = 256 * MiB
 SMALL_PD = 128 * MiB
@@ -164,7 +165,7 @@ async def failed_disk_drill(
     try:
         daemon.start()
         if method == "io-error":
-            fuse = ErrorInjectingFile(work, BIG_PD)
+            fuse = ErrorInjectingFile(work, HEADER_AREA + BIG_PD)  # the PD header's area, then chunklets
             fuse.start()
             daemon.api_ok("POST", "/pds", {"path": str(fuse.path), "size": BIG_PD, "chunklet_size": MiB})
             add_pds(daemon, Standard(count=4, size=SMALL_PD), work, first=1)

@@ -14,6 +14,7 @@ import pytest
 
 from tests.support.daemon import SMALL_CONFIG, THINBLOCK_MODULE, Daemon, start_daemon, write_config
 from thinblock.cli import main as cli_main
+from thinblock.physical.header import HEADER_AREA
 from thinblock.units import GiB, MiB
 
 from .client_tools import data_extents, nbd_size, qemu_io, run_tool
@@ -33,7 +34,7 @@ def test_first_start_defaults_then_restart(tmp_path: Path) -> None:
             assert pd["size"] == 64 * GiB and pd["health"] == "normal"
             path = Path(pd["path"])
             assert path.parent == daemon.data_dir.resolve()
-            assert path.stat().st_size == 64 * GiB
+            assert path.stat().st_size == HEADER_AREA + 64 * GiB  # the PD header's area, then chunklets
             assert path.stat().st_blocks * 512 < 16 * MiB  # sparse: no real space until written
 
         [pool] = daemon.cli_json("pool", "list")
