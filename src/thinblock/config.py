@@ -24,6 +24,7 @@ Every key has a default, so an empty file (or none) gives a working daemon on lo
     default_cache_mode = "writethrough"
     io_threads = 4                  # threads for large write-through writes; 0: all on the event loop
     offload_min = "128KiB"          # writes (per region) of this size or more go to those threads
+    pd_check_interval = 5.0         # seconds between checks of every PD's file and header; 0: none
 
     [webhook]
     url = ""                        # alerts are POSTed here as JSON
@@ -164,6 +165,7 @@ class Config:
     default_cache_mode: CacheMode = CacheMode.WRITETHROUGH
     io_threads: int = 4
     offload_min: int = 128 * KiB
+    pd_check_interval: float = 5.0
     webhook: WebhookConfig = field(default_factory=WebhookConfig)
     latency_histograms: bool = True
     first_start: FirstStartConfig = field(default_factory=FirstStartConfig)
@@ -267,6 +269,7 @@ _TABLES = {
         "default_cache_mode",
         "io_threads",
         "offload_min",
+        "pd_check_interval",
     },
     "webhook": {"url", "timeout", "max_attempts", "queue_size"},
     "metrics": {"latency_histograms"},
@@ -336,6 +339,10 @@ def parse_config(doc: dict[str, Any], *, base_dir: Path | None = None) -> Config
         changes["io_threads"] = _int(engine["io_threads"], "engine.io_threads", low=0, high=256)
     if "offload_min" in engine:
         changes["offload_min"] = _size(engine["offload_min"], "engine.offload_min")
+    if "pd_check_interval" in engine:
+        changes["pd_check_interval"] = _float(
+            engine["pd_check_interval"], "engine.pd_check_interval", low=0, high=3600
+        )
 
     hook = tables["webhook"]
     webhook = cfg.webhook

@@ -307,6 +307,7 @@ class Daemon:
                     default_cache_mode=cfg.default_cache_mode,
                     io_threads=cfg.io_threads,
                     offload_min_bytes=cfg.offload_min,
+                    pd_check_interval=cfg.pd_check_interval,
                 ),
             )
             engine = self.engine

@@ -82,6 +82,9 @@ class EngineOptions:
     # threads instead of the event loop (physical/workers.py); io_threads 0: all inline.
     io_threads: int = 4
     offload_min_bytes: int = 128 * KiB
+    # Seconds between checks of every PD's file and header (truncated, replaced, another PD's);
+    # 0: none (tests that want none).  Each check costs a few microseconds per PD.
+    pd_check_interval: float = 5.0
 
 
 DEFAULT_SET_SIZE = {0: 2, 1: 2, 5: 4}
@@ -139,6 +142,7 @@ class Engine:
         # set by _load before any PD is used.
         self.headers = PDHeaders("", 0)
         self._commit_timer: asyncio.TimerHandle | None = None
+        self._pd_check_timer: asyncio.TimerHandle | None = None
         # Writers waiting for the commit at the end of this loop turn, one future each (see
         # _assignments_committed), or None when no such commit is scheduled.
         self._commit_waiters: list[asyncio.Future[None]] | None = None
@@ -173,6 +177,7 @@ class Engine:
             engine._close_files()
             raise
         engine.cache.start()
+        engine._schedule_pd_check()
         return engine
 
     @staticmethod
@@ -253,6 +258,31 @@ class Engine:
             pd = self.pds.get(pd_id)
             if pd is not None and not pd.failed:
                 pd.fail(f"stale: {why}")
+
+    def check_pds(self) -> int:
+        """Fail every PD in service whose file or header is no longer what was formatted (issue 10
+        case 4: a PD file truncated or replaced while serving); how many were failed.  Runs every
+        ``pd_check_interval`` seconds; I/O errors check the file too (PhysicalDisk.file_problem)."""
+        problems = self.headers.identity_problems(self.pds.values())
+        for pd, problem in problems.items():
+            if not pd.failed:
+                pd.fail(f"identity check: {problem}")
+        return len(problems)
+
+    def _schedule_pd_check(self) -> None:
+        interval = self.options.pd_check_interval
+        if interval > 0 and not self._closed and self._loop is not None:
+            self._pd_check_timer = self._loop.call_later(interval, self._pd_check_tick)
+
+    def _pd_check_tick(self) -> None:
+        self._pd_check_timer = None
+        if self._closed:
+            return
+        try:
+            self.check_pds()
+        except Exception:
+            log.exception("the periodic PD check failed")
+        self._schedule_pd_check()
 
     def _load_maps(self, rows: np.ndarray, vvs_by_id: dict[int, VirtualVolume]) -> None:
         if not len(rows):
@@ -453,6 +483,9 @@ class Engine:
         if self._commit_timer is not None:
             self._commit_timer.cancel()
             self._commit_timer = None
+        if self._pd_check_timer is not None:
+            self._pd_check_timer.cancel()
+            self._pd_check_timer = None
         self._closed = True
         self._close_files()
 

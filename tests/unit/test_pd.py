@@ -167,17 +167,38 @@ def test_vectored_io_splits_past_iov_max(tmp_path: Path) -> None:
         assert whole == b"".join(pieces)
 
 
-def test_read_past_end_of_a_short_file_reads_zeros(tmp_path: Path) -> None:
+def test_a_read_past_the_end_of_a_file_cut_short_fails_the_pd(tmp_path: Path) -> None:
+    """Issue 10 case 4: zeros with success hid a truncated PD from the RAID layer above."""
     with open_pd(tmp_path) as pd:
+        heard: list[str] = []
+        pd.add_failure_listener(lambda p, reason: heard.append(reason))
         pd.pwrite(0, b"\xff" * 8192)
+        assert pd.file_problem() is None
         os.truncate(pd.path, 5000)  # someone cut the file short under us
+        assert "shorter than the" in str(pd.file_problem())
         buf = bytearray(b"\x01" * 8192)
-        pd.pread_into(0, memoryview(buf))
-        assert buf == b"\xff" * 5000 + bytes(3192)
-        bufs = [bytearray(b"\x01" * 3000) for _ in range(3)]
-        pd.preadv(1000, [memoryview(b) for b in bufs])
-        assert b"".join(bufs) == b"\xff" * 4000 + bytes(5000)
-        assert not pd.failed
+        with pytest.raises(MediumError, match="short read: it is 5000 bytes"):
+            pd.pread_into(0, memoryview(buf))
+        assert pd.failed and len(heard) == 1
+
+
+def test_a_vectored_read_past_the_end_fails_the_pd(tmp_path: Path) -> None:
+    with open_pd(tmp_path) as pd:
+        os.truncate(pd.path, 5000)
+        bufs = [bytearray(3000) for _ in range(3)]
+        with pytest.raises(MediumError, match="short read"):
+            pd.preadv(1000, [memoryview(b) for b in bufs])
+        assert pd.failed
+
+
+def test_a_file_replaced_or_removed_at_its_path_is_a_problem(tmp_path: Path) -> None:
+    with open_pd(tmp_path) as pd:
+        other = tmp_path / "other.img"
+        other.write_bytes(bytes(8 * CHUNK))
+        os.rename(other, pd.path)
+        assert "is another file now" in str(pd.file_problem())
+        os.unlink(pd.path)
+        assert "no longer exists" in str(pd.file_problem())
 
 
 def test_punch_reads_zeros_and_frees_space(tmp_path: Path) -> None:

@@ -357,7 +357,8 @@ class PhysicalDisk:
 
     # --- I/O --------------------------------------------------------------------------
     def pread_into(self, offset: int, buf: memoryview) -> None:
-        """Fill ``buf`` from ``offset`` with one syscall; bytes past the end of the file read as zeros."""
+        """Fill ``buf`` from ``offset`` with one syscall.  A read that cannot be filled (the file
+        ends before it: cut short under us) is an I/O error of this PD, never zeros."""
         if self._blocked:
             raise self._refuse("read", offset)
         try:
@@ -385,7 +386,9 @@ class PhysicalDisk:
             start += IOV_MAX
 
     def _finish_read(self, offset: int, bufs: list[memoryview], got: int) -> None:
-        """Slow path of a short read: keep reading; at end of file, fill with zeros."""
+        """Slow path of a short read: keep reading; end of file is an I/O error (issue 10 case 4:
+        a PD file truncated while serving returned zeros with success, and RAID 1 did not read
+        its intact mirror).  Every byte up to ``end`` exists in a PD of the size formatted."""
         while True:
             # Drop what is already filled.
             while bufs and got >= len(bufs[0]):
@@ -401,16 +404,40 @@ class PhysicalDisk:
                 got = os.preadv(self._fd, bufs[:IOV_MAX], offset)
             except OSError as exc:
                 raise self._io_error("read", offset, exc) from exc
-            if got == 0:  # end of file: the rest reads as zeros (a sparse file cut short)
-                for b in bufs:
-                    self._zero_fill(b)
-                return
+            if got == 0:
+                problem = self.file_problem() or f"the file ends before offset {offset}"
+                raise self._io_error("read", offset, OSError(errno.EIO, f"short read: {problem}"))
 
-    @staticmethod
-    def _zero_fill(buf: memoryview) -> None:
-        for pos in range(0, len(buf), _ZERO_CHUNK):
-            n = min(_ZERO_CHUNK, len(buf) - pos)
-            buf[pos : pos + n] = _ZEROS[:n]
+    def file_problem(self) -> str | None:
+        """What is wrong with the file under this PD, or None: shorter than the PD as formatted
+        (truncated), or no longer the file at its path (replaced or removed).  Cheap (fstat and
+        stat): the engine asks on a timer and the PD on every error."""
+        if self._closed or self._fd < 0:
+            return None
+        try:
+            st = os.fstat(self._fd)
+        except OSError as exc:
+            return f"fstat failed: {exc.strerror}"
+        if self.is_block_device:
+            try:
+                actual = os.lseek(self._fd, 0, os.SEEK_END)
+            except OSError as exc:
+                return f"cannot size the device: {exc.strerror}"
+        else:
+            actual = st.st_size
+        if actual < self.end:
+            return f"it is {actual} bytes, shorter than the {self.end} it was formatted with (truncated?)"
+        try:
+            at_path = os.stat(self.path)
+        except FileNotFoundError:
+            return f"{self.path} no longer exists (removed or renamed?)"
+        except OSError as exc:
+            return f"cannot stat {self.path}: {exc.strerror}"
+        if (at_path.st_dev, at_path.st_ino) != (st.st_dev, st.st_ino) and not self.is_block_device:
+            return f"{self.path} is another file now (replaced?)"
+        if self.is_block_device and at_path.st_rdev != st.st_rdev:
+            return f"{self.path} is another device now"
+        return None
 
     def pwrite(self, offset: int, data: Buffer) -> None:
         """Write all of ``data`` at ``offset`` (in WRITE_PIECE syscalls when it is larger)."""

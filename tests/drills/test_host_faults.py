@@ -1,0 +1,174 @@
+"""Drill 8: host faults (issue 10 cases 1, 4, 5 and 6; case 2 is drill 8's store half in the
+metadata suites, case 3 is ``test_host_faults_raid5.py``).
+
+What the host around the daemon does to it, each reproduced with the real daemon and real
+clients (qemu-io patterns and flushes), on small file systems the test mounts itself (tmpfs):
+
+* **case 4, a PD file cut short or replaced while serving**: reads of the cut mirror are I/O
+  errors of that PD (failed, alert), the other mirror answers, never zeros; the periodic check
+  finds a cut or replaced file no one reads; a restart keeps the PD failed (its header).
+* **case 5, the data directory's file system fills up** (tmpfs): ENOSPC, not a disk failure.
+* **case 6, the WAL deleted after kill -9**: the daemon refuses to start, naming the store as
+  older than the data.
+* **case 1, a member failure the store cannot record**: nothing more is acknowledged until it
+  is recorded; a restart (clean or kill -9) never serves or resyncs from the stale mirror.
+
+Each case is a short test (the default run) and a long one (``-m long``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.drills.harness import Figures, MiB, Standard, add_pds, setup_pool, setup_volume
+from tests.e2e.client_tools import qemu_io
+from tests.support.daemon import Daemon
+from thinblock.physical.header import HEADER_AREA
+
+# Quick PD checks, so that a test sees the periodic check act within a second.
+CONFIG = """
+[engine]
+pd_check_interval = 0.3
+"""
+REGION = 64 * 1024
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: int) -> Iterator[Path]:
+    """A tmpfs of ``size`` bytes mounted on ``path`` for the block; unmounted after it."""
+    path.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (root and mount(8) needed): {result.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def first_mirror(daemon: Daemon, pool: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(PD of column 0, PD of column 1) of the pool's first LD: RAID 1 reads column 0 first."""
+    [ld] = [ld for ld in daemon.cli_subprocess_json("ld", "list") if ld["pool"] == pool][:1]
+    by_id = {pd["id"]: pd for pd in daemon.cli_subprocess_json("pd", "list")}
+    cols = sorted((c for c in ld["chunklets"] if c["row"] == 0), key=lambda c: c["column"])
+    return by_id[cols[0]["pd_id"]], by_id[cols[1]["pd_id"]]
+
+
+def pd_health(daemon: Daemon) -> dict[int, str]:
+    return {pd["id"]: pd["health"] for pd in daemon.cli_subprocess_json("pd", "list")}
+
+
+def wait_for(what: str, condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s"
+        time.sleep(0.1)
+
+
+def wait_for_health(daemon: Daemon, pd_id: int, health: str, timeout: float = 20.0) -> None:
+    wait_for(f"PD {pd_id} {health}", lambda: pd_health(daemon)[pd_id] == health, timeout)
+
+
+def alert_objects(daemon: Daemon, kind: str) -> set[str]:
+    return {a["object"] for a in daemon.alerts() if a["kind"] == kind}
+
+
+def write_flush(daemon: Daemon, volume: str, value: int, offset: int, length: int) -> None:
+    qemu_io(daemon.uri(volume), f"write -P {value:#04x} {offset} {length}", "flush")
+
+
+def read_check(daemon: Daemon, volume: str, value: int, offset: int, length: int) -> None:
+    qemu_io(daemon.uri(volume), f"read -P {value:#04x} {offset} {length}")
+
+
+# --- case 4: a PD file cut short or replaced while serving ---------------------------------------
+
+
+def truncated_pd_drill(make_daemon: Callable[..., Daemon], *, rounds: int, size: int, seed: int) -> Figures:
+    """Each round: a RAID 1 volume written and flushed; the file of the mirror reads go to first is
+    cut short (at a random place in its chunklets) or replaced by a blank file; reads return the
+    data (from the other mirror), the PD is failed with a pd-failed alert naming the cause; a
+    rebuild onto a new PD restores redundancy; a restart keeps the bad PD failed and serves the
+    data."""
+    rng = random.Random(seed)
+    figures = Figures("8-host-faults-truncated-pd")
+    daemon = make_daemon("truncated", config=CONFIG)
+    work = daemon.workdir
+    daemon.start()
+    add_pds(daemon, Standard(count=2, size=4 * size), work)
+    setup_pool(daemon, "r1", 1, region=REGION, increment=4 * MiB)
+    spare = 2
+    for n in range(rounds):
+        volume = f"v{n}"
+        value = 0x41 + n
+        setup_volume(daemon, volume, "r1", size)
+        write_flush(daemon, volume, value, 0, size)
+        bad, good = first_mirror(daemon, "r1")
+        how = ("truncate-read", "truncate-idle", "replace")[n % 3] if rounds > 1 else "truncate-read"
+        path = Path(bad["path"])
+        if how == "replace":
+            blank = path.with_suffix(".new")
+            with blank.open("wb") as f:
+                f.truncate(path.stat().st_size)
+            os.rename(blank, path)
+        else:
+            os.truncate(path, HEADER_AREA + rng.randrange(0, size // 2, 4096))
+        figures.faults += 1
+        if how == "truncate-read":
+            # The read itself meets the end of the file: an I/O error of that PD, not zeros.
+            read_check(daemon, volume, value, 0, size)
+        # The periodic check finds it whether or not anything reads it.
+        wait_for_health(daemon, int(bad["id"]), "failed")
+        assert pd_health(daemon)[good["id"]] == "normal"
+        read_check(daemon, volume, value, 0, size)
+        figures.bytes_verified += size
+        failed_alerts = [
+            a for a in daemon.alerts() if a["kind"] == "pd-failed" and a["object"] == f"pd:{bad['id']}"
+        ]
+        assert failed_alerts, "no pd-failed alert for the cut PD"
+        expected = "another file" if how == "replace" else "short"
+        assert any(expected in a["message"] or "shorter" in a["message"] for a in failed_alerts), (
+            failed_alerts
+        )
+        # A restart: the PD stays failed (its file is short or has no header) and the data reads.
+        assert daemon.stop() == 0
+        daemon.start()
+        assert pd_health(daemon)[bad["id"]] == "failed"
+        read_check(daemon, volume, value, 0, size)
+        figures.bytes_verified += size
+        # The administrator's way back: a new PD, a rebuild.
+        add_pds(daemon, Standard(count=1, size=4 * size), work, first=spare)
+        spare += 1
+        result = daemon.cli_subprocess("rebuild")
+        assert result.returncode == 0, result.stderr
+        for ld in daemon.cli_subprocess_json("ld", "list"):
+            assert ld["health"] == "normal", ld
+        read_check(daemon, volume, value, 0, size)
+        figures.bytes_verified += size
+        figures.rounds += 1
+    assert daemon.stop() == 0
+    return figures
+
+
+def test_truncated_pd_short(make_daemon: Callable[..., Daemon]) -> None:
+    truncated_pd_drill(make_daemon, rounds=1, size=8 * MiB, seed=4).report()
+
+
+@pytest.mark.long
+def test_truncated_pd_long(make_daemon: Callable[..., Daemon]) -> None:
+    truncated_pd_drill(make_daemon, rounds=6, size=32 * MiB, seed=44).report()
