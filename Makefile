@@ -4,7 +4,7 @@
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
-APT_PKGS := qemu-utils libnbd-bin fio nbdkit
+APT_PKGS := qemu-utils libnbd-bin fio nbdkit openssl
 
 .PHONY: setup deps venv serve test lint typecheck pytest bench drills clean
 

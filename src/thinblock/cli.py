@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import shutil
+import ssl
 import stat
 import subprocess
 import sys
@@ -125,6 +126,18 @@ def _client_options() -> argparse.ArgumentParser:
         help=f"the daemon's API (THINBLOCK_API; default {DEFAULT_API})",
     )
     g.add_argument("--token", default=argparse.SUPPRESS, help="bearer token (THINBLOCK_TOKEN)")
+    g.add_argument(
+        "--token-file",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="read the bearer token from FILE (THINBLOCK_TOKEN_FILE); keeps it out of ps and shell history",
+    )
+    g.add_argument(
+        "--cacert",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="CA certificate(s) to check an https:// API against (THINBLOCK_CACERT; default: the system's)",
+    )
     g.add_argument(
         "--timeout", type=float, default=argparse.SUPPRESS, help="seconds to wait for the daemon (default 30)"
     )
@@ -323,6 +336,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = leaf(commands, "rebuild", "rebuild degraded LDs onto spare chunklets, with progress", cmd_rebuild)
     p.add_argument("--no-wait", action="store_true", help="start it and return")
+
+    token = noun("token", "API tokens with roles (read-only, operator, admin); admin only")
+    p = leaf(token, "create", "create a token; its secret is shown once", cmd_token_create)
+    p.add_argument("name", metavar="NAME", help="who or what uses it (letters, digits, . _ @ -)")
+    p.add_argument("--role", required=True, choices=("read-only", "operator", "admin"), help="what it may do")
+    p.add_argument(
+        "--output", metavar="FILE", help="write the secret to FILE (mode 0600, for --token-file) instead"
+    )
+    leaf(token, "list", "list tokens (never their secrets)", cmd_token_list)
+    leaf(token, "revoke", "revoke a token: it stops working at once", cmd_token_revoke).add_argument(
+        "id", type=_id_arg, metavar="ID"
+    )
     return parser
 
 
@@ -357,22 +382,51 @@ class Context:
         return url.removesuffix(API_PREFIX)
 
     @property
+    def token(self) -> str | None:
+        """--token, else --token-file, else THINBLOCK_TOKEN, else THINBLOCK_TOKEN_FILE."""
+        token = getattr(self.args, "token", None)
+        if token:
+            return str(token)
+        token_file = getattr(self.args, "token_file", None)
+        if not token_file:
+            token = os.environ.get("THINBLOCK_TOKEN")
+            if token:
+                return token
+            token_file = os.environ.get("THINBLOCK_TOKEN_FILE")
+        if not token_file:
+            return None
+        try:
+            text = Path(token_file).expanduser().read_text().strip()
+        except OSError as exc:
+            raise CliError(f"cannot read the token file {token_file}: {exc.strerror or exc}") from None
+        if not text:
+            raise CliError(f"the token file {token_file} is empty")
+        return text.splitlines()[0].strip()
+
+    @property
     def client(self) -> httpx.Client:
         if self._client is None:
-            token = getattr(self.args, "token", None) or os.environ.get("THINBLOCK_TOKEN")
+            token = self.token
             headers = {"user-agent": f"thinblock-cli/{__version__}"}
             if token:
                 headers["authorization"] = f"Bearer {token}"
+            cacert = getattr(self.args, "cacert", None) or os.environ.get("THINBLOCK_CACERT")
             self._client = httpx.Client(
                 base_url=self.api + API_PREFIX,
                 headers=headers,
                 timeout=getattr(self.args, "timeout", None) or 30.0,
                 transport=self.transport,
+                verify=_tls_context(cacert) if cacert else True,
             )
         return self._client
 
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
-        """One API call; the decoded JSON (None for 204).  Failures become a CliError."""
+        """One API call; the decoded JSON (None for 204).  Failures become a CliError.
+
+        State-changing calls always carry a JSON body (``{}`` for actions without parameters):
+        the API refuses anything else, which is what stops cross-site form posts."""
+        if method not in ("GET", "HEAD") and "json" not in kwargs and "content" not in kwargs:
+            kwargs["json"] = {}
         try:
             response = self.client.request(method, path, **kwargs)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
@@ -402,11 +456,7 @@ class Context:
             return body
         message = body.get("error") if isinstance(body, dict) else None
         if response.status_code == 401:
-            hint = (
-                ""
-                if getattr(self.args, "token", None) or os.environ.get("THINBLOCK_TOKEN")
-                else (" (give --token or set THINBLOCK_TOKEN)")
-            )
+            hint = "" if self.token else " (give --token or set THINBLOCK_TOKEN)"
             raise CliError(f"{message or 'unauthorized'}{hint}")
         if not message:
             message = f"HTTP {response.status_code} from {self.api} for {method} {path}"
@@ -424,6 +474,13 @@ class Context:
 
     def say(self, message: str) -> None:
         self.out.print(message, highlight=False, markup=False)
+
+
+def _tls_context(cacert: str) -> ssl.SSLContext:
+    try:
+        return ssl.create_default_context(cafile=cacert)
+    except (OSError, ssl.SSLError) as exc:
+        raise CliError(f"cannot use {cacert} as CA certificates: {_reason(exc)}") from None
 
 
 def _reason(exc: Exception) -> str:
@@ -912,6 +969,48 @@ def cmd_rebuild(ctx: Context) -> None:
             f"rebuilt {progress['lds_done']} of {progress['lds_total']} LDs "
             f"({format_size(progress['bytes_done'])})"
         )
+
+
+def cmd_token_create(ctx: Context) -> None:
+    a = ctx.args
+    created = ctx.call("POST", "/tokens", json={"name": a.name, "role": a.role})
+    if a.output:
+        try:
+            fd = os.open(a.output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            # The token exists now; without its secret it is useless: revoke it, say so.
+            ctx.call("DELETE", f"/tokens/{created['id']}")
+            raise CliError(
+                f"cannot create {a.output}: {exc.strerror or exc} (the token was revoked)"
+            ) from None
+        with os.fdopen(fd, "w") as f:
+            f.write(created["token"] + "\n")
+        shown = {k: v for k, v in created.items() if k != "token"}
+        _done(
+            ctx, shown, f"token {created['id']} ({created['name']}, {created['role']}) written to {a.output}"
+        )
+        return
+    if ctx.json:
+        ctx.print_json(created)
+        return
+    ctx.say(f"token {created['id']} ({created['name']}, {created['role']}); its secret, shown this once:")
+    ctx.say(created["token"])
+
+
+def cmd_token_list(ctx: Context) -> None:
+    tokens = ctx.call("GET", "/tokens")
+    if ctx.json:
+        ctx.print_json(tokens)
+        return
+    table = _table("ID", "NAME", "ROLE", "CREATED")
+    for t in tokens:
+        table.add_row(str(t["id"]), t["name"], t["role"], _time_text(t["created"]))
+    ctx.print_table(table)
+
+
+def cmd_token_revoke(ctx: Context) -> None:
+    ctx.call("DELETE", f"/tokens/{ctx.args.id}")
+    _done(ctx, None, f"token {ctx.args.id} revoked")
 
 
 def _follow_rebuild(ctx: Context, progress: dict[str, Any]) -> dict[str, Any]:

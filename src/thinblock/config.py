@@ -16,6 +16,9 @@ Every key has a default, so an empty file (or none) gives a working daemon on lo
     listen = "127.0.0.1:8080"
     token = ""                      # bearer token; required when `listen` is not a loopback address
     require_token = false           # demand the token even on loopback
+    tls_cert = ""                   # PEM certificate (chain): the API speaks HTTPS when given
+    tls_key = ""                    # its PEM private key
+    allowed_hosts = []              # extra Host names the API answers to (e.g. "thinblock.example.com:8080")
 
     [engine]
     chunklet_size = "256MiB"        # default for `pd add` without --chunklet-size, and first-start PDs
@@ -159,6 +162,9 @@ class Config:
     api_listen: Listen = field(default_factory=lambda: Listen("127.0.0.1", DEFAULT_API_PORT))
     api_token: str | None = None
     api_require_token: bool = False
+    api_tls_cert: Path | None = None
+    api_tls_key: Path | None = None
+    api_allowed_hosts: tuple[str, ...] = ()
     chunklet_size: int = 256 * MiB
     max_dirty_bytes: int = 256 * MiB
     destage_delay: float = 0.05
@@ -185,6 +191,8 @@ class Config:
                 f"the API listens on {self.api_listen} ({where}): set api.token in the config file "
                 "(or --api-token, or the THINBLOCK_API_TOKEN environment variable) so that it is not open to anyone"
             )
+        if (self.api_tls_cert is None) != (self.api_tls_key is None):
+            raise ConfigError("api.tls_cert and api.tls_key go together: give both or neither")
         if self.nbd_listen is None and self.nbd_unix_socket is None:
             raise ConfigError("NBD has nowhere to listen: give nbd.listen or nbd.unix_socket")
         return self
@@ -261,7 +269,7 @@ def _table(doc: dict[str, Any], name: str, known: set[str]) -> dict[str, Any]:
 _TOP_KEYS = {"data_dir", "log_level", "log_format", "event_loop"}
 _TABLES = {
     "nbd": {"listen", "unix_socket", "default_export"},
-    "api": {"listen", "token", "require_token"},
+    "api": {"listen", "token", "require_token", "tls_cert", "tls_key", "allowed_hosts"},
     "engine": {
         "chunklet_size",
         "max_dirty_bytes",
@@ -323,6 +331,15 @@ def parse_config(doc: dict[str, Any], *, base_dir: Path | None = None) -> Config
         changes["api_token"] = _optional_str(api["token"], "api.token")
     if "require_token" in api:
         changes["api_require_token"] = _bool(api["require_token"], "api.require_token")
+    for key in ("tls_cert", "tls_key"):
+        if key in api:
+            given = _optional_str(api[key], f"api.{key}")
+            changes[f"api_{key}"] = path(given, f"api.{key}") if given else None
+    if "allowed_hosts" in api:
+        hosts = api["allowed_hosts"]
+        if not isinstance(hosts, list) or not all(isinstance(h, str) and h.strip() for h in hosts):
+            raise ConfigError(f"api.allowed_hosts: expected a list of host names, not {hosts!r}")
+        changes["api_allowed_hosts"] = tuple(h.strip().lower() for h in hosts)
 
     engine = tables["engine"]
     if "chunklet_size" in engine:

@@ -22,6 +22,7 @@ import errno
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -189,8 +190,32 @@ def _uvicorn_server(app: Any, cfg: Config) -> Any:
         proxy_headers=False,
         ws="none",
         timeout_graceful_shutdown=int(SHUTDOWN_GRACE),
+        ssl_certfile=str(cfg.api_tls_cert) if cfg.api_tls_cert else None,
+        ssl_keyfile=str(cfg.api_tls_key) if cfg.api_tls_key else None,
     )
     return Server(config)
+
+
+def _api_allowed_hosts(cfg: Config, port: int) -> frozenset[str] | None:
+    """The ``Host`` values the API accepts (DNS rebinding): its own address with the bound port
+    (and localhost's names on loopback) plus ``api.allowed_hosts``; None (any) when it listens on
+    every address and no name was configured -- it cannot know the names clients use then."""
+    from .api.auth import loopback_hosts
+
+    listen = cfg.api_listen
+    hosts: set[str] = set()
+    for entry in cfg.api_allowed_hosts:
+        hosts.add(entry)
+        if not re.search(r":\d+$", entry):  # a name without a port: with the API's port
+            hosts.add(f"{entry}:{port}")
+    wildcard = listen.host in ("0.0.0.0", "::", "")
+    if wildcard and not hosts:
+        return None
+    if listen.is_loopback or wildcard:
+        hosts |= loopback_hosts(port)
+    if not wildcard:
+        hosts.add(f"{listen.url_host()}:{port}".lower())
+    return frozenset(hosts)
 
 
 def _bind_tcp(host: str, port: int, what: str) -> socket.socket:
@@ -347,7 +372,21 @@ class Daemon:
                 data_dir=data_dir.resolve(),
                 default_chunklet_size=cfg.chunklet_size,
             )
-            app = create_app(engine, node, token=cfg.api_token, extra_metrics=extra_metrics)
+            from .api.auth import ApiSecurity
+
+            security = ApiSecurity.for_data_dir(
+                data_dir,
+                config_token=cfg.api_token,
+                require_token=cfg.token_required,
+                allowed_hosts=_api_allowed_hosts(cfg, api_port),
+            )
+            if not security.token_required:
+                log.warning(
+                    "the API demands no token: anyone on this host can manage thinblock "
+                    "(create one with `thinblock token create NAME --role admin`)",
+                    extra={"event": "api-open"},
+                )
+            app = create_app(engine, node, security=security, extra_metrics=extra_metrics)
             self.api_ctx = app.state.ctx
             self.api_server = _uvicorn_server(app, cfg)
         except BaseException:
@@ -358,7 +397,8 @@ class Daemon:
             await asyncio.sleep(0.01)
         if self.api_task.done():
             raise StartupError("the API server failed to start")
-        api_url = f"http://{cfg.api_listen.url_host()}:{api_port}"
+        scheme = "https" if cfg.api_tls_cert else "http"
+        api_url = f"{scheme}://{cfg.api_listen.url_host()}:{api_port}"
         self._log_ready(api_url)
 
     async def _start_nbd(self, provider: Any) -> None:

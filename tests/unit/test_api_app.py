@@ -23,6 +23,8 @@ from thinblock.errors import OutOfSpace
 from thinblock.units import GiB, MiB
 
 CHUNKLET = 4 * MiB
+# State-changing requests must say JSON (the cross-site guard), also deletes and body-less actions.
+JSON = {"content-type": "application/json"}
 PD_SIZE = 64 * MiB
 
 
@@ -96,9 +98,9 @@ async def test_pds_add_list_show_fail_remove(client: httpx.AsyncClient, tmp_path
     assert "not found" in _err(await client.get("/pds/999"), 404)
     assert "already" in _err(await client.post("/pds", json={"path": "pd0.img", "size": "64MiB"}), 409)
 
-    failed = _ok(await client.post(f"/pds/{other['id']}/fail"))
+    failed = _ok(await client.post(f"/pds/{other['id']}/fail", json={}))
     assert failed["health"] == "failed"
-    assert _ok(await client.delete(f"/pds/{other['id']}"), 204) is None
+    assert _ok(await client.delete(f"/pds/{other['id']}", headers=JSON), 204) is None
     assert [p["id"] for p in _ok(await client.get("/pds"))] == [pd["id"]]
 
 
@@ -108,7 +110,7 @@ async def test_pd_in_use_cannot_be_removed(client: httpx.AsyncClient, engine: En
     await engine.volume("v").write(0, b"\x01" * 4096)
     used = [p for p in _ok(await client.get("/pds")) if p["chunklets_used"]]
     assert used
-    assert "chunklet" in _err(await client.delete(f"/pds/{used[0]['id']}"), 409)
+    assert "chunklet" in _err(await client.delete(f"/pds/{used[0]['id']}", headers=JSON), 409)
     assert len(_ok(await client.get("/pds"))) == 4
 
 
@@ -207,12 +209,12 @@ async def test_pool_lifecycle(client: httpx.AsyncClient, engine: Engine) -> None
     await engine.volume("v").write(0, b"\x01" * 4096)
     grown = _ok(await client.get("/pools/default"))
     assert (grown["capacity"], grown["used"], grown["lds"], grown["volumes"]) == (8 * MiB, MiB, 1, 1)
-    assert "volume" in _err(await client.delete("/pools/default"), 409)
-    _ok(await client.delete("/volumes/v"), 204)
-    compacted = _ok(await client.post("/pools/default/compact"))
+    assert "volume" in _err(await client.delete("/pools/default", headers=JSON), 409)
+    _ok(await client.delete("/volumes/v", headers=JSON), 204)
+    compacted = _ok(await client.post("/pools/default/compact", json={}))
     assert compacted["released_lds"] == 1
     assert (compacted["pool"]["capacity"], compacted["pool"]["lds"]) == (0, 0)
-    _ok(await client.delete("/pools/default"), 204)
+    _ok(await client.delete("/pools/default", headers=JSON), 204)
     assert "not found" in _err(await client.get("/pools/default"), 404)
 
 
@@ -284,7 +286,7 @@ async def test_volume_lifecycle(client: httpx.AsyncClient, engine: Engine) -> No
     )
     assert "cache_mode" in _err(await client.patch("/volumes/vol1", json={"cache_mode": None}), 400)
 
-    _ok(await client.delete("/volumes/vol1"), 204)
+    _ok(await client.delete("/volumes/vol1", headers=JSON), 204)
     assert "not found" in _err(await client.get("/volumes/vol1"), 404)
     assert _ok(await client.get("/pools/default"))["used"] == 0
 
@@ -354,13 +356,13 @@ async def test_alerts_list_show_ack(client: httpx.AsyncClient, engine: Engine) -
     warning = next(a for a in alerts if a["kind"] == "vv-allocation-warning")
     assert (warning["object"], warning["state"], warning["severity"]) == ("vv:v", "new", "warning")
     assert _ok(await client.get(f"/alerts/{warning['id']}")) == warning
-    acked = _ok(await client.post(f"/alerts/{warning['id']}/ack"))
+    acked = _ok(await client.post(f"/alerts/{warning['id']}/ack", json={}))
     assert acked["state"] == "acknowledged"
     assert (
         next(a for a in _ok(await client.get("/alerts")) if a["id"] == warning["id"])["state"]
         == "acknowledged"
     )
-    _err(await client.post("/alerts/99999/ack"), 404)
+    _err(await client.post("/alerts/99999/ack", json={}), 404)
     _err(await client.get("/alerts/99999"), 404)
     assert _ok(await client.get("/status"))["open_alerts"] == len(alerts)
 
@@ -395,19 +397,19 @@ async def test_lds_and_rebuild(client: httpx.AsyncClient, engine: Engine) -> Non
     _err(await client.get("/lds", params={"pool": "gold"}), 404)
     _err(await client.get("/lds/42"), 404)
 
-    nothing = _ok(await client.post("/rebuild"), 202)
+    nothing = _ok(await client.post("/rebuild", json={}), 202)
     while nothing["running"]:
         await asyncio.sleep(0.01)
         nothing = _ok(await client.get("/rebuild"))
     assert nothing["lds_total"] == 0 and nothing["error"] is None
 
     victim = ld["chunklets"][0]["pd_id"]
-    _ok(await client.post(f"/pds/{victim}/fail"))
+    _ok(await client.post(f"/pds/{victim}/fail", json={}))
     assert _ok(await client.get(f"/lds/{ld['id']}"))["health"] == "degraded"
     assert "ld-degraded" in {a["kind"] for a in _ok(await client.get("/alerts"))}
     assert _ok(await client.get("/status"))["lds_degraded"] == 1
 
-    progress = _ok(await client.post("/rebuild"), 202)
+    progress = _ok(await client.post("/rebuild", json={}), 202)
     assert progress["running"] is True
     for _ in range(1000):
         if not progress["running"]:
@@ -470,7 +472,7 @@ async def test_validation_errors_are_400_not_422(
 
 async def test_unknown_route_and_method(client: httpx.AsyncClient) -> None:
     _err(await client.get("/nothing"), 404)
-    _err(await client.put("/pools"), 405)
+    _err(await client.put("/pools", headers=JSON), 405)
 
 
 async def test_openapi_describes_what_the_app_does(client: httpx.AsyncClient) -> None:

@@ -87,7 +87,7 @@ def run(
 
 @pytest.fixture(autouse=True)
 def _no_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in ("THINBLOCK_API", "THINBLOCK_TOKEN", "THINBLOCK_DEBUG"):
+    for var in ("THINBLOCK_API", "THINBLOCK_TOKEN", "THINBLOCK_TOKEN_FILE", "THINBLOCK_CACERT", "THINBLOCK_DEBUG"):
         monkeypatch.delenv(var, raising=False)
 
 
@@ -326,3 +326,72 @@ def test_unexpected_failure_is_one_line_not_a_traceback() -> None:
     api = FakeApi({("GET", "/api/v1/volumes"): (200, [{"name": "broken"}])})  # a body the renderer cannot use
     code, _, err = run(["vv", "list"], api)
     assert code == EXIT_ERROR and err.startswith("error: unexpected KeyError") and err.count("\n") == 1
+
+
+# --- security: JSON bodies, token files ------------------------------------------------------------
+
+
+def test_every_state_changing_command_sends_json(tmp_path: Path) -> None:
+    """The API refuses state-changing requests that are not application/json (its cross-site
+    guard): the body-less actions send ``{}``."""
+    ok: dict[tuple[str, str], Any] = {
+        ("POST", "/api/v1/pds/3/fail"): (200, {"id": 3}),
+        ("DELETE", "/api/v1/pds/3"): (204, None),
+        ("POST", "/api/v1/pools/default/compact"): (200, {"released_lds": 0, "pool": POOL}),
+        ("DELETE", "/api/v1/pools/default"): (204, None),
+        ("DELETE", "/api/v1/volumes/vol0"): (204, None),
+        ("POST", "/api/v1/alerts/7/ack"): (200, {"id": 7, "kind": "k", "object": "o"}),
+        ("POST", "/api/v1/rebuild"): (202, {"running": False, "lds_total": 0, "lds_done": 0,
+                                            "bytes_total": 0, "bytes_done": 0, "current_ld": None}),
+        ("DELETE", "/api/v1/tokens/2"): (204, None),
+    }  # fmt: skip
+    api = FakeApi(ok)
+    for argv in (
+        ["pd", "fail", "3", "--json"],
+        ["pd", "remove", "3", "--json"],
+        ["pool", "compact", "default", "--json"],
+        ["pool", "delete", "default", "--json"],
+        ["vv", "delete", "vol0", "--json"],
+        ["alerts", "ack", "7", "--json"],
+        ["rebuild", "--no-wait", "--json"],
+        ["token", "revoke", "2", "--json"],
+    ):
+        code, _, err = run(argv, api)
+        assert code == 0, (argv, err)
+    sent = [r for r in api.requests if r.method != "GET"]
+    assert {(r.method, r.url.path) for r in sent} == set(ok)
+    for request in sent:
+        assert request.headers["content-type"] == "application/json", request
+        assert json.loads(request.content) == {}
+
+
+def test_token_file_and_its_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    api = FakeApi({("GET", "/api/v1/volumes"): (200, [VV])})
+    token_file = tmp_path / "token"
+    token_file.write_text("tb_secret\n")
+    assert run(["vv", "list", "--token-file", str(token_file)], api)[0] == 0
+    assert api.requests[-1].headers["authorization"] == "Bearer tb_secret"
+    monkeypatch.setenv("THINBLOCK_TOKEN_FILE", str(token_file))
+    assert run(["vv", "list"], api)[0] == 0
+    assert api.requests[-1].headers["authorization"] == "Bearer tb_secret"
+    assert run(["vv", "list", "--token", "other"], api)[0] == 0  # --token wins
+    assert api.requests[-1].headers["authorization"] == "Bearer other"
+    code, _, err = run(["vv", "list", "--token-file", str(tmp_path / "missing")], api)
+    assert code == EXIT_ERROR and "cannot read the token file" in err
+    token_file.write_text("\n")
+    code, _, err = run(["vv", "list"], api)
+    assert code == EXIT_ERROR and "is empty" in err
+
+
+def test_token_create_writes_the_secret_to_a_private_file(tmp_path: Path) -> None:
+    created = {"id": 4, "name": "ci", "role": "operator", "created": 1_700_000_000.0, "token": "tb_s3"}
+    api = FakeApi({("POST", "/api/v1/tokens"): (201, created), ("DELETE", "/api/v1/tokens/4"): (204, None)})
+    out_file = tmp_path / "ci.token"
+    code, out, _ = run(["token", "create", "ci", "--role", "operator", "--output", str(out_file)], api)
+    assert code == 0 and "tb_s3" not in out
+    assert api.body(0) == {"name": "ci", "role": "operator"}
+    assert out_file.read_text() == "tb_s3\n" and (out_file.stat().st_mode & 0o777) == 0o600
+    # An existing file is never overwritten; the token whose secret could not be kept is revoked.
+    code, _, err = run(["token", "create", "ci", "--role", "operator", "--output", str(out_file)], api)
+    assert code == EXIT_ERROR and "the token was revoked" in err
+    assert api.requests[-1].method == "DELETE"

@@ -13,7 +13,6 @@ Errors (the issue's rule: "errors as JSON with a message and the right status co
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import socket
 import time
@@ -30,7 +29,6 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StringConstraints, WithJsonSchema
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import __version__
 from ..engine import UNSET, Engine
@@ -48,6 +46,7 @@ from ..model import (
     RebuildProgress as RebuildProgressInfo,
 )
 from ..units import Limit, parse_size
+from .auth import NO_PARAMETERS, SAFE_METHODS, ApiGuard, ApiSecurity, token_router
 from .metrics import build_registry, render_metrics
 
 log = logging.getLogger("thinblock.api")
@@ -514,34 +513,6 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(500, f"internal error ({type(exc).__name__}); see the daemon log")
 
 
-# --- authentication ------------------------------------------------------------------------------
-
-
-class BearerTokenMiddleware:
-    """Every HTTP request (API, /metrics, /docs, the OpenAPI document) must carry
-    ``Authorization: Bearer <token>``; otherwise 401.  Compared in constant time."""
-
-    def __init__(self, app: ASGIApp, token: str) -> None:
-        self.app = app
-        self.expected = f"Bearer {token}".encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        given = b""
-        for key, value in scope.get("headers", []):
-            if key == b"authorization":
-                given = value
-                break
-        if not hmac.compare_digest(given, self.expected):
-            message = "missing bearer token" if not given else "wrong bearer token"
-            response = _error(401, f"unauthorized: {message}", headers={"WWW-Authenticate": "Bearer"})
-            await response(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
-
-
 # --- the app -------------------------------------------------------------------------------------
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -557,11 +528,16 @@ def create_app(
     node: NodeInfo | None = None,
     *,
     token: str | None = None,
+    security: ApiSecurity | None = None,
     extra_metrics: list[Any] | None = None,
 ) -> FastAPI:
-    """The FastAPI app for ``engine``.  With ``token`` every request needs it (bearer).
+    """The FastAPI app for ``engine``, behind the gate of ``thinblock.api.auth`` (tokens, roles,
+    cross-site refusals, audit).  ``security`` says what it enforces; without it, the data
+    directory's token store and audit log with ``token`` (if given) as the admin token.
     ``extra_metrics``: more prometheus collectors (the daemon's webhook and NBD latencies)."""
     node = node or NodeInfo()
+    if security is None:
+        security = ApiSecurity.for_data_dir(node.data_dir, config_token=token)
     ctx = ApiContext(engine, node, extra_metrics)
     app = FastAPI(
         title="thinblock",
@@ -574,6 +550,7 @@ def create_app(
     app.state.ctx = ctx
     _install_error_handlers(app)
     app.include_router(_router(ctx), prefix=API_PREFIX)
+    app.include_router(token_router(security), prefix=API_PREFIX, responses=_ERRORS)
 
     @app.get("/metrics", include_in_schema=True, tags=["metrics"], response_class=Response)
     async def metrics() -> Response:
@@ -581,14 +558,15 @@ def create_app(
         body, content_type = render_metrics(ctx.registry)
         return Response(content=body, media_type=content_type)
 
-    _customise_openapi(app, token_required=token is not None)
-    if token is not None:
-        app.add_middleware(BearerTokenMiddleware, token=token)
+    _customise_openapi(app)
+    app.add_middleware(ApiGuard, security=security, openapi=app.openapi)
     return app
 
 
-def _customise_openapi(app: FastAPI, *, token_required: bool) -> None:
-    """Describe what the app really does: 400 (not 422) for invalid requests, 401 with a token."""
+def _customise_openapi(app: FastAPI) -> None:
+    """Describe what the app really does: 400 (not 422) for invalid requests, 401 and 403 from
+    the gate (a token becomes required once one exists), and for state-changing operations the
+    JSON body the gate demands (``{}`` for actions without parameters) and its 413/415."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:
@@ -598,20 +576,39 @@ def _customise_openapi(app: FastAPI, *, token_required: bool) -> None:
         )
         error_ref = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
         for path_item in schema.get("paths", {}).values():
-            for operation in path_item.values():
+            for method, operation in path_item.items():
                 responses = operation.setdefault("responses", {})
                 responses.pop("422", None)
                 responses.setdefault("400", {"description": "bad input", "content": error_ref})
-                if token_required:
-                    responses["401"] = {"description": "missing or wrong bearer token", "content": error_ref}
+                responses["401"] = {"description": "missing or wrong bearer token", "content": error_ref}
+                responses["403"] = {
+                    "description": "the token's role does not allow this, or a cross-site request",
+                    "content": error_ref,
+                }
+                if method.upper() in SAFE_METHODS:
+                    continue
+                if "requestBody" not in operation:
+                    operation[NO_PARAMETERS] = True
+                responses["413"] = {"description": "request body too large", "content": error_ref}
+                responses["415"] = {"description": "not Content-Type: application/json", "content": error_ref}
+                operation.setdefault(
+                    "requestBody",
+                    {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {"type": "object", "properties": {}, "additionalProperties": False}
+                            }
+                        },
+                    },
+                )
         components = schema.setdefault("components", {})
         schemas = components.setdefault("schemas", {})
         for unused in ("HTTPValidationError", "ValidationError"):
             schemas.pop(unused, None)
         schemas.setdefault("ErrorBody", ErrorBody.model_json_schema())
-        if token_required:
-            components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
-            schema["security"] = [{"bearer": []}]
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        schema["security"] = [{"bearer": []}, {}]
         app.openapi_schema = schema
         return schema
 
@@ -878,4 +875,4 @@ async def _run_rebuild(ctx: ApiContext) -> RebuildProgressInfo | None:
     return result
 
 
-__all__ = ["API_PREFIX", "ApiContext", "BearerTokenMiddleware", "NodeInfo", "create_app"]
+__all__ = ["API_PREFIX", "ApiContext", "NodeInfo", "create_app"]
