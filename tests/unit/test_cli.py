@@ -87,7 +87,13 @@ def run(
 
 @pytest.fixture(autouse=True)
 def _no_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in ("THINBLOCK_API", "THINBLOCK_TOKEN", "THINBLOCK_TOKEN_FILE", "THINBLOCK_CACERT", "THINBLOCK_DEBUG"):
+    for var in (
+        "THINBLOCK_API",
+        "THINBLOCK_TOKEN",
+        "THINBLOCK_TOKEN_FILE",
+        "THINBLOCK_CACERT",
+        "THINBLOCK_DEBUG",
+    ):
         monkeypatch.delenv(var, raising=False)
 
 
