@@ -36,6 +36,7 @@ from .config import Config
 from .engine import Engine, EngineOptions
 from .errors import MetadataCorrupt, NotFound, ThinblockError
 from .memory import warm_heap
+from .pdheaders import StoreBehindData
 from .units import format_size
 
 log = logging.getLogger("thinblock.daemon")
@@ -270,6 +271,11 @@ class Daemon:
             await self._start()
         except StartupError as exc:
             log.error("%s", exc, extra={"event": "startup-failed"})
+            await self._stop()
+            return EXIT_FAILURE
+        except StoreBehindData as exc:
+            # Not damage `thinblock check` can name in the store alone: say what was found.
+            log.error("refusing to start: %s", exc, extra={"event": "startup-failed"})
             await self._stop()
             return EXIT_FAILURE
         except MetadataCorrupt as exc:

@@ -46,7 +46,7 @@ from .model import (
     VVInfo,
     VVStats,
 )
-from .pdheaders import PDHeaders
+from .pdheaders import PDHeaders, offline_problems
 from .physical.header import HEADER_AREA
 from .physical.pd import PhysicalDisk
 from .physical.workers import IOWorkers
@@ -195,6 +195,7 @@ class Engine:
                 for row in store.load_pds():
                     if not os.path.exists(row.path):
                         problems.append(f"PD {row.id} at {row.path} is missing")
+                problems += offline_problems(store)
             return CheckReport(not problems, problems, counts)
         finally:
             store.close()
@@ -245,6 +246,7 @@ class Engine:
         if store.get_meta("clean") == "0":
             await self._recover_after_unclean_stop()
         store.set_meta("clean", "0")
+        self.headers.start_counting(store)
 
     def _check_pd_headers(self) -> None:
         """Every PD's header against the store (pdheaders.py), before anything is read or written:
@@ -515,8 +517,11 @@ class Engine:
                 try:
                     pds = [pd for pd in self.pds.values() if not pd.failed]
                     self._commit_now()  # the assignments of every write acknowledged so far
+                    # The store generation moves with metadata (pdheaders.py): a store that later
+                    # loses this flush's commits is then found older than the PD headers.
+                    generation = self.headers.bump_if_changed(self.store)
                     failures = await asyncio.get_running_loop().run_in_executor(
-                        None, _sync_all, pds, self.store
+                        None, _sync_all, pds, self.store, self.headers, generation
                     )
                 except BaseException:
                     for pool, batch in pending.items():
@@ -1150,8 +1155,12 @@ def _limit_of(row: VVRow, field: str) -> Limit | None:
     return None if nbytes is None and pct is None else Limit(nbytes, pct)
 
 
-def _sync_all(pds: list[PhysicalDisk], store: SQLiteStore) -> list[str]:
-    """Blocking: fsync every PD, then the store (data before the metadata that points at it)."""
+def _sync_all(
+    pds: list[PhysicalDisk], store: SQLiteStore, headers: PDHeaders, generation: int | None
+) -> list[str]:
+    """Blocking: fsync every PD, then the store (data before the metadata that points at it),
+    then, when the flush bumped the store generation, the PD headers (after the store: a header
+    must never be ahead of the durable store).  A header write syncs only its 4 KiB."""
     failures = []
     for pd in pds:
         try:
@@ -1159,6 +1168,9 @@ def _sync_all(pds: list[PhysicalDisk], store: SQLiteStore) -> list[str]:
         except MediumError as exc:
             failures.append(str(exc))
     store.sync()
+    if generation is not None:
+        # A PD whose header cannot be written fails (its data was fsynced: nothing is lost).
+        headers.publish(generation, pds)
     return failures
 
 

@@ -22,12 +22,14 @@ What the headers hold for the engine, and the rules kept with them:
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .errors import MediumError, MetadataCorrupt
 from .metadata.store import MetadataStore
-from .physical.header import HeaderError, PDHeader, check_header, new_data_dir_id
+from .physical.header import HeaderError, PDHeader, check_header, new_data_dir_id, read_header
 from .physical.pd import PhysicalDisk
 
 log = logging.getLogger("thinblock.pdheaders")
@@ -59,6 +61,10 @@ class PDHeaders:
         self.generation = generation  # the store generation known durable, carried by headers
         self.events = 0
         self.failed: frozenset[int] = frozenset()
+        # Header writes come from the loop (failure events) and from flush threads (generation):
+        # one at a time, or two could pick the same slot of a PD (physical/header.py).
+        self._write_lock = threading.Lock()
+        self._changes_at_bump: int | None = None  # the store's change count at the last bump
 
     @classmethod
     def load(cls, store: MetadataStore, has_pds: bool) -> PDHeaders:
@@ -166,15 +172,76 @@ class PDHeaders:
                 problems[pd] = problem
         return problems
 
+    # --- the store generation -------------------------------------------------------------
+    def start_counting(self, store: MetadataStore) -> None:
+        """After open: changes from now on call for a bump at the next flush."""
+        self._changes_at_bump = store.change_count()
+
+    def bump_if_changed(self, store: MetadataStore) -> int | None:
+        """At a flush, on the loop, after the flush's commit: when the store changed since the last
+        bump, commit generation + 1 to it and return that number (``publish`` it once the store is
+        synced); None when nothing changed.
+
+        Why this rule is enough: a store rolled back to before some commit C that a completed
+        flush F relied on is rolled back to before F's bump as well (SQLite keeps a prefix of its
+        commits: a checkpoint copies the WAL in order), and F's bump is on every PD header when F
+        completes; flushes that changed nothing add nothing a rollback could lose."""
+        count = store.change_count()
+        if count >= 0 and count == self._changes_at_bump:
+            return None
+        generation = self.generation + 1
+        store.set_meta(GENERATION_KEY, str(generation))
+        self._changes_at_bump = store.change_count()
+        return generation
+
+    def publish(self, generation: int, pds: Iterable[PhysicalDisk]) -> list[tuple[PhysicalDisk, MediumError]]:
+        """The store holds ``generation`` durably now (synced): headers may carry it.  Blocking."""
+        with self._write_lock:
+            if generation > self.generation:
+                self.generation = generation
+        return self.write_all(pds)
+
     def write_all(self, pds: Iterable[PhysicalDisk]) -> list[tuple[PhysicalDisk, MediumError]]:
         """Write the current record to every PD in service, durably.  Blocking.  A PD whose
         header write fails is failed by it (its failure listeners run); returned with the error."""
         failures: list[tuple[PhysicalDisk, MediumError]] = []
-        for pd in pds:
-            if pd.failed or pd.fd < 0:
-                continue
-            try:
-                pd.write_header(self.header_for(pd))
-            except MediumError as exc:
-                failures.append((pd, exc))
+        with self._write_lock:
+            for pd in pds:
+                if pd.failed or pd.fd < 0:
+                    continue
+                try:
+                    pd.write_header(self.header_for(pd))
+                except MediumError as exc:
+                    failures.append((pd, exc))
         return failures
+
+
+def offline_problems(store: MetadataStore) -> list[str]:
+    """For ``thinblock check``: PD headers (read-only) that show the store older than the data.
+    PDs that cannot be read, or whose header is not theirs, are the daemon's business (it fails
+    them at start) and not reported here."""
+    data_dir_id = store.get_meta(DATA_DIR_ID_KEY)
+    raw = store.get_meta(GENERATION_KEY)
+    if data_dir_id is None or (raw is not None and not raw.isdigit()):
+        return []
+    generation = int(raw or 0)
+    problems = []
+    for row in store.load_pds():
+        try:
+            fd = os.open(row.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            header = read_header(fd)
+        except (OSError, HeaderError):
+            continue
+        finally:
+            os.close(fd)
+        if header is None or header.data_dir_id != data_dir_id or header.pd_id != row.id:
+            continue
+        if header.store_generation > generation:
+            problems.append(
+                f"the metadata store is older than the data: its generation is {generation},"
+                f" PD {row.id}'s header says {header.store_generation} (it lost commits a flush relied on)"
+            )
+    return problems

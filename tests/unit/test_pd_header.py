@@ -194,3 +194,34 @@ async def test_the_pd_check_fails_a_pd_cut_short_or_replaced(tmp_path: Path) -> 
         assert "says it is PD 1" in str(engine.pds[3].failure_reason)
     finally:
         await engine.close()
+
+
+# --- the store generation (issue 10 case 6) ----------------------------------------------------
+
+
+async def test_a_store_older_than_the_pd_headers_is_refused(tmp_path: Path) -> None:
+    from tests.engine_helpers import STEP, pattern
+    from thinblock.engine import Engine
+    from thinblock.pdheaders import StoreBehindData
+
+    engine = await make_engine(tmp_path, pds=2, pd_size=MiB)
+    await engine.create_pool("p", raid=1, region_size=16 * 1024, growth_increment=CHUNKLET, step=STEP)
+    engine = await reopen(engine)  # a clean close checkpoints the WAL into thinblock.db
+    await engine.close()
+    shutil.copyfile(tmp_path / "thinblock.db", tmp_path / "old.db")
+    engine = await reopen(engine)
+    before = engine.headers.generation
+    await engine.create_vv("v", pool="p", size=MiB)
+    await engine.volume("v").write(0, pattern(1, 4096))
+    await engine.flush_all()
+    assert engine.headers.generation == before + 1
+    assert all(pd.read_header().store_generation == before + 1 for pd in engine.pds.values())  # type: ignore[union-attr]
+    await engine.flush_all()  # nothing changed since: no bump, no header write
+    assert engine.headers.generation == before + 1
+    await engine.close()
+    # The store as it was before the volume: an old copy put back.
+    shutil.copyfile(tmp_path / "old.db", tmp_path / "thinblock.db")
+    report = Engine.check(tmp_path)
+    assert not report.ok and any("older than the data" in p for p in report.problems), report
+    with pytest.raises(StoreBehindData, match=r"older than the data: its generation is \d+, PD 1"):
+        await Engine.open(tmp_path)

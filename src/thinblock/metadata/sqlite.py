@@ -140,6 +140,11 @@ class SQLiteStore(MetadataStore):
             finally:
                 os.close(fd)
 
+    def change_count(self) -> int:
+        # Rows changed by this connection since it opened (the only writer): moves with every
+        # committed change (and with assignments still open, which the flush commits first).
+        return int(self._db.total_changes)
+
     def get_meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return None if row is None else str(row[0])

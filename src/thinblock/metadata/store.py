@@ -102,6 +102,12 @@ class MetadataStore(abc.ABC):
     def sync(self) -> None:
         """Make every committed transaction durable (blocking: call it off the loop)."""
 
+    def change_count(self) -> int:
+        """A number that moves whenever a committed transaction changed the store, or -1 when
+        the backend cannot tell cheaply.  The engine bumps the store generation (pdheaders.py)
+        at a flush only when this moved since the last bump (-1: at every flush)."""
+        return -1
+
     @abc.abstractmethod
     def get_meta(self, key: str) -> str | None: ...
 
