@@ -12,10 +12,25 @@ read never sees half a region destaged), yielding to the loop between regions.
 Every LD write happens on the event loop thread: RAID 5 read-modify-write of one
 stripe must never race another, and this way no lock is needed.
 
-Copies (claim 3, designed for, not built yet): a write is acknowledged only when every
-copy the mode requires holds it.  The local cache is one copy; each ``CacheMirror``
-(a partner node, later) is another.  ``write`` awaits every mirror before it returns.
-Neither the VV nor the pool knows about mirrors.
+Copies (claim 3): a write is acknowledged only when every copy the mode requires holds it.
+The local cache is one copy; the ``CacheMirror`` (the partner node, ``node/pair.py``) is the
+other.  ``write`` inserts locally, sends the copy, and returns (the host's acknowledgement)
+only when the partner confirmed it holds it; the destager is woken after that, so that what
+it destages and reports as destaged was acknowledged by both.  The mirror is told, in the
+order the cache's own state changes and with no await in between:
+
+* every write (``replicate``), with the owning VV and the VV region;
+* every region destaged (``destaged``): the partner drops its copies once that is durable;
+* every region that leaves the cache without a destage or is about to be written outside it
+  (``discard``, ``settle``): the caller awaits the partner's release before the LD region
+  is given back to the pool, zeroed in place or written through.  Otherwise a copy the
+  partner still held could be written at a takeover into a region that by then belongs to
+  another volume (review point 8).
+
+When the partner is away (``mirror.in_sync`` False) a write-back write is written through
+instead: on the LD before it is acknowledged (``writes_through``: the VV then also waits for
+its region assignment to be committed, as for a write-through volume).  A write whose copy
+the partner never confirmed (``MirrorLost``) is written through the same way.
 
 Back-pressure: past ``max_dirty`` bytes, writers wait for the destager instead of
 memory growing without bound.
@@ -25,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 from typing import Protocol
 
 from ..blockdev import Buffer
@@ -34,13 +50,41 @@ from ..logical.raid import LogicalDisk
 log = logging.getLogger("thinblock.cache")
 
 
+class MirrorLost(Exception):
+    """The partner did not confirm that it holds a write (it is away, or the link broke)."""
+
+
 class CacheMirror(Protocol):
-    """Another copy of the dirty data (a partner node's cache)."""
+    """The partner node's copy of the dirty data.  ``in_sync`` must turn False before any
+    pending ``replicate`` fails with ``MirrorLost``."""
 
-    async def replicate(self, key: int, offset: int, data: bytes) -> None: ...
+    @property
+    def in_sync(self) -> bool:
+        """Write-back writes may be acknowledged on the two copies."""
+        ...
 
-    def forget(self, key: int) -> None:
-        """The region was destaged or discarded: drop its copy."""
+    @property
+    def covers_flush(self) -> bool:
+        """The two copies satisfy FLUSH and FUA: a partner that can take over holds them."""
+        ...
+
+    def replicate(self, vv: int, key: int, vv_region: int, offset: int, data: Buffer) -> Awaitable[None]:
+        """Send a copy of a write now (``data`` is valid only during the call).  The awaitable
+        completes when the partner holds it, or raises ``MirrorLost``."""
+        ...
+
+    def destaged(self, vv: int, key: int) -> None:
+        """Region ``key``'s writes sent so far are on its LD: the partner may drop them once
+        that is durable."""
+        ...
+
+    def may_hold(self, key: int) -> bool:
+        """Whether the partner may still hold copies of region ``key``."""
+        ...
+
+    def release(self, vv: int, key: int) -> Awaitable[None] | None:
+        """Region ``key`` leaves ``vv``'s cache without a destage, or is about to be written
+        outside it: completes once the partner holds nothing of it (None: it holds nothing)."""
         ...
 
 
@@ -59,7 +103,7 @@ class WriteBackCache:
         self.max_dirty = max_dirty
         self.destage_delay = destage_delay
         self.dirty_bytes = 0
-        self.mirrors: list[CacheMirror] = []
+        self.mirror: CacheMirror | None = None
         self._regions: dict[int, RegionDirty] = {}
         self.dirty_by_owner: dict[int, int] = {}
         self._destaged = asyncio.Event()  # set whenever dirty data shrank
@@ -101,12 +145,48 @@ class WriteBackCache:
             self._pressure.set()
             await self._destaged.wait()
 
+    @property
+    def writes_through(self) -> bool:
+        """Write-back writes are written through now: a mirror is attached and out of sync."""
+        mirror = self.mirror
+        return mirror is not None and not mirror.in_sync
+
+    @property
+    def flush_covered(self) -> bool:
+        """FLUSH and FUA of a write-back volume are satisfied by the two copies."""
+        mirror = self.mirror
+        return mirror is not None and mirror.in_sync and mirror.covers_flush
+
+    def settled(self, key: int) -> bool:
+        """Region ``key`` may be written outside the cache: nothing of it is dirty here, and the
+        partner holds no copy a takeover would write over it."""
+        if key in self._regions:
+            return False
+        mirror = self.mirror
+        return mirror is None or not mirror.may_hold(key)
+
+    async def settle(self, key: int, vv: int) -> None:
+        """Make ``settled(key)`` true: destage the region, then have the partner drop its copies."""
+        self.destage_region(key)
+        if self.mirror is not None:
+            release = self.mirror.release(vv, key)
+            if release is not None:
+                await release
+
     async def write(
-        self, key: int, ld: LogicalDisk, base: int, offset: int, data: Buffer, owner: int = 0
+        self,
+        key: int,
+        ld: LogicalDisk,
+        base: int,
+        offset: int,
+        data: Buffer,
+        owner: int = 0,
+        vv_region: int = 0,
     ) -> None:
         """Cache a write of ``data`` at ``offset`` within the LD region ``key`` (LD offset ``base``),
-        on behalf of VV ``owner``.  Call ``wait_for_room`` first and look ``key`` up after it: then
-        this never waits before the data is in the cache."""
+        on behalf of VV ``owner`` (its region ``vv_region``).  Call ``wait_for_room`` first and
+        look ``key`` up after it: then this never waits before the data is in the cache.
+        Returns once every copy the mode requires holds it (see the module docstring)."""
         n = len(data)
         await self.wait_for_room(n)
         region = self._regions.get(key)
@@ -119,10 +199,20 @@ class WriteBackCache:
             entries.append((offset, bytearray(data)))
         self.dirty_bytes += n
         self.dirty_by_owner[region.owner] = self.dirty_by_owner.get(region.owner, 0) + n
+        mirror = self.mirror
+        if mirror is not None:
+            if not mirror.in_sync:
+                self.destage_region(key)  # the partner is away: write through (3PAR's two-node rule)
+                return
+            copy = mirror.replicate(owner, key, vv_region, offset, data)
+            try:
+                await copy
+            except MirrorLost:
+                # Never confirmed by the partner: acknowledged once on the LD instead (the region
+                # may have been destaged or discarded meanwhile: then there is nothing to do).
+                self.destage_region(key)
+                return
         self._wake.set()
-        if self.mirrors:
-            copy = bytes(data)
-            await asyncio.gather(*(m.replicate(key, offset, copy) for m in self.mirrors))
 
     def overlay(self, key: int, offset: int, buf: memoryview) -> None:
         """Lay the cached writes of region ``key`` over ``buf``, which holds the region's bytes
@@ -139,14 +229,17 @@ class WriteBackCache:
             hi = min(stop, end)
             buf[lo - offset : hi - offset] = memoryview(data)[lo - start : hi - start]
 
-    def discard(self, key: int) -> None:
-        """The region goes back to the zero LD: its dirty data must never reach the disk."""
+    def discard(self, key: int, vv: int) -> Awaitable[None] | None:
+        """Region ``key`` of VV ``vv`` goes back to the zero LD or is zeroed in place: its dirty
+        data must never reach the disk.  Returns what to await before the LD region is given
+        back to the pool or written outside the cache (the partner's release), or None."""
         region = self._regions.pop(key, None)
         if region is not None:
             self._forget(region)
-            for m in self.mirrors:
-                m.forget(key)
             self._destaged.set()
+        if self.mirror is None:
+            return None
+        return self.mirror.release(vv, key)
 
     def destage_region(self, key: int) -> None:
         """Write one region's dirty data to its LD now (FUA, flush, destager)."""
@@ -163,8 +256,8 @@ class WriteBackCache:
             log.error("destage failed ld=%d offset=%d error=%s", ld.id, base, exc)
         finally:
             self._forget(region)
-            for m in self.mirrors:
-                m.forget(key)
+            if self.mirror is not None:
+                self.mirror.destaged(region.owner, key)
             self._destaged.set()
 
     def _forget(self, region: RegionDirty) -> None:

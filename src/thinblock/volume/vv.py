@@ -105,6 +105,9 @@ class VirtualVolume:
         self.reads = self.writes = self.read_bytes = self.write_bytes = 0
         self.trims = self.zeroes = self.flushes = self.errors = 0
         self.deleted = False
+        # Something reached the LDs outside the two cache copies since the last node flush (a
+        # write-through write, a zeroing, a trim): the next FLUSH cannot be covered by the copies.
+        self._unflushed_direct = False
 
     # --- identity ---
     @property
@@ -251,8 +254,10 @@ class VirtualVolume:
         if (offset + length - 1) >> shift == region:
             chunk = self.map.chunks.get(region >> CHUNK_SHIFT)
             packed = ZERO_LD if chunk is None else chunk[region & CHUNK_MASK]
-            if packed != ZERO_LD and (not self._writeback or self._wb.has_room(length)):
-                await self._write_region(packed, offset & mask, data)  # the fast path: no wait
+            if packed != ZERO_LD and (
+                self._wb.has_room(length) if self._writeback else self._wb.settled(packed)
+            ):
+                await self._write_region(packed, region, offset & mask, data)  # the fast path: no wait
             else:
                 await self._write_piece(region, offset & mask, data)
         else:
@@ -270,7 +275,7 @@ class VirtualVolume:
                     self._reserved -= len(reserved)
                     self.pool.unreserve(reserved)
         if (
-            not self._writeback
+            (not self._writeback or self._wb.writes_through)
             and self._store.pending_assignments
             and self._assignments_committed is not None
         ):
@@ -279,10 +284,13 @@ class VirtualVolume:
             # assignment (its own, or one it wrote into right after) is uncommitted.  Every writer
             # of a loop turn shares one commit.  Write-back acknowledges from the cache, which a
             # crash loses anyway: its assignments are committed in groups, by the next flush at
-            # the latest.
+            # the latest.  A write-back volume whose partner is away is written through, and
+            # follows the same rule.
             await self._assignments_committed()
+        if not self._writeback or self._wb.writes_through:
+            self._unflushed_direct = True
         if fua:
-            await self._flush_node()
+            await self._flush_if_needed()
 
     async def _reserve_new_regions(self, offset: int, view: memoryview) -> list[int]:
         """The all-or-none rule: a write that needs several new regions takes them all from the
@@ -360,18 +368,21 @@ class VirtualVolume:
                 await self._assign(region, reserved)
             elif self._writeback and not self._wb.has_room(n):
                 await self._wb.wait_for_room(n)
+            elif not self._writeback and not self._wb.settled(packed):
+                # Left over from a switch to write-through: dirty data here, or copies at the
+                # partner that a takeover would write over this write.
+                await self._wb.settle(packed, self.row.id)
             else:
-                await self._write_region(packed, offset, data)
+                await self._write_region(packed, region, offset, data)
                 return
 
-    async def _write_region(self, packed: int, offset: int, data: Buffer) -> None:
+    async def _write_region(self, packed: int, region: int, offset: int, data: Buffer) -> None:
         ld = self._lds[packed >> REGION_BITS]
         base = (packed & REGION_MASK) << self._shift
         if self._writeback:
-            await self._wb.write(packed, ld, base, offset, data, self.row.id)
+            await self._wb.write(packed, ld, base, offset, data, self.row.id, region)
         else:
-            if self._wb.has(packed):  # left over from a switch to write-through
-                self._wb.destage_region(packed)
+            assert self._wb.settled(packed), "a write-through write into a region with cached copies"
             if len(data) >= self._offload_min:
                 assert self._io is not None
                 view = data if type(data) is memoryview else memoryview(data).cast("B")
@@ -473,7 +484,7 @@ class VirtualVolume:
         self.trims += 1
         await self._zero_range(offset, length, unmap=True)
         if fua:
-            await self._flush_node()
+            await self._flush_if_needed()
 
     async def write_zeroes(
         self, offset: int, length: int, *, may_trim: bool = True, fast: bool = False, fua: bool = False
@@ -484,12 +495,13 @@ class VirtualVolume:
         self.zeroes += 1
         await self._zero_range(offset, length, unmap=may_trim)
         if fua:
-            await self._flush_node()
+            await self._flush_if_needed()
 
     async def _zero_range(self, offset: int, length: int, *, unmap: bool) -> None:
         """Whole regions go back to the zero LD (``unmap``) or are zeroed in place; partial
         regions are written with zeros.  Unmapped regions already read zeros; with NO_HOLE
         (``unmap`` False) they are assigned, so the range stays allocated as asked."""
+        self._unflushed_direct = True
         shift, mask, size = self._shift, self._mask, self.region_size
         end = offset + length
         first_whole = (offset + mask) >> shift
@@ -509,12 +521,18 @@ class VirtualVolume:
             return
         # NO_HOLE: keep (or make) every whole region allocated, reading zeros.
         for region in range(first_whole, end_whole):
-            packed = self._lookup(region)
-            if packed == ZERO_LD:
-                await self._assign(region)  # fresh regions are zeroed already
-                continue
-            self._wb.discard(packed)
-            self._lds[packed >> REGION_BITS].zero((packed & REGION_MASK) << shift, size)
+            while True:
+                packed = self._lookup(region)
+                if packed == ZERO_LD:
+                    await self._assign(region)  # fresh regions are zeroed already
+                    break
+                release = self._wb.discard(packed, self.row.id)
+                if release is None:
+                    self._lds[packed >> REGION_BITS].zero((packed & REGION_MASK) << shift, size)
+                    break
+                # The partner still holds copies of this region: zeroed before they are dropped,
+                # a takeover would write them back over the zeros.  Then look up again.
+                await release
             if (region & 255) == 255:
                 await asyncio.sleep(0)
 
@@ -531,12 +549,15 @@ class VirtualVolume:
                 offset & self._mask,
                 _ZEROS[:length] if length <= len(_ZEROS) else bytes(length),
             )
-        else:
-            if self._wb.has(packed):
-                self._wb.destage_region(packed)
-            self._lds[packed >> REGION_BITS].zero(
-                ((packed & REGION_MASK) << self._shift) + (offset & self._mask), length
-            )
+            return
+        while not self._wb.settled(packed):
+            await self._wb.settle(packed, self.row.id)
+            packed = self._lookup(offset >> self._shift)  # a trim may have freed it meanwhile
+            if packed == ZERO_LD:
+                return
+        self._lds[packed >> REGION_BITS].zero(
+            ((packed & REGION_MASK) << self._shift) + (offset & self._mask), length
+        )
 
     async def unmap_regions(self, first: int, end: int) -> int:
         """Return every mapped region in [first, end) to the zero LD; their LD regions go back to
@@ -550,13 +571,22 @@ class VirtualVolume:
                     break
             if not batch:
                 break
+            releases = []
             for region, packed in batch:
-                self._wb.discard(packed)
+                release = self._wb.discard(packed, self.row.id)
+                if release is not None:
+                    releases.append(release)
                 self.map.clear(region)
+            self._store.unassign(self.row.id, [r for r, _ in batch])
+            if releases:
+                # Ordering rule (review point 8): an LD region goes back to the pool only after the
+                # partner dropped every copy it held of it; reused first, a takeover could write
+                # this volume's old data into another volume's region.
+                await asyncio.gather(*releases)
+            for _region, packed in batch:
                 # zeroes the LD region now (once writes still landing in it are done); free for
                 # reuse after the next fsync
                 self.pool.release(packed)
-            self._store.unassign(self.row.id, [r for r, _ in batch])
             total += len(batch)
             first = batch[-1][0] + 1
             await asyncio.sleep(0)
@@ -569,6 +599,14 @@ class VirtualVolume:
         if self.deleted:
             raise self._gone()
         self.flushes += 1
+        await self._flush_if_needed()
+
+    async def _flush_if_needed(self) -> None:
+        """FLUSH and FUA: make every acknowledged write durable, or nothing when the partner's copy
+        already makes it so (the write-back volume of a pair in sync, claim 3)."""
+        if self._writeback and self._wb.flush_covered and not self._unflushed_direct:
+            return
+        self._unflushed_direct = False  # writes from here on set it again; the flush covers the rest
         await self._flush_node()
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:

@@ -1,0 +1,266 @@
+"""The owner's mirror: the write-back cache's ``CacheMirror``, over one link session at a time.
+
+``OwnerMirror`` turns the cache's calls into the sans-IO core's messages
+(``mirror_protocol.OwnerConnection``) and the partner's acknowledgements into completed
+futures.  It does no I/O itself: a transport (``link.py``, or a test's in-memory pipe) gives
+it a ``send`` callable with ``attach`` and feeds it what arrives with ``receive``.  The role
+(``pair.py``) decides when the partner is lost (``lose``) and when a new session is in sync
+(``mark_in_sync``).
+
+State, as the cache sees it::
+
+    detached --attach--> syncing --mark_in_sync--> in sync --lose--> detached
+                            \\______________lose______________________/
+
+Only ``in sync`` acknowledges write-back writes on the two copies; otherwise the cache writes
+through.  ``lose`` turns ``in_sync`` off *before* failing the futures of writes still
+waiting, so that those writes are written through and their volume's assignment commit
+rule applies (the ``CacheMirror`` contract).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from ..blockdev import Buffer
+from ..cache.writeback import MirrorLost
+from .mirror_protocol import (
+    NEED_DATA,
+    Acked,
+    ConnectionClosed,
+    Hello,
+    OwnerConnection,
+    Pong,
+    ProtocolError,
+    RemoteError,
+)
+
+log = logging.getLogger("thinblock.node.mirror")
+
+
+class OwnerMirror:
+    """See the module docstring.  ``durable`` makes every write destaged so far durable (the
+    engine's flush: PDs fsynced, region assignments committed); only after it does the partner
+    hear that a region was destaged (issue 12: "after a region is destaged and its assignment
+    committed, the owner tells the partner")."""
+
+    def __init__(
+        self,
+        node: str,
+        incarnation: int,
+        *,
+        durable: Callable[[], Awaitable[None]],
+        covers_flush: bool = False,
+    ) -> None:
+        self.node = node
+        self.incarnation = incarnation
+        self.epoch = 0
+        self._durable = durable
+        self._covers_flush = covers_flush
+        self._conn: OwnerConnection | None = None
+        self._send: Callable[[bytes], None] | None = None
+        self._session = 0
+        self._in_sync = False
+        self._waiters: dict[tuple[int, int], asyncio.Future[None]] = {}  # writes: fail when lost
+        self._releases: dict[tuple[int, int], asyncio.Future[None]] = {}  # releases: done when lost
+        self._sent_at: dict[tuple[int, int], float] = {}
+        self._pings: dict[int, asyncio.Future[None]] = {}
+        self._next_token = 0
+        # (session, vv, key, seq): destaged, to be reported once durable
+        self._destaged: list[tuple[int, int, int, int]] = []
+        self.peer: Hello | None = None
+        # metrics
+        self.mirrored_bytes = 0
+        self.in_flight_bytes = 0
+        self.last_latency = 0.0
+        self.lost_count = 0
+
+    # --- CacheMirror ------------------------------------------------------------------------
+    @property
+    def in_sync(self) -> bool:
+        return self._in_sync
+
+    @property
+    def covers_flush(self) -> bool:
+        return self._covers_flush
+
+    def replicate(self, vv: int, key: int, vv_region: int, offset: int, data: Buffer) -> Awaitable[None]:
+        conn = self._conn
+        if conn is None or not self._in_sync:
+            raise AssertionError("replicate while the mirror is not in sync (the cache checks in_sync)")
+        seq = conn.mirror(vv, key, vv_region, offset, data)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters[(vv, seq)] = fut
+        self._sent_at[(vv, seq)] = time.monotonic()
+        n = len(data)
+        self.in_flight_bytes += n
+
+        def landed(_: asyncio.Future[None]) -> None:
+            self.in_flight_bytes -= n
+
+        fut.add_done_callback(landed)
+        self._flush_out()
+        return fut
+
+    def destaged(self, vv: int, key: int) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        held = conn.last_mirrored(key)
+        if held is not None and held[0] == vv:
+            self._destaged.append((self._session, vv, key, held[1]))
+
+    def may_hold(self, key: int) -> bool:
+        # Out of sync, the partner's copies are obsolete as a whole: the role makes sure they are
+        # never written (a RESYNC drops them; a takeover refuses a mirror marked out of sync).
+        conn = self._conn
+        return self._in_sync and conn is not None and not conn.region_settled(key)
+
+    def release(self, vv: int, key: int) -> Awaitable[None] | None:
+        conn = self._conn
+        if conn is None or not self._in_sync:
+            return None
+        seq = conn.release(vv, key)
+        if seq is None:
+            return None
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._releases[(vv, seq)] = fut
+        self._flush_out()
+        return fut
+
+    # --- the role's side --------------------------------------------------------------------
+    @property
+    def attached(self) -> bool:
+        return self._conn is not None
+
+    @property
+    def pending_destaged(self) -> int:
+        return len(self._destaged)
+
+    def attach(self, epoch: int, send: Callable[[bytes], None]) -> None:
+        """A new session over a fresh link: HELLO, RESYNC.  Not in sync until ``mark_in_sync``."""
+        assert self._conn is None, "attach while a session is running"
+        self.epoch = epoch
+        self._session += 1
+        self._conn = OwnerConnection(self.node, epoch, self.incarnation)
+        self._conn.resync()
+        self._send = send
+        self._flush_out()
+
+    def mark_in_sync(self) -> None:
+        """The partner holds everything the cache needs it to (the role checked with a ping after
+        destaging and flushing): write-back writes may be acknowledged on two copies again."""
+        assert self._conn is not None
+        self._in_sync = True
+
+    def receive(self, data: bytes) -> str | None:
+        """Bytes from the partner (``b""``: the link closed).  Returns why the session is over,
+        or None while it goes on."""
+        conn = self._conn
+        if conn is None:
+            return "no session"
+        conn.receive_data(data)
+        while True:
+            event = conn.next_event()
+            if event is NEED_DATA:
+                break
+            if isinstance(event, Acked):
+                key = (event.vv, event.seq)
+                fut = self._waiters.pop(key, None) or self._releases.pop(key, None)
+                sent = self._sent_at.pop(key, None)
+                if sent is not None:
+                    self.last_latency = time.monotonic() - sent
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+            elif isinstance(event, Pong):
+                ping = self._pings.pop(event.token, None)
+                if ping is not None and not ping.done():
+                    ping.set_result(None)
+            elif isinstance(event, Hello):
+                self.peer = event
+            elif isinstance(event, RemoteError):
+                self._flush_out()
+                return f"the partner reported: {event.text}"
+            elif isinstance(event, ProtocolError):
+                self._flush_out()
+                return f"protocol error: {event.reason}"
+            elif isinstance(event, ConnectionClosed):
+                return "the partner closed the link"
+        self._flush_out()
+        return None
+
+    def ping(self) -> asyncio.Future[None]:
+        """A future that completes when the partner processed everything sent before it."""
+        assert self._conn is not None
+        self._next_token += 1
+        token = self._next_token
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pings[token] = fut
+        self._conn.ping(token)
+        self._flush_out()
+        return fut
+
+    def oldest_wait(self, now: float) -> float:
+        """Seconds the oldest unacknowledged write has waited (0 when none)."""
+        if not self._sent_at:
+            return 0.0
+        return now - min(self._sent_at.values())
+
+    async def report_destaged(self) -> int:
+        """Make what was destaged durable, then tell the partner it may drop those copies.
+        Returns how many regions were reported."""
+        if not self._destaged:
+            return 0
+        batch, self._destaged = self._destaged, []
+        try:
+            await self._durable()
+        except BaseException:
+            self._destaged = batch + self._destaged  # not durable: the partner keeps its copies
+            raise
+        conn = self._conn
+        reported = 0
+        for session, vv, key, seq in batch:
+            if conn is not None and session == self._session and not conn.closed:
+                conn.destaged(vv, key, seq)
+                reported += 1
+        self._flush_out()
+        return reported
+
+    def lose(self, reason: str) -> None:
+        """The partner is gone (silent past the bound, the link broke, or it refused us).  Writes
+        waiting for it are written through by the cache; nothing more is sent on this session."""
+        was_attached = self._conn is not None
+        self._in_sync = False  # first: the cache writes through from here on (CacheMirror contract)
+        self._conn = None
+        self._send = None
+        self._destaged.clear()
+        self._sent_at.clear()
+        waiters, self._waiters = self._waiters, {}
+        for fut in waiters.values():
+            if not fut.done():
+                fut.set_exception(MirrorLost(reason))
+                fut.exception()  # retrieved: a release waiter may have been cancelled
+        # A release is done when the partner is lost: its copies are obsolete as a whole from now
+        # on (may_hold), and the role never lets them be written (RESYNC, or a takeover's check).
+        releases, self._releases = self._releases, {}
+        for fut in releases.values():
+            if not fut.done():
+                fut.set_result(None)
+        pings, self._pings = self._pings, {}
+        for fut in pings.values():
+            if not fut.done():
+                fut.set_exception(MirrorLost(reason))
+                fut.exception()
+        if was_attached:
+            self.lost_count += 1
+            log.warning("mirror session lost: %s", reason, extra={"event": "mirror-lost", "reason": reason})
+
+    def _flush_out(self) -> None:
+        conn, send = self._conn, self._send
+        if conn is not None and send is not None:
+            data = conn.data_to_send()
+            if data:
+                send(data)

@@ -1,0 +1,241 @@
+"""The write-back cache with a partner's mirror (claim 3): a real engine whose cache mirrors
+through ``node.mirror.OwnerMirror`` to a real partner core (``PartnerConnection`` holding a
+``MirrorHolding``), joined by an in-memory pipe the test can hold up.  What is checked: the host
+is acknowledged only once both copies hold a write; the partner is told the owning VV and
+region; a trim, a zeroing in place and a write-through write of a region wait until the
+partner dropped its copies; destaged regions are reported only once durable; the partner lost
+means written through and committed; FLUSH satisfied by the two copies only when they cover
+everything."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from tests.engine_helpers import CHUNKLET, REGION, STEP, make_engine, pattern
+from thinblock.engine import Engine
+from thinblock.model import CacheMode
+from thinblock.node.mirror import OwnerMirror
+from thinblock.node.mirror_protocol import NEED_DATA, MirrorHolding, PartnerConnection, ProtocolError
+from thinblock.pool.pool import REGION_BITS, REGION_MASK
+from thinblock.units import MiB
+
+
+class Pipe:
+    """Owner <-> partner in memory.  Delivery runs at the next loop turn, or is held while
+    ``held`` is set (a slow or silent partner)."""
+
+    def __init__(self, mirror: OwnerMirror, holding: MirrorHolding) -> None:
+        self.mirror = mirror
+        self.partner = PartnerConnection("n2", 1, 2, holding)
+        self.to_partner = bytearray()
+        self.held = False
+        self.ended: str | None = None
+        mirror.attach(1, self.send)
+        mirror.receive(self.partner.data_to_send())  # the partner's HELLO
+
+    def send(self, data: bytes) -> None:
+        self.to_partner += data
+        if not self.held:
+            asyncio.get_running_loop().call_soon(self.deliver)
+
+    def deliver(self) -> None:
+        if self.held or not self.to_partner:
+            return
+        data, self.to_partner = bytes(self.to_partner), bytearray()
+        self.partner.receive_data(data)
+        while (event := self.partner.next_event()) is not NEED_DATA:
+            assert not isinstance(event, ProtocolError), event
+        reply = self.partner.data_to_send()
+        if reply:
+            self.ended = self.mirror.receive(reply) or self.ended
+
+    def release_hold(self) -> None:
+        self.held = False
+        self.deliver()
+
+
+async def mirrored_engine(
+    tmp_path: Path, *, covers_flush: bool = False
+) -> tuple[Engine, Pipe, MirrorHolding]:
+    engine = await make_engine(tmp_path)
+    await engine.create_pool("p", raid=1, region_size=REGION, growth_increment=CHUNKLET, step=STEP)
+    await engine.create_vv("v", pool="p", size=4 * MiB, cache_mode=CacheMode.WRITEBACK)
+    holding = MirrorHolding("n1")
+    mirror = OwnerMirror("n1", 7, durable=engine.flush_all, covers_flush=covers_flush)
+    engine.cache.mirror = mirror
+    pipe = Pipe(mirror, holding)
+    await asyncio.sleep(0)
+    mirror.mark_in_sync()
+    return engine, pipe, holding
+
+
+def key_of(engine: Engine, region: int) -> int:
+    return engine.vvs["v"].map.get(region)
+
+
+def on_ld(engine: Engine, key: int, offset: int, length: int) -> bytes:
+    ld = engine.lds[key >> REGION_BITS]
+    return bytes(ld.read(((key & REGION_MASK) * REGION) + offset, length))
+
+
+async def test_acknowledged_only_when_the_partner_holds_the_write(tmp_path: Path) -> None:
+    engine, pipe, holding = await mirrored_engine(tmp_path)
+    vol = engine.volume("v")
+    data = pattern(1, 4096)
+    pipe.held = True
+    write = asyncio.create_task(vol.write(3 * REGION + 512, data))
+    await asyncio.sleep(0.05)  # the destager (1 ms delay here) had every chance to run
+    assert not write.done(), "acknowledged before the partner held the write"
+    assert len(holding) == 0
+    key = key_of(engine, 3)
+    assert on_ld(engine, key, 512, 4096) == bytes(4096), "destaged before the partner acknowledged"
+    pipe.release_hold()
+    await asyncio.wait_for(write, 5)
+    (held,) = holding.held_for(key)
+    vv_id = engine.vvs["v"].row.id
+    assert (held.vv, held.vv_region, held.offset, held.data) == (vv_id, 3, 512, data)
+    assert bytes(await vol.read(3 * REGION + 512, 4096)) == data
+    await engine.close()
+
+
+async def test_destaged_regions_are_dropped_by_the_partner_once_durable(tmp_path: Path) -> None:
+    engine, pipe, holding = await mirrored_engine(tmp_path)
+    vol = engine.volume("v")
+    await vol.write(0, pattern(2, 2 * REGION))
+    assert len(holding.regions()) == 2
+    await engine.cache.destage_all()
+    assert len(holding.regions()) == 2  # destaged, not yet durable: the partner keeps its copies
+    assert pipe.mirror.pending_destaged == 2
+    assert await pipe.mirror.report_destaged() == 2
+    await asyncio.sleep(0)
+    assert holding.regions() == set() and holding.held_bytes == 0
+    await engine.close()
+
+
+async def test_trim_returns_the_region_to_the_pool_only_after_the_partner_dropped_it(tmp_path: Path) -> None:
+    engine, pipe, holding = await mirrored_engine(tmp_path)
+    vol = engine.volume("v")
+    await vol.write(REGION, pattern(3, REGION))
+    key = key_of(engine, 1)
+    pool = engine.pools["p"]
+    pipe.held = True
+    trim = asyncio.create_task(vol.trim(REGION, REGION))
+    await asyncio.sleep(0.02)
+    assert not trim.done()
+    assert key not in pool.pending, "region back in the pool while the partner still holds its old data"
+    assert holding.held_for(key)
+    pipe.release_hold()
+    await asyncio.wait_for(trim, 5)
+    assert holding.held_for(key) == []
+    assert key in pool.pending
+    assert bytes(await vol.read(REGION, REGION)) == bytes(REGION)
+    await engine.close()
+
+
+async def test_zeroing_in_place_waits_for_the_partner(tmp_path: Path) -> None:
+    engine, pipe, holding = await mirrored_engine(tmp_path)
+    vol = engine.volume("v")
+    await vol.write(0, pattern(4, REGION))
+    key = key_of(engine, 0)
+    pipe.held = True
+    zero = asyncio.create_task(vol.write_zeroes(0, REGION, may_trim=False))
+    await asyncio.sleep(0.02)
+    assert not zero.done() and holding.held_for(key)
+    pipe.release_hold()
+    await asyncio.wait_for(zero, 5)
+    assert holding.held_for(key) == [] and key_of(engine, 0) == key
+    assert bytes(await vol.read(0, REGION)) == bytes(REGION)
+    await engine.close()
+
+
+async def test_write_through_after_a_mode_switch_waits_for_the_partner(tmp_path: Path) -> None:
+    engine, pipe, holding = await mirrored_engine(tmp_path)
+    vol = engine.volume("v")
+    await vol.write(0, pattern(5, REGION))
+    key = key_of(engine, 0)
+    await engine.set_vv("v", cache_mode=CacheMode.WRITETHROUGH)
+    pipe.held = True
+    write = asyncio.create_task(vol.write(0, pattern(6, 4096)))
+    await asyncio.sleep(0.02)
+    assert not write.done(), "written through while the partner held copies a takeover would write over it"
+    pipe.release_hold()
+    await asyncio.wait_for(write, 5)
+    assert holding.held_for(key) == []
+    assert on_ld(engine, key, 0, 4096) == pattern(6, 4096)
+    await engine.close()
+
+
+async def test_partner_lost_while_a_write_waits_writes_it_through_and_commits(tmp_path: Path) -> None:
+    engine, pipe, _ = await mirrored_engine(tmp_path)
+    vol = engine.volume("v")
+    await vol.write(0, b"x")  # the LD exists: the next assignment is only recorded, not committed
+    await engine.flush_all()
+    pipe.held = True
+    data = pattern(7, 8192)
+    write = asyncio.create_task(vol.write(5 * REGION, data))
+    await asyncio.sleep(0.01)
+    assert not write.done()
+    pipe.mirror.lose("partner silent")
+    await asyncio.wait_for(write, 5)
+    key = key_of(engine, 5)
+    assert not engine.cache.has(key)
+    assert on_ld(engine, key, 0, 8192) == data
+    assert engine.store.pending_assignments == 0, "acknowledged write-through with its assignment uncommitted"
+    # Out of sync, later writes are written through as well.
+    assert engine.cache.writes_through
+    await vol.write(6 * REGION, data)
+    assert not engine.cache.has(key_of(engine, 6))
+    assert on_ld(engine, key_of(engine, 6), 0, 8192) == data
+    await engine.close()
+
+
+async def test_a_release_waiting_when_the_partner_is_lost_completes(tmp_path: Path) -> None:
+    engine, pipe, _ = await mirrored_engine(tmp_path)
+    vol = engine.volume("v")
+    await vol.write(0, pattern(8, REGION))
+    pipe.held = True
+    trim = asyncio.create_task(vol.trim(0, REGION))
+    await asyncio.sleep(0.01)
+    assert not trim.done()
+    pipe.mirror.lose("link cut")
+    await asyncio.wait_for(trim, 5)
+    assert engine.get_vv("v").regions_allocated == 0
+    await engine.close()
+
+
+@pytest.mark.parametrize("covers", [False, True])
+async def test_flush_is_satisfied_by_the_two_copies_only_when_they_cover_it(
+    tmp_path: Path, covers: bool
+) -> None:
+    engine, _, holding = await mirrored_engine(tmp_path, covers_flush=covers)
+    engine.cache.destage_delay = 60.0  # keep the destager out of the way
+    vol = engine.volume("v")
+    await vol.write(0, pattern(9, 4096))
+    await vol.write(REGION, pattern(9, 4096), fua=True)
+    await vol.flush()
+    if covers:
+        assert engine.cache.dirty_bytes > 0 and len(holding) == 2  # two copies in memory: enough
+    else:
+        assert engine.cache.dirty_bytes == 0  # destaged and fsynced as without a partner
+    # Something reached the LD outside the copies (a zeroing): the next FLUSH is a real one.
+    await vol.write_zeroes(2 * REGION, 100)
+    await vol.flush()
+    assert engine.cache.dirty_bytes == 0
+    await engine.close()
+
+
+async def test_without_a_mirror_nothing_changes(tmp_path: Path) -> None:
+    engine = await make_engine(tmp_path)
+    await engine.create_pool("p", raid=1, region_size=REGION, growth_increment=CHUNKLET, step=STEP)
+    await engine.create_vv("v", pool="p", size=4 * MiB, cache_mode=CacheMode.WRITEBACK)
+    assert engine.cache.mirror is None and not engine.cache.writes_through and not engine.cache.flush_covered
+    vol = engine.volume("v")
+    engine.cache.destage_delay = 60.0
+    await vol.write(0, pattern(10, 4096))
+    assert engine.cache.dirty_bytes == 4096  # acknowledged from the cache alone
+    await vol.flush()
+    assert engine.cache.dirty_bytes == 0
+    await engine.close()
