@@ -30,6 +30,7 @@ CONDITION_KINDS = frozenset(
         AlertKind.POOL_GROWTH_LIMIT,
         AlertKind.POOL_OUT_OF_CHUNKLETS,
         AlertKind.PD_FAILED,
+        AlertKind.MIRROR_DEGRADED,
         AlertKind.LD_DEGRADED,
         AlertKind.LD_FAILED,
     }

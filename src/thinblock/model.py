@@ -65,6 +65,7 @@ class AlertKind(enum.StrEnum):
     LD_DEGRADED = "ld-degraded"
     LD_FAILED = "ld-failed"
     REBUILD_DONE = "rebuild-done"
+    MIRROR_DEGRADED = "mirror-degraded"  # the partner is away: write-back volumes write through
 
 
 @dataclass(frozen=True, slots=True)

@@ -334,6 +334,21 @@ def test_older_epoch_than_held_is_refused() -> None:
     assert isinstance(events[-1], ProtocolError) and "older than epoch 5" in events[-1].reason
 
 
+def test_an_older_session_of_the_same_owner_is_superseded() -> None:
+    """A half-open old connection must not add to what a newer session's RESYNC started."""
+    owner, peer = session()
+    owner.mirror(5, KEY_A, 40, 0, b"late")
+    late = owner.data_to_send()
+    owner2 = OwnerConnection("n1", 3, 11)
+    peer2 = PartnerConnection("n2", 3, 22, peer.holding)
+    feed(owner2, peer2.data_to_send())
+    owner2.resync()
+    feed(peer2, owner2.data_to_send())
+    events = feed(peer, late)  # the old connection delivers after the new RESYNC
+    assert isinstance(events[-1], ProtocolError) and "superseded" in events[-1].reason
+    assert len(peer.holding) == 0
+
+
 def test_a_restarted_owner_cannot_resync_away_what_it_acknowledged() -> None:
     owner, peer = session()
     owner.mirror(5, KEY_A, 40, 0, b"acknowledged")

@@ -68,6 +68,7 @@ class OwnerMirror:
         self._releases: dict[tuple[int, int], asyncio.Future[None]] = {}  # releases: done when lost
         self._sent_at: dict[tuple[int, int], float] = {}
         self._pings: dict[int, asyncio.Future[None]] = {}
+        self._ping_at: dict[int, float] = {}
         self._next_token = 0
         # (session, vv, key, seq): destaged, to be reported once durable
         self._destaged: list[tuple[int, int, int, int]] = []
@@ -176,6 +177,7 @@ class OwnerMirror:
                 if fut is not None and not fut.done():
                     fut.set_result(None)
             elif isinstance(event, Pong):
+                self._ping_at.pop(event.token, None)
                 ping = self._pings.pop(event.token, None)
                 if ping is not None and not ping.done():
                     ping.set_result(None)
@@ -194,20 +196,21 @@ class OwnerMirror:
 
     def ping(self) -> asyncio.Future[None]:
         """A future that completes when the partner processed everything sent before it."""
-        assert self._conn is not None
+        if self._conn is None:
+            raise MirrorLost("no session")
         self._next_token += 1
         token = self._next_token
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pings[token] = fut
+        self._ping_at[token] = time.monotonic()
         self._conn.ping(token)
         self._flush_out()
         return fut
 
     def oldest_wait(self, now: float) -> float:
-        """Seconds the oldest unacknowledged write has waited (0 when none)."""
-        if not self._sent_at:
-            return 0.0
-        return now - min(self._sent_at.values())
+        """Seconds the oldest unanswered write or PING has waited (0 when none)."""
+        oldest = min(min(self._sent_at.values(), default=now), min(self._ping_at.values(), default=now))
+        return now - oldest
 
     async def report_destaged(self) -> int:
         """Make what was destaged durable, then tell the partner it may drop those copies.
@@ -232,7 +235,7 @@ class OwnerMirror:
     def lose(self, reason: str) -> None:
         """The partner is gone (silent past the bound, the link broke, or it refused us).  Writes
         waiting for it are written through by the cache; nothing more is sent on this session."""
-        was_attached = self._conn is not None
+        was_in_sync = self._in_sync
         self._in_sync = False  # first: the cache writes through from here on (CacheMirror contract)
         self._conn = None
         self._send = None
@@ -249,12 +252,13 @@ class OwnerMirror:
         for fut in releases.values():
             if not fut.done():
                 fut.set_result(None)
+        self._ping_at.clear()
         pings, self._pings = self._pings, {}
         for fut in pings.values():
             if not fut.done():
                 fut.set_exception(MirrorLost(reason))
                 fut.exception()
-        if was_attached:
+        if was_in_sync:
             self.lost_count += 1
             log.warning("mirror session lost: %s", reason, extra={"event": "mirror-lost", "reason": reason})
 

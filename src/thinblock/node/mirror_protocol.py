@@ -388,6 +388,7 @@ class MirrorHolding:
         self.max_bytes = max_bytes
         self.epoch = 0  # the epoch the held writes were sent under
         self.incarnation = 0  # the owner process that sent them (0: none yet)
+        self.session: object | None = None  # the connection whose RESYNC started what is held
         self.held_bytes = 0
         self._by_vv: dict[int, dict[int, HeldWrite]] = {}  # vv -> seq -> write, in seq order
         self._by_key: dict[int, dict[int, HeldWrite]] = {}  # key -> seq -> write, in seq order
@@ -479,15 +480,19 @@ class PartnerConnection(_Core):
         holding: MirrorHolding,
         *,
         accept_owner: Callable[[Hello], str | None] = lambda hello: None,
+        choose_holding: Callable[[Hello], MirrorHolding] | None = None,
         max_data: int = DEFAULT_MAX_DATA,
     ) -> None:
         super().__init__(_TO_PARTNER, max_data + _MIRROR.size)
         self.holding = holding
         self._resynced = False  # a session begins with RESYNC: nothing is held across sessions
         self._accept_owner = accept_owner
+        self._choose_holding = choose_holding
         self._out += encode_hello(epoch, incarnation, node)
 
     def _hello_received(self, hello: Hello) -> None:
+        if self._choose_holding is not None:
+            self.holding = self._choose_holding(hello)
         if hello.node != self.holding.owner:
             raise MirrorViolation(
                 f"this partner holds the mirror of node {self.holding.owner!r}, not {hello.node!r}"
@@ -516,6 +521,7 @@ class PartnerConnection(_Core):
             holding.clear()
             holding.epoch = epoch
             holding.incarnation = self.peer.incarnation
+            holding.session = self  # an older connection of this owner may deliver nothing more
             self._resynced = True
             return Resynced(epoch)
         if kind is MessageType.PING:
@@ -524,6 +530,10 @@ class PartnerConnection(_Core):
             return Ping(token)
         if not self._resynced:
             raise MirrorViolation(f"{kind.name} before RESYNC")
+        if holding.session is not self:
+            # Two connections of one owner: a half-open old one must not add to (or drop from)
+            # what the new session's RESYNC started; its sequence numbers mean nothing now.
+            raise MirrorViolation(f"{kind.name} on a session superseded by a newer RESYNC")
         if kind is MessageType.MIRROR:
             if len(body) <= _MIRROR.size:
                 raise MirrorViolation("MIRROR without data")

@@ -1,0 +1,395 @@
+"""The node role in a pair (claims 3 and 12): one node's side of the mirror, both directions.
+
+    node n1 (owner of its write-back volumes)           node n2 (its partner)
+    WriteBackCache.mirror = OwnerMirror  --- link --->  mirror listener: PartnerConnection
+                                                         + MirrorHolding (n1's copies)
+    mirror listener  <--- link ---  OwnerMirror of n2 (when n2 owns write-back volumes)
+
+Each node listens for its partner's link (``listen``) and connects to the partner's
+(``partner``).  What the role does on the owner's side:
+
+* **Bring the mirror in sync.**  Connect, HELLO and RESYNC (the partner drops what it held of
+  an earlier session), wait until the partner processed them (a PING), flush (everything
+  written through while out of sync becomes durable, and nothing dirty remains that the
+  partner lacks), then ``mark_in_sync``: write-back writes are acknowledged on two copies
+  from here on, and the ``mirror-degraded`` alert clears.
+* **Watch the partner.**  Every ``partner_timeout / 4`` a PING; when a PING or a mirrored
+  write has waited longer than ``partner_timeout`` (default 1 s), or the link breaks, or the
+  partner refuses us, the partner is lost.
+* **Degrade** (3PAR's two-node rule): ``OwnerMirror.lose`` stops acknowledging on two
+  copies (write-back volumes write through from that moment, writes that were waiting are
+  written through), the ``mirror-degraded`` alert is raised, and the cache is flushed (the
+  writes acknowledged on two copies now have one: they go to the LDs, durably).  Then
+  reconnect, with a bounded back-off.
+* **Report destages.**  Every ``report_interval`` the regions destaged meanwhile are made
+  durable (the engine's flush) and reported (DESTAGED): the partner drops those copies.
+
+On the partner's side the role accepts the link, holds the owner's copies in a
+``MirrorHolding`` that outlives connections (a takeover replays it) and answers.
+
+Not built yet (issue 12, points 4-6): leases shared through the metadata store, takeover
+(the holding replayed in sequence order by the partner), fencing, planned moves.  Until a
+shared store exists the two nodes have separate stores and PDs, a partner cannot take over,
+and so the two copies never satisfy FLUSH by themselves (``covers_flush`` is False): FLUSH
+and FUA still destage and fsync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..alerts import AlertBus
+from ..cache.writeback import MirrorLost, WriteBackCache
+from ..model import AlertKind, Severity
+from .link import Link, connect, listen
+from .mirror import OwnerMirror
+from .mirror_protocol import (
+    DEFAULT_MAX_HELD,
+    NEED_DATA,
+    Hello,
+    MirrorHolding,
+    PartnerConnection,
+    ProtocolError,
+    RemoteError,
+    Resynced,
+)
+
+log = logging.getLogger("thinblock.node.pair")
+
+DEFAULT_PARTNER_TIMEOUT = 1.0
+DEFAULT_REPORT_INTERVAL = 0.25
+MAX_RECONNECT_DELAY = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class PairConfig:
+    node: str
+    partner_host: str
+    partner_port: int
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 0
+    partner_timeout: float = DEFAULT_PARTNER_TIMEOUT
+    report_interval: float = DEFAULT_REPORT_INTERVAL
+    max_held: int = DEFAULT_MAX_HELD
+
+
+@dataclass(frozen=True, slots=True)
+class PairStatus:
+    node: str
+    partner: str  # host:port of the partner's mirror listener
+    partner_node: str | None  # its name, once it said HELLO
+    listen: str
+    epoch: int
+    mirror: str  # "in-sync", "syncing", "degraded"
+    in_flight_bytes: int
+    last_latency_s: float
+    sessions_lost: int
+    holding_for: str | None  # the owner whose copies this node holds
+    held_bytes: int
+    held_writes: int
+
+
+class NodePair:
+    """See the module docstring.  ``flush`` is the engine's ``flush_all``."""
+
+    def __init__(
+        self,
+        config: PairConfig,
+        *,
+        cache: WriteBackCache,
+        flush: Callable[[], Awaitable[None]],
+        alerts: AlertBus,
+        epoch: int = 1,
+    ) -> None:
+        self.config = config
+        self.epoch = epoch
+        self.incarnation = int.from_bytes(os.urandom(8), "big") or 1
+        self._cache = cache
+        self._flush = flush
+        self._alerts = alerts
+        self.mirror = OwnerMirror(config.node, self.incarnation, durable=flush)
+        self.holding: MirrorHolding | None = None
+        self._sessions: set[_PartnerSession] = set()
+        self._server: asyncio.Server | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._link: Link | None = None
+        self._session_over: asyncio.Future[str] | None = None
+        self._degrade_flush: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.listen_port = config.listen_port
+
+    @property
+    def object_name(self) -> str:
+        return f"node:{self.config.node}"
+
+    # --- life cycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        cfg = self.config
+        self._server = await listen(cfg.listen_host, cfg.listen_port, self._accept)
+        self.listen_port = self._server.sockets[0].getsockname()[1]
+        self._cache.mirror = self.mirror  # out of sync until the partner is: writes go through
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._owner_loop(), name="pair-owner-link"),
+            loop.create_task(self._report_loop(), name="pair-report-destaged"),
+        ]
+        log.info(
+            "node pair: mirror listener up",
+            extra={
+                "event": "pair-listen",
+                "node": cfg.node,
+                "listen": f"{cfg.listen_host}:{self.listen_port}",
+            },
+        )
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        self.mirror.lose("node stopping")
+        if self._link is not None:
+            self._link.close()
+        if self._degrade_flush is not None:
+            with contextlib.suppress(Exception):
+                await self._degrade_flush
+        for session in list(self._sessions):
+            session.link.close()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    # --- the owner's side -------------------------------------------------------------------
+    async def _owner_loop(self) -> None:
+        cfg = self.config
+        delay = 0.05
+        while not self._stopping:
+            over: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+            self._session_over = over
+
+            def on_data(data: bytes, over: asyncio.Future[str] = over) -> None:
+                reason = self.mirror.receive(data)
+                if reason is not None and not over.done():
+                    over.set_result(reason)
+
+            def on_close(reason: str, over: asyncio.Future[str] = over) -> None:
+                if not over.done():
+                    over.set_result(reason)
+
+            def on_open(link: Link) -> None:
+                self.mirror.attach(self.epoch, link.write)  # before the partner's HELLO is delivered
+
+            try:
+                link = await asyncio.wait_for(
+                    connect(cfg.partner_host, cfg.partner_port, on_data, on_close, on_open),
+                    cfg.partner_timeout,
+                )
+            except (OSError, TimeoutError) as exc:
+                self.mirror.lose("connect failed")  # attached already if the timeout hit late
+                self._degraded(
+                    f"partner {cfg.partner_host}:{cfg.partner_port} unreachable: {exc or 'timeout'}"
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_RECONNECT_DELAY)
+                continue
+            self._link = link
+            watchdog = asyncio.get_running_loop().create_task(self._watch(over), name="pair-watchdog")
+            try:
+                reason = await self._run_session(over)
+            finally:
+                watchdog.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watchdog
+                self.mirror.lose(reason if not self._stopping else "node stopping")
+                link.close()
+                self._link = None
+            if self._stopping:
+                return
+            self._degraded(reason)
+            delay = 0.05
+            await asyncio.sleep(delay)
+
+    async def _run_session(self, over: asyncio.Future[str]) -> str:
+        """Bring the mirror in sync, then wait until the session ends; returns why it ended."""
+        try:
+            await self._until(self.mirror.ping(), over)  # HELLO and RESYNC processed
+            if self._degrade_flush is not None:
+                await self._until(asyncio.shield(self._degrade_flush), over)
+            # Everything written through while out of sync becomes durable, and the cache holds
+            # nothing dirty the partner lacks: from here, two copies of every new write.
+            await self._until(asyncio.ensure_future(self._flush()), over)
+            await self._until(self.mirror.ping(), over)
+        except _SessionOver as exc:
+            return str(exc)
+        except MirrorLost as exc:
+            return str(exc)
+        except Exception as exc:  # a flush that failed: stay out of sync
+            log.error("mirror could not be brought in sync: %s", exc)
+            return f"sync failed: {exc}"
+        self.mirror.mark_in_sync()
+        self._alerts.clear(AlertKind.MIRROR_DEGRADED, self.object_name)
+        peer = self.mirror.peer.node if self.mirror.peer is not None else "?"
+        log.info(
+            "mirror in sync: write-back writes are acknowledged on two copies",
+            extra={"event": "mirror-in-sync", "node": self.config.node, "partner": peer, "epoch": self.epoch},
+        )
+        return await over
+
+    async def _until(self, step: Awaitable[None], over: asyncio.Future[str]) -> None:
+        """Await ``step``, unless the session ends first (``_SessionOver``)."""
+        task = asyncio.ensure_future(step)
+        either: set[asyncio.Future[Any]] = {task, over}
+        done, _ = await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            task.result()
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, MirrorLost):
+            await task
+        raise _SessionOver(over.result())
+
+    async def _watch(self, over: asyncio.Future[str]) -> None:
+        """The partner is lost when a PING or a mirrored write waited past the bound."""
+        bound = self.config.partner_timeout
+        while not over.done():
+            now = time.monotonic()
+            waited = self.mirror.oldest_wait(now)
+            if waited > bound:
+                over.set_result(f"partner silent for {waited:.2f} s (bound {bound} s)")
+                return
+            with contextlib.suppress(MirrorLost):
+                self.mirror.ping()
+            await asyncio.sleep(bound / 4)
+
+    def _degraded(self, reason: str) -> None:
+        """Out of sync: write-back volumes write through; what was acknowledged on two copies and
+        is still dirty goes to the LDs now.  The alert stays until the mirror is in sync again."""
+        self._alerts.condition(
+            AlertKind.MIRROR_DEGRADED,
+            self.object_name,
+            Severity.CRITICAL,
+            f"node {self.config.node}: the write-back cache is not mirrored ({reason}); "
+            "write-back volumes are written through until the partner is back in sync",
+        )
+        if self._cache.dirty_bytes and (self._degrade_flush is None or self._degrade_flush.done()):
+            self._degrade_flush = asyncio.get_running_loop().create_task(self._flush_after_loss())
+
+    async def _flush_after_loss(self) -> None:
+        try:
+            await self._flush()
+        except Exception as exc:
+            log.error("flush after the partner was lost failed: %s", exc)
+
+    async def _report_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.report_interval)
+            if self.mirror.pending_destaged and self.mirror.in_sync:
+                try:
+                    await self.mirror.report_destaged()
+                except Exception as exc:  # not durable: the partner keeps its copies; next round
+                    log.warning("destaged regions not reported: %s", exc)
+
+    # --- the partner's side -----------------------------------------------------------------
+    def _accept(self) -> Link:
+        session = _PartnerSession(self)
+        self._sessions.add(session)
+        return session.link
+
+    def _holding_for(self, hello: Hello) -> MirrorHolding:
+        holding = self.holding
+        if holding is None or (holding.owner != hello.node and len(holding) == 0):
+            holding = self.holding = MirrorHolding(hello.node, max_bytes=self.config.max_held)
+        return holding
+
+    def _session_started(self, current: _PartnerSession, hello: Hello) -> None:
+        for session in list(self._sessions):
+            if session is not current and session.owner == hello.node:
+                session.link.abort()  # a half-open older link of the same owner
+                self._sessions.discard(session)
+        log.info(
+            "holding the mirror of node %s",
+            hello.node,
+            extra={"event": "mirror-partner-session", "owner": hello.node, "epoch": hello.epoch},
+        )
+
+    # --- status -----------------------------------------------------------------------------
+    def status(self) -> PairStatus:
+        mirror = self.mirror
+        state = "in-sync" if mirror.in_sync else ("syncing" if mirror.attached else "degraded")
+        holding = self.holding
+        cfg = self.config
+        return PairStatus(
+            node=cfg.node,
+            partner=f"{cfg.partner_host}:{cfg.partner_port}",
+            partner_node=mirror.peer.node if mirror.peer is not None else None,
+            listen=f"{cfg.listen_host}:{self.listen_port}",
+            epoch=self.epoch,
+            mirror=state,
+            in_flight_bytes=mirror.in_flight_bytes,
+            last_latency_s=mirror.last_latency,
+            sessions_lost=mirror.lost_count,
+            holding_for=holding.owner if holding is not None else None,
+            held_bytes=holding.held_bytes if holding is not None else 0,
+            held_writes=len(holding) if holding is not None else 0,
+        )
+
+
+class _SessionOver(Exception):
+    pass
+
+
+class _PartnerSession:
+    """One accepted link: the partner's core, fed by the transport."""
+
+    def __init__(self, pair: NodePair) -> None:
+        self.pair = pair
+        self.owner: str | None = None
+        self.conn = PartnerConnection(
+            pair.config.node,
+            pair.epoch,
+            pair.incarnation,
+            MirrorHolding("-"),  # replaced at HELLO by choose_holding
+            choose_holding=pair._holding_for,
+        )
+        self.link = Link(self._on_data, self._on_close, self._on_open)
+
+    def _on_open(self, link: Link) -> None:
+        link.write(self.conn.data_to_send())  # our HELLO
+
+    def _on_data(self, data: bytes) -> None:
+        conn = self.conn
+        conn.receive_data(data)
+        while (event := conn.next_event()) is not NEED_DATA:
+            if isinstance(event, Hello):
+                self.owner = event.node
+                self.pair._session_started(self, event)
+            elif isinstance(event, Resynced):
+                log.debug("owner %s resynced at epoch %d", self.owner, event.epoch)
+            elif isinstance(event, ProtocolError):
+                log.warning(
+                    "mirror link from %s refused: %s",
+                    self.link.peer,
+                    event.reason,
+                    extra={"event": "mirror-protocol-error"},
+                )
+            elif isinstance(event, RemoteError):
+                log.warning("owner %s ended the mirror link: %s", self.owner, event.text)
+        out = conn.data_to_send()
+        if out:
+            self.link.write(out)
+        if conn.closed:
+            self.link.close()
+            self.pair._sessions.discard(self)
+
+    def _on_close(self, reason: str) -> None:
+        self.pair._sessions.discard(self)
