@@ -199,6 +199,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not create PDs, pool and volume in an empty data directory",
     )
+    serve.add_argument("--node", metavar="NAME", help="this node's name in a node pair")
+    serve.add_argument(
+        "--partner", metavar="HOST:PORT", help="the partner node's mirror listener (default port 10810)"
+    )
+    serve.add_argument(
+        "--mirror-listen", metavar="HOST:PORT", help="this node's mirror listener (default 127.0.0.1:10810)"
+    )
+    serve.add_argument(
+        "--partner-timeout",
+        metavar="SECONDS",
+        type=float,
+        help="partner silent this long: degrade (default 1)",
+    )
 
     check = commands.add_parser(
         "check", help="check a data directory's metadata store offline", parents=[common]
@@ -1284,6 +1297,10 @@ def cmd_serve(ctx: Context) -> int:
             webhook_url=a.webhook_url,
             first_start_pd_size=a.first_start_pd_size,
             first_start=False if a.no_first_start else None,
+            node_name=a.node,
+            partner=a.partner,
+            mirror_listen=a.mirror_listen,
+            partner_timeout=a.partner_timeout,
         ).validate()
     except ConfigError as exc:
         raise CliError(f"configuration: {exc}", EXIT_USAGE) from None

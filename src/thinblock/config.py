@@ -66,6 +66,7 @@ from .units import GiB, KiB, MiB, parse_size
 
 DEFAULT_NBD_PORT = 10809
 DEFAULT_API_PORT = 8080
+DEFAULT_MIRROR_PORT = 10810
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("logfmt", "json")
 EVENT_LOOPS = ("uvloop", "asyncio")
@@ -151,6 +152,17 @@ class FirstStartConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """The node pair (``[node]``): this node's name, where its partner's mirror listener is, where
+    its own listens, and how long the partner may stay silent before the owner degrades."""
+
+    name: str | None = None
+    partner: Listen | None = None
+    mirror_listen: Listen = field(default_factory=lambda: Listen("127.0.0.1", DEFAULT_MIRROR_PORT))
+    partner_timeout: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     data_dir: Path = Path("./thinblock-data")
     log_level: str = "info"
@@ -175,6 +187,7 @@ class Config:
     webhook: WebhookConfig = field(default_factory=WebhookConfig)
     latency_histograms: bool = True
     first_start: FirstStartConfig = field(default_factory=FirstStartConfig)
+    node: NodeConfig = field(default_factory=NodeConfig)
 
     @property
     def token_required(self) -> bool:
@@ -195,6 +208,8 @@ class Config:
             raise ConfigError("api.tls_cert and api.tls_key go together: give both or neither")
         if self.nbd_listen is None and self.nbd_unix_socket is None:
             raise ConfigError("NBD has nowhere to listen: give nbd.listen or nbd.unix_socket")
+        if self.node.partner is not None and not self.node.name:
+            raise ConfigError("node.partner is set: give this node a name too (node.name, --node)")
         return self
 
 
@@ -282,6 +297,7 @@ _TABLES = {
     "webhook": {"url", "timeout", "max_attempts", "queue_size"},
     "metrics": {"latency_histograms"},
     "first_start": {f.name for f in fields(FirstStartConfig)},
+    "node": {"name", "partner", "mirror_listen", "partner_timeout"},
 }
 
 
@@ -401,7 +417,44 @@ def parse_config(doc: dict[str, Any], *, base_dir: Path | None = None) -> Config
         else:
             fs_changes[key] = _size(value, name)
     changes["first_start"] = replace(fs, **fs_changes)
+
+    node = tables["node"]
+    node_cfg = cfg.node
+    if "name" in node:
+        node_cfg = replace(node_cfg, name=_node_name(node["name"], "node.name"))
+    if "partner" in node:
+        text = _str(node["partner"], "node.partner")
+        node_cfg = replace(
+            node_cfg,
+            partner=Listen.parse(text, what="node.partner", default_port=DEFAULT_MIRROR_PORT)
+            if text.strip()
+            else None,
+        )
+    if "mirror_listen" in node:
+        node_cfg = replace(
+            node_cfg,
+            mirror_listen=Listen.parse(
+                _str(node["mirror_listen"], "node.mirror_listen"),
+                what="node.mirror_listen",
+                default_port=DEFAULT_MIRROR_PORT,
+            ),
+        )
+    if "partner_timeout" in node:
+        node_cfg = replace(
+            node_cfg,
+            partner_timeout=_float(node["partner_timeout"], "node.partner_timeout", low=0.05, high=600),
+        )
+    changes["node"] = node_cfg
     return replace(cfg, **changes)
+
+
+def _node_name(value: Any, key: str) -> str:
+    name = _str(value, key)
+    if not name or len(name.encode()) > 255 or not name.isprintable() or name.strip() != name:
+        raise ConfigError(
+            f"{key}: a node name is 1..255 printable bytes without surrounding spaces, not {name!r}"
+        )
+    return name
 
 
 def load_config(path: str | Path | None) -> Config:
@@ -462,6 +515,29 @@ def apply_overrides(cfg: Config, **flags: Any) -> Config:
         elif key == "first_start":
             fs = changes.get("first_start", cfg.first_start)
             changes["first_start"] = replace(fs, enabled=bool(value))
+        elif key in ("node_name", "partner", "mirror_listen", "partner_timeout"):
+            node_cfg = changes.get("node", cfg.node)
+            if key == "node_name":
+                node_cfg = replace(node_cfg, name=_node_name(value, "--node"))
+            elif key == "partner":
+                node_cfg = replace(
+                    node_cfg,
+                    partner=Listen.parse(value, what="--partner", default_port=DEFAULT_MIRROR_PORT)
+                    if value.strip()
+                    else None,
+                )
+            elif key == "mirror_listen":
+                node_cfg = replace(
+                    node_cfg,
+                    mirror_listen=Listen.parse(
+                        value, what="--mirror-listen", default_port=DEFAULT_MIRROR_PORT
+                    ),
+                )
+            else:
+                node_cfg = replace(
+                    node_cfg, partner_timeout=_float(float(value), "--partner-timeout", low=0.05, high=600)
+                )
+            changes["node"] = node_cfg
         else:
             raise ValueError(f"unknown override {key!r}")
     return replace(cfg, **changes)

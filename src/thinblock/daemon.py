@@ -254,6 +254,7 @@ class Daemon:
         self.api_ctx: Any = None
         self.webhook: Any = None
         self._unsubscribe: Any = None
+        self.pair: Any = None  # node.pair.NodePair, with a partner configured
 
     def request_stop(self, signame: str) -> None:
         if self.stop_requested.is_set():
@@ -346,6 +347,8 @@ class Daemon:
                 await create_first_start_defaults(engine, cfg)
                 (data_dir / FIRST_START_MARKER).unlink(missing_ok=True)
                 self._log_first_start_summary()
+            if cfg.node.partner is not None:
+                await self._start_pair()
 
             extra_metrics: list[Any] = []
             if cfg.webhook.url:
@@ -407,6 +410,34 @@ class Daemon:
         api_url = f"{scheme}://{cfg.api_listen.url_host()}:{api_port}"
         self._log_ready(api_url)
 
+    async def _start_pair(self) -> None:
+        """The node pair: mirror this node's write-back cache to the partner, hold the partner's."""
+        from .node.pair import NodePair, PairConfig
+
+        node, engine = self.cfg.node, self.engine
+        assert node.partner is not None and node.name and engine is not None
+        self.pair = NodePair(
+            PairConfig(
+                node.name,
+                node.partner.host,
+                node.partner.port,
+                listen_host=node.mirror_listen.host,
+                listen_port=node.mirror_listen.port,
+                partner_timeout=node.partner_timeout,
+            ),
+            cache=engine.cache,
+            flush=engine.flush_all,
+            alerts=engine.alerts,
+        )
+        try:
+            await self.pair.start()
+        except OSError as exc:
+            self.pair = None
+            reason = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+            raise StartupError(
+                f"cannot listen for the mirror link on {node.mirror_listen}: {reason}"
+            ) from None
+
     async def _start_nbd(self, provider: Any) -> None:
         cfg = self.cfg
         try:
@@ -463,6 +494,10 @@ class Daemon:
             fields["nbd_unix"] = str(cfg.nbd_unix_socket)
         if cfg.default_export:
             fields["default_export"] = cfg.default_export
+        if self.pair is not None:
+            fields["node"] = cfg.node.name
+            fields["mirror"] = f"{cfg.node.mirror_listen.url_host()}:{self.pair.listen_port}"
+            fields["partner"] = str(cfg.node.partner)
         log.info("thinblock is serving", extra=fields)
         export = cfg.default_export
         assert self.engine is not None
@@ -506,6 +541,12 @@ class Daemon:
             self._unsubscribe()
         if self.webhook is not None:
             await self.webhook.stop(drain_timeout=2.0)
+        if self.pair is not None:
+            try:
+                await self.pair.stop()  # the cache writes through from here; the engine destages it
+            except Exception:
+                clean = False
+                log.exception("stopping the node pair failed", extra={"event": "pair-stop-failed"})
         if self.engine is not None:
             try:
                 await self.engine.close()

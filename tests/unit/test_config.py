@@ -215,3 +215,45 @@ def test_nbd_must_listen_somewhere() -> None:
         parse_config({"nbd": {"listen": ""}}).validate()
     cfg = parse_config({"nbd": {"listen": "", "unix_socket": "/tmp/s"}}).validate()
     assert cfg.nbd_listen is None and cfg.nbd_unix_socket == Path("/tmp/s")
+
+
+def test_node_pair_table_and_flags() -> None:
+    cfg = parse_config(
+        {
+            "node": {
+                "name": "n1",
+                "partner": "127.0.0.2:7000",
+                "mirror_listen": "127.0.0.1",
+                "partner_timeout": 0.5,
+            }
+        }
+    ).validate()
+    assert cfg.node.name == "n1"
+    assert cfg.node.partner == Listen("127.0.0.2", 7000)
+    assert cfg.node.mirror_listen == Listen("127.0.0.1", 10810)  # the default mirror port
+    assert cfg.node.partner_timeout == 0.5
+    cfg = apply_overrides(
+        cfg, node_name="n9", partner="127.0.0.3:1", mirror_listen="127.0.0.1:0", partner_timeout="2"
+    )
+    assert (cfg.node.name, cfg.node.partner, cfg.node.mirror_listen, cfg.node.partner_timeout) == (
+        "n9",
+        Listen("127.0.0.3", 1),
+        Listen("127.0.0.1", 0),
+        2.0,
+    )
+    assert Config().node.partner is None  # no partner: a single node, as before
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ({"node": {"partner": "127.0.0.1:1"}}, "give this node a name"),
+        ({"node": {"name": " n1"}}, "node.name: a node name is"),
+        ({"node": {"partner_timeout": 0}}, "node.partner_timeout: must be between"),
+        ({"node": {"peer": "x"}}, "unknown key in [node]: peer"),
+    ],
+)
+def test_node_pair_mistakes_name_the_key(doc: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(doc).validate()
+    assert message in str(info.value)
