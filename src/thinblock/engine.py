@@ -26,6 +26,7 @@ from .alerts import AlertBus
 from .blockdev import Volume
 from .cache.writeback import WriteBackCache
 from .errors import AlreadyExists, Conflict, InvalidArgument, MediumError, MetadataCorrupt, NotFound
+from .failures import FailureRecorder
 from .limits import check_pool_growth, check_vv_limits
 from .logical.raid import Chunklet, LogicalDisk, RaidLevel, validate_policy
 from .metadata.sqlite import SQLiteStore
@@ -141,6 +142,13 @@ class Engine:
         # The data directory's id, store generation and failure-event record (pdheaders.py);
         # set by _load before any PD is used.
         self.headers = PDHeaders("", 0)
+        self.failures = FailureRecorder(
+            store=store,
+            alerts=self.alerts,
+            pds=self.pds,
+            lds=self.lds,
+            refresh_ld_alerts=self._refresh_ld_alerts,
+        )
         self._commit_timer: asyncio.TimerHandle | None = None
         self._pd_check_timer: asyncio.TimerHandle | None = None
         # Writers waiting for the commit at the end of this loop turn, one future each (see
@@ -170,7 +178,7 @@ class Engine:
             )
         engine = cls(data_dir, store, options or EngineOptions())
         engine._lock_fd = lock_fd
-        engine._loop = asyncio.get_running_loop()
+        engine._loop = engine.failures.loop = asyncio.get_running_loop()
         try:
             await engine._load()
         except BaseException:
@@ -203,7 +211,7 @@ class Engine:
     async def _load(self) -> None:
         store = self.store
         pd_rows = store.load_pds()
-        self.headers = PDHeaders.load(store, has_pds=bool(pd_rows))
+        self.headers = self.failures.headers = PDHeaders.load(store, has_pds=bool(pd_rows))
         # The generation read is what PD headers may carry from now on: durable first (after a
         # kill -9 the WAL may hold commits the page cache has not written back).
         store.sync()
@@ -241,8 +249,9 @@ class Engine:
         self._load_maps(store.map_array(), vvs_by_id)
         store.forget_map_array()  # the maps and pool bitmaps hold it now
         for pd in self.pds.values():
-            if pd.failed:
-                self._on_pd_failed(pd, pd.failure_reason or "failed")
+            if pd.failed:  # recorded already or not: the store and the headers say so, alerts are raised
+                self.failures.unrecorded.setdefault(pd.id, pd.failure_reason or "failed")
+        self.failures.activate()
         if store.get_meta("clean") == "0":
             await self._recover_after_unclean_stop()
         store.set_meta("clean", "0")
@@ -381,7 +390,7 @@ class Engine:
     def _register_pd(self, pd: PhysicalDisk, zeroed: bool = False) -> None:
         self.pds[pd.id] = pd
         self.chunklets.add_pd(pd, zeroed=zeroed)
-        pd.add_failure_listener(self._pd_failure_listener)
+        pd.add_failure_listener(self.failures.listener)
 
     def _make_pool(self, row: PoolRow) -> Pool:
         pool = Pool(row, store=self.store, alerts=self.alerts, chunklets=self.chunklets, ld_registry=self.lds)
@@ -492,6 +501,7 @@ class Engine:
         self._close_files()
 
     def _close_files(self) -> None:
+        self.failures.close()
         for pd in self.pds.values():
             try:
                 pd.close()
@@ -539,37 +549,15 @@ class Engine:
         if failure is not None and ticket <= failure[0]:
             raise MediumError("flush could not make every write durable: " + failure[1])
 
-    # --- PD failure ---------------------------------------------------------------------
-    def _pd_failure_listener(self, pd: PhysicalDisk, reason: str) -> None:
-        # May be called from an executor thread (an fsync failing): hop to the loop.
-        loop = self._loop
-        if loop is None:
-            return
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            self._on_pd_failed(pd, reason)
-        else:
-            loop.call_soon_threadsafe(self._on_pd_failed, pd, reason)
-
-    def _on_pd_failed(self, pd: PhysicalDisk, reason: str) -> None:
-        if self._closed:
-            return
-        self.store.set_pd_health(pd.id, PDHealth.FAILED.value)
-        self.alerts.condition(
-            AlertKind.PD_FAILED, f"pd:{pd.id}", Severity.CRITICAL, f"PD {pd.id} ({pd.path}) failed: {reason}"
-        )
-        self._refresh_ld_alerts()
-
+    # --- PD failure (recorded by failures.py) -----------------------------------------------
     def _refresh_ld_alerts(self) -> None:
+        for ld in self.lds.values():  # first, so that an alert that cannot be stored stops nothing
+            slots = self.ld_pool[ld.id].slots.get(ld.id)
+            if slots is not None:
+                slots.lost = ld.health == LDHealth.FAILED
         for ld in self.lds.values():
             health = ld.health
             obj = f"ld:{ld.id}"
-            slots = self.ld_pool[ld.id].slots.get(ld.id)
-            if slots is not None:
-                slots.lost = health == LDHealth.FAILED
             if health == LDHealth.FAILED:
                 self.alerts.condition(
                     AlertKind.LD_FAILED,
@@ -675,10 +663,11 @@ class Engine:
             raise Conflict(f"PD {pd.id} still holds {used} chunklet(s) of LDs; rebuild or release them first")
         self.chunklets.remove_pd(pd.id)
         del self.pds[pd.id]
-        pd.remove_failure_listener(self._pd_failure_listener)
+        pd.remove_failure_listener(self.failures.listener)
         pd.close()
         self.store.remove_pd(pd.id)
         self.alerts.clear_object(f"pd:{pd.id}")
+        self.failures.record()  # the failure record in the headers no longer names it
 
     # --- pools ----------------------------------------------------------------------
     async def create_pool(

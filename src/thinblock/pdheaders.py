@@ -201,12 +201,24 @@ class PDHeaders:
                 self.generation = generation
         return self.write_all(pds)
 
+    def record_event(
+        self, failed: frozenset[int], pds: Iterable[PhysicalDisk]
+    ) -> list[tuple[PhysicalDisk, MediumError]]:
+        """A failure event: the set of failed PDs is now ``failed``; bump ``events`` and write the
+        record to every PD in service, durably (blocking).  Nothing when the set is unchanged."""
+        with self._write_lock:
+            if failed == self.failed:
+                return []
+            self.events += 1
+            self.failed = failed
+        return self.write_all(pds)
+
     def write_all(self, pds: Iterable[PhysicalDisk]) -> list[tuple[PhysicalDisk, MediumError]]:
         """Write the current record to every PD in service, durably.  Blocking.  A PD whose
         header write fails is failed by it (its failure listeners run); returned with the error."""
         failures: list[tuple[PhysicalDisk, MediumError]] = []
         with self._write_lock:
-            for pd in pds:
+            for pd in list(pds):
                 if pd.failed or pd.fd < 0:
                     continue
                 try:

@@ -192,6 +192,10 @@ class LogicalDisk:
         self._offload_holds = 0
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._lost_at_flush: set[int] = self._lost_rows()  # losses before we existed were reported then
+        # Set by the engine while the failure of a member PD is not recorded yet (engine
+        # failures.py, issue 10 case 1): writes raise MediumError with this reason instead of
+        # being acknowledged, so nothing is acknowledged that a restart could forget.
+        self.write_fence: str | None = None
         # Lost rows, recomputed only when some PD has failed since (see FAILURES).
         self._lost_cache: frozenset[int] = frozenset()
         self._lost_generation = -1
@@ -242,6 +246,8 @@ class LogicalDisk:
         return buf
 
     def write(self, offset: int, data: Buffer) -> None:
+        if self.write_fence is not None:
+            raise MediumError(self.write_fence)
         mv = data if type(data) is memoryview else memoryview(data)
         n = len(mv)
         assert offset >= 0 and offset + n <= self._size, (offset, n, self._size)
@@ -249,16 +255,22 @@ class LogicalDisk:
         r, roff = divmod(offset, ru)
         if roff + n <= ru:
             self._write_row(r, roff, mv)
-            return
-        for r, roff, pos, take in self._row_spans(offset, n):
-            self._write_row(r, roff, mv[pos : pos + take])
+        else:
+            for r, roff, pos, take in self._row_spans(offset, n):
+                self._write_row(r, roff, mv[pos : pos + take])
+        if self.write_fence is not None:  # a member failed during this write, not recorded yet
+            raise MediumError(self.write_fence)
 
     def zero(self, offset: int, length: int) -> None:
         """Make the range read as zeros: punch holes on the members (parity of zeros is
         zeros, so whole RAID 5 stripes are punched too); partial RAID 5 stripes are written."""
         assert offset >= 0 and offset + length <= self._size, (offset, length, self._size)
+        if self.write_fence is not None:
+            raise MediumError(self.write_fence)
         for r, roff, _pos, take in self._row_spans(offset, length):
             self._zero_row(r, roff, take)
+        if self.write_fence is not None:
+            raise MediumError(self.write_fence)
 
     # --- offloaded writes (see the module docstring) ------------------------------------
     def submit_write(
@@ -268,6 +280,8 @@ class LogicalDisk:
         of the parts' outcomes (pass them to ``check_write``), or None when this write must be
         done inline with ``write`` (RAID 5, a degraded or rebuilding RAID 1 row, a write that
         spans rows, offload held for a rebuild).  Event-loop thread only."""
+        if self.write_fence is not None:
+            raise MediumError(self.write_fence)
         if self._offload_holds:
             return None
         n = len(data)
@@ -304,6 +318,8 @@ class LogicalDisk:
         """Raise what an offloaded write's parts raised, by the same rules as ``write``: a RAID 1
         write stands if one mirror took it (a mirror that failed marked its PD failed)."""
         errors = [o for o in outcomes if isinstance(o, BaseException)]
+        if self.write_fence is not None:
+            raise MediumError(self.write_fence)
         if not errors:
             return
         if (
