@@ -223,3 +223,129 @@ def test_wal_deleted_short(make_daemon: Callable[..., Daemon]) -> None:
 @pytest.mark.long
 def test_wal_deleted_long(make_daemon: Callable[..., Daemon]) -> None:
     wal_deleted_drill(make_daemon, rounds=5, size=16 * MiB).report()
+
+
+# --- case 1: a member failure the store cannot record --------------------------------------------
+
+
+def fill(directory: Path) -> Path:
+    """Fill the file system of ``directory`` to the last byte with a file; its path."""
+    filler = directory / "filler"
+    chunk = b"\xff" * MiB
+    with filler.open("wb", buffering=0) as f:
+        while True:
+            try:
+                f.write(chunk)
+            except OSError:
+                break
+    for size in (65536, 4096, 512, 1):  # the last partial pages too
+        with filler.open("ab", buffering=0) as f:
+            while True:
+                try:
+                    f.write(b"\xff" * size)
+                except OSError:
+                    break
+    return filler
+
+
+def write_refused(daemon: Daemon, volume: str, value: int, offset: int, length: int) -> bool:
+    result = qemu_io(daemon.uri(volume), f"write -P {value:#04x} {offset} {length}", check=False)
+    return "write failed" in result.stdout + result.stderr
+
+
+def write_until_accepted(daemon: Daemon, volume: str, value: int, offset: int, length: int) -> None:
+    deadline = time.monotonic() + 30
+    while write_refused(daemon, volume, value, offset, length):
+        assert time.monotonic() < deadline, "writes still refused 30 s after space came back"
+        time.sleep(0.2)
+    qemu_io(daemon.uri(volume), "flush")
+
+
+def unrecorded_failure_drill(
+    make_daemon: Callable[..., Daemon], *, rounds: int, size: int, kill_while_full: bool
+) -> Figures:
+    """Mirror A's PD file and the store on a small tmpfs, mirror B on the disk.  Each round: pattern
+    written and flushed; the tmpfs filled; PD A fails (``thinblock pd fail``) while the store cannot
+    record it.  Writes to the volume must be refused (EIO), reads served.  Then either space comes
+    back (writes accepted again once the failure is recorded; a new pattern written and flushed) or
+    the daemon is killed while the store still cannot record (``kill_while_full``: the record in
+    B's header is all that is left of the failure).  Then kill -9 and restart: A is failed, the
+    newest flushed pattern reads back (the unclean-start resync did not copy A over B), a rebuild
+    onto a new PD restores the mirror."""
+    figures = Figures("8-host-faults-unrecorded-failure" + ("-killed-full" if kill_while_full else ""))
+    daemon = make_daemon("unrecorded-kill" if kill_while_full else "unrecorded", config=CONFIG)
+    work = daemon.workdir
+    with tmpfs(daemon.data_dir, 24 * MiB + 4 * size * rounds):
+        daemon.start()
+        daemon.api_ok(
+            "POST",
+            "/pds",
+            {"path": str(daemon.data_dir / "a.img"), "size": 2 * size * rounds, "chunklet_size": MiB},
+        )
+        daemon.api_ok(
+            "POST", "/pds", {"path": str(work / "b.img"), "size": 2 * size * rounds, "chunklet_size": MiB}
+        )
+        setup_pool(daemon, "r1", 1, region=REGION, increment=size)
+        for n in range(rounds):
+            volume = f"v{n}"
+            setup_volume(daemon, volume, "r1", size)
+            write_flush(daemon, volume, 0x41 + n, 0, size)
+            a, b = first_mirror(daemon, "r1")
+            filler = fill(daemon.data_dir)
+            result = daemon.cli_subprocess("pd", "fail", str(a["id"]))
+            assert result.returncode == 0, result.stderr
+            figures.faults += 1
+            # Not recorded in the store: nothing more acknowledged, reads served from B.
+            assert write_refused(daemon, volume, 0x61 + n, 0, size), (
+                "a write was acknowledged while the failure was unrecorded"
+            )
+            read_check(daemon, volume, 0x41 + n, 0, size)
+            assert any(r.get("event") == "pd-failure-unrecorded" for r in daemon.log_records()), (
+                "no log line says the failure could not be recorded"
+            )
+            expected = 0x41 + n
+            if not kill_while_full:
+                filler.unlink()
+                write_until_accepted(daemon, volume, 0x71 + n, 0, size)
+                expected = 0x71 + n
+                assert f"pd:{a['id']}" in alert_objects(daemon, "pd-failed")
+            daemon.kill()
+            if kill_while_full:
+                filler.unlink()
+            daemon.start()
+            assert pd_health(daemon)[a["id"]] == "failed", "the failure was forgotten by the restart"
+            assert pd_health(daemon)[b["id"]] == "normal"
+            read_check(daemon, volume, expected, 0, size)
+            figures.bytes_verified += size
+            # After a clean stop too.
+            assert daemon.stop() == 0
+            daemon.start()
+            assert pd_health(daemon)[a["id"]] == "failed"
+            read_check(daemon, volume, expected, 0, size)
+            figures.bytes_verified += size
+            # The administrator's way back: a new PD (on the disk), a rebuild.
+            daemon.api_ok(
+                "POST",
+                "/pds",
+                {"path": str(work / f"spare{n}.img"), "size": 2 * size * rounds, "chunklet_size": MiB},
+            )
+            result = daemon.cli_subprocess("rebuild")
+            assert result.returncode == 0, result.stderr
+            read_check(daemon, volume, expected, 0, size)
+            figures.rounds += 1
+        assert daemon.stop() == 0
+    return figures
+
+
+def test_unrecorded_failure_short(make_daemon: Callable[..., Daemon]) -> None:
+    unrecorded_failure_drill(make_daemon, rounds=1, size=4 * MiB, kill_while_full=False).report()
+
+
+def test_unrecorded_failure_killed_while_full_short(make_daemon: Callable[..., Daemon]) -> None:
+    unrecorded_failure_drill(make_daemon, rounds=1, size=4 * MiB, kill_while_full=True).report()
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("kill_while_full", [False, True])
+def test_unrecorded_failure_long(make_daemon: Callable[..., Daemon], kill_while_full: bool) -> None:
+    unrecorded_failure_drill(make_daemon, rounds=3, size=8 * MiB, kill_while_full=kill_while_full).report()
