@@ -177,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--nbd", metavar="HOST:PORT", help='NBD listen address (default 127.0.0.1:10809; "" for none)'
     )
     serve.add_argument("--nbd-unix", metavar="PATH", help="also listen for NBD on this Unix socket")
+    serve.add_argument(
+        "--iscsi",
+        metavar="HOST:PORT",
+        help='serve iSCSI targets here (off by default; port 3260 when omitted; "" for none)',
+    )
     serve.add_argument("--api", metavar="HOST:PORT", help="API listen address (default 127.0.0.1:8080)")
     serve.add_argument(
         "--api-token", metavar="TOKEN", help="bearer token the API demands (THINBLOCK_API_TOKEN)"
@@ -1287,6 +1292,7 @@ def cmd_serve(ctx: Context) -> int:
             data_dir=a.data,
             nbd=a.nbd,
             nbd_unix=a.nbd_unix,
+            iscsi=a.iscsi,
             api=a.api,
             api_token=a.api_token or os.environ.get("THINBLOCK_API_TOKEN") or None,
             log_level=a.log_level,

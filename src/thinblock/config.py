@@ -12,6 +12,17 @@ Every key has a default, so an empty file (or none) gives a working daemon on lo
     unix_socket = ""                # e.g. "/run/thinblock/nbd.sock"
     default_export = "vol0"         # the volume a client gets with an empty export name; "" for none
 
+    [iscsi]                         # off unless listen is set (or --iscsi HOST:PORT)
+    listen = ""                     # e.g. "0.0.0.0:3260" (port 3260 when omitted)
+    node_name = ""                  # targets are iqn.2026-12.org.thinblock:NODE:VV; default: the host name
+    chap_user = ""                  # CHAP the initiators must prove (both set: CHAP required)
+    chap_secret = ""                # 12 to 16 characters (RFC 7143 12.1.3)
+    mutual_user = ""                # mutual CHAP: what the target proves back
+    mutual_secret = ""
+    login_timeout = 30.0            # seconds a connection may take to log in
+    [iscsi.acl]                     # per VV: the initiator names allowed ("*" key: every VV)
+    # vol0 = ["iqn.1993-08.org.debian:01:host1"]
+
     [api]
     listen = "127.0.0.1:8080"
     token = ""                      # bearer token; required when `listen` is not a loopback address
@@ -65,6 +76,7 @@ from .model import CacheMode
 from .units import GiB, KiB, MiB, parse_size
 
 DEFAULT_NBD_PORT = 10809
+DEFAULT_ISCSI_PORT = 3260
 DEFAULT_API_PORT = 8080
 DEFAULT_MIRROR_PORT = 10810
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -163,6 +175,18 @@ class NodeConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ISCSIConfig:
+    listen: Listen | None = None  # off unless asked
+    node_name: str | None = None
+    chap_user: str | None = None
+    chap_secret: str | None = None
+    mutual_user: str | None = None
+    mutual_secret: str | None = None
+    login_timeout: float = 30.0
+    acl: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     data_dir: Path = Path("./thinblock-data")
     log_level: str = "info"
@@ -185,6 +209,7 @@ class Config:
     offload_min: int = 128 * KiB
     pd_check_interval: float = 5.0
     webhook: WebhookConfig = field(default_factory=WebhookConfig)
+    iscsi: ISCSIConfig = field(default_factory=ISCSIConfig)
     latency_histograms: bool = True
     first_start: FirstStartConfig = field(default_factory=FirstStartConfig)
     node: NodeConfig = field(default_factory=NodeConfig)
@@ -210,6 +235,18 @@ class Config:
             raise ConfigError("NBD has nowhere to listen: give nbd.listen or nbd.unix_socket")
         if self.node.partner is not None and not self.node.name:
             raise ConfigError("node.partner is set: give this node a name too (node.name, --node)")
+        i = self.iscsi
+        if bool(i.chap_user) != bool(i.chap_secret):
+            raise ConfigError("iscsi.chap_user and iscsi.chap_secret go together")
+        if bool(i.mutual_user) != bool(i.mutual_secret):
+            raise ConfigError("iscsi.mutual_user and iscsi.mutual_secret go together")
+        if i.mutual_user and not i.chap_user:
+            raise ConfigError("mutual CHAP needs one-way CHAP too: set iscsi.chap_user and iscsi.chap_secret")
+        for key, secret in (("chap_secret", i.chap_secret), ("mutual_secret", i.mutual_secret)):
+            if secret and not 12 <= len(secret) <= 255:
+                raise ConfigError(f"iscsi.{key}: 12 characters at least (RFC 7143 12.1.3 asks for 96 bits)")
+        if i.chap_secret and i.chap_secret == i.mutual_secret:
+            raise ConfigError("iscsi.mutual_secret must differ from iscsi.chap_secret (RFC 7143 12.1.3)")
         return self
 
 
@@ -285,6 +322,16 @@ _TOP_KEYS = {"data_dir", "log_level", "log_format", "event_loop"}
 _TABLES = {
     "nbd": {"listen", "unix_socket", "default_export"},
     "api": {"listen", "token", "require_token", "tls_cert", "tls_key", "allowed_hosts"},
+    "iscsi": {
+        "listen",
+        "node_name",
+        "chap_user",
+        "chap_secret",
+        "mutual_user",
+        "mutual_secret",
+        "login_timeout",
+        "acl",
+    },
     "engine": {
         "chunklet_size",
         "max_dirty_bytes",
@@ -337,6 +384,31 @@ def parse_config(doc: dict[str, Any], *, base_dir: Path | None = None) -> Config
         changes["nbd_unix_socket"] = path(sock, "nbd.unix_socket") if sock else None
     if "default_export" in nbd:
         changes["default_export"] = _optional_str(nbd["default_export"], "nbd.default_export")
+
+    iscsi = tables["iscsi"]
+    icfg = cfg.iscsi
+    i_changes: dict[str, Any] = {}
+    if "listen" in iscsi:
+        text = _str(iscsi["listen"], "iscsi.listen")
+        i_changes["listen"] = (
+            Listen.parse(text, what="iscsi.listen", default_port=DEFAULT_ISCSI_PORT) if text.strip() else None
+        )
+    for key in ("node_name", "chap_user", "chap_secret", "mutual_user", "mutual_secret"):
+        if key in iscsi:
+            i_changes[key] = _optional_str(iscsi[key], f"iscsi.{key}")
+    if "login_timeout" in iscsi:
+        i_changes["login_timeout"] = _float(iscsi["login_timeout"], "iscsi.login_timeout", low=0.1, high=3600)
+    if "acl" in iscsi:
+        acl = iscsi["acl"]
+        if not isinstance(acl, dict):
+            raise ConfigError("[iscsi.acl] must be a table of VV name -> list of initiator names")
+        rules = []
+        for vv, names in acl.items():
+            if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+                raise ConfigError(f"iscsi.acl.{vv}: expected a list of initiator names")
+            rules.append((str(vv), tuple(names)))
+        i_changes["acl"] = tuple(rules)
+    changes["iscsi"] = replace(icfg, **i_changes)
 
     api = tables["api"]
     if "listen" in api:
@@ -480,7 +552,7 @@ def load_config(path: str | Path | None) -> Config:
 def apply_overrides(cfg: Config, **flags: Any) -> Config:
     """Command-line flags win over the file.  ``None`` means "flag not given".
 
-    Accepted: data_dir, nbd (HOST:PORT or ""), nbd_unix, api (HOST:PORT), api_token, log_level,
+    Accepted: data_dir, nbd (HOST:PORT or ""), iscsi (HOST:PORT or ""), nbd_unix, api (HOST:PORT), api_token, log_level,
     log_format, default_export, chunklet_size, max_dirty_bytes, webhook_url, first_start_pd_size,
     first_start (bool)."""
     changes: dict[str, Any] = {}
@@ -493,6 +565,13 @@ def apply_overrides(cfg: Config, **flags: Any) -> Config:
             changes["nbd_listen"] = (
                 Listen.parse(value, what="--nbd", default_port=DEFAULT_NBD_PORT) if value.strip() else None
             )
+        elif key == "iscsi":
+            iscsi_listen = (
+                Listen.parse(value, what="--iscsi", default_port=DEFAULT_ISCSI_PORT)
+                if value.strip()
+                else None
+            )
+            changes["iscsi"] = replace(changes.get("iscsi", cfg.iscsi), listen=iscsi_listen)
         elif key == "nbd_unix":
             changes["nbd_unix_socket"] = Path(value).expanduser() if value.strip() else None
         elif key == "api":

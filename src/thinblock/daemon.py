@@ -249,6 +249,7 @@ class Daemon:
         self.stop_signal: str | None = None
         self.engine: Engine | None = None
         self.nbd: Any = None
+        self.iscsi: Any = None
         self.api_server: Any = None
         self.api_task: asyncio.Task[None] | None = None
         self.api_ctx: Any = None
@@ -371,8 +372,10 @@ class Daemon:
                 latencies = LatencyRecorder(lambda: [vv.name for vv in engine.list_vvs()])
                 extra_metrics.append(latencies)
                 await self._start_nbd(InstrumentedProvider(engine, latencies))
+                await self._start_iscsi(InstrumentedProvider(engine, latencies))
             else:
                 await self._start_nbd(engine)
+                await self._start_iscsi(engine)
 
             node = NodeInfo(
                 nbd_uri=self.nbd_uri,
@@ -467,6 +470,39 @@ class Daemon:
             reason = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
             raise StartupError(f"cannot listen for NBD on {where}: {reason}") from None
 
+    async def _start_iscsi(self, provider: Any) -> None:
+        """The iSCSI target, when ``iscsi.listen`` (or ``--iscsi``) asks for it."""
+        icfg = self.cfg.iscsi
+        if icfg.listen is None:
+            return
+        from .iscsi.negotiation import ChapCredentials
+        from .iscsi.server import AccessRule, ISCSIServer
+
+        chap = None
+        if icfg.chap_user and icfg.chap_secret:
+            chap = ChapCredentials(icfg.chap_user, icfg.chap_secret, icfg.mutual_user, icfg.mutual_secret)
+        self.iscsi = ISCSIServer(
+            provider,
+            node_name=icfg.node_name,
+            chap=chap,
+            acl=[AccessRule(vv, names) for vv, names in icfg.acl],
+            login_timeout=icfg.login_timeout,
+        )
+        try:
+            await self.iscsi.start(icfg.listen.host, icfg.listen.port)
+        except OSError as exc:
+            self.iscsi = None
+            reason = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+            raise StartupError(f"cannot listen for iSCSI on {icfg.listen}: {reason}") from None
+
+    @property
+    def iscsi_portal(self) -> str | None:
+        """HOST:PORT of the iSCSI target with the port really bound, or None when off."""
+        icfg = self.cfg.iscsi
+        if icfg.listen is None or self.iscsi is None or self.iscsi.port is None:
+            return None
+        return f"{icfg.listen.url_host()}:{self.iscsi.port}"
+
     def _log_first_start_summary(self) -> None:
         fs = self.cfg.first_start
         log.info(
@@ -490,6 +526,8 @@ class Daemon:
         fields: dict[str, Any] = {"event": "ready", "api": f"{api_url}/api/v1", "pid": os.getpid()}
         if nbd_uri:
             fields["nbd"] = nbd_uri
+        if self.iscsi_portal:
+            fields["iscsi"] = self.iscsi_portal
         if cfg.nbd_unix_socket:
             fields["nbd_unix"] = str(cfg.nbd_unix_socket)
         if cfg.default_export:
@@ -515,6 +553,10 @@ class Daemon:
                 f"qemu-io -f raw -c 'write -P 0xab 0 1M' {target}",
             ):
                 log.info(hint, extra={"event": "hint", "vv": export})
+        if self.iscsi_portal and self.iscsi is not None and export is not None:
+            lun = f"iscsi://{self.iscsi_portal}/{self.iscsi.target_name(export)}/0"
+            for hint in (f"iscsi-ls -s iscsi://{self.iscsi_portal}", f"qemu-img info {lun}"):
+                log.info(hint, extra={"event": "hint", "vv": export})
         api_hint = "" if api_url == "http://127.0.0.1:8080" else f" --api {api_url}"
         log.info(f"thinblock{api_hint} vv list", extra={"event": "hint"})
 
@@ -524,6 +566,12 @@ class Daemon:
         started = time.monotonic()
         if self.api_server is not None:
             self.api_server.should_exit = True
+        if self.iscsi is not None:
+            try:
+                await self.iscsi.stop()
+            except Exception:
+                clean = False
+                log.exception("stopping the iSCSI target failed", extra={"event": "iscsi-stop-failed"})
         if self.nbd is not None:
             try:
                 await self.nbd.stop()

@@ -3,7 +3,8 @@ end-to-end tests (tests/e2e) and the drills (tests/drills).
 
 One launcher, so that all of them start, watch and stop the daemon the same way:
 
-* Ports.  NBD and the API listen on port 0 of loopback (flags ``--nbd``/``--api``), so parallel
+* Ports.  NBD and the API listen on port 0 of loopback (flags ``--nbd``/``--api``; iSCSI too when
+  a test passes ``args=("--iscsi", "127.0.0.1:0")``), so parallel
   tests never race for a port; the ports the kernel picked are read from the daemon's ``ready``
   log line, in either log format (logfmt, the default, or JSON).
 * Configuration.  Optional TOML text written to ``WORKDIR/thinblock.toml``; the data directory,
@@ -216,6 +217,7 @@ class Daemon:
         self.api_url = ""  # http://127.0.0.1:PORT
         self.nbd_url: str | None = None  # nbd://127.0.0.1:PORT; None when it has no NBD TCP address
         self.nbd_port = 0
+        self.iscsi_portal: str | None = None  # 127.0.0.1:PORT when started with --iscsi
 
     # --- life cycle ---
     def _argv(self) -> list[str]:
@@ -241,6 +243,7 @@ class Daemon:
         assert not self.running, "a daemon is already running on this data directory"
         self.starts += 1
         self.api_url, self.nbd_url, self.nbd_port = "", None, 0
+        self.iscsi_portal = None
         self.log_path = self._next_log_path()
         env = dict(os.environ)
         env.pop("THINBLOCK_API_TOKEN", None)
@@ -301,6 +304,8 @@ class Daemon:
                 nbd = record.get("nbd")
                 self.nbd_url = str(nbd) if nbd else None
                 self.nbd_port = int(self.nbd_url.rsplit(":", 1)[1]) if self.nbd_url else 0
+                iscsi = record.get("iscsi")
+                self.iscsi_portal = str(iscsi) if iscsi else None
                 return True
         return False
 
@@ -349,6 +354,11 @@ class Daemon:
         """The NBD URI of ``export`` on this daemon's TCP address."""
         assert self.nbd_url, "the daemon reported no NBD TCP address"
         return f"{self.nbd_url}/{export}"
+
+    def iscsi_uri(self, target: str, lun: int = 0) -> str:
+        """The libiscsi/qemu URI of an iSCSI target's LUN (a daemon started with ``--iscsi``)."""
+        assert self.iscsi_portal, "the daemon reported no iSCSI address (start it with --iscsi)"
+        return f"iscsi://{self.iscsi_portal}/{target}/{lun}"
 
     # --- its log ---
     def log_text(self) -> str:

@@ -1,0 +1,987 @@
+"""The iSCSI connection core, sans-IO: bytes in, events out (the h11 shape).
+
+One ``TargetConnection`` per TCP connection; with MaxConnections=1 a session has one
+connection, so the session's sequence numbers (CmdSN window) live here too.
+
+The core does everything the protocol alone decides: login (security and operational
+negotiation, CHAP), SendTargets and Text, NOP-In replies, CmdSN ordering, collecting a
+write's data (immediate, unsolicited, and solicited with R2T under the negotiated burst
+lengths), splitting Data-In into the initiator's segment size, StatSN/DataSN/R2TSN, and
+Reject.  It hands the layer above only what needs storage or policy:
+
+* ``LoginComplete`` -- the connection reached full feature phase (normal or discovery);
+* ``ScsiCommand`` -- a command with all of its Data-Out collected, to execute;
+* ``TaskManagement`` -- ABORT TASK, LUN RESET...: answered with ``task_management_done``;
+* ``LogoutRequested`` -- answered with ``logout_done`` once the tasks finished;
+* ``ConnectionClosed`` -- the end (a protocol error, a failed login, EOF).
+
+Error recovery level 0 (RFC 7143 7.1.5): anything the core cannot accept closes the
+connection, after a Reject or a failed Login Response where the protocol has one.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .constants import (
+    BHS_LENGTH,
+    CONTINUE_BIT,
+    FINAL_BIT,
+    NO_TAG,
+    OVERFLOW_BIT,
+    READ_BIT,
+    STATUS_BIT,
+    TRANSIT_BIT,
+    UNDERFLOW_BIT,
+    WRITE_BIT,
+    Asc,
+    LoginStatus,
+    LogoutResponse,
+    Opcode,
+    RejectReason,
+    SenseKey,
+    Stage,
+    Status,
+    TaskResponse,
+)
+from .negotiation import (
+    LOGIN_MAX_RECV_DATA_SEGMENT,
+    TARGET_PORTAL_GROUP_TAG,
+    ChapAuthenticator,
+    ChapCredentials,
+    NegotiationError,
+    SessionParameters,
+    negotiate_operational,
+)
+from .pdu import Buffer, Pdu, PduError, PduReader, build_bhs, encode, format_text, parse_text
+from .sense import fixed_sense
+
+QUEUE_DEPTH = 64  # commands an initiator may have outstanding (the CmdSN window)
+MAX_TRANSFER = 32 * 1024 * 1024  # largest Expected Data Transfer Length accepted for a write
+MAX_TEXT_BYTES = 64 * 1024  # a Login or Text request's keys, across continuation PDUs
+MAX_LOGIN_PDUS = 32  # login requests one connection may send before it must be in full feature
+MAX_PENDING_OUT_OF_ORDER = QUEUE_DEPTH
+
+
+def sn_lt(a: int, b: int) -> bool:
+    """RFC 1982 serial number arithmetic, 32 bits: a < b."""
+    return a != b and ((b - a) & 0xFFFFFFFF) < 0x80000000
+
+
+def sn_add(a: int, n: int) -> int:
+    return (a + n) & 0xFFFFFFFF
+
+
+class Phase(enum.Enum):
+    LOGIN = 1
+    FULL_FEATURE = 2
+    CLOSED = 3
+
+
+class SessionType(enum.Enum):
+    NORMAL = "Normal"
+    DISCOVERY = "Discovery"
+
+
+# --- events ----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class LoginComplete:
+    session_type: SessionType
+    initiator_name: str
+    target_name: str | None
+    isid: int
+    tsih: int
+    initiator_alias: str = ""
+
+
+@dataclass(slots=True, eq=False)
+class ScsiCommand:
+    """One SCSI task.  ``data`` is the Data-Out (None for commands without it)."""
+
+    itt: int
+    lun: int
+    cdb: bytes
+    expected_length: int
+    read: bool
+    write: bool
+    cmdsn: int
+    immediate: bool
+    attribute: int
+    data: bytearray | None = None
+    # collection state (the core's)
+    received: int = 0
+    unsolicited_done: bool = True
+    r2t_outstanding: bool = False
+    r2t_sn: int = 0
+    ttt: int = NO_TAG
+    data_sn: int = 0  # DataSN expected on the next Data-Out of the current sequence
+    burst_end: int = 0
+    aborted: bool = False
+    responses_sent: int = 0  # Data-In and R2T PDUs: the response's ExpDataSN
+
+
+@dataclass(slots=True)
+class TaskManagement:
+    itt: int
+    function: int
+    lun: int
+    referenced_itt: int
+    refcmdsn: int
+    immediate: bool
+
+
+@dataclass(slots=True)
+class LogoutRequested:
+    itt: int
+    reason: int
+    cid: int
+
+
+@dataclass(slots=True)
+class ConnectionClosed:
+    reason: str
+    clean: bool
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+Event = LoginComplete | ScsiCommand | TaskManagement | LogoutRequested | ConnectionClosed | _NeedData
+
+
+@dataclass(slots=True)
+class ScsiResult:
+    """What the SCSI layer answers: status, Data-In, sense, and how many bytes the command
+    wanted to move (for the residual count; None: the length of ``data``)."""
+
+    status: int = Status.GOOD
+    data: Buffer = b""
+    sense: bytes = b""
+    wanted: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LoginPolicy:
+    """What the core asks the server while logging in.
+
+    ``target_names(initiator)`` lists the targets that initiator may see (SendTargets);
+    ``authorize(target, initiator)`` is SUCCESS, NOT_FOUND or AUTHORIZATION_FAILED;
+    ``credentials(target)`` is the CHAP secrets a login must prove, or None (no
+    authentication); ``target_alias(target)`` the TargetAlias; ``new_tsih()`` a session
+    handle; ``portal`` is "HOST:PORT" of this connection's listening address."""
+
+    target_names: Callable[[str], list[str]]
+    authorize: Callable[[str, str], LoginStatus]
+    credentials: Callable[[str | None], ChapCredentials | None]
+    new_tsih: Callable[[], int]
+    portal: str
+    target_alias: Callable[[str], str] = lambda name: ""
+
+
+class TargetConnection:
+    """The target side of one iSCSI connection."""
+
+    def __init__(self, policy: LoginPolicy, *, queue_depth: int = QUEUE_DEPTH) -> None:
+        self.policy = policy
+        self.phase = Phase.LOGIN
+        self.params = SessionParameters()
+        self.reader = PduReader(LOGIN_MAX_RECV_DATA_SEGMENT)
+        self.queue_depth = queue_depth
+        self._events: list[Event] = []
+        self._out: list[Buffer] = []
+        self.session_type = SessionType.NORMAL
+        self.initiator_name = ""
+        self.initiator_alias = ""
+        self.target_name: str | None = None
+        self.isid = 0
+        self.tsih = 0
+        self.cid = 0
+        self.stat_sn = 1
+        self.exp_cmd_sn = 0
+        self.max_cmd_sn = 0
+        self._login_stage = Stage.SECURITY
+        self._login_started = False
+        self._login_text = bytearray()
+        self._login_pdus = 0
+        self._authenticated = False
+        self._chap: ChapAuthenticator | None = None
+        self._security_done = False
+        self._text_in = bytearray()
+        self._text_out: bytes = b""
+        self._text_ttt = 0
+        self._next_ttt = 1
+        self.tasks: dict[int, ScsiCommand] = {}  # by ITT: collecting data or executing
+        self._out_of_order: dict[int, Pdu] = {}
+        self._discard: set[int] = set()  # ITTs whose unsolicited Data-Out is dropped
+        self._closed_reason: str | None = None
+        self.pdus_in = 0
+
+    # --- I/O ------------------------------------------------------------------------------------
+    def receive_data(self, data: Buffer) -> None:
+        """Bytes from the peer; ``b""`` is end of stream."""
+        if self.phase is Phase.CLOSED:
+            return
+        if not data:
+            clean = self.phase is Phase.FULL_FEATURE and not self.tasks
+            self._close("the initiator closed the connection", clean=clean)
+            return
+        self.reader.feed(data)
+        self._process()
+
+    def next_event(self) -> Event:
+        if self._events:
+            return self._events.pop(0)
+        return NEED_DATA
+
+    def data_to_send(self) -> list[Buffer]:
+        out = self._out
+        self._out = []
+        return out
+
+    @property
+    def closed(self) -> bool:
+        return self.phase is Phase.CLOSED
+
+    @property
+    def in_full_feature(self) -> bool:
+        return self.phase is Phase.FULL_FEATURE
+
+    # --- internals -------------------------------------------------------------------------------
+    def _close(self, reason: str, *, clean: bool = False) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        self.phase = Phase.CLOSED
+        self._closed_reason = reason
+        self._events.append(ConnectionClosed(reason, clean))
+
+    def _send(self, bhs: bytearray, data: Buffer = b"") -> None:
+        self._out.extend(
+            encode(bhs, data, header_digest=self.reader.header_digest, data_digest=self.reader.data_digest)
+        )
+
+    def _reject(self, reason: RejectReason, header: bytes) -> None:
+        bhs = build_bhs(
+            Opcode.REJECT,
+            FINAL_BIT,
+            byte2=int(reason),
+            itt=NO_TAG,
+            fields=(0, self.stat_sn, self.exp_cmd_sn, self._advertised_max(), 0, 0, 0),
+        )
+        self.stat_sn = sn_add(self.stat_sn, 1)
+        self._send(bhs, header[:BHS_LENGTH])
+
+    def _protocol_error(self, reason: str, header: bytes | None = None) -> None:
+        if self.phase is Phase.FULL_FEATURE and header is not None:
+            self._reject(RejectReason.PROTOCOL_ERROR, header)
+        self._close(f"protocol error: {reason}")
+
+    def _advertised_max(self) -> int:
+        """MaxCmdSN: the window shrinks by the tasks in flight, and never moves back."""
+        running = sum(1 for t in self.tasks.values() if not t.immediate)
+        candidate = sn_add(self.exp_cmd_sn, self.queue_depth - 1 - min(running, self.queue_depth - 1))
+        if sn_lt(self.max_cmd_sn, candidate):
+            self.max_cmd_sn = candidate
+        return self.max_cmd_sn
+
+    def _process(self) -> None:
+        while self.phase is not Phase.CLOSED:
+            try:
+                pdu = self.reader.next_pdu()
+            except PduError as exc:
+                if (
+                    exc.digest
+                    and self.phase is Phase.FULL_FEATURE
+                    and exc.header is not None
+                    and "data digest" in exc.reason
+                ):
+                    # ERL 0: say why (Reject, reason data digest error), then close.
+                    self._reject(RejectReason.DATA_DIGEST_ERROR, exc.header)
+                self._close(exc.reason)
+                return
+            if pdu is None:
+                return
+            self.pdus_in += 1
+            if self.phase is Phase.LOGIN:
+                self._login(pdu)
+            else:
+                self._full_feature(pdu)
+
+    # --- login -------------------------------------------------------------------------------------
+    def _login_response(
+        self,
+        pdu: Pdu,
+        *,
+        transit: bool,
+        nsg: int,
+        status: LoginStatus = LoginStatus.SUCCESS,
+        pairs: list[tuple[str, str]] | None = None,
+        cont: bool = False,
+    ) -> None:
+        csg = (pdu.flags >> 2) & 3
+        flags = (TRANSIT_BIT if transit else 0) | (CONTINUE_BIT if cont else 0) | (csg << 2)
+        if transit:
+            flags |= nsg
+        bhs = build_bhs(
+            Opcode.LOGIN_RESPONSE,
+            flags,
+            byte2=0,  # Version-max
+            byte3=0,  # Version-active
+            itt=pdu.itt,
+            fields=(
+                0,
+                self.stat_sn,
+                self.exp_cmd_sn,
+                self._advertised_max(),
+                int(status) << 16,
+                0,
+                0,
+            ),
+        )
+        bhs[8:14] = pdu.bhs[8:14]  # ISID
+        bhs[14:16] = self.tsih.to_bytes(2, "big")
+        self.stat_sn = sn_add(self.stat_sn, 1)
+        # Login responses never carry digests: they take effect after the login.
+        self._out.extend(encode(bhs, format_text(pairs or [])))
+
+    def _login_fail(self, pdu: Pdu, status: LoginStatus, reason: str) -> None:
+        self._login_response(pdu, transit=False, nsg=0, status=status)
+        self._close(f"login failed: {reason}")
+
+    def _login(self, pdu: Pdu) -> None:
+        if pdu.opcode != Opcode.LOGIN_REQUEST:
+            # "Any PDU other than a Login Request during the login phase" -> invalid during login.
+            self._login_fail(pdu, LoginStatus.INVALID_DURING_LOGIN, f"opcode 0x{pdu.opcode:02x} during login")
+            return
+        self._login_pdus += 1
+        if self._login_pdus > MAX_LOGIN_PDUS:
+            self._login_fail(pdu, LoginStatus.INITIATOR_ERROR, "too many login requests")
+            return
+        flags = pdu.flags
+        transit = bool(flags & TRANSIT_BIT)
+        cont = bool(flags & CONTINUE_BIT)
+        csg = (flags >> 2) & 3
+        nsg = flags & 3
+        if transit and cont:
+            self._login_fail(pdu, LoginStatus.INITIATOR_ERROR, "T and C both set")
+            return
+        if pdu.bhs[3] > 0 or pdu.bhs[2] < 0:  # Version-min must be 0 (the only version)
+            self._login_fail(pdu, LoginStatus.UNSUPPORTED_VERSION, "unsupported version")
+            return
+        if csg == 2 or (transit and (nsg == 2 or (nsg <= csg and not (csg == nsg == 0)))):
+            self._login_fail(pdu, LoginStatus.INITIATOR_ERROR, f"invalid stage transition {csg}->{nsg}")
+            return
+        if not self._login_started:
+            self._login_started = True
+            self.isid = int.from_bytes(pdu.bhs[8:14], "big")
+            self.cid = pdu.u16(20)
+            self.exp_cmd_sn = pdu.u32(24)
+            self.max_cmd_sn = sn_add(self.exp_cmd_sn, self.queue_depth - 1)
+            self.stat_sn = pdu.u32(28) or 1
+            if pdu.u16(14) != 0:
+                # Adding a connection to an existing session (MC/S): MaxConnections=1.
+                self._login_fail(pdu, LoginStatus.SESSION_DOES_NOT_EXIST, "no session with that TSIH")
+                return
+        elif int.from_bytes(pdu.bhs[8:14], "big") != self.isid:
+            self._login_fail(pdu, LoginStatus.INITIATOR_ERROR, "ISID changed during login")
+            return
+        self._login_text += pdu.data
+        if len(self._login_text) > MAX_TEXT_BYTES:
+            self._login_fail(pdu, LoginStatus.OUT_OF_RESOURCES, "login text too long")
+            return
+        if cont:
+            # "the target MUST answer a Login Request with C=1 with an empty Login Response"
+            self._login_response(pdu, transit=False, nsg=0)
+            return
+        try:
+            pairs = parse_text(self._login_text)
+        except (ValueError, UnicodeDecodeError) as exc:
+            self._login_fail(pdu, LoginStatus.INITIATOR_ERROR, f"malformed login text: {exc}")
+            return
+        self._login_text = bytearray()
+        keys = dict(pairs)
+        out: list[tuple[str, str]] = []
+        if self._login_pdus == 1 or not self.initiator_name:
+            name = keys.get("InitiatorName")
+            if not name:
+                self._login_fail(pdu, LoginStatus.MISSING_PARAMETER, "no InitiatorName")
+                return
+            self.initiator_name = name
+            self.initiator_alias = keys.get("InitiatorAlias", "")
+            kind = keys.get("SessionType", "Normal")
+            if kind not in ("Normal", "Discovery"):
+                self._login_fail(pdu, LoginStatus.SESSION_TYPE_NOT_SUPPORTED, f"SessionType {kind}")
+                return
+            self.session_type = SessionType(kind)
+            if self.session_type is SessionType.NORMAL:
+                target = keys.get("TargetName")
+                if not target:
+                    self._login_fail(pdu, LoginStatus.MISSING_PARAMETER, "no TargetName")
+                    return
+                verdict = self.policy.authorize(target, name)
+                if verdict is not LoginStatus.SUCCESS:
+                    self._login_fail(pdu, verdict, f"target {target!r} for {name!r}: {verdict.name}")
+                    return
+                self.target_name = target
+                alias = self.policy.target_alias(target)
+                if alias:
+                    out.append(("TargetAlias", alias))
+            out.append(("TargetPortalGroupTag", str(TARGET_PORTAL_GROUP_TAG)))
+        credentials = self.policy.credentials(self.target_name)
+        if csg == Stage.SECURITY:
+            auth_out, finished = self._security(pdu, keys, credentials)
+            if auth_out is None:
+                return
+            out += auth_out
+            if not finished:
+                self._login_response(pdu, transit=False, nsg=0, pairs=out)
+                return
+            self._security_done = True
+        else:
+            if credentials is not None and not self._security_done:
+                self._login_fail(pdu, LoginStatus.AUTHENTICATION_FAILED, "authentication required")
+                return
+            try:
+                out += negotiate_operational(
+                    pairs, self.params, discovery=self.session_type is SessionType.DISCOVERY
+                )
+            except NegotiationError as exc:
+                self._login_fail(pdu, LoginStatus.INITIATOR_ERROR, str(exc))
+                return
+            if "MaxRecvDataSegmentLength" not in self.params.declared - {"sent"}:
+                pass
+            if "sent" not in self.params.declared:
+                # Declarative: the target tells its own receive limit once.
+                out.append(("MaxRecvDataSegmentLength", str(self.params.target_max_recv_data_segment)))
+                self.params.declared.add("sent")
+        if not transit:
+            self._login_response(pdu, transit=False, nsg=0, pairs=out)
+            return
+        if nsg == Stage.FULL_FEATURE:
+            self._enter_full_feature(pdu, out)
+        else:
+            self._login_response(pdu, transit=True, nsg=nsg, pairs=out)
+
+    def _security(
+        self, pdu: Pdu, keys: dict[str, str], credentials: ChapCredentials | None
+    ) -> tuple[list[tuple[str, str]] | None, bool]:
+        """The security stage; returns (pairs, finished), or (None, _) after failing the login."""
+        out: list[tuple[str, str]] = []
+        if self._chap is None:
+            methods = keys.get("AuthMethod")
+            if methods is None and not self._security_done:
+                if credentials is not None:
+                    self._login_fail(pdu, LoginStatus.AUTHENTICATION_FAILED, "no AuthMethod offered")
+                    return None, False
+                return out, True
+            offered = (methods or "None").split(",")
+            if credentials is not None:
+                if "CHAP" not in offered:
+                    self._login_fail(pdu, LoginStatus.AUTHENTICATION_FAILED, "CHAP required, not offered")
+                    return None, False
+                self._chap = ChapAuthenticator(credentials)
+                out.append(("AuthMethod", "CHAP"))
+                if "CHAP_A" not in keys:
+                    return out, False
+            else:
+                if "None" not in offered:
+                    self._login_fail(pdu, LoginStatus.AUTHENTICATION_FAILED, "no acceptable AuthMethod")
+                    return None, False
+                out.append(("AuthMethod", "None"))
+                return out, True
+        try:
+            chap_out, finished = self._chap.step(keys)
+        except NegotiationError as exc:
+            self._login_fail(pdu, LoginStatus.AUTHENTICATION_FAILED, str(exc))
+            return None, False
+        out += chap_out
+        if finished:
+            self._authenticated = True
+            return out, True
+        if pdu.flags & TRANSIT_BIT:
+            # The initiator may not leave the security stage before CHAP finished; answer
+            # without T so it carries on.
+            pass
+        return out, False
+
+    def _enter_full_feature(self, pdu: Pdu, out: list[tuple[str, str]]) -> None:
+        if self.session_type is SessionType.NORMAL and self.target_name is None:
+            self._login_fail(pdu, LoginStatus.MISSING_PARAMETER, "no TargetName")
+            return
+        credentials = self.policy.credentials(self.target_name)
+        if credentials is not None and not self._authenticated:
+            self._login_fail(pdu, LoginStatus.AUTHENTICATION_FAILED, "authentication required")
+            return
+        if "sent" not in self.params.declared:
+            out.append(("MaxRecvDataSegmentLength", str(self.params.target_max_recv_data_segment)))
+            self.params.declared.add("sent")
+        self.tsih = self.policy.new_tsih()
+        self._login_response(pdu, transit=True, nsg=Stage.FULL_FEATURE, pairs=out)
+        self.phase = Phase.FULL_FEATURE
+        # Digests and segment limits apply from the first PDU after the final login response.
+        self.reader.header_digest = self.params.header_digest
+        self.reader.data_digest = self.params.data_digest
+        self.reader.max_data_segment = self.params.target_max_recv_data_segment
+        self._events.append(
+            LoginComplete(
+                self.session_type,
+                self.initiator_name,
+                self.target_name,
+                self.isid,
+                self.tsih,
+                self.initiator_alias,
+            )
+        )
+
+    # --- full feature phase ---------------------------------------------------------------------------
+    def _full_feature(self, pdu: Pdu) -> None:
+        op = pdu.opcode
+        if op == Opcode.SCSI_DATA_OUT:
+            self._data_out(pdu)
+            return
+        if op == Opcode.LOGIN_REQUEST:
+            self._protocol_error("login request in full feature phase", pdu.bhs)
+            return
+        if op == Opcode.SNACK_REQUEST:
+            # Error recovery level 0 has no SNACK.
+            self._reject(RejectReason.SNACK_REJECT, pdu.bhs)
+            return
+        if self.session_type is SessionType.DISCOVERY and op not in (
+            Opcode.TEXT_REQUEST,
+            Opcode.LOGOUT_REQUEST,
+            Opcode.NOP_OUT,
+        ):
+            self._protocol_error("a discovery session carries only Text, NOP and Logout", pdu.bhs)
+            return
+        immediate = pdu.immediate
+        cmdsn = pdu.u32(24)
+        if op == Opcode.NOP_OUT and pdu.itt == NO_TAG and not immediate:
+            # "a NOP-Out ... with the ITT 0xffffffff ... MUST have the I bit set"
+            pass
+        if immediate:
+            self._dispatch(pdu)
+            return
+        # Non-immediate: in CmdSN order, inside the window; outside it "MUST be silently ignored".
+        if sn_lt(cmdsn, self.exp_cmd_sn) or sn_lt(self.max_cmd_sn, cmdsn):
+            return
+        if cmdsn != self.exp_cmd_sn:
+            if len(self._out_of_order) >= MAX_PENDING_OUT_OF_ORDER or cmdsn in self._out_of_order:
+                self._protocol_error("CmdSN gap too large", pdu.bhs)
+                return
+            self._out_of_order[cmdsn] = pdu
+            return
+        self.exp_cmd_sn = sn_add(self.exp_cmd_sn, 1)
+        self._dispatch(pdu)
+        while self.phase is Phase.FULL_FEATURE and self.exp_cmd_sn in self._out_of_order:
+            queued = self._out_of_order.pop(self.exp_cmd_sn)
+            self.exp_cmd_sn = sn_add(self.exp_cmd_sn, 1)
+            self._dispatch(queued)
+
+    def _dispatch(self, pdu: Pdu) -> None:
+        op = pdu.opcode
+        if op == Opcode.SCSI_COMMAND:
+            self._scsi_command(pdu)
+        elif op == Opcode.NOP_OUT:
+            self._nop_out(pdu)
+        elif op == Opcode.TEXT_REQUEST:
+            self._text(pdu)
+        elif op == Opcode.TASK_MGMT_REQUEST:
+            self._events.append(
+                TaskManagement(
+                    itt=pdu.itt,
+                    function=pdu.flags & 0x7F,
+                    lun=pdu.lun,
+                    referenced_itt=pdu.u32(20),
+                    refcmdsn=pdu.u32(32),
+                    immediate=pdu.immediate,
+                )
+            )
+        elif op == Opcode.LOGOUT_REQUEST:
+            self._events.append(LogoutRequested(pdu.itt, pdu.flags & 0x7F, pdu.u16(20)))
+        else:
+            self._reject(RejectReason.COMMAND_NOT_SUPPORTED, pdu.bhs)
+
+    def _nop_out(self, pdu: Pdu) -> None:
+        if pdu.itt == NO_TAG:
+            return  # a ping answer or a CmdSN update: no reply
+        bhs = build_bhs(
+            Opcode.NOP_IN,
+            FINAL_BIT,
+            lun=pdu.lun,
+            itt=pdu.itt,
+            fields=(NO_TAG, self.stat_sn, self.exp_cmd_sn, self._advertised_max(), 0, 0, 0),
+        )
+        self.stat_sn = sn_add(self.stat_sn, 1)
+        # "the data segment ... is returned" (ping data), bounded by what the initiator accepts
+        self._send(bhs, pdu.data[: self.params.initiator_max_recv_data_segment])
+
+    # --- text -------------------------------------------------------------------------------------
+    def _text(self, pdu: Pdu) -> None:
+        ttt = pdu.u32(20)
+        if ttt != NO_TAG and self._text_out and ttt == self._text_ttt:
+            self._send_text_piece(pdu)
+            return
+        self._text_out = b""
+        self._text_in += pdu.data
+        if len(self._text_in) > MAX_TEXT_BYTES:
+            self._protocol_error("text request too long", pdu.bhs)
+            return
+        if pdu.flags & CONTINUE_BIT:
+            self._text_response(pdu, b"", final=False, cont=False, ttt=self._new_ttt())
+            return
+        try:
+            pairs = parse_text(self._text_in)
+        except (ValueError, UnicodeDecodeError) as exc:
+            self._text_in = bytearray()
+            self._protocol_error(f"malformed text request: {exc}", pdu.bhs)
+            return
+        self._text_in = bytearray()
+        out: list[tuple[str, str]] = []
+        for key, value in pairs:
+            if key == "SendTargets":
+                out += self._send_targets(value)
+            else:
+                try:
+                    out += negotiate_operational([(key, value)], SessionParameters(), discovery=False)
+                except NegotiationError:
+                    out.append((key, "Reject"))
+        self._text_out = format_text(out)
+        self._send_text_piece(pdu)
+
+    def _send_targets(self, value: str) -> list[tuple[str, str]]:
+        if value == "All":
+            names = self.policy.target_names(self.initiator_name)
+        elif value == "" or value == self.target_name:
+            if self.session_type is SessionType.DISCOVERY:
+                return []
+            names = [self.target_name] if self.target_name else []
+        else:
+            names = [n for n in self.policy.target_names(self.initiator_name) if n == value]
+        out: list[tuple[str, str]] = []
+        for name in names:
+            out.append(("TargetName", name))
+            out.append(("TargetAddress", f"{self.policy.portal},{TARGET_PORTAL_GROUP_TAG}"))
+        return out
+
+    def _new_ttt(self) -> int:
+        ttt = self._next_ttt
+        self._next_ttt = self._next_ttt + 1 if self._next_ttt < 0x7FFFFFFF else 1
+        return ttt
+
+    def _send_text_piece(self, pdu: Pdu) -> None:
+        limit = self.params.initiator_max_recv_data_segment
+        piece, rest = self._text_out[:limit], self._text_out[limit:]
+        self._text_out = rest
+        if rest:
+            self._text_ttt = self._new_ttt()
+            self._text_response(pdu, piece, final=False, cont=True, ttt=self._text_ttt)
+        else:
+            self._text_response(pdu, piece, final=True, cont=False, ttt=NO_TAG)
+
+    def _text_response(self, pdu: Pdu, data: bytes, *, final: bool, cont: bool, ttt: int) -> None:
+        flags = (FINAL_BIT if final else 0) | (CONTINUE_BIT if cont else 0)
+        bhs = build_bhs(
+            Opcode.TEXT_RESPONSE,
+            flags,
+            lun=pdu.lun,
+            itt=pdu.itt,
+            fields=(ttt, self.stat_sn, self.exp_cmd_sn, self._advertised_max(), 0, 0, 0),
+        )
+        self.stat_sn = sn_add(self.stat_sn, 1)
+        self._send(bhs, data)
+
+    # --- SCSI commands and data ------------------------------------------------------------------------
+    def _scsi_command(self, pdu: Pdu) -> None:
+        flags = pdu.flags
+        itt = pdu.itt
+        if itt == NO_TAG:
+            self._protocol_error("a SCSI command with the reserved ITT", pdu.bhs)
+            return
+        if itt in self.tasks:
+            self._reject(RejectReason.TASK_IN_PROGRESS, pdu.bhs)
+            return
+        edtl = pdu.u32(20)
+        read = bool(flags & READ_BIT)
+        write = bool(flags & WRITE_BIT)
+        cdb = pdu.bhs[32:48]
+        if pdu.ahs:
+            # Extended CDB AHS (type 1): the CDB continues there.
+            ahs = pdu.ahs
+            if len(ahs) >= 4 and ahs[2] == 1:
+                length = int.from_bytes(ahs[0:2], "big")
+                cdb = cdb + ahs[4 : 3 + length]
+        immediate_data = pdu.data
+        task = ScsiCommand(
+            itt=itt,
+            lun=pdu.lun,
+            cdb=bytes(cdb),
+            expected_length=edtl,
+            read=read,
+            write=write,
+            cmdsn=pdu.u32(24),
+            immediate=pdu.immediate,
+            attribute=flags & 7,
+        )
+        if immediate_data and (not write or not self.params.immediate_data):
+            self._protocol_error("immediate data the session does not allow", pdu.bhs)
+            return
+        if write:
+            if len(immediate_data) > min(edtl, self.params.first_burst_length):
+                self._protocol_error("immediate data longer than FirstBurstLength or the transfer", pdu.bhs)
+                return
+            unsolicited_follows = not (flags & FINAL_BIT)
+            if unsolicited_follows and self.params.initial_r2t:
+                self._protocol_error("unsolicited data with InitialR2T=Yes", pdu.bhs)
+                return
+            if edtl > MAX_TRANSFER:
+                # Refuse before soliciting anything (the memory a write may pin is bounded);
+                # unsolicited Data-Out that follows is dropped.
+                if unsolicited_follows:
+                    self._discard.add(itt)
+                self.tasks[itt] = task
+                self.complete(
+                    task,
+                    ScsiResult(
+                        Status.CHECK_CONDITION,
+                        sense=fixed_sense(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB),
+                        wanted=0,
+                    ),
+                )
+                return
+            task.data = bytearray(edtl)
+            n = len(immediate_data)
+            task.data[:n] = immediate_data
+            task.received = n
+            task.unsolicited_done = not unsolicited_follows
+            # unsolicited data ends at FirstBurstLength
+            task.burst_end = min(edtl, self.params.first_burst_length) if unsolicited_follows else n
+            self.tasks[itt] = task
+            self._advance_write(task)
+            return
+        self.tasks[itt] = task
+        self._events.append(task)
+
+    def _advance_write(self, task: ScsiCommand) -> None:
+        """Unsolicited data done and no R2T outstanding: ask for more, or the task is ready."""
+        if not task.unsolicited_done or task.r2t_outstanding:
+            return
+        assert task.data is not None
+        if task.received >= task.expected_length:
+            self._events.append(task)
+            return
+        length = min(self.params.max_burst_length, task.expected_length - task.received)
+        task.ttt = self._new_ttt()
+        task.r2t_outstanding = True
+        task.burst_end = task.received + length
+        task.data_sn = 0
+        bhs = build_bhs(
+            Opcode.R2T,
+            FINAL_BIT,
+            lun=task.lun,
+            itt=task.itt,
+            fields=(
+                task.ttt,
+                self.stat_sn,
+                self.exp_cmd_sn,
+                self._advertised_max(),
+                task.r2t_sn,
+                task.received,
+                length,
+            ),
+        )
+        task.r2t_sn += 1
+        task.responses_sent += 1
+        self._send(bhs)
+
+    def _data_out(self, pdu: Pdu) -> None:
+        itt = pdu.itt
+        ttt = pdu.u32(20)
+        task = self.tasks.get(itt)
+        if (
+            task is None
+            or task.data is None
+            or (
+                task.received >= task.expected_length
+                and not (task.r2t_outstanding or not task.unsolicited_done)
+            )
+        ):
+            if itt in self._discard and ttt == NO_TAG:
+                if pdu.final:
+                    self._discard.discard(itt)
+                return
+            # Data for a task that was aborted or already complete: dropped (RFC 7143 4.2.3.3).
+            return
+        if ttt == NO_TAG:
+            if task.unsolicited_done:
+                self._protocol_error("unsolicited Data-Out after the unsolicited burst ended", pdu.bhs)
+                return
+        elif not task.r2t_outstanding or ttt != task.ttt:
+            self._protocol_error("Data-Out with an unknown Target Transfer Tag", pdu.bhs)
+            return
+        offset = pdu.u32(40)
+        data = pdu.data
+        n = len(data)
+        if offset != task.received:
+            self._protocol_error(
+                f"Data-Out at offset {offset}, expected {task.received} (DataPDUInOrder=Yes)", pdu.bhs
+            )
+            return
+        if offset + n > task.burst_end:
+            self._protocol_error("Data-Out beyond the burst (FirstBurstLength or R2T length)", pdu.bhs)
+            return
+        data_sn = pdu.u32(36)
+        if data_sn != task.data_sn:
+            self._protocol_error(f"DataSN {data_sn}, expected {task.data_sn}", pdu.bhs)
+            return
+        task.data_sn += 1
+        task.data[offset : offset + n] = data
+        task.received += n
+        if pdu.final or task.received == task.burst_end:
+            if not pdu.final:
+                self._protocol_error("the burst is complete but the F bit is not set", pdu.bhs)
+                return
+            if task.received != task.burst_end:
+                self._protocol_error("F bit before the burst was complete", pdu.bhs)
+                return
+            if ttt == NO_TAG:
+                task.unsolicited_done = True
+            else:
+                task.r2t_outstanding = False
+            task.data_sn = 0
+            self._advance_write(task)
+
+    # --- answers from the layer above -------------------------------------------------------------------
+    def complete(self, task: ScsiCommand, result: ScsiResult) -> None:
+        """Send a task's Data-In and SCSI Response (unless it was aborted)."""
+        if self.tasks.get(task.itt) is task:
+            del self.tasks[task.itt]
+        if task.aborted or self.phase is not Phase.FULL_FEATURE:
+            return
+        data = result.data
+        wanted = len(data) if result.wanted is None else result.wanted
+        edtl = task.expected_length
+        residual_flags = 0
+        residual = 0
+        if wanted > edtl:
+            residual_flags = OVERFLOW_BIT
+            residual = wanted - edtl
+        elif wanted < edtl:
+            residual_flags = UNDERFLOW_BIT
+            residual = edtl - wanted
+        if len(data) > edtl:
+            data = memoryview(data)[:edtl]
+        good = result.status == Status.GOOD and not result.sense
+        data_sn = 0
+        if data and task.read:
+            view = memoryview(data)
+            segment = min(self.params.initiator_max_recv_data_segment, self.params.max_burst_length)
+            burst = self.params.max_burst_length
+            total = len(view)
+            offset = 0
+            while offset < total:
+                n = min(segment, total - offset, burst - offset % burst)
+                last = offset + n >= total
+                end_of_burst = last or (offset + n) % burst == 0
+                flags = FINAL_BIT if end_of_burst else 0
+                stat_sn = 0
+                if last and good:
+                    flags |= STATUS_BIT | residual_flags
+                    stat_sn = self.stat_sn
+                bhs = build_bhs(
+                    Opcode.SCSI_DATA_IN,
+                    flags,
+                    byte3=int(result.status) if flags & STATUS_BIT else 0,
+                    lun=task.lun,
+                    itt=task.itt,
+                    fields=(
+                        NO_TAG,
+                        stat_sn,
+                        self.exp_cmd_sn,
+                        self._advertised_max(),
+                        data_sn,
+                        offset,
+                        residual if flags & STATUS_BIT else 0,
+                    ),
+                )
+                self._send(bhs, view[offset : offset + n])
+                data_sn += 1
+                offset += n
+            task.responses_sent += data_sn
+            if good:
+                self.stat_sn = sn_add(self.stat_sn, 1)
+                return
+        sense = result.sense
+        segment_data = (len(sense).to_bytes(2, "big") + sense) if sense else b""
+        bhs = build_bhs(
+            Opcode.SCSI_RESPONSE,
+            FINAL_BIT | residual_flags,
+            byte2=0,  # command completed at target
+            byte3=int(result.status),
+            lun=0,
+            itt=task.itt,
+            fields=(
+                0,
+                self.stat_sn,
+                self.exp_cmd_sn,
+                self._advertised_max(),
+                task.responses_sent,
+                0,
+                residual,
+            ),
+        )
+        self.stat_sn = sn_add(self.stat_sn, 1)
+        self._send(bhs, segment_data)
+
+    def abort(self, itt: int) -> ScsiCommand | None:
+        """Mark a task aborted: no response will be sent for it; its data is dropped."""
+        task = self.tasks.pop(itt, None)
+        if task is not None:
+            task.aborted = True
+        for sn, queued in list(self._out_of_order.items()):
+            if queued.itt == itt:
+                del self._out_of_order[sn]
+        return task
+
+    def task_management_done(self, request: TaskManagement, response: TaskResponse) -> None:
+        if self.phase is not Phase.FULL_FEATURE:
+            return
+        bhs = build_bhs(
+            Opcode.TASK_MGMT_RESPONSE,
+            FINAL_BIT,
+            byte2=int(response),
+            itt=request.itt,
+            fields=(0, self.stat_sn, self.exp_cmd_sn, self._advertised_max(), 0, 0, 0),
+        )
+        self.stat_sn = sn_add(self.stat_sn, 1)
+        self._send(bhs)
+
+    def logout_done(self, request: LogoutRequested, response: LogoutResponse = LogoutResponse.OK) -> None:
+        if self.phase is not Phase.FULL_FEATURE:
+            return
+        bhs = build_bhs(
+            Opcode.LOGOUT_RESPONSE,
+            FINAL_BIT,
+            byte2=int(response),
+            itt=request.itt,
+            fields=(0, self.stat_sn, self.exp_cmd_sn, self._advertised_max(), 0, 0, 0),
+        )
+        # Time2Wait and Time2Retain (bytes 40..43): 0, nothing to retain at ERL 0.
+        self.stat_sn = sn_add(self.stat_sn, 1)
+        self._send(bhs)
+        self._close("logout", clean=True)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "initiator": self.initiator_name,
+            "target": self.target_name,
+            "session_type": self.session_type.value,
+            "isid": f"{self.isid:012x}",
+            "tsih": self.tsih,
+        }

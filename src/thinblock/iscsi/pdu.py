@@ -1,0 +1,242 @@
+"""iSCSI PDU codec (RFC 7143 section 11), sans-IO: bytes in, ``Pdu`` out, and back.
+
+A PDU is a 48-byte Basic Header Segment (BHS), optional Additional Header Segments (AHS,
+``TotalAHSLength`` 4-byte words), an optional header digest, a data segment padded to a
+multiple of 4 bytes and an optional data digest.  Digests are CRC32C (RFC 7143 13.1:
+"the CRC32C ... polynomial 0x11EDC6F41"), used only once negotiated.
+
+``PduReader`` frames PDUs from a byte stream.  Everything a peer may get wrong raises
+``PduError``: a length past the negotiated ``MaxRecvDataSegmentLength`` (so memory stays
+bounded: nothing is buffered beyond one PDU), a wrong digest, an opcode a target never
+receives.  The connection core decides what a ``PduError`` costs (at error recovery
+level 0: the connection).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import google_crc32c
+
+from .constants import (
+    BHS_LENGTH,
+    DIGEST_LENGTH,
+    FINAL_BIT,
+    IMMEDIATE_BIT,
+    INITIATOR_OPCODES,
+    OPCODE_MASK,
+    Opcode,
+)
+
+Buffer = bytes | bytearray | memoryview
+MAX_AHS_BYTES = 255 * 4  # TotalAHSLength is one byte of 4-byte words
+
+_U32 = struct.Struct(">I")
+_DIGEST = struct.Struct("<I")  # RFC 7143 13.1: the digest is sent least significant byte first
+
+
+def crc32c(data: Buffer) -> int:
+    """CRC32C of ``data`` (google-crc32c wants read-only bytes)."""
+    if not isinstance(data, bytes):
+        data = bytes(data)
+    return int(google_crc32c.value(data))
+
+
+def digest_bytes(data: Buffer) -> bytes:
+    return _DIGEST.pack(crc32c(data))
+
+
+def pad_length(n: int) -> int:
+    return -n & 3
+
+
+class PduError(Exception):
+    """A PDU that cannot be accepted; ``digest`` marks a digest failure."""
+
+    def __init__(self, reason: str, *, header: bytes | None = None, digest: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.header = header
+        self.digest = digest
+
+
+@dataclass(slots=True)
+class Pdu:
+    """One PDU: its BHS (48 bytes), AHS bytes, and data segment (without padding)."""
+
+    bhs: bytes
+    ahs: bytes = b""
+    data: Buffer = b""
+
+    @property
+    def opcode(self) -> int:
+        return self.bhs[0] & OPCODE_MASK
+
+    @property
+    def immediate(self) -> bool:
+        return bool(self.bhs[0] & IMMEDIATE_BIT)
+
+    @property
+    def flags(self) -> int:
+        return self.bhs[1]
+
+    @property
+    def final(self) -> bool:
+        return bool(self.bhs[1] & FINAL_BIT)
+
+    @property
+    def lun(self) -> int:
+        """The 8-byte LUN field as one integer (bytes 8..15)."""
+        return int.from_bytes(self.bhs[8:16], "big")
+
+    @property
+    def itt(self) -> int:
+        return self.u32(16)
+
+    def u32(self, offset: int) -> int:
+        return int(_U32.unpack_from(self.bhs, offset)[0])
+
+    def u16(self, offset: int) -> int:
+        return int.from_bytes(self.bhs[offset : offset + 2], "big")
+
+
+def data_segment_length(bhs: Buffer) -> int:
+    return int.from_bytes(bhs[5:8], "big")
+
+
+class PduReader:
+    """Frames PDUs from received bytes.
+
+    ``feed(data)``, then ``next_pdu()`` until it returns None.  The digest switches and the
+    data segment limit are attributes the core sets when login negotiates them ("digests
+    are used starting with the first PDU after the Login Response with T=1 that ends the
+    operational stage")."""
+
+    def __init__(self, max_data_segment: int = 8192) -> None:
+        self._buf = bytearray()
+        self.header_digest = False
+        self.data_digest = False
+        self.max_data_segment = max_data_segment
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: Buffer) -> None:
+        self._buf += data
+
+    def next_pdu(self) -> Pdu | None:
+        buf = self._buf
+        if len(buf) < BHS_LENGTH:
+            return None
+        bhs = bytes(buf[:BHS_LENGTH])
+        opcode = bhs[0] & OPCODE_MASK
+        if opcode not in INITIATOR_OPCODES:
+            raise PduError(f"opcode 0x{opcode:02x} is not one an initiator sends", header=bhs)
+        ahs_length = bhs[4] * 4
+        dsl = data_segment_length(bhs)
+        if dsl > self.max_data_segment:
+            raise PduError(
+                f"data segment of {dsl} bytes is longer than MaxRecvDataSegmentLength {self.max_data_segment}",
+                header=bhs,
+            )
+        header_end = BHS_LENGTH + ahs_length
+        hd = DIGEST_LENGTH if self.header_digest else 0
+        data_start = header_end + hd
+        padded = dsl + pad_length(dsl)
+        dd = DIGEST_LENGTH if self.data_digest and dsl else 0
+        total = data_start + padded + dd
+        if len(buf) < total:
+            return None
+        if hd:
+            got = int(_DIGEST.unpack_from(buf, header_end)[0])
+            if got != crc32c(bytes(buf[:header_end])):
+                raise PduError("header digest mismatch", header=bhs, digest=True)
+        data: Buffer = b""
+        if dsl:
+            if dd:
+                got = int(_DIGEST.unpack_from(buf, data_start + padded)[0])
+                # "the data digest covers the data segment including padding"
+                if got != crc32c(bytes(buf[data_start : data_start + padded])):
+                    # The header was fine: the PDU is consumed and the core may reject it.
+                    ahs = bytes(buf[BHS_LENGTH:header_end])
+                    del buf[:total]
+                    raise PduError("data digest mismatch", header=bhs + ahs, digest=True)
+            data = bytes(buf[data_start : data_start + dsl])
+        ahs = bytes(buf[BHS_LENGTH:header_end])
+        del buf[:total]
+        return Pdu(bhs, ahs, data)
+
+
+def build_bhs(
+    opcode: Opcode,
+    flags: int = FINAL_BIT,
+    *,
+    byte2: int = 0,
+    byte3: int = 0,
+    data_length: int = 0,
+    lun: int = 0,
+    itt: int = 0,
+    fields: tuple[int, ...] = (),
+    immediate: bool = False,
+) -> bytearray:
+    """A BHS: bytes 0..19 from the arguments, then ``fields`` as big-endian 32-bit words
+    from byte 20 (at most seven)."""
+    assert len(fields) <= 7
+    bhs = bytearray(BHS_LENGTH)
+    bhs[0] = int(opcode) | (IMMEDIATE_BIT if immediate else 0)
+    bhs[1] = flags
+    bhs[2] = byte2
+    bhs[3] = byte3
+    bhs[5:8] = data_length.to_bytes(3, "big")
+    bhs[8:16] = lun.to_bytes(8, "big")
+    _U32.pack_into(bhs, 16, itt & 0xFFFFFFFF)
+    for i, value in enumerate(fields):
+        _U32.pack_into(bhs, 20 + 4 * i, value & 0xFFFFFFFF)
+    return bhs
+
+
+def encode(
+    bhs: bytearray, data: Buffer = b"", *, header_digest: bool = False, data_digest: bool = False
+) -> list[Buffer]:
+    """The wire form of a PDU, as buffers to write in order (the data is not copied)."""
+    n = len(data)
+    assert n < 1 << 24
+    bhs[5:8] = n.to_bytes(3, "big")
+    out: list[Buffer] = [bytes(bhs)]
+    if header_digest:
+        out.append(digest_bytes(bhs))
+    if n:
+        out.append(data)
+        pad = pad_length(n)
+        if pad:
+            out.append(bytes(pad))
+        if data_digest:
+            out.append(digest_bytes(bytes(data) + bytes(pad)))
+    return out
+
+
+def parse_text(data: Buffer) -> list[tuple[str, str]]:
+    """``key=value`` pairs of a Login or Text data segment (RFC 7143 6.1: UTF-8, each pair
+    ends with a NUL)."""
+    pairs: list[tuple[str, str]] = []
+    raw = bytes(data)
+    if not raw:
+        return pairs
+    if not raw.endswith(b"\0"):
+        raise ValueError("text data does not end with a NUL")
+    for item in raw[:-1].split(b"\0"):
+        if not item:
+            continue  # tolerate NUL padding
+        key, sep, value = item.partition(b"=")
+        if not sep or not key:
+            raise ValueError(f"not a key=value pair: {item[:64]!r}")
+        if len(key) > 63:
+            raise ValueError("key longer than 63 bytes")
+        pairs.append((key.decode("utf-8"), value.decode("utf-8")))
+    return pairs
+
+
+def format_text(pairs: list[tuple[str, str]]) -> bytes:
+    return b"".join(f"{k}={v}".encode() + b"\0" for k, v in pairs)

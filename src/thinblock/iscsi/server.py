@@ -1,0 +1,554 @@
+"""The iSCSI target server: a thin asyncio layer around the sans-IO core (``connection.py``)
+and the SCSI layer (``scsi.py``), on the same ``VolumeProvider`` as the NBD server.
+
+Naming: one target per exported VV, ``iqn.2026-12.org.thinblock:NODE:VV``, its VV as
+LUN 0.  That is what hosts expect of a volume: a host logs in to the volumes it was
+given (the ACL is per target, i.e. per VV), a new volume appears as a new target found
+by SendTargets rather than as a LUN appearing in every host's existing session, and
+deleting one never renumbers another; qemu and libiscsi name it
+``iscsi://HOST:PORT/iqn.2026-12.org.thinblock:NODE:VV/0``.  VV names are lower-cased
+and characters iSCSI names may not hold (``_`` and ``+``) become ``-`` (RFC 3722); two
+VVs whose names differ only there share a target name and only the first (sorted) is
+exported under it.
+
+Each connection is one session (MaxConnections=1).  SCSI commands run with
+``thinblock.aio.start_eager`` like NBD requests: a read or write that completes without
+suspending is answered at once, without a Task.  Bad input costs only its connection:
+a login that does not finish within ``login_timeout`` is closed, as is any PDU the core
+refuses; a connection stops reading while too many bytes are in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import re
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, cast
+
+from thinblock.aio import start_eager
+from thinblock.blockdev import VolumeProvider
+from thinblock.errors import NotFound
+
+from .connection import (
+    NEED_DATA,
+    ConnectionClosed,
+    LoginComplete,
+    LoginPolicy,
+    LogoutRequested,
+    ScsiCommand,
+    ScsiResult,
+    SessionType,
+    TargetConnection,
+    TaskManagement,
+)
+from .constants import Asc, LoginStatus, SenseKey, Status, TaskFunction, TaskResponse
+from .negotiation import ChapCredentials
+from .scsi import LogicalUnit, Nexus
+from .sense import fixed_sense
+
+log = logging.getLogger("thinblock.iscsi")
+
+DEFAULT_PORT = 3260
+IQN_PREFIX = "iqn.2026-12.org.thinblock"
+DEFAULT_LOGIN_TIMEOUT = 30.0
+DEFAULT_MAX_CONNECTIONS = 256
+DEFAULT_MAX_BYTES = 128 * 1024 * 1024  # read bytes in flight per connection before it stops reading
+_CLOSE_GRACE = 5.0
+_NAME_BAD = re.compile(r"[^a-z0-9.:-]")
+
+
+def iqn_component(name: str) -> str:
+    """A VV or node name as it may appear in an iSCSI name (RFC 3722: lower case, no _ +)."""
+    return _NAME_BAD.sub("-", name.lower())
+
+
+def default_node_name() -> str:
+    return iqn_component(socket.gethostname().split(".")[0] or "node") or "node"
+
+
+@dataclass(frozen=True, slots=True)
+class AccessRule:
+    """Initiators allowed to log in to a target (by VV name; "*" for every VV)."""
+
+    vv: str
+    initiators: tuple[str, ...]
+
+
+class ISCSIServer:
+    """Serves the volumes of ``provider`` as iSCSI targets."""
+
+    def __init__(
+        self,
+        provider: VolumeProvider,
+        *,
+        node_name: str | None = None,
+        chap: ChapCredentials | None = None,
+        acl: list[AccessRule] | None = None,
+        login_timeout: float = DEFAULT_LOGIN_TIMEOUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_bytes_per_connection: int = DEFAULT_MAX_BYTES,
+    ) -> None:
+        self.provider = provider
+        self.node_name = iqn_component(node_name) if node_name else default_node_name()
+        self.chap = chap
+        self.acl = acl or []
+        self.login_timeout = login_timeout
+        self.max_connections = max_connections
+        self.max_bytes_per_connection = max_bytes_per_connection
+        self._servers: list[asyncio.Server] = []
+        self._connections: set[_Connection] = set()
+        self._lus: dict[str, LogicalUnit] = {}
+        self._tsih = itertools.count(1)
+        self._ids = itertools.count(1)
+        self._unsubscribe: Callable[[], None] | None = None
+        self._stopping = False
+        self.connections_total = 0
+        self.logins_failed = 0
+
+    # --- naming and policy ------------------------------------------------------------------
+    def target_name(self, vv: str) -> str:
+        return f"{IQN_PREFIX}:{self.node_name}:{iqn_component(vv)}"
+
+    def _targets(self) -> dict[str, str]:
+        """Target name -> VV name (the first VV in sorted order wins a shared name)."""
+        out: dict[str, str] = {}
+        for vv in sorted(self.provider.export_names()):
+            out.setdefault(self.target_name(vv), vv)
+        return out
+
+    def _allowed(self, vv: str, initiator: str) -> bool:
+        rules = [r for r in self.acl if r.vv in (vv, "*")]
+        if not rules:
+            return True
+        return any(initiator in r.initiators or "*" in r.initiators for r in rules)
+
+    def _policy(self, portal: str) -> LoginPolicy:
+        def target_names(initiator: str) -> list[str]:
+            return [t for t, vv in self._targets().items() if self._allowed(vv, initiator)]
+
+        def authorize(target: str, initiator: str) -> LoginStatus:
+            vv = self._targets().get(target)
+            if vv is None:
+                return LoginStatus.NOT_FOUND
+            if not self._allowed(vv, initiator):
+                return LoginStatus.AUTHORIZATION_FAILED
+            return LoginStatus.SUCCESS
+
+        def target_alias(target: str) -> str:
+            return self._targets().get(target, "")
+
+        return LoginPolicy(
+            target_names=target_names,
+            authorize=authorize,
+            credentials=lambda target: self.chap,
+            new_tsih=lambda: next(self._tsih) & 0xFFFF or next(self._tsih),
+            portal=portal,
+            target_alias=target_alias,
+        )
+
+    def logical_unit(self, target: str) -> LogicalUnit | None:
+        vv = self._targets().get(target)
+        if vv is None:
+            return None
+        try:
+            volume = self.provider.open_volume(vv)
+        except NotFound:
+            return None
+        lu = self._lus.get(vv)
+        if lu is None or (
+            lu.volume is not volume
+            and getattr(lu.volume, "_inner", lu.volume) is not getattr(volume, "_inner", volume)
+        ):
+            lu = LogicalUnit(volume, target_name=target)
+            self._lus[vv] = lu
+        return lu
+
+    def _alert(self, alert: Any) -> None:
+        """Thin provisioning soft threshold: the VV's allocation warning started."""
+        kind = str(getattr(alert, "kind", ""))
+        state = str(getattr(alert, "state", ""))
+        obj = str(getattr(alert, "object", ""))
+        if kind != "vv-allocation-warning" or state != "new" or not obj.startswith("vv:"):
+            return
+        lu = self._lus.get(obj[3:])
+        if lu is not None:
+            lu.soft_threshold_reached()
+            log.info(
+                "VV %s crossed its allocation warning: UNIT ATTENTION 38h/07h queued for %d nexus(es)",
+                obj[3:],
+                len(lu.nexuses),
+                extra={"event": "iscsi-soft-threshold", "vv": obj[3:]},
+            )
+
+    # --- listening ------------------------------------------------------------------------------
+    async def start(self, host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> None:
+        loop = asyncio.get_running_loop()
+        self._servers.append(await loop.create_server(self._protocol_factory, host, port, reuse_address=True))
+        subscribe = getattr(self.provider, "subscribe", None)
+        if subscribe is not None:
+            self._unsubscribe = subscribe(self._alert)
+        log.info(
+            "iSCSI target listening on %s:%s (targets %s:<vv>)",
+            host,
+            self.port,
+            f"{IQN_PREFIX}:{self.node_name}",
+            extra={"event": "iscsi-listening"},
+        )
+
+    @property
+    def port(self) -> int | None:
+        for server in self._servers:
+            for sock in server.sockets:
+                return int(sock.getsockname()[1])
+        return None
+
+    def _protocol_factory(self) -> _Connection:
+        return _Connection(self, next(self._ids))
+
+    async def stop(self) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        for server in self._servers:
+            server.close()
+        waits = [c.idle() for c in list(self._connections)]
+        if waits:
+            await asyncio.wait(waits, timeout=30.0)
+        for connection in list(self._connections):
+            connection.close(abort=False)
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), timeout=_CLOSE_GRACE)
+        for connection in list(self._connections):
+            connection.close(abort=True)
+        self._servers.clear()
+        log.info("iSCSI target stopped", extra={"event": "iscsi-stopped"})
+
+    # --- admin ------------------------------------------------------------------------------------
+    def sessions(self) -> list[dict[str, Any]]:
+        """Logged-in sessions: initiator, address, target, VV and LUNs."""
+        out = []
+        for c in sorted(self._connections, key=lambda c: c.number):
+            if not c.core.in_full_feature:
+                continue
+            vv = c.lu.volume.name if c.lu is not None else None
+            out.append(
+                {
+                    "initiator": c.core.initiator_name,
+                    "initiator_alias": c.core.initiator_alias,
+                    "address": c.peer,
+                    "session_type": c.core.session_type.value.lower(),
+                    "target": c.core.target_name,
+                    "vv": vv,
+                    "luns": [0] if vv is not None else [],
+                    "tsih": c.core.tsih,
+                    "isid": f"{c.core.isid:012x}",
+                    "header_digest": c.core.params.header_digest,
+                    "data_digest": c.core.params.data_digest,
+                    "since": c.since,
+                    "commands": c.commands,
+                }
+            )
+        return out
+
+    def reset_lu(self, lu: LogicalUnit, origin: _Connection) -> list[asyncio.Future[Any]]:
+        """LUN RESET: every task on the LU, from every session, is aborted."""
+        waits: list[asyncio.Future[Any]] = []
+        for connection in list(self._connections):
+            if connection.lu is lu:
+                waits += connection.abort_all()
+        return waits
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, server: ISCSIServer, number: int) -> None:
+        self.server = server
+        self.number = number
+        self.peer = f"#{number}"
+        self.transport: asyncio.Transport | None = None
+        self.core: TargetConnection
+        self.lu: LogicalUnit | None = None
+        self.nexus: Nexus = ""
+        self.since = time.time()
+        self.commands = 0
+        self._running: dict[int, asyncio.Future[Any]] = {}  # ITT -> Task of a suspended command
+        self._bytes_in_flight = 0
+        self._reading_paused = False
+        self._write_paused = False
+        self._lost = False
+        self._login_timer: asyncio.TimerHandle | None = None
+        self._idle: asyncio.Future[None] | None = None
+        self._logout: LogoutRequested | None = None
+
+    # --- asyncio callbacks --------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer = f"{peer[0]}:{peer[1]}"
+        sockname = transport.get_extra_info("sockname")
+        host, port = (sockname[0], sockname[1]) if isinstance(sockname, tuple) else ("127.0.0.1", 3260)
+        portal = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.core = TargetConnection(self.server._policy(portal))
+        server = self.server
+        server._connections.add(self)
+        server.connections_total += 1
+        if server._stopping or len(server._connections) > server.max_connections:
+            log.warning("refusing iSCSI connection from %s: too many connections", self.peer)
+            self.close(abort=True)
+            return
+        self._login_timer = asyncio.get_running_loop().call_later(server.login_timeout, self._login_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        self.core.receive_data(data)
+        self._pump()
+
+    def eof_received(self) -> bool | None:
+        self.core.receive_data(b"")
+        self._pump()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        if self._login_timer is not None:
+            self._login_timer.cancel()
+        self.core.receive_data(b"")
+        for itt in list(self.core.tasks):
+            self.core.abort(itt)
+        self.server._connections.discard(self)
+        if self.lu is not None:
+            self.lu.detach(self.nexus)
+        self._notify_idle()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._maybe_resume()
+
+    # --- core events ------------------------------------------------------------------------------------
+    def _pump(self) -> None:
+        core = self.core
+        while True:
+            event = core.next_event()
+            if event is NEED_DATA:
+                break
+            if isinstance(event, ScsiCommand):
+                self._command(event)
+            elif isinstance(event, LoginComplete):
+                self._logged_in(event)
+            elif isinstance(event, TaskManagement):
+                self._task_management(event)
+            elif isinstance(event, LogoutRequested):
+                self._logout = event
+                self._maybe_logout()
+            elif isinstance(event, ConnectionClosed):
+                if not event.clean:
+                    log.warning(
+                        "iSCSI connection %s (%s) closed: %s",
+                        self.peer,
+                        core.initiator_name or "?",
+                        event.reason,
+                        extra={"event": "iscsi-close"},
+                    )
+                    if not core.tsih:
+                        self.server.logins_failed += 1
+                self._flush()
+                self.close(abort=False)
+                return
+        self._flush()
+
+    def _flush(self) -> None:
+        out = self.core.data_to_send()
+        if out and self.transport is not None and not self._lost and not self.transport.is_closing():
+            self.transport.writelines(out)
+
+    def _login_timeout(self) -> None:
+        self._login_timer = None
+        if not self.core.in_full_feature and not self._lost:
+            log.warning(
+                "iSCSI login from %s did not finish within %.0f s; closing",
+                self.peer,
+                self.server.login_timeout,
+                extra={"event": "iscsi-login-timeout"},
+            )
+            self.close(abort=True)
+
+    def _logged_in(self, event: LoginComplete) -> None:
+        if self._login_timer is not None:
+            self._login_timer.cancel()
+            self._login_timer = None
+        self.nexus = f"{event.initiator_name},i,0x{event.isid:012x}"
+        if event.session_type is SessionType.NORMAL:
+            assert event.target_name is not None
+            lu = self.server.logical_unit(event.target_name)
+            # Session reinstatement (RFC 7143 6.3.5): the same initiator and ISID logging in
+            # again with TSIH 0 ends the old session.
+            for other in list(self.server._connections):
+                if (
+                    other is not self
+                    and other.nexus == self.nexus
+                    and other.core.target_name == event.target_name
+                ):
+                    log.info("iSCSI session of %s reinstated; closing the old one", self.nexus)
+                    other.abort_all()
+                    other.close(abort=True)
+            self.lu = lu
+            if lu is not None:
+                lu.attach(self.nexus)
+        log.info(
+            "iSCSI %s login from %s (%s) to %s",
+            event.session_type.value.lower(),
+            event.initiator_name,
+            self.peer,
+            event.target_name or "discovery",
+            extra={"event": "iscsi-login", "initiator": event.initiator_name},
+        )
+
+    def _command(self, task: ScsiCommand) -> None:
+        self.commands += 1
+        lu = self.lu
+        if lu is None or task.lun != 0:
+            # A LUN this target does not have (SPC-4: INQUIRY still answers, qualifier 3).
+            if task.cdb[0] == 0x12 and lu is not None:
+                data = bytearray(36)
+                data[0] = 0x7F
+                data[4] = 31
+                self.core.complete(task, ScsiResult(data=bytes(data[: int.from_bytes(task.cdb[3:5], "big")])))
+            else:
+                sense = fixed_sense(SenseKey.ILLEGAL_REQUEST, Asc.LOGICAL_UNIT_NOT_SUPPORTED)
+                self.core.complete(task, ScsiResult(Status.CHECK_CONDITION, sense=sense, wanted=0))
+            return
+        try:
+            finished, result = start_eager(lu.execute(self.nexus, task.cdb, task.data))
+        except Exception as exc:  # never reached: execute answers every error with sense
+            log.exception("iSCSI command failed: %r", exc)
+            sense = fixed_sense(SenseKey.HARDWARE_ERROR, Asc.INTERNAL_TARGET_FAILURE)
+            self.core.complete(task, ScsiResult(Status.CHECK_CONDITION, sense=sense, wanted=0))
+            return
+        if finished:
+            self.core.complete(task, result)
+            return
+        self._running[task.itt] = result
+        size = task.expected_length
+        self._bytes_in_flight += size
+        if self._bytes_in_flight > self.server.max_bytes_per_connection:
+            self._pause_reading()
+        result.add_done_callback(partial(self._done, task, size))
+
+    def _done(self, task: ScsiCommand, size: int, future: asyncio.Future[Any]) -> None:
+        if self._running.get(task.itt) is future:
+            del self._running[task.itt]
+        self._bytes_in_flight -= size
+        if not future.cancelled() and future.exception() is None:
+            self.core.complete(task, future.result())
+        else:
+            sense = fixed_sense(SenseKey.ABORTED_COMMAND, 0)
+            self.core.complete(task, ScsiResult(Status.CHECK_CONDITION, sense=sense, wanted=0))
+        self._pump()
+        self._notify_idle()
+        self._maybe_logout()
+        self._maybe_resume()
+
+    def abort_all(self) -> list[asyncio.Future[Any]]:
+        """Abort every task of this session: none gets a response; the returned futures
+        finish when those already running in the volume have ended."""
+        for itt in list(self.core.tasks):
+            self.core.abort(itt)
+        return list(self._running.values())
+
+    def _task_management(self, request: TaskManagement) -> None:
+        core = self.core
+        function = request.function
+        waits: list[asyncio.Future[Any]] = []
+        response = TaskResponse.COMPLETE
+        if function == TaskFunction.ABORT_TASK:
+            task = core.abort(request.referenced_itt)
+            running = self._running.get(request.referenced_itt)
+            if running is not None:
+                waits.append(running)
+            if task is None and running is None:
+                response = TaskResponse.NO_SUCH_TASK
+        elif function in (TaskFunction.ABORT_TASK_SET, TaskFunction.CLEAR_TASK_SET):
+            waits = self.abort_all()
+        elif function in (TaskFunction.LOGICAL_UNIT_RESET, TaskFunction.TARGET_WARM_RESET):
+            if (request.lun != 0 and function == TaskFunction.LOGICAL_UNIT_RESET) or self.lu is None:
+                response = TaskResponse.NO_SUCH_LUN
+            else:
+                waits = self.server.reset_lu(self.lu, self)
+        else:
+            response = TaskResponse.NOT_SUPPORTED
+
+        def answer(_: Any = None) -> None:
+            core.task_management_done(request, response)
+            self._flush()
+
+        if not waits:
+            answer()
+            return
+        # "the task management response ... is sent after the affected tasks are finished"
+        gathered = asyncio.gather(*waits, return_exceptions=True)
+        gathered.add_done_callback(answer)
+
+    def _maybe_logout(self) -> None:
+        request = self._logout
+        if request is None or self._running:
+            return
+        self._logout = None
+        for itt in list(self.core.tasks):
+            self.core.abort(itt)
+        self.core.logout_done(request)
+        self._pump()
+
+    # --- flow control ---------------------------------------------------------------------------------
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None and not self._lost:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _maybe_resume(self) -> None:
+        if (
+            self._reading_paused
+            and not self._write_paused
+            and self._bytes_in_flight <= self.server.max_bytes_per_connection
+            and self.transport is not None
+            and not self._lost
+            and not self.core.closed
+        ):
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def close(self, *, abort: bool) -> None:
+        transport = self.transport
+        if transport is None or self._lost:
+            return
+        if abort:
+            transport.abort()
+        elif not transport.is_closing():
+            transport.close()
+            asyncio.get_running_loop().call_later(_CLOSE_GRACE, partial(self.close, abort=True))
+
+    def idle(self) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        if self._idle is None or self._idle.done():
+            self._idle = loop.create_future()
+        self._notify_idle()
+        return self._idle
+
+    def _notify_idle(self) -> None:
+        if self._idle is not None and not self._idle.done() and (not self._running or self._lost):
+            self._idle.set_result(None)
+
+
+__all__ = ["DEFAULT_PORT", "IQN_PREFIX", "AccessRule", "ISCSIServer", "iqn_component"]
