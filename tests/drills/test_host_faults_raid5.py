@@ -20,7 +20,7 @@ The daemon must journal what a degraded partial-stripe write would put at risk
 block (issue 10), and this drill's larger writes (a whole data unit, so that the window
 between the parity write and the data write is wide) lost blocks in most short runs.
 
-Short variant (the default run): 12 kills.  Long variant (``make drills``): 60 kills.
+Short variant (the default run): 10 kills.  Long variant (``make drills``): 60 kills.
 """
 
 from __future__ import annotations
@@ -218,7 +218,7 @@ def run_drill(make_daemon: Callable[..., Daemon], tmp_path: Path, kills: int, se
 
 
 def test_degraded_raid5_write_hole_short(make_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
-    run_drill(make_daemon, tmp_path, kills=12, seed=random.randrange(1 << 30))
+    run_drill(make_daemon, tmp_path, kills=10, seed=random.randrange(1 << 30))
 
 
 @pytest.mark.long

@@ -41,9 +41,13 @@ healthy and no rebuild job -- and a rebuild must not start while such writes are
 ``hold_offload``, awaits ``offload_drained`` and only then ``start_rebuild``, which checks.
 The counters of offloaded writes are touched on the event-loop thread only.
 
-RAID 5 has no write journal: a crash between a data write and its parity write leaves
-that stripe's parity stale (the classic write hole); it matters only if a member of that
-set then fails before the stripe is rewritten.
+The RAID 5 write hole: a crash between a data write and its parity write leaves that stripe's
+parity stale.  In a healthy set the resync after an unclean stop (``resync``) recomputes it from
+the data.  In a degraded set that is impossible (the missing member's units exist only as the
+XOR of the survivors), so every write to a degraded row that changes parity first logs the
+missing member's content over the range to the LD's ``journal`` (``logical/journal.py``), and
+``replay`` recomputes the parity from it at the next start.  An LD without a journal (bare LDs
+in tests) keeps the hole; the engine gives every LD its data directory's journal.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,6 +67,7 @@ from ..physical.pd import FAILURES, PhysicalDisk
 from ..physical.workers import Submit
 from ..units import KiB, MiB, format_size
 from . import parity as px
+from .journal import MAX_PAYLOAD, Record, StripeJournal
 
 MIN_STEP = 512
 MAX_STEP = 1 * MiB
@@ -184,6 +189,8 @@ class LogicalDisk:
             self._pds.append(tuple(ch.pd for ch in row))
             self._bases.append(tuple(ch.offset for ch in row))
         self._stripe_data = (set_size - 1) * step  # RAID 5 data bytes per stripe
+        # Degraded RAID 5 writes log here before touching parity (see the module docstring).
+        self.journal: StripeJournal | None = None
         self._lock = threading.RLock()
         self._rebuilds: dict[int, list[RebuildJob]] = {}
         # Offloaded writes (submit_write): how many are in flight, how many holders keep new
@@ -691,6 +698,8 @@ class LogicalDisk:
                 s, within = divmod(roff + pos, d_bytes)
                 if within == 0 and n - pos >= d_bytes:
                     count = (n - pos) // d_bytes
+                    if self.journal is not None and self._failed_cols(r):
+                        count = min(count, max(1, MAX_PAYLOAD // step))  # one journal record each
                     self._r5_write_full(r, s, count, data[pos : pos + count * d_bytes])
                     pos += count * d_bytes
                 else:
@@ -711,15 +720,14 @@ class LogicalDisk:
     def _r5_write_full(self, r: int, s0: int, count: int, data: memoryview) -> None:
         """Full-stripe writes: parity straight from the new data, no reads."""
         k, step = self.set_size, self.step
-        if len(self._failed_cols(r)) > 1:
+        failed = self._failed_cols(r)
+        if len(failed) > 1:
             raise self._lost_error(r)
         parity = px.stripe_parity(px.as_array(data), count, k - 1, step)
         pmv = px.view(parity.reshape(-1))
         pds, bases = self._pds[r], self._bases[r]
-        for c in range(k):
-            pd = pds[c]
-            if pd.failed:
-                continue
+
+        def column(c: int) -> list[memoryview]:
             views: list[memoryview] = []
             for i in range(count):
                 p = k - 1 - (s0 + i) % k
@@ -728,6 +736,16 @@ class LogicalDisk:
                 else:
                     o = (i * (k - 1) + (c - p - 1) % k) * step
                     views.append(data[o : o + step])
+            return views
+
+        if failed and self.journal is not None:
+            # What the missing member holds after this write, before any of it is written.
+            self.journal.log(self.id, r, failed[0], s0 * step, count * step, column(failed[0]), pds)
+        for c in range(k):
+            pd = pds[c]
+            if pd.failed:
+                continue
+            views = column(c)
             try:
                 pd.pwritev(bases[c] + s0 * step, views)
             except MediumError:
@@ -753,6 +771,7 @@ class LogicalDisk:
         # The parity bytes touched: one unit's range, or (spanning units) the whole unit.
         lo, hi = (pieces[0][1], pieces[0][1] + n) if len(pieces) == 1 else (0, step)
         base = s * step
+        journal = self.journal
         while True:
             failed = self._failed_cols(r)
             if len(failed) > 1:
@@ -761,7 +780,7 @@ class LogicalDisk:
             try:
                 if missing == p:
                     parity = None  # parity member is gone: data alone is the truth
-                elif any(col == missing for col, _, _ in pieces):
+                elif missing >= 0 and (journal is not None or any(col == missing for col, _, _ in pieces)):
                     parity = self._r5_parity_reconstruct(r, base, p, missing, pieces, lo, hi)
                 else:
                     parity = self._r5_parity_rmw(r, base, p, pieces, lo, hi)
@@ -771,10 +790,16 @@ class LogicalDisk:
                 # so start over with one more failed column.
                 if len(self._failed_cols(r)) == len(failed):
                     raise
+        pds, bases = self._pds[r], self._bases[r]
+        if parity is not None and missing >= 0 and journal is not None:
+            # The write hole: the missing member's bytes [lo, hi) exist only as the XOR of the
+            # others, which the writes below change one by one.  Log what they are to be (the
+            # reconstruct left them in row ``missing`` of the OLD scratch matrix) before any.
+            content = px.scratch_matrix(px.OLD, self.set_size, hi - lo)[missing]
+            journal.log(self.id, r, missing, base + lo, hi - lo, [px.view(content)], pds)
         # Write phase.  Parity first; whichever member fails from here on, the parity
         # computed above is the right one for the new data, so the survivors stay
         # consistent as long as at most one member of the set is failed.
-        pds, bases = self._pds[r], self._bases[r]
         if parity is not None and not pds[p].failed:
             try:
                 pds[p].pwrite(bases[p] + base + lo, parity)
@@ -812,8 +837,9 @@ class LogicalDisk:
         lo: int,
         hi: int,
     ) -> memoryview:
-        """Degraded write onto the failed column: rebuild the stripe's bytes [lo, hi) from the
-        survivors, lay the new data over them, and take the parity of the result."""
+        """Degraded write: rebuild the stripe's bytes [lo, hi) from the survivors, lay the new
+        data over them, and take the parity of the result.  Row ``missing`` of the OLD scratch
+        matrix then holds the missing member's bytes as they are after the write."""
         k = self.set_size
         pds, bases = self._pds[r], self._bases[r]
         m = px.scratch_matrix(px.OLD, k, hi - lo)
@@ -843,6 +869,11 @@ class LogicalDisk:
                 raise self._lost_error(r)
             lo, hi = first_full * step, last_full * step
             pds, bases = self._pds[r], self._bases[r]
+            failed = self._failed_cols(r)
+            if failed and self.journal is not None:
+                # A punch torn by a crash would leave the missing member an XOR of what was and
+                # was not punched: log that it reads zeros (a record without payload).
+                self.journal.log(self.id, r, failed[0], lo, hi - lo, None, pds)
             for c in range(k):
                 if not pds[c].failed:
                     try:
@@ -938,6 +969,42 @@ class LogicalDisk:
                     repaired += step
             s += count
         return repaired
+
+    # --- journal replay (degraded RAID 5 after an unclean stop) ---------------------------
+    def replay(self, record: Record) -> int:
+        """Make the parity of the record's range agree with what the record says the missing
+        member holds and with what the surviving data units hold now (``logical/journal.py``);
+        returns the parity bytes rewritten.  A record for a member that is not the row's one
+        failed member is skipped: a healthy row is the resync's work, a lost one has nothing to
+        repair.  Blocking; holds the LD lock."""
+        assert self.raid is RaidLevel.RAID5, self
+        r, col = record.row, record.col
+        if not 0 <= r < len(self.rows) or self._failed_cols(r) != [col]:
+            return 0
+        step, k = self.step, self.set_size
+        pds, bases = self._pds[r], self._bases[r]
+        content = px.as_array(record.content())
+        rewritten = 0
+        with self._lock:
+            pos, end = record.coff, record.coff + record.length
+            while pos < end:
+                s, uoff = divmod(pos, step)
+                take = min(step - uoff, end - pos)
+                p = k - 1 - s % k
+                if p != col:  # where the missing member holds parity, the data is the truth
+                    m = px.scratch_matrix(px.REBUILD, k - 1, take)
+                    m[0] = content[pos - record.coff : pos - record.coff + take]
+                    i = 1
+                    for c in range(k):
+                        if c not in (col, p):
+                            pds[c].pread_into(bases[c] + pos, px.view(m[i]))
+                            i += 1
+                    out = px.scratch(px.REBUILD_OUT, take)
+                    px.xor_rows(m, out)
+                    pds[p].pwrite(bases[p] + pos, px.view(out))
+                    rewritten += take
+                pos += take
+        return rewritten
 
     # --- rebuild ------------------------------------------------------------------------
     def start_rebuild(self, row: int, column: int, replacement: Chunklet) -> RebuildJob:
@@ -1123,3 +1190,38 @@ class RebuildJob:
             f"RebuildJob(ld={self.ld.id}, row={self.row}, column={self.column}, "
             f"{self.bytes_done}/{self.bytes_total}, {state})"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayReport:
+    records: int  # records found in the journal
+    applied: int  # records that found their member still the row's one failed member
+    parity_bytes: int  # parity bytes rewritten
+
+
+def replay_journal(journal: StripeJournal, lds: Mapping[int, LogicalDisk]) -> ReplayReport:
+    """Replay every record of ``journal`` in order (``LogicalDisk.replay``), make the parity it
+    rewrote durable, then drop the records.  Run at start before serving, before the scrub and
+    resync of an unclean start (whose zeroing of free regions writes degraded rows too).
+    Blocking.  A record of an LD that no longer exists is skipped (its regions were released:
+    zeroed and fsynced before the LD went)."""
+    records = journal.pending()
+    if not records:
+        return ReplayReport(0, 0, 0)
+    applied = rewritten = 0
+    touched: dict[int, PhysicalDisk] = {}
+    for record in records:
+        ld = lds.get(record.ld_id)
+        if ld is None or ld.raid is not RaidLevel.RAID5:
+            continue
+        done = ld.replay(record)
+        if done or (0 <= record.row < len(ld.rows) and ld._failed_cols(record.row) == [record.col]):
+            applied += 1
+        rewritten += done
+        for pd in ld.pds:
+            touched[id(pd)] = pd
+    for pd in touched.values():
+        if not pd.failed:
+            pd.fsync()
+    journal.reset()
+    return ReplayReport(len(records), applied, rewritten)
