@@ -29,6 +29,7 @@ CONDITION_KINDS = frozenset(
         AlertKind.POOL_GROWTH_WARNING,
         AlertKind.POOL_GROWTH_LIMIT,
         AlertKind.POOL_OUT_OF_CHUNKLETS,
+        AlertKind.POOL_LIMIT_FORECAST,
         AlertKind.PD_FAILED,
         AlertKind.MIRROR_DEGRADED,
         AlertKind.LD_DEGRADED,

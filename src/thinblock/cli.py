@@ -550,6 +550,27 @@ def _size_for_command(n: int) -> str:
     return str(n)
 
 
+def _forecast_text(f: dict[str, Any] | None, limit_word: str = "limit") -> str:
+    """``2 MiB/s over 1h 0m; warning in 3h 10m, limit in 5h 2m`` (from the daemon's history)."""
+    if not f or f.get("rate") is None:
+        return "- (no history yet)"
+    if f["rate"] <= 0:
+        return f"not growing (over {_duration(f['window'])})"
+    parts = []
+    for key, word in (("to_warning", "warning"), ("to_limit", limit_word)):
+        if f.get(key) is not None:
+            parts.append(f"{word} reached" if f[key] == 0 else f"{word} in {_duration(f[key])}")
+    text = f"{format_size(round(f['rate']))}/s over {_duration(f['window'])}"
+    return text + (f"; {', '.join(parts)}" if parts else "")
+
+
+def _eta_text(f: dict[str, Any] | None) -> str:
+    """The time to the limit for a table column: 5h 2m, 0 (reached), - (none)."""
+    if not f or f.get("to_limit") is None:
+        return "-"
+    return "reached" if f["to_limit"] == 0 else _duration(f["to_limit"])
+
+
 def _ratio(value: float | None) -> str:
     """The overcommit ratio: virtual sizes over what the pool can hold at most."""
     return "-" if value is None else f"{value:g}x"
@@ -634,6 +655,7 @@ def render_pool(p: dict[str, Any]) -> Table:
             ("LDs", p["lds"]),
             ("volumes", f"{p['volumes']}: {format_size(p.get('virtual'))} virtual"),
             ("overcommit", _ratio(p.get("overcommit"))),
+            ("forecast", _forecast_text(p.get("forecast"), "growth limit")),
             ("state", _styled(p["state"], _HEALTH_STYLE)),
         ],
         title=f"pool {p['name']}",
@@ -642,7 +664,7 @@ def render_pool(p: dict[str, Any]) -> Table:
 
 def render_pools(pools: list[dict[str, Any]]) -> Table:
     t = _table(
-        "NAME", "RAID", "USED", "SIZE", "WARNING", "LIMIT", "VIRTUAL", "OVERCOMMIT", "STATE", title="pools"
+        "NAME", "RAID", "USED", "SIZE", "LIMIT", "LIMIT IN", "VIRTUAL", "OVERCOMMIT", "STATE", title="pools"
     )
     for p in pools:
         t.add_row(
@@ -650,8 +672,8 @@ def render_pools(pools: list[dict[str, Any]]) -> Table:
             f"{p['raid']} ({p['set_size']})",
             format_size(p["used"]),
             format_size(p["capacity"]),
-            format_size(p["growth_warning"]),
             format_size(p["growth_limit"]),
+            _eta_text(p.get("forecast")),
             format_size(p.get("virtual")),
             _ratio(p.get("overcommit")),
             _styled(p["state"], _HEALTH_STYLE),
@@ -674,6 +696,8 @@ def render_vv(v: dict[str, Any]) -> Table:
             ("alloc limit", _limit_text(v["alloc_limit"], v.get("alloc_limit_spec"))),
             ("cache", v["cache_mode"]),
             ("dirty", format_size(v["dirty_bytes"])),
+            ("forecast", _forecast_text(v.get("forecast"))),
+            ("clients", ", ".join(f"{c['protocol']} {c['peer']}" for c in v.get("clients", [])) or "none"),
             ("created", _time_text(v["created"])),
             ("export", v.get("export_uri")),
         ],
@@ -756,6 +780,17 @@ def render_alerts(alerts: list[dict[str, Any]]) -> Table:
     return t
 
 
+def _status_forecast(forecasts: dict[str, Any]) -> str:
+    """The pool nearest to its growth limit at the last hour's rate, or that none is near."""
+    timed = [(f["to_limit"], name) for name, f in forecasts.items() if f.get("to_limit") is not None]
+    if not timed:
+        return "no pool is growing toward a growth limit"
+    seconds, name = min(timed)
+    if seconds == 0:
+        return f"pool {name} is at its growth limit"
+    return f"pool {name} reaches its growth limit in {_duration(seconds)} at the last hour's rate"
+
+
 def render_status(s: dict[str, Any]) -> Table:
     nbd = s.get("nbd") or {}
     where = nbd.get("uri") or ""
@@ -786,6 +821,7 @@ def render_status(s: dict[str, Any]) -> Table:
                 f"{s['volumes']}: {format_size(s['allocated'])} allocated of "
                 f"{format_size(s['virtual'])} virtual (overcommit {_ratio(s.get('overcommit'))})",
             ),
+            ("forecast", _status_forecast(s.get("forecasts") or {})),
             ("cache dirty", format_size(s["dirty_bytes"])),
             ("open alerts", f"[yellow]{s['open_alerts']}[/]" if s["open_alerts"] else "0"),
             ("rebuild", "running" if s["rebuild_running"] else "-"),

@@ -49,6 +49,12 @@ Every key has a default, so an empty file (or none) gives a working daemon on lo
     [metrics]
     latency_histograms = true       # time every NBD request (about a microsecond each)
 
+    [history]                       # allocation and I/O over time (dashboard charts, forecast)
+    interval = 5.0                  # seconds between samples
+    keep = 10800.0                  # seconds kept (3 h), in memory
+    forecast_horizon = 86400.0      # alert pool-limit-forecast when a pool's limit is nearer (24 h)
+    forecast_min_window = 900.0     # ... once the rate was measured over this long at least
+
     [first_start]                   # what the daemon creates in an empty data directory
     enabled = true
     pds = 4
@@ -211,6 +217,10 @@ class Config:
     webhook: WebhookConfig = field(default_factory=WebhookConfig)
     iscsi: ISCSIConfig = field(default_factory=ISCSIConfig)
     latency_histograms: bool = True
+    history_interval: float = 5.0
+    history_keep: float = 3 * 3600.0
+    forecast_horizon: float = 24 * 3600.0
+    forecast_min_window: float = 15 * 60.0
     first_start: FirstStartConfig = field(default_factory=FirstStartConfig)
     node: NodeConfig = field(default_factory=NodeConfig)
 
@@ -343,6 +353,7 @@ _TABLES = {
     },
     "webhook": {"url", "timeout", "max_attempts", "queue_size"},
     "metrics": {"latency_histograms"},
+    "history": {"interval", "keep", "forecast_horizon", "forecast_min_window"},
     "first_start": {f.name for f in fields(FirstStartConfig)},
     "node": {"name", "partner", "mirror_listen", "partner_timeout"},
 }
@@ -471,6 +482,20 @@ def parse_config(doc: dict[str, Any], *, base_dir: Path | None = None) -> Config
     if "latency_histograms" in tables["metrics"]:
         changes["latency_histograms"] = _bool(
             tables["metrics"]["latency_histograms"], "metrics.latency_histograms"
+        )
+
+    history = tables["history"]
+    if "interval" in history:
+        changes["history_interval"] = _float(history["interval"], "history.interval", low=0.1, high=3600)
+    if "keep" in history:
+        changes["history_keep"] = _float(history["keep"], "history.keep", low=60, high=7 * 86400)
+    if "forecast_horizon" in history:
+        changes["forecast_horizon"] = _float(
+            history["forecast_horizon"], "history.forecast_horizon", low=0, high=365 * 86400
+        )
+    if "forecast_min_window" in history:
+        changes["forecast_min_window"] = _float(
+            history["forecast_min_window"], "history.forecast_min_window", low=0, high=3600
         )
 
     first = tables["first_start"]

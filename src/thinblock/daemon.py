@@ -315,6 +315,7 @@ class Daemon:
     async def _start(self) -> None:
         cfg = self.cfg
         from .api.app import NodeInfo, create_app
+        from .history import History
 
         api_sock = _bind_tcp(cfg.api_listen.host, cfg.api_listen.port, "the API")
         api_port = api_sock.getsockname()[1]
@@ -398,8 +399,16 @@ class Daemon:
                     "(create one with `thinblock token create NAME --role admin`)",
                     extra={"event": "api-open"},
                 )
-            app = create_app(engine, node, security=security, extra_metrics=extra_metrics)
+            history = History(
+                engine,
+                interval=cfg.history_interval,
+                keep=cfg.history_keep,
+                horizon=cfg.forecast_horizon,
+                alert_window=cfg.forecast_min_window,
+            )
+            app = create_app(engine, node, security=security, extra_metrics=extra_metrics, history=history)
             self.api_ctx = app.state.ctx
+            history.start()
             self.api_server = _uvicorn_server(app, cfg)
         except BaseException:
             api_sock.close()

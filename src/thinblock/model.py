@@ -59,6 +59,7 @@ class AlertKind(enum.StrEnum):
     POOL_GROWTH_WARNING = "pool-growth-warning"
     POOL_GROWTH_LIMIT = "pool-growth-limit"
     POOL_OUT_OF_CHUNKLETS = "pool-out-of-chunklets"
+    POOL_LIMIT_FORECAST = "pool-limit-forecast"
     LD_CREATED = "ld-created"
     LD_RELEASED = "ld-released"
     PD_FAILED = "pd-failed"

@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..engine import UNSET, Engine
 from ..errors import InvalidArgument, NotFound, ThinblockError
+from ..history import Forecast, History
 from ..limits import overcommit_ratio
 from ..model import (
     AlertKind,
@@ -46,12 +47,14 @@ from ..model import (
     RebuildProgress as RebuildProgressInfo,
 )
 from ..units import Limit, parse_size
+from . import dashboard
 from .auth import NO_PARAMETERS, SAFE_METHODS, ApiGuard, ApiSecurity, token_router
-from .metrics import build_registry, render_metrics
+from .metrics import ForecastCollector, build_registry, render_metrics
 
 log = logging.getLogger("thinblock.api")
 
 API_PREFIX = "/api/v1"
+OPENAPI_URL = f"{API_PREFIX}/openapi.json"
 # Sizes and ids stay within what the metadata store (SQLite INTEGER, 64-bit signed) can hold, so
 # an absurd number is a 400 here rather than an overflow deep inside.
 MAX_INT = 2**63 - 1
@@ -182,6 +185,16 @@ class LDOut(BaseModel):
     chunklets: list[ChunkletOut]
 
 
+class ForecastOut(BaseModel):
+    """From the daemon's history: the allocation rate over the last hour (or what history it
+    has), and the estimated seconds until the warning and the limit are reached at that rate."""
+
+    rate: float | None = Field(description="bytes per second; null before there is a history")
+    window: float = Field(description="seconds the rate was measured over")
+    to_warning: float | None = Field(description="seconds; 0 when reached, null when not growing or none set")
+    to_limit: float | None = Field(description="seconds; 0 when reached, null when not growing or none set")
+
+
 class PoolOut(BaseModel):
     name: str
     raid: int
@@ -202,6 +215,7 @@ class PoolOut(BaseModel):
         description="virtual over the most the pool can hold (its growth limit, else its capacity); "
         "null when both are 0"
     )
+    forecast: ForecastOut = Field(description="toward the growth warning and the growth limit")
 
 
 class PoolCreate(_Request):
@@ -263,6 +277,7 @@ class VolumeOut(BaseModel):
     created: float
     export_uri: str | None = Field(description="where NBD clients (qemu-img, nbdinfo, nbdcopy) reach it")
     clients: list[ClientOut] = Field(default=[], description="connected clients doing I/O on it")
+    forecast: ForecastOut = Field(description="toward the allocation warning and limit")
 
 
 class VolumeCreate(_Request):
@@ -362,10 +377,20 @@ class StatusOut(BaseModel):
     overcommit: float | None = Field(
         description="virtual over what the pools can hold at most (growth limits, else capacity)"
     )
+    forecasts: dict[str, ForecastOut] = Field(description="per pool, toward its growth warning and limit")
     dirty_bytes: int
     open_alerts: int
     rebuild_running: bool
     nbd: NBDOut
+
+
+class HistoryOut(BaseModel):
+    interval: float = Field(description="seconds between samples")
+    times: list[float]
+    pools: dict[str, dict[str, list[int | None]]] = Field(description="per pool: used, capacity")
+    volumes: dict[str, dict[str, list[int | None]]] = Field(
+        description="per volume: allocated, read_bytes, write_bytes, reads, writes (counters)"
+    )
 
 
 # --- node information the daemon hands in ----------------------------------------------------------
@@ -399,20 +424,30 @@ class NodeInfo:
 
 
 class ApiContext:
-    """The state of one API instance: engine, node info, the rebuild it started."""
+    """The state of one API instance: engine, node info, the rebuild it started, the history
+    (sampled by a task the daemon starts with ``history.start()``)."""
 
-    def __init__(self, engine: Engine, node: NodeInfo, extra_metrics: list[Any] | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        node: NodeInfo,
+        extra_metrics: list[Any] | None = None,
+        history: History | None = None,
+    ) -> None:
         self.engine = engine
         self.node = node
         self.rebuild_task: asyncio.Task[RebuildProgressInfo | None] | None = None
         self.rebuild_error: str | None = None
-        self.registry = build_registry(engine, node, extra=extra_metrics or [])
+        self.history = history or History(engine)
+        extra = [*(extra_metrics or []), ForecastCollector(self.history)]
+        self.registry = build_registry(engine, node, extra=extra)
 
     def rebuild_running(self) -> bool:
         return self.rebuild_task is not None and not self.rebuild_task.done()
 
     async def aclose(self) -> None:
         """Stop background work the API started (the daemon calls this before engine.close())."""
+        await self.history.aclose()
         task = self.rebuild_task
         if task is not None and not task.done():
             task.cancel()
@@ -425,12 +460,17 @@ class ApiContext:
 # --- conversions ---------------------------------------------------------------------------------
 
 
-def _pool_out(info: Any, engine: Engine) -> PoolOut:
+def _forecast_out(f: Forecast) -> ForecastOut:
+    return ForecastOut(**asdict(f))
+
+
+def _pool_out(info: Any, ctx: ApiContext) -> PoolOut:
     d = asdict(info)
     d["state"] = str(info.state)
-    virtual = sum(v.size for v in engine.list_vvs() if v.pool == info.name)
+    virtual = sum(v.size for v in ctx.engine.list_vvs() if v.pool == info.name)
     ratio = overcommit_ratio(virtual, info.capacity, info.growth_limit)
-    return PoolOut(**d, virtual=virtual, overcommit=ratio)
+    forecast = ctx.history.pool_forecast(info.name, info.used, info.growth_warning, info.growth_limit)
+    return PoolOut(**d, virtual=virtual, overcommit=ratio, forecast=_forecast_out(forecast))
 
 
 def _ld_out(info: Any) -> LDOut:
@@ -439,11 +479,16 @@ def _ld_out(info: Any) -> LDOut:
     return LDOut(**d)
 
 
-def _volume_out(info: Any, node: NodeInfo, engine: Engine) -> VolumeOut:
-    clients = [
-        ClientOut(protocol=s.protocol, peer=s.peer, opened=s.opened) for s in engine.sessions.of(info.name)
-    ]
-    return VolumeOut(**asdict(info), export_uri=node.export_uri(info.name), clients=clients)
+def _volume_out(info: Any, ctx: ApiContext) -> VolumeOut:
+    sessions = ctx.engine.sessions.of(info.name)
+    clients = [ClientOut(protocol=s.protocol, peer=s.peer, opened=s.opened) for s in sessions]
+    forecast = ctx.history.volume_forecast(info.name, info.allocated, info.alloc_warning, info.alloc_limit)
+    return VolumeOut(
+        **asdict(info),
+        export_uri=ctx.node.export_uri(info.name),
+        clients=clients,
+        forecast=_forecast_out(forecast),
+    )
 
 
 def _rebuild_out(ctx: ApiContext) -> RebuildOut:
@@ -530,27 +575,31 @@ def create_app(
     token: str | None = None,
     security: ApiSecurity | None = None,
     extra_metrics: list[Any] | None = None,
+    history: History | None = None,
 ) -> FastAPI:
     """The FastAPI app for ``engine``, behind the gate of ``thinblock.api.auth`` (tokens, roles,
-    cross-site refusals, audit).  ``security`` says what it enforces; without it, the data
+    cross-site refusals, audit), which lets the dashboard page, /docs and their assets through
+    (``dashboard.is_public``).  ``security`` says what it enforces; without it, the data
     directory's token store and audit log with ``token`` (if given) as the admin token.
-    ``extra_metrics``: more prometheus collectors (the daemon's webhook and NBD latencies)."""
+    ``extra_metrics``: more prometheus collectors (the daemon's webhook and NBD latencies).
+    ``history``: the allocation and I/O history (the daemon's, with its settings and sampler)."""
     node = node or NodeInfo()
     if security is None:
         security = ApiSecurity.for_data_dir(node.data_dir, config_token=token)
-    ctx = ApiContext(engine, node, extra_metrics)
+    ctx = ApiContext(engine, node, extra_metrics, history)
     app = FastAPI(
         title="thinblock",
         version=__version__,
         description="Thin-provisioning block storage (3PAR-style zero logical disk): management API.",
-        openapi_url=f"{API_PREFIX}/openapi.json",
-        docs_url="/docs",
+        openapi_url=OPENAPI_URL,
+        docs_url=None,  # dashboard.install serves /docs from the packaged Swagger UI
         redoc_url=None,
     )
     app.state.ctx = ctx
     _install_error_handlers(app)
     app.include_router(_router(ctx), prefix=API_PREFIX)
     app.include_router(token_router(security), prefix=API_PREFIX, responses=_ERRORS)
+    dashboard.install(app, openapi_url=OPENAPI_URL)
 
     @app.get("/metrics", include_in_schema=True, tags=["metrics"], response_class=Response)
     async def metrics() -> Response:
@@ -559,7 +608,12 @@ def create_app(
         return Response(content=body, media_type=content_type)
 
     _customise_openapi(app)
-    app.add_middleware(ApiGuard, security=security, openapi=app.openapi)
+    app.add_middleware(
+        ApiGuard,
+        security=security,
+        openapi=app.openapi,
+        public=lambda method, path: dashboard.is_public(method, path, OPENAPI_URL),
+    )
     return app
 
 
@@ -607,6 +661,7 @@ def _customise_openapi(app: FastAPI) -> None:
         for unused in ("HTTPValidationError", "ValidationError"):
             schemas.pop(unused, None)
         schemas.setdefault("ErrorBody", ErrorBody.model_json_schema())
+        # Declared always, so that Swagger UI shows Authorize.
         components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         schema["security"] = [{"bearer": []}, {}]
         app.openapi_schema = schema
@@ -648,6 +703,7 @@ def _router(ctx: ApiContext) -> APIRouter:
                 sum(p.growth_limit if p.growth_limit is not None else p.capacity for p in pools),
                 None,
             ),
+            forecasts={name: _forecast_out(f) for name, f in ctx.history.pool_forecasts()},
             dirty_bytes=engine.cache_dirty_bytes(),
             open_alerts=len(engine.list_alerts()),
             rebuild_running=_rebuild_out(ctx).running,
@@ -692,7 +748,7 @@ def _router(ctx: ApiContext) -> APIRouter:
     # --- pools --------------------------------------------------------------------------------
     @router.get("/pools", tags=["pools"])
     async def list_pools() -> list[PoolOut]:
-        return [_pool_out(p, engine) for p in engine.list_pools()]
+        return [_pool_out(p, ctx) for p in engine.list_pools()]
 
     @router.post("/pools", status_code=201, tags=["pools"])
     async def create_pool(body: PoolCreate) -> PoolOut:
@@ -701,11 +757,11 @@ def _router(ctx: ApiContext) -> APIRouter:
             value = getattr(body, key)
             if value is not None:
                 kwargs[key] = value
-        return _pool_out(await engine.create_pool(body.name, **kwargs), engine)
+        return _pool_out(await engine.create_pool(body.name, **kwargs), ctx)
 
     @router.get("/pools/{name}", tags=["pools"])
     async def show_pool(name: PoolPath) -> PoolOut:
-        return _pool_out(engine.get_pool(name), engine)
+        return _pool_out(engine.get_pool(name), ctx)
 
     @router.patch("/pools/{name}", tags=["pools"])
     async def set_pool(name: PoolPath, body: PoolUpdate) -> PoolOut:
@@ -718,14 +774,14 @@ def _router(ctx: ApiContext) -> APIRouter:
                 growth_warning=_unset_unless_given(body, "growth_warning"),
                 growth_limit=_unset_unless_given(body, "growth_limit"),
             ),
-            engine,
+            ctx,
         )
 
     @router.post("/pools/{name}/compact", tags=["pools"])
     async def compact_pool(name: PoolPath) -> CompactOut:
         """Release the pool's LDs whose regions are all free back to free chunklets."""
         released = await engine.compact_pool(name)
-        return CompactOut(released_lds=released, pool=_pool_out(engine.get_pool(name), engine))
+        return CompactOut(released_lds=released, pool=_pool_out(engine.get_pool(name), ctx))
 
     @router.delete("/pools/{name}", status_code=204, tags=["pools"])
     async def delete_pool(name: PoolPath) -> Response:
@@ -762,7 +818,7 @@ def _router(ctx: ApiContext) -> APIRouter:
     # --- volumes ------------------------------------------------------------------------------
     @router.get("/volumes", tags=["volumes"])
     async def list_volumes() -> list[VolumeOut]:
-        return [_volume_out(v, node, engine) for v in engine.list_vvs()]
+        return [_volume_out(v, ctx) for v in engine.list_vvs()]
 
     @router.post("/volumes", status_code=201, tags=["volumes"])
     async def create_volume(body: VolumeCreate) -> VolumeOut:
@@ -774,11 +830,11 @@ def _router(ctx: ApiContext) -> APIRouter:
             alloc_limit=body.alloc_limit,
             cache_mode=body.cache_mode,
         )
-        return _volume_out(info, node, engine)
+        return _volume_out(info, ctx)
 
     @router.get("/volumes/{name}", tags=["volumes"])
     async def show_volume(name: VolumePath) -> VolumeOut:
-        return _volume_out(engine.get_vv(name), node, engine)
+        return _volume_out(engine.get_vv(name), ctx)
 
     @router.patch("/volumes/{name}", tags=["volumes"])
     async def set_volume(name: VolumePath, body: VolumeUpdate) -> VolumeOut:
@@ -790,12 +846,12 @@ def _router(ctx: ApiContext) -> APIRouter:
             alloc_limit=_unset_unless_given(body, "alloc_limit"),
             cache_mode=_unset_unless_given(body, "cache_mode"),
         )
-        return _volume_out(info, node, engine)
+        return _volume_out(info, ctx)
 
     @router.post("/volumes/{name}/grow", tags=["volumes"])
     async def grow_volume(name: VolumePath, body: VolumeGrow) -> VolumeOut:
         """Grow the virtual size (shrinking is refused); NBD clients see it on their next connection."""
-        return _volume_out(await engine.grow_vv(name, body.size), node, engine)
+        return _volume_out(await engine.grow_vv(name, body.size), ctx)
 
     @router.delete("/volumes/{name}", status_code=204, tags=["volumes"])
     async def delete_volume(
@@ -814,6 +870,17 @@ def _router(ctx: ApiContext) -> APIRouter:
         """I/O counters since the daemon started."""
         engine.get_vv(name)
         return VolumeStatsOut(**asdict(engine.vv_stats(name)))
+
+    # --- history ------------------------------------------------------------------------------
+    @router.get("/history", tags=["status"])
+    async def history(
+        seconds: Annotated[
+            float, Query(gt=0, le=7 * 86400, description="how far back (the daemon keeps a few hours)")
+        ] = 3600,
+    ) -> HistoryOut:
+        """Samples of allocation and I/O counters, column-wise for charts: ``times`` (unix
+        seconds) and, per pool and per volume, one list per quantity (null where it did not exist)."""
+        return HistoryOut(**ctx.history.series(seconds))
 
     # --- alerts -------------------------------------------------------------------------------
     @router.get("/alerts", tags=["alerts"])

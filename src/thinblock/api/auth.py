@@ -7,7 +7,8 @@ order, for every request:
 1. **Host** (DNS rebinding): with ``allowed_hosts`` configured, the ``Host`` header must be one
    of them (``400``).  The daemon configures the address it listens on (and, on loopback,
    ``localhost``/``127.0.0.1``/``[::1]`` with that port).
-2. **Authentication**: ``Authorization: Bearer <token>``; the configured ``api.token`` is an
+2. **Authentication** (except for the public GETs of the dashboard page, ``/docs``, their assets
+   and the OpenAPI document, which hold no data; ``api/dashboard.py``): ``Authorization: Bearer <token>``; the configured ``api.token`` is an
    admin token, tokens created with ``thinblock token create`` carry their role.  A token is
    demanded when the configuration says so (``api.require_token``, a configured token, an address
    off loopback) or as soon as one token exists in the store; otherwise an anonymous caller is an
@@ -394,10 +395,19 @@ def _is_json(content_type: str) -> bool:
 class ApiGuard:
     """The ASGI middleware described in the module docstring."""
 
-    def __init__(self, app: ASGIApp, security: ApiSecurity, openapi: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        security: ApiSecurity,
+        openapi: Callable[[], dict[str, Any]],
+        public: Callable[[str, str], bool] | None = None,
+    ) -> None:
         self.app = app
         self.security = security
         self.openapi = openapi
+        # (method, path) -> served without authentication: the dashboard page and /docs with their
+        # assets (api/dashboard.py).  A browser cannot send a bearer token when it opens a page.
+        self.public = public
         self._ops: list[Operation] | None = None
 
     def operations(self) -> list[Operation]:
@@ -426,6 +436,9 @@ class ApiGuard:
         security = self.security
         if security.allowed_hosts is not None and host not in security.allowed_hosts:
             await refuse(400, f"unexpected Host header {host!r}: not an address this API answers on")
+            return
+        if self.public is not None and self.public(method, scope["path"]):
+            await self.app(scope, receive, send)
             return
         who = security.authenticate(headers.get("authorization", b""))
         if isinstance(who, str):

@@ -34,6 +34,7 @@ from ..model import AlertKind, AlertState, LDHealth, PDHealth, PoolState
 if TYPE_CHECKING:
     from ..blockdev import Buffer, Capabilities, Extent, Volume, VolumeProvider
     from ..engine import Engine
+    from ..history import Forecast, History
     from .app import NodeInfo
 
 # From 50 µs (a cached read) to 10 s (a write waiting for a new LD on a slow disk).
@@ -221,6 +222,62 @@ class EngineCollector:
         for (kind, state), n in sorted(counts.items()):
             family.add_metric([kind, state], n)
         yield family
+
+
+# --- the forecast drawn from the daemon's history ------------------------------------------------
+
+
+class ForecastCollector:
+    """Allocation rate over the last hour and the estimated seconds to the warning and the limit,
+    per pool and per volume (``thinblock.history``); a series is absent when there is nothing to
+    forecast (no rate yet, not growing, no such threshold)."""
+
+    def __init__(self, history: History) -> None:
+        self.history = history
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        h = self.history
+        engine = h.engine
+        families = {}
+        for scope, label in (("pool", ["pool"]), ("vv", ["vv", "pool"])):
+            families[scope] = (
+                GaugeMetricFamily(
+                    f"thinblock_{scope}_alloc_rate_bytes_per_second",
+                    f"{scope} allocation rate over the last hour (bytes per second)",
+                    labels=label,
+                ),
+                GaugeMetricFamily(
+                    f"thinblock_{scope}_seconds_to_warning",
+                    f"estimated seconds until the {scope}'s warning is reached at that rate",
+                    labels=label,
+                ),
+                GaugeMetricFamily(
+                    f"thinblock_{scope}_seconds_to_limit",
+                    f"estimated seconds until the {scope}'s limit is reached at that rate",
+                    labels=label,
+                ),
+            )
+        for p in engine.list_pools():
+            f = h.pool_forecast(p.name, p.used, p.growth_warning, p.growth_limit)
+            _add_forecast(families["pool"], [p.name], f)
+        for v in engine.list_vvs():
+            f = h.volume_forecast(v.name, v.allocated, v.alloc_warning, v.alloc_limit)
+            _add_forecast(families["vv"], [v.name, v.pool], f)
+        for trio in families.values():
+            yield from trio
+
+
+def _add_forecast(trio: tuple[GaugeMetricFamily, ...], key: list[str], forecast: Forecast) -> None:
+    rate, to_warning, to_limit = trio
+    if forecast.rate is not None:
+        rate.add_metric(key, forecast.rate)
+    if forecast.to_warning is not None:
+        to_warning.add_metric(key, forecast.to_warning)
+    if forecast.to_limit is not None:
+        to_limit.add_metric(key, forecast.to_limit)
 
 
 # --- latencies measured at the NBD front end -----------------------------------------------------
