@@ -55,7 +55,7 @@ def test_every_endpoint_refuses_without_the_token(daemon: Daemon) -> None:
         for method in item
     ]
     assert len(operations) >= 25  # the whole API, not a sample
-    operations += [("GET", "/api/v1/openapi.json"), ("GET", "/docs"), ("GET", "/metrics"), ("GET", "/nope")]
+    operations += [("GET", "/metrics"), ("GET", "/nope"), ("POST", "/"), ("DELETE", "/static/dashboard.js")]
     bodies = {"POST": {"name": "x", "pool": "default", "size": "1G", "raid": 1, "path": "x.img"}, "PATCH": {}}
     with daemon.http(token="") as anonymous, daemon.http(token="wrong") as wrong:
         for method, path in operations:
@@ -74,6 +74,18 @@ def test_every_endpoint_refuses_without_the_token(daemon: Daemon) -> None:
         assert after == before
         assert authorised.get("/metrics").status_code == 200
         assert authorised.get("/api/v1/status").json()["volumes"] == 1
+    # Public: the dashboard page and /docs with their assets, and the OpenAPI document (a browser
+    # cannot send a bearer token when it opens a page; they hold no data: the page logs in).
+    with daemon.http(token="") as anonymous:
+        for path in (
+            "/",
+            "/static/dashboard.js",
+            "/docs",
+            "/docs/assets/swagger-ui-bundle.js",
+            "/api/v1/openapi.json",
+        ):
+            assert anonymous.get(path).status_code == 200, path
+        assert "vol0" not in anonymous.get("/").text
 
 
 def test_cli_with_and_without_the_token(daemon: Daemon) -> None:

@@ -81,7 +81,8 @@ def test_fuzz_the_api_from_its_openapi(daemon: Daemon) -> None:
     state_client = daemon.http()
 
     def snapshot() -> list[Any]:
-        return [state_client.get(f"/api/v1{path}").json() for path in STATE]
+        # The forecast is derived from the clock (its window grows): not state a request changes.
+        return [_without_forecast(state_client.get(f"/api/v1{path}").json()) for path in STATE]
 
     tried = 0
     for operation in operations:
@@ -97,6 +98,14 @@ def test_fuzz_the_api_from_its_openapi(daemon: Daemon) -> None:
     status = daemon.cli_json("status")
     assert status["pools"] >= 1
     assert "Traceback" not in daemon.log_text() and "api-internal-error" not in daemon.log_text()
+
+
+def _without_forecast(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_without_forecast(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _without_forecast(v) for k, v in value.items() if k not in ("forecast", "forecasts")}
+    return value
 
 
 def _fuzz_operation(
