@@ -50,9 +50,9 @@ log = logging.getLogger("thinblock.iscsi")
 
 BLOCK_SIZE = 512
 BLOCK_SHIFT = 9
-PHYSICAL_BLOCK_EXPONENT = 3  # 4 KiB physical blocks
+PHYSICAL_BLOCK_EXPONENT = 3  # 4 KiB: what hosts should align to (page size, RAID 5 units)
 MAX_TRANSFER_BLOCKS = 32 * 1024 * 1024 // BLOCK_SIZE  # VPD B0 MAXIMUM TRANSFER LENGTH
-MAX_UNMAP_BLOCKS = 1024 * 1024 * 1024 // BLOCK_SIZE  # per UNMAP descriptor and per command
+MAX_UNMAP_BLOCKS = 1024 * 1024  # per UNMAP descriptor (512 MiB; libiscsi wants at most 2^20)
 MAX_UNMAP_DESCRIPTORS = 256
 MAX_WRITE_SAME_BLOCKS = 1024 * 1024 * 1024 // BLOCK_SIZE
 _WRITE_SAME_CHUNK = 1024 * 1024
@@ -133,7 +133,10 @@ _USAGE: dict[tuple[int, int | None], bytes] = {
     (Op.READ_CAPACITY_10, None): bytes([0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0x07]),
     (Op.READ_10, None): bytes([0x28, 0x18, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0xFF, 0xFF, 0x07]),
     (Op.WRITE_10, None): bytes([0x2A, 0x18, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0xFF, 0xFF, 0x07]),
-    (Op.VERIFY_10, None): bytes([0x2F, 0x06, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0xFF, 0xFF, 0x07]),
+    (Op.WRITE_AND_VERIFY_10, None): bytes([0x2E, 0x02, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0xFF, 0xFF, 0x07]),
+    (Op.WRITE_AND_VERIFY_12, None): bytes([0xAE, 0x02] + [0xFF] * 8 + [0x1F, 0x07]),
+    (Op.WRITE_AND_VERIFY_16, None): bytes([0x8E, 0x02] + [0xFF] * 12 + [0x1F, 0x07]),
+    (Op.VERIFY_10, None): bytes([0x2F, 0x16, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0xFF, 0xFF, 0x07]),
     (Op.SYNCHRONIZE_CACHE_10, None): bytes([0x35, 0x02, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0xFF, 0xFF, 0x07]),
     (Op.WRITE_SAME_10, None): bytes([0x41, 0x08, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0xFF, 0xFF, 0x07]),
     (Op.UNMAP, None): bytes([0x42, 0, 0, 0, 0, 0, 0x1F, 0xFF, 0xFF, 0x07]),
@@ -141,7 +144,7 @@ _USAGE: dict[tuple[int, int | None], bytes] = {
     (Op.MODE_SENSE_10, None): bytes([0x5A, 0x18, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0x07]),
     (Op.READ_16, None): bytes([0x88, 0x18] + [0xFF] * 12 + [0x1F, 0x07]),
     (Op.WRITE_16, None): bytes([0x8A, 0x18] + [0xFF] * 12 + [0x1F, 0x07]),
-    (Op.VERIFY_16, None): bytes([0x8F, 0x06] + [0xFF] * 12 + [0x1F, 0x07]),
+    (Op.VERIFY_16, None): bytes([0x8F, 0x16] + [0xFF] * 12 + [0x1F, 0x07]),
     (Op.SYNCHRONIZE_CACHE_16, None): bytes([0x91, 0x02] + [0xFF] * 12 + [0x1F, 0x07]),
     (Op.WRITE_SAME_16, None): bytes([0x93, 0x09] + [0xFF] * 12 + [0x1F, 0x07]),
     (Op.SERVICE_ACTION_IN_16, SA_READ_CAPACITY_16): bytes([0x9E, 0x10] + [0] * 8 + [0xFF] * 4 + [0, 0x07]),
@@ -152,7 +155,7 @@ _USAGE: dict[tuple[int, int | None], bytes] = {
     ),
     (Op.READ_12, None): bytes([0xA8, 0x18] + [0xFF] * 8 + [0x1F, 0x07]),
     (Op.WRITE_12, None): bytes([0xAA, 0x18] + [0xFF] * 8 + [0x1F, 0x07]),
-    (Op.VERIFY_12, None): bytes([0xAF, 0x06] + [0xFF] * 8 + [0x1F, 0x07]),
+    (Op.VERIFY_12, None): bytes([0xAF, 0x16] + [0xFF] * 8 + [0x1F, 0x07]),
     (Op.PERSISTENT_RESERVE_IN, None): bytes([0x5E, 0x1F, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0x07]),
     (Op.PERSISTENT_RESERVE_OUT, None): bytes([0x5F, 0x1F, 0xFF, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0x07]),
 }
@@ -275,12 +278,18 @@ class LogicalUnit:
 
     def _fail(self, nexus: Nexus, cc: CheckCondition) -> ScsiResult:
         self.sense[nexus] = cc.sense  # REQUEST SENSE returns it until the next command
-        return ScsiResult(Status.CHECK_CONDITION, sense=cc.sense, wanted=0)
+        return ScsiResult(Status.CHECK_CONDITION, sense=cc.sense, wanted=cc.wanted)
 
     async def _execute(self, nexus: Nexus, op: int, cdb: bytes, data: bytearray | None) -> ScsiResult:
         if op in (Op.READ_6, Op.READ_10, Op.READ_12, Op.READ_16):
             return await self._read(op, cdb)
         if op in (Op.WRITE_6, Op.WRITE_10, Op.WRITE_12, Op.WRITE_16):
+            return await self._write(op, cdb, data)
+        if op in (Op.WRITE_AND_VERIFY_10, Op.WRITE_AND_VERIFY_12, Op.WRITE_AND_VERIFY_16):
+            # The write is acknowledged only once it reached the LD (write-through) or the
+            # node's cache; verifying means reading back what was just written, which adds
+            # nothing here.  BYTCHK=0 (the only form WRITE AND VERIFY has in SBC-3 besides 1,
+            # which compares with itself) is the same write.
             return await self._write(op, cdb, data)
         if op == Op.TEST_UNIT_READY:
             return ScsiResult()
@@ -335,9 +344,9 @@ class LogicalUnit:
             lba = ((cdb[1] & 0x1F) << 16) | _u16(cdb, 2)
             count = cdb[4] or 256  # SBC-3: 0 means 256 blocks
             return lba, count, 0
-        if op in (Op.READ_10, Op.WRITE_10, Op.VERIFY_10):
+        if op in (Op.READ_10, Op.WRITE_10, Op.VERIFY_10, Op.WRITE_AND_VERIFY_10):
             return _u32(cdb, 2), _u16(cdb, 7), cdb[1]
-        if op in (Op.READ_12, Op.WRITE_12, Op.VERIFY_12):
+        if op in (Op.READ_12, Op.WRITE_12, Op.VERIFY_12, Op.WRITE_AND_VERIFY_12):
             return _u32(cdb, 2), _u32(cdb, 6), cdb[1]
         return _u64(cdb, 2), _u32(cdb, 10), cdb[1]
 
@@ -376,16 +385,23 @@ class LogicalUnit:
         length = count << BLOCK_SHIFT
         if not count:
             return ScsiResult(wanted=0)
+        wanted = length
         if data is None or len(data) < length:
             # The initiator sent less than the CDB asks for (Expected Data Transfer Length
-            # too small): nothing is written, the residual says so.
-            raise illegal(field=7 if op != Op.WRITE_6 else 4)
+            # below the transfer length).  FCP-4 9.4.2 a), as libiscsi's residual tests
+            # expect: "process the command normally except that data beyond [EDTL] shall
+            # not be ... transferred": the whole blocks received are written, GOOD, and
+            # the residual overflow says how much was not.
+            length = (len(data) if data is not None else 0) >> BLOCK_SHIFT << BLOCK_SHIFT
+            if not length:
+                return ScsiResult(wanted=wanted)
+        assert data is not None
         view = memoryview(data)[:length]
         step = self.volume.capabilities.maximum_block
         offset = lba << BLOCK_SHIFT
         for start in range(0, length, step):
             await self.volume.write(offset + start, view[start : start + step], fua=fua)
-        return ScsiResult(wanted=length)
+        return ScsiResult(wanted=wanted)
 
     async def _verify(self, op: int, cdb: bytes, data: bytearray | None) -> ScsiResult:
         lba, count, flags = self._rw_fields(op, cdb)
@@ -424,23 +440,29 @@ class LogicalUnit:
             raise illegal(field=1)
         if flags & 0x06:  # PBDATA / LBDATA: no
             raise illegal(field=1)
+        if lba > self.blocks:
+            raise CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.LBA_OUT_OF_RANGE)
         if count == 0:
-            # VPD B0 WSNZ=1: a NUMBER OF LOGICAL BLOCKS of zero is refused.
-            raise illegal(field=7 if op == Op.WRITE_SAME_10 else 10)
+            # WSNZ=0 (VPD B0): zero blocks means "to the end of the medium" (SBC-3 5.45).
+            count = self.blocks - lba
+            if count == 0:
+                return ScsiResult(wanted=0 if ndob else BLOCK_SIZE)
         if count > MAX_WRITE_SAME_BLOCKS:
             raise illegal(field=7 if op == Op.WRITE_SAME_10 else 10)
         self._check_range(lba, count)
         if ndob:
             block = bytes(BLOCK_SIZE)
         else:
-            if data is None or len(data) < BLOCK_SIZE:
-                raise illegal(Asc.PARAMETER_LIST_LENGTH_ERROR)
+            if data is None or len(data) != BLOCK_SIZE:
+                # The Data-Out is exactly one logical block.
+                raise illegal(field=7 if op == Op.WRITE_SAME_10 else 10)
             block = bytes(data[:BLOCK_SIZE])
         offset, length = lba << BLOCK_SHIFT, count << BLOCK_SHIFT
         step = self.volume.capabilities.maximum_block
-        if not any(block):
-            # Zeros: with UNMAP the blocks are deallocated (they read zeros: LBPRZ);
-            # without it they stay mapped (SBC-3 5.45: UNMAP=0 writes the blocks).
+        if unmap or not any(block):
+            # UNMAP=1: the blocks are deallocated and read zeros (LBPRZ), whatever the
+            # Data-Out holds (what libiscsi's UnmapUntilEnd checks, and what tgt does).
+            # Zeros without UNMAP stay mapped (SBC-3 5.45: UNMAP=0 writes the blocks).
             for start in range(0, length, step):
                 n = min(step, length - start)
                 if unmap:
@@ -581,7 +603,7 @@ class LogicalUnit:
             )
         elif page == 0xB0:
             body = bytearray(0x3C)
-            body[0] = 0x01  # WSNZ
+            body[0] = 0x00  # WSNZ=0: WRITE SAME of zero blocks runs to the end of the LU
             body[2:4] = (self.region_blocks if self.region_blocks < 0x10000 else 0).to_bytes(2, "big")
             body[4:8] = MAX_TRANSFER_BLOCKS.to_bytes(4, "big")
             body[8:12] = min(self.region_blocks, MAX_TRANSFER_BLOCKS).to_bytes(4, "big")
@@ -795,6 +817,16 @@ class LogicalUnit:
                 key = 0 if r.type in _ALL_REGISTRANTS else r.keys.get(r.holder, 0)
                 body = key.to_bytes(8, "big") + bytes(4) + bytes([0, r.type & 0x0F, 0, 0])
                 data = r.generation.to_bytes(4, "big") + len(body).to_bytes(4, "big") + body
+        elif sa == 0x03:  # READ FULL STATUS
+            full = bytearray()
+            for registrant, key in r.keys.items():
+                holder = self._is_holder(registrant) and r.holder is not None
+                transport_id = _iscsi_transport_id(registrant)
+                full += key.to_bytes(8, "big") + bytes(4)
+                full += bytes([0x01 if holder else 0x00, r.type & 0x0F if holder else 0])
+                full += bytes(4) + (1).to_bytes(2, "big")  # relative target port 1
+                full += len(transport_id).to_bytes(4, "big") + transport_id
+            data = r.generation.to_bytes(4, "big") + len(full).to_bytes(4, "big") + full
         elif sa == 0x02:  # REPORT CAPABILITIES
             data = bytes([0, 8, 0x00, 0x80 | 0x01, 0xEA, 0x01, 0, 0])  # TMV, PTPL_A; types mask
         else:
@@ -882,6 +914,13 @@ class LogicalUnit:
         return {"vv": self.volume.name, "nexuses": sorted(self.nexuses)}
 
 
+def _iscsi_transport_id(nexus: Nexus) -> bytes:
+    """SPC-4 7.6.4.6: an iSCSI TransportID with the initiator port (name,i,0xISID), format 01b."""
+    name = nexus.encode() + b"\0"
+    name += bytes(-len(name) % 4)
+    return bytes([0x40 | 0x05, 0]) + len(name).to_bytes(2, "big") + name
+
+
 class _ReservationConflict(CheckCondition):
     """RESERVATION CONFLICT is a status of its own, without sense data."""
 
@@ -890,3 +929,4 @@ class _ReservationConflict(CheckCondition):
         self.key = SenseKey.NO_SENSE
         self.asc = 0
         self.sense = b""
+        self.wanted = 0

@@ -29,9 +29,16 @@ class CheckCondition(Exception):
     """A command ends with CHECK CONDITION and this sense."""
 
     def __init__(
-        self, key: SenseKey, asc: int, *, field: int | None = None, information: int | None = None
+        self,
+        key: SenseKey,
+        asc: int,
+        *,
+        field: int | None = None,
+        information: int | None = None,
+        wanted: int = 0,
     ) -> None:
         super().__init__(f"{key.name} {asc:04x}")
+        self.wanted = wanted  # bytes the command meant to move (for the residual count)
         self.key = key
         self.asc = asc
         self.sense = fixed_sense(key, asc, field=field, information=information)
