@@ -30,13 +30,39 @@ pytestmark = [
     pytest.mark.skipif(not shutil.which("iscsi-test-cu"), reason="needs libiscsi-bin"),
 ]
 
-FAMILIES = (
-    "Inquiry ReadCapacity10 ReadCapacity16 Read6 Read10 Read12 Read16 Write10 Write12 Write16 "
-    "Verify10 Verify12 Verify16 WriteSame10 WriteSame16 Unmap GetLBAStatus TestUnitReady "
-    "ModeSense6 ReportSupportedOpcodes PrinReadKeys PrinServiceactionRange PrinReportCapabilities "
-    "ProutRegister ProutReserve ProutClear ProutPreempt "
-    "iSCSIcmdsn iSCSIdatasn iSCSIResiduals iSCSITMF"
-).split()
+FAMILIES = [
+    "Inquiry",
+    "ReadCapacity10",
+    "ReadCapacity16",
+    "Read6",
+    "Read10",
+    "Read12",
+    "Read16",
+    "Write10",
+    "Write12",
+    "Write16",
+    "Verify10",
+    "Verify12",
+    "Verify16",
+    "WriteSame10",
+    "WriteSame16",
+    "Unmap",
+    "GetLBAStatus",
+    "TestUnitReady",
+    "ModeSense6",
+    "ReportSupportedOpcodes",
+    "PrinReadKeys",
+    "PrinServiceactionRange",
+    "PrinReportCapabilities",
+    "ProutRegister",
+    "ProutReserve",
+    "ProutClear",
+    "ProutPreempt",
+    "iSCSIcmdsn",
+    "iSCSIdatasn",
+    "iSCSIResiduals",
+    "iSCSITMF",
+]
 
 # Tests allowed not to pass, each with the reason (checked against libiscsi 1.19's sources).
 EXPECTED_NOT_PASSED = {

@@ -1,0 +1,359 @@
+"""The sans-IO iSCSI core: login (None, CHAP one-way and mutual), SendTargets, the data phase
+(immediate data, R2T, Data-In), sequence numbers, digests, and bad input costing only the
+connection.  Fed whole and byte by byte, with trailing data; fuzzed with hypothesis."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from thinblock.iscsi.connection import (
+    NEED_DATA,
+    ConnectionClosed,
+    LoginComplete,
+    LoginPolicy,
+    ScsiCommand,
+    ScsiResult,
+    TargetConnection,
+)
+from thinblock.iscsi.constants import LoginStatus, Opcode
+from thinblock.iscsi.negotiation import ChapCredentials, chap_response
+from thinblock.iscsi.pdu import PduError, PduReader
+
+from .initiator import (
+    Reply,
+    data_out,
+    login_request,
+    logout_request,
+    nop_out,
+    parse_replies,
+    scsi_command,
+    text_request,
+)
+
+TARGET = "iqn.2026-12.org.thinblock:node1:vol0"
+INITIATOR = "iqn.1993-08.org.debian:01:test"
+
+
+def policy(chap: ChapCredentials | None = None) -> LoginPolicy:
+    return LoginPolicy(
+        target_names=lambda initiator: [TARGET, "iqn.2026-12.org.thinblock:node1:vol1"],
+        authorize=lambda target, initiator: (
+            LoginStatus.SUCCESS if target == TARGET else LoginStatus.NOT_FOUND
+        ),
+        credentials=lambda target: chap,
+        new_tsih=lambda: 7,
+        portal="127.0.0.1:3260",
+        target_alias=lambda target: "vol0",
+    )
+
+
+def events(core: TargetConnection) -> list[object]:
+    out = []
+    while (event := core.next_event()) is not NEED_DATA:
+        out.append(event)
+    return out
+
+
+def replies(core: TargetConnection, **digests: bool) -> list[Reply]:
+    return parse_replies(b"".join(bytes(b) for b in core.data_to_send()), **digests)
+
+
+OPERATIONAL = [
+    ("InitiatorName", INITIATOR),
+    ("SessionType", "Normal"),
+    ("TargetName", TARGET),
+    ("HeaderDigest", "None"),
+    ("DataDigest", "None"),
+    ("MaxRecvDataSegmentLength", "4096"),
+    ("FirstBurstLength", "8192"),
+    ("MaxBurstLength", "16384"),
+    ("ImmediateData", "Yes"),
+    ("InitialR2T", "Yes"),
+    ("ErrorRecoveryLevel", "0"),
+    ("X-com.example.vendor", "1"),
+]
+
+
+def logged_in(pairs: list[tuple[str, str]] | None = None, **digests: bool) -> TargetConnection:
+    core = TargetConnection(policy())
+    core.receive_data(login_request(pairs or OPERATIONAL, csg=1, nsg=3))
+    [reply] = replies(core)
+    assert reply.login_status == 0 and reply.flags & 0x80
+    [event] = events(core)
+    assert isinstance(event, LoginComplete)
+    return core
+
+
+@pytest.mark.parametrize("byte_by_byte", [False, True])
+def test_login_without_authentication_then_trailing_nop(byte_by_byte: bool) -> None:
+    core = TargetConnection(policy())
+    wire = login_request(OPERATIONAL, csg=1, nsg=3) + nop_out(itt=9, cmdsn=1, data=b"ping")
+    if byte_by_byte:
+        for i in range(len(wire)):
+            core.receive_data(wire[i : i + 1])
+    else:
+        core.receive_data(wire)
+    login, nop = replies(core)
+    assert login.opcode == Opcode.LOGIN_RESPONSE and login.login_status == 0
+    assert login.flags & 0x80 and login.flags & 3 == 3  # T, NSG full feature
+    assert int.from_bytes(login.bhs[14:16], "big") == 7  # TSIH
+    keys = login.text
+    assert keys["TargetAlias"] == "vol0" and keys["TargetPortalGroupTag"] == "1"
+    assert keys["ImmediateData"] == "Yes" and keys["InitialR2T"] == "Yes"
+    assert keys["MaxBurstLength"] == "16384" and keys["FirstBurstLength"] == "8192"
+    assert keys["X-com.example.vendor"] == "NotUnderstood"
+    assert "MaxRecvDataSegmentLength" in keys
+    assert nop.opcode == Opcode.NOP_IN and nop.u32(16) == 9 and nop.data == b"ping"
+    assert nop.u32(24) == login.u32(24) + 1  # StatSN advances
+    [event] = events(core)
+    assert (
+        isinstance(event, LoginComplete) and event.initiator_name == INITIATOR and event.target_name == TARGET
+    )
+
+
+def test_unknown_target_fails_the_login_and_closes() -> None:
+    core = TargetConnection(policy())
+    pairs = [(k, "iqn.x:nosuch" if k == "TargetName" else v) for k, v in OPERATIONAL]
+    core.receive_data(login_request(pairs, csg=1, nsg=3))
+    [reply] = replies(core)
+    assert reply.login_status == LoginStatus.NOT_FOUND
+    [event] = events(core)
+    assert isinstance(event, ConnectionClosed) and not event.clean
+
+
+@pytest.mark.parametrize("mutual", [False, True])
+def test_chap_one_way_and_mutual(mutual: bool) -> None:
+    creds = ChapCredentials(
+        "user1", "secret-secret1", "target1" if mutual else None, "tsecret-secret2" if mutual else None
+    )
+    core = TargetConnection(policy(creds))
+    first = [("InitiatorName", INITIATOR), ("TargetName", TARGET), ("AuthMethod", "CHAP,None")]
+    core.receive_data(login_request(first, csg=0, nsg=1, transit=False))
+    [reply] = replies(core)
+    assert reply.text["AuthMethod"] == "CHAP" and reply.login_status == 0
+    core.receive_data(login_request([("CHAP_A", "5")], csg=0, nsg=1, transit=False))
+    [reply] = replies(core)
+    keys = reply.text
+    assert keys["CHAP_A"] == "5"
+    identifier = int(keys["CHAP_I"])
+    challenge = bytes.fromhex(keys["CHAP_C"][2:])
+    answer = [
+        ("CHAP_N", "user1"),
+        ("CHAP_R", "0x" + chap_response(identifier, b"secret-secret1", challenge).hex()),
+    ]
+    my_challenge = bytes(range(16))
+    if mutual:
+        answer += [("CHAP_I", "33"), ("CHAP_C", "0x" + my_challenge.hex())]
+    core.receive_data(login_request(answer, csg=0, nsg=1, transit=True))
+    [reply] = replies(core)
+    assert reply.login_status == 0 and reply.flags & 0x80
+    if mutual:
+        assert reply.text["CHAP_N"] == "target1"
+        assert reply.text["CHAP_R"] == "0x" + chap_response(33, b"tsecret-secret2", my_challenge).hex()
+    core.receive_data(login_request(OPERATIONAL[3:], csg=1, nsg=3))
+    [reply] = replies(core)
+    assert reply.login_status == 0
+    assert isinstance(events(core)[-1], LoginComplete)
+
+
+def test_chap_wrong_secret_and_skipping_authentication_are_refused() -> None:
+    creds = ChapCredentials("user1", "secret-secret1")
+    core = TargetConnection(policy(creds))
+    core.receive_data(login_request(OPERATIONAL, csg=1, nsg=3))  # straight to operational
+    [reply] = replies(core)
+    assert reply.login_status == LoginStatus.AUTHENTICATION_FAILED
+    assert isinstance(events(core)[-1], ConnectionClosed)
+
+    core = TargetConnection(policy(creds))
+    first = [("InitiatorName", INITIATOR), ("TargetName", TARGET), ("AuthMethod", "CHAP"), ("CHAP_A", "5")]
+    core.receive_data(login_request(first, csg=0, nsg=1, transit=False))
+    keys = replies(core)[0].text
+    bad = chap_response(int(keys["CHAP_I"]), b"wrong-secret!!", bytes.fromhex(keys["CHAP_C"][2:]))
+    core.receive_data(login_request([("CHAP_N", "user1"), ("CHAP_R", "0x" + bad.hex())], csg=0, nsg=1))
+    [reply] = replies(core)
+    assert reply.login_status == LoginStatus.AUTHENTICATION_FAILED
+    assert isinstance(events(core)[-1], ConnectionClosed)
+
+
+def test_discovery_session_send_targets() -> None:
+    core = TargetConnection(policy())
+    core.receive_data(
+        login_request([("InitiatorName", INITIATOR), ("SessionType", "Discovery")], csg=1, nsg=3)
+    )
+    assert replies(core)[0].login_status == 0
+    core.receive_data(text_request([("SendTargets", "All")], itt=2, cmdsn=1))
+    [reply] = replies(core)
+    assert reply.opcode == Opcode.TEXT_RESPONSE and reply.flags & 0x80
+    assert reply.data.split(b"\0")[:4] == [
+        f"TargetName={TARGET}".encode(),
+        b"TargetAddress=127.0.0.1:3260,1",
+        b"TargetName=iqn.2026-12.org.thinblock:node1:vol1",
+        b"TargetAddress=127.0.0.1:3260,1",
+    ]
+    # a discovery session carries no SCSI command
+    core.receive_data(scsi_command(bytes(6), itt=3, cmdsn=2, edtl=0))
+    assert isinstance(events(core)[-1], ConnectionClosed)
+
+
+def test_write_with_immediate_data_then_r2t_then_read_split_into_data_in() -> None:
+    core = logged_in()
+    payload = bytes(range(256)) * 128  # 32 KiB
+    cdb = bytes([0x2A, 0, 0, 0, 0, 0, 0, 0, 64, 0])
+    core.receive_data(scsi_command(cdb, itt=5, cmdsn=1, edtl=len(payload), write=True, data=payload[:8192]))
+    [r2t] = replies(core)
+    assert r2t.opcode == Opcode.R2T
+    ttt, offset, length = r2t.u32(20), r2t.u32(40), r2t.u32(44)
+    assert (offset, length) == (8192, 16384)  # MaxBurstLength
+    assert events(core) == []
+    for i, pos in enumerate(range(offset, offset + length, 4096)):
+        core.receive_data(
+            data_out(
+                payload[pos : pos + 4096],
+                itt=5,
+                ttt=ttt,
+                datasn=i,
+                offset=pos,
+                final=pos + 4096 == offset + length,
+            )
+        )
+    [r2t2] = replies(core)
+    assert r2t2.opcode == Opcode.R2T and r2t2.u32(40) == 24576 and r2t2.u32(44) == 8192 and r2t2.u32(36) == 1
+    core.receive_data(
+        data_out(payload[24576:28672], itt=5, ttt=r2t2.u32(20), datasn=0, offset=24576, final=False)
+    )
+    core.receive_data(data_out(payload[28672:], itt=5, ttt=r2t2.u32(20), datasn=1, offset=28672, final=True))
+    [task] = events(core)
+    assert isinstance(task, ScsiCommand) and bytes(task.data or b"") == payload
+    core.complete(task, ScsiResult(wanted=len(payload)))
+    [response] = replies(core)
+    assert (
+        response.opcode == Opcode.SCSI_RESPONSE and response.bhs[3] == 0 and response.u32(36) == 2
+    )  # ExpDataSN: 2 R2Ts
+
+    # a read of 10000 bytes with EDTL 12000: Data-In of at most 4096 bytes (the initiator's
+    # MaxRecvDataSegmentLength), status in the last one, underflow residual 2000
+    core.receive_data(scsi_command(bytes([0x28] + [0] * 9), itt=6, cmdsn=2, edtl=12000, read=True))
+    [task] = events(core)
+    assert isinstance(task, ScsiCommand)
+    core.complete(task, ScsiResult(data=bytes(10000)))
+    data_in = replies(core)
+    assert [len(r.data) for r in data_in] == [4096, 4096, 1808]
+    assert [r.u32(36) for r in data_in] == [0, 1, 2] and [r.u32(40) for r in data_in] == [0, 4096, 8192]
+    last = data_in[-1]
+    assert last.flags & 0x01 and last.flags & 0x02 and last.u32(44) == 2000  # S, U, residual
+
+
+def test_wrong_datasn_closes_the_connection() -> None:
+    core = logged_in()
+    core.receive_data(scsi_command(bytes([0x2A] + [0] * 9), itt=5, cmdsn=1, edtl=8192, write=True))
+    [r2t] = replies(core)
+    core.receive_data(data_out(bytes(4096), itt=5, ttt=r2t.u32(20), datasn=1, offset=0, final=False))
+    [event] = events(core)
+    assert isinstance(event, ConnectionClosed) and "DataSN" in event.reason
+    assert replies(core)[0].opcode == Opcode.REJECT
+
+
+def test_cmdsn_window_orders_and_ignores() -> None:
+    core = logged_in()
+    tur = bytes(6)
+    core.receive_data(scsi_command(tur, itt=11, cmdsn=2, edtl=0))  # ahead: held
+    assert events(core) == []
+    core.receive_data(scsi_command(tur, itt=12, cmdsn=500, edtl=0))  # outside the window: ignored
+    core.receive_data(scsi_command(tur, itt=10, cmdsn=1, edtl=0))
+    assert [e.itt for e in events(core) if isinstance(e, ScsiCommand)] == [10, 11]
+    core.receive_data(scsi_command(tur, itt=13, cmdsn=1, edtl=0))  # too old: ignored
+    assert events(core) == []
+
+
+def test_digests_when_negotiated() -> None:
+    pairs = [(k, "CRC32C" if k in ("HeaderDigest", "DataDigest") else v) for k, v in OPERATIONAL]
+    core = logged_in(pairs)
+    core.receive_data(nop_out(itt=3, cmdsn=1, data=b"abc", header_digest=True, data_digest=True))
+    [nop] = replies(core, header_digest=True, data_digest=True)
+    assert nop.data == b"abc"
+    good = bytearray(nop_out(itt=4, cmdsn=1, data=b"abcd", header_digest=True, data_digest=True))
+    good[-1] ^= 0xFF  # the data digest
+    core.receive_data(bytes(good))
+    [event] = events(core)
+    assert isinstance(event, ConnectionClosed) and "digest" in event.reason
+    core = logged_in(pairs)
+    bad = bytearray(nop_out(itt=4, cmdsn=1, header_digest=True))
+    bad[48] ^= 1  # the header digest
+    core.receive_data(bytes(bad))
+    [event] = events(core)
+    assert isinstance(event, ConnectionClosed) and "header digest" in event.reason
+
+
+def test_oversized_data_segment_closes_before_buffering_it() -> None:
+    core = logged_in()
+    header = bytearray(nop_out(itt=3, cmdsn=1))
+    header[5:8] = (16 * 1024 * 1024 - 1).to_bytes(3, "big")  # beyond MaxRecvDataSegmentLength
+    core.receive_data(bytes(header))
+    [event] = events(core)
+    assert isinstance(event, ConnectionClosed) and "MaxRecvDataSegmentLength" in event.reason
+    assert core.reader.buffered <= 48
+
+
+def test_logout() -> None:
+    core = logged_in()
+    core.receive_data(logout_request(itt=8, cmdsn=1))
+    [event] = events(core)
+    core.logout_done(event)  # type: ignore[arg-type]
+    [reply] = replies(core)
+    assert reply.opcode == Opcode.LOGOUT_RESPONSE and reply.bhs[2] == 0
+    assert isinstance(events(core)[-1], ConnectionClosed)
+
+
+def test_reader_refuses_target_opcodes() -> None:
+    reader = PduReader()
+    reader.feed(bytes([0x21]) + bytes(47))
+    with pytest.raises(PduError):
+        reader.next_pdu()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.binary(min_size=0, max_size=200), max_size=8), st.booleans())
+def test_fuzz_random_bytes_after_login_never_raise(chunks: list[bytes], digests: bool) -> None:
+    pairs = [(k, "CRC32C" if digests and k in ("HeaderDigest", "DataDigest") else v) for k, v in OPERATIONAL]
+    core = logged_in(pairs)
+    for chunk in chunks:
+        core.receive_data(chunk)
+        for event in events(core):
+            if isinstance(event, ScsiCommand):
+                core.complete(event, ScsiResult())
+        replies(core, header_digest=digests, data_digest=digests)  # whatever goes out parses
+    assert core.reader.buffered <= 48 + 1024 + 4 + 256 * 1024 + 8
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_fuzz_mutated_valid_pdus(data: st.DataObject) -> None:
+    core = logged_in()
+    wire = bytearray(
+        scsi_command(
+            bytes([0x2A] + [0] * 9), itt=5, cmdsn=1, edtl=1024, write=True, data=bytes(512), final=False
+        )
+        + data_out(bytes(512), itt=5, ttt=0xFFFFFFFF, datasn=0, offset=512, final=True)
+        + nop_out(itt=6, cmdsn=2, data=b"x")
+        + text_request([("SendTargets", "All")], itt=7, cmdsn=2)
+    )
+    for _ in range(data.draw(st.integers(0, 6))):
+        pos = data.draw(st.integers(0, len(wire) - 1))
+        wire[pos] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(wire)))
+    core.receive_data(bytes(wire[:cut]))
+    core.receive_data(bytes(wire[cut:]))
+    for event in events(core):
+        if isinstance(event, ScsiCommand):
+            core.complete(event, ScsiResult())
+    out = replies(core)
+    # Either the damage was caught (the connection closes) or the PDUs were valid after all
+    # and each got its answer; never an exception, never a reply that does not parse.
+    assert core.closed or {r.opcode for r in out} <= {
+        Opcode.SCSI_RESPONSE,
+        Opcode.NOP_IN,
+        Opcode.TEXT_RESPONSE,
+        Opcode.REJECT,
+    }
