@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from .errors import NotFound
+from .errors import LeaseLost, MetadataStoreFull, MetadataUnavailable, NotFound
 from .metadata.store import MetadataStore
 from .model import Alert, AlertKind, AlertState, Severity
 
@@ -34,8 +34,14 @@ CONDITION_KINDS = frozenset(
         AlertKind.MIRROR_DEGRADED,
         AlertKind.LD_DEGRADED,
         AlertKind.LD_FAILED,
+        AlertKind.METADATA_STORE_FULL,
+        AlertKind.METADATA_UNAVAILABLE,
+        AlertKind.LEASE_LOST,
     }
 )
+
+# The store cannot take the alert (it is what the alert is about, often): kept in memory only.
+_STORE_TROUBLE = (MetadataStoreFull, MetadataUnavailable, LeaseLost)
 
 _LOG_LEVEL = {
     Severity.INFO: logging.INFO,
@@ -50,6 +56,7 @@ class AlertBus:
         self._alerts: dict[int, Alert] = {}
         self._open_conditions: dict[tuple[AlertKind, str], int] = {}
         self._subscribers: list[Callable[[Alert], None]] = []
+        self._unsaved_id = 0  # alerts the store could not take get ids -1, -2, ...
         for row in store.load_alerts():
             alert = Alert(
                 row.id,
@@ -121,7 +128,15 @@ class AlertBus:
     # --- internals ---
     def _new(self, kind: AlertKind, obj: str, severity: Severity, message: str) -> Alert:
         now = time.time()
-        alert_id = self._store.add_alert(now, severity.value, kind.value, obj, message, AlertState.NEW.value)
+        try:
+            alert_id = self._store.add_alert(
+                now, severity.value, kind.value, obj, message, AlertState.NEW.value
+            )
+        except _STORE_TROUBLE as exc:
+            # Raised, logged and delivered all the same; listed until the daemon stops.
+            self._unsaved_id -= 1
+            alert_id = self._unsaved_id
+            log.error("alert kind=%s not stored (%s); kept in memory as id %d", kind.value, exc, alert_id)
         alert = Alert(alert_id, now, severity, kind, obj, message, AlertState.NEW)
         self._alerts[alert_id] = alert
         log.log(
@@ -142,7 +157,11 @@ class AlertBus:
 
     def _set_state(self, alert_id: int, state: AlertState) -> Alert:
         old = self._alerts[alert_id]
-        self._store.set_alert_state(alert_id, state.value)
+        if alert_id > 0:
+            try:
+                self._store.set_alert_state(alert_id, state.value)
+            except _STORE_TROUBLE as exc:
+                log.error("alert %d: state %s not stored (%s)", alert_id, state.value, exc)
         new = Alert(old.id, old.time, old.severity, old.kind, old.object, old.message, state)
         self._alerts[alert_id] = new
         return new

@@ -174,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", metavar="FILE", help="TOML configuration file (flags override it)")
     serve.add_argument("--data", metavar="DIR", help="data directory (default ./thinblock-data)")
     serve.add_argument(
+        "--metadata",
+        metavar="URL",
+        help="metadata store: sqlite: (default, in the data directory) or postgresql://USER@HOST/DB"
+        " (THINBLOCK_METADATA)",
+    )
+    serve.add_argument(
         "--nbd", metavar="HOST:PORT", help='NBD listen address (default 127.0.0.1:10809; "" for none)'
     )
     serve.add_argument("--nbd-unix", metavar="PATH", help="also listen for NBD on this Unix socket")
@@ -224,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check)
     check.add_argument(
         "--data", metavar="DIR", help="data directory (default: the config's, or ./thinblock-data)"
+    )
+    check.add_argument(
+        "--metadata",
+        metavar="URL",
+        help="the metadata store to check: sqlite:DIR or postgresql://USER@HOST/DB (THINBLOCK_METADATA;"
+        " default: the config's, or the data directory's SQLite store)",
     )
     check.add_argument("--config", metavar="FILE", help="take the data directory from this config file")
 
@@ -1326,6 +1338,7 @@ def cmd_serve(ctx: Context) -> int:
         cfg = apply_overrides(
             cfg,
             data_dir=a.data,
+            metadata=a.metadata or os.environ.get("THINBLOCK_METADATA") or None,
             nbd=a.nbd,
             nbd_unix=a.nbd_unix,
             iscsi=a.iscsi,
@@ -1352,6 +1365,7 @@ def cmd_serve(ctx: Context) -> int:
 def cmd_check(ctx: Context) -> int:
     from .config import ConfigError, load_config
     from .engine import Engine
+    from .metadata import redact_url, sqlite_dir
 
     a = ctx.args
     try:
@@ -1359,16 +1373,21 @@ def cmd_check(ctx: Context) -> int:
     except ConfigError as exc:
         raise CliError(f"configuration: {exc}", EXIT_USAGE) from None
     data_dir = Path(a.data) if a.data else cfg.data_dir
-    if not data_dir.is_dir():
+    metadata = a.metadata or os.environ.get("THINBLOCK_METADATA") or cfg.metadata
+    if metadata and metadata.startswith("sqlite:") and metadata != "sqlite:":
+        data_dir = sqlite_dir(metadata, data_dir)
+        metadata = None
+    if not metadata and not data_dir.is_dir():
         raise CliError(f"no data directory at {data_dir}")
+    where = redact_url(metadata) if metadata else str(data_dir)
     try:
-        report = Engine.check(data_dir)
+        report = Engine.check(data_dir, metadata)
     except Exception as exc:  # a store that cannot even be read is a failed check, said in one line
-        raise CliError(f"cannot check {data_dir}: {exc}") from None
+        raise CliError(f"cannot check {where}: {exc}") from None
     if ctx.json:
         ctx.print_json({"ok": report.ok, "problems": list(report.problems), "counts": dict(report.counts)})
     else:
-        ctx.out.print(f"[bold]{data_dir}[/]: " + ("[green]ok[/]" if report.ok else "[red]NOT OK[/]"))
+        ctx.out.print(f"[bold]{where}[/]: " + ("[green]ok[/]" if report.ok else "[red]NOT OK[/]"))
         for key, value in sorted(report.counts.items()):
             ctx.say(f"  {key}: {value}")
         for problem in report.problems:

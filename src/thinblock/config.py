@@ -3,6 +3,7 @@
 Every key has a default, so an empty file (or none) gives a working daemon on loopback::
 
     data_dir = "./thinblock-data"
+    metadata = "sqlite:"            # the metadata store: sqlite: (in data_dir) or postgresql://USER@HOST/DB
     log_level = "info"              # debug, info, warning, error
     log_format = "logfmt"           # logfmt (key=value) or json
     event_loop = "uvloop"           # uvloop, or asyncio (the standard loop, for debugging)
@@ -195,6 +196,7 @@ class ISCSIConfig:
 @dataclass(frozen=True, slots=True)
 class Config:
     data_dir: Path = Path("./thinblock-data")
+    metadata: str | None = None  # store URL; None: SQLite in data_dir (metadata.open_store)
     log_level: str = "info"
     log_format: str = "logfmt"
     event_loop: str = "uvloop"
@@ -263,6 +265,21 @@ class Config:
 # --- parsing -----------------------------------------------------------------------------------
 
 
+def _metadata_url(value: str, key: str) -> str | None:
+    """A metadata store URL (checked for its kind here, so a typo stops the daemon before it binds
+    anything); "" or "sqlite:" is the default, SQLite in the data directory."""
+    from .metadata import store_kind
+
+    value = value.strip()
+    if not value or value == "sqlite:":
+        return None
+    try:
+        store_kind(value)
+    except InvalidArgument as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+    return value
+
+
 def _size(value: Any, key: str, *, positive: bool = True) -> int:
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise ConfigError(f"{key}: expected a size (bytes or a string like '16MiB'), not {value!r}")
@@ -328,7 +345,7 @@ def _table(doc: dict[str, Any], name: str, known: set[str]) -> dict[str, Any]:
     return table
 
 
-_TOP_KEYS = {"data_dir", "log_level", "log_format", "event_loop"}
+_TOP_KEYS = {"data_dir", "metadata", "log_level", "log_format", "event_loop"}
 _TABLES = {
     "nbd": {"listen", "unix_socket", "default_export"},
     "api": {"listen", "token", "require_token", "tls_cert", "tls_key", "allowed_hosts"},
@@ -377,6 +394,8 @@ def parse_config(doc: dict[str, Any], *, base_dir: Path | None = None) -> Config
     changes: dict[str, Any] = {}
     if "data_dir" in doc:
         changes["data_dir"] = path(doc["data_dir"], "data_dir")
+    if "metadata" in doc:
+        changes["metadata"] = _metadata_url(_str(doc["metadata"], "metadata"), "metadata")
     if "log_level" in doc:
         changes["log_level"] = _choice(doc["log_level"], "log_level", LOG_LEVELS)
     if "log_format" in doc:
@@ -577,7 +596,7 @@ def load_config(path: str | Path | None) -> Config:
 def apply_overrides(cfg: Config, **flags: Any) -> Config:
     """Command-line flags win over the file.  ``None`` means "flag not given".
 
-    Accepted: data_dir, nbd (HOST:PORT or ""), iscsi (HOST:PORT or ""), nbd_unix, api (HOST:PORT), api_token, log_level,
+    Accepted: data_dir, metadata, nbd (HOST:PORT or ""), iscsi (HOST:PORT or ""), nbd_unix, api (HOST:PORT), api_token, log_level,
     log_format, default_export, chunklet_size, max_dirty_bytes, webhook_url, first_start_pd_size,
     first_start (bool)."""
     changes: dict[str, Any] = {}
@@ -586,6 +605,8 @@ def apply_overrides(cfg: Config, **flags: Any) -> Config:
             continue
         if key == "data_dir":
             changes["data_dir"] = Path(value).expanduser()
+        elif key == "metadata":
+            changes["metadata"] = _metadata_url(value, "--metadata")
         elif key == "nbd":
             changes["nbd_listen"] = (
                 Listen.parse(value, what="--nbd", default_port=DEFAULT_NBD_PORT) if value.strip() else None

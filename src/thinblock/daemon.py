@@ -36,6 +36,7 @@ from .config import Config
 from .engine import Engine, EngineOptions
 from .errors import MetadataCorrupt, NotFound, ThinblockError
 from .memory import warm_heap
+from .metadata import redact_url
 from .pdheaders import StoreBehindData
 from .units import format_size
 
@@ -282,9 +283,11 @@ class Daemon:
             return EXIT_FAILURE
         except MetadataCorrupt as exc:
             log.error(
-                "refusing to start: the metadata store failed its check: %s (run `thinblock check --data %s`)",
+                "refusing to start: the metadata store failed its check: %s (run `thinblock check %s`)",
                 exc,
-                self.cfg.data_dir,
+                f"--metadata {redact_url(self.cfg.metadata)}"
+                if self.cfg.metadata
+                else f"--data {self.cfg.data_dir}",
                 extra={"event": "startup-failed"},
             )
             await self._stop()
@@ -330,6 +333,7 @@ class Daemon:
                 extra={
                     "event": "engine-opening",
                     "data_dir": str(data_dir.resolve()),
+                    "metadata": redact_url(cfg.metadata) if cfg.metadata else "sqlite:",
                     "version": __version__,
                 },
             )
@@ -343,6 +347,7 @@ class Daemon:
                     offload_min_bytes=cfg.offload_min,
                     pd_check_interval=cfg.pd_check_interval,
                 ),
+                metadata=cfg.metadata,
             )
             engine = self.engine
             if first_start and cfg.first_start.enabled:

@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -25,14 +25,26 @@ import numpy as np
 from .alerts import AlertBus
 from .blockdev import Volume
 from .cache.writeback import WriteBackCache
-from .errors import AlreadyExists, Conflict, InvalidArgument, MediumError, MetadataCorrupt, NotFound
+from .errors import (
+    AlreadyExists,
+    Conflict,
+    InvalidArgument,
+    MediumError,
+    MetadataCorrupt,
+    MetadataStoreFull,
+    NotFound,
+    ThinblockError,
+)
 from .failures import FailureRecorder
 from .limits import check_pool_growth, check_vv_limits
 from .logical.journal import FILENAME as JOURNAL_FILE
 from .logical.journal import StripeJournal
 from .logical.raid import Chunklet, LogicalDisk, RaidLevel, replay_journal, validate_policy
-from .metadata.sqlite import SQLiteStore
-from .metadata.store import PoolRow, VVRow
+from .metadata import open_store, redact_url
+from .metadata.check import check_store
+from .metadata.lease import DEFAULT_TTL, LeaseKeeper, default_node_name, holder_name, take_node_lease
+from .metadata.store import MetadataStore, PoolRow, VVRow
+from .metadata.writer import MetadataWriter
 from .model import (
     Alert,
     AlertKind,
@@ -88,6 +100,10 @@ class EngineOptions:
     # Seconds between checks of every PD's file and header (truncated, replaced, another PD's);
     # 0: none (tests that want none).  Each check costs a few microseconds per PD.
     pd_check_interval: float = 5.0
+    # The node's name in its metadata store (None: the host name) and its lease's time to live:
+    # two daemons with one store and one node name cannot both serve (metadata/lease.py).
+    node_name: str | None = None
+    lease_ttl: float = DEFAULT_TTL
 
 
 DEFAULT_SET_SIZE = {0: 2, 1: 2, 5: 4}
@@ -95,8 +111,6 @@ MAX_NAME = 255
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]*$")
 MAX_VV_SIZE = 1 << 60  # 1 EiB: far past "at least 64 TiB", still exact in every map structure
 REBUILD_STEP = 1 * MiB
-COMMIT_BATCH = 4096
-COMMIT_DELAY = 0.5
 
 
 def _check_name(kind: str, name: object) -> str:
@@ -115,10 +129,17 @@ def _is_power_of_two(n: int) -> bool:
 class Engine:
     """See the module docstring.  Build with ``await Engine.open(data_dir)``."""
 
-    def __init__(self, data_dir: Path, store: SQLiteStore, options: EngineOptions) -> None:
+    def __init__(
+        self, data_dir: Path, store: MetadataStore, options: EngineOptions, loop: asyncio.AbstractEventLoop
+    ) -> None:
         self.data_dir = data_dir
         self.options = options
         self.store = store
+        # Every change to the store while serving goes through the writer (metadata/writer.py):
+        # the data path never waits on a store round trip of its own.
+        self.meta = MetadataWriter(
+            store, loop, on_trouble=self._metadata_trouble, on_recovered=self._metadata_recovered
+        )
         self.alerts = AlertBus(store)
         self.chunklets = ChunkletAllocator()
         self.pds: dict[int, PhysicalDisk] = {}
@@ -133,7 +154,7 @@ class Engine:
         self.journal = StripeJournal(data_dir / JOURNAL_FILE)
         self.io = IOWorkers(options.io_threads) if options.io_threads > 0 else None
         self.started = time.time()
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop: asyncio.AbstractEventLoop | None = loop
         self._flush_lock = asyncio.Lock()
         self._flush_requested = 0
         self._flush_done = 0
@@ -153,36 +174,47 @@ class Engine:
             lds=self.lds,
             refresh_ld_alerts=self._refresh_ld_alerts,
         )
-        self._commit_timer: asyncio.TimerHandle | None = None
         self._pd_check_timer: asyncio.TimerHandle | None = None
-        # Writers waiting for the commit at the end of this loop turn, one future each (see
-        # _assignments_committed), or None when no such commit is scheduled.
-        self._commit_waiters: list[asyncio.Future[None]] | None = None
+        self.node_name = options.node_name or ""
+        self.lease: LeaseKeeper | None = None  # the node's lease in the store (Engine.open)
 
     # --- life cycle -------------------------------------------------------------------
     @classmethod
-    async def open(cls, data_dir: str | Path, options: EngineOptions | None = None) -> Engine:
-        """Open (or create) the store in ``data_dir``, check it (MetadataCorrupt on failure),
-        open PDs, rebuild in-memory maps, start background work (destage)."""
+    async def open(
+        cls, data_dir: str | Path, options: EngineOptions | None = None, *, metadata: str | None = None
+    ) -> Engine:
+        """Open (or create) the store named by ``metadata`` (a URL; None: SQLite in ``data_dir``),
+        check it (MetadataCorrupt on failure), open PDs, rebuild in-memory maps, start background
+        work (destage)."""
         data_dir = Path(data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         lock_fd = _lock_data_dir(data_dir)
         try:
-            store = SQLiteStore(data_dir)
+            store = open_store(metadata, data_dir)
         except BaseException:
             os.close(lock_fd)
             raise
-        problems = store.check()
+        problems = check_store(store)
         if problems:
             store.close()
             os.close(lock_fd)
             raise MetadataCorrupt(
-                f"metadata store {store.path} failed its check, refusing to start "
+                f"metadata store {store.url} failed its check, refusing to start "
                 f"({len(problems)} problem(s)): " + "; ".join(problems[:10])
             )
-        engine = cls(data_dir, store, options or EngineOptions())
+        options = options or EngineOptions()
+        node = options.node_name or default_node_name()
+        try:
+            lease = take_node_lease(store, node, holder_name(data_dir), options.lease_ttl)
+        except BaseException:
+            store.close()
+            os.close(lock_fd)
+            raise
+        engine = cls(data_dir, store, options, asyncio.get_running_loop())
         engine._lock_fd = lock_fd
         engine._loop = engine.failures.loop = asyncio.get_running_loop()
+        engine.node_name = node
+        engine.lease = LeaseKeeper(engine.meta, lease, options.lease_ttl, on_lost=engine._lease_lost)
         try:
             await engine._load()
         except BaseException:
@@ -190,17 +222,20 @@ class Engine:
             raise
         engine.cache.start()
         engine._schedule_pd_check()
+        engine.lease.start()
         return engine
 
     @staticmethod
-    def check(data_dir: str | Path) -> CheckReport:
+    def check(data_dir: str | Path | None, metadata: str | None = None) -> CheckReport:
         """Check a store without opening it for service (``thinblock check``)."""
         try:
-            store = SQLiteStore(data_dir, create=False)
-        except MetadataCorrupt as exc:
+            store = open_store(metadata, data_dir, create=False)
+        except (MetadataCorrupt, InvalidArgument) as exc:
             return CheckReport(False, [str(exc)], {})
+        except ThinblockError as exc:
+            return CheckReport(False, [f"metadata store {redact_url(metadata or '')}: {exc}"], {})
         try:
-            problems = store.check()
+            problems = check_store(store)
             counts: dict[str, int] = {}
             if not problems:
                 counts = store.counts()
@@ -420,7 +455,7 @@ class Engine:
         pd.add_failure_listener(self.failures.listener)
 
     def _make_pool(self, row: PoolRow) -> Pool:
-        pool = Pool(row, store=self.store, alerts=self.alerts, chunklets=self.chunklets, ld_registry=self.lds)
+        pool = Pool(row, meta=self.meta, alerts=self.alerts, chunklets=self.chunklets, ld_registry=self.lds)
         pool.on_ld_created = self._ld_created
         self.pools[row.name] = pool
         return pool
@@ -429,13 +464,11 @@ class Engine:
         vv = VirtualVolume(
             row,
             pool,
-            store=self.store,
+            meta=self.meta,
             alerts=self.alerts,
             lds=self.lds,
             cache=self.cache,
             flush_node=self.flush_all,
-            assignment_recorded=self._assignment_recorded,
-            assignments_committed=self._assignments_committed,
             io=self.io,
             offload_min=self.options.offload_min_bytes,
         )
@@ -443,56 +476,26 @@ class Engine:
         pool.vv_count += 1
         return vv
 
-    def _assignment_recorded(self) -> None:
-        """Assignments are committed in groups: at every flush, every COMMIT_BATCH assignments,
-        and at the latest COMMIT_DELAY seconds after the first uncommitted one."""
-        if self.store.pending_assignments >= COMMIT_BATCH:
-            self._commit_now()
-        elif self._commit_timer is None and self._loop is not None:
-            self._commit_timer = self._loop.call_later(COMMIT_DELAY, self._commit_now)
-
-    def _assignments_committed(self) -> Awaitable[None]:
-        """Completes once every assignment recorded so far is committed: one commit at the end of
-        this loop turn serves every writer that asked during it (group commit, no fsync).
-
-        Each writer gets a future of its own.  One future shared by several writers breaks the
-        NBD server's eager start (``aio.start_eager``): the first writer's await marks the future
-        blocking and the Task that will take it over only runs later, so a second writer awaiting
-        it in the same turn got RuntimeError("await wasn't used with future") -- NBD_EIO for a
-        plain write-through write to a fresh region with two requests in flight (drill 3)."""
-        waiters = self._commit_waiters
-        if waiters is None:
-            if self.store.pending_assignments == 0:
-                return _DONE
-            assert self._loop is not None
-            waiters = self._commit_waiters = []
-            self._loop.call_soon(self._run_commit_barrier)
-        assert self._loop is not None
-        waiter: asyncio.Future[None] = self._loop.create_future()
-        waiters.append(waiter)
-        return waiter
-
-    def _run_commit_barrier(self) -> None:
-        waiters, self._commit_waiters = self._commit_waiters, None
-        assert waiters is not None
-        try:
-            self._commit_now()
-        except Exception as exc:
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_exception(exc)
-                    waiter.exception()
+    def _metadata_trouble(self, exc: Exception) -> None:
+        """The store refused a write (full, unreachable, lease lost): say so once, as an alert."""
+        if isinstance(exc, MetadataStoreFull):
+            kind, why = AlertKind.METADATA_STORE_FULL, "is full"
         else:
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
+            kind, why = AlertKind.METADATA_UNAVAILABLE, "refuses writes"
+        self.alerts.condition(
+            kind,
+            "metadata",
+            Severity.CRITICAL,
+            f"metadata store {self.store.url} {why}: writes that need a new region fail until it"
+            f" accepts writes again ({exc})",
+        )
 
-    def _commit_now(self) -> None:
-        if self._commit_timer is not None:
-            self._commit_timer.cancel()
-            self._commit_timer = None
-        if not self._closed:
-            self.store.commit()
+    def _metadata_recovered(self) -> None:
+        self.alerts.clear(AlertKind.METADATA_STORE_FULL, "metadata")
+        self.alerts.clear(AlertKind.METADATA_UNAVAILABLE, "metadata")
+
+    def _lease_lost(self, message: str) -> None:
+        self.alerts.condition(AlertKind.LEASE_LOST, f"node:{self.node_name}", Severity.CRITICAL, message)
 
     def _ld_created(self, ld: LogicalDisk, pool: Pool) -> None:
         ld.journal = self.journal
@@ -515,16 +518,18 @@ class Engine:
             await self.flush_all()
         except MediumError as exc:
             log.error("final flush failed: %s", exc)
-            self.store.set_meta("clean", "0")
         else:
-            self.store.set_meta("clean", "1")
-            await asyncio.get_running_loop().run_in_executor(None, self.store.sync)
-        if self._commit_timer is not None:
-            self._commit_timer.cancel()
-            self._commit_timer = None
+            try:
+                self.store.set_meta("clean", "1")
+                await asyncio.get_running_loop().run_in_executor(None, self.store.sync)
+            except ThinblockError as exc:  # the store full or gone: the next start is an unclean one
+                log.error("could not mark the metadata store clean: %s", exc)
         if self._pd_check_timer is not None:
             self._pd_check_timer.cancel()
             self._pd_check_timer = None
+        if self.lease is not None:
+            await self.lease.stop(release=True)  # after the last write it fences
+        await self.meta.close()
         self._closed = True
         self._close_files()
 
@@ -555,7 +560,6 @@ class Engine:
                 pending = {pool: pool.take_pending() for pool in self.pools.values()}
                 try:
                     pds = [pd for pd in self.pds.values() if not pd.failed]
-                    self._commit_now()  # the assignments of every write acknowledged so far
                     # The store generation moves with metadata (pdheaders.py): a store that later
                     # loses this flush's commits is then found older than the PD headers.
                     generation = self.headers.bump_if_changed(self.store)
@@ -636,7 +640,7 @@ class Engine:
             raise InvalidArgument(f"cannot use {path} as a PD: {exc}") from None
 
         try:
-            pd_id = self.store.add_pd(path, pd.size, pd.chunklet_size)
+            pd_id = await self.meta.call(self.store.add_pd, path, pd.size, pd.chunklet_size)
         except BaseException:
             pd.close()
             raise
@@ -697,7 +701,7 @@ class Engine:
         del self.pds[pd.id]
         pd.remove_failure_listener(self.failures.listener)
         pd.close()
-        self.store.remove_pd(pd.id)
+        await self.meta.call(self.store.remove_pd, pd.id)
         self.alerts.clear_object(f"pd:{pd.id}")
         self.failures.record()  # the failure record in the headers no longer names it
 
@@ -749,7 +753,7 @@ class Engine:
         row = PoolRow(
             0, name, raid, set_size, step, region_size, growth_increment, growth_warning, growth_limit
         )
-        row.id = self.store.add_pool(row)
+        row.id = await self.meta.call(self.store.add_pool, row)
         pool = self._make_pool(row)
         log.info("pool created pool=%s raid=%d set_size=%d region_size=%d", name, raid, set_size, region_size)
         return self._pool_info(pool)
@@ -816,7 +820,7 @@ class Engine:
             limit=new.growth_limit,
             capacity=pool.capacity,
         )
-        self.store.update_pool(new)
+        await self.meta.call(self.store.update_pool, new)
         pool.row = new
         pool.settings_changed()
         return self._pool_info(pool)
@@ -831,7 +835,7 @@ class Engine:
             released = 0
             for ld_id in pool.releasable_lds():
                 ld = pool.detach_ld(ld_id)
-                self.store.delete_ld(ld_id)
+                await self.meta.call(self.store.delete_ld, ld_id)
                 del self.lds[ld_id]
                 self.ld_pool.pop(ld_id, None)
                 for chunk_row in ld.rows:
@@ -855,7 +859,7 @@ class Engine:
             raise Conflict(f"pool '{name}' still has {pool.vv_count} volume(s); delete them first")
         await self.compact_pool(name)
         assert not pool.slots
-        self.store.delete_pool(pool.id)
+        await self.meta.call(self.store.delete_pool, pool.id)
         del self.pools[name]
         self.alerts.clear_object(pool.object_name)
 
@@ -956,7 +960,7 @@ class Engine:
                 if failed_step:
                     continue
                 await asyncio.get_running_loop().run_in_executor(None, spare.pd.fsync)
-                self.store.replace_chunklet(ld.id, row, col, spare.pd.id, spare.index)
+                await self.meta.call(self.store.replace_chunklet, ld.id, row, col, spare.pd.id, spare.index)
                 self.chunklets.release(failed.pd.id, failed.index)
                 if ld.health == LDHealth.NORMAL:
                     done_lds.add(ld.id)
@@ -996,7 +1000,7 @@ class Engine:
         _apply_limit(row, "alloc_warning", alloc_warning)
         _apply_limit(row, "alloc_limit", alloc_limit)
         check_vv_limits(name, size=size, region_size=p.region_size, warning=alloc_warning, limit=alloc_limit)
-        row.id = self.store.add_vv(row)
+        row.id = await self.meta.call(self.store.add_vv, row)
         self._make_vv(row, p)
         log.info("vv created vv=%s pool=%s size=%d cache=%s", name, pool, size, mode.value)
         return self.get_vv(name)
@@ -1073,7 +1077,7 @@ class Engine:
             warning=_limit_of(row, "alloc_warning"),
             limit=_limit_of(row, "alloc_limit"),
         )
-        self.store.update_vv(row)
+        await self.meta.call(self.store.update_vv, row)
         vv.row = row
         if new_mode is not None:
             vv.set_cache_mode(new_mode)
@@ -1092,7 +1096,7 @@ class Engine:
             )
         row = replace(vv.row)
         row.size = size
-        self.store.update_vv(row)
+        await self.meta.call(self.store.update_vv, row)
         vv.row = row
         vv.check_thresholds_after_release()
         return self._vv_info(vv)
@@ -1115,8 +1119,9 @@ class Engine:
                 extra={"event": "vv-delete-disconnect", "vv": name, "peer": session.peer},
             )
             session.disconnect()
+        await vv.settle_assignments()
         await vv.unmap_regions(0, (vv.row.size + vv.region_size - 1) // vv.region_size)
-        self.store.delete_vv(vv.row.id)
+        await self.meta.call(self.store.delete_vv, vv.row.id)
         del self.vvs[name]
         vv.pool.vv_count -= 1
         self.alerts.clear_object(vv.object_name)
@@ -1153,17 +1158,6 @@ class Engine:
         return self.cache.dirty_bytes
 
 
-class _Done:
-    """An awaitable that is already complete (no Future, no loop turn)."""
-
-    def __await__(self) -> Generator[None, None, None]:
-        return
-        yield
-
-
-_DONE = _Done()
-
-
 def _apply_limit(row: VVRow, field: str, value: Limit | None) -> None:
     if value is not None and not isinstance(value, Limit):
         raise InvalidArgument(f"{field.replace('_', ' ')} must be a Limit (bytes or percent), not {value!r}")
@@ -1177,7 +1171,7 @@ def _limit_of(row: VVRow, field: str) -> Limit | None:
 
 
 def _sync_all(
-    pds: list[PhysicalDisk], store: SQLiteStore, headers: PDHeaders, generation: int | None
+    pds: list[PhysicalDisk], store: MetadataStore, headers: PDHeaders, generation: int | None
 ) -> list[str]:
     """Blocking: fsync every PD, then the store (data before the metadata that points at it),
     then, when the flush bumped the store generation, the PD headers (after the store: a header

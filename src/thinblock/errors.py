@@ -80,6 +80,29 @@ class MetadataCorrupt(ThinblockError):
     http_status = 500
 
 
+class MetadataStoreFull(OutOfSpace):
+    """The metadata store's file system (or database) has no room for a transaction: the
+    change was not made.  Writes needing a new region fail with ENOSPC; the node goes on
+    once space returns (nothing is retried behind the caller's back)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "metadata-store-full")
+
+
+class MetadataUnavailable(MediumError):
+    """The metadata store cannot be reached (a PostgreSQL server down or cut off): the change
+    was not made.  Writes needing a new region fail with EIO; reads and overwrites go on."""
+
+    http_status = 503
+
+
+class LeaseLost(MediumError):
+    """This node no longer holds the lease its store is bound to (another holder took it, or it
+    expired): the metadata write was refused inside its own transaction and changed nothing."""
+
+    http_status = 503
+
+
 class SlowZero(ThinblockError):
     """A FAST_ZERO write-zeroes request could not be done faster than writing zeros (NBD_ENOTSUP)."""
 

@@ -67,6 +67,10 @@ class AlertKind(enum.StrEnum):
     LD_FAILED = "ld-failed"
     REBUILD_DONE = "rebuild-done"
     MIRROR_DEGRADED = "mirror-degraded"  # the partner is away: write-back volumes write through
+    METADATA_STORE_FULL = "metadata-store-full"
+    METADATA_UNAVAILABLE = "metadata-unavailable"
+    METADATA_RECONNECTED = "metadata-reconnected"
+    LEASE_LOST = "lease-lost"
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,6 +41,7 @@ import pytest
 from tests.crash_child import OPTIONS, REGION, VOLUMES, Op, operations
 from tests.engine_helpers import CHUNKLET, STEP, make_engine
 from thinblock.engine import Engine
+from thinblock.metadata.check import check_store
 from thinblock.units import MiB
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -311,7 +312,7 @@ async def test_an_ld_is_recorded_and_released_in_one_transaction(tmp_path: Path)
     with pytest.raises(sqlite3.DatabaseError):
         await vol.write(0, b"x")
     db.execute("DROP TRIGGER crash")
-    assert engine.store.check() == []
+    assert check_store(engine.store) == []
     assert db.execute("SELECT COUNT(*) FROM lds").fetchone()[0] == 0
     # Releasing: the chunklet rows go, then the LD row cannot.
     await vol.write(0, b"x")
@@ -320,6 +321,6 @@ async def test_an_ld_is_recorded_and_released_in_one_transaction(tmp_path: Path)
     with pytest.raises(sqlite3.DatabaseError):
         await engine.compact_pool("p")
     db.execute("DROP TRIGGER crash")
-    assert engine.store.check() == []
+    assert check_store(engine.store) == []
     assert db.execute("SELECT COUNT(*) FROM ld_chunklets").fetchone()[0] == 2
     await engine.close()

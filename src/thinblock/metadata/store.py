@@ -1,16 +1,32 @@
-"""The metadata store interface.
+"""The metadata store contract.
 
 Everything the engine must find again after a restart lives here: PDs, pools, LDs and
-their chunklets, VVs, region maps, alerts.  The engine talks only to this interface;
-SQLite (``sqlite.py``) is the embedded single-node backend, and a PostgreSQL backend
-for paired nodes is an addition behind the same methods, not a rewrite.
+their chunklets, VVs, region maps, alerts, leases.  The engine talks only to this
+interface; ``sqlite.py`` is the embedded single-node backend (the default, in the data
+directory) and ``postgres.py`` the shared one for node pairs.  ``open_store(url)``
+(``metadata/__init__.py``) picks one from a URL.  The checks that do not depend on the
+backend live above both, in ``check.py``; the contract suite (tests/contract/
+test_metadata_store.py) runs every method against every backend.
 
-Transaction rule: every mutating method is one transaction, committed when it
-returns (visible to a new process after ``kill -9``) -- except ``assign``, the one
-call on the write path: it records the assignment in an open transaction that
-``commit`` ends (the engine commits on every flush and within half a second).
-``sync()`` makes every committed transaction durable against power loss; the engine
-calls it on flush, after ``commit``.
+Transaction rule: every mutating method is one transaction, committed when it returns
+(visible to a new process after ``kill -9``) or not at all (it raises and changed
+nothing).  There is no open transaction between calls: region assignments are batched by
+the caller (``writer.MetadataWriter``) into one ``assign_many``.  ``sync()`` makes every
+committed transaction durable against power loss (SQLite: fsync of the WAL; PostgreSQL:
+its commits are durable already).
+
+Errors: a backend raises ``MetadataStoreFull`` when it has no room for a transaction,
+``MetadataUnavailable`` when it cannot be reached, ``LeaseLost`` when a bound lease no
+longer holds, ``MetadataCorrupt`` for anything it cannot read.  Constraint violations
+(``IntegrityError`` of the driver) are programming errors and pass through.
+
+Leases: ``acquire_lease`` / ``renew_lease`` / ``release_lease`` / ``read_lease`` keep a row
+per name with a holder, an epoch that only grows (it goes up when a new holder takes the
+lease) and an expiry set by the store's own clock.  After ``bind_lease``, every later write
+transaction of the store checks, inside that same transaction, that the lease is still
+held with that epoch and unexpired, and raises ``LeaseLost`` otherwise: a paused or cut-off
+node writes nothing once another took over (the fencing-token rule).  Map rows record the
+epoch they were written under.
 """
 
 from __future__ import annotations
@@ -68,6 +84,7 @@ class VVRow:
     alloc_limit_pct: float | None
     cache_mode: str
     created: float
+    owner: str | None = None  # the node that serves it (node pairs); None: whoever opens the store
 
 
 @dataclass(slots=True)
@@ -81,14 +98,40 @@ class AlertRow:
     state: str
 
 
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A lease as the store last granted it.  ``expires_at`` is in the store's clock (unix
+    seconds); only the store compares it with "now"."""
+
+    name: str
+    holder: str
+    epoch: int
+    expires_at: float
+
+
+#: one region assignment: (vv_id, vv_region, ld_id, ld_region)
+Assignment = tuple[int, int, int, int]
+
+
 class MetadataStore(abc.ABC):
-    #: assignments recorded by ``assign`` and not yet committed
-    pending_assignments: int = 0
+    #: how the store is named in messages (a URL without its password)
+    url: str = ""
+    #: True when each call is a network round trip: the engine's ``MetadataWriter`` then runs
+    #: the data path's transactions on its own thread instead of on the event loop
+    remote: bool = False
 
     # --- life cycle ---
     @abc.abstractmethod
-    def check(self) -> list[str]:
-        """Problems found (empty when sound).  Never repairs."""
+    def close(self) -> None: ...
+
+    @abc.abstractmethod
+    def sync(self) -> None:
+        """Make every committed transaction durable (blocking: call it off the loop)."""
+
+    @abc.abstractmethod
+    def backend_problems(self) -> list[str]:
+        """What only this backend can check (SQLite's integrity_check, values of the wrong type);
+        ``check.check_store`` runs it first and the backend-independent rules after it."""
 
     @abc.abstractmethod
     def counts(self) -> dict[str, int]:
@@ -96,11 +139,13 @@ class MetadataStore(abc.ABC):
         keys pds, pools, lds, ld_chunklets, vvs, vv_map, alerts."""
 
     @abc.abstractmethod
-    def close(self) -> None: ...
+    def region_counters(self) -> tuple[dict[int, int], dict[int, int]]:
+        """The redundant counters kept with the map, for the check: (regions per VV id,
+        regions used per LD id), as the store holds them."""
 
     @abc.abstractmethod
-    def sync(self) -> None:
-        """Make every committed transaction durable (blocking: call it off the loop)."""
+    def is_empty(self) -> bool:
+        """No PD, pool, LD, VV, map row or alert (``metadata copy`` refuses any other target)."""
 
     def change_count(self) -> int:
         """A number that moves whenever a committed transaction changed the store, or -1 when
@@ -133,7 +178,8 @@ class MetadataStore(abc.ABC):
         """Insert (row.id ignored); returns the new id."""
 
     @abc.abstractmethod
-    def update_pool(self, row: PoolRow) -> None: ...
+    def update_pool(self, row: PoolRow) -> None:
+        """Growth increment, warning and limit (the policy never changes)."""
 
     @abc.abstractmethod
     def delete_pool(self, pool_id: int) -> None: ...
@@ -162,7 +208,12 @@ class MetadataStore(abc.ABC):
     def add_vv(self, row: VVRow) -> int: ...
 
     @abc.abstractmethod
-    def update_vv(self, row: VVRow) -> None: ...
+    def update_vv(self, row: VVRow) -> None:
+        """Size, limits and cache mode."""
+
+    @abc.abstractmethod
+    def set_vv_owner(self, vv_id: int, node: str | None) -> None:
+        """Which node serves the VV (node pairs); None: no owner recorded."""
 
     @abc.abstractmethod
     def delete_vv(self, vv_id: int) -> None:
@@ -172,17 +223,13 @@ class MetadataStore(abc.ABC):
     def load_vvs(self) -> list[VVRow]: ...
 
     @abc.abstractmethod
-    def assign(self, vv_id: int, vv_region: int, ld_id: int, ld_region: int) -> None:
-        """Record a region assignment (before any data is written into it), in the open
-        transaction that ``commit`` ends."""
+    def assign_many(self, rows: list[Assignment]) -> None:
+        """Record region assignments (before any data is written into them) in one transaction,
+        with the VV and LD counters that count them; each row records the bound lease's epoch."""
 
     @abc.abstractmethod
-    def commit(self) -> None:
-        """Commit the assignments recorded since the last commit (no-op when none)."""
-
-    @abc.abstractmethod
-    def unassign(self, vv_id: int, vv_regions: list[int]) -> None:
-        """Return regions to the zero LD (after their LD regions were zeroed)."""
+    def unassign(self, vv_id: int, vv_regions: list[int]) -> int:
+        """Return regions to the zero LD in one transaction; returns how many rows went."""
 
     @abc.abstractmethod
     def map_array(self) -> np.ndarray:
@@ -193,6 +240,10 @@ class MetadataStore(abc.ABC):
     def forget_map_array(self) -> None:
         """Drop a kept map array (tens of MiB for millions of regions) once it is loaded."""
 
+    @abc.abstractmethod
+    def map_rows_by_epoch(self) -> dict[int | None, int]:
+        """How many map rows each lease epoch wrote (None: written with no lease bound)."""
+
     # --- alerts ---
     @abc.abstractmethod
     def add_alert(self, time: float, severity: str, kind: str, obj: str, message: str, state: str) -> int: ...
@@ -202,3 +253,28 @@ class MetadataStore(abc.ABC):
 
     @abc.abstractmethod
     def load_alerts(self) -> list[AlertRow]: ...
+
+    # --- leases ---
+    @abc.abstractmethod
+    def acquire_lease(self, name: str, holder: str, ttl_s: float) -> Lease | None:
+        """Take the lease if it is free, expired, or already ``holder``'s; a new holder gets
+        epoch + 1 (the first one epoch 1), the same holder keeps its epoch.  None when another
+        holder has it unexpired.  Expiry is the store's clock plus ``ttl_s``."""
+
+    @abc.abstractmethod
+    def renew_lease(self, lease: Lease, ttl_s: float) -> Lease | None:
+        """Extend a lease still held (same holder and epoch, unexpired); None otherwise."""
+
+    @abc.abstractmethod
+    def release_lease(self, lease: Lease) -> None:
+        """Give it up (it expires now) if still held with that epoch; the holder stays recorded,
+        so the next holder's epoch is higher."""
+
+    @abc.abstractmethod
+    def read_lease(self, name: str) -> Lease | None: ...
+
+    @abc.abstractmethod
+    def bind_lease(self, lease: Lease | None) -> None:
+        """Every later write transaction checks this lease inside itself (``LeaseLost``);
+        None unbinds.  The check reads the lease row (holder, epoch, expiry), so a renewal
+        needs no new bind."""

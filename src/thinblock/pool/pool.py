@@ -30,9 +30,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..alerts import AlertBus
-from ..errors import MediumError
+from ..errors import MediumError, MetadataStoreFull
 from ..logical.raid import Chunklet, LogicalDisk, RaidLevel, usable_per_row
-from ..metadata.store import LDRow, MetadataStore, PoolRow
+from ..metadata.store import LDRow, PoolRow
+from ..metadata.writer import MetadataWriter
 from ..model import AlertKind, LDHealth, PoolState, Severity
 from ..units import format_size
 from .chunklets import ChunkletAllocator
@@ -111,13 +112,13 @@ class Pool:
         self,
         row: PoolRow,
         *,
-        store: MetadataStore,
+        meta: MetadataWriter,
         alerts: AlertBus,
         chunklets: ChunkletAllocator,
         ld_registry: dict[int, LogicalDisk],
     ) -> None:
         self.row = row
-        self._store = store
+        self._meta = meta
         self._alerts = alerts
         self._chunklets = chunklets
         self._ld_registry = ld_registry
@@ -451,7 +452,16 @@ class Pool:
                 for c, ch in enumerate(chunk_row)
             },
         )
-        ld_id = self._store.add_ld(ld_row)
+        try:
+            ld_id = await self._meta.call(self._meta.store.add_ld, ld_row)
+        except BaseException as exc:
+            # Not recorded: the chunklets are free again (zeroed, so known to read zeros).
+            for chunk_row in rows:
+                for c in chunk_row:
+                    self._chunklets.release(c.pd.id, c.index)
+            if isinstance(exc, MetadataStoreFull):  # a value, like every other shortage of space
+                return SpaceShortage(AlertKind.METADATA_STORE_FULL, f"pool '{row.name}' cannot grow: {exc}")
+            raise
         ld = LogicalDisk(ld_id, raid, row.set_size, row.step, rows)
         self._ld_registry[ld_id] = ld
         self.attach_ld(ld, regions)

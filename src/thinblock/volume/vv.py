@@ -32,7 +32,8 @@ from ..blockdev import Buffer, Capabilities, Extent, ExtentFlags
 from ..cache.writeback import WriteBackCache
 from ..errors import OutOfSpace, VolumeGone
 from ..logical.raid import LogicalDisk
-from ..metadata.store import MetadataStore, VVRow
+from ..metadata.store import VVRow
+from ..metadata.writer import MetadataWriter
 from ..model import AlertKind, CacheMode, Severity
 from ..physical.workers import IOWorkers
 from ..pool.pool import REGION_BITS, REGION_MASK, Pool, SpaceShortage
@@ -65,25 +66,21 @@ class VirtualVolume:
         row: VVRow,
         pool: Pool,
         *,
-        store: MetadataStore,
+        meta: MetadataWriter,
         alerts: AlertBus,
         lds: dict[int, LogicalDisk],
         cache: WriteBackCache,
         flush_node: Callable[[], Awaitable[None]],
-        assignment_recorded: Callable[[], None] = lambda: None,
-        assignments_committed: Callable[[], Awaitable[None]] | None = None,
         io: IOWorkers | None = None,
         offload_min: int = 128 * 1024,
     ) -> None:
         self.row = row
         self.pool = pool
-        self._store = store
+        self._meta = meta
         self._alerts = alerts
         self._lds = lds
         self._wb = cache
         self._flush_node = flush_node
-        self._assignment_recorded = assignment_recorded
-        self._assignments_committed = assignments_committed
         self.map = RegionMap()
         region_size = pool.region_size
         assert region_size & (region_size - 1) == 0
@@ -274,19 +271,6 @@ class VirtualVolume:
                 if reserved:  # regions another writer assigned meanwhile: not needed after all
                     self._reserved -= len(reserved)
                     self.pool.unreserve(reserved)
-        if (
-            (not self._writeback or self._wb.writes_through)
-            and self._store.pending_assignments
-            and self._assignments_committed is not None
-        ):
-            # Write-through (claim 4) promises an acknowledged write is on the LD: it must survive
-            # the server's own crash, so no write-through write is acknowledged while any region
-            # assignment (its own, or one it wrote into right after) is uncommitted.  Every writer
-            # of a loop turn shares one commit.  Write-back acknowledges from the cache, which a
-            # crash loses anyway: its assignments are committed in groups, by the next flush at
-            # the latest.  A write-back volume whose partner is away is written through, and
-            # follows the same rule.
-            await self._assignments_committed()
         if not self._writeback or self._wb.writes_through:
             self._unflushed_direct = True
         if fua:
@@ -402,49 +386,57 @@ class VirtualVolume:
         With ``reserved`` regions (``_reserve_new_regions``), one of them; they were counted
         against the limit already.
 
-        The assignment is recorded, not yet committed: see ``write`` for when that matters."""
+        Rule: a region's assignment is committed to the store before any data is written into
+        it (``_record``).  So a write-through write is acknowledged only once the assignment of
+        every region it wrote is committed (write-through promises the data survives the server's
+        own crash), a flush covers assignments as well as data, and memory never runs ahead of
+        the store: a commit that fails leaves no trace but the error."""
         pending = self._allocating.get(region)
         if pending is not None:
             return await asyncio.shield(pending)
+        mine: int | None = None
         if reserved:
             mine = reserved.pop()
             self._reserved -= 1
-            self._record(region, mine)
-            return mine
-        self._check_limit(1)
-        packed = self.pool.try_allocate()
-        if packed is None:
-            fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-            self._allocating[region] = fut
-            try:
+        else:
+            self._check_limit(1)
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._allocating[region] = fut
+        try:
+            packed = mine if mine is not None else self.pool.try_allocate()
+            if packed is None:
                 result = await self.pool.allocate()
                 if isinstance(result, SpaceShortage):
                     raise OutOfSpace(f"VV '{self.row.name}': {result.message}", result.reason.value)
-                self._record(region, result)
-            except BaseException as exc:
-                fut.set_exception(exc)
-                fut.exception()  # mark retrieved; waiters re-raise it
-                raise
-            else:
-                fut.set_result(result)
-                return result
-            finally:
-                del self._allocating[region]
-        self._record(region, packed)
-        return packed
-
-    def _record(self, region: int, packed: int) -> None:
-        # Rule: a region is recorded as assigned before data is written into it.
-        if self.deleted:
-            self.pool.release(packed)
-            raise self._gone()
-        try:
-            self._store.assign(self.row.id, region, packed >> REGION_BITS, packed & REGION_MASK)
-        except BaseException:
-            self.pool.release(packed)
+                packed = result
+            await self._record(region, packed)
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # mark retrieved; waiters re-raise it
             raise
-        self.map.set(region, packed)
-        self._assignment_recorded()
+        else:
+            fut.set_result(packed)
+            return packed
+        finally:
+            del self._allocating[region]
+
+    async def _record(self, region: int, packed: int) -> None:
+        """Commit the assignment, then map it.  The map and the pool follow the store's answer in
+        the commit's own callback, so a request cancelled meanwhile changes nothing: committed,
+        the region is mapped; refused, it goes back to the pool (nothing was written into it)."""
+        if self.deleted:
+            self.pool.unreserve([packed])
+            raise self._gone()
+        committed = self._meta.assign(self.row.id, region, packed >> REGION_BITS, packed & REGION_MASK)
+
+        def landed(done: asyncio.Future[None]) -> None:
+            if done.cancelled() or done.exception() is not None:
+                self.pool.unreserve([packed])
+            else:
+                self.map.set(region, packed)
+
+        committed.add_done_callback(landed)
+        await asyncio.shield(committed)
         self._check_after_assign()
 
     def _check_after_assign(self) -> None:
@@ -559,6 +551,12 @@ class VirtualVolume:
             ((packed & REGION_MASK) << self._shift) + (offset & self._mask), length
         )
 
+    async def settle_assignments(self) -> None:
+        """Until no assignment of this VV is in flight (a delete waits so before unmapping: an
+        assignment committed after it would leave a map row behind the deleted VV)."""
+        while self._allocating:
+            await asyncio.wait([asyncio.shield(f) for f in list(self._allocating.values())])
+
     async def unmap_regions(self, first: int, end: int) -> int:
         """Return every mapped region in [first, end) to the zero LD; their LD regions go back to
         the pool zeroed.  Bounded steps: yields to the loop between batches.  Returns how many."""
@@ -571,13 +569,19 @@ class VirtualVolume:
                     break
             if not batch:
                 break
+            # The store first: once the rows are gone the regions may be zeroed and reused.  Were
+            # memory first, a refused commit (the store full) would leave rows pointing at regions
+            # another VV may be given.  Concurrent trims of one region: only the map entries still
+            # pointing where they did when the batch was taken are cleared and released.
+            await self._meta.call(self._meta.store.unassign, self.row.id, [r for r, _ in batch])
+            first = batch[-1][0] + 1
+            batch = [(region, packed) for region, packed in batch if self._lookup(region) == packed]
             releases = []
             for region, packed in batch:
                 release = self._wb.discard(packed, self.row.id)
                 if release is not None:
                     releases.append(release)
                 self.map.clear(region)
-            self._store.unassign(self.row.id, [r for r, _ in batch])
             if releases:
                 # Ordering rule (review point 8): an LD region goes back to the pool only after the
                 # partner dropped every copy it held of it; reused first, a takeover could write
@@ -588,7 +592,6 @@ class VirtualVolume:
                 # reuse after the next fsync
                 self.pool.release(packed)
             total += len(batch)
-            first = batch[-1][0] + 1
             await asyncio.sleep(0)
         if total:
             self.check_thresholds_after_release()

@@ -1,0 +1,262 @@
+"""The metadata store contract, written once and run against every backend (SQLite in a
+directory, PostgreSQL in a throwaway cluster): every method, one transaction per call (all or
+nothing), the backend-independent check, leases and their fencing, kill -9 in the middle of a
+group of assignments, reopen."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.support.stores import StoreBackend
+from thinblock.errors import LeaseLost, MetadataCorrupt
+from thinblock.metadata.check import check_store
+from thinblock.metadata.store import LDRow, MetadataStore, PoolRow, VVRow
+
+MiB = 1 << 20
+
+
+def _pool(name: str = "p") -> PoolRow:
+    return PoolRow(0, name, 1, 2, 4096, MiB, 64 * MiB, None, None)
+
+
+def _vv(pool_id: int, name: str = "v", size: int = 64 * MiB) -> VVRow:
+    return VVRow(0, name, pool_id, size, None, None, 32 * MiB, None, "writethrough", 1.5)
+
+
+def _populate(store: MetadataStore) -> tuple[int, int, int]:
+    """Two PDs, a RAID 1 pool, one LD of 2 rows, one VV: (pool, LD, VV) ids."""
+    pd_a = store.add_pd("/dev/a", 64 * MiB, 16 * MiB)
+    pd_b = store.add_pd("/dev/b", 64 * MiB, 16 * MiB)
+    pool = store.add_pool(_pool())
+    chunklets = {(0, 0): (pd_a, 0), (0, 1): (pd_b, 0), (1, 0): (pd_a, 1), (1, 1): (pd_b, 1)}
+    ld = store.add_ld(LDRow(0, pool, 1, 2, 4096, MiB, 32, chunklets))
+    vv = store.add_vv(_vv(pool))
+    return pool, ld, vv
+
+
+@pytest.fixture
+def store(backend: StoreBackend) -> MetadataStore:
+    s = backend.open()
+    yield s
+    s.close()
+
+
+def test_a_new_store_is_empty_and_checks_clean(store: MetadataStore) -> None:
+    assert store.is_empty()
+    assert check_store(store) == []
+    assert store.get_meta("schema_version") == "2"
+    assert store.counts() == dict.fromkeys(
+        ("pds", "pools", "lds", "ld_chunklets", "vvs", "vv_map", "alerts"), 0
+    )
+
+
+def test_every_record_reads_back_after_reopen(backend: StoreBackend, store: MetadataStore) -> None:
+    pool, ld, vv = _populate(store)
+    store.set_meta("clean", "0")
+    store.assign_many([(vv, 0, ld, 3), (vv, 5, ld, 4)])
+    alert = store.add_alert(2.5, "warning", "pd-failed", "pd:1", "it failed", "new")
+    store.set_alert_state(alert, "acknowledged")
+    store.set_pd_health(1, "failed")
+    store.set_vv_owner(vv, "node-a")
+    store.close()
+    again = backend.open(create=False)
+    try:
+        assert [(p.path, p.health) for p in again.load_pds()] == [("/dev/a", "failed"), ("/dev/b", "normal")]
+        assert [p.name for p in again.load_pools()] == ["p"] and again.load_pools()[0].id == pool
+        (ld_row,) = again.load_lds()
+        assert ld_row.id == ld and ld_row.regions == 32 and len(ld_row.chunklets) == 4
+        (vv_row,) = again.load_vvs()
+        assert (vv_row.name, vv_row.alloc_limit_bytes, vv_row.created, vv_row.owner) == (
+            "v",
+            32 * MiB,
+            1.5,
+            "node-a",
+        )
+        assert sorted(map(tuple, again.map_array().tolist())) == [(vv, 0, ld, 3), (vv, 5, ld, 4)]
+        assert again.region_counters() == ({vv: 2}, {ld: 2})
+        (a,) = again.load_alerts()
+        assert (a.id, a.kind, a.state, a.time) == (alert, "pd-failed", "acknowledged", 2.5)
+        assert again.get_meta("clean") == "0"
+        assert check_store(again) == []
+        assert again.counts()["vv_map"] == 2 and not again.is_empty()
+    finally:
+        again.close()
+
+
+def test_updates_and_deletes(store: MetadataStore) -> None:
+    pool, ld, vv = _populate(store)
+    row = store.load_pools()[0]
+    row.growth_limit = 128 * MiB
+    store.update_pool(row)
+    assert store.load_pools()[0].growth_limit == 128 * MiB
+    vrow = store.load_vvs()[0]
+    vrow.size = 128 * MiB
+    vrow.cache_mode = "writeback"
+    store.update_vv(vrow)
+    assert (store.load_vvs()[0].size, store.load_vvs()[0].cache_mode) == (128 * MiB, "writeback")
+    pd_c = store.add_pd("/dev/c", 64 * MiB, 16 * MiB)
+    store.replace_chunklet(ld, 1, 1, pd_c, 2)
+    assert store.load_lds()[0].chunklets[(1, 1)] == (pd_c, 2)
+    store.assign_many([(vv, r, ld, r) for r in range(10)])
+    assert store.unassign(vv, [0, 1, 2, 99]) == 3
+    assert store.region_counters() == ({vv: 7}, {ld: 7})
+    assert store.unassign(vv, list(range(10))) == 7
+    store.delete_vv(vv)
+    store.delete_ld(ld)
+    store.delete_pool(pool)
+    store.remove_pd(pd_c)
+    assert (store.load_vvs(), store.load_lds(), store.load_pools()) == ([], [], [])
+    assert check_store(store) == []
+
+
+def test_a_group_of_assignments_is_all_or_nothing(store: MetadataStore) -> None:
+    _pool_id, ld, vv = _populate(store)
+    store.assign_many([(vv, 0, ld, 0)])
+    with pytest.raises(Exception, match=r"(?i)unique|duplicate"):  # the driver's IntegrityError
+        store.assign_many([(vv, 1, ld, 1), (vv, 2, ld, 2), (vv, 3, ld, 0)])  # LD region 0 twice
+    assert store.map_array().tolist() == [[vv, 0, ld, 0]]
+    assert store.region_counters() == ({vv: 1}, {ld: 1})
+    assert check_store(store) == []
+
+
+def test_an_ld_goes_in_with_its_chunklets_or_not_at_all(store: MetadataStore) -> None:
+    pd_a = store.add_pd("/dev/a", 64 * MiB, 16 * MiB)
+    pool = store.add_pool(_pool())
+    with pytest.raises(Exception, match=r"(?i)unique|duplicate"):
+        store.add_ld(LDRow(0, pool, 1, 2, 4096, MiB, 16, {(0, 0): (pd_a, 0), (0, 1): (pd_a, 0)}))
+    assert store.load_lds() == [] and store.counts()["ld_chunklets"] == 0
+
+
+def test_the_check_names_damage_done_behind_the_stores_back(
+    backend: StoreBackend, store: MetadataStore
+) -> None:
+    _pool_id, ld, vv = _populate(store)
+    store.assign_many([(vv, r, ld, r) for r in range(4)])
+    assert check_store(store) == []
+    backend.sql("DELETE FROM vv_map WHERE vv_region = 2")  # a lost map row
+    backend.sql("UPDATE vv_map SET vv_region = 999 WHERE vv_region = 3")  # past the VV's 64 regions
+    store.forget_map_array()
+    problems = check_store(store)
+    assert "VV 'v' records 4 assigned regions but its map holds 3 (region map rows lost or added)" in problems
+    assert f"LD {ld} records 4 used regions but the maps assign 3" in problems
+    assert f"VV {vv} maps region 999, past its size {64 * MiB}" in problems
+    backend.sql("UPDATE pds SET health = 'weird'")
+    assert "PD 1 has health 'weird'" in check_store(store)
+
+
+def test_a_newer_schema_is_refused_with_a_clear_message(backend: StoreBackend, store: MetadataStore) -> None:
+    store.set_meta("schema_version", "99")
+    store.close()
+    with pytest.raises(MetadataCorrupt, match="schema version 99 was written by a newer thinblock"):
+        backend.open()
+
+
+def test_a_missing_store_is_not_created_when_asked_not_to(backend: StoreBackend) -> None:
+    with pytest.raises(MetadataCorrupt, match="no metadata store"):
+        backend.open(create=False)
+
+
+# --- leases -------------------------------------------------------------------------------------
+
+
+def test_lease_epochs_grow_with_each_new_holder(store: MetadataStore) -> None:
+    a = store.acquire_lease("node:x", "a", 30)
+    assert a is not None and (a.holder, a.epoch) == ("a", 1)
+    assert store.acquire_lease("node:x", "b", 30) is None, "taken while held"
+    again = store.acquire_lease("node:x", "a", 30)
+    assert again is not None and again.epoch == 1, "the same holder keeps its epoch"
+    renewed = store.renew_lease(a, 60)
+    assert renewed is not None and renewed.expires_at > a.expires_at
+    store.release_lease(a)
+    b = store.acquire_lease("node:x", "b", 30)
+    assert b is not None and b.epoch == 2
+    assert store.renew_lease(a, 30) is None, "a lease another holder took cannot be renewed"
+    assert store.read_lease("node:x") == b
+    assert store.read_lease("nothing") is None
+
+
+def test_an_expired_lease_goes_to_the_next_holder(store: MetadataStore) -> None:
+    a = store.acquire_lease("node:x", "a", 0.2)
+    assert a is not None
+    time.sleep(0.4)
+    assert store.renew_lease(a, 30) is None, "expired"
+    b = store.acquire_lease("node:x", "b", 30)
+    assert b is not None and b.epoch == a.epoch + 1
+
+
+def test_a_bound_lease_fences_every_write(backend: StoreBackend, store: MetadataStore) -> None:
+    _pool_id, ld, vv = _populate(store)
+    mine = store.acquire_lease("node:x", "a", 30)
+    assert mine is not None
+    store.bind_lease(mine)
+    store.assign_many([(vv, 0, ld, 0)])
+    other = backend.open()
+    try:
+        store.release_lease(mine)  # as if it expired
+        theirs = other.acquire_lease("node:x", "b", 30)
+        assert theirs is not None and theirs.epoch == mine.epoch + 1
+        for write in (
+            lambda: store.assign_many([(vv, 1, ld, 1)]),
+            lambda: store.unassign(vv, [0]),
+            lambda: store.add_alert(1.0, "info", "ld-created", "ld:1", "x", "new"),
+            lambda: store.set_meta("clean", "1"),
+        ):
+            with pytest.raises(LeaseLost, match="lease lost"):
+                write()
+        assert store.map_rows_by_epoch() == {mine.epoch: 1}
+        assert store.load_alerts() == []
+        other.bind_lease(theirs)
+        other.assign_many([(vv, 1, ld, 1)])
+        assert other.map_rows_by_epoch() == {mine.epoch: 1, theirs.epoch: 1}
+    finally:
+        other.close()
+
+
+# --- kill -9 in the middle of a group, reopen ---------------------------------------------------
+
+_CHILD = """
+import sys
+from thinblock.metadata import open_store
+store = open_store(sys.argv[1])
+vv, ld = int(sys.argv[2]), int(sys.argv[3])
+region = 0
+print("ready", flush=True)
+while True:
+    store.assign_many([(vv, region + i, ld, region + i) for i in range(500)])
+    region += 500
+"""
+
+
+def test_kill_9_in_the_middle_of_a_group_leaves_whole_groups(backend: StoreBackend) -> None:
+    store = backend.open()
+    pool = store.add_pool(_pool())
+    pd_a = store.add_pd("/dev/a", 1 << 40, 1 << 30)
+    pd_b = store.add_pd("/dev/b", 1 << 40, 1 << 30)
+    ld = store.add_ld(LDRow(0, pool, 1, 2, 4096, MiB, 1 << 22, {(0, 0): (pd_a, 0), (0, 1): (pd_b, 0)}))
+    vv = store.add_vv(_vv(pool, size=1 << 42))
+    store.close()
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, backend.url, str(vv), str(ld)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        time.sleep(0.8)
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    again = backend.open(create=False)
+    try:
+        assert check_store(again) == []
+        rows = again.map_array()
+        assert len(rows) > 0 and len(rows) % 500 == 0, len(rows)
+        assert np.array_equal(np.sort(rows[:, 1]), np.arange(len(rows)))
+        assert again.region_counters() == ({vv: len(rows)}, {ld: len(rows)})
+    finally:
+        again.close()

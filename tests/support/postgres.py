@@ -1,0 +1,151 @@
+"""A throwaway PostgreSQL cluster for tests: ``initdb`` + ``pg_ctl`` in a temporary directory,
+listening only on a Unix socket in that directory, removed afterwards.  It needs no system
+service and never touches a database it did not create.
+
+PostgreSQL refuses to run as root: as root, the cluster runs as the ``postgres`` user
+(``runuser -u postgres --``), and the temporary directory is handed to that user.  The binaries
+are found under /usr/lib/postgresql/*/bin (the newest version there), never a fixed version.
+
+``postgres_cluster`` (tests/conftest.py) is the session-scoped fixture every suite shares;
+``fresh_database(cluster)`` gives a test an empty database of its own."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+PG_USER = "thinblock"  # the cluster's superuser (trust authentication on its private socket)
+PORT = 5432  # only names the socket file, inside the cluster's own directory
+
+
+def find_bin_dir() -> Path | None:
+    """The newest /usr/lib/postgresql/VERSION/bin holding initdb and pg_ctl."""
+    candidates = []
+    for d in glob.glob("/usr/lib/postgresql/*/bin"):
+        version = Path(d).parent.name
+        if os.access(Path(d) / "initdb", os.X_OK) and os.access(Path(d) / "pg_ctl", os.X_OK):
+            with contextlib.suppress(ValueError):
+                candidates.append((float(version), Path(d)))
+    return max(candidates)[1] if candidates else None
+
+
+@dataclass
+class PostgresCluster:
+    bin_dir: Path
+    root: Path  # the temporary directory: data/ and the socket
+    run_as: str | None  # "postgres" when we are root
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def socket_dir(self) -> Path:
+        return self.root
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://{PG_USER}@/{database}?host={self.socket_dir}&port={PORT}"
+
+    def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        cmd = [str(self.bin_dir / args[0]), *args[1:]]
+        if self.run_as is not None:
+            cmd = ["runuser", "-u", self.run_as, "--", *cmd]
+        return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=120)
+
+    def init(self) -> None:
+        self._run("initdb", "-D", str(self.data), "-U", PG_USER, "--auth=trust", "-E", "UTF8", "--no-sync")
+
+    def start(self) -> None:
+        # fsync off: a test cluster needs no power-cut safety (a restart or kill -9 of the
+        # server still loses nothing: the OS keeps what was written); commits stay synchronous.
+        options = (
+            f"-k {self.socket_dir} -c listen_addresses='' -p {PORT} -c fsync=off -c full_page_writes=off"
+            " -c shared_buffers=16MB -c max_connections=200"
+        )
+        result = self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.root / "log"),
+            "-o",
+            options,
+            "-w",
+            "start",
+            check=False,
+        )
+        if result.returncode != 0:
+            log = (self.root / "log").read_text(errors="replace") if (self.root / "log").exists() else ""
+            raise RuntimeError(f"pg_ctl start failed: {result.stderr}{result.stdout}\n{log[-2000:]}")
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop", check=False)
+
+    def kill(self) -> None:
+        """kill -9 of the postmaster (its children follow when they notice)."""
+        pid_file = self.data / "postmaster.pid"
+        pid = int(pid_file.read_text().split()[0])
+        os.kill(pid, 9)
+
+    def sql(self, statement: str, database: str = "postgres") -> None:
+        import psycopg
+
+        with psycopg.connect(self.url(database), autocommit=True) as conn:
+            conn.execute(statement)  # type: ignore[arg-type]
+
+    def remove(self) -> None:
+        self.stop("immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def unavailable_reason() -> str | None:
+    """Why a cluster cannot be started here (None: it can)."""
+    if find_bin_dir() is None:
+        return "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb; `make setup` installs it)"
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            return "running as root and there is no 'postgres' user to run PostgreSQL as"
+    return None
+
+
+def start_cluster() -> PostgresCluster:
+    bin_dir = find_bin_dir()
+    assert bin_dir is not None
+    root = Path(tempfile.mkdtemp(prefix="thinblock-pg-"))
+    run_as = None
+    if os.geteuid() == 0:
+        run_as = "postgres"
+        user = pwd.getpwnam(run_as)
+        os.chown(root, user.pw_uid, user.pw_gid)
+    os.chmod(root, 0o755)
+    cluster = PostgresCluster(bin_dir, root, run_as)
+    try:
+        cluster.init()
+        cluster.start()
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+    return cluster
+
+
+@contextlib.contextmanager
+def fresh_database(cluster: PostgresCluster) -> Iterator[str]:
+    """An empty database of the cluster (dropped afterwards); yields its URL."""
+    name = "t_" + uuid.uuid4().hex[:16]
+    cluster.sql(f"CREATE DATABASE {name}")
+    try:
+        yield cluster.url(name)
+    finally:
+        with contextlib.suppress(Exception):
+            cluster.sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
