@@ -184,7 +184,9 @@ async def test_partner_lost_while_a_write_waits_writes_it_through_and_commits(tm
     assert not engine.cache.has(key)
     assert on_ld(engine, key, 0, 8192) == data
     engine.store.forget_map_array()
-    assert 5 in engine.store.map_array()[:, 1].tolist(), "acknowledged write-through with its assignment uncommitted"
+    assert 5 in engine.store.map_array()[:, 1].tolist(), (
+        "acknowledged write-through with its assignment uncommitted"
+    )
     # Out of sync, later writes are written through as well.
     assert engine.cache.writes_through
     await vol.write(6 * REGION, data)
