@@ -240,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config", metavar="FILE", help="take the data directory from this config file")
 
     leaf(commands, "status", "the node at a glance: uptime, pools, volumes, open alerts", cmd_status)
+    iscsi = noun("iscsi", "the iSCSI target (serve --iscsi)")
+    leaf(iscsi, "sessions", "logged-in iSCSI sessions: initiator, address, volume, LUNs", cmd_iscsi_sessions)
 
     pd = noun("pd", "physical disks")
     p = leaf(pd, "add", "add a PD: a file (created sparse when missing) or a block device", cmd_pd_add)
@@ -852,6 +854,38 @@ def _show(ctx: Context, value: Any, render: Callable[[Any], Any]) -> None:
     rendered = render(value)
     for table in rendered if isinstance(rendered, list) else [rendered]:
         ctx.print_table(table)
+
+
+def render_iscsi_sessions(out: dict[str, Any]) -> Table:
+    portal = out.get("portal")
+    t = _table(
+        "INITIATOR",
+        "ADDRESS",
+        "VV",
+        "LUNS",
+        "TYPE",
+        "DIGESTS",
+        "COMMANDS",
+        "SINCE",
+        title=f"iSCSI sessions ({portal})" if portal else "iSCSI sessions (the target is off)",
+    )
+    for s in out["sessions"]:
+        digests = "+".join(k for k in ("header", "data") if s[f"{k}_digest"]) or "none"
+        t.add_row(
+            s["initiator"],
+            s["address"],
+            s["vv"] or "-",
+            ",".join(map(str, s["luns"])) or "-",
+            s["session_type"],
+            digests,
+            str(s["commands"]),
+            _time_text(s["since"]),
+        )
+    return t
+
+
+def cmd_iscsi_sessions(ctx: Context) -> None:
+    _show(ctx, ctx.call("GET", "/iscsi/sessions"), render_iscsi_sessions)
 
 
 def cmd_status(ctx: Context) -> None:

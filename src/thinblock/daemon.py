@@ -383,7 +383,22 @@ class Daemon:
                 await self._start_nbd(engine)
                 await self._start_iscsi(engine)
 
+            if self.iscsi is not None:
+                from .api.metrics import ISCSICollector
+
+                iscsi = self.iscsi
+                extra_metrics.append(
+                    ISCSICollector(
+                        iscsi.sessions,
+                        lambda: {
+                            "connections_total": iscsi.connections_total,
+                            "logins_failed": iscsi.logins_failed,
+                        },
+                    )
+                )
             node = NodeInfo(
+                iscsi_portal=self.iscsi_portal,
+                iscsi_sessions=self.iscsi.sessions if self.iscsi is not None else None,
                 nbd_uri=self.nbd_uri,
                 nbd_unix_socket=str(cfg.nbd_unix_socket) if cfg.nbd_unix_socket else None,
                 default_export=cfg.default_export,

@@ -17,7 +17,7 @@ import logging
 import socket
 import time
 import urllib.parse
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -359,6 +359,29 @@ class NBDOut(BaseModel):
     default_export: str | None
 
 
+class ISCSISessionOut(BaseModel):
+    """One logged-in iSCSI session (one connection: MaxConnections=1)."""
+
+    initiator: str = Field(description="the initiator's iSCSI name")
+    initiator_alias: str
+    address: str = Field(description="HOST:PORT the initiator connects from")
+    session_type: str = Field(description="normal or discovery")
+    target: str | None
+    vv: str | None = Field(description="the volume behind the target (LUN 0)")
+    luns: list[int]
+    tsih: int
+    isid: str
+    header_digest: bool
+    data_digest: bool
+    since: float = Field(description="login time, unix seconds")
+    commands: int = Field(description="SCSI commands received")
+
+
+class ISCSIOut(BaseModel):
+    portal: str | None = Field(description="HOST:PORT of the iSCSI target, or null when it is off")
+    sessions: list[ISCSISessionOut]
+
+
 class StatusOut(BaseModel):
     node: str
     version: str
@@ -409,6 +432,9 @@ class NodeInfo:
     default_export: str | None = None
     data_dir: Path | None = None
     default_chunklet_size: int | None = None
+    iscsi_portal: str | None = None  # 127.0.0.1:3260 when the iSCSI target runs
+    # the iSCSI target's logged-in sessions (ISCSIServer.sessions), when it runs
+    iscsi_sessions: Callable[[], list[dict[str, Any]]] | None = None
 
     @property
     def uptime(self) -> float:
@@ -711,6 +737,13 @@ def _router(ctx: ApiContext) -> APIRouter:
                 uri=node.nbd_uri, unix_socket=node.nbd_unix_socket, default_export=node.default_export
             ),
         )
+
+    # --- iSCSI -----------------------------------------------------------------------------------
+    @router.get("/iscsi/sessions", tags=["status"])
+    async def iscsi_sessions() -> ISCSIOut:
+        """Logged-in iSCSI sessions: initiator name and address, target, volume and LUNs."""
+        sessions = node.iscsi_sessions() if node.iscsi_sessions is not None else []
+        return ISCSIOut(portal=node.iscsi_portal, sessions=[ISCSISessionOut(**s) for s in sessions])
 
     # --- physical disks -----------------------------------------------------------------------
     @router.get("/pds", tags=["pds"])

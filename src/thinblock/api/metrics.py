@@ -291,6 +291,37 @@ class _Histogram:
         self.total = 0.0
 
 
+class ISCSICollector:
+    """The iSCSI target's sessions per volume and its connection counters."""
+
+    def __init__(
+        self, sessions: Callable[[], list[dict[str, Any]]], counters: Callable[[], dict[str, int]]
+    ) -> None:
+        self._sessions = sessions
+        self._counters = counters
+
+    def collect(self) -> Iterator[Metric]:
+        gauge = GaugeMetricFamily(
+            "thinblock_iscsi_sessions", "Logged-in iSCSI sessions by volume", labels=["vv"]
+        )
+        per_vv: dict[str, int] = {}
+        for session in self._sessions():
+            vv = session.get("vv") or ""
+            per_vv[vv] = per_vv.get(vv, 0) + 1
+        for vv, n in sorted(per_vv.items()):
+            gauge.add_metric([vv], n)
+        yield gauge
+        counters = self._counters()
+        total = CounterMetricFamily("thinblock_iscsi_connections", "iSCSI connections accepted since start")
+        total.add_metric([], counters.get("connections_total", 0))
+        yield total
+        failed = CounterMetricFamily(
+            "thinblock_iscsi_logins_failed", "iSCSI connections closed before their login finished"
+        )
+        failed.add_metric([], counters.get("logins_failed", 0))
+        yield failed
+
+
 class LatencyRecorder:
     """Per volume and operation request latencies, exported as ``thinblock_vv_request_seconds``.
 
