@@ -24,6 +24,9 @@ from typing import Protocol, runtime_checkable
 
 # Anything a write accepts: the NBD server hands in memoryviews of its receive buffer.
 Buffer = bytes | bytearray | memoryview
+# A piece of a read (``Volume.read_extents``): (volume offset, length, data), data None for a
+# run that reads as zeros because nothing backs it (a hole).
+ReadPiece = tuple[int, int, bytes | bytearray | memoryview | None]
 
 
 class ExtentFlags(enum.IntFlag):
@@ -113,6 +116,13 @@ class Volume(Protocol):
     def capabilities(self) -> Capabilities: ...
 
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview: ...
+
+    async def read_extents(self, offset: int, length: int) -> list[ReadPiece]:
+        """The same read as pieces covering the range in order, ``None`` data for a hole, so that
+        a front end can send holes as holes (NBD_REPLY_TYPE_OFFSET_HOLE: no zeros on the wire).
+        The NBD server reads only through this.  A volume that knows no holes returns one piece
+        of data.  Buffers returned must not change afterwards (they go to the transport)."""
+        ...
 
     async def write(self, offset: int, data: Buffer, fua: bool = False) -> None: ...
 

@@ -109,7 +109,21 @@ class VolumeAsyncDevice:
         return self.volume.size
 
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
-        return await self.volume.read(offset, length)
+        """``read`` and ``read_extents`` (the NBD server's read) must agree: pieces covering the
+        range in order, holes reading as zeros."""
+        plain = await self.volume.read(offset, length)
+        joined = bytearray()
+        pos = offset
+        for at, n, data in await self.volume.read_extents(offset, length):
+            assert at == pos and n > 0, (
+                f"read_extents({offset}, {length}): a piece at {at} of {n}, expected {pos}"
+            )
+            assert data is None or len(data) == n, f"read_extents: a piece of {n} bytes holds {len(data)}"
+            joined += bytes(n) if data is None else data
+            pos += n
+        assert pos == offset + length, f"read_extents({offset}, {length}) covered up to {pos}"
+        assert joined == plain, "read and read_extents disagree"
+        return plain
 
     async def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
         await self.volume.write(offset, data, fua=fua)

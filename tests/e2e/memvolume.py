@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 
-from thinblock.blockdev import Buffer, Capabilities, Extent, ExtentFlags
+from thinblock.blockdev import Buffer, Capabilities, Extent, ExtentFlags, ReadPiece
 from thinblock.errors import NotFound, OutOfSpace, SlowZero
 
 KiB = 1024
@@ -144,6 +144,11 @@ class MemVolume:
         await self._maybe_suspend()
         return self._read(offset, length)
 
+    async def read_extents(self, offset: int, length: int) -> list[ReadPiece]:
+        """No holes reported: the whole read as one piece of data (through ``read``, so that
+        subclasses overriding it are what the NBD server sees)."""
+        return [(offset, length, await self.read(offset, length))]
+
     async def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
         self._check(offset, len(data))
         await self._maybe_suspend()
@@ -211,11 +216,12 @@ class MemVolume:
 
 
 class SparseMemVolume(MemVolume):
-    """A MemVolume that also offers the server's optional fast read path."""
+    """A MemVolume whose reads report never-written blocks as holes (as a thin volume does)."""
 
-    def read_extents(self, offset: int, length: int) -> list[tuple[int, int, bytes | None]]:
+    async def read_extents(self, offset: int, length: int) -> list[ReadPiece]:
         self._check(offset, length)
-        out: list[tuple[int, int, bytes | None]] = []
+        await self._maybe_suspend()
+        out: list[ReadPiece] = []
         position = offset
         for index, within, n in self._pieces(offset, length):
             block = self._blocks.get(index)

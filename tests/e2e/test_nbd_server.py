@@ -1,5 +1,5 @@
 """The asyncio server around the protocol core: error mapping, replies from Tasks, the
-optional read_extents fast path, back-pressure, connection limits and a clean stop."""
+read_extents path (holes as holes), back-pressure, connection limits and a clean stop."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from thinblock.blockdev import Buffer
+from thinblock.blockdev import Buffer, ReadPiece
 from thinblock.errors import InvalidArgument, MediumError, OutOfSpace, ReadOnlyDevice, SlowZero
 from thinblock.nbd.constants import CommandFlags, Errno
 from thinblock.nbd.server import NBDServer, errno_for
@@ -173,9 +173,9 @@ async def test_holes_are_not_sent_as_zeros(server: NBDServer) -> None:
 
 async def test_async_read_extents_is_awaited() -> None:
     class AsyncExtents(SparseMemVolume):
-        async def read_extents(self, offset: int, length: int):  # type: ignore[override]
-            await asyncio.sleep(0)
-            return super().read_extents(offset, length)
+        async def read_extents(self, offset: int, length: int) -> list[ReadPiece]:
+            await asyncio.sleep(0)  # suspends: the server's Task path
+            return await super().read_extents(offset, length)
 
     srv = NBDServer(MemProvider(AsyncExtents("v", 1 * MiB)))
     await srv.start("127.0.0.1", 0)

@@ -14,7 +14,6 @@ additions on the loop thread, no lock, no allocation.
 from __future__ import annotations
 
 import bisect
-import inspect
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -33,9 +32,7 @@ from prometheus_client.process_collector import ProcessCollector
 from ..model import AlertKind, AlertState, LDHealth, PDHealth, PoolState
 
 if TYPE_CHECKING:
-    from ..blockdev import Buffer, Capabilities, Extent, Volume, VolumeProvider
-
-    ReadPiece = tuple[int, int, bytes | bytearray | memoryview | None]
+    from ..blockdev import Buffer, Capabilities, Extent, ReadPiece, Volume, VolumeProvider
     from ..engine import Engine
     from ..history import Forecast, History
     from .app import NodeInfo
@@ -407,14 +404,11 @@ class InstrumentedVolume:
             self._recorder.observe(self._name, "read", time.perf_counter() - t0)
 
     async def read_extents(self, offset: int, length: int) -> list[ReadPiece]:
-        """The NBD server's read path (holes as holes): timed as a read.  It used to pass through
-        ``__getattr__`` untimed, so no NBD read was ever counted."""
+        """The NBD server's read path (holes as holes): timed as a read (it used to pass through
+        ``__getattr__`` untimed, so no NBD read was ever counted)."""
         t0 = time.perf_counter()
         try:
-            result = self._inner.read_extents(offset, length)  # type: ignore[attr-defined]
-            if inspect.isawaitable(result):
-                result = await result
-            return result
+            return await self._inner.read_extents(offset, length)
         finally:
             self._recorder.observe(self._name, "read", time.perf_counter() - t0)
 

@@ -9,16 +9,11 @@ pwrite) the reply goes out at once, with no Task; otherwise a done callback on t
 Task sends it.  Many requests are in flight per connection and replies go out as they
 complete, in any order (the protocol allows it).
 
-Reads.  ``Volume.read(offset, length)`` returns bytes, a bytearray or a memoryview.
-A volume may also offer an optional fast method::
-
-    read_extents(offset, length) -> list[tuple[int, int, bytes | bytearray | memoryview | None]]
-
-(plain or ``async``): pieces ``(absolute offset, length, data)`` covering the request
-in order, ``None`` for a run that reads as zeros (the zero LD).  When it exists (found
-with ``getattr``) it is used instead of ``read``, and with structured replies the
-holes go out as NBD_REPLY_TYPE_OFFSET_HOLE chunks: no zeros on the wire.  Buffers a
-volume returns go to the transport as they are: they must not change afterwards.
+Reads go through ``Volume.read_extents(offset, length)`` (``thinblock.blockdev``): pieces
+``(absolute offset, length, data)`` covering the request in order, ``None`` for a run that
+reads as zeros (the zero LD); with structured replies the holes go out as
+NBD_REPLY_TYPE_OFFSET_HOLE chunks: no zeros on the wire.  Buffers a volume returns go to the
+transport as they are: they must not change afterwards.
 
 Errors.  ``OutOfSpace`` -> NBD_ENOSPC, ``MediumError`` -> NBD_EIO, ``InvalidArgument`` ->
 NBD_EINVAL, ``SlowZero`` -> NBD_ENOTSUP, ``ReadOnlyDevice`` -> NBD_EPERM; any other
@@ -99,7 +94,7 @@ _JOIN_LIMIT = (
 
 _FUA = int(CommandFlags.FUA)
 _KIND_VALUE = 0  # the coroutine's result is the reply's content
-_KIND_READ = 1  # bytes-like from Volume.read
+_KIND_READ = 1  # bytes-like (a zero-length read)
 _KIND_EXTENTS = 2  # pieces from read_extents
 
 
@@ -334,7 +329,6 @@ class _Connection(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.core = server._new_core()
         self.volume: Volume | None = None
-        self._read_extents: Callable[[int, int], Any] | None = None
         self._max_block = 0
         self._in_flight = 0
         self._bytes_in_flight = 0
@@ -572,7 +566,6 @@ class _Connection(asyncio.BufferedProtocol):
         volume = export.backend
         self.volume = volume
         self._max_block = export.maximum_block
-        self._read_extents = getattr(volume, "read_extents", None)
         self.server._opened.setdefault(export.name, volume)
         self.session = self.server.sessions.open("NBD", export.name, self.address, self._disconnect)
         log.info(
@@ -697,17 +690,8 @@ class _Connection(asyncio.BufferedProtocol):
                 return
             coro: Coroutine[Any, Any, Any]
             if command is Command.READ:
-                read_extents = self._read_extents
-                if read_extents is not None:
-                    kind = _KIND_EXTENTS
-                    result = read_extents(offset, length)
-                    if not asyncio.iscoroutine(result):
-                        self._complete(request, kind, result)
-                        return
-                    coro = result
-                else:
-                    kind = _KIND_READ
-                    coro = volume.read(offset, length)
+                kind = _KIND_EXTENTS
+                coro = volume.read_extents(offset, length)
             elif command is Command.WRITE:
                 assert request.data is not None
                 coro = volume.write(offset, request.data, fua=bool(int(request.flags) & _FUA))

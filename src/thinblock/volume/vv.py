@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import numpy as np
 
 from ..alerts import AlertBus
-from ..blockdev import Buffer, Capabilities, Extent, ExtentFlags
+from ..blockdev import Buffer, Capabilities, Extent, ExtentFlags, ReadPiece
 from ..cache.writeback import WriteBackCache
 from ..errors import OutOfSpace, VolumeGone
 from ..logical.raid import LogicalDisk
@@ -38,7 +38,7 @@ from ..model import AlertKind, CacheMode, Severity
 from ..physical.workers import IOWorkers
 from ..pool.pool import REGION_BITS, REGION_MASK, Pool, SpaceShortage
 from ..units import Limit, format_size
-from .regionmap import CHUNK_MASK, CHUNK_SHIFT, ZERO_LD, RegionMap
+from .regionmap import ZERO_LD, RegionMap
 
 log = logging.getLogger("thinblock.volume")
 
@@ -157,86 +157,79 @@ class VirtualVolume:
         # pool, so a read would return zeros where data was and a write would be lost.
         return VolumeGone(f"volume '{self.row.name}' was deleted")
 
-    def _lookup(self, region: int) -> int:
-        chunk = self.map.chunks.get(region >> CHUNK_SHIFT)
-        return ZERO_LD if chunk is None else chunk[region & CHUNK_MASK]
-
     # --- reads (claim 10) ---
-    async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+    # One region walk (``_pieces``) and one way to read an assigned piece (``_read_piece``,
+    # ``_read_piece_into``) serve every read: ``read_extents`` (the NBD server's), ``read`` (the
+    # API's export, iSCSI, tests) and ``cache``.  A read inside one region -- the common case --
+    # skips the walk: one map lookup, one pread at most.
+    def _pieces(self, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
+        """The range region by region: (volume offset, length, packed LD region or ZERO_LD)."""
+        shift, mask, size, get = self._shift, self._mask, self.region_size, self.map.get
+        pos, end = offset, offset + length
+        while pos < end:
+            n = min(size - (pos & mask), end - pos)
+            yield pos, n, get(pos >> shift)
+            pos += n
+
+    def _read_piece(self, pos: int, n: int, packed: int) -> bytes | bytearray | memoryview:
+        """``n`` bytes from volume offset ``pos`` inside the assigned region ``packed``, with the
+        write-back cache's dirty writes laid over them."""
+        ld = self._lds[packed >> REGION_BITS]
+        ld_offset = ((packed & REGION_MASK) << self._shift) + (pos & self._mask)
+        if not self._wb.has(packed):
+            return ld.read(ld_offset, n)
+        buf = bytearray(n)
+        view = memoryview(buf)
+        ld.read_into(ld_offset, view)
+        self._wb.overlay(packed, pos & self._mask, view)
+        return buf
+
+    def _read_piece_into(self, pos: int, packed: int, view: memoryview) -> None:
+        mask = self._mask
+        ld = self._lds[packed >> REGION_BITS]
+        ld.read_into(((packed & REGION_MASK) << self._shift) + (pos & mask), view)
+        self._wb.overlay(packed, pos & mask, view)
+
+    def _read_into(self, offset: int, view: memoryview) -> None:
+        """Fill ``view`` (already zeroed) from ``offset``."""
+        for pos, n, packed in self._pieces(offset, len(view)):
+            if packed != ZERO_LD:
+                self._read_piece_into(pos, packed, view[pos - offset : pos - offset + n])
+
+    def _count_read(self, length: int) -> None:
         if self.deleted:
             raise self._gone()
         self.reads += 1
         self.read_bytes += length
+
+    async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        self._count_read(length)
         shift = self._shift
-        region = offset >> shift
-        if (offset + length - 1) >> shift == region:
-            # One region: the common case, one pread at most.
-            chunk = self.map.chunks.get(region >> CHUNK_SHIFT)
-            packed = ZERO_LD if chunk is None else chunk[region & CHUNK_MASK]
+        if (offset + length - 1) >> shift == offset >> shift:
+            packed = self.map.get(offset >> shift)
             if packed == ZERO_LD:
                 return _ZERO_VIEW[:length] if length <= len(_ZEROS) else bytes(length)
-            ld_offset = ((packed & REGION_MASK) << shift) + (offset & self._mask)
-            ld = self._lds[packed >> REGION_BITS]
-            if not self._wb.has(packed):
-                return ld.read(ld_offset, length)
-            buf = bytearray(length)
-            view = memoryview(buf)
-            ld.read_into(ld_offset, view)
-            self._wb.overlay(packed, offset & self._mask, view)
-            return buf
+            return self._read_piece(offset, length, packed)
         buf = bytearray(length)
         self._read_into(offset, memoryview(buf))
         return buf
 
-    def _read_into(self, offset: int, view: memoryview) -> None:
-        """Fill ``view`` (already zeroed) from ``offset``, region by region."""
-        shift, mask, size = self._shift, self._mask, self.region_size
-        pos, end = 0, len(view)
-        while pos < end:
-            voff = offset + pos
-            n = min(size - (voff & mask), end - pos)
-            packed = self._lookup(voff >> shift)
-            if packed != ZERO_LD:
-                piece = view[pos : pos + n]
-                self._lds[packed >> REGION_BITS].read_into(
-                    ((packed & REGION_MASK) << shift) + (voff & mask), piece
-                )
-                self._wb.overlay(packed, voff & mask, piece)
-            pos += n
-
-    async def read_extents(
-        self, offset: int, length: int
-    ) -> list[tuple[int, int, bytes | bytearray | memoryview | None]]:
+    async def read_extents(self, offset: int, length: int) -> list[ReadPiece]:
         """The read as (offset, length, data) runs; data None where the zero LD is (a hole):
         the NBD server sends those as OFFSET_HOLE chunks, no zeros on the wire."""
-        if self.deleted:
-            raise self._gone()
-        self.reads += 1
-        self.read_bytes += length
-        shift, mask, size = self._shift, self._mask, self.region_size
-        out: list[tuple[int, int, bytes | bytearray | memoryview | None]] = []
-        pos = offset
-        end = offset + length
-        while pos < end:
-            n = min(size - (pos & mask), end - pos)
-            packed = self._lookup(pos >> shift)
-            if packed == ZERO_LD:
-                if out and out[-1][2] is None:
-                    prev = out[-1]
-                    out[-1] = (prev[0], prev[1] + n, None)
-                else:
-                    out.append((pos, n, None))
+        self._count_read(length)
+        shift = self._shift
+        if (offset + length - 1) >> shift == offset >> shift:
+            packed = self.map.get(offset >> shift)
+            return [(offset, length, None if packed == ZERO_LD else self._read_piece(offset, length, packed))]
+        out: list[ReadPiece] = []
+        for pos, n, packed in self._pieces(offset, length):
+            if packed != ZERO_LD:
+                out.append((pos, n, self._read_piece(pos, n, packed)))
+            elif out and out[-1][2] is None:
+                out[-1] = (out[-1][0], out[-1][1] + n, None)
             else:
-                ld_offset = ((packed & REGION_MASK) << shift) + (pos & mask)
-                ld = self._lds[packed >> REGION_BITS]
-                if self._wb.has(packed):
-                    buf = bytearray(n)
-                    ld.read_into(ld_offset, memoryview(buf))
-                    self._wb.overlay(packed, pos & mask, memoryview(buf))
-                    out.append((pos, n, buf))
-                else:
-                    out.append((pos, n, ld.read(ld_offset, n)))
-            pos += n
+                out.append((pos, n, None))
         return out
 
     # --- writes (claims 1, 2, 4, 8) ---
@@ -249,8 +242,7 @@ class VirtualVolume:
         shift, mask = self._shift, self._mask
         region = offset >> shift
         if (offset + length - 1) >> shift == region:
-            chunk = self.map.chunks.get(region >> CHUNK_SHIFT)
-            packed = ZERO_LD if chunk is None else chunk[region & CHUNK_MASK]
+            packed = self.map.get(region)
             if packed != ZERO_LD and (
                 self._wb.has_room(length) if self._writeback else self._wb.settled(packed)
             ):
@@ -290,7 +282,7 @@ class VirtualVolume:
             n = min(size - (voff & mask), end - pos)
             region = voff >> shift
             if (
-                self._lookup(region) == ZERO_LD
+                self.map.get(region) == ZERO_LD
                 and region not in self._allocating
                 and not _is_zero(view[pos : pos + n])
             ):
@@ -345,7 +337,7 @@ class VirtualVolume:
         region that is free (another VV's, once reused)."""
         n = len(data)
         while True:
-            packed = self._lookup(region)
+            packed = self.map.get(region)
             if packed == ZERO_LD:
                 if _is_zero(data):
                     return  # zero detect: the zero LD already reads these zeros
@@ -514,7 +506,7 @@ class VirtualVolume:
         # NO_HOLE: keep (or make) every whole region allocated, reading zeros.
         for region in range(first_whole, end_whole):
             while True:
-                packed = self._lookup(region)
+                packed = self.map.get(region)
                 if packed == ZERO_LD:
                     await self._assign(region)  # fresh regions are zeroed already
                     break
@@ -529,7 +521,7 @@ class VirtualVolume:
                 await asyncio.sleep(0)
 
     async def _zero_partial(self, offset: int, length: int, *, allocate: bool) -> None:
-        packed = self._lookup(offset >> self._shift)
+        packed = self.map.get(offset >> self._shift)
         if packed == ZERO_LD:
             if not allocate:
                 return
@@ -544,7 +536,7 @@ class VirtualVolume:
             return
         while not self._wb.settled(packed):
             await self._wb.settle(packed, self.row.id)
-            packed = self._lookup(offset >> self._shift)  # a trim may have freed it meanwhile
+            packed = self.map.get(offset >> self._shift)  # a trim may have freed it meanwhile
             if packed == ZERO_LD:
                 return
         self._lds[packed >> REGION_BITS].zero(
@@ -575,7 +567,7 @@ class VirtualVolume:
             # pointing where they did when the batch was taken are cleared and released.
             await self._meta.call(self._meta.store.unassign, self.row.id, [r for r, _ in batch])
             first = batch[-1][0] + 1
-            batch = [(region, packed) for region, packed in batch if self._lookup(region) == packed]
+            batch = [(region, packed) for region, packed in batch if self.map.get(region) == packed]
             releases = []
             for region, packed in batch:
                 release = self._wb.discard(packed, self.row.id)
@@ -624,7 +616,7 @@ class VirtualVolume:
         extents: list[Extent] = []
         region = first
         while region < last and len(extents) < 1024:
-            if self._lookup(region) == ZERO_LD:
+            if self.map.get(region) == ZERO_LD:
                 stop = self.map.next_mapped(region, last)
                 flags = HOLE_ZERO
             else:
