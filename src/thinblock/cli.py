@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import ssl
 import stat
@@ -27,7 +28,7 @@ import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 import httpx
 from rich import box
@@ -79,6 +80,12 @@ def _positive_size_arg(text: str) -> int:
     return n
 
 
+def _grow_size_arg(text: str) -> tuple[bool, int]:
+    """``200GiB`` (the new size) or ``+5G`` (this much more): (relative, bytes)."""
+    relative = text.strip().startswith("+")
+    return relative, _positive_size_arg(text.strip().removeprefix("+"))
+
+
 def _optional_size_arg(text: str) -> int | None:
     """A size, or ``none`` to remove a warning or limit."""
     if text.strip().lower() in ("none", "off", "-"):
@@ -114,10 +121,10 @@ def _id_arg(text: str) -> int:
 # --- the parser ----------------------------------------------------------------------------------
 
 
-def _client_options() -> argparse.ArgumentParser:
+def _client_options() -> _Parser:
     """Options every API command takes, before or after the command words.  SUPPRESS defaults,
     so that a value given before the command is not overwritten by the subcommand's default."""
-    p = argparse.ArgumentParser(add_help=False)
+    p = _Parser(add_help=False)
     g = p.add_argument_group("connection and output")
     g.add_argument(
         "--api",
@@ -145,9 +152,35 @@ def _client_options() -> argparse.ArgumentParser:
     return p
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line and where to look, not argparse's usage block:
+    ``error: thinblock vv create: the following arguments are required: --pool (see thinblock vv
+    create --help)``.  Subcommand parsers are of this class too (argparse makes them so)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _fill_descriptions(parser: argparse.ArgumentParser) -> None:
+    """Every command's --help opens with a description: its line in the parent's list when it
+    was given no other."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:
+                sub = action.choices[choice.dest]
+                if not sub.description:
+                    sub.description = choice.help
+                _fill_descriptions(sub)
+
+
+# A negative size where a size is expected ("vv grow VV -5G"): argparse would take it for an
+# option and answer with something unrelated; no option of thinblock starts with a digit.
+_NEGATIVE_SIZE = re.compile(r"^-\d+(\.\d+)?\s*[KMGTPE]?(i?B)?$", re.IGNORECASE)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _client_options()
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="thinblock",
         description="Thin-provisioning block storage (3PAR-style): the daemon and its administration.",
         parents=[common],
@@ -318,7 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", choices=("writeback", "writethrough"))
     p = leaf(vv, "grow", "grow a volume's virtual size", cmd_vv_grow)
     p.add_argument("name", metavar="NAME")
-    p.add_argument("size", type=_positive_size_arg, metavar="SIZE", help="the new size")
+    p.add_argument(
+        "size", type=_grow_size_arg, metavar="[+]SIZE", help="the new size, or +SIZE: this much more"
+    )
     p = leaf(vv, "delete", "delete a volume (its regions go back to the pool, zeroed)", cmd_vv_delete)
     p.add_argument("name", metavar="NAME")
     p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation on a terminal")
@@ -380,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     leaf(token, "revoke", "revoke a token: it stops working at once", cmd_token_revoke).add_argument(
         "id", type=_id_arg, metavar="ID"
     )
+    _fill_descriptions(parser)
     return parser
 
 
@@ -502,7 +538,13 @@ class Context:
         self.out.file.write(json.dumps(value, indent=2, sort_keys=False) + "\n")
 
     def print_table(self, table: Table) -> None:
-        self.out.print(table)
+        if self.out.is_terminal:
+            self.out.print(table)
+            return
+        # Piped: no padding at the ends of lines (rich pads every cell to its column's width).
+        with self.out.capture() as captured:
+            self.out.print(table)
+        self.out.file.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
 
     def say(self, message: str) -> None:
         self.out.print(message, highlight=False, markup=False)
@@ -527,11 +569,28 @@ def _quote(name: str) -> str:
 # --- rendering -----------------------------------------------------------------------------------
 
 
+# Columns whose text wraps (at spaces) on a narrow terminal; every other column keeps its cells
+# on one line, so that names, sizes and states are never broken in the middle of a word.
+_WRAPPING_COLUMNS = frozenset({"MESSAGE", "PATH"})
+
+
 def _table(*columns: str, title: str | None = None) -> Table:
-    table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
+    """A listing that fits an 80-column terminal: short headers (units in the cells), one space
+    between columns, only the free-text columns wrap."""
+    table = Table(
+        title=title,
+        box=box.SIMPLE_HEAD,
+        title_justify="left",
+        show_edge=False,
+        pad_edge=False,
+        padding=(0, 1),
+        collapse_padding=True,
+    )
     for name in columns:
-        # A narrow terminal folds long cells onto more lines; it never cuts a name short.
-        table.add_column(name, overflow="fold")
+        if name in _WRAPPING_COLUMNS:
+            table.add_column(name, overflow="fold", ratio=1)
+        else:
+            table.add_column(name, no_wrap=True)
     return table
 
 
@@ -678,7 +737,7 @@ def render_pool(p: dict[str, Any]) -> Table:
 
 def render_pools(pools: list[dict[str, Any]]) -> Table:
     t = _table(
-        "NAME", "RAID", "USED", "SIZE", "LIMIT", "LIMIT IN", "VIRTUAL", "OVERCOMMIT", "STATE", title="pools"
+        "NAME", "RAID", "USED", "SIZE", "LIMIT", "FULL IN", "VIRTUAL", "OVERCOMMIT", "STATE", title="pools"
     )
     for p in pools:
         t.add_row(
@@ -720,7 +779,7 @@ def render_vv(v: dict[str, Any]) -> Table:
 
 
 def render_vvs(vvs: list[dict[str, Any]]) -> Table:
-    t = _table("NAME", "POOL", "SIZE", "ALLOCATED", "USED", "WARNING", "LIMIT", "CACHE", title="volumes")
+    t = _table("NAME", "POOL", "SIZE", "ALLOC", "USE%", "WARN", "LIMIT", "CACHE", "CLIENTS", title="volumes")
     for v in vvs:
         t.add_row(
             v["name"],
@@ -728,9 +787,11 @@ def render_vvs(vvs: list[dict[str, Any]]) -> Table:
             format_size(v["size"]),
             format_size(v["allocated"]),
             _pct(v["allocated"], v["size"]),
-            _limit_text(v["alloc_warning"], v.get("alloc_warning_spec")),
-            _limit_text(v["alloc_limit"], v.get("alloc_limit_spec")),
-            v["cache_mode"],
+            # as given (80%, 10 GiB); vv show adds what a percentage comes to
+            v.get("alloc_warning_spec") or format_size(v["alloc_warning"]),
+            v.get("alloc_limit_spec") or format_size(v["alloc_limit"]),
+            v["cache_mode"].removeprefix("write"),
+            str(len(v.get("clients", []))),
         )
     return t
 
@@ -780,15 +841,15 @@ def render_lds(lds: list[dict[str, Any]]) -> Table:
 
 
 def render_alerts(alerts: list[dict[str, Any]]) -> Table:
-    t = _table("ID", "TIME", "SEVERITY", "KIND", "OBJECT", "STATE", "MESSAGE", title="alerts")
+    # The object is named in the message; --json has every field.
+    t = _table("ID", "TIME", "SEVERITY", "KIND", "STATE", "MESSAGE", title="alerts")
     for a in alerts:
         t.add_row(
             str(a["id"]),
-            _time_text(a["time"]),
+            time.strftime("%m-%d %H:%M", time.localtime(a["time"])),
             _styled(a["severity"], _SEVERITY_STYLE),
             a["kind"],
-            a["object"],
-            a["state"],
+            "ack" if a["state"] == "acknowledged" else a["state"],
             a["message"],
         )
     return t
@@ -1007,11 +1068,11 @@ def cmd_vv_set(ctx: Context) -> None:
 
 
 def cmd_vv_grow(ctx: Context) -> None:
-    _show(
-        ctx,
-        ctx.call("POST", f"/volumes/{_quote(ctx.args.name)}/grow", json={"size": ctx.args.size}),
-        render_vv,
-    )
+    relative, size = ctx.args.size
+    path = f"/volumes/{_quote(ctx.args.name)}"
+    if relative:
+        size += ctx.call("GET", path)["size"]
+    _show(ctx, ctx.call("POST", f"{path}/grow", json={"size": size}), render_vv)
 
 
 def cmd_vv_delete(ctx: Context) -> None:
@@ -1443,8 +1504,13 @@ def main(
     out_stream = stdout or sys.stdout
     err_stream = stderr or sys.stderr
     parser = build_parser()
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    for word in arguments:
+        if _NEGATIVE_SIZE.match(word):
+            err_stream.write(f"error: a size cannot be negative: {word} (see thinblock --help)\n")
+            return EXIT_USAGE
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(arguments)
     except SystemExit as exc:  # --help, --version, usage errors (argparse printed them)
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
     # Not a terminal (a pipe, a file, a test): tables as wide as their content, never cut.
@@ -1476,5 +1542,8 @@ def main(
 
 
 def _fail_line(stream: IO[str], message: str) -> None:
-    stream.write(f"error: {' '.join(message.split())}\n")
+    text = " ".join(message.split())
+    while text.lower().startswith("error:"):  # a tool's own "error: ..." is not said twice
+        text = text[len("error:") :].lstrip()
+    stream.write(f"error: {text}\n")
     stream.flush()

@@ -1,6 +1,8 @@
-"""Sizes with units, as administrators type them: 512, 512K, 16MiB, 1G, 2TiB, 80%.
+"""Sizes with units, as administrators type them: 512, 512K, 16MiB, 1G, 2TiB, 1EiB, 80%.
 
-Binary multiples throughout (K = KiB = 1024), as storage tools conventionally do.
+Binary multiples throughout (K = KiB = 1024), as storage tools conventionally do.  ``10GB`` is
+refused with a hint rather than read either way: an SI gigabyte is 7% less than a GiB, and a
+volume silently 7% off its intended size is the kind of surprise a storage tool must not spring.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ MiB = 1024**2
 GiB = 1024**3
 TiB = 1024**4
 PiB = 1024**5
+EiB = 1024**6
 
-_UNITS = {"": 1, "B": 1, "K": KiB, "M": MiB, "G": GiB, "T": TiB, "P": PiB}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(I?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": KiB, "M": MiB, "G": GiB, "T": TiB, "P": PiB, "E": EiB}
+_SIZE_RE = re.compile(r"^\s*(-?)(\d+(?:\.\d+)?)\s*([KMGTPE]?)(I?B)?\s*$", re.IGNORECASE)
+SIZE_EXAMPLES = "examples: 4096, 512K, 16MiB, 1G, 2TiB"
 
 
 def parse_size(text: str | int) -> int:
@@ -28,8 +32,15 @@ def parse_size(text: str | int) -> int:
         return text
     m = _SIZE_RE.match(text)
     if not m:
-        raise InvalidArgument(f"not a size: {text!r} (examples: 4096, 512K, 16MiB, 1G, 2TiB)")
-    number, unit = m.group(1), m.group(2).upper()
+        raise InvalidArgument(f"not a size: {text!r} ({SIZE_EXAMPLES})")
+    sign, number, unit, suffix = m.group(1), m.group(2), m.group(3).upper(), (m.group(4) or "").upper()
+    if sign:
+        raise InvalidArgument(f"a size cannot be negative: {text.strip()!r}")
+    if unit and suffix == "B":
+        raise InvalidArgument(
+            f"{text.strip()!r} is ambiguous: write {number}{unit}iB for binary units (1{unit}iB = "
+            f"{_UNITS[unit]} bytes, what thinblock means by {number}{unit}), or give the SI size in bytes"
+        )
     value = float(number) * _UNITS[unit] if "." in number else int(number) * _UNITS[unit]
     if value != int(value):
         raise InvalidArgument(f"size {text!r} is not a whole number of bytes")
@@ -40,7 +51,7 @@ def format_size(n: int | None) -> str:
     """4294967296 -> '4 GiB'; 1536 -> '1.5 KiB'; None -> '-'."""
     if n is None:
         return "-"
-    for unit, mult in (("PiB", PiB), ("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+    for unit, mult in (("EiB", EiB), ("PiB", PiB), ("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
         if abs(n) >= mult:
             v = n / mult
             return f"{v:.0f} {unit}" if v == int(v) else f"{v:.1f} {unit}"

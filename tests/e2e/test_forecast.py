@@ -40,7 +40,7 @@ def test_forecast_reaches_status_pool_list_metrics_and_alerts(tmp_path: Path) ->
             time.sleep(0.2)
         assert 0 < pool["forecast"]["to_limit"] < 3600
         table = daemon.cli("pool", "list").out
-        assert "LIMIT IN" in table
+        assert "FULL IN" in table
         assert re.search(r"default .* 48 MiB +(\d+m )?\d+s ", table), table
         assert "growth limit in" in daemon.cli("pool", "show", "default").out
         assert "pool default reaches its growth limit in" in daemon.cli("status").out

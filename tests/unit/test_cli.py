@@ -172,7 +172,7 @@ def test_alerts_and_ack() -> None:
              "object": "vv:vol0", "message": "volume vol0 passed 80%", "state": "new"}  # fmt: skip
     api = FakeApi({("GET", "/api/v1/alerts"): (200, [alert]), ("POST", "/api/v1/alerts/3/ack"): (200, alert)})
     code, out, _ = run(["alerts", "--all"], api)
-    assert code == 0 and "vv-allocation-warning" in out and "vv:vol0" in out
+    assert code == 0 and "vv-allocation-warning" in out and "volume vol0 passed 80%" in out
     assert api.requests[-1].url.params["all"] == "true"
     code, out, _ = run(["alerts", "--json"], api)
     assert json.loads(out) == [alert] and api.requests[-1].url.params["all"] == "false"
@@ -228,7 +228,7 @@ def test_tables_show_sizes_with_units() -> None:
     assert code == 0
     row = next(line for line in out.splitlines() if "vol0" in line)
     assert row.split()[:5] == ["vol0", "default", "100", "GiB", "3"]
-    assert "80% (80 GiB)" in row and "writethrough" in row
+    assert "80%" in row and "through" in row  # the limit as given; vv show says what it comes to
     code, out, _ = run(["pool", "list"], api)
     row = next(line for line in out.splitlines() if line.strip().startswith("default"))
     assert "1 GiB" in row and "10 GiB" in row and "healthy" in row
@@ -307,7 +307,64 @@ def test_not_json_error() -> None:
 def test_usage_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, _ = run(argv, FakeApi({}))
     assert code == EXIT_USAGE
-    assert message in capsys.readouterr().err  # argparse writes its usage to the real stderr
+    err = capsys.readouterr().err  # argparse writes to the real stderr
+    assert message in err
+    # One line, the program's name, where to look; no usage block, no "error:" twice.
+    assert err.count("\n") == 1 and err.startswith("error: thinblock") and err.count("error:") == 1
+    assert err.rstrip().endswith("--help)")
+
+
+def test_usage_error_names_the_command_and_its_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["vv", "create", "v", "--pool", "p"], FakeApi({}))[0] == EXIT_USAGE
+    assert capsys.readouterr().err == (
+        "error: thinblock vv create: the following arguments are required: --size "
+        "(see thinblock vv create --help)\n"
+    )
+
+
+def test_sizes_negative_si_and_relative_growth() -> None:
+    code, _, err = run(["vv", "grow", "vol0", "-5G"], FakeApi({}))
+    assert (code, err) == (EXIT_USAGE, "error: a size cannot be negative: -5G (see thinblock --help)\n")
+    code, _, err = run(["vv", "create", "v", "--pool", "p", "--size", "-1G"], FakeApi({}))
+    assert code == EXIT_USAGE and "cannot be negative" in err
+    api = FakeApi(
+        {("GET", "/api/v1/volumes/vol0"): (200, VV), ("POST", "/api/v1/volumes/vol0/grow"): (200, VV)}
+    )
+    assert run(["vv", "grow", "vol0", "+5G", "--json"], api)[0] == 0
+    assert api.body() == {"size": 105 * GiB}  # 100 GiB + 5 GiB
+    assert run(["vv", "grow", "vol0", "1E", "--json"], api)[0] == 0
+    assert api.body() == {"size": 1 << 60}
+
+
+def test_every_command_has_a_description() -> None:
+    import argparse
+
+    from thinblock.cli import build_parser
+
+    def walk(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+        found = [parser]
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    found += walk(sub)
+        return found
+
+    parsers = walk(build_parser())
+    assert len(parsers) > 30
+    assert [p.prog for p in parsers if not p.description] == []
+
+
+def test_a_tools_own_error_prefix_is_not_repeated() -> None:
+    api = FakeApi({("GET", "/api/v1/status"): (409, {"error": "error: something failed"})})
+    code, _, err = run(["status"], api)
+    assert (code, err) == (EXIT_ERROR, "error: something failed\n")
+
+
+def test_piped_tables_have_no_trailing_padding() -> None:
+    api = FakeApi({("GET", "/api/v1/volumes"): (200, [VV, {**VV, "name": "a-much-longer-volume-name"}])})
+    code, out, _ = run(["vv", "list"], api)
+    assert code == 0 and "a-much-longer-volume-name" in out
+    assert [line for line in out.splitlines() if line != line.rstrip()] == []
 
 
 def test_environment_gives_api_and_token(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -401,3 +458,28 @@ def test_token_create_writes_the_secret_to_a_private_file(tmp_path: Path) -> Non
     code, _, err = run(["token", "create", "ci", "--role", "operator", "--output", str(out_file)], api)
     assert code == EXIT_ERROR and "the token was revoked" in err
     assert api.requests[-1].method == "DELETE"
+
+
+def test_tables_fit_80_columns_without_breaking_words() -> None:
+    from rich.console import Console
+
+    from thinblock import cli
+
+    long_vv = {**VV, "name": "database-volume-01", "alloc_warning_spec": "80%", "alloc_limit_spec": "90%"}
+    pool = {
+        **POOL,
+        "virtual": 3 * GiB,
+        "overcommit": 12.5,
+        "forecast": {"rate": 1.0, "window": 60, "to_warning": None, "to_limit": 7200},
+    }
+    alert = {"id": 12, "time": 1.7e9, "severity": "warning", "kind": "vv-allocation-warning", "object": "vv:db",
+             "message": "VV 'database-volume-01' has 81 GiB allocated, at or past its allocation warning of 80%", "state": "new"}  # fmt: skip
+    console = Console(width=80, force_terminal=True, color_system=None, record=True)
+    for table in (cli.render_vvs([VV, long_vv]), cli.render_pools([pool]), cli.render_alerts([alert])):
+        console.print(table)
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    for word in ("database-volume-01", "vv-allocation-warning", "healthy", "100 GiB", "12.5x", "2h 0m 0s",
+                 "OVERCOMMIT", "CLIENTS", "'database-volume-01'", "allocation"):  # fmt: skip
+        assert word in text, word
+    assert "…" not in text

@@ -19,7 +19,8 @@ from thinblock.units import GiB, KiB, Limit, MiB, PiB, TiB, format_size, parse_s
         ("512k", 512 * KiB),
         ("16MiB", 16 * MiB),
         ("16mib", 16 * MiB),
-        ("16MB", 16 * MiB),  # binary multiples throughout, as storage tools do
+        ("1E", 1 << 60),
+        ("1EiB", 1 << 60),
         ("1G", GiB),
         ("2TiB", 2 * TiB),
         ("1P", PiB),
@@ -101,3 +102,17 @@ def test_limit_is_either_bytes_or_percent() -> None:
         Limit()
     with pytest.raises(InvalidArgument):
         Limit(bytes=1, percent=1.0)
+
+
+@pytest.mark.parametrize("text", ["16MB", "10GB", "1tb", "5kB"])
+def test_si_looking_units_are_refused_with_a_hint_never_read_as_binary(text: str) -> None:
+    with pytest.raises(InvalidArgument) as refused:
+        parse_size(text)
+    number, unit = text[:-2], text[-2].upper()
+    assert f"'{text}' is ambiguous: write {number}{unit}iB for binary units" in str(refused.value)
+
+
+@pytest.mark.parametrize("text", ["-5G", "-1", " -2.5MiB"])
+def test_negative_sizes_say_so(text: str) -> None:
+    with pytest.raises(InvalidArgument, match="a size cannot be negative"):
+        parse_size(text)

@@ -62,8 +62,8 @@ MAX_NAME = 255
 
 # --- request value types -------------------------------------------------------------------------
 
-_SIZE_PATTERN = r"^\s*\d+(\.\d+)?\s*[KMGTPkmgtp]?([iI]?[bB])?\s*$"
-_LIMIT_PATTERN = r"^\s*(\d+(\.\d+)?\s*%|\d+(\.\d+)?\s*[KMGTPkmgtp]?([iI]?[bB])?)\s*$"
+_SIZE_PATTERN = r"^\s*\d+(\.\d+)?\s*([KMGTPEkmgtpe]([iI][bB])?|[bB])?\s*$"
+_LIMIT_PATTERN = r"^\s*(\d+(\.\d+)?\s*%|\d+(\.\d+)?\s*([KMGTPEkmgtpe]([iI][bB])?|[bB])?)\s*$"
 
 
 def _whole(value: Any) -> Any:
