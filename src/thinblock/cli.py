@@ -779,7 +779,8 @@ def render_vv(v: dict[str, Any]) -> Table:
 
 
 def render_vvs(vvs: list[dict[str, Any]]) -> Table:
-    t = _table("NAME", "POOL", "SIZE", "ALLOC", "USE%", "WARN", "LIMIT", "CACHE", "CLIENTS", title="volumes")
+    # WRITE: the cache mode as "write through" / "write back", to fit 80 columns.
+    t = _table("NAME", "POOL", "SIZE", "ALLOC", "USE%", "WARN", "LIMIT", "WRITE", "CLIENTS", title="volumes")
     for v in vvs:
         t.add_row(
             v["name"],

@@ -228,7 +228,7 @@ def test_tables_show_sizes_with_units() -> None:
     assert code == 0
     row = next(line for line in out.splitlines() if "vol0" in line)
     assert row.split()[:5] == ["vol0", "default", "100", "GiB", "3"]
-    assert "80%" in row and "through" in row  # the limit as given; vv show says what it comes to
+    assert "80%" in row and "through" in row  # the limit as given; WRITE through (cache mode)
     code, out, _ = run(["pool", "list"], api)
     row = next(line for line in out.splitlines() if line.strip().startswith("default"))
     assert "1 GiB" in row and "10 GiB" in row and "healthy" in row
