@@ -50,6 +50,7 @@ from .connection import (
 )
 from .constants import Asc, LoginStatus, SenseKey, Status, TaskFunction, TaskResponse
 from .negotiation import ChapCredentials
+from .pdu import Buffer
 from .scsi import LogicalUnit, Nexus
 from .sense import fixed_sense
 
@@ -61,6 +62,7 @@ DEFAULT_LOGIN_TIMEOUT = 30.0
 DEFAULT_MAX_CONNECTIONS = 256
 DEFAULT_MAX_BYTES = 128 * 1024 * 1024  # read bytes in flight per connection before it stops reading
 _CLOSE_GRACE = 5.0
+_JOIN_LIMIT = 16 * 1024  # reply pieces up to this size are joined into one write
 _NAME_BAD = re.compile(r"[^a-z0-9.:-]")
 
 
@@ -371,8 +373,21 @@ class _Connection(asyncio.Protocol):
 
     def _flush(self) -> None:
         out = self.core.data_to_send()
-        if out and self.transport is not None and not self._lost and not self.transport.is_closing():
-            self.transport.writelines(out)
+        if not out or self.transport is None or self._lost or self.transport.is_closing():
+            return
+        # One write per batch: asyncio's writelines sends each buffer with its own syscall;
+        # small replies (SCSI Response, R2T, short Data-In) are joined, large data goes as is.
+        run: list[Buffer] = []
+        for piece in out:
+            if len(piece) > _JOIN_LIMIT:
+                if run:
+                    self.transport.write(b"".join(run))
+                    run = []
+                self.transport.write(piece)
+            else:
+                run.append(piece)
+        if run:
+            self.transport.write(b"".join(run) if len(run) > 1 else run[0])
 
     def _login_timeout(self) -> None:
         self._login_timer = None

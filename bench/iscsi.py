@@ -1,0 +1,203 @@
+"""iSCSI benchmark: ``qemu-img bench`` against thinblock's iSCSI target, tgtd (Debian ``tgt``) on a
+sparse file, and thinblock's own NBD export of the same volume, one after the other in one run.
+
+    .venv/bin/python -m bench.iscsi [--count 20000] [--size 1G] [--workdir DIR]
+
+Profiles (qemu-img bench, queue depth 16, ``-t none -i native`` is not used: the URIs are
+network block devices): 4 KiB random-ish reads and writes (qemu-img bench walks the image
+with a 4 KiB step, wrapping around) and 1 MiB sequential reads and writes.  Every target is
+written once whole before the read profiles, so reads read data, not holes.  The machine this
+runs on is shared and noisy: compare figures of one run, never across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROFILES = [
+    ("4k-read", ["-s", "4k", "-d", "16"], False, 1),
+    ("4k-write", ["-s", "4k", "-d", "16", "-w"], True, 1),
+    ("1m-seq-read", ["-s", "1M", "-S", "1M", "-d", "16"], False, 20),
+    ("1m-seq-write", ["-s", "1M", "-S", "1M", "-d", "16", "-w"], True, 20),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(log: Path, proc: subprocess.Popen[bytes], timeout: float = 60) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"thinblock exited: {log.read_text()[-2000:]}")
+        for line in log.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("event") == "ready":
+                return record
+        time.sleep(0.1)
+    raise RuntimeError("thinblock did not become ready")
+
+
+def bench(uri: str, args: list[str], count: int) -> float:
+    argv = ["qemu-img", "bench", "-f", "raw", "-c", str(count), *args, uri]
+    started = time.monotonic()
+    subprocess.run(argv, check=True, capture_output=True, timeout=600)
+    return time.monotonic() - started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--count", type=int, default=20000, help="4 KiB requests per profile")
+    parser.add_argument("--size", default="1G", help="volume size")
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--output", default=None, help="Markdown file to write (default: print only)")
+    a = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="tb-iscsi-bench-", dir=a.workdir))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        # thinblock: one daemon, NBD and iSCSI on the same volume (RAID 0 for the data path alone)
+        config = work / "thinblock.toml"
+        config.write_text(
+            '[first_start]\npds = 2\npd_size = "4GiB"\nraid = 0\n'
+            f'volume_size = "{a.size}"\ngrowth_increment = "1GiB"\n[iscsi]\nnode_name = "bench"\n'
+        )
+        log = work / "thinblock.log"
+        with log.open("wb") as out:
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "thinblock",
+                        "serve",
+                        "--config",
+                        str(config),
+                        "--data",
+                        str(work / "data"),
+                        "--nbd",
+                        "127.0.0.1:0",
+                        "--api",
+                        "127.0.0.1:0",
+                        "--iscsi",
+                        "127.0.0.1:0",
+                        "--log-format",
+                        "json",
+                    ],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+        ready = wait_ready(log, procs[-1])
+        thinblock_iscsi = f"iscsi://{ready['iscsi']}/iqn.2026-12.org.thinblock:bench:vol0/0"
+        thinblock_nbd = f"{ready['nbd']}/vol0"
+
+        # tgtd on a sparse file of the same size, with its own control port and portal
+        image = work / "tgt.img"
+        with image.open("wb") as f:
+            f.truncate(int(a.size[:-1]) * 1024**3 if a.size.endswith("G") else int(a.size))
+        control, portal = free_port() % 1000 + 3000, free_port()
+        procs.append(
+            subprocess.Popen(
+                ["tgtd", "-f", "-C", str(control), "--iscsi", f"portal=127.0.0.1:{portal}"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        time.sleep(1)
+        tgtadm = ["tgtadm", "-C", str(control), "--lld", "iscsi"]
+        iqn = "iqn.2026-12.org.thinblock:bench-tgtd"
+        subprocess.run([*tgtadm, "--op", "new", "--mode", "target", "--tid", "1", "-T", iqn], check=True)
+        subprocess.run(
+            [*tgtadm, "--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1", "-b", str(image)],
+            check=True,
+        )
+        subprocess.run([*tgtadm, "--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL"], check=True)
+        tgtd_iscsi = f"iscsi://127.0.0.1:{portal}/{iqn}/1"
+
+        targets = [
+            ("thinblock iSCSI", thinblock_iscsi),
+            ("tgtd iSCSI (file)", tgtd_iscsi),
+            ("thinblock NBD", thinblock_nbd),
+        ]
+        results: dict[tuple[str, str], float] = {}
+        for _name, uri in targets:
+            # fill the volume once so that reads read data
+            subprocess.run(
+                [
+                    "qemu-img",
+                    "bench",
+                    "-f",
+                    "raw",
+                    "-w",
+                    "-s",
+                    "1M",
+                    "-S",
+                    "1M",
+                    "-d",
+                    "16",
+                    "-c",
+                    str(int(a.size[:-1]) * 1024 if a.size.endswith("G") else 1024),
+                    uri,
+                ],
+                check=True,
+                capture_output=True,
+                timeout=900,
+            )
+        for profile, args, _write, divisor in PROFILES:
+            for name, uri in targets:
+                count = max(100, a.count // divisor)
+                seconds = bench(uri, args, count)
+                results[(profile, name)] = count / seconds
+        lines = [
+            f"# iSCSI benchmark ({time.strftime('%Y-%m-%d')}, {socket.gethostname()}, {os.cpu_count()} CPUs, shared and noisy)",
+            "",
+            f"`qemu-img bench`, queue depth 16, {a.count} 4 KiB requests and {a.count // 20} 1 MiB requests per profile; "
+            f"one {a.size} volume each, written whole first. Requests per second (higher is better).",
+            "",
+            "| profile | "
+            + " | ".join(n for n, _ in targets)
+            + " | thinblock iSCSI / tgtd | thinblock iSCSI / NBD |",
+            "| --- | " + " | ".join("---" for _ in targets) + " | --- | --- |",
+        ]
+        for profile, *_ in PROFILES:
+            row = [results[(profile, n)] for n, _ in targets]
+            lines.append(
+                f"| {profile} | "
+                + " | ".join(f"{v:,.0f}" for v in row)
+                + f" | {row[0] / row[1]:.2f} | {row[0] / row[2]:.2f} |"
+            )
+        text = "\n".join(lines) + "\n"
+        print(text)
+        if a.output:
+            Path(a.output).write_text(text)
+        return 0
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
