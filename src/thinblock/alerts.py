@@ -31,6 +31,7 @@ CONDITION_KINDS = frozenset(
         AlertKind.POOL_OUT_OF_CHUNKLETS,
         AlertKind.POOL_LIMIT_FORECAST,
         AlertKind.PD_FAILED,
+        AlertKind.PD_HOST_FULL,
         AlertKind.MIRROR_DEGRADED,
         AlertKind.LD_DEGRADED,
         AlertKind.LD_FAILED,

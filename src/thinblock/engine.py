@@ -111,6 +111,7 @@ MAX_NAME = 255
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]*$")
 MAX_VV_SIZE = 1 << 60  # 1 EiB: far past "at least 64 TiB", still exact in every map structure
 REBUILD_STEP = 1 * MiB
+HOST_ROOM_AGAIN = 1 * MiB  # free bytes under a PD that end a pd-host-full alert
 
 
 def _check_name(kind: str, name: object) -> str:
@@ -322,6 +323,41 @@ class Engine:
                 pd.fail(f"identity check: {problem}")
         return len(problems)
 
+    def _pd_host_full(self, pd: PhysicalDisk, message: str) -> None:
+        """A PD's host file system had no room (any thread): an alert, once per episode; the
+        periodic check clears it when room is back.  The PD stays in service."""
+        loop = self._loop
+        if loop is None or self._closed:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not loop:
+            loop.call_soon_threadsafe(self._pd_host_full, pd, message)
+            return
+        try:
+            self.alerts.condition(
+                AlertKind.PD_HOST_FULL,
+                f"pd:{pd.id}",
+                Severity.CRITICAL,
+                f"the host file system under PD {pd.id} ({pd.path}) is full: writes that need new"
+                " space fail with ENOSPC; written data stays readable",
+            )
+        except Exception as exc:  # the store may live on the same full file system
+            log.error("the pd-host-full alert for PD %d could not be stored: %s", pd.id, exc)
+
+    def _clear_host_full(self) -> None:
+        for pd in self.pds.values():
+            obj = f"pd:{pd.id}"
+            if self.alerts.is_open(AlertKind.PD_HOST_FULL, obj):
+                free = pd.host_free_bytes()
+                if free is not None and free >= HOST_ROOM_AGAIN:
+                    try:
+                        self.alerts.clear(AlertKind.PD_HOST_FULL, obj)
+                    except Exception as exc:
+                        log.error("the pd-host-full alert for PD %d could not be cleared: %s", pd.id, exc)
+
     def _schedule_pd_check(self) -> None:
         interval = self.options.pd_check_interval
         if interval > 0 and not self._closed and self._loop is not None:
@@ -333,6 +369,7 @@ class Engine:
             return
         try:
             self.check_pds()
+            self._clear_host_full()
         except Exception:
             log.exception("the periodic PD check failed")
         self._schedule_pd_check()
@@ -453,6 +490,7 @@ class Engine:
         self.pds[pd.id] = pd
         self.chunklets.add_pd(pd, zeroed=zeroed)
         pd.add_failure_listener(self.failures.listener)
+        pd.on_no_space = self._pd_host_full
 
     def _make_pool(self, row: PoolRow) -> Pool:
         pool = Pool(row, meta=self.meta, alerts=self.alerts, chunklets=self.chunklets, ld_registry=self.lds)
@@ -523,7 +561,14 @@ class Engine:
                 self.store.set_meta("clean", "1")
                 await asyncio.get_running_loop().run_in_executor(None, self.store.sync)
             except ThinblockError as exc:  # the store full or gone: the next start is an unclean one
-                log.error("could not mark the metadata store clean: %s", exc)
+                # Every write is durable (the flush succeeded); only the mark is missing, so the
+                # next start re-checks redundancy as after a crash (safe, slower): not a failed stop.
+                log.error(
+                    "could not mark the metadata store clean (%s): all data is flushed; the next start"
+                    " will check free regions and RAID redundancy as after a crash",
+                    exc,
+                    extra={"event": "clean-mark-not-written"},
+                )
         if self._pd_check_timer is not None:
             self._pd_check_timer.cancel()
             self._pd_check_timer = None

@@ -62,6 +62,14 @@ class VolumeGone(ThinblockError):
     http_status = 410
 
 
+class HostOutOfSpace(OutOfSpace):
+    """A PD's file system (the host's, under a PD file) is full: a space condition, not a disk
+    failure.  The write fails with ENOSPC, the PD stays in service (issue 10 case 5)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "pd-host-full")
+
+
 class MediumError(ThinblockError):
     """Unrecoverable I/O error: the data cannot be read or written (too many failed PDs)."""
 

@@ -66,6 +66,7 @@ class AlertKind(enum.StrEnum):
     LD_DEGRADED = "ld-degraded"
     LD_FAILED = "ld-failed"
     REBUILD_DONE = "rebuild-done"
+    PD_HOST_FULL = "pd-host-full"
     MIRROR_DEGRADED = "mirror-degraded"  # the partner is away: write-back volumes write through
     METADATA_STORE_FULL = "metadata-store-full"
     METADATA_UNAVAILABLE = "metadata-unavailable"

@@ -190,7 +190,18 @@ class PDHeaders:
         if count >= 0 and count == self._changes_at_bump:
             return None
         generation = self.generation + 1
-        store.set_meta(GENERATION_KEY, str(generation))
+        try:
+            store.set_meta(GENERATION_KEY, str(generation))
+        except MetadataCorrupt as exc:
+            # The store cannot commit (its file system full, say): the flush goes on -- its data
+            # and every commit that did land are made durable -- and the next flush tries again.
+            # Until one succeeds, a store losing its WAL as well would not be noticed: two faults.
+            log.warning(
+                "the store generation could not be bumped at this flush (%s); the next flush retries",
+                exc,
+                extra={"event": "generation-not-bumped"},
+            )
+            return None
         self._changes_at_bump = store.change_count()
         return generation
 

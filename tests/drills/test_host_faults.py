@@ -46,8 +46,9 @@ REGION = 64 * 1024
 
 
 @contextlib.contextmanager
-def tmpfs(path: Path, size: int) -> Iterator[Path]:
-    """A tmpfs of ``size`` bytes mounted on ``path`` for the block; unmounted after it."""
+def tmpfs(path: Path, size: int, daemon: Daemon | None = None) -> Iterator[Path]:
+    """A tmpfs of ``size`` bytes mounted on ``path`` for the block; unmounted after it (after
+    killing ``daemon`` if it still runs there: a test that failed half-way)."""
     path.mkdir(parents=True, exist_ok=True)
     result = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
@@ -57,6 +58,8 @@ def tmpfs(path: Path, size: int) -> Iterator[Path]:
     try:
         yield path
     finally:
+        if daemon is not None:
+            daemon.kill()
         if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
@@ -275,7 +278,7 @@ def unrecorded_failure_drill(
     figures = Figures("8-host-faults-unrecorded-failure" + ("-killed-full" if kill_while_full else ""))
     daemon = make_daemon("unrecorded-kill" if kill_while_full else "unrecorded", config=CONFIG)
     work = daemon.workdir
-    with tmpfs(daemon.data_dir, 24 * MiB + 4 * size * rounds):
+    with tmpfs(daemon.data_dir, 24 * MiB + 4 * size * rounds, daemon):
         daemon.start()
         daemon.api_ok(
             "POST",
@@ -349,3 +352,88 @@ def test_unrecorded_failure_killed_while_full_short(make_daemon: Callable[..., D
 @pytest.mark.parametrize("kill_while_full", [False, True])
 def test_unrecorded_failure_long(make_daemon: Callable[..., Daemon], kill_while_full: bool) -> None:
     unrecorded_failure_drill(make_daemon, rounds=3, size=8 * MiB, kill_while_full=kill_while_full).report()
+
+
+# --- case 5: the data directory's file system fills up -------------------------------------------
+
+
+def write_result(daemon: Daemon, volume: str, value: int, offset: int, length: int) -> str:
+    result = qemu_io(daemon.uri(volume), f"write -P {value:#04x} {offset} {length}", "flush", check=False)
+    return result.stdout + result.stderr
+
+
+def host_full_drill(
+    make_daemon: Callable[..., Daemon], *, rounds: int, size: int, stop_while_full: bool
+) -> Figures:
+    """The whole data directory (store and both PD files of a RAID 1 pool) on a small tmpfs.  Each
+    round: a pattern written and flushed, the tmpfs filled.  Writes needing new space fail with
+    ENOSPC (not EIO); writes to written regions and reads go on; no PD is failed; a pd-host-full
+    alert is raised.  Space back: the alert clears, fresh writes succeed.  A clean stop (SIGTERM,
+    while full when ``stop_while_full``) exits 0 and the next start is clean."""
+    figures = Figures("8-host-faults-host-full" + ("-stopped-full" if stop_while_full else ""))
+    daemon = make_daemon("full-stop" if stop_while_full else "full", config=CONFIG)
+    with tmpfs(daemon.data_dir, 16 * MiB + 2 * size * rounds, daemon):
+        daemon.start()
+        add_pds(daemon, Standard(count=2, size=8 * size * rounds), daemon.data_dir)
+        # One LD for the whole volume from the first write: the drill is about PD space; the store
+        # needing room for a new LD is issue 10 case 2 (the metadata suites).
+        setup_pool(daemon, "r1", 1, region=REGION, increment=8 * size * rounds)
+        setup_volume(daemon, "v", "r1", 8 * size * rounds)
+        for n in range(rounds):
+            base = 2 * n * size
+            write_flush(daemon, "v", 0x51 + n, base, size)
+            filler = fill(daemon.data_dir)
+            figures.faults += 1
+            # A write needing new regions: ENOSPC, a space condition.
+            out = write_result(daemon, "v", 0x71, base + size, size)
+            assert "No space left on device" in out, out
+            # Written regions take writes; everything written reads back; no PD failed.
+            write_flush(daemon, "v", 0x61 + n, base, size)
+            for m in range(n):
+                read_check(daemon, "v", 0x61 + m, 2 * m * size, size)
+            read_check(daemon, "v", 0x61 + n, base, size)
+            figures.bytes_verified += (n + 1) * size
+            assert set(pd_health(daemon).values()) == {"normal"}
+            assert alert_objects(daemon, "pd-host-full") or any(
+                r.get("event") == "pd-host-full" for r in daemon.log_records()
+            ), "nothing said the host file system was full"
+            if stop_while_full:
+                # Every write flushed: exit 0.  The store, on the full file system too, may not take
+                # the clean mark; then the next start re-checks redundancy (and the log says so).
+                assert daemon.stop() == 0, daemon.log_tail()
+                marked = not any(r.get("event") == "clean-mark-not-written" for r in daemon.log_records())
+                filler.unlink()
+                daemon.start()
+                recovered = any(r.get("event") == "resync-done" for r in daemon.log_records())
+                assert recovered != marked, (
+                    f"clean mark written: {marked}, unclean-start recovery: {recovered}"
+                )
+                figures.notes["clean_mark_written"] = marked
+            else:
+                filler.unlink()
+            # Room again: fresh writes succeed (the alert clears on the next PD check).
+            write_flush(daemon, "v", 0x71, base + size, size)
+            read_check(daemon, "v", 0x71, base + size, size)
+            wait_for(
+                "pd-host-full alerts cleared",
+                lambda: (
+                    not any(a["kind"] == "pd-host-full" and a["state"] != "cleared" for a in daemon.alerts())
+                ),
+            )
+            figures.rounds += 1
+        assert daemon.stop() == 0
+    return figures
+
+
+def test_host_full_short(make_daemon: Callable[..., Daemon]) -> None:
+    host_full_drill(make_daemon, rounds=1, size=4 * MiB, stop_while_full=False).report()
+
+
+def test_host_full_stop_while_full_short(make_daemon: Callable[..., Daemon]) -> None:
+    host_full_drill(make_daemon, rounds=1, size=4 * MiB, stop_while_full=True).report()
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("stop_while_full", [False, True])
+def test_host_full_long(make_daemon: Callable[..., Daemon], stop_while_full: bool) -> None:
+    host_full_drill(make_daemon, rounds=4, size=8 * MiB, stop_while_full=stop_while_full).report()

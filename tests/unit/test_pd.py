@@ -355,3 +355,64 @@ def test_pd_range_translates_offsets(tmp_path: Path) -> None:
         dev.flush()
         with pytest.raises(InvalidArgument):
             pd.as_device(7 * CHUNK, 2 * CHUNK)
+
+
+# --- a full host file system (issue 10 case 5) ---------------------------------------------
+def test_enospc_on_a_write_is_a_space_condition_not_a_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from thinblock.errors import HostOutOfSpace, OutOfSpace
+
+    with open_pd(tmp_path) as pd:
+        pd.pwrite(0, b"\x11" * 4096)
+        told: list[str] = []
+        pd.on_no_space = lambda p, message: told.append(message)
+        real_pwrite = os.pwrite
+
+        def full(fd: int, data: object, offset: int) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "pwrite", full)
+        with pytest.raises(HostOutOfSpace, match="host file system is full") as caught:
+            pd.pwrite(8192, b"x" * 4096)
+        assert isinstance(caught.value, OutOfSpace) and caught.value.reason == "pd-host-full"
+        assert not pd.failed and len(told) == 1
+        monkeypatch.setattr(os, "pwrite", real_pwrite)
+        buf = bytearray(4096)
+        pd.pread_into(0, memoryview(buf))  # what was written stays readable
+        assert buf == b"\x11" * 4096
+
+
+def test_enospc_on_fsync_still_fails_the_pd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under fsync, ENOSPC means written pages were dropped: data lost, the PD is stale."""
+    with open_pd(tmp_path) as pd:
+
+        def full(fd: int) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "fsync", full)
+        with pytest.raises(MediumError):
+            pd.fsync()
+        assert pd.failed
+
+
+def test_allocate_gives_the_range_real_blocks_or_says_the_host_is_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from thinblock.errors import HostOutOfSpace
+
+    with open_pd(tmp_path, size=4 * MiB) as pd:
+        before = os.stat(pd.path).st_blocks
+        pd.allocate(MiB, MiB)
+        assert os.stat(pd.path).st_blocks * 512 >= before * 512 + MiB
+        buf = bytearray(b"\x01" * 4096)
+        pd.pread_into(MiB, memoryview(buf))
+        assert buf == bytes(4096)  # allocated space reads zeros
+
+        def full(fd: int, offset: int, length: int) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(pd_module, "fallocate_space", full)
+        with pytest.raises(HostOutOfSpace):
+            pd.allocate(2 * MiB, MiB)
+        assert not pd.failed

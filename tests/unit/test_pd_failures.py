@@ -126,3 +126,43 @@ async def test_headers_name_the_failed_pds_and_forget_removed_ones(tmp_path: Pat
         assert not any(pd.failed for pd in engine.pds.values())
     finally:
         await engine.close()
+
+
+# --- a full host file system (issue 10 case 5) ---------------------------------------------------
+
+
+async def test_a_full_host_file_system_is_out_of_space_not_a_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from thinblock.errors import OutOfSpace
+    from thinblock.physical import pd as pd_module
+
+    engine = await mirrored(tmp_path)
+    await engine.create_vv("w", pool="p", size=CHUNKLET)
+    vol = engine.volume("w")
+    await vol.write(0, pattern(2, REGION))  # one region assigned before the host fills up
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pd_module, "fallocate_space", full)
+    used = engine.get_pool("p").used
+    with pytest.raises(OutOfSpace, match="host file system") as caught:
+        await vol.write(REGION, pattern(3, REGION))  # needs a new region: refused at assignment
+    assert caught.value.reason == "pd-host-full"
+    assert engine.get_pool("p").used == used, "the refused region stayed assigned"
+    assert not any(pd.failed for pd in engine.pds.values())
+    await vol.write(0, pattern(4, REGION))  # an assigned region takes writes
+    assert bytes(await vol.read(0, REGION)) == pattern(4, REGION)
+    assert bytes(await engine.volume("v").read(0, CHUNKLET)) == pattern(1, CHUNKLET)
+    await asyncio.sleep(0)  # the alert is raised on the loop
+    assert {a.object for a in engine.list_alerts() if a.kind.value == "pd-host-full"}
+    monkeypatch.undo()
+    engine._clear_host_full()  # what the periodic PD check does: room is back
+    assert not [a for a in engine.list_alerts() if a.kind.value == "pd-host-full"]
+    await vol.write(REGION, pattern(3, REGION))
+    await engine.flush_all()
+    assert bytes(await vol.read(REGION, REGION)) == pattern(3, REGION)
+    await engine.close()

@@ -249,3 +249,46 @@ def test_large_requests_with_many_units(tmp_path: Path) -> None:
     ld.write(300, data)
     assert ld.read(300, len(data)) == data
     close_all(pds)
+
+
+@pytest.mark.parametrize(("raid", "k"), [(0, 3), (1, 2), (5, 3)])
+def test_allocate_covers_every_member_byte_a_write_of_the_range_touches(
+    tmp_path: Path, raid: int, k: int
+) -> None:
+    """LogicalDisk.allocate (issue 10 case 5): every chunklet byte a write of the range lands on
+    (data and RAID 5 parity) is allocated beforehand, so the write itself needs no new space."""
+    from thinblock.physical import pd as pd_module
+
+    pds = make_pds(tmp_path, k, chunklets=1, chunklet_size=MiB)
+    ld = LogicalDisk(1, raid, k, 64 * KiB, [[Chunklet(pd, 0) for pd in pds]])
+    allocated: dict[int, set[int]] = {pd.id: set() for pd in pds}
+    written: dict[int, set[int]] = {pd.id: set() for pd in pds}
+    real = pd_module.fallocate_space
+    by_fd = {pd.fd: pd.id for pd in pds}
+
+    def record(fd: int, offset: int, length: int) -> None:
+        allocated[by_fd[fd]].update(range(offset // 4096, (offset + length) // 4096))
+        real(fd, offset, length)
+
+    pd_module.fallocate_space = record  # type: ignore[assignment]
+    try:
+        ld.allocate(96 * KiB, 200 * KiB)
+    finally:
+        pd_module.fallocate_space = real  # type: ignore[assignment]
+    for pd in pds:
+        original = pd.pwrite
+
+        def spy(offset: int, data: object, pd_id: int = pd.id, write=original) -> None:  # type: ignore[no-untyped-def]
+            written[pd_id].update(range(offset // 4096, (offset + len(data)) // 4096))  # type: ignore[arg-type]
+            write(offset, data)
+
+        pd.pwrite = spy  # type: ignore[method-assign]
+        pd.pwritev = (
+            lambda offset, bufs, spy=spy: [  # type: ignore[method-assign]
+                spy(offset + sum(len(b) for b in bufs[:i]), b) for i, b in enumerate(bufs)
+            ]
+        )
+    ld.write(96 * KiB, bytes(range(256)) * (200 * KiB // 256))
+    for pd in pds:
+        assert written[pd.id] <= allocated[pd.id], f"PD {pd.id}: written outside what was allocated"
+        assert written[pd.id], f"PD {pd.id} took no part in the write"

@@ -44,7 +44,7 @@ from collections.abc import Awaitable
 from typing import Protocol
 
 from ..blockdev import Buffer
-from ..errors import MediumError
+from ..errors import MediumError, OutOfSpace
 from ..logical.raid import LogicalDisk
 
 log = logging.getLogger("thinblock.cache")
@@ -250,8 +250,9 @@ class WriteBackCache:
         try:
             for offset, data in region.entries:
                 ld.write(base + offset, data)
-        except MediumError as exc:
-            # The LD lost the data: remember it for the next flush, which must report EIO.
+        except (MediumError, OutOfSpace) as exc:
+            # The LD lost the data (or the host had no room for it: issue 10 case 5): remember it
+            # for the next flush, which must report EIO.
             self.errors.append(f"LD {ld.id}: {exc}")
             log.error("destage failed ld=%d offset=%d error=%s", ld.id, base, exc)
         finally:

@@ -279,6 +279,28 @@ class LogicalDisk:
         if self.write_fence is not None:
             raise MediumError(self.write_fence)
 
+    def allocate(self, offset: int, length: int) -> None:
+        """Give LD range [offset, offset + length) real blocks on every healthy member (data and
+        parity), so that writes into it cannot meet a full host file system later (issue 10
+        case 5).  HostOutOfSpace (an OutOfSpace) when a member's file system is full."""
+        assert offset >= 0 and offset + length <= self._size, (offset, length, self._size)
+        step, k = self.step, self.set_size
+        for r, roff, _pos, n in self._row_spans(offset, length):
+            spans: dict[int, tuple[int, int]] = {}
+            if self.raid is RaidLevel.RAID1:
+                spans = {c: (roff, roff + n) for c in range(k)}
+            elif self.raid is RaidLevel.RAID0:
+                for col, coff, _p, take in self._r0_units(roff, n):
+                    lo, hi = spans.get(col, (coff, coff))
+                    spans[col] = (min(lo, coff), max(hi, coff + take))
+            else:  # every stripe touched, on every column (its parity unit included)
+                s0, s1 = roff // self._stripe_data, -(-(roff + n) // self._stripe_data)
+                spans = {c: (s0 * step, s1 * step) for c in range(k)}
+            pds, bases = self._pds[r], self._bases[r]
+            for col, (lo, hi) in spans.items():
+                if not pds[col].failed:
+                    pds[col].allocate(bases[col] + lo, hi - lo)
+
     # --- offloaded writes (see the module docstring) ------------------------------------
     def submit_write(
         self, offset: int, data: memoryview, submit: Submit

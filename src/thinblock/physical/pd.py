@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable, Sequence
 
 from ..blockdev import Buffer
-from ..errors import InvalidArgument, MediumError
+from ..errors import HostOutOfSpace, InvalidArgument, MediumError
 from ..model import PDHealth
 from ..units import KiB, MiB, format_size
 from . import header as pd_header
@@ -57,6 +57,9 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 # Errors meaning "this file system / device cannot punch holes at all": fall back to
 # writing zeros, and stop trying.
 _NO_PUNCH_ERRNOS = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.ENODEV}
+# The host file system under a PD file is full (or the owner's quota): a space condition, not a
+# disk failure (issue 10 case 5) -- except under fsync, where written data was lost.
+_NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 
 
 class FailureGeneration:
@@ -84,6 +87,15 @@ def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
 
 
 _libc_fallocate = _load_fallocate()
+
+
+def fallocate_space(fd: int, offset: int, length: int) -> None:
+    """``fallocate(fd, 0, offset, length)``: real blocks behind the range; raises OSError."""
+    if _libc_fallocate is None:
+        raise OSError(errno.ENOSYS, "fallocate is not available")
+    if _libc_fallocate(fd, 0, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def fallocate_punch(fd: int, offset: int, length: int) -> None:
@@ -149,7 +161,11 @@ class PhysicalDisk:
         self._inject = False
         self._closed = False
         self._can_punch = True
+        self._can_allocate = not is_block
         self._listeners: list[Callable[[PhysicalDisk, str], None]] = []
+        # Told when the host file system under the PD has no room (ENOSPC, EDQUOT), on the
+        # thread that met it; the PD stays in service.
+        self.on_no_space: Callable[[PhysicalDisk, str], None] | None = None
 
     # --- construction -----------------------------------------------------------------
     @classmethod
@@ -328,9 +344,20 @@ class PhysicalDisk:
             self.fail(f"injected I/O error on {what} at offset {offset}")
         return MediumError(f"PD {self.id} ({self.path}) has failed: {self.failure_reason}")
 
-    def _io_error(self, what: str, offset: int, exc: OSError) -> MediumError:
+    def _io_error(self, what: str, offset: int, exc: OSError) -> MediumError | HostOutOfSpace:
         if self._closed:
             return MediumError(f"PD {self.id} ({self.path}) is closed")
+        if exc.errno in _NO_SPACE_ERRNOS and what != "fsync":
+            # Nothing was lost: this write (or allocation) did not happen, in part or at all, and
+            # the caller is told so; the PD's other data is intact and stays readable.
+            message = f"PD {self.id} ({self.path}): the host file system is full ({what} at offset {offset}: {exc.strerror})"
+            log.warning("%s", message, extra={"event": "pd-host-full", "pd": self.id})
+            if self.on_no_space is not None:
+                try:
+                    self.on_no_space(self, message)
+                except Exception:
+                    log.exception("PD %d no-space listener raised", self.id)
+            return HostOutOfSpace(message)
         self.fail(f"{what} error at offset {offset}: {exc}")
         return MediumError(f"PD {self.id} ({self.path}): {what} error at offset {offset}: {exc.strerror}")
 
@@ -504,6 +531,34 @@ class PhysicalDisk:
             done = os.pwritev(self._fd, rest[:IOV_MAX], offset)
             if done <= 0:
                 raise OSError(errno.ENOSPC, "no progress writing")
+
+    def allocate(self, offset: int, length: int) -> None:
+        """Give ``[offset, offset + length)`` real blocks on the host file system now, so that
+        writes into it cannot meet ENOSPC later (the engine calls it when a region is assigned).
+        HostOutOfSpace when the file system is full; nothing on block devices and file systems
+        without fallocate."""
+        if self._blocked:
+            raise self._refuse("allocate", offset)
+        if not self._can_allocate or length <= 0:
+            return
+        try:
+            fallocate_space(self._fd, offset, length)
+        except OSError as exc:
+            if exc.errno in _NO_PUNCH_ERRNOS or exc.errno == errno.EINVAL:
+                log.info("PD %d (%s) cannot preallocate (%s)", self.id, self.path, exc)
+                self._can_allocate = False
+                return
+            raise self._io_error("allocate", offset, exc) from exc
+
+    def host_free_bytes(self) -> int | None:
+        """Free bytes on the host file system under a PD file (None: a device, or unknown)."""
+        if self.is_block_device or self._closed or self._fd < 0:
+            return None
+        try:
+            st = os.fstatvfs(self._fd)
+        except OSError:
+            return None
+        return st.f_bavail * st.f_frsize
 
     def punch(self, offset: int, length: int) -> None:
         """Make ``[offset, offset + length)`` read as zeros: punch a hole (freeing the space of

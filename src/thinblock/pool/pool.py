@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..alerts import AlertBus
-from ..errors import MediumError, MetadataStoreFull
+from ..errors import HostOutOfSpace, MediumError, MetadataStoreFull
 from ..logical.raid import Chunklet, LogicalDisk, RaidLevel, usable_per_row
 from ..metadata.store import LDRow, PoolRow
 from ..metadata.writer import MetadataWriter
@@ -290,6 +290,20 @@ class Pool:
                 log.exception(
                     "pool '%s': releasing LD region %#x after its last write failed", self.name, packed
                 )
+
+    def provision(self, packed: int) -> SpaceShortage | None:
+        """Make a region just taken real on the host file systems under its LD (``fallocate`` of
+        its byte ranges on every member), before the region is anyone's: a write into an assigned
+        region then cannot meet ENOSPC, and a host file system that is full shows here, as a
+        shortage, rather than as a failed write (issue 10 case 5).  The caller releases the
+        region on a shortage."""
+        slots = self.slots[packed >> REGION_BITS]
+        size = self.row.region_size
+        try:
+            slots.ld.allocate((packed & REGION_MASK) * size, size)
+        except HostOutOfSpace as exc:
+            return SpaceShortage(AlertKind.PD_HOST_FULL, f"pool '{self.row.name}': {exc}")
+        return None
 
     def release(self, packed: int) -> None:
         """Give a region back: zero it now, free it after the next fsync (caller has unmapped it).

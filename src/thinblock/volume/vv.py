@@ -419,6 +419,16 @@ class VirtualVolume:
         if self.deleted:
             self.pool.unreserve([packed])
             raise self._gone()
+        # Real blocks on the host file systems first (issue 10 case 5): a full one is ENOSPC here,
+        # before the region is anyone's, not a failed write into it later.
+        try:
+            shortage = self.pool.provision(packed)
+        except BaseException:
+            self.pool.unreserve([packed])
+            raise
+        if shortage is not None:
+            self.pool.unreserve([packed])
+            raise OutOfSpace(f"VV '{self.row.name}': {shortage.message}", shortage.reason.value)
         committed = self._meta.assign(self.row.id, region, packed >> REGION_BITS, packed & REGION_MASK)
 
         def landed(done: asyncio.Future[None]) -> None:
