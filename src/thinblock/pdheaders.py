@@ -27,7 +27,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .errors import MediumError, MetadataCorrupt
+from .errors import MediumError, MetadataCorrupt, ThinblockError
 from .metadata.store import MetadataStore
 from .physical.header import HeaderError, PDHeader, check_header, new_data_dir_id, read_header
 from .physical.pd import PhysicalDisk
@@ -192,7 +192,7 @@ class PDHeaders:
         generation = self.generation + 1
         try:
             store.set_meta(GENERATION_KEY, str(generation))
-        except MetadataCorrupt as exc:
+        except ThinblockError as exc:  # MetadataStoreFull, MetadataUnavailable, MetadataCorrupt
             # The store cannot commit (its file system full, say): the flush goes on -- its data
             # and every commit that did land are made durable -- and the next flush tries again.
             # Until one succeeds, a store losing its WAL as well would not be noticed: two faults.
