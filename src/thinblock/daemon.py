@@ -346,6 +346,7 @@ class Daemon:
                     io_threads=cfg.io_threads,
                     offload_min_bytes=cfg.offload_min,
                     pd_check_interval=cfg.pd_check_interval,
+                    node_name=cfg.node.name,  # the lease node:NAME in the metadata store
                 ),
                 metadata=cfg.metadata,
             )

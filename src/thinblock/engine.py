@@ -529,8 +529,16 @@ class Engine:
         )
 
     def _metadata_recovered(self) -> None:
+        was_away = self.alerts.is_open(AlertKind.METADATA_UNAVAILABLE, "metadata")
         self.alerts.clear(AlertKind.METADATA_STORE_FULL, "metadata")
         self.alerts.clear(AlertKind.METADATA_UNAVAILABLE, "metadata")
+        if was_away:
+            self.alerts.event(
+                AlertKind.METADATA_RECONNECTED,
+                "metadata",
+                Severity.INFO,
+                f"metadata store {self.store.url} accepts writes again: new regions are assigned again",
+            )
 
     def _lease_lost(self, message: str) -> None:
         self.alerts.condition(AlertKind.LEASE_LOST, f"node:{self.node_name}", Severity.CRITICAL, message)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemon import SMALL_CONFIG, THINBLOCK_MODULE, Daemon, start_daemon, write_config
+from tests.support.stores import StoreBackend
 from thinblock.cli import main as cli_main
 from thinblock.physical.header import HEADER_AREA
 from thinblock.units import GiB, MiB
@@ -22,11 +23,14 @@ from .client_tools import data_extents, nbd_size, qemu_io, run_tool
 pytestmark = pytest.mark.e2e
 
 
-def test_first_start_defaults_then_restart(tmp_path: Path) -> None:
+def test_first_start_defaults_then_restart(tmp_path: Path, backend: StoreBackend) -> None:
     """The issue's first start, with its real defaults (no config file at all): four sparse
     64 GiB file PDs, pool 'default' (RAID 1, region 1 MiB), a 100 GiB thin volume 'vol0' that is
-    the default export, and a log that says where to point qemu-img and nbdinfo."""
-    daemon = start_daemon(tmp_path, config="")
+    the default export, and a log that says where to point qemu-img and nbdinfo.  Then kill -9
+    (what qemu-io wrote and flushed survives), a clean stop, a restart.  On both metadata
+    backends: SQLite in the data directory (no flag), and PostgreSQL (``--metadata URL``)."""
+    args = () if backend.kind == "sqlite" else ("--metadata", backend.url)
+    daemon = start_daemon(tmp_path, config="", args=args)
     try:
         pds = daemon.cli_json("pd", "list")
         assert len(pds) == 4
@@ -60,11 +64,21 @@ def test_first_start_defaults_then_restart(tmp_path: Path) -> None:
         qemu_io(uri, "write -P 0x6b 0 1M", "write -P 0x6c 99G 4k")
         assert daemon.cli_json("vv", "show", "vol0")["allocated"] == 2 * MiB  # thin: two regions
         assert data_extents(uri) == [(0, MiB), (99 * GiB, MiB)]
-        assert daemon.stop() == 0
-        assert daemon.events("engine-closed")
+        daemon.kill()  # kill -9: qemu-io flushed when it closed
+
+        crashed = start_daemon(tmp_path, config="", args=args)
+        try:
+            qemu_io(crashed.uri("vol0"), "read -P 0x6b 0 1M", "read -P 0x6c 99G 4k")
+            assert crashed.stop() == 0
+            assert crashed.events("engine-closed")
+        finally:
+            crashed.kill()
+        check = [*THINBLOCK_MODULE, "check", "--json", "--data", str(daemon.data_dir), *args]
+        report = json.loads(subprocess.run(check, capture_output=True, text=True).stdout)
+        assert report["ok"] and report["counts"]["vv_map"] == 2, report
 
         # A later start reopens what is there: nothing created twice, the data still there.
-        again = start_daemon(tmp_path, config="")
+        again = start_daemon(tmp_path, config="", args=args)
         try:
             assert not again.events("first-start")
             assert len(again.cli_json("pd", "list")) == 4

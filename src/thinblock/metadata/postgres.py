@@ -34,6 +34,7 @@ log = logging.getLogger("thinblock.metadata")
 
 SCHEMA_VERSION = 2  # the same numbering as the SQLite store's: the same tables
 TIMEOUT = 5.0  # seconds to connect, or to wait for a free connection
+DOWN_TIMEOUT = 0.5  # the same while the server is known to be away
 # A session left inside a transaction this long is ended by the server.  Why: a daemon paused
 # (SIGSTOP, a VM frozen) in the middle of a transaction holds its lease row FOR SHARE, and the
 # node taking over would wait for it for as long as the pause lasts.
@@ -82,6 +83,7 @@ class PostgresStore(MetadataStore):
         self.url = redact_url(url)
         self._lease: Lease | None = None
         self._map_cache: np.ndarray | None = None
+        self._down = False
         try:
             # One direct connection first: an unreachable server or a bad URL is one clear error
             # now, not a pool retrying in the background.
@@ -168,13 +170,25 @@ class PostgresStore(MetadataStore):
 
     @contextmanager
     def _conn(self, doing: str) -> Iterator[psycopg.Connection[Any]]:
+        # While the server is known to be away, a call waits a moment for a connection, not
+        # TIMEOUT: some calls run on the event loop (alerts), which must not stall for long.
+        timeout = DOWN_TIMEOUT if self._down else TIMEOUT
         try:
-            with self._pool.connection() as conn:
+            with self._pool.connection(timeout=timeout) as conn:
                 yield conn
         except (psycopg.IntegrityError, LeaseLost):
             raise
         except (psycopg.Error, PoolTimeout) as exc:
-            raise self._error(exc, doing) from exc
+            error = self._error(exc, doing)
+            if isinstance(error, MetadataUnavailable):
+                if not self._down:
+                    log.error("%s", error)
+                self._down = True
+            raise error from exc
+        else:
+            if self._down:
+                self._down = False
+                log.warning("metadata store %s reachable again", self.url)
 
     @contextmanager
     def _read(self) -> Iterator[psycopg.Connection[Any]]:
