@@ -357,3 +357,19 @@ def test_fuzz_mutated_valid_pdus(data: st.DataObject) -> None:
         Opcode.TEXT_RESPONSE,
         Opcode.REJECT,
     }
+
+
+def test_r2t_budget_bounds_the_write_data_a_connection_is_asked_for() -> None:
+    """Three 32 MiB writes: the first two get R2Ts (64 MiB, the budget), the third waits until
+    one of them ends; nothing is allocated for data not received."""
+    core = logged_in()
+    big = 32 * 1024 * 1024
+    cdb = bytes([0x2A] + [0] * 9)
+    for itt, cmdsn in ((21, 1), (22, 2), (23, 3)):
+        core.receive_data(scsi_command(cdb, itt=itt, cmdsn=cmdsn, edtl=big, write=True))
+    r2ts = replies(core)
+    assert [(r.opcode, r.u32(16)) for r in r2ts] == [(Opcode.R2T, 21), (Opcode.R2T, 22)]
+    assert all(len(t.data or b"") == 0 for t in core.tasks.values())
+    core.abort(21)
+    [r2t] = replies(core)
+    assert (r2t.opcode, r2t.u32(16), r2t.u32(40)) == (Opcode.R2T, 23, 0)

@@ -64,6 +64,7 @@ MAX_TRANSFER = 32 * 1024 * 1024  # largest Expected Data Transfer Length accepte
 MAX_TEXT_BYTES = 64 * 1024  # a Login or Text request's keys, across continuation PDUs
 MAX_LOGIN_PDUS = 32  # login requests one connection may send before it must be in full feature
 MAX_PENDING_OUT_OF_ORDER = QUEUE_DEPTH
+MAX_SOLICITED_BYTES = 64 * 1024 * 1024  # write data a connection may be asked for at once (R2T)
 
 
 def sn_lt(a: int, b: int) -> bool:
@@ -122,6 +123,7 @@ class ScsiCommand:
     data_sn: int = 0  # DataSN expected on the next Data-Out of the current sequence
     burst_end: int = 0
     aborted: bool = False
+    budgeted: bool = False  # holds expected_length bytes of the connection's R2T budget
     responses_sent: int = 0  # Data-In and R2T PDUs: the response's ExpDataSN
 
 
@@ -221,6 +223,8 @@ class TargetConnection:
         self.tasks: dict[int, ScsiCommand] = {}  # by ITT: collecting data or executing
         self._out_of_order: dict[int, Pdu] = {}
         self._discard: set[int] = set()  # ITTs whose unsolicited Data-Out is dropped
+        self._budget_used = 0
+        self._r2t_waiting: list[ScsiCommand] = []
         self._closed_reason: str | None = None
         self.pdus_in = 0
 
@@ -755,9 +759,10 @@ class TargetConnection:
                     ),
                 )
                 return
-            task.data = bytearray(edtl)
+            # Grown as data arrives (DataPDUInOrder=Yes: always at the end), never allocated
+            # up front: what a connection holds is what it sent, within the R2T budget.
+            task.data = bytearray(immediate_data)
             n = len(immediate_data)
-            task.data[:n] = immediate_data
             task.received = n
             task.unsolicited_done = not unsolicited_follows
             # unsolicited data ends at FirstBurstLength
@@ -776,6 +781,15 @@ class TargetConnection:
         if task.received >= task.expected_length:
             self._events.append(task)
             return
+        if not task.budgeted:
+            # Solicited data is bounded per connection: a task gets its first R2T only when its
+            # whole transfer fits in the budget (or no other task holds any of it).
+            if self._budget_used and self._budget_used + task.expected_length > MAX_SOLICITED_BYTES:
+                if task not in self._r2t_waiting:
+                    self._r2t_waiting.append(task)
+                return
+            task.budgeted = True
+            self._budget_used += task.expected_length
         length = min(self.params.max_burst_length, task.expected_length - task.received)
         task.ttt = self._new_ttt()
         task.r2t_outstanding = True
@@ -841,7 +855,7 @@ class TargetConnection:
             self._protocol_error(f"DataSN {data_sn}, expected {task.data_sn}", pdu.bhs)
             return
         task.data_sn += 1
-        task.data[offset : offset + n] = data
+        task.data += data
         task.received += n
         if pdu.final or task.received == task.burst_end:
             if not pdu.final:
@@ -862,6 +876,7 @@ class TargetConnection:
         """Send a task's Data-In and SCSI Response (unless it was aborted)."""
         if self.tasks.get(task.itt) is task:
             del self.tasks[task.itt]
+        self._release_budget(task)
         if task.aborted or self.phase is not Phase.FULL_FEATURE:
             return
         data = result.data
@@ -944,10 +959,25 @@ class TargetConnection:
         task = self.tasks.pop(itt, None)
         if task is not None:
             task.aborted = True
+            if task in self._r2t_waiting:
+                self._r2t_waiting.remove(task)
+            self._release_budget(task)
         for sn, queued in list(self._out_of_order.items()):
             if queued.itt == itt:
                 del self._out_of_order[sn]
         return task
+
+    def _release_budget(self, task: ScsiCommand) -> None:
+        if not task.budgeted:
+            return
+        task.budgeted = False
+        self._budget_used -= task.expected_length
+        while self._r2t_waiting and self.phase is Phase.FULL_FEATURE:
+            waiting = self._r2t_waiting[0]
+            if self._budget_used and self._budget_used + waiting.expected_length > MAX_SOLICITED_BYTES:
+                break
+            self._r2t_waiting.pop(0)
+            self._advance_write(waiting)
 
     def task_management_done(self, request: TaskManagement, response: TaskResponse) -> None:
         if self.phase is not Phase.FULL_FEATURE:
