@@ -140,7 +140,9 @@ class Volume(Protocol):
         ...
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
-        """Extents covering at least the first byte of the range, at most ``length`` bytes."""
+        """Extents covering at least the first byte of the range, at most ``length`` bytes.  The
+        one call whose ``length`` may exceed ``maximum_block`` (up to 4 GiB, NBD's u32): the cost
+        must follow the extents, not the bytes."""
         ...
 
     async def cache(self, offset: int, length: int) -> None:

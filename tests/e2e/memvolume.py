@@ -200,6 +200,9 @@ class MemVolume:
         self.flushes += 1
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
+        # The one call that may exceed maximum_block; this toy walks its blocks one by one, so it
+        # describes at most maximum_block bytes (a volume may describe less than was asked).
+        length = min(length, self._capabilities.maximum_block)
         self._check(offset, length)
         await self._maybe_suspend()
         extents: list[Extent] = []
