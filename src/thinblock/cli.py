@@ -236,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-dirty", metavar="SIZE", help="write-back cache bound (default 256MiB)")
     serve.add_argument("--webhook-url", metavar="URL", help="POST alerts here as JSON")
     serve.add_argument(
+        "--pd-allowed-root",
+        metavar="DIR",
+        action="append",
+        help="a directory where file PDs may lie besides the data directory (repeatable; engine.pd_allowed_roots)",
+    )
+    serve.add_argument(
         "--first-start-pd-size", metavar="SIZE", help="size of the PDs a first start creates (default 64GiB)"
     )
     serve.add_argument(
@@ -281,6 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", metavar="PATH")
     p.add_argument("--size", type=_positive_size_arg, help="size of a new file (e.g. 64GiB)")
     p.add_argument("--chunklet-size", type=_positive_size_arg, help="default: the daemon's (256MiB)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="take a block device holding a partition table or file system (asks to type its path)",
+    )
+    p.add_argument(
+        "--confirm", metavar="PATH", help="with --force, without a terminal: the device path again"
+    )
     leaf(pd, "list", "list PDs", cmd_pd_list)
     leaf(pd, "show", "show a PD", cmd_pd_show).add_argument("id", type=_id_arg, metavar="ID")
     leaf(pd, "fail", "mark a PD failed (for drills): its LDs go degraded", cmd_pd_fail).add_argument(
@@ -964,6 +978,16 @@ def cmd_pd_add(ctx: Context) -> None:
         body["size"] = a.size
     if a.chunklet_size is not None:
         body["chunklet_size"] = a.chunklet_size
+    if a.force:
+        confirm = a.confirm
+        if confirm is None and sys.stdin.isatty():
+            ctx.err.print(
+                f"Everything on {path} will be destroyed. Type its path to confirm: ", end="", markup=False
+            )
+            confirm = sys.stdin.readline().strip()
+        body["force"] = True
+        if confirm is not None:
+            body["confirm"] = confirm
     _show(ctx, ctx.call("POST", "/pds", json=body), render_pd)
 
 
@@ -1447,6 +1471,7 @@ def cmd_serve(ctx: Context) -> int:
             max_dirty_bytes=a.max_dirty,
             webhook_url=a.webhook_url,
             first_start_pd_size=a.first_start_pd_size,
+            pd_allowed_roots=a.pd_allowed_root,
             first_start=False if a.no_first_start else None,
             node_name=a.node,
             partner=a.partner,

@@ -39,6 +39,7 @@ Every key has a default, so an empty file (or none) gives a working daemon on lo
     default_cache_mode = "writethrough"
     io_threads = 4                  # threads for large write-through writes; 0: all on the event loop
     offload_min = "128KiB"          # writes (per region) of this size or more go to those threads
+    pd_allowed_roots = []           # directories where file PDs may lie besides data_dir
     pd_check_interval = 5.0         # seconds between checks of every PD's file and header; 0: none
 
     [webhook]
@@ -215,6 +216,7 @@ class Config:
     default_cache_mode: CacheMode = CacheMode.WRITETHROUGH
     io_threads: int = 4
     offload_min: int = 128 * KiB
+    pd_allowed_roots: tuple[Path, ...] = ()
     pd_check_interval: float = 5.0
     webhook: WebhookConfig = field(default_factory=WebhookConfig)
     iscsi: ISCSIConfig = field(default_factory=ISCSIConfig)
@@ -367,6 +369,7 @@ _TABLES = {
         "io_threads",
         "offload_min",
         "pd_check_interval",
+        "pd_allowed_roots",
     },
     "webhook": {"url", "timeout", "max_attempts", "queue_size"},
     "metrics": {"latency_histograms"},
@@ -474,6 +477,11 @@ def parse_config(doc: dict[str, Any], *, base_dir: Path | None = None) -> Config
         changes["io_threads"] = _int(engine["io_threads"], "engine.io_threads", low=0, high=256)
     if "offload_min" in engine:
         changes["offload_min"] = _size(engine["offload_min"], "engine.offload_min")
+    if "pd_allowed_roots" in engine:
+        roots = engine["pd_allowed_roots"]
+        if not isinstance(roots, list) or not all(isinstance(r, str) and r.strip() for r in roots):
+            raise ConfigError(f"engine.pd_allowed_roots: expected a list of directories, not {roots!r}")
+        changes["pd_allowed_roots"] = tuple(path(r, "engine.pd_allowed_roots") for r in roots)
     if "pd_check_interval" in engine:
         changes["pd_check_interval"] = _float(
             engine["pd_check_interval"], "engine.pd_check_interval", low=0, high=3600
@@ -598,7 +606,7 @@ def apply_overrides(cfg: Config, **flags: Any) -> Config:
 
     Accepted: data_dir, metadata, nbd (HOST:PORT or ""), iscsi (HOST:PORT or ""), nbd_unix, api (HOST:PORT), api_token, log_level,
     log_format, default_export, chunklet_size, max_dirty_bytes, webhook_url, first_start_pd_size,
-    first_start (bool)."""
+    first_start (bool), pd_allowed_roots (a list, added to the file's)."""
     changes: dict[str, Any] = {}
     for key, value in flags.items():
         if value is None:
@@ -634,6 +642,8 @@ def apply_overrides(cfg: Config, **flags: Any) -> Config:
             changes[key] = _size(value, "--" + key.replace("_", "-"))
         elif key == "webhook_url":
             changes["webhook"] = replace(cfg.webhook, url=value or None)
+        elif key == "pd_allowed_roots":
+            changes["pd_allowed_roots"] = (*cfg.pd_allowed_roots, *(Path(r).expanduser() for r in value))
         elif key == "first_start_pd_size":
             fs = changes.get("first_start", cfg.first_start)
             changes["first_start"] = replace(fs, pd_size=_size(value, "--first-start-pd-size"))

@@ -347,6 +347,7 @@ class Daemon:
                     offload_min_bytes=cfg.offload_min,
                     pd_check_interval=cfg.pd_check_interval,
                     node_name=cfg.node.name,  # the lease node:NAME in the metadata store
+                    pd_allowed_roots=cfg.pd_allowed_roots,
                 ),
                 metadata=cfg.metadata,
             )

@@ -62,6 +62,7 @@ from .model import (
     VVStats,
 )
 from .pdheaders import PDHeaders, offline_problems
+from .physical.admission import vet_pd_path
 from .physical.header import HEADER_AREA
 from .physical.pd import PhysicalDisk
 from .physical.workers import IOWorkers
@@ -104,6 +105,9 @@ class EngineOptions:
     # two daemons with one store and one node name cannot both serve (metadata/lease.py).
     node_name: str | None = None
     lease_ttl: float = DEFAULT_TTL
+    # Where regular-file PDs may lie besides the data directory (physical/admission.py); None:
+    # anywhere (tests, embedding).  The daemon always sets it (engine.pd_allowed_roots).
+    pd_allowed_roots: tuple[Path, ...] | None = None
 
 
 DEFAULT_SET_SIZE = {0: 2, 1: 2, 5: 4}
@@ -667,12 +671,32 @@ class Engine:
 
     # --- physical disks -------------------------------------------------------------
     async def add_pd(
-        self, path: str | Path, size: int | None = None, chunklet_size: int = DEFAULT_CHUNKLET
+        self,
+        path: str | Path,
+        size: int | None = None,
+        chunklet_size: int = DEFAULT_CHUNKLET,
+        *,
+        force: bool = False,
+        confirm: str | None = None,
     ) -> PDInfo:
-        """Add a file (created sparse at ``size`` if missing) or an existing file/block device."""
+        """Add a file (created sparse at ``size`` if missing), an empty file or a block device;
+        whatever could hurt the host is refused first (physical/admission.py).  ``force`` and
+        ``confirm`` (the device path, typed) take a block device holding a signature."""
         if "\0" in os.fspath(path):
             raise InvalidArgument("a PD path must not contain a NUL byte")
-        path = os.path.abspath(os.fspath(path))
+        admitted = vet_pd_path(
+            os.path.abspath(os.fspath(path)),
+            data_dir=self.data_dir,
+            data_dir_id=self.headers.data_dir_id or None,
+            allowed_roots=self.options.pd_allowed_roots,
+            force=force,
+            confirm=confirm,
+        )
+        path = admitted.path
+        if admitted.empty_file:
+            if size is None:
+                raise InvalidArgument(f"{path} is empty; give a size to use it as a PD")
+            os.truncate(path, HEADER_AREA + size)
         if any(pd.path == path for pd in self.pds.values()):
             raise AlreadyExists(
                 f"{path} is already PD {next(p.id for p in self.pds.values() if p.path == path)}"

@@ -167,7 +167,9 @@ async def failed_disk_drill(
         if method == "io-error":
             fuse = ErrorInjectingFile(work, HEADER_AREA + BIG_PD)  # the PD header's area, then chunklets
             fuse.start()
-            daemon.api_ok("POST", "/pds", {"path": str(fuse.path), "size": BIG_PD, "chunklet_size": MiB})
+            # A FUSE file reports no holes: it reads as "data", so it is taken with the typed path.
+            body = {"path": str(fuse.path), "size": BIG_PD, "chunklet_size": MiB}
+            daemon.api_ok("POST", "/pds", {**body, "force": True, "confirm": str(fuse.path)})
             add_pds(daemon, Standard(count=4, size=SMALL_PD), work, first=1)
         else:
             add_pds(daemon, Standard(sizes=[BIG_PD] + [SMALL_PD] * 4), work)

@@ -224,3 +224,29 @@ def test_rebuild_after_a_pd_failure(daemon: Daemon) -> None:
     assert daemon.cli_json("status")["lds_degraded"] == 0
     nothing = daemon.cli("rebuild")
     assert nothing.code == 0 and "nothing to rebuild" in nothing.out
+
+
+def test_pd_add_cannot_hurt_the_host(daemon: Daemon, tmp_path: Path) -> None:
+    """Through the CLI and the API as an administrator would type it (physical/admission.py)."""
+    host_file = tmp_path / "host.conf"
+    host_file.write_bytes(b"# a host's configuration\n" * 100_000)
+    before = host_file.read_bytes()
+    link = daemon.data_dir / "pd-link.img"
+    link.symlink_to(host_file)
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.img"
+    cases = {
+        str(host_file): "holds data and is not a thinblock PD",
+        str(link): "a PD may be a symlink only to a block device",
+        str(outside): "outside the data directory and the allowed roots",
+        "/dev/thinblock-e2e-no-such-disk": "must exist already",
+    }
+    for path, reason in cases.items():
+        refused = daemon.cli("pd", "add", path, "--size", "64MiB")
+        assert refused.code == 1 and reason in refused.err, (path, refused.err)
+    # A relative path is the data directory's: it cannot climb out of it.
+    status, doc = daemon.api_request("POST", "/pds", {"path": "../../escaped.img", "size": "64MiB"})
+    assert status == 400 and "outside the data directory" in doc["error"]
+    assert host_file.read_bytes() == before
+    assert not outside.exists() and not Path("/dev/thinblock-e2e-no-such-disk").exists()
+    assert not (daemon.data_dir.parent.parent / "escaped.img").exists()
+    assert len(daemon.cli_json("pd", "list")) == 4

@@ -225,6 +225,8 @@ class Daemon:
         if self.config_path is not None:
             argv += ["--config", str(self.config_path)]
         argv += ["--data", str(self.data_dir), "--nbd", f"{LOOPBACK}:0", "--api", f"{LOOPBACK}:0"]
+        # Tests keep PD files in their work directory, beside the data directory.
+        argv += ["--pd-allowed-root", str(self.workdir)]
         if self.log_format is not None:
             argv += ["--log-format", self.log_format]
         return [*argv, *self.args]

@@ -73,12 +73,18 @@ async def test_released_chunklets_are_zeroed_and_fsynced_before_reuse(
 
 
 async def test_chunklets_of_an_existing_pd_file_are_zeroed(tmp_path: Path, fsyncs: list[int]) -> None:
-    for i in range(2):
-        # a file full of someone's data (its first HEADER_AREA bytes become the PD header)
-        (tmp_path / f"old{i}.img").write_bytes(b"\xee" * (HEADER_AREA + MiB))
+    # A PD file taken back after `pd remove` (a host file with data is refused outright:
+    # physical/admission.py): its header is this data directory's, its chunklets hold old data.
     engine = await make_engine(tmp_path, pds=0)
-    for i in range(2):
-        await engine.add_pd(tmp_path / f"old{i}.img", chunklet_size=CHUNKLET)
+    paths = [tmp_path / f"old{i}.img" for i in range(2)]
+    for path in paths:
+        pd = await engine.add_pd(path, MiB, chunklet_size=CHUNKLET)
+        await engine.remove_pd(pd.id)
+        with path.open("r+b") as f:
+            f.seek(HEADER_AREA)
+            f.write(b"\xee" * MiB)
+    for path in paths:
+        await engine.add_pd(path, chunklet_size=CHUNKLET)
     await make_pool(engine)
     await engine.create_vv("v", pool="p", size=MiB)
     fsyncs.clear()

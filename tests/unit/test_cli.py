@@ -483,3 +483,13 @@ def test_tables_fit_80_columns_without_breaking_words() -> None:
                  "OVERCOMMIT", "CLIENTS", "'database-volume-01'", "allocation"):  # fmt: skip
         assert word in text, word
     assert "…" not in text
+
+
+def test_pd_add_force_sends_the_typed_confirmation(tmp_path: Path) -> None:
+    pd = {"id": 1, "path": "/dev/loop7", "size": GiB, "chunklet_size": 256 * MiB,
+          "chunklets": 4, "chunklets_used": 0, "chunklets_free": 4, "health": "normal"}  # fmt: skip
+    api = FakeApi({("POST", "/api/v1/pds"): (201, pd)})
+    assert run(["pd", "add", "/dev/loop7", "--force", "--confirm", "/dev/loop7"], api)[0] == 0
+    assert api.body() == {"path": "/dev/loop7", "force": True, "confirm": "/dev/loop7"}
+    assert run(["pd", "add", "/dev/loop7"], api)[0] == 0
+    assert api.body() == {"path": "/dev/loop7"}

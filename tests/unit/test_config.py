@@ -257,3 +257,21 @@ def test_node_pair_mistakes_name_the_key(doc: dict[str, object], message: str) -
     with pytest.raises(ConfigError) as info:
         parse_config(doc).validate()
     assert message in str(info.value)
+
+
+def test_pd_allowed_roots_and_api_tls(tmp_path: Path) -> None:
+    cfg = parse_config(
+        {
+            "engine": {"pd_allowed_roots": ["disks", "/srv/pds"]},
+            "api": {"tls_cert": "c.pem", "tls_key": "k.pem", "allowed_hosts": ["Thinblock.example"]},
+        },
+        base_dir=tmp_path,
+    )
+    assert cfg.pd_allowed_roots == (tmp_path / "disks", Path("/srv/pds"))
+    assert (cfg.api_tls_cert, cfg.api_tls_key) == (tmp_path / "c.pem", tmp_path / "k.pem")
+    assert cfg.api_allowed_hosts == ("thinblock.example",)
+    assert apply_overrides(cfg, pd_allowed_roots=["/more"]).pd_allowed_roots[-1] == Path("/more")
+    with pytest.raises(ConfigError, match="pd_allowed_roots: expected a list"):
+        parse_config({"engine": {"pd_allowed_roots": "/srv"}})
+    with pytest.raises(ConfigError, match="go together"):
+        parse_config({"api": {"tls_cert": "c.pem"}}).validate()

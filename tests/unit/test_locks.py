@@ -15,6 +15,7 @@ import pytest
 from tests.engine_helpers import make_engine
 from thinblock.engine import Engine, EngineOptions
 from thinblock.errors import Conflict, InvalidArgument
+from thinblock.physical.pd import PhysicalDisk
 from thinblock.units import MiB
 
 OPTIONS = EngineOptions(allow_tiny_chunklets=True)
@@ -59,13 +60,19 @@ async def test_the_lock_dies_with_the_process(tmp_path: Path) -> None:
 
 
 async def test_a_pd_of_another_engine_is_refused(tmp_path: Path) -> None:
+    """Its header names the other data directory (physical/admission.py): refused while that
+    engine runs and after it closed.  The PD file lock still guards a PD against a second
+    opener (a copy of the store, the same data directory id)."""
     a = await make_engine(tmp_path / "a", pds=1, pd_size=MiB)
     b = await Engine.open(tmp_path / "b", OPTIONS)
     taken = a.list_pds()[0].path
-    with pytest.raises(InvalidArgument, match="is in use"):
+    with pytest.raises(InvalidArgument, match="of another data directory"):
         await b.add_pd(taken, chunklet_size=64 * 1024)
     assert b.list_pds() == []
+    with pytest.raises(InvalidArgument, match="is in use"):
+        PhysicalDisk.open(0, taken, size=None, chunklet_size=64 * 1024, create=False, allow_tiny=True)
     await a.close()
-    info = await b.add_pd(taken, chunklet_size=64 * 1024)  # free once its engine closed
-    assert info.path == taken
+    with pytest.raises(InvalidArgument, match="of another data directory"):
+        await b.add_pd(taken, chunklet_size=64 * 1024)
+    assert b.list_pds() == []
     await b.close()

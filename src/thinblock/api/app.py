@@ -156,6 +156,12 @@ class PDCreate(_Request):
     )
     size: Size | None = Field(default=None, description="required when the file does not exist")
     chunklet_size: Size | None = Field(default=None, description="default: the daemon's engine.chunklet_size")
+    force: bool = Field(
+        default=False, description="take a block device that holds a partition table or file system"
+    )
+    confirm: Annotated[str, StringConstraints(max_length=4096)] | None = Field(
+        default=None, description="with force: the device path, typed again"
+    )
 
     model_config = ConfigDict(
         extra="forbid", json_schema_extra={"examples": [{"path": "/srv/thinblock/pd4.img", "size": "64GiB"}]}
@@ -757,10 +763,14 @@ def _router(ctx: ApiContext) -> APIRouter:
         if not path.is_absolute() and node.data_dir is not None:
             path = node.data_dir / path
         chunklet = body.chunklet_size or node.default_chunklet_size
-        if chunklet is None:
-            pd = await _os_errors_are_bad_input(engine.add_pd(path, body.size), path)
-        else:
-            pd = await _os_errors_are_bad_input(engine.add_pd(path, body.size, chunklet), path)
+        add = engine.add_pd(
+            path,
+            body.size,
+            *([chunklet] if chunklet is not None else []),
+            force=body.force,
+            confirm=body.confirm,
+        )
+        pd = await _os_errors_are_bad_input(add, path)
         return PDOut(**asdict(pd))
 
     @router.get("/pds/{pd_id}", tags=["pds"])
