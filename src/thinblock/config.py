@@ -12,6 +12,10 @@ Every key has a default, so an empty file (or none) gives a working daemon on lo
     listen = "127.0.0.1:10809"      # "" to disable TCP
     unix_socket = ""                # e.g. "/run/thinblock/nbd.sock"
     default_export = "vol0"         # the volume a client gets with an empty export name; "" for none
+    tls = "off"                     # off, allowed (STARTTLS at the client's choice), required
+    tls_cert = ""                   # PEM server certificate (chain) for STARTTLS
+    tls_key = ""                    # its PEM private key
+    tls_ca = ""                     # PEM CA: clients must present a certificate it signed
 
     [iscsi]                         # off unless listen is set (or --iscsi HOST:PORT)
     listen = ""                     # e.g. "0.0.0.0:3260" (port 3260 when omitted)
@@ -90,6 +94,7 @@ DEFAULT_MIRROR_PORT = 10810
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("logfmt", "json")
 EVENT_LOOPS = ("uvloop", "asyncio")
+NBD_TLS_MODES = ("off", "allowed", "required")
 
 
 class ConfigError(InvalidArgument):
@@ -204,6 +209,10 @@ class Config:
     nbd_listen: Listen | None = field(default_factory=lambda: Listen("127.0.0.1", DEFAULT_NBD_PORT))
     nbd_unix_socket: Path | None = None
     default_export: str | None = "vol0"
+    nbd_tls: str = "off"
+    nbd_tls_cert: Path | None = None
+    nbd_tls_key: Path | None = None
+    nbd_tls_ca: Path | None = None
     api_listen: Listen = field(default_factory=lambda: Listen("127.0.0.1", DEFAULT_API_PORT))
     api_token: str | None = None
     api_require_token: bool = False
@@ -243,6 +252,10 @@ class Config:
                 f"the API listens on {self.api_listen} ({where}): set api.token in the config file "
                 "(or --api-token, or the THINBLOCK_API_TOKEN environment variable) so that it is not open to anyone"
             )
+        if self.nbd_tls != "off" and (self.nbd_tls_cert is None or self.nbd_tls_key is None):
+            raise ConfigError(f"nbd.tls = {self.nbd_tls!r} needs nbd.tls_cert and nbd.tls_key")
+        if self.nbd_tls_ca is not None and self.nbd_tls == "off":
+            raise ConfigError("nbd.tls_ca is set but nbd.tls is off: set nbd.tls to allowed or required")
         if (self.api_tls_cert is None) != (self.api_tls_key is None):
             raise ConfigError("api.tls_cert and api.tls_key go together: give both or neither")
         if self.nbd_listen is None and self.nbd_unix_socket is None:
@@ -349,7 +362,7 @@ def _table(doc: dict[str, Any], name: str, known: set[str]) -> dict[str, Any]:
 
 _TOP_KEYS = {"data_dir", "metadata", "log_level", "log_format", "event_loop"}
 _TABLES = {
-    "nbd": {"listen", "unix_socket", "default_export"},
+    "nbd": {"listen", "unix_socket", "default_export", "tls", "tls_cert", "tls_key", "tls_ca"},
     "api": {"listen", "token", "require_token", "tls_cert", "tls_key", "allowed_hosts"},
     "iscsi": {
         "listen",
@@ -417,6 +430,12 @@ def parse_config(doc: dict[str, Any], *, base_dir: Path | None = None) -> Config
         changes["nbd_unix_socket"] = path(sock, "nbd.unix_socket") if sock else None
     if "default_export" in nbd:
         changes["default_export"] = _optional_str(nbd["default_export"], "nbd.default_export")
+    if "tls" in nbd:
+        changes["nbd_tls"] = _choice(nbd["tls"], "nbd.tls", NBD_TLS_MODES)
+    for key in ("tls_cert", "tls_key", "tls_ca"):
+        if key in nbd:
+            given = _optional_str(nbd[key], f"nbd.{key}")
+            changes[f"nbd_{key}"] = path(given, f"nbd.{key}") if given else None
 
     iscsi = tables["iscsi"]
     icfg = cfg.iscsi

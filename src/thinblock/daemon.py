@@ -25,6 +25,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Iterator
@@ -489,7 +490,24 @@ class Daemon:
                     extra={"event": "default-export-missing", "vv": default_export},
                 )
         assert self.engine is not None
-        self.nbd = NBDServer(provider, default_export=default_export, sessions=self.engine.sessions)
+        from .nbd.protocol import TLSMode
+        from .nbd.tls import TLSSettings, server_context
+
+        tls_mode = TLSMode(cfg.nbd_tls)
+        tls_context = None
+        if tls_mode is not TLSMode.OFF:
+            settings = TLSSettings(tls_mode, cfg.nbd_tls_cert, cfg.nbd_tls_key, cfg.nbd_tls_ca)
+            try:
+                tls_context = server_context(settings)
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                raise StartupError(f"cannot set up TLS for NBD: {exc}") from None
+        self.nbd = NBDServer(
+            provider,
+            default_export=default_export,
+            sessions=self.engine.sessions,
+            tls_mode=tls_mode,
+            tls_context=tls_context,
+        )
         host = cfg.nbd_listen.host if cfg.nbd_listen else None
         port = cfg.nbd_listen.port if cfg.nbd_listen else None
         unix_path = str(cfg.nbd_unix_socket) if cfg.nbd_unix_socket else None
@@ -549,7 +567,8 @@ class Daemon:
         cfg = self.cfg
         if cfg.nbd_listen is None or self.nbd is None or self.nbd.port is None:
             return None
-        return f"nbd://{cfg.nbd_listen.url_host()}:{self.nbd.port}"
+        scheme = "nbds" if cfg.nbd_tls == "required" else "nbd"
+        return f"{scheme}://{cfg.nbd_listen.url_host()}:{self.nbd.port}"
 
     def _log_ready(self, api_url: str) -> None:
         cfg = self.cfg

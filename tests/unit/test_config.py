@@ -275,3 +275,19 @@ def test_pd_allowed_roots_and_api_tls(tmp_path: Path) -> None:
         parse_config({"engine": {"pd_allowed_roots": "/srv"}})
     with pytest.raises(ConfigError, match="go together"):
         parse_config({"api": {"tls_cert": "c.pem"}}).validate()
+
+
+def test_nbd_tls_settings(tmp_path: Path) -> None:
+    cfg = parse_config(
+        {"nbd": {"tls": "Required", "tls_cert": "s.pem", "tls_key": "k.pem", "tls_ca": "ca.pem"}},
+        base_dir=tmp_path,
+    ).validate()
+    assert (cfg.nbd_tls, cfg.nbd_tls_cert, cfg.nbd_tls_ca) == (
+        "required",
+        tmp_path / "s.pem",
+        tmp_path / "ca.pem",
+    )
+    with pytest.raises(ConfigError, match=r"needs nbd\.tls_cert and nbd\.tls_key"):
+        parse_config({"nbd": {"tls": "allowed"}}).validate()
+    with pytest.raises(ConfigError, match=r"nbd\.tls: expected one of off, allowed, required"):
+        parse_config({"nbd": {"tls": "yes"}})

@@ -283,6 +283,24 @@ class OptionRequest:
     detail: str = ""
 
 
+class TLSMode(enum.Enum):
+    """The spec's server modes: OFF is NOTLS, REQUIRED is FORCEDTLS, ALLOWED is SELECTIVETLS
+    with no TLS-only export (TLS at the client's choice; per-export policy is the ACL's)."""
+
+    OFF = "off"
+    ALLOWED = "allowed"
+    REQUIRED = "required"
+
+
+@dataclass(frozen=True, slots=True)
+class StartTLS:
+    """The client asked for TLS and the core acknowledged it (the ACK is in ``data_to_send()``).
+    The application sends that ACK, performs the TLS handshake on the connection, then calls
+    ``tls_started()``; until then the core takes no more input ("After an NBD_REP_ACK reply has
+    been sent, the server MUST be prepared for a TLS handshake, and all further data MUST be sent
+    and received over TLS")."""
+
+
 @dataclass(frozen=True, slots=True)
 class ExportChosen:
     """Negotiation is over (NBD_OPT_GO acknowledged, or NBD_OPT_EXPORT_NAME answered):
@@ -337,7 +355,16 @@ class ProtocolError:
     reason: str
 
 
-Event = NeedData | OptionRequest | ExportChosen | Request | RequestRejected | ConnectionClosed | ProtocolError
+Event = (
+    NeedData
+    | OptionRequest
+    | StartTLS
+    | ExportChosen
+    | Request
+    | RequestRejected
+    | ConnectionClosed
+    | ProtocolError
+)
 
 
 class ReplyError(ValueError):
@@ -519,6 +546,7 @@ def encode_option(option: int, payload: Buffer = b"") -> bytes:
 class _State(enum.Enum):
     CLIENT_FLAGS = "waiting for client flags"
     OPTIONS = "option haggling"
+    TLS_HANDSHAKE = "TLS handshake"
     TRANSMISSION = "transmission"
     CLOSED = "closed"
 
@@ -559,8 +587,11 @@ class ServerConnection:
         max_option_length: int = DEFAULT_MAX_OPTION_LENGTH,
         max_options: int = DEFAULT_MAX_OPTIONS,
         max_discard: int = DEFAULT_MAX_DISCARD,
+        tls: TLSMode = TLSMode.OFF,
     ) -> None:
         self._list_exports = list_exports
+        self.tls_mode = tls
+        self.tls_active = False  # the TLS handshake completed (tls_started)
         self._lookup_export = lookup_export
         self._default_export = default_export
         self._max_option_length = max_option_length
@@ -608,6 +639,21 @@ class ServerConnection:
     @property
     def in_transmission(self) -> bool:
         return self._state is _State.TRANSMISSION
+
+    def tls_started(self) -> None:
+        """The TLS handshake that ``StartTLS`` asked for completed: option haggling goes on,
+        encrypted, from a clean slate ("the server MUST NOT preserve any negotiation state
+        (such as a request for NBD_OPT_STRUCTURED_REPLY, or metadata contexts from
+        NBD_OPT_SET_META_CONTEXT) issued before this command")."""
+        if self._state is not _State.TLS_HANDSHAKE:
+            raise RuntimeError(f"tls_started() in state {self._state.value}")
+        if self._end > self._start:
+            self._fail("plaintext data during the TLS handshake")
+            return
+        self.tls_active = True
+        self.structured_replies = False
+        self._meta_export = None
+        self._state = _State.OPTIONS
 
     @property
     def buffered_bytes(self) -> int:
@@ -708,6 +754,12 @@ class ServerConnection:
                 return self._next_request()
             if self._state is _State.OPTIONS:
                 return self._next_option()
+            if self._state is _State.TLS_HANDSHAKE:
+                if self._end > self._start or self._payload is not None:
+                    # Plaintext that reached the core while TLS was being set up must never be
+                    # taken as options (the STARTTLS command injection problem of other protocols).
+                    return self._fail("plaintext data during the TLS handshake")
+                return NEED_DATA  # the application owns the connection until tls_started()
             return self._next_client_flags()
         except Exception as exc:  # a bug must cost only this connection
             return self._fail(f"internal error while parsing: {exc!r}")
@@ -799,12 +851,25 @@ class ServerConnection:
         self._outbox.append(encode_option_reply(option, reply, payload))
 
     def _handle_option(self, option: int, data: bytes) -> Event:
-        if option == Option.EXPORT_NAME:
-            return self._opt_export_name(data)
         if option == Option.ABORT:
             # "The server MUST reply with NBD_REP_ACK" ... "a server SHOULD ignore any data sent".
             self._reply(option, OptionReply.ACK)
             return self._close("client sent NBD_OPT_ABORT")
+        if option == Option.STARTTLS and self.tls_mode is not TLSMode.OFF:
+            return self._opt_starttls(data)
+        if self.tls_mode is TLSMode.REQUIRED and not self.tls_active:
+            # FORCEDTLS: "If the server receives a request to enter transmission mode via
+            # NBD_OPT_EXPORT_NAME when TLS has not been initiated, then as this request cannot
+            # error, it MUST terminate the session."
+            if option == Option.EXPORT_NAME:
+                return self._fail("NBD_OPT_EXPORT_NAME without TLS, which this server requires")
+            # "If the server receives any other option, including NBD_OPT_INFO and unsupported
+            # options, it MUST reply with NBD_REP_ERR_TLS_REQD if TLS has not been initiated".
+            message = "TLS is required: send NBD_OPT_STARTTLS first"
+            self._outbox.append(encode_option_error(option, OptionReply.ERR_TLS_REQD, message))
+            return OptionRequest(_option_or_int(option), OptionReply.ERR_TLS_REQD, detail=message)
+        if option == Option.EXPORT_NAME:
+            return self._opt_export_name(data)
         try:
             if option in (Option.INFO, Option.GO):
                 return self._opt_info_go(Option(option), data)
@@ -826,6 +891,27 @@ class ServerConnection:
         message = f"option {_name_of(Option, option)} is not supported"
         self._outbox.append(encode_option_error(option, OptionReply.ERR_UNSUP, message))
         return OptionRequest(_option_or_int(option), OptionReply.ERR_UNSUP, detail=message)
+
+    def _opt_starttls(self, data: bytes) -> Event:
+        if self.tls_active:
+            # "If the server receives NBD_OPT_STARTTLS when TLS has already been negotiated, it
+            # MUST reply with NBD_REP_ERR_INVALID."
+            message = "TLS is already active"
+            self._outbox.append(encode_option_error(Option.STARTTLS, OptionReply.ERR_INVALID, message))
+            return OptionRequest(Option.STARTTLS, OptionReply.ERR_INVALID, detail=message)
+        if data:
+            # "The client MUST NOT send any additional data with the option" (NBD_REP_ERR_INVALID
+            # "if the client included data").
+            message = "NBD_OPT_STARTTLS carries no data"
+            self._outbox.append(encode_option_error(Option.STARTTLS, OptionReply.ERR_INVALID, message))
+            return OptionRequest(Option.STARTTLS, OptionReply.ERR_INVALID, detail=message)
+        if self._end > self._start:
+            # Bytes after STARTTLS, before our ACK: the client did not wait for the reply, and
+            # what it sent cannot be handed to the TLS layer (the core has consumed it).
+            return self._fail("data after NBD_OPT_STARTTLS before its reply")
+        self._reply(Option.STARTTLS, OptionReply.ACK)
+        self._state = _State.TLS_HANDSHAKE
+        return StartTLS()
 
     def _resolve(self, name: str) -> ExportInfo | None:
         """Look an export up; "" selects the default export "(if any)"."""

@@ -43,6 +43,7 @@ import itertools
 import logging
 import os
 import socket
+import ssl
 import stat
 from collections.abc import Callable, Coroutine, Iterator
 from functools import partial
@@ -74,7 +75,10 @@ from .protocol import (
     Request,
     RequestRejected,
     ServerConnection,
+    StartTLS,
+    TLSMode,
 )
+from .tls import peer_subject
 
 log = logging.getLogger("thinblock.nbd")
 
@@ -143,7 +147,13 @@ class NBDServer:
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
         sessions: SessionRegistry | None = None,
+        tls_mode: TLSMode = TLSMode.OFF,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
+        if tls_mode is not TLSMode.OFF and tls_context is None:
+            raise ValueError(f"TLS mode {tls_mode.value} needs an ssl context")
+        self.tls_mode = tls_mode
+        self.tls_context = tls_context
         self.provider = provider
         # Where each connection that chose an export is registered (the engine's, so that a
         # volume delete knows its clients); a registry of its own when none is given.
@@ -315,6 +325,7 @@ class NBDServer:
             list_exports=self._list_exports,
             lookup_export=self._lookup_export,
             default_export=self.default_export,
+            tls=self.tls_mode,
         )
 
 
@@ -329,6 +340,8 @@ class _Connection(asyncio.BufferedProtocol):
         self.session: Session | None = None
         self.transport: asyncio.Transport | None = None
         self.core = server._new_core()
+        self.tls_subject: str | None = None  # the verified client certificate's subject
+        self._tls_task: asyncio.Task[None] | None = None
         self.volume: Volume | None = None
         self._max_block = 0
         self._in_flight = 0
@@ -397,6 +410,8 @@ class _Connection(asyncio.BufferedProtocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._lost:
+            return  # (a failed TLS handshake may report it twice)
         self._lost = True
         self._closing = True
         self.server._connections.discard(self)
@@ -459,6 +474,9 @@ class _Connection(asyncio.BufferedProtocol):
                     log.debug("client %s: %s", self.peer, event, extra={"event": "nbd-option"})
                 elif kind is ExportChosen:
                     self._export_chosen(event)  # type: ignore[arg-type]
+                elif kind is StartTLS:
+                    self._begin_tls()
+                    break
                 elif kind is ConnectionClosed:
                     self._client_closed(event)  # type: ignore[arg-type]
                     break
@@ -477,6 +495,53 @@ class _Connection(asyncio.BufferedProtocol):
             self._processing = False
         self._flush_core()
         self._flush_out()
+
+    def _begin_tls(self) -> None:
+        """STARTTLS acknowledged: send the ACK, stop reading plaintext, hand the socket to TLS."""
+        self._flush_core()
+        self._flush_out()
+        self._pause_reading()
+        self._tls_task = asyncio.ensure_future(self._start_tls())
+
+    async def _start_tls(self) -> None:
+        transport = self.transport
+        assert transport is not None and self.server.tls_context is not None
+        try:
+            tls_transport = await asyncio.get_running_loop().start_tls(
+                transport,
+                self,
+                self.server.tls_context,
+                server_side=True,
+                ssl_handshake_timeout=self.server.handshake_timeout,
+            )
+        except (TimeoutError, OSError, ssl.SSLError, ConnectionError, RuntimeError) as exc:
+            self._log_once(
+                "tls-failed",
+                logging.WARNING,
+                "client %s: TLS handshake failed: %s",
+                self.peer,
+                exc or type(exc).__name__,
+            )
+            self._closing = True
+            if not transport.is_closing():
+                transport.abort()
+            asyncio.get_running_loop().call_soon(self.connection_lost, None)
+            return
+        if self._lost or tls_transport is None:
+            if tls_transport is not None:
+                tls_transport.abort()
+            return
+        self.transport = cast(asyncio.Transport, tls_transport)
+        self._reading_paused = False  # start_tls resumed reading, now through TLS
+        self.tls_subject = peer_subject(tls_transport.get_extra_info("ssl_object"))
+        log.debug(
+            "client %s: TLS %s",
+            self.peer,
+            self.tls_subject or "without a client certificate",
+            extra={"event": "nbd-tls"},
+        )
+        self.core.tls_started()
+        self._process()
 
     def _flush_core(self) -> None:
         out = self.core.data_to_send()
