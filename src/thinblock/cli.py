@@ -893,7 +893,13 @@ def render_status(s: dict[str, Any]) -> Table:
             (
                 "NBD",
                 f"{where or '-'}"
-                + (f", default export {nbd['default_export']}" if nbd.get("default_export") else ""),
+                + (f", default export {nbd['default_export']}" if nbd.get("default_export") else "")
+                + (f", TLS {nbd['tls']}" if nbd.get("tls", "off") != "off" else "")
+                + (
+                    " [red](beyond loopback without TLS: open to anyone who reaches it)[/]"
+                    if nbd.get("exposed_without_tls")
+                    else ""
+                ),
             ),
             ("PDs", f"{s['pds']}" + (f" ([red]{s['pds_failed']} failed[/])" if s["pds_failed"] else "")),
             (

@@ -404,6 +404,8 @@ class Daemon:
                 iscsi_sessions=self.iscsi.sessions if self.iscsi is not None else None,
                 nbd_uri=self.nbd_uri,
                 nbd_unix_socket=str(cfg.nbd_unix_socket) if cfg.nbd_unix_socket else None,
+                nbd_tls=cfg.nbd_tls,
+                nbd_exposed_without_tls=self._nbd_exposed_without_tls(),
                 default_export=cfg.default_export,
                 data_dir=data_dir.resolve(),
                 default_chunklet_size=cfg.chunklet_size,
@@ -501,6 +503,13 @@ class Daemon:
                 tls_context = server_context(settings)
             except (OSError, ssl.SSLError, ValueError) as exc:
                 raise StartupError(f"cannot set up TLS for NBD: {exc}") from None
+        if self._nbd_exposed_without_tls():
+            log.warning(
+                "NBD listens on %s without required TLS: anyone who reaches it can read and write "
+                'every volume (set nbd.tls = "required" with a certificate, or listen on loopback)',
+                cfg.nbd_listen,
+                extra={"event": "nbd-exposed", "tls": cfg.nbd_tls},
+            )
         self.nbd = NBDServer(
             provider,
             default_export=default_export,
@@ -560,6 +569,12 @@ class Daemon:
             f"{format_size(fs.region_size)}) and thin volume {fs.volume!r} ({format_size(fs.volume_size)})",
             extra={"event": "first-start"},
         )
+
+    def _nbd_exposed_without_tls(self) -> bool:
+        """NBD on a TCP address beyond loopback without required TLS: anyone who can reach the
+        port reads and writes the volumes (and sees them listed)."""
+        cfg = self.cfg
+        return cfg.nbd_listen is not None and not cfg.nbd_listen.is_loopback and cfg.nbd_tls != "required"
 
     @property
     def nbd_uri(self) -> str | None:

@@ -363,6 +363,11 @@ class NBDOut(BaseModel):
     uri: str | None = Field(description="nbd://HOST:PORT, or null when TCP is off")
     unix_socket: str | None
     default_export: str | None
+    tls: str = Field(default="off", description="NBD TLS mode: off, allowed or required")
+    exposed_without_tls: bool = Field(
+        default=False,
+        description="NBD listens beyond loopback and does not require TLS: anyone who reaches it",
+    )
 
 
 class ISCSISessionOut(BaseModel):
@@ -435,6 +440,8 @@ class NodeInfo:
     started_monotonic: float = field(default_factory=time.monotonic)
     nbd_uri: str | None = None  # nbd://127.0.0.1:10809
     nbd_unix_socket: str | None = None
+    nbd_tls: str = "off"
+    nbd_exposed_without_tls: bool = False  # TCP beyond loopback without required TLS
     default_export: str | None = None
     data_dir: Path | None = None
     default_chunklet_size: int | None = None
@@ -740,7 +747,11 @@ def _router(ctx: ApiContext) -> APIRouter:
             open_alerts=len(engine.list_alerts()),
             rebuild_running=_rebuild_out(ctx).running,
             nbd=NBDOut(
-                uri=node.nbd_uri, unix_socket=node.nbd_unix_socket, default_export=node.default_export
+                uri=node.nbd_uri,
+                unix_socket=node.nbd_unix_socket,
+                default_export=node.default_export,
+                tls=node.nbd_tls,
+                exposed_without_tls=node.nbd_exposed_without_tls,
             ),
         )
 
