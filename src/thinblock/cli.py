@@ -363,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--alloc-limit", type=_optional_limit_arg, metavar="SIZE|PCT|none", default=argparse.SUPPRESS
     )
     p.add_argument("--cache", choices=("writeback", "writethrough"))
+    leaf(
+        vv, "access", "which NBD clients may open a volume, and how (nbd.access in the config)", cmd_vv_access
+    ).add_argument("name", metavar="NAME")
     p = leaf(vv, "grow", "grow a volume's virtual size", cmd_vv_grow)
     p.add_argument("name", metavar="NAME")
     p.add_argument(
@@ -1096,6 +1099,20 @@ def cmd_vv_set(ctx: Context) -> None:
     if not body:
         raise CliError("nothing to change: give --alloc-warning, --alloc-limit or --cache", EXIT_USAGE)
     _show(ctx, ctx.call("PATCH", f"/volumes/{_quote(a.name)}", json=body), render_vv)
+
+
+def cmd_vv_access(ctx: Context) -> None:
+    access = ctx.call("GET", f"/volumes/{_quote(ctx.args.name)}/access")
+    if ctx.json:
+        ctx.print_json(access)
+        return
+    if not access["restricted"]:
+        ctx.say(f"{access['volume']}: no access rule; every NBD client may open it read-write")
+        return
+    table = _table("CLIENT", "MODE", "RULE FOR", title=f"NBD access to {access['volume']}")
+    for rule in access["rules"]:
+        table.add_row(rule["client"], rule["mode"], rule["volume"])
+    ctx.print_table(table)
 
 
 def cmd_vv_grow(ctx: Context) -> None:

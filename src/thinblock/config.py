@@ -17,6 +17,11 @@ Every key has a default, so an empty file (or none) gives a working daemon on lo
     tls_key = ""                    # its PEM private key
     tls_ca = ""                     # PEM CA: clients must present a certificate it signed
 
+    [[nbd.access]]                  # per-volume access lists (none: every volume open to all)
+    volume = "db1"                  # or "*" for every volume
+    clients = ["CN=app-1,O=example", "10.1.0.0/16", "unix"]   # certificate subjects, networks
+    mode = "rw"                     # or "ro"
+
     [iscsi]                         # off unless listen is set (or --iscsi HOST:PORT)
     listen = ""                     # e.g. "0.0.0.0:3260" (port 3260 when omitted)
     node_name = ""                  # targets are iqn.2026-12.org.thinblock:NODE:VV; default: the host name
@@ -85,6 +90,7 @@ from typing import Any
 
 from .errors import InvalidArgument
 from .model import CacheMode
+from .nbd.access import AccessRule, parse_client
 from .units import GiB, KiB, MiB, parse_size
 
 DEFAULT_NBD_PORT = 10809
@@ -213,6 +219,7 @@ class Config:
     nbd_tls_cert: Path | None = None
     nbd_tls_key: Path | None = None
     nbd_tls_ca: Path | None = None
+    nbd_access: tuple[AccessRule, ...] = ()
     api_listen: Listen = field(default_factory=lambda: Listen("127.0.0.1", DEFAULT_API_PORT))
     api_token: str | None = None
     api_require_token: bool = False
@@ -362,7 +369,7 @@ def _table(doc: dict[str, Any], name: str, known: set[str]) -> dict[str, Any]:
 
 _TOP_KEYS = {"data_dir", "metadata", "log_level", "log_format", "event_loop"}
 _TABLES = {
-    "nbd": {"listen", "unix_socket", "default_export", "tls", "tls_cert", "tls_key", "tls_ca"},
+    "nbd": {"listen", "unix_socket", "default_export", "tls", "tls_cert", "tls_key", "tls_ca", "access"},
     "api": {"listen", "token", "require_token", "tls_cert", "tls_key", "allowed_hosts"},
     "iscsi": {
         "listen",
@@ -390,6 +397,33 @@ _TABLES = {
     "first_start": {f.name for f in fields(FirstStartConfig)},
     "node": {"name", "partner", "mirror_listen", "partner_timeout"},
 }
+
+
+def _access_rules(entries: Any) -> tuple[AccessRule, ...]:
+    """``[[nbd.access]]`` tables: volume, clients (a list), mode."""
+    if not isinstance(entries, list):
+        raise ConfigError("nbd.access: expected [[nbd.access]] tables")
+    rules: list[AccessRule] = []
+    for i, entry in enumerate(entries):
+        where = f"nbd.access[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: expected a table with volume, clients and mode")
+        unknown = sorted(set(entry) - {"volume", "clients", "mode"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {', '.join(unknown)} (known: clients, mode, volume)")
+        volume = _str(entry.get("volume", ""), f"{where}.volume").strip()
+        mode = _choice(entry.get("mode", "rw"), f"{where}.mode", ("ro", "rw"))
+        clients = entry.get("clients")
+        if not isinstance(clients, list) or not clients or not all(isinstance(c, str) for c in clients):
+            raise ConfigError(f"{where}.clients: expected a non-empty list of clients")
+        if not volume:
+            raise ConfigError(f"{where}.volume: give a volume name or *")
+        for client in clients:
+            try:
+                rules.append(AccessRule(volume, parse_client(client), mode))  # type: ignore[arg-type]
+            except ValueError as exc:
+                raise ConfigError(f"{where}.clients: {exc}") from None
+    return tuple(rules)
 
 
 def parse_config(doc: dict[str, Any], *, base_dir: Path | None = None) -> Config:
@@ -432,6 +466,8 @@ def parse_config(doc: dict[str, Any], *, base_dir: Path | None = None) -> Config
         changes["default_export"] = _optional_str(nbd["default_export"], "nbd.default_export")
     if "tls" in nbd:
         changes["nbd_tls"] = _choice(nbd["tls"], "nbd.tls", NBD_TLS_MODES)
+    if "access" in nbd:
+        changes["nbd_access"] = _access_rules(nbd["access"])
     for key in ("tls_cert", "tls_key", "tls_ca"):
         if key in nbd:
             given = _optional_str(nbd[key], f"nbd.{key}")

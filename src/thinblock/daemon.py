@@ -406,6 +406,7 @@ class Daemon:
                 nbd_unix_socket=str(cfg.nbd_unix_socket) if cfg.nbd_unix_socket else None,
                 nbd_tls=cfg.nbd_tls,
                 nbd_exposed_without_tls=self._nbd_exposed_without_tls(),
+                nbd_access=cfg.nbd_access,
                 default_export=cfg.default_export,
                 data_dir=data_dir.resolve(),
                 default_chunklet_size=cfg.chunklet_size,
@@ -492,6 +493,7 @@ class Daemon:
                     extra={"event": "default-export-missing", "vv": default_export},
                 )
         assert self.engine is not None
+        from .nbd.access import AccessList
         from .nbd.protocol import TLSMode
         from .nbd.tls import TLSSettings, server_context
 
@@ -516,6 +518,7 @@ class Daemon:
             sessions=self.engine.sessions,
             tls_mode=tls_mode,
             tls_context=tls_context,
+            access=AccessList(cfg.nbd_access),
         )
         host = cfg.nbd_listen.host if cfg.nbd_listen else None
         port = cfg.nbd_listen.port if cfg.nbd_listen else None

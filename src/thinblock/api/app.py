@@ -46,6 +46,7 @@ from ..model import (
 from ..model import (
     RebuildProgress as RebuildProgressInfo,
 )
+from ..nbd.access import AccessRule
 from ..units import Limit, parse_size
 from . import dashboard
 from .auth import NO_PARAMETERS, SAFE_METHODS, ApiGuard, ApiSecurity, token_router
@@ -328,6 +329,18 @@ class VolumeGrow(_Request):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"size": "200GiB"}]})
 
 
+class AccessRuleOut(BaseModel):
+    volume: str = Field(description="the volume, or * for every volume")
+    client: str = Field(description="certificate subject, address or network, unix, or *")
+    mode: Literal["ro", "rw"]
+
+
+class VolumeAccessOut(BaseModel):
+    volume: str
+    restricted: bool = Field(description="false: no rule names it, every NBD client may open it read-write")
+    rules: list[AccessRuleOut]
+
+
 class VolumeStatsOut(BaseModel):
     reads: int
     writes: int
@@ -442,6 +455,7 @@ class NodeInfo:
     nbd_unix_socket: str | None = None
     nbd_tls: str = "off"
     nbd_exposed_without_tls: bool = False  # TCP beyond loopback without required TLS
+    nbd_access: tuple[AccessRule, ...] = ()  # nbd.access rules (thinblock.nbd.access)
     default_export: str | None = None
     data_dir: Path | None = None
     default_chunklet_size: int | None = None
@@ -918,6 +932,17 @@ def _router(ctx: ApiContext) -> APIRouter:
         unless ``force`` (they are disconnected, and any request they still send fails)."""
         await engine.delete_vv(name, force=force)
         return Response(status_code=204)
+
+    @router.get("/volumes/{name}/access", tags=["volumes"])
+    async def volume_access(name: VolumePath) -> VolumeAccessOut:
+        """Which NBD clients may open the volume, and how (``[[nbd.access]]`` in the config)."""
+        engine.get_vv(name)
+        rules = [r for r in node.nbd_access if r.volume in (name, "*")]
+        return VolumeAccessOut(
+            volume=name,
+            restricted=bool(rules),
+            rules=[AccessRuleOut(volume=r.volume, client=r.client, mode=r.mode) for r in rules],
+        )
 
     @router.get("/volumes/{name}/stats", tags=["volumes"])
     async def volume_stats(name: VolumePath) -> VolumeStatsOut:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import os
@@ -62,7 +63,8 @@ from thinblock.errors import (
 )
 from thinblock.sessions import Session, SessionRegistry
 
-from .constants import Command, CommandFlags, Errno
+from .access import AccessList, ClientIdentity
+from .constants import Command, CommandFlags, Errno, TransmissionFlags
 from .protocol import (
     NEED_DATA,
     Buffer,
@@ -149,11 +151,13 @@ class NBDServer:
         sessions: SessionRegistry | None = None,
         tls_mode: TLSMode = TLSMode.OFF,
         tls_context: ssl.SSLContext | None = None,
+        access: AccessList | None = None,
     ) -> None:
         if tls_mode is not TLSMode.OFF and tls_context is None:
             raise ValueError(f"TLS mode {tls_mode.value} needs an ssl context")
         self.tls_mode = tls_mode
         self.tls_context = tls_context
+        self.access = access if access is not None else AccessList()
         self.provider = provider
         # Where each connection that chose an export is registered (the engine's, so that a
         # volume delete knows its clients); a registry of its own when none is given.
@@ -295,8 +299,10 @@ class NBDServer:
         self._stopped.set()
 
     # --- policy the protocol core asks for -----------------------------------------------------
-    def _list_exports(self) -> Iterator[tuple[str, str]]:
+    def _list_exports(self, who: ClientIdentity) -> Iterator[tuple[str, str]]:
         for name in self.provider.export_names():
+            if self.access.mode_for(name, who) is None:
+                continue  # "MAY omit exports that are TLS-only" -- and those it may not open
             try:
                 description = self.provider.open_volume(name).description
             except NotFound:
@@ -308,7 +314,14 @@ class NBDServer:
                 continue
             yield name, description
 
-    def _lookup_export(self, name: str) -> ExportInfo | None:
+    def _lookup_export(self, who: ClientIdentity, name: str) -> ExportInfo | None:
+        mode = self.access.mode_for(name, who)
+        if mode is None:
+            # Answered as an unknown export: a client learns nothing of volumes it may not open.
+            log.info(
+                "client %s may not open volume %s", who.describe(), name, extra={"event": "nbd-access-denied"}
+            )
+            return None
         try:
             volume = self.provider.open_volume(name)
         except NotFound:
@@ -316,14 +329,18 @@ class NBDServer:
         except Exception as exc:
             log.error("cannot open volume %s: %r", name, exc, extra={"event": "nbd-open-failed"})
             return None
-        return ExportInfo.from_capabilities(
+        info = ExportInfo.from_capabilities(
             volume.name, volume.size, volume.capabilities, description=volume.description, backend=volume
         )
+        if mode == "ro":
+            # The core refuses WRITE, TRIM and WRITE_ZEROES with NBD_EPERM for a read-only export.
+            info = dataclasses.replace(info, flags=info.flags | TransmissionFlags.READ_ONLY)
+        return info
 
-    def _new_core(self) -> ServerConnection:
+    def _new_core(self, connection: _Connection) -> ServerConnection:
         return ServerConnection(
-            list_exports=self._list_exports,
-            lookup_export=self._lookup_export,
+            list_exports=lambda: self._list_exports(connection.identity),
+            lookup_export=lambda name: self._lookup_export(connection.identity, name),
             default_export=self.default_export,
             tls=self.tls_mode,
         )
@@ -339,8 +356,9 @@ class _Connection(asyncio.BufferedProtocol):
         self.address = "unix"  # the peer's host:port, for the session registry
         self.session: Session | None = None
         self.transport: asyncio.Transport | None = None
-        self.core = server._new_core()
+        self.core = server._new_core(self)
         self.tls_subject: str | None = None  # the verified client certificate's subject
+        self.peer_host: str | None = None  # the client's IP address (None on the Unix socket)
         self._tls_task: asyncio.Task[None] | None = None
         self.volume: Volume | None = None
         self._max_block = 0
@@ -370,6 +388,7 @@ class _Connection(asyncio.BufferedProtocol):
         server = self.server
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
+            self.peer_host = str(peer[0])
             self.address = NBDServer._describe(peer)
             self.peer = f"{self.address}#{self.number}"
         else:
@@ -502,6 +521,10 @@ class _Connection(asyncio.BufferedProtocol):
         self._flush_out()
         self._pause_reading()
         self._tls_task = asyncio.ensure_future(self._start_tls())
+
+    @property
+    def identity(self) -> ClientIdentity:
+        return ClientIdentity(self.peer_host, self.tls_subject)
 
     async def _start_tls(self) -> None:
         transport = self.transport
