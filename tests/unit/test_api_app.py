@@ -448,7 +448,13 @@ async def test_status(client: httpx.AsyncClient, engine: Engine) -> None:
         MiB,
     )
     assert status["uptime"] >= 0 and status["version"]
-    assert status["nbd"] == {"uri": "nbd://127.0.0.1:10809", "unix_socket": None, "default_export": "vol0"}
+    assert status["nbd"] == {
+        "uri": "nbd://127.0.0.1:10809",
+        "unix_socket": None,
+        "default_export": "vol0",
+        "tls": "off",
+        "exposed_without_tls": False,
+    }
 
 
 @pytest.mark.parametrize(
