@@ -244,6 +244,8 @@ def test_unix_socket_and_no_default_export(tmp_path: Path) -> None:
             "uri": daemon.nbd_url,
             "unix_socket": str(sock),
             "default_export": None,
+            "tls": "off",
+            "exposed_without_tls": False,
         }
         assert daemon.cli_json("vv", "show", "vol0")["allocated"] == MiB
     finally:
