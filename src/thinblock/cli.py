@@ -262,6 +262,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="partner silent this long: degrade (default 1)",
     )
+    serve.add_argument(
+        "--partner-data",
+        metavar="DIR",
+        help="the partner's data directory: take it over when the partner dies",
+    )
+    serve.add_argument(
+        "--partner-service",
+        metavar="HOST:PORT",
+        help="the partner's NBD address, served here after a takeover",
+    )
 
     check = commands.add_parser(
         "check", help="check a data directory's metadata store offline", parents=[common]
@@ -1500,6 +1510,8 @@ def cmd_serve(ctx: Context) -> int:
             partner=a.partner,
             mirror_listen=a.mirror_listen,
             partner_timeout=a.partner_timeout,
+            partner_data=a.partner_data,
+            partner_service=a.partner_service,
         ).validate()
     except ConfigError as exc:
         raise CliError(f"configuration: {exc}", EXIT_USAGE) from None

@@ -191,6 +191,10 @@ class NodeConfig:
     partner: Listen | None = None
     mirror_listen: Listen = field(default_factory=lambda: Listen("127.0.0.1", DEFAULT_MIRROR_PORT))
     partner_timeout: float = 1.0
+    # Takeover (on one machine): the partner's data directory, and the NBD address it serves its
+    # volumes on (its service address), which this node binds when it takes them over.
+    partner_data: Path | None = None
+    partner_service: Listen | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +273,10 @@ class Config:
             raise ConfigError("NBD has nowhere to listen: give nbd.listen or nbd.unix_socket")
         if self.node.partner is not None and not self.node.name:
             raise ConfigError("node.partner is set: give this node a name too (node.name, --node)")
+        if (self.node.partner_data is None) != (self.node.partner_service is None):
+            raise ConfigError("takeover needs both node.partner_data and node.partner_service")
+        if self.node.partner_data is not None and self.node.partner is None:
+            raise ConfigError("node.partner_data is set without node.partner")
         i = self.iscsi
         if bool(i.chap_user) != bool(i.chap_secret):
             raise ConfigError("iscsi.chap_user and iscsi.chap_secret go together")
@@ -395,7 +403,7 @@ _TABLES = {
     "metrics": {"latency_histograms"},
     "history": {"interval", "keep", "forecast_horizon", "forecast_min_window"},
     "first_start": {f.name for f in fields(FirstStartConfig)},
-    "node": {"name", "partner", "mirror_listen", "partner_timeout"},
+    "node": {"name", "partner", "mirror_listen", "partner_timeout", "partner_data", "partner_service"},
 }
 
 
@@ -623,6 +631,17 @@ def parse_config(doc: dict[str, Any], *, base_dir: Path | None = None) -> Config
             node_cfg,
             partner_timeout=_float(node["partner_timeout"], "node.partner_timeout", low=0.05, high=600),
         )
+    if "partner_data" in node:
+        data = _optional_str(node["partner_data"], "node.partner_data")
+        node_cfg = replace(node_cfg, partner_data=path(data, "node.partner_data") if data else None)
+    if "partner_service" in node:
+        text = _str(node["partner_service"], "node.partner_service")
+        node_cfg = replace(
+            node_cfg,
+            partner_service=Listen.parse(text, what="node.partner_service", default_port=DEFAULT_NBD_PORT)
+            if text.strip()
+            else None,
+        )
     changes["node"] = node_cfg
     return replace(cfg, **changes)
 
@@ -705,9 +724,27 @@ def apply_overrides(cfg: Config, **flags: Any) -> Config:
         elif key == "first_start":
             fs = changes.get("first_start", cfg.first_start)
             changes["first_start"] = replace(fs, enabled=bool(value))
-        elif key in ("node_name", "partner", "mirror_listen", "partner_timeout"):
+        elif key in (
+            "node_name",
+            "partner",
+            "mirror_listen",
+            "partner_timeout",
+            "partner_data",
+            "partner_service",
+        ):
             node_cfg = changes.get("node", cfg.node)
-            if key == "node_name":
+            if key == "partner_data":
+                node_cfg = replace(node_cfg, partner_data=Path(value).expanduser() if value.strip() else None)
+            elif key == "partner_service":
+                node_cfg = replace(
+                    node_cfg,
+                    partner_service=Listen.parse(
+                        value, what="--partner-service", default_port=DEFAULT_NBD_PORT
+                    )
+                    if value.strip()
+                    else None,
+                )
+            elif key == "node_name":
                 node_cfg = replace(node_cfg, name=_node_name(value, "--node"))
             elif key == "partner":
                 node_cfg = replace(

@@ -258,6 +258,7 @@ class Daemon:
         self.webhook: Any = None
         self._unsubscribe: Any = None
         self.pair: Any = None  # node.pair.NodePair, with a partner configured
+        self.taken_over: list[tuple[Engine, Any]] = []  # the partner's engine and its NBD server
 
     def request_stop(self, signame: str) -> None:
         if self.stop_requested.is_set():
@@ -451,6 +452,7 @@ class Daemon:
     async def _start_pair(self) -> None:
         """The node pair: mirror this node's write-back cache to the partner, hold the partner's."""
         from .node.pair import NodePair, PairConfig
+        from .node.takeover import EpochMarks
 
         node, engine = self.cfg.node, self.engine
         assert node.partner is not None and node.name and engine is not None
@@ -466,6 +468,8 @@ class Daemon:
             cache=engine.cache,
             flush=engine.flush_all,
             alerts=engine.alerts,
+            marks=EpochMarks(engine.store),
+            take_over=self._take_over if node.partner_data is not None else None,
         )
         try:
             await self.pair.start()
@@ -475,6 +479,52 @@ class Daemon:
             raise StartupError(
                 f"cannot listen for the mirror link on {node.mirror_listen}: {reason}"
             ) from None
+
+    async def _take_over(self, holding: Any) -> bool:
+        """The partner's engine, once the partner is dead (its data directory's lock is free):
+        replay the copies held of it, serve its volumes on its service address.  False while the
+        partner lives.  Steps and rules: node/takeover.py."""
+        from .errors import Conflict
+        from .nbd.server import NBDServer
+        from .node.mirror import OwnerMirror
+        from .node.mirror_protocol import MirrorHolding
+        from .node.takeover import replay
+
+        node = self.cfg.node
+        assert node.partner_data is not None and node.partner_service is not None and self.engine is not None
+        started = time.monotonic()
+        try:
+            engine = await Engine.open(node.partner_data, self.engine.options)
+        except Conflict:
+            return False  # the partner lives (it holds its lock)
+        log.warning(
+            "the partner is dead: taking over its volumes",
+            extra={"event": "takeover-start", "data_dir": str(node.partner_data)},
+        )
+        # No partner is left to mirror to: its write-back volumes are written through from now.
+        engine.cache.mirror = OwnerMirror(f"{node.name}-takeover", 0, durable=engine.flush_all)
+        try:
+            result = await replay(engine, holding if holding is not None else MirrorHolding("-"))
+            server = NBDServer(engine, default_export=None, sessions=engine.sessions)
+            await server.start(host=node.partner_service.host, port=node.partner_service.port)
+        except BaseException:
+            await engine.close()
+            raise
+        self.taken_over.append((engine, server))
+        log.warning(
+            "took over the partner's volumes",
+            extra={
+                "event": "takeover-done",
+                "seconds": round(time.monotonic() - started, 3),
+                "replayed": result.replayed,
+                "replayed_bytes": result.replayed_bytes,
+                "discarded": result.discarded,
+                "why": result.reason,
+                "nbd": f"nbd://{node.partner_service.url_host()}:{server.port}",
+                "volumes": ",".join(engine.export_names()),
+            },
+        )
+        return True
 
     async def _start_nbd(self, provider: Any) -> None:
         cfg = self.cfg
@@ -663,6 +713,13 @@ class Daemon:
             except Exception:
                 clean = False
                 log.exception("stopping the node pair failed", extra={"event": "pair-stop-failed"})
+        for engine, server in self.taken_over:
+            try:
+                await server.stop()
+                await engine.close()
+            except Exception:
+                clean = False
+                log.exception("closing a taken-over engine failed", extra={"event": "takeover-close-failed"})
         if self.engine is not None:
             try:
                 await self.engine.close()

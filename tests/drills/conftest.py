@@ -17,12 +17,13 @@ DRILL_SERVE_ARGS = ("--no-first-start", "--default-export", "")
 
 @pytest.fixture
 def make_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
-    """``make_daemon(name="d", config=None)``: a Daemon on ``tmp_path/name/data`` (not started);
-    killed after the test, whatever its outcome."""
+    """``make_daemon(name="d", config=None, args=())``: a Daemon on ``tmp_path/name/data`` (not
+    started); ``args`` are more ``serve`` flags (after the drills' own, so they win); killed after
+    the test, whatever its outcome."""
     made: list[Daemon] = []
 
-    def make(name: str = "d", *, config: str | None = None) -> Daemon:
-        daemon = Daemon(tmp_path / name, config=config, args=DRILL_SERVE_ARGS, log_format="json")
+    def make(name: str = "d", *, config: str | None = None, args: tuple[str, ...] = ()) -> Daemon:
+        daemon = Daemon(tmp_path / name, config=config, args=(*DRILL_SERVE_ARGS, *args), log_format="json")
         made.append(daemon)
         return daemon
 

@@ -291,3 +291,24 @@ def test_nbd_tls_settings(tmp_path: Path) -> None:
         parse_config({"nbd": {"tls": "allowed"}}).validate()
     with pytest.raises(ConfigError, match=r"nbd\.tls: expected one of off, allowed, required"):
         parse_config({"nbd": {"tls": "yes"}})
+
+
+def test_takeover_needs_the_partners_directory_and_service_address(tmp_path: Path) -> None:
+    doc = {
+        "node": {
+            "name": "n2",
+            "partner": "127.0.0.1:1",
+            "partner_data": "n1-data",
+            "partner_service": "127.0.1.1:10809",
+        }
+    }
+    cfg = parse_config(doc, base_dir=tmp_path).validate()
+    assert cfg.node.partner_data == tmp_path / "n1-data"  # relative to the file, as every path
+    assert cfg.node.partner_service == Listen("127.0.1.1", 10809)
+    half = {"node": {"name": "n2", "partner": "127.0.0.1:1", "partner_data": "x"}}
+    with pytest.raises(ConfigError, match=r"both node\.partner_data and node\.partner_service"):
+        parse_config(half).validate()
+    cfg = apply_overrides(
+        Config(), node_name="n2", partner="127.0.0.1:1", partner_data="/d", partner_service="127.0.1.1:9"
+    )
+    assert (cfg.node.partner_data, cfg.node.partner_service) == (Path("/d"), Listen("127.0.1.1", 9))

@@ -60,6 +60,7 @@ from .mirror_protocol import (
     RemoteError,
     Resynced,
 )
+from .takeover import EpochMarks
 
 log = logging.getLogger("thinblock.node.pair")
 
@@ -78,6 +79,7 @@ class PairConfig:
     partner_timeout: float = DEFAULT_PARTNER_TIMEOUT
     report_interval: float = DEFAULT_REPORT_INTERVAL
     max_held: int = DEFAULT_MAX_HELD
+    takeover_poll: float = 0.2  # seconds between attempts to take over a silent owner
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,10 +108,16 @@ class NodePair:
         cache: WriteBackCache,
         flush: Callable[[], Awaitable[None]],
         alerts: AlertBus,
-        epoch: int = 1,
+        epoch: int = 0,
+        marks: EpochMarks | None = None,
+        take_over: Callable[[MirrorHolding | None], Awaitable[bool]] | None = None,
     ) -> None:
         self.config = config
         self.epoch = epoch
+        self._marks = marks
+        self._take_over = take_over
+        self._takeover_task: asyncio.Task[None] | None = None
+        self.taken_over = False
         self.incarnation = int.from_bytes(os.urandom(8), "big") or 1
         self._cache = cache
         self._flush = flush
@@ -157,7 +165,11 @@ class NodePair:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
-        self.mirror.lose("node stopping")
+        if self._takeover_task is not None:
+            self._takeover_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._takeover_task
+        self._lose("node stopping")
         if self._link is not None:
             self._link.close()
         if self._degrade_flush is not None:
@@ -187,7 +199,10 @@ class NodePair:
                     over.set_result(reason)
 
             def on_open(link: Link) -> None:
-                self.mirror.attach(self.epoch, link.write)  # before the partner's HELLO is delivered
+                # Every session its own epoch, growing across restarts (the partner refuses an
+                # older one); attached before the partner's HELLO can be delivered.
+                self.epoch = self._marks.next_epoch() if self._marks is not None else self.epoch + 1
+                self.mirror.attach(self.epoch, link.write)
 
             try:
                 link = await asyncio.wait_for(
@@ -195,7 +210,7 @@ class NodePair:
                     cfg.partner_timeout,
                 )
             except (OSError, TimeoutError) as exc:
-                self.mirror.lose("connect failed")  # attached already if the timeout hit late
+                self._lose("connect failed")  # attached already if the timeout hit late
                 self._degraded(
                     f"partner {cfg.partner_host}:{cfg.partner_port} unreachable: {exc or 'timeout'}"
                 )
@@ -210,7 +225,7 @@ class NodePair:
                 watchdog.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watchdog
-                self.mirror.lose(reason if not self._stopping else "node stopping")
+                self._lose(reason if not self._stopping else "node stopping")
                 link.close()
                 self._link = None
             if self._stopping:
@@ -236,6 +251,10 @@ class NodePair:
         except Exception as exc:  # a flush that failed: stay out of sync
             log.error("mirror could not be brought in sync: %s", exc)
             return f"sync failed: {exc}"
+        if self._marks is not None:
+            # The partner's copies become the ones a takeover replays: marked before the first
+            # write is acknowledged on them.
+            self._marks.mark_valid(self.epoch)
         self.mirror.mark_in_sync()
         self._alerts.clear(AlertKind.MIRROR_DEGRADED, self.object_name)
         peer = self.mirror.peer.node if self.mirror.peer is not None else "?"
@@ -244,6 +263,18 @@ class NodePair:
             extra={"event": "mirror-in-sync", "node": self.config.node, "partner": peer, "epoch": self.epoch},
         )
         return await over
+
+    def _lose(self, reason: str) -> None:
+        """Out of sync.  The store's mark goes first: once the cache writes anything through, the
+        partner's copies are older than the LDs and a takeover must not replay them."""
+        if self._marks is not None and self.mirror.in_sync:
+            try:
+                self._marks.mark_obsolete()
+            except Exception:
+                log.exception(
+                    "could not mark the partner's copies obsolete", extra={"event": "mirror-mark-failed"}
+                )
+        self.mirror.lose(reason)
 
     async def _until(self, step: Awaitable[None], over: asyncio.Future[str]) -> None:
         """Await ``step``, unless the session ends first (``_SessionOver``)."""
@@ -310,6 +341,32 @@ class NodePair:
         if holding is None or (holding.owner != hello.node and len(holding) == 0):
             holding = self.holding = MirrorHolding(hello.node, max_bytes=self.config.max_held)
         return holding
+
+    def _owner_session_ended(self, session: _PartnerSession) -> None:
+        """The owner's link closed: it may be dead.  Try to take over until it is back."""
+        if self._take_over is None or self.taken_over or self._stopping:
+            return
+        if self._takeover_task is None or self._takeover_task.done():
+            self._takeover_task = asyncio.get_running_loop().create_task(
+                self._takeover_loop(), name="pair-takeover"
+            )
+
+    def _owner_connected(self) -> bool:
+        holding = self.holding
+        return holding is not None and any(s.conn is holding.session for s in self._sessions)
+
+    async def _takeover_loop(self) -> None:
+        assert self._take_over is not None
+        while not self._stopping and not self.taken_over:
+            if self._owner_connected():
+                return  # the owner is alive: it reconnected and resynced
+            try:
+                if await self._take_over(self.holding):
+                    self.taken_over = True
+                    return
+            except Exception:
+                log.exception("takeover failed", extra={"event": "takeover-failed"})
+            await asyncio.sleep(self.config.takeover_poll)
 
     def _session_started(self, current: _PartnerSession, hello: Hello) -> None:
         for session in list(self._sessions):
@@ -390,6 +447,10 @@ class _PartnerSession:
         if conn.closed:
             self.link.close()
             self.pair._sessions.discard(self)
+            if self.owner is not None:
+                self.pair._owner_session_ended(self)
 
     def _on_close(self, reason: str) -> None:
         self.pair._sessions.discard(self)
+        if self.owner is not None:
+            self.pair._owner_session_ended(self)

@@ -1,0 +1,123 @@
+"""Takeover: the partner replays what it holds of a dead owner and serves its volumes (claim 3).
+
+On one machine both nodes see each other's data directory (PDs and store), as a dual-
+controller array's two nodes see the same drives.  Who owns a data directory is decided by
+the kernel: the engine's exclusive ``flock`` on ``DATA_DIR/thinblock.lock``, released the
+moment the owner process dies (``kill -9`` included) and never while it lives.  So:
+
+1. the owner's mirror link closes (the partner sees EOF or a reset);
+2. the partner tries to open the owner's engine: refused while the owner lives (its lock),
+   so a cut link or an owner that merely restarted its link takes nothing over; granted once
+   the owner is dead, and from then on a restarted owner is refused in turn (fencing by the
+   same lock);
+3. the store's ``mirror_valid`` mark says whether the partner's copies are the owner's latest
+   acknowledged writes: the owner sets it to the session's epoch before acknowledging on two
+   copies and clears it before writing anything through (the partner lost), so copies made
+   obsolete by later written-through writes are never replayed over them;
+4. valid copies are written to the volumes, per volume in sequence order (by virtual
+   address, through the volume's own write path: a region whose assignment the owner never
+   committed is assigned again), then flushed;
+5. the taken-over volumes are written through (no partner is left to mirror to) and served
+   on the owner's service address, so reconnecting clients find them where they were.
+
+Not built: leases with expiry, so an owner that is alive but stopped (SIGSTOP) or cut off is
+never taken over (its lock is held); failback (the old owner returning as partner).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .mirror_protocol import MirrorHolding
+
+log = logging.getLogger("thinblock.node.takeover")
+
+MIRROR_EPOCH_KEY = "mirror_epoch"  # the last epoch this node's mirror used (grows across restarts)
+MIRROR_VALID_KEY = "mirror_valid"  # the epoch whose copies at the partner are current, or "0"
+
+
+class MetaStore(Protocol):
+    def get_meta(self, key: str) -> str | None: ...
+
+    def set_meta(self, key: str, value: str) -> None: ...
+
+
+class TakenOverVolume(Protocol):
+    @property
+    def region_size(self) -> int: ...
+
+    async def write(self, offset: int, data: bytes, fua: bool = False) -> None: ...
+
+
+class TakenOverEngine(Protocol):
+    """What a takeover needs of the owner's engine (``engine.Engine`` provides it)."""
+
+    store: Any
+    vvs: dict[str, Any]
+
+    async def flush_all(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayResult:
+    replayed: int
+    replayed_bytes: int
+    discarded: int  # copies not replayed: obsolete (the owner degraded after them) or of a deleted VV
+    reason: str
+
+
+async def replay(engine: TakenOverEngine, holding: MirrorHolding) -> ReplayResult:
+    """Step 3 and 4 of the module docstring; the holding is empty afterwards."""
+    valid = engine.store.get_meta(MIRROR_VALID_KEY)
+    total = len(holding)
+    if total == 0:
+        return ReplayResult(0, 0, 0, "nothing held")
+    if valid != str(holding.epoch):
+        holding.clear()
+        return ReplayResult(
+            0, 0, total, f"obsolete: the owner's store marks epoch {valid} valid, held {holding.epoch}"
+        )
+    by_id = {vv.row.id: vv for vv in engine.vvs.values()}
+    replayed = replayed_bytes = discarded = 0
+    for write in holding.in_replay_order():
+        vv = by_id.get(write.vv)
+        if vv is None:
+            discarded += 1  # deleted: a delete releases every region first, so this is not expected
+            log.error("takeover: a held write of vv id %d, which no longer exists", write.vv)
+            continue
+        await vv.write(write.vv_region * vv.region_size + write.offset, write.data)
+        replayed += 1
+        replayed_bytes += len(write.data)
+    await engine.flush_all()
+    holding.clear()
+    engine.store.set_meta(MIRROR_VALID_KEY, "0")
+    return ReplayResult(replayed, replayed_bytes, discarded, "replayed")
+
+
+class EpochMarks:
+    """The owner's side of rule 3: the epoch of each mirror session, and the valid mark."""
+
+    def __init__(self, store: MetaStore) -> None:
+        self.store = store
+
+    def next_epoch(self) -> int:
+        epoch = int(self.store.get_meta(MIRROR_EPOCH_KEY) or 0) + 1
+        self.store.set_meta(MIRROR_EPOCH_KEY, str(epoch))
+        return epoch
+
+    def mark_valid(self, epoch: int) -> None:
+        self.store.set_meta(MIRROR_VALID_KEY, str(epoch))
+
+    def mark_obsolete(self) -> None:
+        self.store.set_meta(MIRROR_VALID_KEY, "0")
+
+    def was_valid_at_death(self) -> int:
+        """The epoch marked valid by an earlier process (0: none): it died mirrored."""
+        return int(self.store.get_meta(MIRROR_VALID_KEY) or 0)
+
+
+def elapsed_since(start: float) -> float:
+    return round(time.monotonic() - start, 3)
