@@ -292,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     iscsi = noun("iscsi", "the iSCSI target (serve --iscsi)")
     leaf(iscsi, "sessions", "logged-in iSCSI sessions: initiator, address, volume, LUNs", cmd_iscsi_sessions)
 
+    node = noun("node", "the node pair")
+    leaf(node, "list", "this node and its mirror link: partner, epoch, mirror state and lag", cmd_node_list)
+
     pd = noun("pd", "physical disks")
     p = leaf(pd, "add", "add a PD: a file (created sparse when missing) or a block device", cmd_pd_add)
     p.add_argument("path", metavar="PATH")
@@ -725,6 +728,29 @@ def render_pd(pd: dict[str, Any]) -> Table:
     )
 
 
+def render_nodes(nodes: list[dict[str, Any]]) -> Table:
+    t = _table(
+        "NODE", "ROLE", "PARTNER", "EPOCH", "MIRROR", "IN FLIGHT", "LATENCY", "LOST", "HOLDS", title="nodes"
+    )
+    for n in nodes:
+        partner = n["partner_node"] or n["partner"] or "-"
+        holds = f"{format_size(n['held_bytes'])} of {n['holding_for']}" if n["holding_for"] else "-"
+        if n["taken_over"]:
+            holds += " (took over)"
+        t.add_row(
+            n["node"],
+            n["role"],
+            partner,
+            str(n["epoch"]),
+            n["mirror"],
+            format_size(n["in_flight_bytes"]),
+            f"{n['last_latency_s'] * 1000:.2f} ms",
+            str(n["sessions_lost"]),
+            holds,
+        )
+    return t
+
+
 def render_pds(pds: list[dict[str, Any]]) -> Table:
     t = _table("ID", "PATH", "SIZE", "CHUNKLET", "USED", "FREE", "HEALTH", title="physical disks")
     for pd in pds:
@@ -981,6 +1007,10 @@ def render_iscsi_sessions(out: dict[str, Any]) -> Table:
 
 def cmd_iscsi_sessions(ctx: Context) -> None:
     _show(ctx, ctx.call("GET", "/iscsi/sessions"), render_iscsi_sessions)
+
+
+def cmd_node_list(ctx: Context) -> None:
+    _show(ctx, ctx.call("GET", "/nodes"), render_nodes)
 
 
 def cmd_status(ctx: Context) -> None:

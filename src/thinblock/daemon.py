@@ -38,6 +38,7 @@ from .engine import Engine, EngineOptions
 from .errors import MetadataCorrupt, NotFound, ThinblockError
 from .memory import warm_heap
 from .metadata import redact_url
+from .model import CacheMode
 from .pdheaders import StoreBehindData
 from .units import format_size
 
@@ -361,7 +362,7 @@ class Daemon:
             if cfg.node.partner is not None:
                 await self._start_pair()
 
-            extra_metrics: list[Any] = []
+            extra_metrics: list[Any] = [self.pair] if self.pair is not None else []
             if cfg.webhook.url:
                 from .api.webhook import WebhookPoster
 
@@ -411,6 +412,7 @@ class Daemon:
                 default_export=cfg.default_export,
                 data_dir=data_dir.resolve(),
                 default_chunklet_size=cfg.chunklet_size,
+                pair_status=self.pair.status if self.pair is not None else None,
             )
             from .api.auth import ApiSecurity
 
@@ -470,6 +472,9 @@ class Daemon:
             alerts=engine.alerts,
             marks=EpochMarks(engine.store),
             take_over=self._take_over if node.partner_data is not None else None,
+            writeback_volumes=lambda: sum(
+                1 for vv in engine.list_vvs() if vv.cache_mode == CacheMode.WRITEBACK
+            ),
         )
         try:
             await self.pair.start()

@@ -33,6 +33,7 @@ import shutil
 import signal
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable
 
 import pytest
@@ -78,6 +79,15 @@ def mirror_alerts(daemon: Daemon, *, open_only: bool = True) -> list[dict[str, o
     return [
         a for a in alerts if a["kind"] == "mirror-degraded" and (not open_only or a["state"] != "cleared")
     ]
+
+
+def metric(daemon: Daemon, name: str) -> float:
+    """The value of an unlabelled-but-for-node metric in the daemon's /metrics."""
+    with urllib.request.urlopen(f"{daemon.api_url}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")]
+    assert len(values) == 1, f"{name}: {values}"
+    return values[0]
 
 
 class Writer:
@@ -149,12 +159,19 @@ async def test_partner_stopped_then_continued_degrades_and_resyncs(
         await writer.writes_after(0, 200)
         in_sync_before = len(n1.events("mirror-in-sync"))
         assert mirror_alerts(n1) == []
+        (view,) = n1.cli_json("node", "list")
+        assert (view["node"], view["partner_node"], view["mirror"]) == ("n1", "n2", "in-sync")
+        assert metric(n1, "thinblock_mirror_in_sync") == 1.0
+        (partner_view,) = n2.api_ok("GET", "/nodes")
+        assert partner_view["holding_for"] == "n1"
         os.kill(n2.pid, signal.SIGSTOP)
         try:
             seq_at_stop = writer.seq
             await writer.writes_after(seq_at_stop, 200)  # writes go on: written through
             assert len(mirror_alerts(n1)) == 1
             stall = writer.longest_wait
+            assert n1.api_ok("GET", "/nodes")[0]["mirror"] != "in-sync"
+            assert metric(n1, "thinblock_mirror_degraded_volumes") == 1.0  # the one write-back volume
         finally:
             os.kill(n2.pid, signal.SIGCONT)
         await asyncio.to_thread(

@@ -575,3 +575,16 @@ async def test_token_is_required_everywhere(engine: Engine, tmp_path: Path) -> N
         assert (await c.get("/metrics", headers=auth)).status_code == 200
         schema = (await c.get("/api/v1/openapi.json", headers=auth)).json()
         assert schema["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+
+
+async def test_nodes_of_a_single_daemon(client: httpx.AsyncClient) -> None:
+    """Without a partner the node list has this node alone, role single (a pair: the drills)."""
+    r = await client.get("/nodes")
+    assert r.status_code == 200
+    (node,) = r.json()
+    assert (node["role"], node["mirror"], node["partner"], node["taken_over"]) == (
+        "single",
+        "single",
+        None,
+        False,
+    )

@@ -406,6 +406,27 @@ class ISCSIOut(BaseModel):
     sessions: list[ISCSISessionOut]
 
 
+class NodeOut(BaseModel):
+    """A node of the pair as this node sees it (``GET /nodes``)."""
+
+    node: str
+    role: str = Field(description="single (no partner), or pair")
+    partner: str | None = Field(description="the partner's mirror listener, host:port")
+    partner_node: str | None = Field(description="the partner's name, once its link said HELLO")
+    listen: str | None = Field(description="this node's mirror listener")
+    epoch: int = Field(description="epoch of this node's current mirror session")
+    mirror: str = Field(
+        description="in-sync, syncing, degraded (write-back volumes write through), or single"
+    )
+    in_flight_bytes: int = Field(description="mirrored bytes not yet acknowledged by the partner")
+    last_latency_s: float = Field(description="round trip of the last mirrored write")
+    sessions_lost: int
+    holding_for: str | None = Field(description="the node whose write copies this node holds")
+    held_bytes: int
+    held_writes: int
+    taken_over: bool = Field(description="this node took its partner's volumes over")
+
+
 class StatusOut(BaseModel):
     node: str
     version: str
@@ -462,6 +483,7 @@ class NodeInfo:
     iscsi_portal: str | None = None  # 127.0.0.1:3260 when the iSCSI target runs
     # the iSCSI target's logged-in sessions (ISCSIServer.sessions), when it runs
     iscsi_sessions: Callable[[], list[dict[str, Any]]] | None = None
+    pair_status: Any = None  # () -> node.pair.PairStatus, in a node pair
 
     @property
     def uptime(self) -> float:
@@ -729,6 +751,19 @@ def _router(ctx: ApiContext) -> APIRouter:
     router = APIRouter(responses=_ERRORS)
 
     # --- status -------------------------------------------------------------------------------
+    @router.get("/nodes", tags=["status"])
+    async def nodes() -> list[NodeOut]:
+        """This node and its mirror link: partner, epoch, mirror state and lag."""
+        if node.pair_status is None:
+            return [
+                NodeOut(
+                    node=node.name, role="single", partner=None, partner_node=None, listen=None, epoch=0,
+                    mirror="single", in_flight_bytes=0, last_latency_s=0.0, sessions_lost=0,
+                    holding_for=None, held_bytes=0, held_writes=0, taken_over=False,
+                )
+            ]  # fmt: skip
+        return [NodeOut(role="pair", **asdict(node.pair_status()))]
+
     @router.get("/status", tags=["status"])
     async def status() -> StatusOut:
         """The node at a glance: uptime, counts, capacity, open alerts, where NBD listens."""

@@ -41,9 +41,11 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ..alerts import AlertBus
 from ..cache.writeback import MirrorLost, WriteBackCache
@@ -96,6 +98,7 @@ class PairStatus:
     holding_for: str | None  # the owner whose copies this node holds
     held_bytes: int
     held_writes: int
+    taken_over: bool  # this node took its partner's volumes over
 
 
 class NodePair:
@@ -111,7 +114,9 @@ class NodePair:
         epoch: int = 0,
         marks: EpochMarks | None = None,
         take_over: Callable[[MirrorHolding | None], Awaitable[bool]] | None = None,
+        writeback_volumes: Callable[[], int] = lambda: 0,
     ) -> None:
+        self._writeback_volumes = writeback_volumes
         self.config = config
         self.epoch = epoch
         self._marks = marks
@@ -398,7 +403,49 @@ class NodePair:
             holding_for=holding.owner if holding is not None else None,
             held_bytes=holding.held_bytes if holding is not None else 0,
             held_writes=len(holding) if holding is not None else 0,
+            taken_over=self.taken_over,
         )
+
+    # --- metrics (a prometheus collector, as the daemon's webhook poster is) -----------------
+    def collect(self) -> Iterator[Metric]:
+        st = self.status()
+        labels = ["node"]
+        in_sync = GaugeMetricFamily(
+            "thinblock_mirror_in_sync", "1 while write-back writes are mirrored to the partner", labels=labels
+        )
+        in_sync.add_metric([st.node], 1.0 if st.mirror == "in-sync" else 0.0)
+        yield in_sync
+        degraded = GaugeMetricFamily(
+            "thinblock_mirror_degraded_volumes",
+            "write-back volumes written through because the mirror is not in sync",
+            labels=labels,
+        )
+        degraded.add_metric([st.node], 0.0 if st.mirror == "in-sync" else float(self._writeback_volumes()))
+        yield degraded
+        in_flight = GaugeMetricFamily(
+            "thinblock_mirror_in_flight_bytes",
+            "bytes sent to the partner and not yet acknowledged",
+            labels=labels,
+        )
+        in_flight.add_metric([st.node], float(st.in_flight_bytes))
+        yield in_flight
+        latency = GaugeMetricFamily(
+            "thinblock_mirror_latency_seconds",
+            "the last mirrored write's round trip to the partner",
+            labels=labels,
+        )
+        latency.add_metric([st.node], st.last_latency_s)
+        yield latency
+        lost = CounterMetricFamily(
+            "thinblock_mirror_sessions_lost", "mirror sessions lost (degrades)", labels=labels
+        )
+        lost.add_metric([st.node], float(st.sessions_lost))
+        yield lost
+        held = GaugeMetricFamily(
+            "thinblock_mirror_held_bytes", "bytes of the partner's writes this node holds", labels=labels
+        )
+        held.add_metric([st.node], float(st.held_bytes))
+        yield held
 
 
 class _SessionOver(Exception):
