@@ -470,8 +470,11 @@ class Daemon:
             cache=engine.cache,
             flush=engine.flush_all,
             alerts=engine.alerts,
-            marks=EpochMarks(engine.store),
-            take_over=self._take_over if node.partner_data is not None else None,
+            # The marks are written straight from the loop, ordered before any write-through: fine
+            # for the embedded store (no writer thread); a remote store's writer runs in a thread,
+            # so there the pair runs without marks and without takeover (not built for it yet).
+            marks=EpochMarks(engine.store) if not engine.store.remote else None,
+            take_over=self._take_over if node.partner_data is not None and not engine.store.remote else None,
             writeback_volumes=lambda: sum(
                 1 for vv in engine.list_vvs() if vv.cache_mode == CacheMode.WRITEBACK
             ),

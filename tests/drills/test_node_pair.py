@@ -204,7 +204,8 @@ async def test_partner_killed_the_owner_goes_on_written_through(make_daemon: Cal
         await task
     await check_every_block(n1, "wb", writer.acked)
     assert writer.errors == []
-    assert n1.stop() == 0
+    rc = n1.stop()
+    assert rc == 0, n1.log_tail()
 
 
 # --- kill -9 of the owner: takeover ---------------------------------------------------------------
