@@ -113,7 +113,8 @@ def truncated_pd_drill(make_daemon: Callable[..., Daemon], *, rounds: int, size:
     daemon = make_daemon("truncated", config=CONFIG)
     work = daemon.workdir
     daemon.start()
-    add_pds(daemon, Standard(count=2, size=4 * size), work)
+    # Every round adds a volume and fails a PD: the survivors hold all volumes of all rounds.
+    add_pds(daemon, Standard(count=2, size=(rounds + 2) * size), work)
     setup_pool(daemon, "r1", 1, region=REGION, increment=4 * MiB)
     spare = 2
     for n in range(rounds):
@@ -155,7 +156,7 @@ def truncated_pd_drill(make_daemon: Callable[..., Daemon], *, rounds: int, size:
         read_check(daemon, volume, value, 0, size)
         figures.bytes_verified += size
         # The administrator's way back: a new PD, a rebuild.
-        add_pds(daemon, Standard(count=1, size=4 * size), work, first=spare)
+        add_pds(daemon, Standard(count=1, size=(rounds + 2) * size), work, first=spare)
         spare += 1
         result = daemon.cli_subprocess("rebuild")
         assert result.returncode == 0, result.stderr
@@ -372,7 +373,8 @@ def host_full_drill(
     while full when ``stop_while_full``) exits 0 and the next start is clean."""
     figures = Figures("8-host-faults-host-full" + ("-stopped-full" if stop_while_full else ""))
     daemon = make_daemon("full-stop" if stop_while_full else "full", config=CONFIG)
-    with tmpfs(daemon.data_dir, 16 * MiB + 2 * size * rounds, daemon):
+    # Each round leaves 2 size on each of the 2 mirrors (a pattern and a fresh write).
+    with tmpfs(daemon.data_dir, 16 * MiB + 5 * size * rounds, daemon):
         daemon.start()
         add_pds(daemon, Standard(count=2, size=8 * size * rounds), daemon.data_dir)
         # One LD for the whole volume from the first write: the drill is about PD space; the store
