@@ -158,7 +158,7 @@ def run_drill(make_daemon: Callable[..., Daemon], tmp_path: Path, kills: int, se
     rng = random.Random(seed)
     figures = Figures("host-faults-raid5-write-hole", notes={"seed": seed})
     daemon = make_daemon().start()
-    pds_dir = tmp_path / "pds"
+    pds_dir = daemon.workdir / "pds"  # inside the daemon's allowed PD roots (pd add refuses others)
     pds_dir.mkdir()
     pds = add_pds(daemon, Standard(count=SET_SIZE, size=64 * MiB, chunklet=4 * MiB), pds_dir)
     setup_pool(
