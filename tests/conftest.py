@@ -7,21 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.postgres import PostgresCluster, fresh_database, start_cluster, unavailable_reason
+from tests.support.postgres import PostgresCluster, fresh_database, throwaway_cluster
 from tests.support.stores import StoreBackend
 
 
 @pytest.fixture(scope="session")
 def postgres_cluster() -> Iterator[PostgresCluster]:
     """A throwaway PostgreSQL cluster for the whole session (one per xdist worker)."""
-    reason = unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    cluster = start_cluster()
-    try:
+    with throwaway_cluster() as cluster:
         yield cluster
-    finally:
-        cluster.remove()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

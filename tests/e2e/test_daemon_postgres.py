@@ -19,7 +19,7 @@ import pytest
 
 from tests.drills.nbd_client import NBD_EIO, NBDClient, NBDError
 from tests.support.daemon import LOOPBACK, SMALL_CONFIG, THINBLOCK_MODULE, Daemon, start_daemon
-from tests.support.postgres import PostgresCluster, fresh_database, start_cluster, unavailable_reason
+from tests.support.postgres import PostgresCluster, fresh_database, throwaway_cluster
 from thinblock.units import MiB
 
 pytestmark = pytest.mark.e2e
@@ -33,14 +33,8 @@ CAPACITY_REGIONS = 1000
 
 @pytest.fixture
 def own_cluster() -> Iterator[PostgresCluster]:
-    reason = unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    cluster = start_cluster()
-    try:
+    with throwaway_cluster() as cluster:
         yield cluster
-    finally:
-        cluster.remove()
 
 
 def test_an_unreachable_database_at_start_is_one_line_without_the_password(tmp_path: Path) -> None:

@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 PG_USER = "thinblock"  # the cluster's superuser (trust authentication on its private socket)
 PORT = 5432  # only names the socket file, inside the cluster's own directory
 
@@ -137,6 +139,20 @@ def start_cluster() -> PostgresCluster:
         shutil.rmtree(root, ignore_errors=True)
         raise
     return cluster
+
+
+@contextlib.contextmanager
+def throwaway_cluster() -> Iterator[PostgresCluster]:
+    """A cluster of its own for a fixture, removed afterwards; the test is skipped, with the
+    reason, where none can be started."""
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    cluster = start_cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.remove()
 
 
 @contextlib.contextmanager
