@@ -16,19 +16,18 @@ again once the server is back); SQLSTATE class 53 (disk full, out of memory) is
 from __future__ import annotations
 
 import logging
-import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import psycopg
-from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..errors import LeaseLost, MetadataCorrupt, MetadataStoreFull, MetadataUnavailable
 from . import redact_url
-from .store import AlertRow, Assignment, LDRow, Lease, MetadataStore, PDRow, PoolRow, VVRow
+from .sql import SQLStore, Statement
+from .store import Assignment, LDRow, Lease
 
 log = logging.getLogger("thinblock.metadata")
 
@@ -73,10 +72,8 @@ _SCHEMA = [
 # is the first this backend wrote)
 _MIGRATIONS: dict[int, list[str]] = {}
 
-_TABLES = ("pds", "pools", "lds", "ld_chunklets", "vvs", "vv_map", "alerts")
 
-
-class PostgresStore(MetadataStore):
+class PostgresStore(SQLStore):
     remote = True
 
     def __init__(self, url: str, *, create: bool = True, max_connections: int = 4) -> None:
@@ -214,15 +211,26 @@ class PostgresStore(MetadataStore):
                     )
             yield conn
 
+    # The shared statements (sql.py) are written with "?"; psycopg's placeholder is "%s".  None
+    # of them holds a "?" or a "%" of its own; statements written here use "%s" already.
     def _insert(self, statement: str, args: tuple[Any, ...]) -> int:
         with self._write() as conn:
-            row = conn.execute(statement + " RETURNING id", args).fetchone()
+            row = conn.execute(_pg(statement) + " RETURNING id", args).fetchone()
         assert row is not None
         return int(row[0])
 
     def _exec(self, statement: str, args: tuple[Any, ...]) -> None:
         with self._write() as conn:
-            conn.execute(statement, args)
+            conn.execute(_pg(statement), args)
+
+    def _exec_all(self, statements: Sequence[Statement]) -> None:
+        with self._write() as conn:
+            for statement, args in statements:
+                conn.execute(_pg(statement), args)
+
+    def _query_all(self, queries: Sequence[Statement]) -> list[list[tuple[Any, ...]]]:
+        with self._read() as conn:
+            return [conn.execute(_pg(statement), args).fetchall() for statement, args in queries]
 
     # --- life cycle ---
     def close(self) -> None:
@@ -231,93 +239,9 @@ class PostgresStore(MetadataStore):
     def sync(self) -> None:
         """Nothing to do: every commit returned once the server made it durable."""
 
-    def get_meta(self, key: str) -> str | None:
-        with self._read() as conn:
-            row = conn.execute("SELECT value FROM meta WHERE key=%s", (key,)).fetchone()
-        return None if row is None else str(row[0])
-
-    def set_meta(self, key: str, value: str) -> None:
-        self._exec(
-            "INSERT INTO meta(key, value) VALUES(%s, %s) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-            (key, value),
-        )
-
-    def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        with self._read() as conn:
-            for t in _TABLES:
-                row = conn.execute(sql.SQL("SELECT COUNT(*) FROM {}").format(sql.Identifier(t))).fetchone()
-                out[t] = 0 if row is None else int(row[0])
-        return out
-
-    def is_empty(self) -> bool:
-        return not any(self.counts().values())
-
-    def region_counters(self) -> tuple[dict[int, int], dict[int, int]]:
-        with self._read() as conn:
-            vvs = {int(k): int(n) for k, n in conn.execute("SELECT id, regions FROM vvs")}
-            lds = {int(k): int(n) for k, n in conn.execute("SELECT id, regions_used FROM lds")}
-        return vvs, lds
-
     def backend_problems(self) -> list[str]:
         """PostgreSQL keeps its own indexes and types; what is left to check is backend-independent."""
         return []
-
-    # --- PDs ---
-    def add_pd(self, path: str, size: int, chunklet_size: int) -> int:
-        return self._insert(
-            "INSERT INTO pds(path, size, chunklet_size, health) VALUES(%s, %s, %s, 'normal')",
-            (path, size, chunklet_size),
-        )
-
-    def set_pd_health(self, pd_id: int, health: str) -> None:
-        self._exec("UPDATE pds SET health=%s WHERE id=%s", (health, pd_id))
-
-    def remove_pd(self, pd_id: int) -> None:
-        self._exec("DELETE FROM pds WHERE id=%s", (pd_id,))
-
-    def load_pds(self) -> list[PDRow]:
-        with self._read() as conn:
-            return [
-                PDRow(*r)
-                for r in conn.execute("SELECT id, path, size, chunklet_size, health FROM pds ORDER BY id")
-            ]
-
-    # --- pools ---
-    def add_pool(self, row: PoolRow) -> int:
-        return self._insert(
-            "INSERT INTO pools(name, raid, set_size, step, region_size, growth_increment, growth_warning,"
-            " growth_limit) VALUES(%s, %s, %s, %s, %s, %s, %s, %s)",
-            (
-                row.name,
-                row.raid,
-                row.set_size,
-                row.step,
-                row.region_size,
-                row.growth_increment,
-                row.growth_warning,
-                row.growth_limit,
-            ),
-        )
-
-    def update_pool(self, row: PoolRow) -> None:
-        self._exec(
-            "UPDATE pools SET growth_increment=%s, growth_warning=%s, growth_limit=%s WHERE id=%s",
-            (row.growth_increment, row.growth_warning, row.growth_limit, row.id),
-        )
-
-    def delete_pool(self, pool_id: int) -> None:
-        self._exec("DELETE FROM pools WHERE id=%s", (pool_id,))
-
-    def load_pools(self) -> list[PoolRow]:
-        with self._read() as conn:
-            return [
-                PoolRow(*r)
-                for r in conn.execute(
-                    "SELECT id, name, raid, set_size, step, region_size, growth_increment, growth_warning,"
-                    " growth_limit FROM pools ORDER BY id"
-                )
-            ]
 
     # --- LDs ---
     def add_ld(self, row: LDRow) -> int:
@@ -336,82 +260,7 @@ class PostgresStore(MetadataStore):
                 )
         return ld_id
 
-    def replace_chunklet(self, ld_id: int, row: int, column: int, pd_id: int, index: int) -> None:
-        self._exec(
-            "UPDATE ld_chunklets SET pd_id=%s, chunklet=%s WHERE ld_id=%s AND row=%s AND col=%s",
-            (pd_id, index, ld_id, row, column),
-        )
-
-    def delete_ld(self, ld_id: int) -> None:
-        with self._write() as conn:
-            conn.execute("DELETE FROM ld_chunklets WHERE ld_id=%s", (ld_id,))
-            conn.execute("DELETE FROM lds WHERE id=%s", (ld_id,))
-
-    def load_lds(self) -> list[LDRow]:
-        with self._read() as conn:
-            lds = {
-                int(r[0]): LDRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], {})
-                for r in conn.execute(
-                    "SELECT id, pool_id, raid, set_size, step, region_size, regions FROM lds ORDER BY id"
-                )
-            }
-            for ld_id, row, col, pd_id, chunklet in conn.execute(
-                "SELECT ld_id, row, col, pd_id, chunklet FROM ld_chunklets"
-            ):
-                if ld_id in lds:
-                    lds[ld_id].chunklets[(row, col)] = (pd_id, chunklet)
-        return list(lds.values())
-
-    # --- VVs and maps ---
-    def add_vv(self, row: VVRow) -> int:
-        return self._insert(
-            "INSERT INTO vvs(name, pool_id, size, alloc_warning_bytes, alloc_warning_pct, alloc_limit_bytes,"
-            " alloc_limit_pct, cache_mode, created, owner) VALUES(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            (
-                row.name,
-                row.pool_id,
-                row.size,
-                row.alloc_warning_bytes,
-                row.alloc_warning_pct,
-                row.alloc_limit_bytes,
-                row.alloc_limit_pct,
-                row.cache_mode,
-                row.created,
-                row.owner,
-            ),
-        )
-
-    def update_vv(self, row: VVRow) -> None:
-        self._exec(
-            "UPDATE vvs SET size=%s, alloc_warning_bytes=%s, alloc_warning_pct=%s, alloc_limit_bytes=%s,"
-            " alloc_limit_pct=%s, cache_mode=%s WHERE id=%s",
-            (
-                row.size,
-                row.alloc_warning_bytes,
-                row.alloc_warning_pct,
-                row.alloc_limit_bytes,
-                row.alloc_limit_pct,
-                row.cache_mode,
-                row.id,
-            ),
-        )
-
-    def set_vv_owner(self, vv_id: int, node: str | None) -> None:
-        self._exec("UPDATE vvs SET owner=%s WHERE id=%s", (node, vv_id))
-
-    def delete_vv(self, vv_id: int) -> None:
-        self._exec("DELETE FROM vvs WHERE id=%s", (vv_id,))
-
-    def load_vvs(self) -> list[VVRow]:
-        with self._read() as conn:
-            return [
-                VVRow(*r)
-                for r in conn.execute(
-                    "SELECT id, name, pool_id, size, alloc_warning_bytes, alloc_warning_pct, alloc_limit_bytes,"
-                    " alloc_limit_pct, cache_mode, created, owner FROM vvs ORDER BY id"
-                )
-            ]
-
+    # --- the map ---
     def assign_many(self, rows: list[Assignment]) -> None:
         """One statement for the rows (unnest of four arrays) and one per counter table: three
         round trips for a group of any size."""
@@ -427,16 +276,8 @@ class PostgresStore(MetadataStore):
                 " AS t(v, r, l, lr)",
                 (epoch, list(cols[0]), list(cols[1]), list(cols[2]), list(cols[3])),
             )
-            conn.execute(
-                "UPDATE vvs SET regions = regions + d.n FROM (SELECT v, COUNT(*) AS n FROM unnest(%s::bigint[])"
-                " AS t(v) GROUP BY v) d WHERE vvs.id = d.v",
-                (list(cols[0]),),
-            )
-            conn.execute(
-                "UPDATE lds SET regions_used = regions_used + d.n FROM (SELECT l, COUNT(*) AS n FROM"
-                " unnest(%s::bigint[]) AS t(l) GROUP BY l) d WHERE lds.id = d.l",
-                (list(cols[2]),),
-            )
+            conn.execute(_count_ids("vvs", "regions", "+"), (list(cols[0]),))
+            conn.execute(_count_ids("lds", "regions_used", "+"), (list(cols[2]),))
 
     def unassign(self, vv_id: int, vv_regions: list[int]) -> int:
         with self._write() as conn:
@@ -446,11 +287,7 @@ class PostgresStore(MetadataStore):
                 (vv_id, vv_regions),
             ).fetchall()
             if gone:
-                conn.execute(
-                    "UPDATE lds SET regions_used = regions_used - d.n FROM (SELECT l, COUNT(*) AS n FROM"
-                    " unnest(%s::bigint[]) AS t(l) GROUP BY l) d WHERE lds.id = d.l",
-                    ([int(r[0]) for r in gone],),
-                )
+                conn.execute(_count_ids("lds", "regions_used", "-"), ([int(r[0]) for r in gone],))
                 conn.execute("UPDATE vvs SET regions = regions - %s WHERE id=%s", (len(gone), vv_id))
         return len(gone)
 
@@ -465,50 +302,12 @@ class PostgresStore(MetadataStore):
                     for block in copy:
                         parts.append(bytes(block))
                 (rows,) = conn.execute("SELECT COUNT(*) FROM vv_map").fetchone() or (0,)
-            text = b"".join(parts)
-            if not text:
-                flat = np.zeros(0, dtype=np.int64)
-            else:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    flat = np.fromstring(
-                        text.replace(b"\t", b" ").replace(b"\n", b" "), dtype=np.int64, sep=" "
-                    )
-            if flat.size != 4 * rows:
-                raise MetadataCorrupt(
-                    f"{self.url}: the region map changed while it was read, or holds bad values"
-                )
-            self._map_cache = flat.reshape(-1, 4)
+            self._map_cache = self._map_from_text(
+                b"".join(parts),
+                rows,
+                f"{self.url}: the region map changed while it was read, or holds bad values",
+            )
         return self._map_cache
-
-    def forget_map_array(self) -> None:
-        self._map_cache = None
-
-    def map_rows_by_epoch(self) -> dict[int | None, int]:
-        with self._read() as conn:
-            return {
-                None if e is None else int(e): int(n)
-                for e, n in conn.execute("SELECT epoch, COUNT(*) FROM vv_map GROUP BY epoch")
-            }
-
-    # --- alerts ---
-    def add_alert(self, time: float, severity: str, kind: str, obj: str, message: str, state: str) -> int:
-        return self._insert(
-            "INSERT INTO alerts(time, severity, kind, object, message, state) VALUES(%s, %s, %s, %s, %s, %s)",
-            (time, severity, kind, obj, message, state),
-        )
-
-    def set_alert_state(self, alert_id: int, state: str) -> None:
-        self._exec("UPDATE alerts SET state=%s WHERE id=%s", (state, alert_id))
-
-    def load_alerts(self) -> list[AlertRow]:
-        with self._read() as conn:
-            return [
-                AlertRow(*r)
-                for r in conn.execute(
-                    "SELECT id, time, severity, kind, object, message, state FROM alerts ORDER BY id"
-                )
-            ]
 
     # --- leases: the server's clock decides ---
     def acquire_lease(self, name: str, holder: str, ttl_s: float) -> Lease | None:
@@ -549,8 +348,18 @@ class PostgresStore(MetadataStore):
             ).fetchone()
         return None if row is None else Lease(name, str(row[0]), int(row[1]), float(row[2]))
 
-    def bind_lease(self, lease: Lease | None) -> None:
-        self._lease = lease
+
+def _count_ids(table: str, column: str, sign: str) -> str:
+    """An UPDATE that adds (``+``) or takes (``-``) to ``table.column`` of each row, once per
+    time its id occurs in the array parameter: one statement for a group of any size."""
+    return (
+        f"UPDATE {table} SET {column} = {column} {sign} d.n FROM (SELECT k, COUNT(*) AS n"
+        f" FROM unnest(%s::bigint[]) AS t(k) GROUP BY k) d WHERE {table}.id = d.k"
+    )
+
+
+def _pg(statement: str) -> str:
+    return statement.replace("?", "%s")
 
 
 def _one_line(exc: BaseException) -> str:

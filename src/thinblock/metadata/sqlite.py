@@ -18,8 +18,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import LeaseLost, MetadataCorrupt, MetadataStoreFull
-from .store import AlertRow, Assignment, LDRow, Lease, MetadataStore, PDRow, PoolRow, VVRow
+from .sql import SQLStore, Statement
+from .store import Assignment, LDRow, Lease
 
 #: the schema this code writes; it opens older ones by migrating them (``_MIGRATIONS``) and
 #: refuses newer ones
@@ -80,7 +80,7 @@ _MIGRATIONS: dict[int, list[str]] = {
 }
 
 
-class SQLiteStore(MetadataStore):
+class SQLiteStore(SQLStore):
     FILENAME = "thinblock.db"
 
     def __init__(self, data_dir: str | Path, *, create: bool = True) -> None:
@@ -217,6 +217,15 @@ class SQLiteStore(MetadataStore):
         with self._write() as db:
             db.execute(sql, args)
 
+    def _exec_all(self, statements: Sequence[Statement]) -> None:
+        with self._write() as db:
+            for sql, args in statements:
+                db.execute(sql, args)
+
+    def _query_all(self, queries: Sequence[Statement]) -> list[list[tuple[Any, ...]]]:
+        with self._read() as db:
+            return [db.execute(sql, args).fetchall() for sql, args in queries]
+
     # --- life cycle ---
     def close(self) -> None:
         with self._lock:
@@ -237,31 +246,6 @@ class SQLiteStore(MetadataStore):
         # Rows changed by this connection since it opened (the only writer): moves with every
         # committed change (and with assignments still open, which the flush commits first).
         return int(self._db.total_changes)
-
-    def get_meta(self, key: str) -> str | None:
-        with self._read() as db:
-            return self._get_meta(db, key)
-
-    def set_meta(self, key: str, value: str) -> None:
-        with self._write() as db:
-            self._put_meta(db, key, value)
-
-    def counts(self) -> dict[str, int]:
-        with self._read() as db:
-            return {
-                table: db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
-                for table in ("pds", "pools", "lds", "ld_chunklets", "vvs", "vv_map", "alerts")
-            }
-
-    def is_empty(self) -> bool:
-        counts = self.counts()
-        return not any(counts.values())
-
-    def region_counters(self) -> tuple[dict[int, int], dict[int, int]]:
-        with self._read() as db:
-            vvs = {int(k): int(n) for k, n in db.execute("SELECT id, regions FROM vvs")}
-            lds = {int(k): int(n) for k, n in db.execute("SELECT id, regions_used FROM lds")}
-        return vvs, lds
 
     def backend_problems(self) -> list[str]:
         problems: list[str] = []
@@ -296,62 +280,6 @@ class SQLiteStore(MetadataStore):
             problems.append(f"sqlite: {exc}")
         return problems
 
-    # --- PDs ---
-    def add_pd(self, path: str, size: int, chunklet_size: int) -> int:
-        return self._insert(
-            "INSERT INTO pds(path, size, chunklet_size, health) VALUES(?, ?, ?, 'normal')",
-            (path, size, chunklet_size),
-        )
-
-    def set_pd_health(self, pd_id: int, health: str) -> None:
-        self._exec("UPDATE pds SET health=? WHERE id=?", (health, pd_id))
-
-    def remove_pd(self, pd_id: int) -> None:
-        self._exec("DELETE FROM pds WHERE id=?", (pd_id,))
-
-    def load_pds(self) -> list[PDRow]:
-        with self._read() as db:
-            return [
-                PDRow(*r)
-                for r in db.execute("SELECT id, path, size, chunklet_size, health FROM pds ORDER BY id")
-            ]
-
-    # --- pools ---
-    def add_pool(self, row: PoolRow) -> int:
-        return self._insert(
-            "INSERT INTO pools(name, raid, set_size, step, region_size, growth_increment, growth_warning,"
-            " growth_limit) VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                row.name,
-                row.raid,
-                row.set_size,
-                row.step,
-                row.region_size,
-                row.growth_increment,
-                row.growth_warning,
-                row.growth_limit,
-            ),
-        )
-
-    def update_pool(self, row: PoolRow) -> None:
-        self._exec(
-            "UPDATE pools SET growth_increment=?, growth_warning=?, growth_limit=? WHERE id=?",
-            (row.growth_increment, row.growth_warning, row.growth_limit, row.id),
-        )
-
-    def delete_pool(self, pool_id: int) -> None:
-        self._exec("DELETE FROM pools WHERE id=?", (pool_id,))
-
-    def load_pools(self) -> list[PoolRow]:
-        with self._read() as db:
-            return [
-                PoolRow(*r)
-                for r in db.execute(
-                    "SELECT id, name, raid, set_size, step, region_size, growth_increment, growth_warning,"
-                    " growth_limit FROM pools ORDER BY id"
-                )
-            ]
-
     # --- LDs ---
     def add_ld(self, row: LDRow) -> int:
         # One transaction: a kill between the two inserts must not leave an LD without chunklets,
@@ -369,82 +297,7 @@ class SQLiteStore(MetadataStore):
             )
         return ld_id
 
-    def replace_chunklet(self, ld_id: int, row: int, column: int, pd_id: int, index: int) -> None:
-        self._exec(
-            "UPDATE ld_chunklets SET pd_id=?, chunklet=? WHERE ld_id=? AND row=? AND col=?",
-            (pd_id, index, ld_id, row, column),
-        )
-
-    def delete_ld(self, ld_id: int) -> None:
-        with self._write() as db:
-            db.execute("DELETE FROM ld_chunklets WHERE ld_id=?", (ld_id,))
-            db.execute("DELETE FROM lds WHERE id=?", (ld_id,))
-
-    def load_lds(self) -> list[LDRow]:
-        with self._read() as db:
-            lds = {
-                r[0]: LDRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], {})
-                for r in db.execute(
-                    "SELECT id, pool_id, raid, set_size, step, region_size, regions FROM lds ORDER BY id"
-                )
-            }
-            for ld_id, row, col, pd_id, chunklet in db.execute(
-                "SELECT ld_id, row, col, pd_id, chunklet FROM ld_chunklets"
-            ):
-                if ld_id in lds:
-                    lds[ld_id].chunklets[(row, col)] = (pd_id, chunklet)
-        return list(lds.values())
-
-    # --- VVs and maps ---
-    def add_vv(self, row: VVRow) -> int:
-        return self._insert(
-            "INSERT INTO vvs(name, pool_id, size, alloc_warning_bytes, alloc_warning_pct, alloc_limit_bytes,"
-            " alloc_limit_pct, cache_mode, created, owner) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                row.name,
-                row.pool_id,
-                row.size,
-                row.alloc_warning_bytes,
-                row.alloc_warning_pct,
-                row.alloc_limit_bytes,
-                row.alloc_limit_pct,
-                row.cache_mode,
-                row.created,
-                row.owner,
-            ),
-        )
-
-    def update_vv(self, row: VVRow) -> None:
-        self._exec(
-            "UPDATE vvs SET size=?, alloc_warning_bytes=?, alloc_warning_pct=?, alloc_limit_bytes=?,"
-            " alloc_limit_pct=?, cache_mode=? WHERE id=?",
-            (
-                row.size,
-                row.alloc_warning_bytes,
-                row.alloc_warning_pct,
-                row.alloc_limit_bytes,
-                row.alloc_limit_pct,
-                row.cache_mode,
-                row.id,
-            ),
-        )
-
-    def set_vv_owner(self, vv_id: int, node: str | None) -> None:
-        self._exec("UPDATE vvs SET owner=? WHERE id=?", (node, vv_id))
-
-    def delete_vv(self, vv_id: int) -> None:
-        self._exec("DELETE FROM vvs WHERE id=?", (vv_id,))
-
-    def load_vvs(self) -> list[VVRow]:
-        with self._read() as db:
-            return [
-                VVRow(*r)
-                for r in db.execute(
-                    "SELECT id, name, pool_id, size, alloc_warning_bytes, alloc_warning_pct, alloc_limit_bytes,"
-                    " alloc_limit_pct, cache_mode, created, owner FROM vvs ORDER BY id"
-                )
-            ]
-
+    # --- the map ---
     def assign_many(self, rows: list[Assignment]) -> None:
         if not rows:
             return
@@ -496,42 +349,10 @@ class SQLiteStore(MetadataStore):
                     " FROM vv_map"
                 ).fetchone()
                 (rows,) = db.execute("SELECT COUNT(*) FROM vv_map").fetchone()
-                if not text:
-                    flat = np.zeros(0, dtype=np.int64)
-                else:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore", DeprecationWarning)  # raised when it stops early
-                        flat = np.fromstring(text, dtype=np.int64, sep=" ")
-                if flat.size != 4 * rows:
-                    raise MetadataCorrupt(f"{self.path}: the region map holds a value that is not an integer")
-                self._map_cache = flat.reshape(-1, 4)
-            return self._map_cache
-
-    def forget_map_array(self) -> None:
-        self._map_cache = None
-
-    def map_rows_by_epoch(self) -> dict[int | None, int]:
-        with self._read() as db:
-            return {e: int(n) for e, n in db.execute("SELECT epoch, COUNT(*) FROM vv_map GROUP BY epoch")}
-
-    # --- alerts ---
-    def add_alert(self, time: float, severity: str, kind: str, obj: str, message: str, state: str) -> int:
-        return self._insert(
-            "INSERT INTO alerts(time, severity, kind, object, message, state) VALUES(?, ?, ?, ?, ?, ?)",
-            (time, severity, kind, obj, message, state),
-        )
-
-    def set_alert_state(self, alert_id: int, state: str) -> None:
-        self._exec("UPDATE alerts SET state=? WHERE id=?", (state, alert_id))
-
-    def load_alerts(self) -> list[AlertRow]:
-        with self._read() as db:
-            return [
-                AlertRow(*r)
-                for r in db.execute(
-                    "SELECT id, time, severity, kind, object, message, state FROM alerts ORDER BY id"
+                self._map_cache = self._map_from_text(
+                    text or "", rows, f"{self.path}: the region map holds a value that is not an integer"
                 )
-            ]
+            return self._map_cache
 
     # --- leases (the local clock is the store's clock) ---
     def acquire_lease(self, name: str, holder: str, ttl_s: float) -> Lease | None:
@@ -576,9 +397,6 @@ class SQLiteStore(MetadataStore):
         with self._read() as db:
             row = db.execute("SELECT holder, epoch, expires_at FROM leases WHERE name=?", (name,)).fetchone()
         return None if row is None else Lease(name, str(row[0]), int(row[1]), float(row[2]))
-
-    def bind_lease(self, lease: Lease | None) -> None:
-        self._lease = lease
 
     @contextmanager
     def _lease_tx(self) -> Iterator[sqlite3.Connection]:

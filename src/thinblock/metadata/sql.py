@@ -1,0 +1,252 @@
+"""What the SQL backends share: the store methods whose statements both run unchanged.
+
+SQLite and PostgreSQL hold the same tables (``sqlite.py``, ``postgres.py``), so most methods
+are the same statement on either: written once here, with ``?`` placeholders.  A backend
+supplies four primitives -- ``_exec`` and ``_insert`` (one write transaction each),
+``_exec_all`` (several statements in one write transaction) and ``_query_all`` (several
+queries in one read transaction) -- and translates the placeholders to its driver's style in
+them.  What differs stays in the backend: schema and migrations, connections and error
+mapping, the lease statements (each store's own clock), the bulk map statements (SQLite's
+``executemany`` against PostgreSQL's ``unnest``), and reading the whole map.
+"""
+
+from __future__ import annotations
+
+import abc
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..errors import MetadataCorrupt
+from .store import AlertRow, LDRow, Lease, MetadataStore, PDRow, PoolRow, VVRow
+
+#: the tables ``counts`` reports (every table that holds the node's objects)
+TABLES = ("pds", "pools", "lds", "ld_chunklets", "vvs", "vv_map", "alerts")
+
+Statement = tuple[str, tuple[Any, ...]]
+
+
+class SQLStore(MetadataStore):
+    _lease: Lease | None
+    _map_cache: np.ndarray | None
+
+    # --- the primitives a backend supplies ---
+    @abc.abstractmethod
+    def _exec(self, statement: str, args: tuple[Any, ...]) -> None:
+        """One statement in one write transaction (fenced by the bound lease)."""
+
+    @abc.abstractmethod
+    def _insert(self, statement: str, args: tuple[Any, ...]) -> int:
+        """One INSERT in one write transaction; the new row's id."""
+
+    @abc.abstractmethod
+    def _exec_all(self, statements: Sequence[Statement]) -> None:
+        """Several statements in one write transaction: all or none."""
+
+    @abc.abstractmethod
+    def _query_all(self, queries: Sequence[Statement]) -> list[list[tuple[Any, ...]]]:
+        """Several queries in one read transaction (one consistent view); their rows."""
+
+    def _query(self, statement: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        return self._query_all([(statement, args)])[0]
+
+    # --- meta and counters ---
+    def get_meta(self, key: str) -> str | None:
+        rows = self._query("SELECT value FROM meta WHERE key=?", (key,))
+        return None if not rows else str(rows[0][0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._exec(
+            "INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+            (key, value),
+        )
+
+    def counts(self) -> dict[str, int]:
+        # The table names are this module's constants, never input.
+        results = self._query_all([(f"SELECT COUNT(*) FROM {table}", ()) for table in TABLES])
+        return {table: int(rows[0][0]) for table, rows in zip(TABLES, results, strict=True)}
+
+    def is_empty(self) -> bool:
+        return not any(self.counts().values())
+
+    def region_counters(self) -> tuple[dict[int, int], dict[int, int]]:
+        vvs, lds = self._query_all(
+            [("SELECT id, regions FROM vvs", ()), ("SELECT id, regions_used FROM lds", ())]
+        )
+        return {int(k): int(n) for k, n in vvs}, {int(k): int(n) for k, n in lds}
+
+    # --- PDs ---
+    def add_pd(self, path: str, size: int, chunklet_size: int) -> int:
+        return self._insert(
+            "INSERT INTO pds(path, size, chunklet_size, health) VALUES(?, ?, ?, 'normal')",
+            (path, size, chunklet_size),
+        )
+
+    def set_pd_health(self, pd_id: int, health: str) -> None:
+        self._exec("UPDATE pds SET health=? WHERE id=?", (health, pd_id))
+
+    def remove_pd(self, pd_id: int) -> None:
+        self._exec("DELETE FROM pds WHERE id=?", (pd_id,))
+
+    def load_pds(self) -> list[PDRow]:
+        return [
+            PDRow(*r)
+            for r in self._query("SELECT id, path, size, chunklet_size, health FROM pds ORDER BY id")
+        ]
+
+    # --- pools ---
+    def add_pool(self, row: PoolRow) -> int:
+        return self._insert(
+            "INSERT INTO pools(name, raid, set_size, step, region_size, growth_increment, growth_warning,"
+            " growth_limit) VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                row.name,
+                row.raid,
+                row.set_size,
+                row.step,
+                row.region_size,
+                row.growth_increment,
+                row.growth_warning,
+                row.growth_limit,
+            ),
+        )
+
+    def update_pool(self, row: PoolRow) -> None:
+        self._exec(
+            "UPDATE pools SET growth_increment=?, growth_warning=?, growth_limit=? WHERE id=?",
+            (row.growth_increment, row.growth_warning, row.growth_limit, row.id),
+        )
+
+    def delete_pool(self, pool_id: int) -> None:
+        self._exec("DELETE FROM pools WHERE id=?", (pool_id,))
+
+    def load_pools(self) -> list[PoolRow]:
+        return [
+            PoolRow(*r)
+            for r in self._query(
+                "SELECT id, name, raid, set_size, step, region_size, growth_increment, growth_warning,"
+                " growth_limit FROM pools ORDER BY id"
+            )
+        ]
+
+    # --- LDs (add_ld is the backend's: how it learns the new id inside the transaction differs) ---
+    def replace_chunklet(self, ld_id: int, row: int, column: int, pd_id: int, index: int) -> None:
+        self._exec(
+            "UPDATE ld_chunklets SET pd_id=?, chunklet=? WHERE ld_id=? AND row=? AND col=?",
+            (pd_id, index, ld_id, row, column),
+        )
+
+    def delete_ld(self, ld_id: int) -> None:
+        self._exec_all(
+            [("DELETE FROM ld_chunklets WHERE ld_id=?", (ld_id,)), ("DELETE FROM lds WHERE id=?", (ld_id,))]
+        )
+
+    def load_lds(self) -> list[LDRow]:
+        ld_rows, chunklet_rows = self._query_all(
+            [
+                ("SELECT id, pool_id, raid, set_size, step, region_size, regions FROM lds ORDER BY id", ()),
+                ("SELECT ld_id, row, col, pd_id, chunklet FROM ld_chunklets", ()),
+            ]
+        )
+        lds = {int(r[0]): LDRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], {}) for r in ld_rows}
+        for ld_id, row, col, pd_id, chunklet in chunklet_rows:
+            if ld_id in lds:
+                lds[ld_id].chunklets[(row, col)] = (pd_id, chunklet)
+        return list(lds.values())
+
+    # --- VVs ---
+    def add_vv(self, row: VVRow) -> int:
+        return self._insert(
+            "INSERT INTO vvs(name, pool_id, size, alloc_warning_bytes, alloc_warning_pct, alloc_limit_bytes,"
+            " alloc_limit_pct, cache_mode, created, owner) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                row.name,
+                row.pool_id,
+                row.size,
+                row.alloc_warning_bytes,
+                row.alloc_warning_pct,
+                row.alloc_limit_bytes,
+                row.alloc_limit_pct,
+                row.cache_mode,
+                row.created,
+                row.owner,
+            ),
+        )
+
+    def update_vv(self, row: VVRow) -> None:
+        self._exec(
+            "UPDATE vvs SET size=?, alloc_warning_bytes=?, alloc_warning_pct=?, alloc_limit_bytes=?,"
+            " alloc_limit_pct=?, cache_mode=? WHERE id=?",
+            (
+                row.size,
+                row.alloc_warning_bytes,
+                row.alloc_warning_pct,
+                row.alloc_limit_bytes,
+                row.alloc_limit_pct,
+                row.cache_mode,
+                row.id,
+            ),
+        )
+
+    def set_vv_owner(self, vv_id: int, node: str | None) -> None:
+        self._exec("UPDATE vvs SET owner=? WHERE id=?", (node, vv_id))
+
+    def delete_vv(self, vv_id: int) -> None:
+        self._exec("DELETE FROM vvs WHERE id=?", (vv_id,))
+
+    def load_vvs(self) -> list[VVRow]:
+        return [
+            VVRow(*r)
+            for r in self._query(
+                "SELECT id, name, pool_id, size, alloc_warning_bytes, alloc_warning_pct, alloc_limit_bytes,"
+                " alloc_limit_pct, cache_mode, created, owner FROM vvs ORDER BY id"
+            )
+        ]
+
+    # --- the map (assign_many, unassign and map_array are the backend's) ---
+    def forget_map_array(self) -> None:
+        self._map_cache = None
+
+    def map_rows_by_epoch(self) -> dict[int | None, int]:
+        return {
+            None if e is None else int(e): int(n)
+            for e, n in self._query("SELECT epoch, COUNT(*) FROM vv_map GROUP BY epoch")
+        }
+
+    def _map_from_text(self, text: str | bytes, rows: int, mismatch: str) -> np.ndarray:
+        """The (N, 4) int64 map array from the map's numbers as text, separated by white space
+        (numpy parses it in C: no Python object per row); MetadataCorrupt saying ``mismatch``
+        when the text does not hold exactly ``rows`` rows of integers."""
+        if not text:
+            flat = np.zeros(0, dtype=np.int64)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # raised when it stops early
+                flat = np.fromstring(text, dtype=np.int64, sep=" ")
+        if flat.size != 4 * rows:
+            raise MetadataCorrupt(mismatch)
+        return flat.reshape(-1, 4)
+
+    # --- alerts ---
+    def add_alert(self, time: float, severity: str, kind: str, obj: str, message: str, state: str) -> int:
+        return self._insert(
+            "INSERT INTO alerts(time, severity, kind, object, message, state) VALUES(?, ?, ?, ?, ?, ?)",
+            (time, severity, kind, obj, message, state),
+        )
+
+    def set_alert_state(self, alert_id: int, state: str) -> None:
+        self._exec("UPDATE alerts SET state=? WHERE id=?", (state, alert_id))
+
+    def load_alerts(self) -> list[AlertRow]:
+        return [
+            AlertRow(*r)
+            for r in self._query(
+                "SELECT id, time, severity, kind, object, message, state FROM alerts ORDER BY id"
+            )
+        ]
+
+    # --- leases (the statements are the backend's: each store's own clock decides) ---
+    def bind_lease(self, lease: Lease | None) -> None:
+        self._lease = lease
