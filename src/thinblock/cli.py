@@ -45,7 +45,7 @@ from rich.table import Table
 
 from . import __version__
 from .errors import InvalidArgument
-from .units import Limit, format_size, parse_size
+from .units import Limit, format_duration, format_size, parse_size
 
 DEFAULT_API = "http://127.0.0.1:8080"
 API_PREFIX = "/api/v1"
@@ -658,12 +658,14 @@ def _forecast_text(f: dict[str, Any] | None, limit_word: str = "limit") -> str:
     if not f or f.get("rate") is None:
         return "- (no history yet)"
     if f["rate"] <= 0:
-        return f"not growing (over {_duration(f['window'])})"
+        return f"not growing (over {format_duration(f['window'], parts=3)})"
     parts = []
     for key, word in (("to_warning", "warning"), ("to_limit", limit_word)):
         if f.get(key) is not None:
-            parts.append(f"{word} reached" if f[key] == 0 else f"{word} in {_duration(f[key])}")
-    text = f"{format_size(round(f['rate']))}/s over {_duration(f['window'])}"
+            parts.append(
+                f"{word} reached" if f[key] == 0 else f"{word} in {format_duration(f[key], parts=3)}"
+            )
+    text = f"{format_size(round(f['rate']))}/s over {format_duration(f['window'], parts=3)}"
     return text + (f"; {', '.join(parts)}" if parts else "")
 
 
@@ -671,7 +673,7 @@ def _eta_text(f: dict[str, Any] | None) -> str:
     """The time to the limit for a table column: 5h 2m, 0 (reached), - (none)."""
     if not f or f.get("to_limit") is None:
         return "-"
-    return "reached" if f["to_limit"] == 0 else _duration(f["to_limit"])
+    return "reached" if f["to_limit"] == 0 else format_duration(f["to_limit"], parts=3)
 
 
 def _ratio(value: float | None) -> str:
@@ -681,20 +683,6 @@ def _ratio(value: float | None) -> str:
 
 def _time_text(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d {hours}h {minutes}m"
-    if hours:
-        return f"{hours}h {minutes}m {secs}s"
-    if minutes:
-        return f"{minutes}m {secs}s"
-    return f"{secs}s"
 
 
 _HEALTH_STYLE = {
@@ -917,7 +905,9 @@ def _status_forecast(forecasts: dict[str, Any]) -> str:
     seconds, name = min(timed)
     if seconds == 0:
         return f"pool {name} is at its growth limit"
-    return f"pool {name} reaches its growth limit in {_duration(seconds)} at the last hour's rate"
+    return (
+        f"pool {name} reaches its growth limit in {format_duration(seconds, parts=3)} at the last hour's rate"
+    )
 
 
 def render_status(s: dict[str, Any]) -> Table:
@@ -928,7 +918,7 @@ def render_status(s: dict[str, Any]) -> Table:
     return _kv_table(
         [
             ("node", f"{s['node']} (thinblock {s['version']})"),
-            ("uptime", _duration(s["uptime"])),
+            ("uptime", format_duration(s["uptime"], parts=3)),
             (
                 "NBD",
                 f"{where or '-'}"

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .model import AlertKind, Severity
-from .units import format_size
+from .units import format_duration, format_size
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -205,8 +205,8 @@ class History:
                     obj,
                     Severity.WARNING,
                     f"pool '{pool.name}' will reach its growth limit of {format_size(pool.growth_limit)} in "
-                    f"about {duration_text(forecast.to_limit or 0)} at the allocation rate of the last "
-                    f"{duration_text(forecast.window)} ({format_size(int(forecast.rate))}/s)",
+                    f"about {format_duration(forecast.to_limit or 0)} at the allocation rate of the last "
+                    f"{format_duration(forecast.window)} ({format_size(int(forecast.rate))}/s)",
                 )
             else:
                 alerts.clear(AlertKind.POOL_LIMIT_FORECAST, obj)
@@ -235,19 +235,4 @@ class History:
         return {"interval": self.interval, "times": times, "pools": pools, "volumes": volumes}
 
 
-def duration_text(seconds: float) -> str:
-    """3d 4h, 2h 5m, 4m 10s, 12s."""
-    seconds = int(seconds)
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d {hours}h"
-    if hours:
-        return f"{hours}h {minutes}m"
-    if minutes:
-        return f"{minutes}m {secs}s"
-    return f"{secs}s"
-
-
-__all__ = ["Forecast", "History", "duration_text"]
+__all__ = ["Forecast", "History"]

@@ -93,3 +93,18 @@ class Limit:
 
     def __str__(self) -> str:
         return f"{self.percent:g}%" if self.percent is not None else format_size(self.bytes)
+
+
+_DURATION_UNITS = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+
+
+def format_duration(seconds: float, parts: int = 2) -> str:
+    """Whole seconds in at most ``parts`` units, from the largest one that is not zero:
+    ``3d 4h``, ``2h 5m``, ``4m 10s``, ``12s`` (``parts=3``: ``3d 4h 0m``, ``2h 5m 7s``)."""
+    left = int(seconds)
+    shown: list[str] = []
+    for name, size in _DURATION_UNITS:
+        value, left = divmod(left, size)
+        if (value or shown or size == 1) and len(shown) < parts:
+            shown.append(f"{value}{name}")
+    return " ".join(shown)

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from thinblock.errors import InvalidArgument
-from thinblock.units import GiB, KiB, Limit, MiB, PiB, TiB, format_size, parse_size
+from thinblock.units import GiB, KiB, Limit, MiB, PiB, TiB, format_duration, format_size, parse_size
 
 
 @pytest.mark.parametrize(
@@ -116,3 +116,16 @@ def test_si_looking_units_are_refused_with_a_hint_never_read_as_binary(text: str
 def test_negative_sizes_say_so(text: str) -> None:
     with pytest.raises(InvalidArgument, match="a size cannot be negative"):
         parse_size(text)
+
+
+def test_format_duration_shows_the_largest_units() -> None:
+    assert [format_duration(s) for s in (0, 12.9, 250, 7500, 273600)] == [
+        "0s",
+        "12s",
+        "4m 10s",
+        "2h 5m",
+        "3d 4h",
+    ]
+    assert format_duration(273600, parts=3) == "3d 4h 0m"
+    assert format_duration(7507, parts=3) == "2h 5m 7s"
+    assert format_duration(250, parts=3) == "4m 10s"
