@@ -271,16 +271,22 @@ class TargetConnection:
             encode(bhs, data, header_digest=self.reader.header_digest, data_digest=self.reader.data_digest)
         )
 
-    def _reject(self, reason: RejectReason, header: bytes) -> None:
+    def _send_answer(self, opcode: Opcode, code: int, itt: int, data: Buffer = b"") -> None:
+        """A Reject, Task Management or Logout Response: the code in byte 2, the next StatSN
+        and the command window (RFC 7143 11.6, 11.15, 11.17); the rest of the BHS zero (for a
+        Logout Response, Time2Wait and Time2Retain 0: nothing to retain at ERL 0)."""
         bhs = build_bhs(
-            Opcode.REJECT,
+            opcode,
             FINAL_BIT,
-            byte2=int(reason),
-            itt=NO_TAG,
+            byte2=code,
+            itt=itt,
             fields=(0, self.stat_sn, self.exp_cmd_sn, self._advertised_max(), 0, 0, 0),
         )
         self.stat_sn = sn_add(self.stat_sn, 1)
-        self._send(bhs, header[:BHS_LENGTH])
+        self._send(bhs, data)
+
+    def _reject(self, reason: RejectReason, header: bytes) -> None:
+        self._send_answer(Opcode.REJECT, int(reason), NO_TAG, header[:BHS_LENGTH])
 
     def _protocol_error(self, reason: str, header: bytes | None = None) -> None:
         if self.phase is Phase.FULL_FEATURE and header is not None:
@@ -982,29 +988,12 @@ class TargetConnection:
     def task_management_done(self, request: TaskManagement, response: TaskResponse) -> None:
         if self.phase is not Phase.FULL_FEATURE:
             return
-        bhs = build_bhs(
-            Opcode.TASK_MGMT_RESPONSE,
-            FINAL_BIT,
-            byte2=int(response),
-            itt=request.itt,
-            fields=(0, self.stat_sn, self.exp_cmd_sn, self._advertised_max(), 0, 0, 0),
-        )
-        self.stat_sn = sn_add(self.stat_sn, 1)
-        self._send(bhs)
+        self._send_answer(Opcode.TASK_MGMT_RESPONSE, int(response), request.itt)
 
     def logout_done(self, request: LogoutRequested, response: LogoutResponse = LogoutResponse.OK) -> None:
         if self.phase is not Phase.FULL_FEATURE:
             return
-        bhs = build_bhs(
-            Opcode.LOGOUT_RESPONSE,
-            FINAL_BIT,
-            byte2=int(response),
-            itt=request.itt,
-            fields=(0, self.stat_sn, self.exp_cmd_sn, self._advertised_max(), 0, 0, 0),
-        )
-        # Time2Wait and Time2Retain (bytes 40..43): 0, nothing to retain at ERL 0.
-        self.stat_sn = sn_add(self.stat_sn, 1)
-        self._send(bhs)
+        self._send_answer(Opcode.LOGOUT_RESPONSE, int(response), request.itt)
         self._close("logout", clean=True)
 
     def describe(self) -> dict[str, Any]:
