@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.client_tools import qemu_io
-from tests.support.daemon import SMALL_CONFIG, Daemon, start_daemon
+from tests.support.daemon import FAST_FORECAST_CONFIG, Daemon, start_daemon
 
 pytestmark = pytest.mark.e2e
 
@@ -32,17 +32,6 @@ CHROMIUM_ARGS = [
 ]
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "test-screenshots"
 TOKEN = "browser-test-token-0123456789"
-# Samples every half second, so that the forecast has a rate within the test; a horizon of a
-# year, so that any growth toward the pool's limit raises pool-limit-forecast.
-CONFIG = (
-    SMALL_CONFIG
-    + """
-[history]
-interval = 0.5
-forecast_horizon = 31536000.0
-forecast_min_window = 1.0
-"""
-)
 TIMEOUT_MS = 20_000
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the dev extra")
@@ -52,7 +41,7 @@ if not os.access(CHROMIUM, os.X_OK):
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    d = start_daemon(tmp_path, config=CONFIG, args=("--api-token", TOKEN), token=TOKEN)
+    d = start_daemon(tmp_path, config=FAST_FORECAST_CONFIG, args=("--api-token", TOKEN), token=TOKEN)
     try:
         yield d
     finally:

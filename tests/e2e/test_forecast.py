@@ -9,25 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemon import SMALL_CONFIG, start_daemon
+from tests.support.daemon import FAST_FORECAST_CONFIG, start_daemon
 
 from .client_tools import qemu_io
 
 pytestmark = pytest.mark.e2e
 
-CONFIG = (
-    SMALL_CONFIG
-    + """
-[history]
-interval = 0.5
-forecast_horizon = 31536000.0
-forecast_min_window = 1.0
-"""
-)
-
 
 def test_forecast_reaches_status_pool_list_metrics_and_alerts(tmp_path: Path) -> None:
-    daemon = start_daemon(tmp_path, config=CONFIG)
+    daemon = start_daemon(tmp_path, config=FAST_FORECAST_CONFIG)
     try:
         daemon.cli_json("pool", "set", "default", "--growth-limit", "48MiB")
         qemu_io(daemon.uri("vol0"), "write -P 0x11 0 4M")

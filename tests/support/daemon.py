@@ -72,6 +72,18 @@ growth_increment = "8MiB"
 volume_size = "1GiB"
 """
 
+# SMALL_CONFIG with a history sampled every half second and forecasts after one second, toward
+# a horizon of a year: a test sees allocation rates, forecasts and pool-limit-forecast at once.
+FAST_FORECAST_CONFIG = (
+    SMALL_CONFIG
+    + """
+[history]
+interval = 0.5
+forecast_horizon = 31536000.0
+forecast_min_window = 1.0
+"""
+)
+
 
 class DaemonFailed(AssertionError):
     """The daemon did not start, died, or did not stop; the message carries the end of its log.
