@@ -184,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="thinblock",
         description="Thin-provisioning block storage (3PAR-style): the daemon and its administration.",
         parents=[common],
+        # No abbreviations at this level: it classifies every word of the command line, and would
+        # take `metadata copy --to` for an ambiguous --token/--token-file.
+        allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"thinblock {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -287,6 +290,24 @@ def build_parser() -> argparse.ArgumentParser:
         " default: the config's, or the data directory's SQLite store)",
     )
     check.add_argument("--config", metavar="FILE", help="take the data directory from this config file")
+
+    metadata = noun("metadata", "the metadata store, offline (the daemon stopped)")
+    copy_help = (
+        "copy a stopped node's metadata into an empty store (SQLite to PostgreSQL), checked before and after"
+    )
+    p = metadata.add_parser("copy", help=copy_help, description=copy_help)
+    p.set_defaults(func=cmd_metadata_copy)
+    p.add_argument(
+        "--from",
+        dest="source",
+        metavar="URL",
+        required=True,
+        help="the store to copy: sqlite:DATA_DIR (the data directory's own store)",
+    )
+    p.add_argument(
+        "--to", dest="target", metavar="URL", required=True, help="an empty store: postgresql://USER@HOST/DB"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON (for scripts)")
 
     leaf(commands, "status", "the node at a glance: uptime, pools, volumes, open alerts", cmd_status)
     iscsi = noun("iscsi", "the iSCSI target (serve --iscsi)")
@@ -1569,6 +1590,31 @@ def cmd_check(ctx: Context) -> int:
         for problem in report.problems:
             ctx.say(f"  problem: {problem}")
     return EXIT_OK if report.ok else EXIT_ERROR
+
+
+def cmd_metadata_copy(ctx: Context) -> int:
+    from .errors import ThinblockError
+    from .metadata import redact_url
+    from .metadata.copy import copy_store
+
+    a = ctx.args
+    try:
+        report = copy_store(a.source, a.target)
+    except ThinblockError as exc:
+        raise CliError(f"metadata copy: {exc}") from None
+    if ctx.json:
+        ctx.print_json({"source": report.source, "target": report.target, "counts": report.counts})
+    else:
+        ctx.out.print(
+            f"copied {report.source} -> {redact_url(report.target)}: [green]checked ok on both sides[/]"
+        )
+        for key, value in sorted(report.counts.items()):
+            ctx.say(f"  {key}: {value}")
+        ctx.say(
+            f"serve it with: thinblock serve --data {a.source.removeprefix('sqlite:') or '.'}"
+            f" --metadata {redact_url(report.target)}"
+        )
+    return EXIT_OK
 
 
 # --- entry point ---------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ work to threads; listings are plain methods.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
 import os
 import re
@@ -25,6 +24,7 @@ import numpy as np
 from .alerts import AlertBus
 from .blockdev import Volume
 from .cache.writeback import WriteBackCache
+from .datalock import lock_data_dir
 from .errors import (
     AlreadyExists,
     Conflict,
@@ -193,7 +193,7 @@ class Engine:
         work (destage)."""
         data_dir = Path(data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
-        lock_fd = _lock_data_dir(data_dir)
+        lock_fd = lock_data_dir(data_dir)
         try:
             store = open_store(metadata, data_dir)
         except BaseException:
@@ -1264,28 +1264,3 @@ def _sync_all(
         # A PD whose header cannot be written fails (its data was fsynced: nothing is lost).
         headers.publish(generation, pds)
     return failures
-
-
-LOCK_FILE = "thinblock.lock"
-
-
-def _lock_data_dir(data_dir: Path) -> int:
-    """An exclusive lock on ``data_dir`` for this process's lifetime (released when the fd is
-    closed, or when the process dies): two engines on one data directory would hand out the
-    same LD regions to different writers.  Conflict when another process holds it."""
-    path = data_dir / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise Conflict(
-            f"data directory {data_dir} is in use by another thinblock process (pid {holder})"
-        ) from None
-    except OSError:
-        os.close(fd)
-        raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd

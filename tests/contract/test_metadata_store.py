@@ -10,12 +10,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.support.postgres import fresh_database
 from tests.support.stores import StoreBackend
-from thinblock.errors import LeaseLost, MetadataCorrupt
+from thinblock.errors import Conflict, LeaseLost, MetadataCorrupt
 from thinblock.metadata.check import check_store
 from thinblock.metadata.store import LDRow, MetadataStore, PoolRow, VVRow
 
@@ -260,3 +263,79 @@ def test_kill_9_in_the_middle_of_a_group_leaves_whole_groups(backend: StoreBacke
         assert again.region_counters() == ({vv: len(rows)}, {ld: len(rows)})
     finally:
         again.close()
+
+
+@pytest.fixture
+def empty_store(
+    backend: StoreBackend, request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[MetadataStore]:
+    """A second empty store of the same backend (the target of an image)."""
+    if backend.kind == "sqlite":
+        (tmp_path / "target").mkdir()
+        target = StoreBackend("sqlite", f"sqlite:{tmp_path / 'target'}").open()
+        yield target
+        target.close()
+        return
+    with fresh_database(request.getfixturevalue("postgres_cluster")) as url:
+        target = StoreBackend("postgresql", url).open()
+        yield target
+        target.close()
+
+
+def test_an_image_goes_into_an_empty_store_with_every_id_kept(
+    store: MetadataStore, empty_store: MetadataStore
+) -> None:
+    _populate(store)
+    pd_gap = store.add_pd("/dev/gone", 64 * MiB, 16 * MiB)
+    store.remove_pd(pd_gap)  # ids with a hole: the copy must keep ids, not renumber
+    pool2 = store.add_pool(_pool("q"))
+    pd_c = store.add_pd("/dev/c", 64 * MiB, 16 * MiB)
+    pd_d = store.add_pd("/dev/d", 64 * MiB, 16 * MiB)
+    ld2 = store.add_ld(LDRow(0, pool2, 1, 2, 4096, MiB, 16, {(0, 0): (pd_c, 0), (0, 1): (pd_d, 0)}))
+    vv2 = store.add_vv(_vv(pool2, "w"))
+    store.set_vv_owner(vv2, "node-b")
+    lease = store.acquire_lease("node:n", "h", 30.0)
+    store.bind_lease(lease)
+    store.assign_many([(vv2, r, ld2, 15 - r) for r in range(5)])
+    store.set_meta("data_dir_id", "abc")
+    store.set_meta("generation", "7")
+    alert = store.add_alert(3.0, "critical", "pd-failed", "pd:2", "gone", "new")
+    image = store.load_image()
+    assert "schema_version" not in image.meta and image.meta["generation"] == "7"
+
+    empty_store.write_image(image)
+
+    assert check_store(empty_store) == []
+    assert empty_store.counts() == store.counts()
+    copied = empty_store.load_image()
+    assert (copied.pds, copied.pools, copied.lds, copied.vvs, copied.alerts) == (
+        image.pds,
+        image.pools,
+        image.lds,
+        image.vvs,
+        image.alerts,
+    )
+    assert (copied.meta, copied.vv_regions, copied.ld_regions_used) == (
+        image.meta,
+        image.vv_regions,
+        image.ld_regions_used,
+    )
+    assert sorted(map(tuple, copied.map.tolist())) == sorted(map(tuple, image.map.tolist()))
+    assert empty_store.map_rows_by_epoch() == {None: 5}  # no lease of the target wrote them
+    assert empty_store.read_lease("node:n") is None  # leases are not part of an image
+    # New rows get ids past the copied ones.
+    assert empty_store.add_pd("/dev/e", 64 * MiB, 16 * MiB) > pd_d
+    assert empty_store.add_alert(4.0, "info", "ld-created", "ld:9", "x", "new") > alert
+    assert empty_store.add_vv(_vv(pool2, "x")) > vv2
+
+
+def test_an_image_is_refused_by_a_store_that_is_not_empty(
+    store: MetadataStore, empty_store: MetadataStore
+) -> None:
+    _populate(store)
+    image = store.load_image()
+    empty_store.add_alert(1.0, "info", "ld-created", "ld:1", "one alert is enough", "new")
+    before = empty_store.counts()
+    with pytest.raises(Conflict, match="not empty"):
+        empty_store.write_image(image)
+    assert empty_store.counts() == before

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import MetadataCorrupt
-from .store import AlertRow, LDRow, Lease, MetadataStore, PDRow, PoolRow, VVRow
+from ..errors import Conflict, MetadataCorrupt
+from .store import AlertRow, LDRow, Lease, MetadataStore, PDRow, PoolRow, StoreImage, VVRow
 
 #: the tables ``counts`` reports (every table that holds the node's objects)
 TABLES = ("pds", "pools", "lds", "ld_chunklets", "vvs", "vv_map", "alerts")
@@ -56,6 +56,12 @@ class SQLStore(MetadataStore):
     def get_meta(self, key: str) -> str | None:
         rows = self._query("SELECT value FROM meta WHERE key=?", (key,))
         return None if not rows else str(rows[0][0])
+
+    def load_meta(self) -> dict[str, str]:
+        return {
+            str(k): str(v)
+            for k, v in self._query("SELECT key, value FROM meta WHERE key != 'schema_version' ORDER BY key")
+        }
 
     def set_meta(self, key: str, value: str) -> None:
         self._exec(
@@ -246,6 +252,92 @@ class SQLStore(MetadataStore):
                 "SELECT id, time, severity, kind, object, message, state FROM alerts ORDER BY id"
             )
         ]
+
+    # --- the image (write_image is the backend's: one transaction on its connection) ---
+    @staticmethod
+    def _image_statements(image: StoreImage) -> list[tuple[str, list[tuple[Any, ...]]]]:
+        """The INSERTs (``?`` placeholders) and their rows that put an image's tables, map
+        excepted, into an empty store with every id kept, in the order the references need."""
+        return [
+            (
+                "INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                [(k, v) for k, v in image.meta.items() if k != "schema_version"],
+            ),
+            (
+                "INSERT INTO pds(id, path, size, chunklet_size, health) VALUES(?, ?, ?, ?, ?)",
+                [(p.id, p.path, p.size, p.chunklet_size, p.health) for p in image.pds],
+            ),
+            (
+                "INSERT INTO pools(id, name, raid, set_size, step, region_size, growth_increment,"
+                " growth_warning, growth_limit) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        p.id,
+                        p.name,
+                        p.raid,
+                        p.set_size,
+                        p.step,
+                        p.region_size,
+                        p.growth_increment,
+                        p.growth_warning,
+                        p.growth_limit,
+                    )
+                    for p in image.pools
+                ],
+            ),
+            (
+                "INSERT INTO lds(id, pool_id, raid, set_size, step, region_size, regions, regions_used)"
+                " VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        ld.id,
+                        ld.pool_id,
+                        ld.raid,
+                        ld.set_size,
+                        ld.step,
+                        ld.region_size,
+                        ld.regions,
+                        image.ld_regions_used.get(ld.id, 0),
+                    )
+                    for ld in image.lds
+                ],
+            ),
+            (
+                "INSERT INTO ld_chunklets(ld_id, row, col, pd_id, chunklet) VALUES(?, ?, ?, ?, ?)",
+                [(ld.id, r, c, pd, idx) for ld in image.lds for (r, c), (pd, idx) in ld.chunklets.items()],
+            ),
+            (
+                "INSERT INTO vvs(id, name, pool_id, size, alloc_warning_bytes, alloc_warning_pct,"
+                " alloc_limit_bytes, alloc_limit_pct, cache_mode, created, owner, regions)"
+                " VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        v.id,
+                        v.name,
+                        v.pool_id,
+                        v.size,
+                        v.alloc_warning_bytes,
+                        v.alloc_warning_pct,
+                        v.alloc_limit_bytes,
+                        v.alloc_limit_pct,
+                        v.cache_mode,
+                        v.created,
+                        v.owner,
+                        image.vv_regions.get(v.id, 0),
+                    )
+                    for v in image.vvs
+                ],
+            ),
+            (
+                "INSERT INTO alerts(id, time, severity, kind, object, message, state) VALUES(?, ?, ?, ?, ?, ?, ?)",
+                [(a.id, a.time, a.severity, a.kind, a.object, a.message, a.state) for a in image.alerts],
+            ),
+        ]
+
+    @staticmethod
+    def _not_empty(counts: dict[str, int], url: str) -> Conflict:
+        held = ", ".join(f"{n} {table}" for table, n in counts.items() if n)
+        return Conflict(f"metadata store {url} is not empty ({held}): refusing to copy into it")
 
     # --- leases (the statements are the backend's: each store's own clock decides) ---
     def bind_lease(self, lease: Lease | None) -> None:

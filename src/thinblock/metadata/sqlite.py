@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import LeaseLost, MetadataCorrupt, MetadataStoreFull
-from .sql import SQLStore, Statement
-from .store import Assignment, LDRow, Lease
+from .sql import TABLES, SQLStore, Statement
+from .store import Assignment, LDRow, Lease, StoreImage
 
 #: the schema this code writes; it opens older ones by migrating them (``_MIGRATIONS``) and
 #: refuses newer ones
@@ -296,6 +296,20 @@ class SQLiteStore(SQLStore):
                 [(ld_id, r, c, pd, idx) for (r, c), (pd, idx) in row.chunklets.items()],
             )
         return ld_id
+
+    # --- the image ---
+    def write_image(self, image: StoreImage) -> None:
+        with self._write() as db:
+            counts = {t: int(db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]) for t in TABLES}
+            if any(counts.values()):
+                raise self._not_empty(counts, self.url)
+            self._map_cache = None
+            for statement, rows in self._image_statements(image):
+                db.executemany(statement, rows)
+            db.executemany(
+                "INSERT INTO vv_map(vv_id, vv_region, ld_id, ld_region) VALUES(?, ?, ?, ?)",
+                image.map.tolist(),
+            )
 
     # --- the map ---
     def assign_many(self, rows: list[Assignment]) -> None:

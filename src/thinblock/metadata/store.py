@@ -113,6 +113,24 @@ class Lease:
 Assignment = tuple[int, int, int, int]
 
 
+@dataclass
+class StoreImage:
+    """Everything a store holds for a node, ids included (``thinblock metadata copy``): what
+    ``load_image`` reads from a stopped node's store and ``write_image`` puts into an empty one.
+    Leases are not part of it: they belong to the store a daemon runs on, and the first daemon
+    on the target takes its own."""
+
+    meta: dict[str, str]  # every key but schema_version (each store keeps its own)
+    pds: list[PDRow]
+    pools: list[PoolRow]
+    lds: list[LDRow]
+    vvs: list[VVRow]
+    vv_regions: dict[int, int]  # the redundant counters, as the source holds them
+    ld_regions_used: dict[int, int]
+    map: np.ndarray  # (N, 4) int64: vv_id, vv_region, ld_id, ld_region
+    alerts: list[AlertRow]
+
+
 class MetadataStore(abc.ABC):
     #: how the store is named in messages (a URL without its password)
     url: str = ""
@@ -155,6 +173,33 @@ class MetadataStore(abc.ABC):
 
     @abc.abstractmethod
     def get_meta(self, key: str) -> str | None: ...
+
+    @abc.abstractmethod
+    def load_meta(self) -> dict[str, str]:
+        """Every ``meta`` key and value but ``schema_version`` (the data directory's id, the
+        store generation, the clean mark, the pair's marks)."""
+
+    def load_image(self) -> StoreImage:
+        """The whole store, ids included.  Not one transaction: call it on a store nobody
+        changes (``metadata copy`` holds the data directory's lock, so no daemon runs on it)."""
+        vv_regions, ld_regions_used = self.region_counters()
+        return StoreImage(
+            meta=self.load_meta(),
+            pds=self.load_pds(),
+            pools=self.load_pools(),
+            lds=self.load_lds(),
+            vvs=self.load_vvs(),
+            vv_regions=vv_regions,
+            ld_regions_used=ld_regions_used,
+            map=self.map_array().copy(),
+            alerts=self.load_alerts(),
+        )
+
+    @abc.abstractmethod
+    def write_image(self, image: StoreImage) -> None:
+        """Put ``image`` into this store, every id kept, in one transaction; later inserts get ids
+        above the image's.  Conflict (and nothing written) unless the store is empty.  Map rows
+        are written with no epoch: no lease of this store wrote them."""
 
     @abc.abstractmethod
     def set_meta(self, key: str, value: str) -> None: ...
