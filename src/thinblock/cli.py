@@ -993,6 +993,7 @@ def render_iscsi_sessions(out: dict[str, Any]) -> Table:
     t = _table(
         "INITIATOR",
         "ADDRESS",
+        "CONNS",
         "VV",
         "LUNS",
         "TYPE",
@@ -1005,7 +1006,8 @@ def render_iscsi_sessions(out: dict[str, Any]) -> Table:
         digests = "+".join(k for k in ("header", "data") if s[f"{k}_digest"]) or "none"
         t.add_row(
             s["initiator"],
-            s["address"],
+            ", ".join(s.get("addresses") or [s["address"]]),
+            str(s.get("connections", 1)),
             s["vv"] or "-",
             ",".join(map(str, s["luns"])) or "-",
             s["session_type"],

@@ -1,16 +1,42 @@
 """A raw asyncio iSCSI initiator for tests that must see SCSI status and sense data exactly
 (qemu and libiscsi retry UNIT ATTENTION and turn sense into errno): login without
-authentication, then one SCSI command at a time with immediate data."""
+authentication, then one SCSI command at a time with immediate data.  ``add_connection``
+logs in another connection to the same session (MC/S: no libiscsi tool opens several); the
+connections of a session share one CmdSN counter."""
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from thinblock.iscsi.constants import BHS_LENGTH, Opcode
 from thinblock.iscsi.pdu import pad_length
 
-from .initiator import ISID, Reply, login_request, scsi_command
+from .initiator import ISID, Reply, login_request, logout_request, scsi_command
+
+
+@dataclass
+class SessionCounters:
+    """What the connections of one session share on the initiator side."""
+
+    cmdsn: int = 1
+    itt: int = 100
+    tsih: int = 0
+    pairs: list[tuple[str, str]] = field(default_factory=list)
+
+    def next_cmdsn(self) -> int:
+        self.cmdsn += 1
+        return self.cmdsn - 1
+
+    def next_itt(self) -> int:
+        self.itt += 1
+        return self.itt
+
+
+class LoginRefused(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(f"login refused: status 0x{status:04x}")
+        self.status = status
 
 
 @dataclass
@@ -22,29 +48,104 @@ class Outcome:
 
 
 class RawInitiator:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        port: int = 0,
+        isid: int = ISID,
+        cid: int = 0,
+        session: SessionCounters | None = None,
+    ) -> None:
         self.reader, self.writer = reader, writer
-        self.cmdsn = 1
-        self.itt = 100
+        self.port, self.isid, self.cid = port, isid, cid
+        self.session = session or SessionCounters()
 
     @classmethod
-    async def connect(cls, port: int, target: str, initiator: str, isid: int = ISID) -> RawInitiator:
+    async def connect(
+        cls,
+        port: int,
+        target: str,
+        initiator: str,
+        isid: int = ISID,
+        *,
+        max_connections: int = 1,
+        cid: int = 0,
+        session: SessionCounters | None = None,
+    ) -> RawInitiator:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        self = cls(reader, writer)
-        pairs = [
-            ("InitiatorName", initiator),
-            ("SessionType", "Normal"),
-            ("TargetName", target),
-            ("ImmediateData", "Yes"),
-            ("InitialR2T", "No"),
-            ("FirstBurstLength", "262144"),
-            ("MaxBurstLength", "1048576"),
-            ("MaxRecvDataSegmentLength", "262144"),
-        ]
-        writer.write(login_request(pairs, csg=1, nsg=3, isid=isid))
+        self = cls(reader, writer, port=port, isid=isid, cid=cid, session=session)
+        counters = self.session
+        if not counters.pairs:
+            counters.pairs = [
+                ("InitiatorName", initiator),
+                ("SessionType", "Normal"),
+                ("TargetName", target),
+                ("ImmediateData", "Yes"),
+                ("InitialR2T", "No"),
+                ("FirstBurstLength", "262144"),
+                ("MaxBurstLength", "1048576"),
+                ("MaxRecvDataSegmentLength", "262144"),
+                ("MaxConnections", str(max_connections)),
+            ]
+        writer.write(
+            login_request(
+                counters.pairs, csg=1, nsg=3, isid=isid, tsih=counters.tsih, cid=cid, cmdsn=counters.cmdsn
+            )
+        )
         reply = await self._reply()
-        assert reply.opcode == Opcode.LOGIN_RESPONSE and reply.login_status == 0, reply.login_status
+        self.login_reply = reply
+        if reply.login_status != 0:
+            writer.close()
+            raise LoginRefused(reply.login_status)
+        assert reply.opcode == Opcode.LOGIN_RESPONSE
+        counters.tsih = int.from_bytes(reply.bhs[14:16], "big")
         return self
+
+    async def add_connection(self, cid: int) -> RawInitiator:
+        """Another connection of this session (a Login with its TSIH and a new CID)."""
+        return await RawInitiator.connect(self.port, "", "", self.isid, cid=cid, session=self.session)
+
+    async def logout(self, *, reason: int = 0, cid: int | None = None) -> int:
+        """Logout (reason 0: the session, 1: connection ``cid``); the response code."""
+        request = logout_request(
+            itt=self.session.next_itt(),
+            cmdsn=self.session.cmdsn,
+            reason=reason,
+            cid=self.cid if cid is None else cid,
+        )
+        self.writer.write(request)
+        while True:
+            reply = await self._reply()
+            if reply.opcode == Opcode.LOGOUT_RESPONSE:
+                return int(reply.bhs[2])
+
+    def send_command(self, cdb: bytes, *, cmdsn: int, itt: int, read: int = 0, data: bytes = b"") -> None:
+        """Send one command without waiting (the caller numbers it)."""
+        edtl = read or len(data)
+        self.writer.write(
+            scsi_command(cdb, itt=itt, cmdsn=cmdsn, edtl=edtl, read=bool(read), write=bool(data), data=data)
+        )
+
+    async def outcome(self) -> tuple[int, Outcome]:
+        """The next command's answer on this connection: (ITT, outcome)."""
+        got = bytearray()
+        while True:
+            reply = await self._reply()
+            itt = reply.u32(16)
+            if reply.opcode == Opcode.SCSI_DATA_IN:
+                got += reply.data
+                if reply.flags & 0x01:
+                    return itt, Outcome(reply.bhs[3], bytes(got), None, None)
+                continue
+            if reply.opcode == Opcode.NOP_IN:
+                continue
+            assert reply.opcode == Opcode.SCSI_RESPONSE, hex(reply.opcode)
+            sense = reply.data[2:] if reply.data else b""
+            if sense:
+                return itt, Outcome(reply.bhs[3], bytes(got), sense[2] & 0x0F, sense[12] << 8 | sense[13])
+            return itt, Outcome(reply.bhs[3], bytes(got), None, None)
 
     async def _reply(self) -> Reply:
         bhs = await self.reader.readexactly(BHS_LENGTH)
@@ -53,27 +154,11 @@ class RawInitiator:
         return Reply(bhs, body[bhs[4] * 4 : bhs[4] * 4 + dsl])
 
     async def command(self, cdb: bytes, *, read: int = 0, data: bytes = b"") -> Outcome:
-        self.itt += 1
-        edtl = read or len(data)
-        self.writer.write(
-            scsi_command(
-                cdb, itt=self.itt, cmdsn=self.cmdsn, edtl=edtl, read=bool(read), write=bool(data), data=data
-            )
-        )
-        self.cmdsn += 1
-        got = bytearray()
-        while True:
-            reply = await self._reply()
-            if reply.opcode == Opcode.SCSI_DATA_IN:
-                got += reply.data
-                if reply.flags & 0x01:
-                    return Outcome(reply.bhs[3], bytes(got), None, None)
-                continue
-            assert reply.opcode == Opcode.SCSI_RESPONSE, hex(reply.opcode)
-            sense = reply.data[2:] if reply.data else b""
-            if sense:
-                return Outcome(reply.bhs[3], bytes(got), sense[2] & 0x0F, sense[12] << 8 | sense[13])
-            return Outcome(reply.bhs[3], bytes(got), None, None)
+        itt = self.session.next_itt()
+        self.send_command(cdb, cmdsn=self.session.next_cmdsn(), itt=itt, read=read, data=data)
+        answered, outcome = await self.outcome()
+        assert answered == itt
+        return outcome
 
     async def write16(self, lba: int, data: bytes) -> Outcome:
         """WRITE (16) in commands of at most 256 KiB (all immediate data); the first outcome

@@ -23,9 +23,12 @@ def login_request(
     cmdsn: int = 1,
     isid: int = ISID,
     tsih: int = 0,
+    cid: int = 0,
 ) -> bytes:
     flags = (0x80 if transit else 0) | (0x40 if cont else 0) | (csg << 2) | (nsg if transit else 0)
-    bhs = build_bhs(Opcode.LOGIN_REQUEST, flags, itt=itt, fields=(0, cmdsn, 0, 0, 0, 0, 0), immediate=True)
+    bhs = build_bhs(
+        Opcode.LOGIN_REQUEST, flags, itt=itt, fields=(cid << 16, cmdsn, 0, 0, 0, 0, 0), immediate=True
+    )
     bhs[8:14] = isid.to_bytes(6, "big")
     bhs[14:16] = tsih.to_bytes(2, "big")
     return b"".join(bytes(b) for b in encode(bhs, format_text(pairs)))
@@ -71,8 +74,15 @@ def nop_out(*, itt: int, cmdsn: int, data: bytes = b"", **digests: bool) -> byte
     return b"".join(bytes(b) for b in encode(bhs, data, **digests))
 
 
-def logout_request(*, itt: int, cmdsn: int) -> bytes:
-    bhs = build_bhs(Opcode.LOGOUT_REQUEST, 0x80, itt=itt, fields=(0, cmdsn, 0, 0, 0, 0, 0), immediate=True)
+def logout_request(*, itt: int, cmdsn: int, reason: int = 0, cid: int = 0) -> bytes:
+    """Reason 0: close the session; 1: close the connection ``cid``; 2: remove it for recovery."""
+    bhs = build_bhs(
+        Opcode.LOGOUT_REQUEST,
+        0x80 | reason,
+        itt=itt,
+        fields=(cid << 16, cmdsn, 0, 0, 0, 0, 0),
+        immediate=True,
+    )
     return bytes(bhs)
 
 

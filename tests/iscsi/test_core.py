@@ -43,7 +43,6 @@ def policy(chap: ChapCredentials | None = None) -> LoginPolicy:
             LoginStatus.SUCCESS if target == TARGET else LoginStatus.NOT_FOUND
         ),
         credentials=lambda target: chap,
-        new_tsih=lambda: 7,
         portal="127.0.0.1:3260",
         target_alias=lambda target: "vol0",
     )
@@ -98,7 +97,7 @@ def test_login_without_authentication_then_trailing_nop(byte_by_byte: bool) -> N
     login, nop = replies(core)
     assert login.opcode == Opcode.LOGIN_RESPONSE and login.login_status == 0
     assert login.flags & 0x80 and login.flags & 3 == 3  # T, NSG full feature
-    assert int.from_bytes(login.bhs[14:16], "big") == 7  # TSIH
+    assert int.from_bytes(login.bhs[14:16], "big") != 0  # TSIH: the new session's handle
     keys = login.text
     assert keys["TargetAlias"] == "vol0" and keys["TargetPortalGroupTag"] == "1"
     assert keys["ImmediateData"] == "Yes" and keys["InitialR2T"] == "Yes"

@@ -384,11 +384,13 @@ class NBDOut(BaseModel):
 
 
 class ISCSISessionOut(BaseModel):
-    """One logged-in iSCSI session (one connection: MaxConnections=1)."""
+    """One logged-in iSCSI session (with all of its connections: MC/S)."""
 
     initiator: str = Field(description="the initiator's iSCSI name")
     initiator_alias: str
-    address: str = Field(description="HOST:PORT the initiator connects from")
+    address: str = Field(description="HOST:PORT of the session's first connection")
+    addresses: list[str] = Field(description="HOST:PORT of every connection of the session")
+    connections: int = Field(description="TCP connections of the session (MaxConnections allows several)")
     session_type: str = Field(description="normal or discovery")
     target: str | None
     vv: str | None = Field(description="the volume behind the target (LUN 0)")

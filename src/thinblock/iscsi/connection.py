@@ -1,7 +1,8 @@
 """The iSCSI connection core, sans-IO: bytes in, events out (the h11 shape).
 
-One ``TargetConnection`` per TCP connection; with MaxConnections=1 a session has one
-connection, so the session's sequence numbers (CmdSN window) live here too.
+One ``TargetConnection`` per TCP connection.  What the connections of a session share (the
+CmdSN window, the leading connection's values, the members by CID) is a ``Session``
+(``session.py``): a Login with a non-zero TSIH adds a connection to the session it names.
 
 The core does everything the protocol alone decides: login (security and operational
 negotiation, CHAP), SendTargets and Text, NOP-In replies, CmdSN ordering, collecting a
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .constants import (
@@ -39,6 +40,7 @@ from .constants import (
     WRITE_BIT,
     Asc,
     LoginStatus,
+    LogoutReason,
     LogoutResponse,
     Opcode,
     RejectReason,
@@ -48,6 +50,7 @@ from .constants import (
     TaskResponse,
 )
 from .negotiation import (
+    DEFAULT_MAX_RECV_DATA_SEGMENT,
     LOGIN_MAX_RECV_DATA_SEGMENT,
     TARGET_PORTAL_GROUP_TAG,
     ChapAuthenticator,
@@ -58,22 +61,13 @@ from .negotiation import (
 )
 from .pdu import Buffer, Pdu, PduError, PduReader, build_bhs, encode, format_text, parse_text
 from .sense import fixed_sense
+from .session import Session, SessionTable, WindowOverflow, sn_add
 
 QUEUE_DEPTH = 64  # commands an initiator may have outstanding (the CmdSN window)
 MAX_TRANSFER = 32 * 1024 * 1024  # largest Expected Data Transfer Length accepted for a write
 MAX_TEXT_BYTES = 64 * 1024  # a Login or Text request's keys, across continuation PDUs
 MAX_LOGIN_PDUS = 32  # login requests one connection may send before it must be in full feature
-MAX_PENDING_OUT_OF_ORDER = QUEUE_DEPTH
 MAX_SOLICITED_BYTES = 64 * 1024 * 1024  # write data a connection may be asked for at once (R2T)
-
-
-def sn_lt(a: int, b: int) -> bool:
-    """RFC 1982 serial number arithmetic, 32 bits: a < b."""
-    return a != b and ((b - a) & 0xFFFFFFFF) < 0x80000000
-
-
-def sn_add(a: int, n: int) -> int:
-    return (a + n) & 0xFFFFFFFF
 
 
 class Phase(enum.Enum):
@@ -98,6 +92,8 @@ class LoginComplete:
     isid: int
     tsih: int
     initiator_alias: str = ""
+    leading: bool = True  # False: a connection added to an existing session (MC/S)
+    cid: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -177,15 +173,16 @@ class LoginPolicy:
     ``target_names(initiator)`` lists the targets that initiator may see (SendTargets);
     ``authorize(target, initiator)`` is SUCCESS, NOT_FOUND or AUTHORIZATION_FAILED;
     ``credentials(target)`` is the CHAP secrets a login must prove, or None (no
-    authentication); ``target_alias(target)`` the TargetAlias; ``new_tsih()`` a session
-    handle; ``portal`` is "HOST:PORT" of this connection's listening address."""
+    authentication); ``target_alias(target)`` the TargetAlias; ``portal`` is "HOST:PORT" of
+    this connection's listening address; ``sessions`` the server's live sessions (one table
+    shared by all its connections: a Login with a TSIH joins one of them)."""
 
     target_names: Callable[[str], list[str]]
     authorize: Callable[[str, str], LoginStatus]
     credentials: Callable[[str | None], ChapCredentials | None]
-    new_tsih: Callable[[], int]
     portal: str
     target_alias: Callable[[str], str] = lambda name: ""
+    sessions: SessionTable = field(default_factory=SessionTable)
 
 
 class TargetConnection:
@@ -207,8 +204,12 @@ class TargetConnection:
         self.tsih = 0
         self.cid = 0
         self.stat_sn = 1
-        self.exp_cmd_sn = 0
-        self.max_cmd_sn = 0
+        # Until the first Login Request says otherwise, a session of this connection alone.
+        self.session = Session(
+            initiator_name="", isid=0, target_name=None, cmd_sn=0, queue_depth=queue_depth, params=self.params
+        )
+        self.leading = True
+        self._join_tsih = 0  # the TSIH a Login named: add this connection to that session
         self._login_stage = Stage.SECURITY
         self._login_started = False
         self._login_text = bytearray()
@@ -221,7 +222,6 @@ class TargetConnection:
         self._text_ttt = 0
         self._next_ttt = 1
         self.tasks: dict[int, ScsiCommand] = {}  # by ITT: collecting data or executing
-        self._out_of_order: dict[int, Pdu] = {}
         self._discard: set[int] = set()  # ITTs whose unsolicited Data-Out is dropped
         self._budget_used = 0
         self._r2t_waiting: list[ScsiCommand] = []
@@ -258,13 +258,41 @@ class TargetConnection:
     def in_full_feature(self) -> bool:
         return self.phase is Phase.FULL_FEATURE
 
+    @property
+    def exp_cmd_sn(self) -> int:
+        return self.session.exp_cmd_sn
+
+    @property
+    def max_cmd_sn(self) -> int:
+        return self.session.max_cmd_sn
+
+    def running_tasks(self) -> int:
+        """Tasks that hold a place in the command window (non-immediate, not yet answered)."""
+        return sum(1 for t in self.tasks.values() if not t.immediate)
+
+    def end(self, reason: str, *, clean: bool) -> None:
+        """Close this connection from outside (its session ended, a reinstatement)."""
+        for itt in list(self.tasks):
+            self.abort(itt)
+        self._close(reason, clean=clean)
+
     # --- internals -------------------------------------------------------------------------------
     def _close(self, reason: str, *, clean: bool = False) -> None:
         if self.phase is Phase.CLOSED:
             return
+        member = self.phase is Phase.FULL_FEATURE
         self.phase = Phase.CLOSED
         self._closed_reason = reason
         self._events.append(ConnectionClosed(reason, clean))
+        if not member:
+            return
+        session = self.session
+        session.leave(self)
+        if not clean:
+            # ERL 0: "session recovery" is the only recovery; the other connections end too.
+            session.failed(self, reason)
+        if session.ended:
+            self.policy.sessions.remove(session)
 
     def _send(self, bhs: bytearray, data: Buffer = b"") -> None:
         self._out.extend(
@@ -294,12 +322,7 @@ class TargetConnection:
         self._close(f"protocol error: {reason}")
 
     def _advertised_max(self) -> int:
-        """MaxCmdSN: the window shrinks by the tasks in flight, and never moves back."""
-        running = sum(1 for t in self.tasks.values() if not t.immediate)
-        candidate = sn_add(self.exp_cmd_sn, self.queue_depth - 1 - min(running, self.queue_depth - 1))
-        if sn_lt(self.max_cmd_sn, candidate):
-            self.max_cmd_sn = candidate
-        return self.max_cmd_sn
+        return self.session.advertised_max()
 
     def _process(self) -> None:
         while self.phase is not Phase.CLOSED:
@@ -392,13 +415,16 @@ class TargetConnection:
             self._login_started = True
             self.isid = int.from_bytes(pdu.bhs[8:14], "big")
             self.cid = pdu.u16(20)
-            self.exp_cmd_sn = pdu.u32(24)
-            self.max_cmd_sn = sn_add(self.exp_cmd_sn, self.queue_depth - 1)
             self.stat_sn = pdu.u32(28) or 1
-            if pdu.u16(14) != 0:
-                # Adding a connection to an existing session (MC/S): MaxConnections=1.
-                self._login_fail(pdu, LoginStatus.SESSION_DOES_NOT_EXIST, "no session with that TSIH")
-                return
+            self._join_tsih = pdu.u16(14)
+            self.session = Session(
+                initiator_name="",
+                isid=self.isid,
+                target_name=None,
+                cmd_sn=pdu.u32(24),
+                queue_depth=self.queue_depth,
+                params=self.params,
+            )
         elif int.from_bytes(pdu.bhs[8:14], "big") != self.isid:
             self._login_fail(pdu, LoginStatus.INITIATOR_ERROR, "ISID changed during login")
             return
@@ -443,6 +469,11 @@ class TargetConnection:
                 alias = self.policy.target_alias(target)
                 if alias:
                     out.append(("TargetAlias", alias))
+            if self._join_tsih and not self._join_session(pdu):
+                return
+            if self.leading:
+                self.session.initiator_name = name
+                self.session.target_name = self.target_name
             out.append(("TargetPortalGroupTag", str(TARGET_PORTAL_GROUP_TAG)))
         credentials = self.policy.credentials(self.target_name)
         if csg == Stage.SECURITY:
@@ -460,7 +491,10 @@ class TargetConnection:
                 return
             try:
                 out += negotiate_operational(
-                    pairs, self.params, discovery=self.session_type is SessionType.DISCOVERY
+                    pairs,
+                    self.params,
+                    discovery=self.session_type is SessionType.DISCOVERY,
+                    leading=self.leading,
                 )
             except NegotiationError as exc:
                 self._login_fail(pdu, LoginStatus.INITIATOR_ERROR, str(exc))
@@ -478,6 +512,39 @@ class TargetConnection:
             self._enter_full_feature(pdu, out)
         else:
             self._login_response(pdu, transit=True, nsg=nsg, pairs=out)
+
+    def _join_session(self, pdu: Pdu) -> bool:
+        """A Login with a TSIH adds this connection to that session (RFC 7143 6.3.2: the
+        same initiator, ISID and target); False after failing the login."""
+        session = self.policy.sessions.find(self.initiator_name, self.isid, self._join_tsih)
+        if (
+            session is None
+            or session.target_name != self.target_name
+            or self.session_type is not SessionType.NORMAL
+        ):
+            self._login_fail(
+                pdu, LoginStatus.SESSION_DOES_NOT_EXIST, "no such session to add a connection to"
+            )
+            return False
+        if len(session.connections) >= session.max_connections and self.cid not in session.connections:
+            self._login_fail(
+                pdu,
+                LoginStatus.TOO_MANY_CONNECTIONS,
+                f"the session has its {session.max_connections} connection(s) (MaxConnections)",
+            )
+            return False
+        self.session = session
+        self.leading = False
+        self.tsih = session.tsih
+        # The session's values stand; only the connection's own keys are negotiated again.
+        self.params = replace(
+            session.params,
+            header_digest=False,
+            data_digest=False,
+            initiator_max_recv_data_segment=DEFAULT_MAX_RECV_DATA_SEGMENT,
+            declared=set(),
+        )
+        return True
 
     def _security(
         self, pdu: Pdu, keys: dict[str, str], credentials: ChapCredentials | None
@@ -532,9 +599,18 @@ class TargetConnection:
         if "sent" not in self.params.declared:
             out.append(("MaxRecvDataSegmentLength", str(self.params.target_max_recv_data_segment)))
             self.params.declared.add("sent")
-        self.tsih = self.policy.new_tsih()
+        session = self.session
+        if self.leading:
+            self.tsih = session.tsih = self.policy.sessions.new_tsih()
+            self.policy.sessions.add(session)
+        elif session.ended or (
+            len(session.connections) >= session.max_connections and self.cid not in session.connections
+        ):
+            self._login_fail(pdu, LoginStatus.SESSION_DOES_NOT_EXIST, "the session ended during the login")
+            return
         self._login_response(pdu, transit=True, nsg=Stage.FULL_FEATURE, pairs=out)
         self.phase = Phase.FULL_FEATURE
+        session.join(self)
         # Digests and segment limits apply from the first PDU after the final login response.
         self.reader.header_digest = self.params.header_digest
         self.reader.data_digest = self.params.data_digest
@@ -547,6 +623,8 @@ class TargetConnection:
                 self.isid,
                 self.tsih,
                 self.initiator_alias,
+                leading=self.leading,
+                cid=self.cid,
             )
         )
 
@@ -576,25 +654,19 @@ class TargetConnection:
             # "a NOP-Out ... with the ITT 0xffffffff ... MUST have the I bit set"
             pass
         if immediate:
-            self._dispatch(pdu)
+            self.dispatch(pdu)
             return
-        # Non-immediate: in CmdSN order, inside the window; outside it "MUST be silently ignored".
-        if sn_lt(cmdsn, self.exp_cmd_sn) or sn_lt(self.max_cmd_sn, cmdsn):
-            return
-        if cmdsn != self.exp_cmd_sn:
-            if len(self._out_of_order) >= MAX_PENDING_OUT_OF_ORDER or cmdsn in self._out_of_order:
-                self._protocol_error("CmdSN gap too large", pdu.bhs)
-                return
-            self._out_of_order[cmdsn] = pdu
-            return
-        self.exp_cmd_sn = sn_add(self.exp_cmd_sn, 1)
-        self._dispatch(pdu)
-        while self.phase is Phase.FULL_FEATURE and self.exp_cmd_sn in self._out_of_order:
-            queued = self._out_of_order.pop(self.exp_cmd_sn)
-            self.exp_cmd_sn = sn_add(self.exp_cmd_sn, 1)
-            self._dispatch(queued)
+        # Non-immediate: in CmdSN order across the session's connections, inside the window.
+        try:
+            self.session.order(self, pdu, cmdsn)
+        except WindowOverflow:
+            self._protocol_error("CmdSN gap too large", pdu.bhs)
 
-    def _dispatch(self, pdu: Pdu) -> None:
+    def dispatch(self, pdu: Pdu) -> None:
+        """Run a request whose turn came (called by the session, maybe for another
+        connection's input)."""
+        if self.phase is not Phase.FULL_FEATURE:
+            return
         op = pdu.opcode
         if op == Opcode.SCSI_COMMAND:
             self._scsi_command(pdu)
@@ -968,9 +1040,7 @@ class TargetConnection:
             if task in self._r2t_waiting:
                 self._r2t_waiting.remove(task)
             self._release_budget(task)
-        for sn, queued in list(self._out_of_order.items()):
-            if queued.itt == itt:
-                del self._out_of_order[sn]
+        self.session.forget(self, itt)
         return task
 
     def _release_budget(self, task: ScsiCommand) -> None:
@@ -990,11 +1060,35 @@ class TargetConnection:
             return
         self._send_answer(Opcode.TASK_MGMT_RESPONSE, int(response), request.itt)
 
+    def logout_target(self, request: LogoutRequested) -> tuple[LogoutResponse, list[TargetConnection]]:
+        """What a Logout Request ends (RFC 7143 11.14.1): the answer, and the connections
+        it closes once their tasks finished (reason 0: every connection of the session;
+        reason 1: the one named by CID, maybe not this one; reason 2 needs ERL 2)."""
+        session = self.session
+        if request.reason == LogoutReason.CLOSE_SESSION:
+            members = [c for c in session.connections.values() if c is not self]
+            return LogoutResponse.OK, [self, *members]
+        if request.reason == LogoutReason.CLOSE_CONNECTION:
+            named = self if request.cid == self.cid else session.connections.get(request.cid)
+            if named is None:
+                return LogoutResponse.CID_NOT_FOUND, []
+            return LogoutResponse.OK, [named]
+        return LogoutResponse.RECOVERY_NOT_SUPPORTED, []
+
     def logout_done(self, request: LogoutRequested, response: LogoutResponse = LogoutResponse.OK) -> None:
+        """Answer a Logout once the tasks it waited for finished; close what it ends."""
         if self.phase is not Phase.FULL_FEATURE:
             return
         self._send_answer(Opcode.LOGOUT_RESPONSE, int(response), request.itt)
-        self._close("logout", clean=True)
+        if response is not LogoutResponse.OK:
+            return
+        _, ending = self.logout_target(request)
+        for connection in ending:
+            if connection is not self:
+                connection.end(f"logged out by connection {self.cid}", clean=True)
+                self.session.touch(connection)
+        if self in ending:
+            self._close("logout", clean=True)
 
     def describe(self) -> dict[str, Any]:
         return {

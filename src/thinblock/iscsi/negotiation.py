@@ -4,7 +4,10 @@
 answers one batch of an initiator's keys with the target's values and updates them.
 The target's own preferences are the ones thinblock wants: immediate and unsolicited
 data accepted (ImmediateData=Yes, InitialR2T=No: a 4 KiB write then takes one round
-trip, not two), one connection per session (MaxConnections=1), error recovery level 0.
+trip, not two), up to ``TARGET_MAX_CONNECTIONS`` connections per session (MC/S), error
+recovery level 0.  A connection added to a session negotiates only the connection's own keys
+(digests, MaxRecvDataSegmentLength); the "leading only" keys keep the leading connection's
+values and are answered Irrelevant.
 """
 
 from __future__ import annotations
@@ -21,6 +24,23 @@ TARGET_FIRST_BURST = 256 * 1024
 DEFAULT_MAX_RECV_DATA_SEGMENT = 8192  # RFC 7143 13.12: the default until declared
 LOGIN_MAX_RECV_DATA_SEGMENT = 8192  # during login both sides accept at least this
 TARGET_PORTAL_GROUP_TAG = 1
+TARGET_MAX_CONNECTIONS = 8  # connections one session may have (MaxConnections, result: minimum)
+# RFC 7143 13: keys negotiated on the leading connection only ("LO"), session-wide values.
+LEADING_ONLY_KEYS = frozenset(
+    {
+        "MaxConnections",
+        "InitialR2T",
+        "ImmediateData",
+        "MaxBurstLength",
+        "FirstBurstLength",
+        "DefaultTime2Wait",
+        "DefaultTime2Retain",
+        "MaxOutstandingR2T",
+        "DataPDUInOrder",
+        "DataSequenceInOrder",
+        "ErrorRecoveryLevel",
+    }
+)
 CHAP_MD5 = 5
 CHAP_CHALLENGE_BYTES = 16
 
@@ -43,6 +63,7 @@ class SessionParameters:
     default_time2wait: int = 2
     default_time2retain: int = 20
     error_recovery_level: int = 0
+    max_connections: int = 1
     # Declarative: the initiator's receive limit bounds our Data-In and Text responses.
     initiator_max_recv_data_segment: int = DEFAULT_MAX_RECV_DATA_SEGMENT
     target_max_recv_data_segment: int = TARGET_MAX_RECV_DATA_SEGMENT
@@ -80,14 +101,18 @@ _LOGIN_ONLY_DECLARATIONS = {"InitiatorName", "InitiatorAlias", "SessionType", "T
 
 
 def negotiate_operational(
-    pairs: list[tuple[str, str]], params: SessionParameters, *, discovery: bool
+    pairs: list[tuple[str, str]], params: SessionParameters, *, discovery: bool, leading: bool = True
 ) -> list[tuple[str, str]]:
-    """Answer operational keys; returns the response pairs.  Raises NegotiationError."""
+    """Answer operational keys; returns the response pairs.  Raises NegotiationError.
+    ``leading``: False on a connection joining an existing session (LO keys are Irrelevant)."""
     out: list[tuple[str, str]] = []
     for key, value in pairs:
         if key in _LOGIN_ONLY_DECLARATIONS or key.startswith("CHAP_") or key == "AuthMethod":
             continue
         if value == "NotUnderstood" or value == "Irrelevant" or value == "Reject":
+            continue
+        if not leading and key in LEADING_ONLY_KEYS:
+            out.append((key, "Irrelevant"))
             continue
         if key == "HeaderDigest":
             chosen = _digest(key, value)
@@ -98,8 +123,8 @@ def negotiate_operational(
             params.data_digest = chosen == "CRC32C"
             out.append((key, chosen))
         elif key == "MaxConnections":
-            _number(key, value, 1, 65535)
-            out.append((key, "1"))
+            params.max_connections = min(_number(key, value, 1, 65535), TARGET_MAX_CONNECTIONS)
+            out.append((key, str(params.max_connections)))
         elif key == "InitialR2T":
             # Result function OR; the target says No, so the initiator's value stands.
             params.initial_r2t = _boolean(key, value)

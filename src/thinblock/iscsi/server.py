@@ -11,7 +11,10 @@ and characters iSCSI names may not hold (``_`` and ``+``) become ``-`` (RFC 3722
 VVs whose names differ only there share a target name and only the first (sorted) is
 exported under it.
 
-Each connection is one session (MaxConnections=1).  SCSI commands run with
+A session may have up to MaxConnections connections (``negotiation.TARGET_MAX_CONNECTIONS``;
+the sans-IO ``Session`` orders commands across them); a task is answered on the connection
+it came on (ERL 0: connection allegiance), and a connection that fails ends its session.
+SCSI commands run with
 ``thinblock.aio.start_eager`` like NBD requests: a read or write that completes without
 suspending is answered at once, without a Task.  Bad input costs only its connection:
 a login that does not finish within ``login_timeout`` is closed, as is any PDU the core
@@ -48,11 +51,12 @@ from .connection import (
     TargetConnection,
     TaskManagement,
 )
-from .constants import Asc, LoginStatus, SenseKey, Status, TaskFunction, TaskResponse
+from .constants import Asc, LoginStatus, LogoutResponse, SenseKey, Status, TaskFunction, TaskResponse
 from .negotiation import ChapCredentials
 from .pdu import Buffer
 from .scsi import LogicalUnit, Nexus
 from .sense import fixed_sense
+from .session import Session, SessionTable
 
 log = logging.getLogger("thinblock.iscsi")
 
@@ -107,7 +111,8 @@ class ISCSIServer:
         self._servers: list[asyncio.Server] = []
         self._connections: set[_Connection] = set()
         self._lus: dict[str, LogicalUnit] = {}
-        self._tsih = itertools.count(1)
+        self._session_table = SessionTable()
+        self._of_core: dict[TargetConnection, _Connection] = {}
         self._ids = itertools.count(1)
         self._unsubscribe: Callable[[], None] | None = None
         self._stopping = False
@@ -150,9 +155,9 @@ class ISCSIServer:
             target_names=target_names,
             authorize=authorize,
             credentials=lambda target: self.chap,
-            new_tsih=lambda: next(self._tsih) & 0xFFFF or next(self._tsih),
             portal=portal,
             target_alias=target_alias,
+            sessions=self._session_table,
         )
 
     def logical_unit(self, target: str) -> LogicalUnit | None:
@@ -236,18 +241,28 @@ class ISCSIServer:
         log.info("iSCSI target stopped", extra={"event": "iscsi-stopped"})
 
     # --- admin ------------------------------------------------------------------------------------
+    def _members(self, session: Session) -> list[_Connection]:
+        return [c for core in session.connections.values() if (c := self._of_core.get(core)) is not None]
+
     def sessions(self) -> list[dict[str, Any]]:
-        """Logged-in sessions: initiator, address, target, VV and LUNs."""
+        """Logged-in sessions: initiator, addresses, target, VV and LUNs (one row per
+        session; its connections are counted and listed by address)."""
         out = []
+        seen: set[int] = set()
         for c in sorted(self._connections, key=lambda c: c.number):
-            if not c.core.in_full_feature:
+            session = c.core.session
+            if not c.core.in_full_feature or id(session) in seen:
                 continue
+            seen.add(id(session))
+            members = sorted(self._members(session), key=lambda m: m.number) or [c]
             vv = c.lu.volume.name if c.lu is not None else None
             out.append(
                 {
                     "initiator": c.core.initiator_name,
                     "initiator_alias": c.core.initiator_alias,
-                    "address": c.peer,
+                    "address": members[0].peer,
+                    "addresses": [m.peer for m in members],
+                    "connections": len(members),
                     "session_type": c.core.session_type.value.lower(),
                     "target": c.core.target_name,
                     "vv": vv,
@@ -256,8 +271,8 @@ class ISCSIServer:
                     "isid": f"{c.core.isid:012x}",
                     "header_digest": c.core.params.header_digest,
                     "data_digest": c.core.params.data_digest,
-                    "since": c.since,
-                    "commands": c.commands,
+                    "since": min(m.since for m in members),
+                    "commands": sum(m.commands for m in members),
                 }
             )
         return out
@@ -289,7 +304,6 @@ class _Connection(asyncio.Protocol):
         self._lost = False
         self._login_timer: asyncio.TimerHandle | None = None
         self._idle: asyncio.Future[None] | None = None
-        self._logout: LogoutRequested | None = None
 
     # --- asyncio callbacks --------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -303,6 +317,7 @@ class _Connection(asyncio.Protocol):
         self.core = TargetConnection(self.server._policy(portal))
         server = self.server
         server._connections.add(self)
+        server._of_core[self.core] = self
         server.connections_total += 1
         if server._stopping or len(server._connections) > server.max_connections:
             log.warning("refusing iSCSI connection from %s: too many connections", self.peer)
@@ -327,9 +342,13 @@ class _Connection(asyncio.Protocol):
         for itt in list(self.core.tasks):
             self.core.abort(itt)
         self.server._connections.discard(self)
-        if self.lu is not None:
+        self.server._of_core.pop(self.core, None)
+        if self.lu is not None and not self.core.session.connections:
+            # The I_T nexus is the session's (initiator name and ISID): it ends with the last
+            # connection.
             self.lu.detach(self.nexus)
         self._notify_idle()
+        self._pump_others()
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -341,6 +360,18 @@ class _Connection(asyncio.Protocol):
 
     # --- core events ------------------------------------------------------------------------------------
     def _pump(self) -> None:
+        self._pump_own()
+        self._pump_others()
+
+    def _pump_others(self) -> None:
+        """Input on one connection may have given another of the session work: a command
+        whose CmdSN turn came, a close (ERL 0 session end, logout, reinstatement)."""
+        for core in self.core.session.take_touched():
+            other = self.server._of_core.get(core)
+            if other is not None and other is not self:
+                other._pump()
+
+    def _pump_own(self) -> None:
         core = self.core
         while True:
             event = core.next_event()
@@ -353,8 +384,7 @@ class _Connection(asyncio.Protocol):
             elif isinstance(event, TaskManagement):
                 self._task_management(event)
             elif isinstance(event, LogoutRequested):
-                self._logout = event
-                self._maybe_logout()
+                self._logout_requested(event)
             elif isinstance(event, ConnectionClosed):
                 if not event.clean:
                     log.warning(
@@ -407,12 +437,29 @@ class _Connection(asyncio.Protocol):
         self.nexus = f"{event.initiator_name},i,0x{event.isid:012x}"
         if event.session_type is SessionType.NORMAL:
             assert event.target_name is not None
+            if not event.leading:
+                # A connection added to a session: the session's LU and nexus.
+                leading = next((c for c in self.server._members(self.core.session) if c is not self), None)
+                self.lu = leading.lu if leading is not None else self.server.logical_unit(event.target_name)
+                if self.lu is not None:
+                    self.lu.attach(self.nexus)
+                log.info(
+                    "iSCSI connection %d from %s (%s) added to the session of %s (%d connections)",
+                    event.cid,
+                    event.initiator_name,
+                    self.peer,
+                    event.target_name,
+                    len(self.core.session.connections),
+                    extra={"event": "iscsi-login", "initiator": event.initiator_name},
+                )
+                return
             lu = self.server.logical_unit(event.target_name)
             # Session reinstatement (RFC 7143 6.3.5): the same initiator and ISID logging in
-            # again with TSIH 0 ends the old session.
+            # again with TSIH 0 ends the old session, every connection of it.
             for other in list(self.server._connections):
                 if (
                     other is not self
+                    and other.core.session is not self.core.session
                     and other.nexus == self.nexus
                     and other.core.target_name == event.target_name
                 ):
@@ -473,7 +520,6 @@ class _Connection(asyncio.Protocol):
             self.core.complete(task, ScsiResult(Status.CHECK_CONDITION, sense=sense, wanted=0))
         self._pump()
         self._notify_idle()
-        self._maybe_logout()
         self._maybe_resume()
 
     def abort_all(self) -> list[asyncio.Future[Any]]:
@@ -516,15 +562,28 @@ class _Connection(asyncio.Protocol):
         gathered = asyncio.gather(*waits, return_exceptions=True)
         gathered.add_done_callback(answer)
 
-    def _maybe_logout(self) -> None:
-        request = self._logout
-        if request is None or self._running:
+    def _logout_requested(self, request: LogoutRequested) -> None:
+        """Answer once the commands already running on the connections it closes have
+        finished and been answered; what is still collecting data is dropped."""
+        response, ending = self.core.logout_target(request)
+        if response is not LogoutResponse.OK:
+            self.core.logout_done(request, response)
+            self._flush()
             return
-        self._logout = None
-        for itt in list(self.core.tasks):
-            self.core.abort(itt)
-        self.core.logout_done(request)
-        self._pump()
+        closing = [c for core in ending if (c := self.server._of_core.get(core)) is not None]
+        waits = [future for c in closing for future in c._running.values()]
+
+        def answer(_: Any = None) -> None:
+            for c in closing:
+                for itt in list(c.core.tasks):
+                    c.core.abort(itt)
+            self.core.logout_done(request, response)
+            self._pump()
+
+        if not waits:
+            answer()
+            return
+        asyncio.gather(*waits, return_exceptions=True).add_done_callback(answer)
 
     # --- flow control ---------------------------------------------------------------------------------
     def _pause_reading(self) -> None:
