@@ -30,10 +30,11 @@ async def _maybe_await(value: Any) -> None:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    from thinblock.engine import Engine
+    from thinblock.engine import Engine, EngineOptions
+    from thinblock.model import CacheMode
     from thinblock.nbd.server import NBDServer
 
-    engine = await Engine.open(args.data)
+    engine = await Engine.open(args.data, EngineOptions(pd_direct_io=args.direct_io))
     try:
         pd_dir = Path(args.pd_dir)
         for index in range(2):
@@ -41,7 +42,7 @@ async def serve(args: argparse.Namespace) -> None:
                 pd_dir / f"pd{index}.img", size=args.pd_size, chunklet_size=args.chunklet_size
             )
         await engine.create_pool("bench", raid=args.raid, set_size=2)
-        await engine.create_vv(args.export, pool="bench", size=args.vv_size)
+        await engine.create_vv(args.export, pool="bench", size=args.vv_size, cache_mode=CacheMode(args.cache))
         server = NBDServer(engine, default_export=args.export)
         await server.start(HOST, args.port)
         stop = asyncio.Event()
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunklet-size", type=int, default=256 * 2**20)
     parser.add_argument("--export", default="vol")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    parser.add_argument("--cache", choices=("writethrough", "writeback"), default="writethrough")
+    parser.add_argument("--direct-io", action="store_true", help="open the PDs for direct I/O")
     parser.add_argument("--cprofile", help="write a cProfile of the serving process to this file")
     args = parser.parse_args(argv)
 

@@ -132,6 +132,10 @@ class Running:
     process: Process
     directory: Path
 
+    @property
+    def pid(self) -> int:
+        return self.process.popen.pid
+
     def stop(self) -> None:
         try:
             self.process.stop()
@@ -173,11 +177,11 @@ class Server(Protocol):
 
 
 @contextlib.contextmanager
-def serving(server: Server, workdir: Path, connections: int) -> Iterator[str]:
-    """Start a fresh instance of ``server``, yield its URI, stop it and delete its files."""
+def serving(server: Server, workdir: Path, connections: int) -> Iterator[Running]:
+    """Start a fresh instance of ``server``, yield it (URI, process), stop it and delete its files."""
     running = server.start(workdir, connections)
     try:
-        yield running.uri
+        yield running
     finally:
         running.stop()
 
@@ -309,6 +313,8 @@ class ThinblockServer:
     raid: int
     launch: str = "auto"
     event_loop: str | None = None  # "uvloop" or "asyncio"; None: the daemon's default (launcher: uvloop)
+    cache_mode: str = "writethrough"  # the VV's cache mode: "writethrough" (the default) or "writeback"
+    direct_io: bool = False  # the PDs opened for direct I/O (engine.pd_direct_io)
     export_size: int = 16 * 2**30
     pd_size: int = 16 * 2**30
     launched_with: str | None = None
@@ -319,9 +325,11 @@ class ThinblockServer:
         how = self.launched_with or self.launch
         if self.event_loop:
             how += f", {self.event_loop} event loop"
+        pds = "sparse file PDs opened for direct I/O" if self.direct_io else "sparse file PDs"
+        cache = "write-back" if self.cache_mode == "writeback" else "write-through"
         text = (
             f"thinblock ({how}), fresh data dir, RAID {self.raid} pool (set size 2) over two "
-            f"{self.pd_size // 2**30} GiB sparse file PDs, one {self.export_size // 2**30} GiB VV"
+            f"{self.pd_size // 2**30} GiB {pds}, one {self.export_size // 2**30} GiB {cache} VV"
         )
         return text + (f"; {self.fallback_reason}" if self.fallback_reason else "")
 
@@ -354,9 +362,14 @@ class ThinblockServer:
                 exe, "serve", "--data", str(directory / "data"), "--nbd", f"{HOST}:{nbd_port}",
                 "--api", f"{HOST}:{api_port}", "--no-first-start",
             ]  # fmt: skip
+            config_lines = []
             if self.event_loop:
+                config_lines.append(f'event_loop = "{self.event_loop}"')
+            if self.direct_io:
+                config_lines += ["[engine]", "pd_direct_io = true"]
+            if config_lines:
                 config = directory / "thinblock.toml"
-                config.write_text(f'event_loop = "{self.event_loop}"\n')
+                config.write_text("\n".join(config_lines) + "\n")
                 cmd += ["--config", str(config)]
             process = Process(cmd, directory / "server.log", thinblock_env())
             try:
@@ -366,7 +379,10 @@ class ThinblockServer:
                     pd_path = directory / f"pd{index}.img"
                     run_quiet([*cli, "pd", "add", str(pd_path), "--size", str(self.pd_size)])
                 run_quiet([*cli, "pool", "create", "bench", "--raid", str(self.raid), "--set-size", "2"])
-                run_quiet([*cli, "vv", "create", EXPORT, "--pool", "bench", "--size", str(self.export_size)])
+                run_quiet(
+                    [*cli, "vv", "create", EXPORT, "--pool", "bench", "--size", str(self.export_size),
+                     "--cache", self.cache_mode]
+                )  # fmt: skip
                 uri = f"nbd://{HOST}:{nbd_port}/{EXPORT}"
                 wait_for_export(uri, self.export_size, process)
             except subprocess.TimeoutExpired as exc:
@@ -388,13 +404,53 @@ class ThinblockServer:
                 sys.executable, "-m", "bench.launch_thinblock", "--data", str(directory / "data"),
                 "--pd-dir", str(directory), "--port", str(port), "--raid", str(self.raid),
                 "--pd-size", str(self.pd_size), "--vv-size", str(self.export_size), "--export", EXPORT,
-                "--loop", self.event_loop or "uvloop",
+                "--loop", self.event_loop or "uvloop", "--cache", self.cache_mode,
             ]  # fmt: skip
+            if self.direct_io:
+                cmd.append("--direct-io")
             uri = f"nbd://{HOST}:{port}/{EXPORT}"
             return _start(cmd, directory, uri, port, self.export_size, env=thinblock_env(), timeout=120)
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             raise
+
+
+# --- what a server costs -----------------------------------------------------------------------------
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def parse_proc_stat_cpu(text: str) -> float:
+    """CPU seconds (user + system, every thread) from the text of /proc/PID/stat.  The command
+    name (field 2) is in parentheses and may hold spaces, so fields are counted after its ')'."""
+    fields = text[text.rindex(")") + 2 :].split()
+    # After the name: state is field 3, so utime (14) and stime (15) are at 11 and 12 here.
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def parse_peak_rss(status_text: str) -> int:
+    """Peak resident set size in bytes (VmHWM) from the text of /proc/PID/status."""
+    for line in status_text.splitlines():
+        if line.startswith("VmHWM:"):
+            value, unit = line.split()[1:3]
+            assert unit == "kB", unit
+            return int(value) * 1024
+    raise ValueError("no VmHWM line")
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """CPU seconds process ``pid`` has used so far (None when it cannot be read)."""
+    try:
+        return parse_proc_stat_cpu(Path(f"/proc/{pid}/stat").read_text())
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def process_peak_rss(pid: int) -> int | None:
+    try:
+        return parse_peak_rss(Path(f"/proc/{pid}/status").read_text())
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _fresh_dir(workdir: Path, key: str) -> Path:
@@ -409,15 +465,27 @@ def _fresh_dir(workdir: Path, key: str) -> Path:
     raise ServerError("no fresh directory")
 
 
+def thinblock_variants(launch: str = "auto", event_loop: str | None = None) -> list[ThinblockServer]:
+    """thinblock's variants: RAID 0 and RAID 1 (the default), write-through (the default) and
+    write-back, PDs through the page cache (the default) and opened for direct I/O."""
+    out = []
+    for direct in (False, True):
+        for cache in ("writethrough", "writeback"):
+            for raid in (0, 1):
+                key = (
+                    f"thinblock-raid{raid}"
+                    + ("-wb" if cache == "writeback" else "")
+                    + ("-direct" if direct else "")
+                )
+                out.append(ThinblockServer(key, raid, launch, event_loop, cache_mode=cache, direct_io=direct))
+    return out
+
+
 def all_servers(thinblock_launch: str = "auto", thinblock_loop: str | None = None) -> list[Server]:
     """Every server of a run, in the order they run."""
-    return [
-        ThinblockServer("thinblock-raid0", raid=0, launch=thinblock_launch, event_loop=thinblock_loop),
-        ThinblockServer("thinblock-raid1", raid=1, launch=thinblock_launch, event_loop=thinblock_loop),
-        QemuNbd(),
-        NbdkitFile(),
-        NbdkitNull(),
-    ]
+    return [*thinblock_variants(thinblock_launch, thinblock_loop), QemuNbd(), NbdkitFile(), NbdkitNull()]
 
 
 SERVER_KEYS = tuple(server.key for server in all_servers())
+# A run without --servers: everything but the direct-I/O variants (--direct-io adds them).
+DEFAULT_SERVER_KEYS = tuple(key for key in SERVER_KEYS if not key.endswith("-direct"))

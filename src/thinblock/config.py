@@ -50,6 +50,7 @@ Every key has a default, so an empty file (or none) gives a working daemon on lo
     offload_min = "128KiB"          # writes (per region) of this size or more go to those threads
     pd_allowed_roots = []           # directories where file PDs may lie besides data_dir
     pd_check_interval = 5.0         # seconds between checks of every PD's file and header; 0: none
+    pd_direct_io = false            # PDs opened for direct I/O too (aligned I/O bypasses the page cache)
 
     [webhook]
     url = ""                        # alerts are POSTed here as JSON
@@ -238,6 +239,7 @@ class Config:
     offload_min: int = 128 * KiB
     pd_allowed_roots: tuple[Path, ...] = ()
     pd_check_interval: float = 5.0
+    pd_direct_io: bool = False
     webhook: WebhookConfig = field(default_factory=WebhookConfig)
     iscsi: ISCSIConfig = field(default_factory=ISCSIConfig)
     latency_histograms: bool = True
@@ -398,6 +400,7 @@ _TABLES = {
         "offload_min",
         "pd_check_interval",
         "pd_allowed_roots",
+        "pd_direct_io",
     },
     "webhook": {"url", "timeout", "max_attempts", "queue_size"},
     "metrics": {"latency_histograms"},
@@ -545,6 +548,8 @@ def parse_config(doc: dict[str, Any], *, base_dir: Path | None = None) -> Config
         if not isinstance(roots, list) or not all(isinstance(r, str) and r.strip() for r in roots):
             raise ConfigError(f"engine.pd_allowed_roots: expected a list of directories, not {roots!r}")
         changes["pd_allowed_roots"] = tuple(path(r, "engine.pd_allowed_roots") for r in roots)
+    if "pd_direct_io" in engine:
+        changes["pd_direct_io"] = _bool(engine["pd_direct_io"], "engine.pd_direct_io")
     if "pd_check_interval" in engine:
         changes["pd_check_interval"] = _float(
             engine["pd_check_interval"], "engine.pd_check_interval", low=0, high=3600

@@ -351,6 +351,7 @@ class Daemon:
                     pd_check_interval=cfg.pd_check_interval,
                     node_name=cfg.node.name,  # the lease node:NAME in the metadata store
                     pd_allowed_roots=cfg.pd_allowed_roots,
+                    pd_direct_io=cfg.pd_direct_io,
                 ),
                 metadata=cfg.metadata,
             )

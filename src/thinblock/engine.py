@@ -108,6 +108,9 @@ class EngineOptions:
     # Where regular-file PDs may lie besides the data directory (physical/admission.py); None:
     # anywhere (tests, embedding).  The daemon always sets it (engine.pd_allowed_roots).
     pd_allowed_roots: tuple[Path, ...] | None = None
+    # PDs opened for direct I/O as well (PhysicalDisk.enable_direct_io): aligned reads and writes
+    # bypass the host's page cache, as with real disks one wants the cache's memory for oneself.
+    pd_direct_io: bool = False
 
 
 DEFAULT_SET_SIZE = {0: 2, 1: 2, 5: 4}
@@ -492,6 +495,8 @@ class Engine:
 
     def _register_pd(self, pd: PhysicalDisk, zeroed: bool = False) -> None:
         self.pds[pd.id] = pd
+        if self.options.pd_direct_io:
+            pd.enable_direct_io()
         self.chunklets.add_pd(pd, zeroed=zeroed)
         pd.add_failure_listener(self.failures.listener)
         pd.on_no_space = self._pd_host_full
