@@ -30,6 +30,8 @@ Every key has a default, so an empty file (or none) gives a working daemon on lo
     mutual_user = ""                # mutual CHAP: what the target proves back
     mutual_secret = ""
     login_timeout = 30.0            # seconds a connection may take to log in
+    nop_interval = 15.0             # ping (NOP-In) a connection idle this long; 0: never
+    nop_timeout = 30.0              # close a connection that does not answer the ping in this
     [iscsi.acl]                     # per VV: the initiator names allowed ("*" key: every VV)
     # vol0 = ["iqn.1993-08.org.debian:01:host1"]
 
@@ -207,6 +209,8 @@ class ISCSIConfig:
     mutual_user: str | None = None
     mutual_secret: str | None = None
     login_timeout: float = 30.0
+    nop_interval: float = 15.0  # an idle connection is pinged (NOP-In) after this; 0: never
+    nop_timeout: float = 30.0  # a ping not answered within this closes the connection
     acl: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
@@ -389,6 +393,8 @@ _TABLES = {
         "mutual_user",
         "mutual_secret",
         "login_timeout",
+        "nop_interval",
+        "nop_timeout",
         "acl",
     },
     "engine": {
@@ -497,6 +503,10 @@ def parse_config(doc: dict[str, Any], *, base_dir: Path | None = None) -> Config
             i_changes[key] = _optional_str(iscsi[key], f"iscsi.{key}")
     if "login_timeout" in iscsi:
         i_changes["login_timeout"] = _float(iscsi["login_timeout"], "iscsi.login_timeout", low=0.1, high=3600)
+    if "nop_interval" in iscsi:
+        i_changes["nop_interval"] = _float(iscsi["nop_interval"], "iscsi.nop_interval", low=0, high=3600)
+    if "nop_timeout" in iscsi:
+        i_changes["nop_timeout"] = _float(iscsi["nop_timeout"], "iscsi.nop_timeout", low=0.1, high=3600)
     if "acl" in iscsi:
         acl = iscsi["acl"]
         if not isinstance(acl, dict):

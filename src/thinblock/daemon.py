@@ -598,6 +598,7 @@ class Daemon:
         from .iscsi.negotiation import ChapCredentials
         from .iscsi.server import AccessRule, ISCSIServer
 
+        assert self.engine is not None
         chap = None
         if icfg.chap_user and icfg.chap_secret:
             chap = ChapCredentials(icfg.chap_user, icfg.chap_secret, icfg.mutual_user, icfg.mutual_secret)
@@ -607,6 +608,9 @@ class Daemon:
             chap=chap,
             acl=[AccessRule(vv, names) for vv, names in icfg.acl],
             login_timeout=icfg.login_timeout,
+            nop_interval=icfg.nop_interval,
+            nop_timeout=icfg.nop_timeout,
+            sessions=self.engine.sessions,
         )
         try:
             await self.iscsi.start(icfg.listen.host, icfg.listen.port)

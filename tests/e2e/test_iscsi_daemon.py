@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from tests.iscsi.client import Outcome, RawInitiator
+from tests.iscsi.client import LoginRefused, RawInitiator
 from tests.support.daemon import SMALL_CONFIG, running_daemon
-from thinblock.config import DEFAULT_ISCSI_PORT, apply_overrides, parse_config
+from thinblock.config import DEFAULT_ISCSI_PORT, ConfigError, apply_overrides, parse_config
 from thinblock.units import MiB
 
 pytestmark = [
@@ -58,12 +58,20 @@ def test_iscsi_listen_config_key_and_default_port() -> None:
     assert flagged.iscsi.listen is not None and flagged.iscsi.listen.port == DEFAULT_ISCSI_PORT
     off = apply_overrides(cfg, iscsi="")
     assert off.iscsi.listen is None
+    pinged = parse_config({"iscsi": {"nop_interval": 0, "nop_timeout": 5}}).iscsi
+    assert (pinged.nop_interval, pinged.nop_timeout) == (0, 5)
+    assert (cfg.iscsi.nop_interval, cfg.iscsi.nop_timeout) == (15.0, 30.0)
+    with pytest.raises(ConfigError, match="nop_timeout"):
+        parse_config({"iscsi": {"nop_timeout": 0}})
 
 
 def test_sessions_in_cli_rest_metrics_and_a_deleted_volume(tmp_path: Path) -> None:
     """The admin side: a logged-in initiator shows in `thinblock iscsi sessions`, the REST API
-    and the metrics; deleting its volume under it answers ILLEGAL REQUEST, LOGICAL UNIT NOT
-    SUPPORTED (05h/25h/00h), as a target whose LUN went away does."""
+    and the metrics, and in the engine's registry like an NBD client: `vv delete` of its volume
+    is refused ("in use by 1 iSCSI session from ..."); --force ends the session the way a
+    target whose LUN went away does: an Asynchronous Message "dropping all connections", the
+    connection closed, and a new login answered "not found" (0203h), which stops an
+    initiator's retries."""
     config = SMALL_CONFIG + '\n[iscsi]\nnode_name = "testnode"\n'
     with running_daemon(tmp_path, config=config, args=("--iscsi", "127.0.0.1:0")) as daemon:
         assert daemon.iscsi_portal
@@ -75,27 +83,50 @@ def test_sessions_in_cli_rest_metrics_and_a_deleted_volume(tmp_path: Path) -> No
             with daemon.http() as client:
                 return client.get("/metrics").text
 
-        async def scenario() -> tuple[Outcome, Any, str, str, Outcome]:
+        async def scenario() -> dict[str, Any]:
             client = await RawInitiator.connect(port, spare, "iqn.2026-12.test:admin")
+            seen: dict[str, Any] = {"peer": f"127.0.0.1:{client.writer.get_extra_info('sockname')[1]}"}
             try:
-                first = await client.test_unit_ready()
-                sessions = await asyncio.to_thread(daemon.cli_json, "iscsi", "sessions")
-                table = (await asyncio.to_thread(daemon.cli, "iscsi", "sessions")).out
-                scraped = await asyncio.to_thread(metrics)
-                await asyncio.to_thread(daemon.cli_json, "vv", "delete", "spare")
-                gone = await client.test_unit_ready()
-                return first, sessions, table, scraped, gone
+                seen["first"] = await client.write16(0, b"\x3c" * 4096)
+                seen["sessions"] = await asyncio.to_thread(daemon.cli_json, "iscsi", "sessions")
+                seen["table"] = (await asyncio.to_thread(daemon.cli, "iscsi", "sessions")).out
+                seen["scraped"] = await asyncio.to_thread(metrics)
+                seen["refused"] = await asyncio.to_thread(daemon.cli, "vv", "delete", "spare", "-y")
+                seen["shown"] = await asyncio.to_thread(daemon.cli_json, "vv", "show", "spare")
+                seen["still"] = await client.read16(0, 8)
+                seen["forced"] = await asyncio.to_thread(daemon.cli, "vv", "delete", "spare", "-y", "--force")
+                seen["notice"] = await asyncio.wait_for(client.next_pdu(), 10)
+                seen["eof"] = await asyncio.wait_for(client.reader.read(), 10)
+                try:
+                    await RawInitiator.connect(port, spare, "iqn.2026-12.test:admin")
+                except LoginRefused as exc:
+                    seen["relogin"] = exc.status
+                return seen
             finally:
                 await client.close()
 
-        first, sessions, table, scraped, gone = asyncio.run(scenario())
-        assert first.status == 0
+        seen = asyncio.run(scenario())
+        assert seen["first"].status == 0
+        sessions = seen["sessions"]
         assert sessions["portal"] == daemon.iscsi_portal
         [session] = sessions["sessions"]
         assert session["initiator"] == "iqn.2026-12.test:admin"
         assert (session["vv"], session["luns"], session["target"]) == ("spare", [0], spare)
-        assert session["address"].startswith("127.0.0.1:")
-        assert "iqn.2026-12.test:admin" in table and "spare" in table
-        assert 'thinblock_iscsi_sessions{vv="spare"} 1.0' in scraped, scraped
-        assert "thinblock_iscsi_connections_total" in scraped
-        assert (gone.status, gone.sense_key, gone.asc) == (0x02, 0x05, 0x2500)
+        assert session["address"] == seen["peer"] and session["connections"] == 1
+        assert "iqn.2026-12.test:admin" in seen["table"] and "spare" in seen["table"]
+        assert 'thinblock_iscsi_sessions{vv="spare"} 1.0' in seen["scraped"], seen["scraped"]
+        assert "thinblock_iscsi_connections_total" in seen["scraped"]
+        refused = seen["refused"]
+        assert refused.code == 1
+        assert refused.err == (
+            f"error: volume 'spare' is in use by 1 iSCSI session from {seen['peer']}; "
+            "disconnect it or use --force\n"
+        )
+        assert [(c["protocol"], c["peer"]) for c in seen["shown"]["clients"]] == [("iSCSI", seen["peer"])]
+        assert seen["still"].status == 0 and seen["still"].data == b"\x3c" * 4096  # still served
+        assert seen["forced"].code == 0, seen["forced"].err
+        assert seen["notice"].opcode == 0x32 and seen["notice"].bhs[36] == 3  # dropping the session
+        assert seen["eof"] == b""
+        assert seen["relogin"] == 0x0203  # not found
+        assert "spare" not in [v["name"] for v in daemon.cli_json("vv", "list")]
+        assert daemon.events("iscsi-session-ended") and daemon.events("vv-delete-disconnect")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from thinblock.iscsi.constants import BHS_LENGTH, Opcode
 from thinblock.iscsi.pdu import pad_length
 
-from .initiator import ISID, Reply, login_request, logout_request, scsi_command
+from .initiator import ISID, Reply, login_request, logout_request, nop_out, scsi_command
 
 
 @dataclass
@@ -127,6 +127,22 @@ class RawInitiator:
         self.writer.write(
             scsi_command(cdb, itt=itt, cmdsn=cmdsn, edtl=edtl, read=bool(read), write=bool(data), data=data)
         )
+
+    async def answer_pings(self, until: asyncio.Event) -> int:
+        """Read and answer the target's NOP-In pings until ``until`` is set; how many."""
+        answered = 0
+        while not until.is_set():
+            try:
+                reply = await asyncio.wait_for(self._reply(), 0.05)
+            except TimeoutError:
+                continue
+            assert reply.opcode == Opcode.NOP_IN and reply.u32(16) == 0xFFFFFFFF, hex(reply.opcode)
+            self.writer.write(nop_out(itt=0xFFFFFFFF, cmdsn=self.session.cmdsn, ttt=reply.u32(20)))
+            answered += 1
+        return answered
+
+    async def next_pdu(self) -> Reply:
+        return await self._reply()
 
     async def outcome(self) -> tuple[int, Outcome]:
         """The next command's answer on this connection: (ITT, outcome)."""

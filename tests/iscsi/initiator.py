@@ -69,8 +69,9 @@ def data_out(
     return b"".join(bytes(b) for b in encode(bhs, data, **digests))
 
 
-def nop_out(*, itt: int, cmdsn: int, data: bytes = b"", **digests: bool) -> bytes:
-    bhs = build_bhs(Opcode.NOP_OUT, 0x80, itt=itt, fields=(0xFFFFFFFF, cmdsn, 0, 0, 0, 0, 0), immediate=True)
+def nop_out(*, itt: int, cmdsn: int, data: bytes = b"", ttt: int = 0xFFFFFFFF, **digests: bool) -> bytes:
+    """A ping (ITT given) or, with ITT 0xffffffff and the target's TTT, the answer to its ping."""
+    bhs = build_bhs(Opcode.NOP_OUT, 0x80, itt=itt, fields=(ttt, cmdsn, 0, 0, 0, 0, 0), immediate=True)
     return b"".join(bytes(b) for b in encode(bhs, data, **digests))
 
 

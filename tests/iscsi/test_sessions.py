@@ -25,6 +25,7 @@ from thinblock.iscsi.constants import LoginStatus, LogoutResponse, Opcode
 from thinblock.iscsi.negotiation import TARGET_MAX_CONNECTIONS
 from thinblock.iscsi.server import ISCSIServer
 from thinblock.iscsi.session import SessionTable
+from thinblock.sessions import SessionRegistry, describe_clients
 from thinblock.units import MiB
 
 from .client import LoginRefused, RawInitiator
@@ -342,3 +343,115 @@ async def test_a_connection_failing_ends_its_session_not_others(server: ISCSISer
     finally:
         for conn in (a, b, other):
             await conn.close()
+
+
+# --- NOP-In: pinging an idle initiator ----------------------------------------------------------
+
+
+def test_ping_is_a_nop_in_with_a_tag_answered_by_a_nop_out_with_it() -> None:
+    a, _, _ = two_connections()
+    a.receive_data(nop_out(itt=5, cmdsn=1))
+    [echo] = sent(a)
+    a.ping()
+    [ping] = sent(a)
+    assert ping.opcode == Opcode.NOP_IN and ping.u32(16) == 0xFFFFFFFF  # ITT reserved
+    ttt = ping.u32(20)
+    assert ttt != 0xFFFFFFFF and a.ping_ttt == ttt
+    assert ping.u32(24) == echo.u32(24) + 1  # the next StatSN, not consumed
+    a.ping()
+    assert sent(a) == []  # one ping at a time
+    a.receive_data(nop_out(itt=0xFFFFFFFF, cmdsn=1, ttt=ttt + 1))
+    assert a.ping_ttt == ttt  # another tag answers nothing
+    a.receive_data(nop_out(itt=0xFFFFFFFF, cmdsn=1, ttt=ttt))
+    assert a.ping_ttt is None and sent(a) == []  # answered, and no reply to the answer
+    a.receive_data(nop_out(itt=6, cmdsn=1))
+    [after] = sent(a)
+    assert after.u32(24) == ping.u32(24)  # the ping did not use a StatSN
+
+
+def test_drop_notice_is_an_async_message_dropping_the_session() -> None:
+    a, _, _ = two_connections()
+    a.drop_notice(time2wait=2)
+    [notice] = sent(a)
+    assert notice.opcode == Opcode.ASYNC_MESSAGE and notice.u32(16) == 0xFFFFFFFF
+    assert notice.bhs[36] == 3  # AsyncEvent: the target drops all connections of the session
+    assert int.from_bytes(notice.bhs[40:42], "big") == 2  # Time2Wait
+    assert int.from_bytes(notice.bhs[42:44], "big") == 0  # Time2Retain
+
+
+async def test_an_idle_initiator_that_answers_pings_stays_one_that_does_not_is_closed() -> None:
+    server = ISCSIServer(
+        MemProvider(SparseMemVolume("vol0", 16 * MiB)), node_name="h", nop_interval=0.1, nop_timeout=0.3
+    )
+    await server.start("127.0.0.1", 0)
+    port, target = server.port or 0, server.target_name("vol0")
+    live = await RawInitiator.connect(port, target, "iqn.2026-12.test:live")
+    silent = await RawInitiator.connect(port, target, "iqn.2026-12.test:silent", isid=0x23D000000009)
+    try:
+        stop = asyncio.Event()
+        answering = asyncio.ensure_future(live.answer_pings(stop))
+        # the silent one gets a NOP-In ping, never answers it, and is closed
+        ping = await asyncio.wait_for(silent.next_pdu(), 10)
+        assert ping.opcode == Opcode.NOP_IN and ping.u32(20) != 0xFFFFFFFF
+        assert await asyncio.wait_for(silent.reader.read(), 10) == b""
+        await asyncio.sleep(0.5)  # several more intervals for the live one
+        stop.set()
+        assert await answering >= 2
+        assert (await live.test_unit_ready()).status == 0
+        assert [s["initiator"] for s in server.sessions()] == ["iqn.2026-12.test:live"]
+    finally:
+        await live.close()
+        await silent.close()
+        await server.stop()
+
+
+# --- the engine's session registry -----------------------------------------------------------------
+
+
+async def test_a_session_is_registered_once_and_forcing_it_off_drops_every_connection() -> None:
+    registry = SessionRegistry()
+    server = ISCSIServer(MemProvider(SparseMemVolume("vol0", 16 * MiB)), node_name="h", sessions=registry)
+    await server.start("127.0.0.1", 0)
+    port, target = server.port or 0, server.target_name("vol0")
+    a = await RawInitiator.connect(port, target, "iqn.2026-12.test:held", max_connections=2, cid=1)
+    b = await a.add_connection(cid=2)
+    try:
+        [registered] = registry.of("vol0")
+        assert registered.protocol == "iSCSI" and registered.peer == server.sessions()[0]["address"]
+        assert describe_clients(registry.of("vol0")) == f"1 iSCSI session from {registered.peer}"
+        registered.disconnect()  # what a forced `vv delete` does
+        for conn in (a, b):
+            notice = await asyncio.wait_for(conn.next_pdu(), 10)
+            assert notice.opcode == Opcode.ASYNC_MESSAGE and notice.bhs[36] == 3
+            assert await asyncio.wait_for(conn.reader.read(), 10) == b""
+        await asyncio.sleep(0.05)
+        assert registry.of("vol0") == [] and server.sessions() == []
+        # a session that logs out leaves the registry too
+        c = await RawInitiator.connect(port, target, "iqn.2026-12.test:other", isid=0x23D000000003)
+        assert len(registry.of("vol0")) == 1
+        assert await c.logout() == 0
+        await asyncio.sleep(0.05)
+        assert registry.of("vol0") == []
+        await c.close()
+    finally:
+        await a.close()
+        await b.close()
+        await server.stop()
+
+
+async def test_a_grown_volume_is_a_capacity_unit_attention_once(server: ISCSIServer) -> None:
+    volume = server.provider.open_volume("vol0")
+    assert isinstance(volume, SparseMemVolume)
+    host = await RawInitiator.connect(server.port or 0, server.target_name("vol0"), "iqn.2026-12.test:g")
+    try:
+        assert (await host.test_unit_ready()).status == 0
+        volume._size = 32 * MiB  # what `vv grow` does to the VV's size
+        grown = await host.test_unit_ready()
+        assert (grown.status, grown.sense_key, grown.asc) == (0x02, 0x06, 0x2A09)  # CAPACITY DATA HAS CHANGED
+        assert (await host.test_unit_ready()).status == 0
+        capacity = await host.command(
+            bytes([0x9E, 0x10]) + bytes(8) + (32).to_bytes(4, "big") + bytes(2), read=32
+        )
+        assert int.from_bytes(capacity.data[:8], "big") + 1 == 32 * MiB // 512
+    finally:
+        await host.close()

@@ -227,6 +227,7 @@ class TargetConnection:
         self._r2t_waiting: list[ScsiCommand] = []
         self._closed_reason: str | None = None
         self.pdus_in = 0
+        self.ping_ttt: int | None = None  # a NOP-In ping waiting for its NOP-Out answer
 
     # --- I/O ------------------------------------------------------------------------------------
     def receive_data(self, data: Buffer) -> None:
@@ -692,7 +693,11 @@ class TargetConnection:
 
     def _nop_out(self, pdu: Pdu) -> None:
         if pdu.itt == NO_TAG:
-            return  # a ping answer or a CmdSN update: no reply
+            # A ping answer ("the NOP-Out ... MUST ... copy the Target Transfer Tag", RFC 7143
+            # 11.18.3) or a CmdSN update: no reply.
+            if self.ping_ttt is not None and pdu.u32(20) == self.ping_ttt:
+                self.ping_ttt = None
+            return
         bhs = build_bhs(
             Opcode.NOP_IN,
             FINAL_BIT,
@@ -1059,6 +1064,45 @@ class TargetConnection:
         if self.phase is not Phase.FULL_FEATURE:
             return
         self._send_answer(Opcode.TASK_MGMT_RESPONSE, int(response), request.itt)
+
+    def ping(self) -> None:
+        """Ask the initiator whether it is still there: a NOP-In with a Target Transfer Tag
+        and the ITT 0xffffffff, which it "MUST" answer with a NOP-Out carrying that tag
+        (RFC 7143 11.19).  StatSN is not advanced: this is not a response."""
+        if self.phase is not Phase.FULL_FEATURE or self.ping_ttt is not None:
+            return
+        self.ping_ttt = self._new_ttt()
+        bhs = build_bhs(
+            Opcode.NOP_IN,
+            FINAL_BIT,
+            itt=NO_TAG,
+            fields=(self.ping_ttt, self.stat_sn, self.exp_cmd_sn, self._advertised_max(), 0, 0, 0),
+        )
+        self._send(bhs)
+
+    def drop_notice(self, time2wait: int = 2) -> None:
+        """Tell the initiator the target is about to drop every connection of the session
+        (Asynchronous Message, AsyncEvent 3, RFC 7143 11.9.1): the volume behind it is gone.
+        Parameter2 is Time2Wait, Parameter3 Time2Retain (0: nothing is kept at ERL 0)."""
+        if self.phase is not Phase.FULL_FEATURE:
+            return
+        async_event = 3
+        bhs = build_bhs(
+            Opcode.ASYNC_MESSAGE,
+            FINAL_BIT,
+            itt=NO_TAG,
+            fields=(
+                0,
+                self.stat_sn,
+                self.exp_cmd_sn,
+                self._advertised_max(),
+                async_event << 24,  # AsyncEvent, AsyncVCode 0, Parameter1 0
+                time2wait << 16,  # Parameter2 Time2Wait, Parameter3 Time2Retain 0
+                0,
+            ),
+        )
+        self.stat_sn = sn_add(self.stat_sn, 1)
+        self._send(bhs)
 
     def logout_target(self, request: LogoutRequested) -> tuple[LogoutResponse, list[TargetConnection]]:
         """What a Logout Request ends (RFC 7143 11.14.1): the answer, and the connections

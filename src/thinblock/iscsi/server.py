@@ -38,6 +38,8 @@ from typing import Any, cast
 from thinblock.aio import start_eager
 from thinblock.blockdev import VolumeProvider
 from thinblock.errors import NotFound
+from thinblock.sessions import Session as Registered
+from thinblock.sessions import SessionRegistry
 
 from .connection import (
     NEED_DATA,
@@ -63,6 +65,8 @@ log = logging.getLogger("thinblock.iscsi")
 DEFAULT_PORT = 3260
 IQN_PREFIX = "iqn.2026-12.org.thinblock"
 DEFAULT_LOGIN_TIMEOUT = 30.0
+DEFAULT_NOP_INTERVAL = 15.0  # an idle connection is pinged after this long (0: never)
+DEFAULT_NOP_TIMEOUT = 30.0  # and closed when the ping is not answered within this
 DEFAULT_MAX_CONNECTIONS = 256
 DEFAULT_MAX_BYTES = 128 * 1024 * 1024  # read bytes in flight per connection before it stops reading
 _CLOSE_GRACE = 5.0
@@ -100,6 +104,9 @@ class ISCSIServer:
         login_timeout: float = DEFAULT_LOGIN_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         max_bytes_per_connection: int = DEFAULT_MAX_BYTES,
+        nop_interval: float = DEFAULT_NOP_INTERVAL,
+        nop_timeout: float = DEFAULT_NOP_TIMEOUT,
+        sessions: SessionRegistry | None = None,
     ) -> None:
         self.provider = provider
         self.node_name = iqn_component(node_name) if node_name else default_node_name()
@@ -108,6 +115,12 @@ class ISCSIServer:
         self.login_timeout = login_timeout
         self.max_connections = max_connections
         self.max_bytes_per_connection = max_bytes_per_connection
+        self.nop_interval = nop_interval
+        self.nop_timeout = nop_timeout
+        # The engine's registry (who uses which volume, every protocol): a volume with an
+        # iSCSI session is not deleted unless forced, and forcing ends the session.
+        self.registry = sessions if sessions is not None else SessionRegistry()
+        self._registered: dict[Session, Registered] = {}
         self._servers: list[asyncio.Server] = []
         self._connections: set[_Connection] = set()
         self._lus: dict[str, LogicalUnit] = {}
@@ -277,6 +290,37 @@ class ISCSIServer:
             )
         return out
 
+    def _register(self, session: Session, vv: str, peer: str) -> None:
+        if session not in self._registered:
+            self._registered[session] = self.registry.open(
+                "iSCSI", vv, peer, partial(self._end_session, session, f"volume {vv} was deleted")
+            )
+
+    def _unregister(self, session: Session) -> None:
+        registered = self._registered.pop(session, None)
+        if registered is not None:
+            self.registry.close(registered)
+
+    def _end_session(self, session: Session, reason: str) -> None:
+        """End a session from the target's side (its volume was deleted, forced): the VV is
+        already marked deleted, so a command still arriving is answered ILLEGAL REQUEST,
+        LOGICAL UNIT NOT SUPPORTED (05h/25h/00h); every connection is told with an
+        Asynchronous Message "dropping all connections" and closed; a new login to the target
+        is answered "not found" (0203h), which ends an initiator's retries."""
+        log.warning(
+            "ending the iSCSI session of %s to %s: %s",
+            session.initiator_name,
+            session.target_name,
+            reason,
+            extra={"event": "iscsi-session-ended"},
+        )
+        for member in self._members(session):
+            member.core.drop_notice()
+            member.abort_all()
+            member.core.end(reason, clean=True)
+            member._pump()
+        self._unregister(session)
+
     def reset_lu(self, lu: LogicalUnit, origin: _Connection) -> list[asyncio.Future[Any]]:
         """LUN RESET: every task on the LU, from every session, is aborted."""
         waits: list[asyncio.Future[Any]] = []
@@ -303,6 +347,8 @@ class _Connection(asyncio.Protocol):
         self._write_paused = False
         self._lost = False
         self._login_timer: asyncio.TimerHandle | None = None
+        self._ping_timer: asyncio.TimerHandle | None = None
+        self._pdus_seen = -1
         self._idle: asyncio.Future[None] | None = None
 
     # --- asyncio callbacks --------------------------------------------------------------------------
@@ -338,15 +384,20 @@ class _Connection(asyncio.Protocol):
         self._lost = True
         if self._login_timer is not None:
             self._login_timer.cancel()
+        if self._ping_timer is not None:
+            self._ping_timer.cancel()
+            self._ping_timer = None
         self.core.receive_data(b"")
         for itt in list(self.core.tasks):
             self.core.abort(itt)
         self.server._connections.discard(self)
         self.server._of_core.pop(self.core, None)
-        if self.lu is not None and not self.core.session.connections:
+        if not self.core.session.connections:
             # The I_T nexus is the session's (initiator name and ISID): it ends with the last
             # connection.
-            self.lu.detach(self.nexus)
+            if self.lu is not None:
+                self.lu.detach(self.nexus)
+            self.server._unregister(self.core.session)
         self._notify_idle()
         self._pump_others()
 
@@ -434,6 +485,8 @@ class _Connection(asyncio.Protocol):
         if self._login_timer is not None:
             self._login_timer.cancel()
             self._login_timer = None
+        self._pdus_seen = self.core.pdus_in
+        self._schedule_ping(self.server.nop_interval)
         self.nexus = f"{event.initiator_name},i,0x{event.isid:012x}"
         if event.session_type is SessionType.NORMAL:
             assert event.target_name is not None
@@ -469,6 +522,7 @@ class _Connection(asyncio.Protocol):
             self.lu = lu
             if lu is not None:
                 lu.attach(self.nexus)
+                self.server._register(self.core.session, lu.volume.name, self.peer)
         log.info(
             "iSCSI %s login from %s (%s) to %s",
             event.session_type.value.lower(),
@@ -477,6 +531,38 @@ class _Connection(asyncio.Protocol):
             event.target_name or "discovery",
             extra={"event": "iscsi-login", "initiator": event.initiator_name},
         )
+
+    # --- NOP-In: is an idle initiator still there? ---------------------------------------------------
+    def _schedule_ping(self, delay: float) -> None:
+        if delay > 0 and not self._lost:
+            self._ping_timer = asyncio.get_running_loop().call_later(delay, self._ping_tick)
+
+    def _ping_tick(self) -> None:
+        """Every ``nop_interval``: a connection that sent nothing since the last tick is
+        pinged; a ping still unanswered ``nop_timeout`` later closes it (and, at ERL 0, its
+        session: the initiator is gone or wedged, its tasks can never be answered)."""
+        self._ping_timer = None
+        core = self.core
+        if self._lost or core.closed:
+            return
+        if core.ping_ttt is not None:
+            log.warning(
+                "iSCSI connection %s (%s) did not answer a NOP-In within %.0f s; closing",
+                self.peer,
+                core.initiator_name,
+                self.server.nop_timeout,
+                extra={"event": "iscsi-nop-timeout", "initiator": core.initiator_name},
+            )
+            core.end("no answer to NOP-In", clean=False)
+            self._pump()
+            return
+        if core.pdus_in != self._pdus_seen:
+            self._pdus_seen = core.pdus_in
+            self._schedule_ping(self.server.nop_interval)
+            return
+        core.ping()
+        self._flush()
+        self._schedule_ping(self.server.nop_timeout)
 
     def _command(self, task: ScsiCommand) -> None:
         self.commands += 1
