@@ -16,6 +16,11 @@ Every key has a default, so an empty file (or none) gives a working daemon on lo
     tls_cert = ""                   # PEM server certificate (chain) for STARTTLS
     tls_key = ""                    # its PEM private key
     tls_ca = ""                     # PEM CA: clients must present a certificate it signed
+    max_connections = 256           # per listener (TCP, Unix socket); past it connections are refused
+    max_connections_per_client = 128    # per client address and listener; 0: no limit of this kind
+    handshake_timeout = 30.0        # seconds a client may take to reach transmission
+    idle_timeout = 300.0            # seconds a client in transmission may send nothing; 0: no limit
+    max_bytes_in_flight = "1GiB"    # request payloads in flight, all connections together
 
     [[nbd.access]]                  # per-volume access lists (none: every volume open to all)
     volume = "db1"                  # or "*" for every volume
@@ -229,6 +234,11 @@ class Config:
     nbd_tls_key: Path | None = None
     nbd_tls_ca: Path | None = None
     nbd_access: tuple[AccessRule, ...] = ()
+    nbd_max_connections: int = 256
+    nbd_max_connections_per_client: int = 128
+    nbd_handshake_timeout: float = 30.0
+    nbd_idle_timeout: float = 300.0
+    nbd_max_bytes_in_flight: int = 1 * GiB
     api_listen: Listen = field(default_factory=lambda: Listen("127.0.0.1", DEFAULT_API_PORT))
     api_token: str | None = None
     api_require_token: bool = False
@@ -383,7 +393,21 @@ def _table(doc: dict[str, Any], name: str, known: set[str]) -> dict[str, Any]:
 
 _TOP_KEYS = {"data_dir", "metadata", "log_level", "log_format", "event_loop"}
 _TABLES = {
-    "nbd": {"listen", "unix_socket", "default_export", "tls", "tls_cert", "tls_key", "tls_ca", "access"},
+    "nbd": {
+        "listen",
+        "unix_socket",
+        "default_export",
+        "tls",
+        "tls_cert",
+        "tls_key",
+        "tls_ca",
+        "access",
+        "max_connections",
+        "max_connections_per_client",
+        "handshake_timeout",
+        "idle_timeout",
+        "max_bytes_in_flight",
+    },
     "api": {"listen", "token", "require_token", "tls_cert", "tls_key", "allowed_hosts"},
     "iscsi": {
         "listen",
@@ -489,6 +513,22 @@ def parse_config(doc: dict[str, Any], *, base_dir: Path | None = None) -> Config
         if key in nbd:
             given = _optional_str(nbd[key], f"nbd.{key}")
             changes[f"nbd_{key}"] = path(given, f"nbd.{key}") if given else None
+    if "max_connections" in nbd:
+        changes["nbd_max_connections"] = _int(
+            nbd["max_connections"], "nbd.max_connections", low=1, high=65536
+        )
+    if "max_connections_per_client" in nbd:
+        changes["nbd_max_connections_per_client"] = _int(
+            nbd["max_connections_per_client"], "nbd.max_connections_per_client", low=0, high=65536
+        )
+    if "handshake_timeout" in nbd:
+        changes["nbd_handshake_timeout"] = _float(
+            nbd["handshake_timeout"], "nbd.handshake_timeout", low=0.1, high=3600
+        )
+    if "idle_timeout" in nbd:
+        changes["nbd_idle_timeout"] = _float(nbd["idle_timeout"], "nbd.idle_timeout", low=0, high=7 * 86400)
+    if "max_bytes_in_flight" in nbd:
+        changes["nbd_max_bytes_in_flight"] = _size(nbd["max_bytes_in_flight"], "nbd.max_bytes_in_flight")
 
     iscsi = tables["iscsi"]
     icfg = cfg.iscsi

@@ -389,6 +389,10 @@ class Daemon:
                 await self._start_nbd(engine)
                 await self._start_iscsi(engine)
 
+            if self.nbd is not None:
+                from .api.metrics import NBDCollector
+
+                extra_metrics.append(NBDCollector(self.nbd.stats))
             if self.iscsi is not None:
                 from .api.metrics import ISCSICollector
 
@@ -578,6 +582,11 @@ class Daemon:
             tls_mode=tls_mode,
             tls_context=tls_context,
             access=AccessList(cfg.nbd_access),
+            max_connections=cfg.nbd_max_connections,
+            max_connections_per_client=cfg.nbd_max_connections_per_client,
+            handshake_timeout=cfg.nbd_handshake_timeout,
+            idle_timeout=cfg.nbd_idle_timeout,
+            max_bytes_in_flight=cfg.nbd_max_bytes_in_flight,
         )
         host = cfg.nbd_listen.host if cfg.nbd_listen else None
         port = cfg.nbd_listen.port if cfg.nbd_listen else None

@@ -195,9 +195,13 @@ class RawClient:
     for hostile sessions.  Replies are matched to requests by handle; structured chunks of
     different requests may interleave."""
 
-    def __init__(self, port: int, timeout: float = 20.0) -> None:
+    def __init__(self, port: int, timeout: float = 20.0, source: str | None = None) -> None:
         self.port = port
-        self.sock = socket.create_connection((HOST, port), timeout=timeout)
+        # ``source``: another loopback address (127.0.0.2, ...) for a client the server must tell
+        # apart from the witness (per-address connection limits).
+        self.sock = socket.create_connection(
+            (HOST, port), timeout=timeout, source_address=(source, 0) if source else None
+        )
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.structured = False
         self.size = 0

@@ -36,6 +36,7 @@ import concurrent.futures
 import contextlib
 import random
 import socket
+import ssl
 import struct
 import time
 from collections import Counter
@@ -47,6 +48,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.support.certs import Pki, make_pki
 from tests.support.daemon import Daemon, running_daemon, start_daemon, toml_text
 from thinblock.nbd.protocol import DEFAULT_MAX_DISCARD
 
@@ -77,6 +79,7 @@ from .hostile_helpers import (
     OPT_INFO,
     OPT_LIST,
     OPT_SET_META_CONTEXT,
+    OPT_STARTTLS,
     OPT_STRUCTURED_REPLY,
     REP_ACK,
     REP_ERR_INVALID,
@@ -135,21 +138,20 @@ ROUND_RSS_BOUND = 64 * MiB
 SLOW_READER_BOUND = 256 * MiB
 FD_SLACK = 2  # a socket or two still closing when the count is read
 
-DAEMON_CONFIG = toml_text(
-    {
-        "nbd": {"default_export": EXPORT},
-        "engine": {"chunklet_size": "1MiB", "max_dirty_bytes": "32MiB"},
-        "first_start": {
-            "pds": 2,
-            "pd_size": "512MiB",
-            "raid": 1,
-            "region_size": "1MiB",
-            "growth_increment": "8MiB",
-            "volume": EXPORT,
-            "volume_size": VOLUME_SIZE,
-        },
-    }
-)
+DAEMON_TABLES: dict[str, dict[str, object]] = {
+    "nbd": {"default_export": EXPORT},
+    "engine": {"chunklet_size": "1MiB", "max_dirty_bytes": "32MiB"},
+    "first_start": {
+        "pds": 2,
+        "pd_size": "512MiB",
+        "raid": 1,
+        "region_size": "1MiB",
+        "growth_increment": "8MiB",
+        "volume": EXPORT,
+        "volume_size": VOLUME_SIZE,
+    },
+}
+DAEMON_CONFIG = toml_text(DAEMON_TABLES)
 
 
 # --- the live server -------------------------------------------------------------------------------
@@ -942,6 +944,319 @@ def test_stop_with_hostile_clients_connected(tmp_path: Path) -> None:
         assert c.read(0, witness.area).data == witness.expected(), (
             "data lost over a stop with hostile clients"
         )
+
+
+# --- denial of service (issue 17): connection limits, idle clients, TLS, refusal logs ---------------
+
+ATTACKER = "127.0.0.2"  # all of 127/8 is loopback: a client address other than the witness's
+PER_CLIENT_LIMIT = 100
+DOS_HANDSHAKE_TIMEOUT = 5.0  # seconds; stalled TLS handshakes must be closed within it
+# What 100 connections idle in transmission may cost: each holds a 256 KiB receive buffer and a
+# few KiB of objects, so about 30 MiB; the margin is the allocator's.
+AT_LIMIT_RSS_BOUND = 64 * MiB
+# What 1,000 more connections, all refused, may add once the limit is reached: nothing is kept of
+# a refused connection, so this is noise.
+REFUSED_RSS_BOUND = 16 * MiB
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Ctx, Pki]]:
+    """A daemon with a per-client limit of 100, TLS allowed (client certificates checked), a short
+    handshake timeout, and refusal log lines at most every 10 s (the default).  Tests leave the
+    attacker's address with no connection."""
+    tmp_path = tmp_path_factory.mktemp("limited")
+    pki = make_pki(tmp_path / "pki")
+    config = toml_text(
+        {
+            **DAEMON_TABLES,
+            "nbd": {
+                **DAEMON_TABLES["nbd"],
+                "max_connections": 256,
+                "max_connections_per_client": PER_CLIENT_LIMIT,
+                "handshake_timeout": DOS_HANDSHAKE_TIMEOUT,
+                "tls": "allowed",
+                "tls_cert": str(pki.server_cert),
+                "tls_key": str(pki.server_key),
+                "tls_ca": str(pki.ca_cert),
+            },
+        }
+    )
+    daemon = start_daemon(tmp_path / "limited", config=config, log_format="json")
+    try:
+        witness = Witness(daemon.nbd_port, EXPORT)
+        witness.check()
+        yield Ctx(daemon, witness), pki
+        witness.client.disconnect()
+    finally:
+        assert daemon.stop() == 0, f"the daemon did not stop cleanly:\n{daemon.log_tail()}"
+
+
+def _idle_in_transmission(port: int) -> RawClient | None:
+    """A connection from the attacker's address that negotiates and then sends nothing; None when
+    the server refused it (closed before the greeting)."""
+    c = RawClient(port, timeout=10, source=ATTACKER)
+    try:
+        c.greeting()
+        c.send(struct.pack(">I", FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES))
+        assert c.go(EXPORT)[-1].type == REP_ACK
+        return c
+    except (PeerClosed, OSError):
+        c.close()
+        return None
+
+
+def _refused_attempts(port: int, count: int, workers: int = 8) -> int:
+    """``count`` connections from the attacker's address that the server should refuse; how many
+    it did (closed without a greeting)."""
+
+    def one(_: int) -> bool:
+        c = RawClient(port, timeout=10, source=ATTACKER)
+        try:
+            c.greeting()
+            return False
+        except (PeerClosed, OSError):
+            return True
+        finally:
+            c.close()
+
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        return sum(pool.map(one, range(count)))
+
+
+def _metric(daemon: Daemon, name: str) -> float:
+    with daemon.http() as http:
+        text = http.get("/metrics").text
+    for line in text.splitlines():
+        if line.split(" ")[0] == name:  # the name with its labels, as /metrics writes it
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {name} in /metrics")
+
+
+REFUSED_CLIENT_LIMIT = 'thinblock_nbd_connections_refused_total{reason="client-limit"}'
+
+
+def _refusal_lines(daemon: Daemon) -> list[dict]:
+    return [r for r in daemon.log_records() if r.get("event") == "nbd-refused"]
+
+
+def test_a_thousand_idle_connections_with_a_limit_of_100(limited: tuple[Ctx, Pki]) -> None:
+    """1,000 connections from one address, each negotiating and then idle, with a per-client limit
+    of 100: exactly 100 are kept, 900 refused; the witness and newcomers from another address are
+    still served; RSS at the limit is bounded and stays flat through 1,000 more refused; every
+    refusal is counted in the metrics and the log has a handful of lines, not 1,900."""
+    ctx, _pki = limited
+    rss_before = ctx.daemon.rss()
+    refused_before = _metric(ctx.daemon, REFUSED_CLIENT_LIMIT)
+    lines_before = len(_refusal_lines(ctx.daemon))
+    held: list[RawClient] = []
+    refused = 0
+    started = time.monotonic()
+    try:
+        for _ in range(1000):
+            c = _idle_in_transmission(ctx.port)
+            if c is None:
+                refused += 1
+            else:
+                held.append(c)
+        assert (len(held), refused) == (PER_CLIENT_LIMIT, 900)
+        ctx.witness.check()
+        assert _newcomer_served(ctx), "a client from another address was refused"
+        rss_at_limit = ctx.daemon.rss()
+        assert _refused_attempts(ctx.port, 1000) == 1000
+        rss_after = ctx.daemon.rss()
+        ctx.witness.check()
+        elapsed = time.monotonic() - started
+        print(
+            f"\nDOS-IDLE held={len(held)} refused={refused + 1000} rss_before_mib={rss_before >> 20}"
+            f" rss_at_limit_mib={rss_at_limit >> 20} rss_after_1000_refused_mib={rss_after >> 20}"
+            f" seconds={elapsed:.1f}"
+        )
+        assert rss_at_limit - rss_before < AT_LIMIT_RSS_BOUND, (
+            f"RSS {rss_before >> 20} -> {rss_at_limit >> 20} MiB at the limit"
+        )
+        assert rss_after - rss_at_limit < REFUSED_RSS_BOUND, (
+            f"RSS {rss_at_limit >> 20} -> {rss_after >> 20} MiB over 1,000 refused connections"
+        )
+        assert _metric(ctx.daemon, REFUSED_CLIENT_LIMIT) - refused_before == 1900
+        assert _metric(ctx.daemon, "thinblock_nbd_connections") >= PER_CLIENT_LIMIT + 1
+        lines = _refusal_lines(ctx.daemon)[lines_before:]
+        # At most two lines per 10 s interval (the first refusal, then a summary), whatever the rate.
+        assert 1 <= len(lines) <= 2 * (int(elapsed // 10) + 2), [r.get("msg") for r in lines]
+    finally:
+        for c in held:
+            c.reset()
+    _after_case(ctx)
+
+
+def test_ten_thousand_refused_connections_log_a_bounded_number_of_lines(limited: tuple[Ctx, Pki]) -> None:
+    """The issue's figure: 10,000 refused connections wrote 10,001 log lines.  Now at most two per
+    10 s interval (the first refusal, then a summary when the interval ends), every refusal
+    counted in the metrics, and the lines adding up to the count."""
+    ctx, _pki = limited
+    refused_before = _metric(ctx.daemon, REFUSED_CLIENT_LIMIT)
+    lines_before = len(_refusal_lines(ctx.daemon))
+    held = [c for c in (_idle_in_transmission(ctx.port) for _ in range(PER_CLIENT_LIMIT)) if c is not None]
+    try:
+        assert len(held) == PER_CLIENT_LIMIT
+        started = time.monotonic()
+        assert _refused_attempts(ctx.port, 10_000) == 10_000
+        elapsed = time.monotonic() - started
+        ctx.witness.check()
+        assert _metric(ctx.daemon, REFUSED_CLIENT_LIMIT) - refused_before == 10_000
+        # Every refusal is in the log, as one line or within a summary (written when its 10 s
+        # interval ends): the lines add up to what the metrics counted, since the daemon started.
+        assert wait_until(
+            lambda: (
+                sum(int(r.get("refused", 1)) for r in _refusal_lines(ctx.daemon))
+                == _metric(ctx.daemon, REFUSED_CLIENT_LIMIT)
+            ),
+            timeout=30,
+        ), [r.get("msg") for r in _refusal_lines(ctx.daemon)]
+        lines = _refusal_lines(ctx.daemon)[lines_before:]
+        print(f"\nDOS-REFUSED refused=10000 log_lines={len(lines)} seconds={elapsed:.1f}")
+        assert len(lines) <= 2 * (int((time.monotonic() - started) // 10) + 2), [r.get("msg") for r in lines]
+    finally:
+        for c in held:
+            c.reset()
+    _after_case(ctx)
+
+
+def _starttls(port: int) -> RawClient:
+    c = RawClient(port, timeout=30)
+    c.handshake()
+    c.send_option(OPT_STARTTLS)
+    assert [r.type for r in c.option_replies(OPT_STARTTLS)] == [REP_ACK]
+    return c
+
+
+def _client_hello() -> bytes:
+    """The first flight of a real TLS client (a ClientHello), made in memory."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_side=False)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def _tls_client(ctx: Ctx, pki: Pki) -> RawClient:
+    """A well-behaved TLS client with a client certificate, in transmission."""
+    c = _starttls(ctx.port)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(cafile=str(pki.ca_cert))
+    context.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+    c.sock = context.wrap_socket(c.sock, server_hostname="127.0.0.1")
+    assert c.go(EXPORT)[-1].type == REP_ACK
+    return c
+
+
+def test_stalled_tls_handshakes_cost_only_their_connections(limited: tuple[Ctx, Pki]) -> None:
+    """30 clients stall right after NBD_OPT_STARTTLS's ACK, 30 after half a ClientHello: a TLS
+    client and the witness are served meanwhile, and the server closes every stalled one within
+    its handshake timeout."""
+    ctx, pki = limited
+    fds_before = ctx.daemon.fds()
+    hello = _client_hello()
+    stalled: list[RawClient] = []
+    try:
+        for i in range(60):
+            c = _starttls(ctx.port)
+            if i % 2:
+                c.send(hello[: len(hello) // 2])
+            stalled.append(c)
+        ctx.witness.check()
+        with _tls_client(ctx, pki) as tls:
+            reply = tls.read(0, Witness.CHUNK)
+            assert reply.error == 0 and reply.data == ctx.witness.expected()[: Witness.CHUNK]
+        for c in stalled:
+            assert c.expect_closed(timeout=DOS_HANDSHAKE_TIMEOUT * 6) == b""
+    finally:
+        for c in stalled:
+            c.close()
+    assert ctx.daemon.settled_fds(fds_before + FD_SLACK) <= fds_before + FD_SLACK
+    _after_case(ctx)
+
+
+def _closed_by_server(sock: socket.socket | ssl.SSLSocket, timeout: float = 30.0) -> None:
+    """Read until the server closes; fail if it has not after ``timeout`` seconds (a generous
+    bound, not a timing)."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+    except (ConnectionResetError, ssl.SSLError):
+        return  # a TLS alert or a reset: closed too
+    except TimeoutError:
+        raise AssertionError(f"the server kept the connection open for {timeout:.0f} s") from None
+
+
+def test_garbage_after_starttls_costs_only_its_connection(limited: tuple[Ctx, Pki]) -> None:
+    """Garbage instead of a ClientHello; a ClientHello then garbage; a finished TLS handshake then
+    bytes that are not TLS records; NBD garbage inside TLS: each connection is closed at once,
+    nothing else notices.  (The garbage starts with a byte that is no TLS content type, so that
+    the server can tell at once; garbage that could be the start of a record is a stall, above.)"""
+    ctx, pki = limited
+    rng = random.Random(17)
+    fds_before = ctx.daemon.fds()
+    for round_ in range(6):
+        junk = b"\x00" + rng.randbytes(rng.choice((4, 300, 4096)))
+        c = _starttls(ctx.port)
+        c.try_send(junk)
+        _closed_by_server(c.sock)
+        c.close()
+        c = _starttls(ctx.port)
+        c.try_send(_client_hello() + junk)
+        _closed_by_server(c.sock)
+        c.close()
+        tls = _tls_client(ctx, pki)
+        plain = socket.socket(fileno=tls.sock.detach())  # the TCP socket under the TLS session
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            plain.sendall(junk)
+        _closed_by_server(plain)
+        plain.close()
+        with _tls_client(ctx, pki) as inside:
+            inside.try_send(b"\xde\xad\xbe\xef" + junk + bytes(28))  # no request magic
+            _closed_by_server(inside.sock)
+        if round_ % 2 == 0:
+            ctx.witness.check()
+    assert ctx.daemon.settled_fds(fds_before + FD_SLACK) <= fds_before + FD_SLACK
+    _after_case(ctx)
+
+
+@pytest.mark.long
+@pytest.mark.timeout(1800)
+def test_denial_of_service_rounds_long(limited: tuple[Ctx, Pki]) -> None:
+    """10 rounds of: 1,000 idle connections from one address (100 kept), 10,000 refused, 100 TLS
+    handshakes stalled; RSS at the limit must not grow from round to round."""
+    ctx, _pki = limited
+    hello = _client_hello()
+    series: list[int] = []
+    for round_ in range(10):
+        held = [c for c in (_idle_in_transmission(ctx.port) for _ in range(1000)) if c is not None]
+        stalled: list[RawClient] = []
+        try:
+            assert len(held) == PER_CLIENT_LIMIT
+            assert _refused_attempts(ctx.port, 10_000) == 10_000
+            for i in range(100):
+                c = _starttls(ctx.port)
+                if i % 2:
+                    c.send(hello[: len(hello) // 2])
+                stalled.append(c)
+            ctx.witness.check()
+            series.append(ctx.daemon.rss() >> 20)
+            for c in stalled:
+                assert c.expect_closed(timeout=DOS_HANDSHAKE_TIMEOUT * 6) == b""
+        finally:
+            for c in held + stalled:
+                c.reset()
+        _after_case(ctx)
+        if round_ >= 2:  # after the allocator's warm-up
+            assert (series[-1] - series[1]) << 20 < REFUSED_RSS_BOUND, (
+                f"RSS at the limit per round: {series} MiB"
+            )
+    print(f"\nDOS-LONG rounds=10 rss_at_limit_mib={series}")
 
 
 @pytest.mark.long

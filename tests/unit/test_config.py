@@ -293,6 +293,33 @@ def test_nbd_tls_settings(tmp_path: Path) -> None:
         parse_config({"nbd": {"tls": "yes"}})
 
 
+def test_nbd_connection_limits_and_timeouts() -> None:
+    default = Config()
+    assert (default.nbd_max_connections, default.nbd_max_connections_per_client) == (256, 128)
+    assert (default.nbd_idle_timeout, default.nbd_handshake_timeout) == (300.0, 30.0)
+    cfg = parse_config(
+        {
+            "nbd": {
+                "max_connections": 100,
+                "max_connections_per_client": 0,
+                "idle_timeout": 0,
+                "handshake_timeout": 5,
+                "max_bytes_in_flight": "256MiB",
+            }
+        }
+    ).validate()
+    assert (cfg.nbd_max_connections, cfg.nbd_max_connections_per_client) == (100, 0)
+    assert (cfg.nbd_idle_timeout, cfg.nbd_handshake_timeout, cfg.nbd_max_bytes_in_flight) == (
+        0.0,
+        5.0,
+        256 * MiB,
+    )
+    with pytest.raises(ConfigError, match=r"nbd\.max_connections: must be between 1"):
+        parse_config({"nbd": {"max_connections": 0}})
+    with pytest.raises(ConfigError, match=r"nbd\.idle_timeout: must be between 0"):
+        parse_config({"nbd": {"idle_timeout": -1}})
+
+
 def test_takeover_needs_the_partners_directory_and_service_address(tmp_path: Path) -> None:
     doc = {
         "node": {

@@ -291,6 +291,40 @@ class _Histogram:
         self.total = 0.0
 
 
+class NBDCollector:
+    """The NBD server's connections: open, accepted, refused by reason, closed for idling."""
+
+    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        from thinblock.netlimits import REFUSAL_REASONS
+
+        stats = self._stats()
+        open_ = GaugeMetricFamily("thinblock_nbd_connections", "NBD connections open")
+        open_.add_metric([], stats["connections"])
+        yield open_
+        accepted = CounterMetricFamily("thinblock_nbd_connections_accepted", "NBD connections accepted")
+        accepted.add_metric([], stats["connections_total"])
+        yield accepted
+        refused = CounterMetricFamily(
+            "thinblock_nbd_connections_refused",
+            "NBD connections refused: listener-limit, client-limit (per address), stopping",
+            labels=["reason"],
+        )
+        for reason in REFUSAL_REASONS:
+            refused.add_metric([reason], stats["refused"].get(reason, 0))
+        yield refused
+        idle = CounterMetricFamily("thinblock_nbd_idle_closed", "NBD connections closed by the idle timeout")
+        idle.add_metric([], stats["idle_closed"])
+        yield idle
+        in_flight = GaugeMetricFamily(
+            "thinblock_nbd_bytes_in_flight", "NBD request payload bytes in flight, all connections"
+        )
+        in_flight.add_metric([], stats["bytes_in_flight"])
+        yield in_flight
+
+
 class ISCSICollector:
     """The iSCSI target's sessions per volume and its connection counters."""
 

@@ -27,8 +27,19 @@ which goes to the volume whole (up to 4 GiB): describing a span costs a volume p
 per byte, and the volume may describe less than was asked.
 
 Back-pressure.  A connection stops reading while too many requests or bytes are in
-flight, or while the transport's write buffer is above its high-water mark, and starts
-again when they drain.
+flight (its own, or all connections' together past ``max_bytes_in_flight``), or while the
+transport's write buffer is above its high-water mark, and starts again when they drain.
+
+Denial of service (``thinblock.netlimits``).  Each listener holds at most ``max_connections``
+connections, of which at most ``max_connections_per_client`` from one client address; a
+connection past either is closed at once, counted in ``refused`` (by reason; the metrics) and
+logged through a ``RefusalLog``: at most two lines per interval, whatever the rate.  A client
+that does not reach transmission within ``handshake_timeout`` is closed; one in transmission
+that sends nothing and has nothing in flight for ``idle_timeout`` seconds is closed too (0: never).
+Memory: a connection holds its receive buffer (32 KiB negotiating, 256 KiB in transmission), at
+most one request payload being received (the 32 MiB maximum block), its requests in flight
+(``max_bytes_per_connection``) and its write buffer (8 MiB high water, plus one reply); all
+connections together never have more than ``max_bytes_in_flight`` of requests in flight.
 
 Shutdown (``stop()``): stop accepting, stop reading, answer requests already received
 but not started with NBD_ESHUTDOWN, let those in flight finish, flush every volume a
@@ -61,6 +72,7 @@ from thinblock.errors import (
     SlowZero,
     VolumeGone,
 )
+from thinblock.netlimits import STOPPING, ConnectionLimits, RefusalLog
 from thinblock.sessions import Session, SessionRegistry
 
 from .access import AccessList, ClientIdentity
@@ -85,7 +97,10 @@ from .tls import peer_subject
 log = logging.getLogger("thinblock.nbd")
 
 DEFAULT_PORT = 10809
-DEFAULT_MAX_CONNECTIONS = 256
+DEFAULT_MAX_CONNECTIONS = 256  # per listener
+DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 128  # per client address and listener: one host cannot take all
+DEFAULT_MAX_BYTES_IN_FLIGHT = 1024 * 1024 * 1024  # request payload bytes in flight, all connections
+DEFAULT_IDLE_TIMEOUT = 300.0  # seconds a connection in transmission may send nothing (0: no limit)
 DEFAULT_MAX_REQUESTS = 128  # in flight per connection
 DEFAULT_MAX_BYTES = 128 * 1024 * 1024  # payload bytes in flight per connection
 DEFAULT_HANDSHAKE_TIMEOUT = 30.0  # seconds a client may take to reach transmission
@@ -144,9 +159,13 @@ class NBDServer:
         *,
         default_export: str | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_connections_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
         max_requests_per_connection: int = DEFAULT_MAX_REQUESTS,
         max_bytes_per_connection: int = DEFAULT_MAX_BYTES,
+        max_bytes_in_flight: int = DEFAULT_MAX_BYTES_IN_FLIGHT,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        refusal_log_interval: float = 10.0,
         shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
         sessions: SessionRegistry | None = None,
         tls_mode: TLSMode = TLSMode.OFF,
@@ -164,9 +183,19 @@ class NBDServer:
         self.sessions = sessions if sessions is not None else SessionRegistry()
         self.default_export = default_export or None
         self.max_connections = max_connections
+        self.max_connections_per_client = max_connections_per_client
         self.max_requests_per_connection = max_requests_per_connection
         self.max_bytes_per_connection = max_bytes_per_connection
+        self.max_bytes_in_flight = max_bytes_in_flight
         self.handshake_timeout = handshake_timeout
+        self.idle_timeout = idle_timeout
+        self._limits: list[ConnectionLimits] = []  # one per listener
+        self.refusals = RefusalLog(log, "nbd-refused", interval=refusal_log_interval)
+        self._refusal_flush: asyncio.TimerHandle | None = None
+        self.refused: dict[str, int] = {}  # refused connections by reason (netlimits)
+        self.idle_closed = 0  # connections closed by the idle timeout
+        self._bytes_in_flight = 0  # all connections' request payloads in flight
+        self._starved: set[_Connection] = set()  # paused for the server-wide budget
         self.shutdown_timeout = shutdown_timeout
         self._servers: list[asyncio.Server] = []
         self._unix_path: str | None = None
@@ -188,14 +217,14 @@ class NBDServer:
         loop = asyncio.get_running_loop()
         try:
             if host is not None and port is not None:
-                self._servers.append(
-                    await loop.create_server(self._protocol_factory, host, port, reuse_address=True)
-                )
+                factory = self._protocol_factory(self._new_limits())
+                self._servers.append(await loop.create_server(factory, host, port, reuse_address=True))
             if unix_path is not None:
                 with contextlib.suppress(FileNotFoundError):
                     if stat.S_ISSOCK(os.stat(unix_path).st_mode):
                         os.unlink(unix_path)
-                self._servers.append(await loop.create_unix_server(self._protocol_factory, unix_path))
+                factory = self._protocol_factory(self._new_limits())
+                self._servers.append(await loop.create_unix_server(factory, unix_path))
                 self._unix_path = unix_path
         except BaseException:
             for server in self._servers:
@@ -236,8 +265,58 @@ class NBDServer:
     def connection_count(self) -> int:
         return len(self._connections)
 
-    def _protocol_factory(self) -> _Connection:
-        return _Connection(self, next(self._ids))
+    def _new_limits(self) -> ConnectionLimits:
+        limits = ConnectionLimits(self.max_connections, self.max_connections_per_client)
+        self._limits.append(limits)
+        return limits
+
+    def _protocol_factory(self, limits: ConnectionLimits) -> Callable[[], _Connection]:
+        return lambda: _Connection(self, next(self._ids), limits)
+
+    def _refuse(self, connection: _Connection, reason: str) -> None:
+        """Count and (rate-limited) log a refused connection."""
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+        if reason == STOPPING:
+            detail = "the server is stopping"
+        elif (
+            connection.limits.max_per_client
+            and connection.peer_host is not None
+            and (connection.limits.of_client(connection.peer_host) >= connection.limits.max_per_client)
+        ):
+            detail = f"{connection.limits.max_per_client} connections from {connection.peer_host} already"
+        else:
+            detail = f"{connection.limits.max_connections} connections on this listener already"
+        self.refusals.refused(connection.peer, connection.peer_host, reason, detail)
+        due = self.refusals.needs_flush_at
+        if due is not None and self._refusal_flush is None:
+            loop = asyncio.get_running_loop()
+            delay = max(0.0, due - self.refusals.clock())
+            self._refusal_flush = loop.call_later(delay, self._flush_refusals)
+
+    def _flush_refusals(self) -> None:
+        self._refusal_flush = None
+        self.refusals.flush()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for the metrics: connections open and accepted, refused by reason, closed idle."""
+        return {
+            "connections": len(self._connections),
+            "connections_total": self.connections_total,
+            "refused": dict(self.refused),
+            "idle_closed": self.idle_closed,
+            "bytes_in_flight": self._bytes_in_flight,
+        }
+
+    def _budget_left(self) -> bool:
+        return self._bytes_in_flight < self.max_bytes_in_flight
+
+    def _budget_returned(self) -> None:
+        """Requests finished: connections paused for the server-wide budget may read again."""
+        if self._starved and self._budget_left():
+            starved = list(self._starved)
+            self._starved.clear()
+            for connection in starved:
+                connection._resume()
 
     async def serve_forever(self) -> None:
         """Return once ``stop()`` has finished."""
@@ -252,6 +331,10 @@ class NBDServer:
         self._stopping = True
         for server in self._servers:
             server.close()
+        if self._refusal_flush is not None:
+            self._refusal_flush.cancel()
+            self._refusal_flush = None
+        self.refusals.flush()
         connections = list(self._connections)
         for connection in connections:
             connection.begin_shutdown()
@@ -349,9 +432,11 @@ class NBDServer:
 class _Connection(asyncio.BufferedProtocol):
     """One client connection: feeds the core, runs requests, writes replies."""
 
-    def __init__(self, server: NBDServer, number: int) -> None:
+    def __init__(self, server: NBDServer, number: int, limits: ConnectionLimits) -> None:
         self.server = server
         self.number = number
+        self.limits = limits  # the listener's slots
+        self._admitted = False  # holds one of them
         self.peer = f"#{number}"
         self.address = "unix"  # the peer's host:port, for the session registry
         self.session: Session | None = None
@@ -373,6 +458,9 @@ class _Connection(asyncio.BufferedProtocol):
         self._idle_waiter: asyncio.Future[None] | None = None
         self._lost_waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()  # the factory runs in the server's loop
+        self._last_active = 0.0  # loop time of the last bytes received or request finished
         self._abort_timer: asyncio.TimerHandle | None = None  # a closing transport's deadline
         self._log_counts: dict[str, int] = {}
         self._out: list[Buffer] = []
@@ -393,18 +481,16 @@ class _Connection(asyncio.BufferedProtocol):
             self.peer = f"{self.address}#{self.number}"
         else:
             self.peer = f"unix#{self.number}"
-        server._connections.add(self)
-        server.connections_total += 1
-        if server._stopping or len(server._connections) > server.max_connections:
-            why = (
-                "the server is stopping"
-                if server._stopping
-                else f"{server.max_connections} connections already"
-            )
-            log.warning("refusing connection %s: %s", self.peer, why, extra={"event": "nbd-refused"})
+        refusal = STOPPING if server._stopping else self.limits.admit(self.peer_host)
+        if refusal is not None:
+            server._refuse(self, refusal)
             self._closing = True
+            self._lost = True  # nothing of it is kept: connection_lost has nothing to undo
             transport.abort()
             return
+        self._admitted = True
+        server._connections.add(self)
+        server.connections_total += 1
         transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER, low=_WRITE_LOW_WATER)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -420,6 +506,8 @@ class _Connection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.core.buffer_updated(nbytes)
+        if self._idle_timer is not None:
+            self._last_active = self._loop.time()
         self._process()
 
     def eof_received(self) -> bool:
@@ -434,6 +522,13 @@ class _Connection(asyncio.BufferedProtocol):
         self._lost = True
         self._closing = True
         self.server._connections.discard(self)
+        self.server._starved.discard(self)
+        if self._admitted:
+            self._admitted = False
+            self.limits.release(self.peer_host)
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         if self.session is not None:
             self.server.sessions.close(self.session)
             self.session = None
@@ -478,6 +573,10 @@ class _Connection(asyncio.BufferedProtocol):
                     or self._in_flight >= server.max_requests_per_connection
                     or self._bytes_in_flight >= server.max_bytes_per_connection
                 ):
+                    self._pause_reading()
+                    break
+                if server._bytes_in_flight >= server.max_bytes_in_flight:
+                    server._starved.add(self)  # resumed by _budget_returned
                     self._pause_reading()
                     break
                 event = core.next_event()
@@ -588,6 +687,7 @@ class _Connection(asyncio.BufferedProtocol):
             and not self._write_paused
             and self._in_flight < server.max_requests_per_connection
             and self._bytes_in_flight < server.max_bytes_per_connection
+            and server._budget_left()
             and self.transport is not None
         ):
             self._reading_paused = False
@@ -657,6 +757,10 @@ class _Connection(asyncio.BufferedProtocol):
         self._max_block = export.maximum_block
         self.server._opened.setdefault(export.name, volume)
         self.session = self.server.sessions.open("NBD", export.name, self.address, self._disconnect)
+        if self.server.idle_timeout > 0:
+            loop = asyncio.get_running_loop()
+            self._last_active = loop.time()
+            self._idle_timer = loop.call_later(self.server.idle_timeout, self._idle_check)
         log.info(
             "client %s opened %s (%s replies%s)",
             self.peer,
@@ -665,6 +769,36 @@ class _Connection(asyncio.BufferedProtocol):
             ", base:allocation" if event.base_allocation else "",
             extra={"event": "nbd-open", "vv": export.name},
         )
+
+    def _idle_check(self) -> None:
+        """The idle timer: close a connection that sent nothing and had nothing in flight for
+        ``idle_timeout`` seconds; otherwise look again when it could be.  (One timer per
+        connection, re-armed lazily: a request costs a float store, not a timer.)"""
+        self._idle_timer = None
+        if self._lost or self._closing:
+            return
+        loop = asyncio.get_running_loop()
+        timeout = self.server.idle_timeout
+        if self._in_flight:
+            self._idle_timer = loop.call_later(timeout, self._idle_check)
+            return
+        quiet = loop.time() - self._last_active
+        if quiet < timeout:
+            self._idle_timer = loop.call_later(timeout - quiet, self._idle_check)
+            return
+        # Nothing in flight, nothing received: no request can be lost by closing.  The spec
+        # leaves the server free to close ("the server MAY ... close the connection").
+        self.server.idle_closed += 1
+        log.info(
+            "client %s idle for %.0f s; closing",
+            self.peer,
+            quiet,
+            extra={"event": "nbd-idle-timeout", "vv": self._volume_name()},
+        )
+        self._closing = True
+        self._pause_reading()
+        self._flush_core()
+        self.close_transport(abort=False)
 
     def _disconnect(self) -> None:
         """The volume was deleted under this client (forced): no more requests, close now."""
@@ -819,13 +953,19 @@ class _Connection(asyncio.BufferedProtocol):
             self._complete(request, kind, result)
             return
         self._in_flight += 1
-        self._bytes_in_flight += length if command in (Command.READ, Command.WRITE) else 0
+        if command in (Command.READ, Command.WRITE):
+            self._bytes_in_flight += length
+            self.server._bytes_in_flight += length
         result.add_done_callback(partial(self._task_done, request, kind))
 
     def _task_done(self, request: Request, kind: int, task: asyncio.Task[Any]) -> None:
         self._in_flight -= 1
+        if self._idle_timer is not None:
+            self._last_active = self._loop.time()
         if request.command in (Command.READ, Command.WRITE):
             self._bytes_in_flight -= request.length
+            self.server._bytes_in_flight -= request.length
+            self.server._budget_returned()
         try:
             if task.cancelled():
                 self._fail(request, asyncio.CancelledError())
