@@ -391,7 +391,7 @@ class Engine:
             vv.map.load(rows[sel, 1], packed_all[sel])
         for ld_id in np.unique(rows[:, 2]):
             indexes = rows[rows[:, 2] == ld_id, 3]
-            self.ld_pool[int(ld_id)].mark_assigned_many(int(ld_id), indexes)
+            self.ld_pool[int(ld_id)].load_references(int(ld_id), indexes)
 
     async def _replay_journal(self) -> None:
         """Degraded RAID 5 writes a crash interrupted: recompute their stripes' parity from the
@@ -963,8 +963,8 @@ class Engine:
             ld.size,
             pool.region_size,
             slots.regions,
-            # assigned regions only: released ones awaiting their fsync (2) are not in any map
-            slots.used.count(1),
+            # held regions only (a shared one once): released ones awaiting their fsync are in no map
+            slots.space.held,
             ld.health,
             refs,
         )

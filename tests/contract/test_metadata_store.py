@@ -54,7 +54,7 @@ def store(backend: StoreBackend) -> MetadataStore:
 def test_a_new_store_is_empty_and_checks_clean(store: MetadataStore) -> None:
     assert store.is_empty()
     assert check_store(store) == []
-    assert store.get_meta("schema_version") == "2"
+    assert store.get_meta("schema_version") == "3"
     assert store.counts() == dict.fromkeys(
         ("pds", "pools", "lds", "ld_chunklets", "vvs", "vv_map", "alerts"), 0
     )
@@ -123,7 +123,7 @@ def test_a_group_of_assignments_is_all_or_nothing(store: MetadataStore) -> None:
     _pool_id, ld, vv = _populate(store)
     store.assign_many([(vv, 0, ld, 0)])
     with pytest.raises(Exception, match=r"(?i)unique|duplicate"):  # the driver's IntegrityError
-        store.assign_many([(vv, 1, ld, 1), (vv, 2, ld, 2), (vv, 3, ld, 0)])  # LD region 0 twice
+        store.assign_many([(vv, 1, ld, 1), (vv, 2, ld, 2), (vv, 0, ld, 3)])  # VV region 0 twice
     assert store.map_array().tolist() == [[vv, 0, ld, 0]]
     assert store.region_counters() == ({vv: 1}, {ld: 1})
     assert check_store(store) == []
@@ -152,6 +152,112 @@ def test_the_check_names_damage_done_behind_the_stores_back(
     assert f"VV {vv} maps region 999, past its size {64 * MiB}" in problems
     backend.sql("UPDATE pds SET health = 'weird'")
     assert "PD 1 has health 'weird'" in check_store(store)
+
+
+def _snapshot_row(pool_id: int, name: str, parent: int) -> VVRow:
+    row = _vv(pool_id, name)
+    row.kind, row.parent_id, row.family_id = "snapshot", parent, parent
+    return row
+
+
+def test_a_snapshot_shares_the_map_and_counts_each_reference(store: MetadataStore) -> None:
+    pool, ld, vv = _populate(store)
+    store.assign_many([(vv, r, ld, r) for r in range(3)])
+    snap = store.add_vv_sharing(_snapshot_row(pool, "s", vv), vv)
+    rows = sorted(map(tuple, store.map_array().tolist()))
+    assert rows == sorted([(vv, r, ld, r) for r in range(3)] + [(snap, r, ld, r) for r in range(3)])
+    assert store.region_counters() == ({vv: 3, snap: 3}, {ld: 6})
+    [_, row] = store.load_vvs()
+    assert (row.name, row.kind, row.parent_id, row.family) == ("s", "snapshot", vv, vv)
+    assert check_store(store) == []
+    # Copy on write of region 1 of the volume: reserve, switch.
+    store.reserve_region((vv, 1, ld, 9))
+    assert store.load_reservations() == [(vv, 1, ld, 9)]
+    assert check_store(store) == []
+    assert store.switch_region(vv, 1, (ld, 1), (ld, 9))
+    assert store.load_reservations() == []
+    assert (vv, 1, ld, 9) in map(tuple, store.map_array().tolist())
+    assert store.region_counters() == ({vv: 3, snap: 3}, {ld: 6})
+    assert check_store(store) == []
+    # A switch whose row moved meanwhile (trimmed) changes nothing but the reservation.
+    store.reserve_region((vv, 2, ld, 10))
+    assert store.unassign(vv, [2]) == 1
+    assert not store.switch_region(vv, 2, (ld, 2), (ld, 10))
+    assert store.load_reservations() == []
+    assert store.region_counters() == ({vv: 2, snap: 3}, {ld: 5})
+    assert check_store(store) == []
+    # Deleting the volume leaves the snapshot and its rows; it names no parent any more.
+    assert store.unassign(vv, [0, 1]) == 2
+    store.delete_vv(vv)
+    [row] = store.load_vvs()
+    assert (row.parent_id, row.family) == (None, vv)
+    assert check_store(store) == []
+
+
+def test_the_check_tells_sharing_from_damage(backend: StoreBackend, store: MetadataStore) -> None:
+    pool, ld, vv = _populate(store)
+    other = store.add_vv(_vv(pool, "w"))
+    store.assign_many([(vv, 0, ld, 0), (vv, 1, ld, 1), (other, 0, ld, 2)])
+    snap = store.add_vv_sharing(_snapshot_row(pool, "s", vv), vv)
+    assert check_store(store) == []
+    # A row of another volume pointed at a region the tree holds: another volume's data.
+    backend.sql("UPDATE vv_map SET ld_region = 0 WHERE vv_id = ?", (other,))
+    store.forget_map_array()
+    assert any(
+        f"LD {ld} region 0 is assigned more than once" in p and f"VV {other} region 0" in p
+        for p in check_store(store)
+    )
+    backend.sql("UPDATE vv_map SET ld_region = 2 WHERE vv_id = ?", (other,))
+    store.forget_map_array()
+    assert check_store(store) == []
+    # A snapshot row pointing at a region of its tree, but at another offset.
+    backend.sql("UPDATE vv_map SET ld_region = 0 WHERE vv_id = ? AND vv_region = 1", (snap,))
+    store.forget_map_array()
+    assert any("which do not share a snapshot tree at that offset" in p for p in check_store(store))
+    backend.sql("UPDATE vv_map SET ld_region = 1 WHERE vv_id = ? AND vv_region = 1", (snap,))
+    store.reserve_region((vv, 0, ld, 1))  # a reserved region that is also mapped
+    store.forget_map_array()
+    assert f"LD {ld} region 1 is reserved for a copy on write and also mapped" in check_store(store)
+
+
+def test_a_schema_2_store_is_migrated_with_its_map(backend: StoreBackend, store: MetadataStore) -> None:
+    """Version 2 (one owner per LD region) opens as version 3: rows kept, regions sharable."""
+    pool, ld, vv = _populate(store)
+    store.assign_many([(vv, r, ld, r) for r in range(3)])
+    store.close()
+    if backend.kind == "sqlite":
+        statements = [
+            "DROP TABLE cow_reservations",
+            "CREATE TABLE vv_map_v2 (vv_id INTEGER NOT NULL, vv_region INTEGER NOT NULL, ld_id INTEGER NOT NULL,"
+            " ld_region INTEGER NOT NULL, epoch INTEGER, PRIMARY KEY (vv_id, vv_region),"
+            " UNIQUE (ld_id, ld_region)) WITHOUT ROWID",
+            "INSERT INTO vv_map_v2 SELECT vv_id, vv_region, ld_id, ld_region, epoch FROM vv_map",
+            "DROP TABLE vv_map",
+            "ALTER TABLE vv_map_v2 RENAME TO vv_map",
+        ]
+    else:
+        statements = [
+            "DROP TABLE cow_reservations",
+            "DROP INDEX vv_map_ld",
+            "ALTER TABLE vv_map ADD CONSTRAINT vv_map_ld_id_ld_region_key UNIQUE (ld_id, ld_region)",
+        ]
+    statements += [
+        "ALTER TABLE vvs DROP COLUMN kind",
+        "ALTER TABLE vvs DROP COLUMN parent_id",
+        "ALTER TABLE vvs DROP COLUMN family_id",
+        "UPDATE meta SET value = '2' WHERE key = 'schema_version'",
+    ]
+    for statement in statements:
+        backend.sql(statement)
+    migrated = backend.open()
+    try:
+        assert migrated.get_meta("schema_version") == "3"
+        assert sorted(map(tuple, migrated.map_array().tolist())) == [(vv, r, ld, r) for r in range(3)]
+        snap = migrated.add_vv_sharing(_snapshot_row(pool, "s", vv), vv)
+        assert migrated.region_counters() == ({vv: 3, snap: 3}, {ld: 6})
+        assert check_store(migrated) == []
+    finally:
+        migrated.close()
 
 
 def test_a_newer_schema_is_refused_with_a_clear_message(backend: StoreBackend, store: MetadataStore) -> None:

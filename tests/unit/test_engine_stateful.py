@@ -55,6 +55,7 @@ from tests.engine_helpers import CHUNKLET, STEP, make_engine
 from thinblock.blockdev import ExtentFlags
 from thinblock.engine import Engine, EngineOptions
 from thinblock.errors import MediumError
+from thinblock.metadata.check import check_space_map
 from thinblock.model import AlertKind, CacheMode, LDHealth
 from thinblock.units import KiB, MiB
 from thinblock.volume.vv import VirtualVolume
@@ -92,10 +93,12 @@ def as_buffer(data: bytes, how: str) -> bytes | bytearray | memoryview:
 
 
 def assert_free_regions_hold_nothing(eng: Engine) -> None:
-    """Every LD region no VV maps reads zeros and has no dirty write-back data; every
-    region the pool counts as used is mapped by exactly one VV region."""
-    mapped = [packed for vv in eng.vvs.values() for _, packed in vv.map.items()]
-    assert len(mapped) == len(set(mapped)), "an LD region is mapped twice"
+    """Every LD region no VV maps reads zeros and has no dirty write-back data; every region
+    the pool counts as held is held as many times as VV regions map it."""
+    mapped: dict[int, int] = {}
+    for vv in eng.vvs.values():
+        for _, packed in vv.map.items():
+            mapped[packed] = mapped.get(packed, 0) + 1
     held = set(mapped)
     for key in eng.cache._regions:
         assert key in held, f"dirty cache data for LD {key >> 32} region {key & 0xFFFFFFFF}, which no VV maps"
@@ -104,12 +107,20 @@ def assert_free_regions_hold_nothing(eng: Engine) -> None:
         for ld_id, slots in pool.slots.items():
             for index in range(slots.regions):
                 packed = ld_id << 32 | index
-                if slots.used[index] == 1:
-                    assert packed in held, f"LD {ld_id} region {index} counted used but no VV maps it"
+                refs = slots.space.refcount(index)
+                if refs:
+                    assert refs == mapped.get(packed), (
+                        f"LD {ld_id} region {index} has {refs} reference(s), {mapped.get(packed, 0)} mapping(s)"
+                    )
                     continue
                 assert packed not in held, f"LD {ld_id} region {index} is free but mapped"
                 data = bytes(slots.ld.read(index * size, size))
                 assert not any(data), f"free LD {ld_id} region {index} holds data"
+
+
+def assert_space_map_matches_the_store(eng: Engine) -> None:
+    refcounts = {ld: refs for pool in eng.pools.values() for ld, refs in pool.space.refcounts().items()}
+    assert check_space_map(eng.store, refcounts) == []
 
 
 def assert_mirrors_agree(eng: Engine) -> None:
@@ -595,6 +606,12 @@ class EngineMachine(RuleBasedStateMachine):
         fsync) reads zeros on the LD and has no data waiting in the write-back cache."""
         if self.engine is not None:
             assert_free_regions_hold_nothing(self.eng)
+
+    @invariant()
+    def references_equal_the_store(self) -> None:
+        """The space map's reference counts equal the mappings the store holds."""
+        if self.engine is not None:
+            assert_space_map_matches_the_store(self.eng)
 
     @invariant()
     def mirrors_agree(self) -> None:

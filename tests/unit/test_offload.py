@@ -112,7 +112,7 @@ async def test_a_region_goes_back_to_the_pool_only_after_its_offloaded_write_lan
     else:
         await engine.delete_vv("a")
     # Unmapped, but not free: a late write is still on its way into it.
-    assert slots.used[index] == 1
+    assert slots.space.refcount(index) == 1
     # Another VV gets other regions meanwhile, never this one (4 KiB writes: inline, past the gate).
     await engine.create_vv("b", pool="p", size=128 * KiB)
     b = engine.vvs["b"]
@@ -120,15 +120,15 @@ async def test_a_region_goes_back_to_the_pool_only_after_its_offloaded_write_lan
         await b.write(r * REGION, pattern(10 + r, 4 * KiB))
         assert b.map.get(r) != packed
     await engine.flush_all()  # frees what is pending: still not this region
-    assert slots.used[index] == 1
+    assert slots.space.refcount(index) == 1
     assert not write.done()
     gate.open()
     await write
     # Landed, then released: zeroed, and free after the next fsync.
-    assert slots.used[index] == 2
+    assert slots.space.is_pending(index)
     assert bytes(slots.ld.read(index * REGION, REGION)) == bytes(REGION)
     await engine.flush_all()
-    assert slots.used[index] == 0
+    assert slots.space.is_free(index)
     assert_free_regions_hold_nothing(engine)
     await engine.close()
 

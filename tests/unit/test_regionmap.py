@@ -56,3 +56,24 @@ def test_a_map_emptied_while_it_is_walked_is_walked_safely() -> None:
         if region == 5:
             rmap.clear(CHUNK_LEN + 5)  # its chunk is dropped before the walk gets there
     assert seen == [5, 7 * CHUNK_LEN]
+
+
+def test_a_copy_is_independent_and_a_switch_keeps_the_count() -> None:
+    """A snapshot's map starts as a copy; copy on write switches one entry of one map only."""
+    rmap = RegionMap()
+    for r in (3, CHUNK_LEN + 1, 5 * CHUNK_LEN):
+        rmap.set(r, 100 + r)
+    snap = rmap.copy()
+    assert list(snap.items()) == list(rmap.items()) and snap.count == 3
+    rmap.switch(3, 103, 999)
+    assert (rmap.get(3), snap.get(3), rmap.count) == (999, 103, 3)
+    rmap.clear(CHUNK_LEN + 1)  # its chunk goes from one map, not the other
+    assert snap.get(CHUNK_LEN + 1) == 100 + CHUNK_LEN + 1
+    assert snap.next_mapped(4, 6 * CHUNK_LEN) == CHUNK_LEN + 1
+    assert rmap.next_mapped(4, 6 * CHUNK_LEN) == 5 * CHUNK_LEN
+    try:
+        rmap.switch(3, 103, 5)  # not what it maps any more
+    except AssertionError:
+        pass
+    else:
+        raise AssertionError("a switch from a region the map does not hold was taken")

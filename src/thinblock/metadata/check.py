@@ -4,7 +4,14 @@ checks (``backend_problems``: SQLite's integrity_check, values of the wrong type
 
 It never repairs; it names each problem plainly.  The map rules run with numpy on the whole
 map at once, so they do not rely on the backend's own indexes: a damaged index must not hide
-a region assigned twice."""
+a region assigned twice.
+
+Shared regions: an LD region may be mapped by several volumes -- a volume and its snapshots and
+clones share it until one side writes -- but only by volumes of one tree (``VVRow.family``) and
+only at one volume offset (a snapshot shares region r of its volume as its own region r).  Any
+other second mapping is damage: a flipped bit that made a row point at another volume's data.
+The reference counts the pool keeps in memory are checked against the rows by
+``check_space_map``."""
 
 from __future__ import annotations
 
@@ -12,7 +19,7 @@ import numpy as np
 
 from ..errors import MetadataCorrupt
 from ..model import AlertKind, AlertState, PDHealth, Severity
-from .store import MetadataStore
+from .store import MetadataStore, VVRow
 
 # Values the engine interprets; anything else in the store is damage.
 RAID_LEVELS = (0, 1, 5)
@@ -138,8 +145,11 @@ def _check_map(store: MetadataStore) -> list[str]:
     vv_counted, ld_counted = store.region_counters()
     for vv_key, region in _dupes(vv_id, vv_region):
         problems.append(f"VV {vv_key} region {region} is mapped more than once")
-    for ld_key, region in _dupes(ld_id, ld_region):
-        problems.append(f"LD {ld_key} region {region} is assigned more than once")
+    problems += _check_sharing(m, store.load_vvs())
+    for _vv_id, _vv_region, r_ld, r_region in store.load_reservations()[:_SAMPLE]:
+        hit = (ld_id == r_ld) & (ld_region == r_region)
+        if hit.any():
+            problems.append(f"LD {r_ld} region {r_region} is reserved for a copy on write and also mapped")
     known_ld = np.isin(ld_id, np.fromiter(lds, dtype=np.int64, count=len(lds)))
     for row in m[~known_ld][:_SAMPLE]:
         problems.append(f"VV {row[0]} region {row[1]} points at LD {row[2]}, which does not exist")
@@ -180,4 +190,58 @@ def _check_map(store: MetadataStore) -> list[str]:
         counted, actual = ld_counted.get(k, 0), int(ld_counts.get(k, 0))
         if counted != actual:
             problems.append(f"LD {k} records {counted} used regions but the maps assign {actual}")
+    return problems
+
+
+def _check_sharing(m: np.ndarray, vvs: list[VVRow]) -> list[str]:
+    """Every LD region mapped more than once is mapped by volumes of one tree at one offset."""
+    if len(m) < 2:
+        return []
+    family = {vv.id: vv.family for vv in vvs}
+    order = np.lexsort((m[:, 3], m[:, 2]))
+    s = m[order]
+    same = (s[1:, 2] == s[:-1, 2]) & (s[1:, 3] == s[:-1, 3])
+    if not same.any():
+        return []
+    problems: list[str] = []
+    for i in np.flatnonzero(same):
+        a, b = s[i], s[i + 1]
+        fa, fb = family.get(int(a[0])), family.get(int(b[0]))
+        if a[1] != b[1] or fa is None or fa != fb:
+            problems.append(
+                f"LD {b[2]} region {b[3]} is assigned more than once: to VV {a[0]} region {a[1]} and"
+                f" VV {b[0]} region {b[1]}, which do not share a snapshot tree at that offset"
+            )
+            if len(problems) >= _SAMPLE:
+                break
+    return problems
+
+
+def check_space_map(store: MetadataStore, refcounts: dict[int, np.ndarray]) -> list[str]:
+    """The pool's reference counts (``SpaceMap.refcounts``: ld_id -> count per region) against
+    the store: every LD region is held exactly as many times as map rows and copy-on-write
+    reservations name it.  Empty when they agree."""
+    m = store.map_array()
+    reservations = store.load_reservations()
+    expected: dict[int, np.ndarray] = {
+        ld: np.zeros(len(refs), dtype=np.int64) for ld, refs in refcounts.items()
+    }
+    problems: list[str] = []
+    rows = np.concatenate(
+        [m[:, 2:4], np.array([(r[2], r[3]) for r in reservations], dtype=np.int64).reshape(-1, 2)]
+    )
+    for ld in np.unique(rows[:, 0]):
+        counts = expected.get(int(ld))
+        indexes = rows[rows[:, 0] == ld, 1]
+        if counts is None or (indexes >= len(counts)).any() or (indexes < 0).any():
+            problems.append(f"the store maps regions of LD {ld}, which no pool holds (or past its end)")
+            continue
+        np.add.at(counts, indexes, 1)
+    for ld, refs in refcounts.items():
+        wrong = np.flatnonzero(refs.astype(np.int64) != expected[ld])
+        for index in wrong[:_SAMPLE]:
+            problems.append(
+                f"LD {ld} region {index} has {refs[index]} reference(s) in the space map but"
+                f" {expected[ld][index]} mapping(s) and reservation(s) in the store"
+            )
     return problems

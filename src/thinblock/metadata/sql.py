@@ -46,6 +46,15 @@ class SQLStore(MetadataStore):
         """Several statements in one write transaction: all or none."""
 
     @abc.abstractmethod
+    def _exec_counted(self, statements: Sequence[Statement]) -> list[int]:
+        """Several statements in one write transaction; how many rows each changed."""
+
+    @abc.abstractmethod
+    def _insert_and_exec(self, statement: str, args: tuple[Any, ...], then: Sequence[str]) -> int:
+        """One INSERT, then each statement of ``then`` with the new row's id as its only
+        parameter (every ``?`` of it), in one write transaction; the new id."""
+
+    @abc.abstractmethod
     def _query_all(self, queries: Sequence[Statement]) -> list[list[tuple[Any, ...]]]:
         """Several queries in one read transaction (one consistent view); their rows."""
 
@@ -164,21 +173,62 @@ class SQLStore(MetadataStore):
 
     # --- VVs ---
     def add_vv(self, row: VVRow) -> int:
-        return self._insert(
-            "INSERT INTO vvs(name, pool_id, size, alloc_warning_bytes, alloc_warning_pct, alloc_limit_bytes,"
-            " alloc_limit_pct, cache_mode, created, owner) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                row.name,
-                row.pool_id,
-                row.size,
-                row.alloc_warning_bytes,
-                row.alloc_warning_pct,
-                row.alloc_limit_bytes,
-                row.alloc_limit_pct,
-                row.cache_mode,
-                row.created,
-                row.owner,
-            ),
+        return self._insert(*_vv_insert(row))
+
+    def add_vv_sharing(self, row: VVRow, source_id: int) -> int:
+        epoch = None if self._lease is None else self._lease.epoch
+        # source_id and epoch are ints of ours, never input: written into the statements, so that
+        # each follow-up statement takes the new id as its one parameter.
+        assert isinstance(source_id, int) and (epoch is None or isinstance(epoch, int))
+        epoch_sql = "NULL" if epoch is None else str(epoch)
+        return self._insert_and_exec(
+            *_vv_insert(row),
+            [
+                "INSERT INTO vv_map(vv_id, vv_region, ld_id, ld_region, epoch)"
+                f" SELECT ?, vv_region, ld_id, ld_region, {epoch_sql} FROM vv_map WHERE vv_id={source_id}",
+                "UPDATE vvs SET regions = (SELECT COUNT(*) FROM vv_map WHERE vv_id=vvs.id) WHERE id=?",
+                "UPDATE lds SET regions_used = regions_used + d.n FROM (SELECT ld_id, COUNT(*) AS n"
+                " FROM vv_map WHERE vv_id=? GROUP BY ld_id) AS d WHERE lds.id = d.ld_id",
+            ],
+        )
+
+    def reserve_region(self, reservation: tuple[int, int, int, int]) -> None:
+        self._exec(
+            "INSERT INTO cow_reservations(vv_id, vv_region, ld_id, ld_region) VALUES(?, ?, ?, ?)", reservation
+        )
+
+    def switch_region(self, vv_id: int, vv_region: int, old: tuple[int, int], new: tuple[int, int]) -> bool:
+        epoch = None if self._lease is None else self._lease.epoch
+        moved = "EXISTS (SELECT 1 FROM vv_map WHERE vv_id=? AND vv_region=? AND ld_id=? AND ld_region=?)"
+        here = (vv_id, vv_region, *new)
+        counts = self._exec_counted(
+            [
+                (
+                    "UPDATE vv_map SET ld_id=?, ld_region=?, epoch=? WHERE vv_id=? AND vv_region=?"
+                    " AND ld_id=? AND ld_region=?",
+                    (*new, epoch, vv_id, vv_region, *old),
+                ),
+                (f"UPDATE lds SET regions_used = regions_used + 1 WHERE id=? AND {moved}", (new[0], *here)),
+                (f"UPDATE lds SET regions_used = regions_used - 1 WHERE id=? AND {moved}", (old[0], *here)),
+                ("DELETE FROM cow_reservations WHERE ld_id=? AND ld_region=?", new),
+            ]
+        )
+        return counts[0] == 1
+
+    def load_reservations(self) -> list[tuple[int, int, int, int]]:
+        return [
+            (int(a), int(b), int(c), int(d))
+            for a, b, c, d in self._query(
+                "SELECT vv_id, vv_region, ld_id, ld_region FROM cow_reservations ORDER BY ld_id, ld_region"
+            )
+        ]
+
+    def drop_reservations(self, reservations: list[tuple[int, int, int, int]]) -> None:
+        self._exec_all(
+            [
+                ("DELETE FROM cow_reservations WHERE ld_id=? AND ld_region=?", (r[2], r[3]))
+                for r in reservations
+            ]
         )
 
     def update_vv(self, row: VVRow) -> None:
@@ -200,14 +250,21 @@ class SQLStore(MetadataStore):
         self._exec("UPDATE vvs SET owner=? WHERE id=?", (node, vv_id))
 
     def delete_vv(self, vv_id: int) -> None:
-        self._exec("DELETE FROM vvs WHERE id=?", (vv_id,))
+        # Its snapshots and clones stay; they name no parent from now on (their tree, family_id,
+        # is kept: they may still share regions with each other).
+        self._exec_all(
+            [
+                ("UPDATE vvs SET parent_id=NULL WHERE parent_id=?", (vv_id,)),
+                ("DELETE FROM vvs WHERE id=?", (vv_id,)),
+            ]
+        )
 
     def load_vvs(self) -> list[VVRow]:
         return [
             VVRow(*r)
             for r in self._query(
                 "SELECT id, name, pool_id, size, alloc_warning_bytes, alloc_warning_pct, alloc_limit_bytes,"
-                " alloc_limit_pct, cache_mode, created, owner FROM vvs ORDER BY id"
+                " alloc_limit_pct, cache_mode, created, owner, kind, parent_id, family_id FROM vvs ORDER BY id"
             )
         ]
 
@@ -342,3 +399,26 @@ class SQLStore(MetadataStore):
     # --- leases (the statements are the backend's: each store's own clock decides) ---
     def bind_lease(self, lease: Lease | None) -> None:
         self._lease = lease
+
+
+def _vv_insert(row: VVRow) -> Statement:
+    return (
+        "INSERT INTO vvs(name, pool_id, size, alloc_warning_bytes, alloc_warning_pct, alloc_limit_bytes,"
+        " alloc_limit_pct, cache_mode, created, owner, kind, parent_id, family_id)"
+        " VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            row.name,
+            row.pool_id,
+            row.size,
+            row.alloc_warning_bytes,
+            row.alloc_warning_pct,
+            row.alloc_limit_bytes,
+            row.alloc_limit_pct,
+            row.cache_mode,
+            row.created,
+            row.owner,
+            row.kind,
+            row.parent_id,
+            row.family_id,
+        ),
+    )

@@ -31,7 +31,7 @@ from .store import Assignment, LDRow, Lease, StoreImage
 
 #: the schema this code writes; it opens older ones by migrating them (``_MIGRATIONS``) and
 #: refuses newer ones
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _SQLITE_FULL = 13
 _SQLITE_BUSY = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED
 _NOW = "((julianday('now') - 2440587.5) * 86400.0)"  # unix seconds, with fractions
@@ -57,11 +57,16 @@ CREATE TABLE IF NOT EXISTS vvs (
     id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, pool_id INTEGER NOT NULL REFERENCES pools(id),
     size INTEGER NOT NULL, alloc_warning_bytes INTEGER, alloc_warning_pct REAL,
     alloc_limit_bytes INTEGER, alloc_limit_pct REAL, cache_mode TEXT NOT NULL, created REAL NOT NULL,
-    regions INTEGER NOT NULL DEFAULT 0, owner TEXT);
+    regions INTEGER NOT NULL DEFAULT 0, owner TEXT, kind TEXT NOT NULL DEFAULT 'volume', parent_id INTEGER,
+    family_id INTEGER);
 CREATE TABLE IF NOT EXISTS vv_map (
     vv_id INTEGER NOT NULL, vv_region INTEGER NOT NULL, ld_id INTEGER NOT NULL, ld_region INTEGER NOT NULL,
     epoch INTEGER,
-    PRIMARY KEY (vv_id, vv_region), UNIQUE (ld_id, ld_region)) WITHOUT ROWID;
+    PRIMARY KEY (vv_id, vv_region)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS vv_map_ld ON vv_map(ld_id, ld_region);
+CREATE TABLE IF NOT EXISTS cow_reservations (
+    ld_id INTEGER NOT NULL, ld_region INTEGER NOT NULL, vv_id INTEGER NOT NULL, vv_region INTEGER NOT NULL,
+    PRIMARY KEY (ld_id, ld_region)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS alerts (
     id INTEGER PRIMARY KEY, time REAL NOT NULL, severity TEXT NOT NULL, kind TEXT NOT NULL,
     object TEXT NOT NULL, message TEXT NOT NULL, state TEXT NOT NULL);
@@ -76,6 +81,23 @@ _MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE vv_map ADD COLUMN epoch INTEGER",
         "CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL,"
         " epoch INTEGER NOT NULL, expires_at REAL NOT NULL)",
+    ],
+    # Shared regions (snapshots and clones): an LD region may be mapped by several volumes of
+    # one tree, so (ld_id, ld_region) is no longer unique (SQLite drops a constraint only by
+    # building the table again); the volumes' tree; copy-on-write reservations.
+    2: [
+        "CREATE TABLE vv_map_v3 (vv_id INTEGER NOT NULL, vv_region INTEGER NOT NULL, ld_id INTEGER NOT NULL,"
+        " ld_region INTEGER NOT NULL, epoch INTEGER, PRIMARY KEY (vv_id, vv_region)) WITHOUT ROWID",
+        "INSERT INTO vv_map_v3(vv_id, vv_region, ld_id, ld_region, epoch)"
+        " SELECT vv_id, vv_region, ld_id, ld_region, epoch FROM vv_map",
+        "DROP TABLE vv_map",
+        "ALTER TABLE vv_map_v3 RENAME TO vv_map",
+        "CREATE INDEX vv_map_ld ON vv_map(ld_id, ld_region)",
+        "ALTER TABLE vvs ADD COLUMN kind TEXT NOT NULL DEFAULT 'volume'",
+        "ALTER TABLE vvs ADD COLUMN parent_id INTEGER",
+        "ALTER TABLE vvs ADD COLUMN family_id INTEGER",
+        "CREATE TABLE cow_reservations (ld_id INTEGER NOT NULL, ld_region INTEGER NOT NULL,"
+        " vv_id INTEGER NOT NULL, vv_region INTEGER NOT NULL, PRIMARY KEY (ld_id, ld_region)) WITHOUT ROWID",
     ],
 }
 
@@ -221,6 +243,20 @@ class SQLiteStore(SQLStore):
         with self._write() as db:
             for sql, args in statements:
                 db.execute(sql, args)
+
+    def _exec_counted(self, statements: Sequence[Statement]) -> list[int]:
+        with self._write() as db:
+            self._map_cache = None
+            return [db.execute(sql, args).rowcount for sql, args in statements]
+
+    def _insert_and_exec(self, sql: str, args: tuple[Any, ...], then: Sequence[str]) -> int:
+        with self._write() as db:
+            self._map_cache = None
+            new_id = db.execute(sql, args).lastrowid
+            assert new_id is not None
+            for statement in then:
+                db.execute(statement, (new_id,) * statement.count("?"))
+        return new_id
 
     def _query_all(self, queries: Sequence[Statement]) -> list[list[tuple[Any, ...]]]:
         with self._read() as db:

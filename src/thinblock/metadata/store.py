@@ -85,6 +85,16 @@ class VVRow:
     cache_mode: str
     created: float
     owner: str | None = None  # the node that serves it (node pairs); None: whoever opens the store
+    # Snapshots and clones (volume/snapshots.py): what the row is (VVKind), the volume it was
+    # made from (None for a volume, or once that one is deleted), and the id of the volume its
+    # tree started from (None: its own).  Only volumes of one tree may share LD regions.
+    kind: str = "volume"
+    parent_id: int | None = None
+    family_id: int | None = None
+
+    @property
+    def family(self) -> int:
+        return self.id if self.family_id is None else self.family_id
 
 
 @dataclass(slots=True)
@@ -111,6 +121,10 @@ class Lease:
 
 #: one region assignment: (vv_id, vv_region, ld_id, ld_region)
 Assignment = tuple[int, int, int, int]
+
+#: a region reserved for a copy on write and not yet switched into its map:
+#: (vv_id, vv_region, ld_id, ld_region)
+Reservation = tuple[int, int, int, int]
 
 
 @dataclass
@@ -275,6 +289,32 @@ class MetadataStore(abc.ABC):
     @abc.abstractmethod
     def unassign(self, vv_id: int, vv_regions: list[int]) -> int:
         """Return regions to the zero LD in one transaction; returns how many rows went."""
+
+    @abc.abstractmethod
+    def add_vv_sharing(self, row: VVRow, source_id: int) -> int:
+        """Insert a VV (a snapshot or clone) whose map is a copy of VV ``source_id``'s, in one
+        transaction, with the counters (each copied row is one more reference to its LD region);
+        returns the new id."""
+
+    @abc.abstractmethod
+    def reserve_region(self, reservation: Reservation) -> None:
+        """Copy on write, step 1: record that LD region (ld_id, ld_region) is being filled as the
+        new home of (vv_id, vv_region), before any data is written into it."""
+
+    @abc.abstractmethod
+    def switch_region(self, vv_id: int, vv_region: int, old: tuple[int, int], new: tuple[int, int]) -> bool:
+        """Copy on write, last step, one transaction: the map row of (vv_id, vv_region) moves from
+        LD region ``old`` to ``new`` (the counters follow) and ``new``'s reservation goes.  False,
+        with only the reservation gone, when the row no longer points at ``old`` (trimmed
+        meanwhile)."""
+
+    @abc.abstractmethod
+    def load_reservations(self) -> list[Reservation]:
+        """Reservations left by a copy on write that never switched (a crash)."""
+
+    @abc.abstractmethod
+    def drop_reservations(self, reservations: list[Reservation]) -> None:
+        """Forget reservations (their regions are free again)."""
 
     @abc.abstractmethod
     def map_array(self) -> np.ndarray:

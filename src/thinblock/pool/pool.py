@@ -37,15 +37,11 @@ from ..metadata.writer import MetadataWriter
 from ..model import AlertKind, LDHealth, PoolState, Severity
 from ..units import format_size
 from .chunklets import ChunkletAllocator
+from .spacemap import REGION_BITS, REGION_MASK, LDSpace, SpaceMap, pack
+
+__all__ = ["REGION_BITS", "REGION_MASK", "LDSlots", "Pool", "SpaceShortage", "pack"]
 
 log = logging.getLogger("thinblock.pool")
-
-REGION_BITS = 32
-REGION_MASK = (1 << REGION_BITS) - 1
-
-
-def pack(ld_id: int, index: int) -> int:
-    return (ld_id << REGION_BITS) | index
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,50 +53,31 @@ class SpaceShortage:
 
 
 class LDSlots:
-    """Allocation state of one LD's regions: a used-byte per region, and a search hint."""
+    """One LD of the pool: the LD, its regions' reference counts (``spacemap.LDSpace``), and
+    whether it lost data (then none of its regions is handed out)."""
 
-    __slots__ = ("free", "hint", "ld", "lost", "regions", "used")
+    __slots__ = ("ld", "lost", "space")
 
-    def __init__(self, ld: LogicalDisk, regions: int) -> None:
+    def __init__(self, ld: LogicalDisk, space: LDSpace) -> None:
         self.ld = ld
-        self.regions = regions
-        self.used = bytearray(regions)  # 0 free, 1 assigned, 2 pending (zeroed, awaiting fsync)
-        self.free = regions
-        self.hint = 0
+        self.space = space
         self.lost = False  # the LD lost data (health FAILED): hand out none of its regions
 
-    def take(self) -> int:
-        index = self.used.find(0, self.hint)
-        if index < 0:
-            index = self.used.find(0)
-        assert index >= 0 and self.free > 0
-        self.used[index] = 1
-        self.free -= 1
-        self.hint = index + 1
-        return index
+    @property
+    def regions(self) -> int:
+        return self.space.regions
+
+    @property
+    def free(self) -> int:
+        return self.space.free
 
     def free_ranges(self) -> list[tuple[int, int]]:
         """Runs of free regions as (first, count), for zeroing after an unclean shutdown."""
-        return self._runs(0)
+        return self.space.free_ranges()
 
     def assigned_ranges(self) -> list[tuple[int, int]]:
-        """Runs of assigned regions as (first, count), for the resync after an unclean shutdown."""
-        return self._runs(1)
-
-    def _runs(self, state: int) -> list[tuple[int, int]]:
-        runs: list[tuple[int, int]] = []
-        i, used, n = 0, self.used, self.regions
-        mark = bytes([state])
-        while i < n:
-            start = used.find(mark, i)
-            if start < 0:
-                break
-            end = start
-            while end < n and used[end] == state:
-                end += 1
-            runs.append((start, end - start))
-            i = end
-        return runs
+        """Runs of held regions as (first, count), for the resync after an unclean shutdown."""
+        return self.space.held_ranges()
 
 
 # A hook tests use to make LD creation deliberately slow (claim 8's queue test).
@@ -122,9 +99,10 @@ class Pool:
         self._alerts = alerts
         self._chunklets = chunklets
         self._ld_registry = ld_registry
-        self.slots: dict[int, LDSlots] = {}  # ld_id -> allocation state, in creation order
-        self.used_regions = 0
-        self.free_regions = 0
+        self.slots: dict[int, LDSlots] = {}  # ld_id -> the LD and its space, in creation order
+        # Reference counts of every LD region (spacemap.py): a region shared by a volume and its
+        # snapshots is zeroed and given back only when its last reference goes.
+        self.space = SpaceMap()
         self.pending: list[int] = []  # packed regions zeroed, awaiting fsync before reuse
         self._growing: asyncio.Future[SpaceShortage | None] | None = None
         # id(batch) -> done: pending regions taken for an fsync (a flush's or sync_pending's)
@@ -134,7 +112,7 @@ class Pool:
         # (``write_landed``), so it is never zeroed, or handed to another VV, under a late write.
         # Event-loop thread only.
         self._writes_in_flight: dict[int, int] = {}
-        self._release_when_landed: set[int] = set()
+        self._release_when_landed: dict[int, int] = {}  # packed -> references to drop then
         self.before_ld_create: LDCreateHook | None = None
         self.on_ld_created: Callable[[LogicalDisk, Pool], None] | None = None
         self.vv_count = 0
@@ -151,6 +129,19 @@ class Pool:
     @property
     def region_size(self) -> int:
         return self.row.region_size
+
+    @property
+    def used_regions(self) -> int:
+        """Regions with at least one reference (a shared region counts once)."""
+        return self.space.held
+
+    @property
+    def free_regions(self) -> int:
+        return self.space.free
+
+    def refcount(self, packed: int) -> int:
+        """How many mappings (and reservations) hold LD region ``packed``."""
+        return self.space.refcount(packed)
 
     @property
     def capacity(self) -> int:
@@ -178,43 +169,27 @@ class Pool:
 
     # --- loading ---
     def attach_ld(self, ld: LogicalDisk, regions: int) -> LDSlots:
-        slots = LDSlots(ld, regions)
+        slots = LDSlots(ld, self.space.attach(ld.id, regions))
         self.slots[ld.id] = slots
-        self.free_regions += regions
         return slots
 
-    def mark_assigned(self, packed: int) -> None:
-        """Loading a map entry: the region is taken."""
-        slots = self.slots[packed >> REGION_BITS]
-        index = packed & REGION_MASK
-        assert slots.used[index] == 0, f"LD {slots.ld.id} region {index} assigned twice"
-        slots.used[index] = 1
-        slots.free -= 1
-        self.free_regions -= 1
-        self.used_regions += 1
+    def load_references(self, ld_id: int, indexes: np.ndarray) -> None:
+        """Loading the maps: one reference per map entry naming a region of LD ``ld_id`` (an index
+        occurs once per volume that maps it)."""
+        self.space.load(ld_id, indexes)
 
-    def mark_assigned_many(self, ld_id: int, indexes: np.ndarray) -> None:
-        """Loading: these regions of LD ``ld_id`` are taken (the store check ruled out duplicates)."""
-        slots = self.slots[ld_id]
-        used = np.frombuffer(slots.used, dtype=np.uint8)
-        assert not used[indexes].any(), f"LD {ld_id}: a region assigned twice"
-        used[indexes] = 1
-        n = len(indexes)
-        slots.free -= n
-        self.free_regions -= n
-        self.used_regions += n
+    def share(self, packed: int, count: int = 1) -> None:
+        """``count`` more mappings of a held region (a snapshot or clone maps it too)."""
+        self.space.ref(packed, count)
 
     # --- allocation ---
     def try_allocate(self) -> int | None:
         """A free region at once, or None (then ``allocate`` must be awaited)."""
         if self.free_regions == 0:
             return None
-        for slots in self.slots.values():
-            if slots.free and not slots.lost:
-                index = slots.take()
-                self.free_regions -= 1
-                self.used_regions += 1
-                return pack(slots.ld.id, index)
+        for ld_id, slots in self.slots.items():
+            if slots.space.free and not slots.lost:
+                return self.space.take_from(ld_id)
         return None
 
     async def allocate(self) -> int | SpaceShortage:
@@ -262,14 +237,7 @@ class Pool:
         """Regions from ``reserve`` that were neither recorded nor written: free again at once.
         No zeroing or fsync is due -- they were free, hence durably zero, and nothing wrote them."""
         for packed in regions:
-            slots = self.slots[packed >> REGION_BITS]
-            index = packed & REGION_MASK
-            assert slots.used[index] == 1, f"LD {slots.ld.id} region {index} unreserved but not taken"
-            slots.used[index] = 0
-            slots.free += 1
-            slots.hint = min(slots.hint, index)
-            self.free_regions += 1
-            self.used_regions -= 1
+            self.space.untake(packed)
         regions.clear()
 
     def write_started(self, packed: int) -> None:
@@ -282,8 +250,7 @@ class Pool:
             self._writes_in_flight[packed] = left
             return
         del self._writes_in_flight[packed]
-        if packed in self._release_when_landed:
-            self._release_when_landed.discard(packed)
+        for _ in range(self._release_when_landed.pop(packed, 0)):
             try:
                 self.release(packed)
             except Exception:  # a failed PD: the region is not reused (it stays counted as used)
@@ -305,20 +272,25 @@ class Pool:
             return SpaceShortage(AlertKind.PD_HOST_FULL, f"pool '{self.row.name}': {exc}")
         return None
 
-    def release(self, packed: int) -> None:
-        """Give a region back: zero it now, free it after the next fsync (caller has unmapped it).
-        With offloaded writes still landing in it, all that waits for the last of them."""
+    def release(self, packed: int) -> bool:
+        """One reference to a region goes (the caller unmapped it).  When it was the last, the
+        region is zeroed now and free after the next fsync; a region other volumes still map is
+        left as it is.  With offloaded writes still landing in it, all that waits for the last
+        of them.  Returns whether the region was zeroed now."""
         if packed in self._writes_in_flight:
-            self._release_when_landed.add(packed)
-            return
-        slots = self.slots[packed >> REGION_BITS]
-        index = packed & REGION_MASK
-        assert slots.used[index] == 1, f"LD {slots.ld.id} region {index} released but not assigned"
+            self._release_when_landed[packed] = self._release_when_landed.get(packed, 0) + 1
+            return False
+        if self.space.refcount(packed) > 1:
+            self.space.unref(packed)  # still mapped elsewhere: its data stays
+            return False
         size = self.row.region_size
-        slots.ld.zero(index * size, size)
-        slots.used[index] = 2
-        self.used_regions -= 1
+        # Zeroed while still held: a zeroing that fails (a failed PD) leaves it held, not reused.
+        self.slots[packed >> REGION_BITS].ld.zero((packed & REGION_MASK) * size, size)
+        left = self.space.unref(packed)
+        assert left == 0
+        self.space.mark_pending(packed)
         self.pending.append(packed)
+        return True
 
     def take_pending(self) -> list[int]:
         """Before an fsync: the regions it will make durably zero.  Hand the batch back with
@@ -342,15 +314,7 @@ class Pool:
     def free_pending(self, batch: list[int]) -> None:
         """After the fsync of every PD under ``batch``: the regions are free again."""
         for packed in batch:
-            slots = self.slots.get(packed >> REGION_BITS)
-            if slots is None:
-                continue
-            index = packed & REGION_MASK
-            assert slots.used[index] == 2
-            slots.used[index] = 0
-            slots.free += 1
-            slots.hint = min(slots.hint, index)
-            self.free_regions += 1
+            self.space.free_pending(packed)
         self._sync_ended(batch)
 
     async def sync_pending(self) -> None:
@@ -517,12 +481,11 @@ class Pool:
 
     # --- compaction ---
     def releasable_lds(self) -> list[int]:
-        return [ld_id for ld_id, s in self.slots.items() if s.free == s.regions]
+        return [ld_id for ld_id, s in self.slots.items() if s.space.free == s.space.regions]
 
     def detach_ld(self, ld_id: int) -> LogicalDisk:
         slots = self.slots.pop(ld_id)
-        assert slots.free == slots.regions, "only an entirely free LD can be released"
-        self.free_regions -= slots.regions
+        self.space.detach(ld_id)
         return slots.ld
 
 

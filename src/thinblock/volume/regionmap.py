@@ -51,6 +51,23 @@ class RegionMap:
         chunk[region & CHUNK_MASK] = packed
         self.count += 1
 
+    def switch(self, region: int, old: int, new: int) -> None:
+        """Copy on write: the region now points at ``new`` instead of ``old`` (its own copy of a
+        region it shared).  The count does not change."""
+        assert new >= 0 and new != old
+        chunk = self.chunks[region >> CHUNK_SHIFT]
+        assert chunk[region & CHUNK_MASK] == old, f"region {region} switched from a region it did not map"
+        chunk[region & CHUNK_MASK] = new
+
+    def copy(self) -> RegionMap:
+        """Another map with the same entries (a snapshot's or a clone's): one C-level copy per
+        chunk of 1,024 entries, nothing per region."""
+        other = RegionMap()
+        other.chunks = {key: array("q", chunk) for key, chunk in self.chunks.items()}
+        other._keys = list(self._keys)
+        other.count = self.count
+        return other
+
     def load(self, regions: np.ndarray, packed: np.ndarray) -> None:
         """Loading: set many entries at once (regions not yet mapped, no duplicates)."""
         keys = regions >> CHUNK_SHIFT
