@@ -403,6 +403,7 @@ def test_an_image_goes_into_an_empty_store_with_every_id_kept(
     lease = store.acquire_lease("node:n", "h", 30.0)
     store.bind_lease(lease)
     store.assign_many([(vv2, r, ld2, 15 - r) for r in range(5)])
+    snap = store.add_vv_sharing(_snapshot_row(pool2, "w-snap", vv2), vv2)  # shares the 5 regions
     store.set_meta("data_dir_id", "abc")
     store.set_meta("generation", "7")
     alert = store.add_alert(3.0, "critical", "pd-failed", "pd:2", "gone", "new")
@@ -427,12 +428,13 @@ def test_an_image_goes_into_an_empty_store_with_every_id_kept(
         image.ld_regions_used,
     )
     assert sorted(map(tuple, copied.map.tolist())) == sorted(map(tuple, image.map.tolist()))
-    assert empty_store.map_rows_by_epoch() == {None: 5}  # no lease of the target wrote them
+    assert [v.kind for v in copied.vvs if v.id == snap] == ["snapshot"]
+    assert empty_store.map_rows_by_epoch() == {None: 10}  # no lease of the target wrote them
     assert empty_store.read_lease("node:n") is None  # leases are not part of an image
     # New rows get ids past the copied ones.
     assert empty_store.add_pd("/dev/e", 64 * MiB, 16 * MiB) > pd_d
     assert empty_store.add_alert(4.0, "info", "ld-created", "ld:9", "x", "new") > alert
-    assert empty_store.add_vv(_vv(pool2, "x")) > vv2
+    assert empty_store.add_vv(_vv(pool2, "x")) > snap
 
 
 def test_an_image_is_refused_by_a_store_that_is_not_empty(

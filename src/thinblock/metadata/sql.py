@@ -365,8 +365,8 @@ class SQLStore(MetadataStore):
             ),
             (
                 "INSERT INTO vvs(id, name, pool_id, size, alloc_warning_bytes, alloc_warning_pct,"
-                " alloc_limit_bytes, alloc_limit_pct, cache_mode, created, owner, regions)"
-                " VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " alloc_limit_bytes, alloc_limit_pct, cache_mode, created, owner, regions, kind, parent_id,"
+                " family_id) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         v.id,
@@ -381,6 +381,9 @@ class SQLStore(MetadataStore):
                         v.created,
                         v.owner,
                         image.vv_regions.get(v.id, 0),
+                        v.kind,
+                        v.parent_id,
+                        v.family_id,
                     )
                     for v in image.vvs
                 ],
