@@ -275,6 +275,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="the partner's NBD address, served here after a takeover",
     )
+    serve.add_argument(
+        "--partner-metadata",
+        metavar="URL",
+        help="the partner's PostgreSQL metadata store: a takeover takes the partner's lease there",
+    )
+    serve.add_argument(
+        "--lease-ttl",
+        metavar="SECONDS",
+        type=float,
+        help="with --partner-metadata: this node's lease's time to live (default 15)",
+    )
+    serve.add_argument(
+        "--fence-margin",
+        metavar="SECONDS",
+        type=float,
+        help="with --partner-metadata: stop writing this long before the lease could expire (default 1)",
+    )
 
     check = commands.add_parser(
         "check", help="check a data directory's metadata store offline", parents=[common]
@@ -1555,6 +1572,9 @@ def cmd_serve(ctx: Context) -> int:
             partner_timeout=a.partner_timeout,
             partner_data=a.partner_data,
             partner_service=a.partner_service,
+            partner_metadata=a.partner_metadata,
+            lease_ttl=a.lease_ttl,
+            fence_margin=a.fence_margin,
         ).validate()
     except ConfigError as exc:
         raise CliError(f"configuration: {exc}", EXIT_USAGE) from None

@@ -203,6 +203,12 @@ class NodeConfig:
     # volumes on (its service address), which this node binds when it takes them over.
     partner_data: Path | None = None
     partner_service: Listen | None = None
+    # On PostgreSQL (issue 12, point 4-5): the partner's metadata store (a takeover takes its
+    # lease node:NAME there, epoch + 1), this node's lease's time to live, and how long before
+    # the lease's expiry this node stops writing (fence.py).
+    partner_metadata: str | None = None
+    lease_ttl: float = 15.0
+    fence_margin: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,6 +299,19 @@ class Config:
             raise ConfigError("takeover needs both node.partner_data and node.partner_service")
         if self.node.partner_data is not None and self.node.partner is None:
             raise ConfigError("node.partner_data is set without node.partner")
+        if self.node.partner_metadata is not None and self.node.partner_data is None:
+            raise ConfigError("node.partner_metadata is set without node.partner_data")
+        if self.node.partner_metadata is not None:
+            from .metadata import store_kind
+
+            if _metadata_url(self.node.partner_metadata, "node.partner_metadata") is None or (
+                store_kind(self.node.partner_metadata) != "postgresql"
+            ):
+                raise ConfigError("node.partner_metadata must be a postgresql:// URL")
+            if store_kind(self.metadata) != "postgresql":
+                raise ConfigError("node.partner_metadata is PostgreSQL: this node's metadata must be too")
+        if not 0 < self.node.fence_margin < self.node.lease_ttl * 2 / 3:
+            raise ConfigError("node.fence_margin must be above 0 and below two thirds of node.lease_ttl")
         i = self.iscsi
         if bool(i.chap_user) != bool(i.chap_secret):
             raise ConfigError("iscsi.chap_user and iscsi.chap_secret go together")
@@ -436,7 +455,17 @@ _TABLES = {
     "metrics": {"latency_histograms"},
     "history": {"interval", "keep", "forecast_horizon", "forecast_min_window"},
     "first_start": {f.name for f in fields(FirstStartConfig)},
-    "node": {"name", "partner", "mirror_listen", "partner_timeout", "partner_data", "partner_service"},
+    "node": {
+        "name",
+        "partner",
+        "mirror_listen",
+        "partner_timeout",
+        "partner_data",
+        "partner_service",
+        "partner_metadata",
+        "lease_ttl",
+        "fence_margin",
+    },
 }
 
 
@@ -697,6 +726,17 @@ def parse_config(doc: dict[str, Any], *, base_dir: Path | None = None) -> Config
             if text.strip()
             else None,
         )
+    if "partner_metadata" in node:
+        url = _optional_str(node["partner_metadata"], "node.partner_metadata")
+        node_cfg = replace(node_cfg, partner_metadata=url or None)
+    if "lease_ttl" in node:
+        node_cfg = replace(
+            node_cfg, lease_ttl=_float(node["lease_ttl"], "node.lease_ttl", low=0.5, high=3600)
+        )
+    if "fence_margin" in node:
+        node_cfg = replace(
+            node_cfg, fence_margin=_float(node["fence_margin"], "node.fence_margin", low=0.05, high=3600)
+        )
     changes["node"] = node_cfg
     return replace(cfg, **changes)
 
@@ -786,9 +826,22 @@ def apply_overrides(cfg: Config, **flags: Any) -> Config:
             "partner_timeout",
             "partner_data",
             "partner_service",
+            "partner_metadata",
+            "lease_ttl",
+            "fence_margin",
         ):
             node_cfg = changes.get("node", cfg.node)
-            if key == "partner_data":
+            if key == "partner_metadata":
+                node_cfg = replace(node_cfg, partner_metadata=value.strip() or None)
+            elif key == "lease_ttl":
+                node_cfg = replace(
+                    node_cfg, lease_ttl=_float(float(value), "--lease-ttl", low=0.5, high=3600)
+                )
+            elif key == "fence_margin":
+                node_cfg = replace(
+                    node_cfg, fence_margin=_float(float(value), "--fence-margin", low=0.05, high=3600)
+                )
+            elif key == "partner_data":
                 node_cfg = replace(node_cfg, partner_data=Path(value).expanduser() if value.strip() else None)
             elif key == "partner_service":
                 node_cfg = replace(

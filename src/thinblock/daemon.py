@@ -29,6 +29,7 @@ import ssl
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,9 @@ from .config import Config
 from .engine import Engine, EngineOptions
 from .errors import MetadataCorrupt, NotFound, ThinblockError
 from .memory import warm_heap
-from .metadata import redact_url
-from .model import CacheMode
+from .metadata import redact_url, store_kind
+from .metadata.lease import holder_name
+from .model import AlertKind, CacheMode
 from .pdheaders import StoreBehindData
 from .units import format_size
 
@@ -238,6 +240,14 @@ def _bind_tcp(host: str, port: int, what: str) -> socket.socket:
     return sock
 
 
+def _lease_options(cfg: Config) -> dict[str, Any]:
+    """A node of a pair on PostgreSQL writes only under its lease (fence.py): the lease's time
+    to live and the fence's margin from ``[node]``.  Elsewhere the engine's defaults (no fence)."""
+    if cfg.node.partner is None or store_kind(cfg.metadata) != "postgresql":
+        return {}
+    return {"lease_ttl": cfg.node.lease_ttl, "fence_margin": cfg.node.fence_margin}
+
+
 class StartupError(Exception):
     """The daemon cannot start; the message says why, for one clear line in the log."""
 
@@ -260,6 +270,8 @@ class Daemon:
         self._unsubscribe: Any = None
         self.pair: Any = None  # node.pair.NodePair, with a partner configured
         self.taken_over: list[tuple[Engine, Any]] = []  # the partner's engine and its NBD server
+        self._partner_store: Any = None  # the partner's PostgreSQL store: its lease, watched
+        self._unsubscribe_fence: Any = None
 
     def request_stop(self, signame: str) -> None:
         if self.stop_requested.is_set():
@@ -352,6 +364,7 @@ class Daemon:
                     node_name=cfg.node.name,  # the lease node:NAME in the metadata store
                     pd_allowed_roots=cfg.pd_allowed_roots,
                     pd_direct_io=cfg.pd_direct_io,
+                    **_lease_options(cfg),
                 ),
                 metadata=cfg.metadata,
             )
@@ -362,6 +375,7 @@ class Daemon:
                 self._log_first_start_summary()
             if cfg.node.partner is not None:
                 await self._start_pair()
+                self._unsubscribe_fence = engine.subscribe(self._lease_lost)
 
             extra_metrics: list[Any] = [self.pair] if self.pair is not None else []
             if cfg.webhook.url:
@@ -463,6 +477,22 @@ class Daemon:
 
         node, engine = self.cfg.node, self.engine
         assert node.partner is not None and node.name and engine is not None
+        marks = EpochMarks(engine.store)
+        died_mirrored = marks.was_valid_at_death()
+        if died_mirrored:
+            # The last process of this node died (kill -9, a crash) while its partner held copies
+            # of writes it acknowledged: they may be on no PD of this node.  Serving now would
+            # serve older data (issue 12, the restarted owner).  The partner replays them by
+            # taking this node over; this node gives up its lease (or, on SQLite, its lock, by
+            # exiting) so that the takeover can begin at once.
+            if engine.lease is not None:
+                await engine.lease.stop(release=True)
+                engine.lease = None
+            raise StartupError(
+                f"node {node.name} stopped without a clean shutdown while its partner held the mirror"
+                f" of its write-back cache (epoch {died_mirrored}): the partner must replay those writes"
+                " by taking this node's volumes over before this node serves them again"
+            )
         self.pair = NodePair(
             PairConfig(
                 node.name,
@@ -475,11 +505,11 @@ class Daemon:
             cache=engine.cache,
             flush=engine.flush_all,
             alerts=engine.alerts,
-            # The marks are written straight from the loop, ordered before any write-through: fine
-            # for the embedded store (no writer thread); a remote store's writer runs in a thread,
-            # so there the pair runs without marks and without takeover (not built for it yet).
-            marks=EpochMarks(engine.store) if not engine.store.remote else None,
-            take_over=self._take_over if node.partner_data is not None and not engine.store.remote else None,
+            # The marks are written straight from the loop, ordered before any write-through (on
+            # PostgreSQL a round trip that holds the loop; they are written at a session's start
+            # and end only).
+            marks=marks,
+            take_over=self._take_over if node.partner_data is not None else None,
             writeback_volumes=lambda: sum(
                 1 for vv in engine.list_vvs() if vv.cache_mode == CacheMode.WRITEBACK
             ),
@@ -494,11 +524,10 @@ class Daemon:
             ) from None
 
     async def _take_over(self, holding: Any) -> bool:
-        """The partner's engine, once the partner is dead (its data directory's lock is free):
-        replay the copies held of it, serve its volumes on its service address.  False while the
-        partner lives.  Steps and rules: node/takeover.py."""
+        """The partner's engine, once the partner is dead or fenced: replay the copies held of it,
+        serve its volumes on its service address.  False while the partner holds its lease (on
+        PostgreSQL) or its data directory's lock (on SQLite).  Steps and rules: node/takeover.py."""
         from .errors import Conflict
-        from .nbd.server import NBDServer
         from .node.mirror import OwnerMirror
         from .node.mirror_protocol import MirrorHolding
         from .node.takeover import replay
@@ -506,20 +535,45 @@ class Daemon:
         node = self.cfg.node
         assert node.partner_data is not None and node.partner_service is not None and self.engine is not None
         started = time.monotonic()
+        options = self.engine.options
+        if node.partner_metadata is not None:
+            owner = holding.owner if holding is not None else None
+            if not owner or owner == "-":
+                return False  # the partner never said who it is: nothing to take over
+            holder = f"takeover by {node.name} ({holder_name(self.cfg.data_dir)})"
+            if not await self._partner_lease_free(owner, holder):
+                return False
+            # Ours now, with epoch + 1: the old owner stopped writing before its lease expired
+            # (fence.py), and its mirror links are refused from here on.
+            assert self.pair is not None
+            self.pair.refuse_owner(owner)
+            options = replace(options, node_name=owner, lease_holder=holder, lock_files=False)
         try:
-            engine = await Engine.open(node.partner_data, self.engine.options)
+            engine = await Engine.open(node.partner_data, options, metadata=node.partner_metadata)
         except Conflict:
-            return False  # the partner lives (it holds its lock)
+            return False  # the partner lives (it holds its lock, or its lease)
         log.warning(
             "the partner is dead: taking over its volumes",
-            extra={"event": "takeover-start", "data_dir": str(node.partner_data)},
+            extra={
+                "event": "takeover-start",
+                "data_dir": str(node.partner_data),
+                "epoch": engine.lease.lease.epoch if engine.lease is not None else 0,
+            },
         )
         # No partner is left to mirror to: its write-back volumes are written through from now.
         engine.cache.mirror = OwnerMirror(f"{node.name}-takeover", 0, durable=engine.flush_all)
         try:
             result = await replay(engine, holding if holding is not None else MirrorHolding("-"))
-            server = NBDServer(engine, default_export=None, sessions=engine.sessions)
-            await server.start(host=node.partner_service.host, port=node.partner_service.port)
+            log.warning(
+                "replayed the partner's mirrored writes",
+                extra={
+                    "event": "takeover-replayed",
+                    "seconds": round(time.monotonic() - started, 3),
+                    "replayed": result.replayed,
+                    "epoch": engine.lease.lease.epoch if engine.lease is not None else 0,
+                },
+            )
+            server = await self._bind_service(engine)
         except BaseException:
             await engine.close()
             raise
@@ -538,6 +592,60 @@ class Daemon:
             },
         )
         return True
+
+    async def _bind_service(self, engine: Engine) -> Any:
+        """Serve the taken-over volumes on the partner's service address.  A partner that was
+        paused still has it bound: it lets it go when it runs again and finds its lease lost
+        (``_lease_lost``); until then, try again (on one machine nothing else can move the
+        address; in production a floating address is moved by the cluster manager)."""
+        from .nbd.server import NBDServer
+
+        service = self.cfg.node.partner_service
+        assert service is not None
+        waited = False
+        while True:
+            server = NBDServer(engine, default_export=None, sessions=engine.sessions)
+            try:
+                await server.start(host=service.host, port=service.port)
+                return server
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+            if not waited:
+                waited = True
+                log.warning(
+                    "the partner's service address %s is still bound by the old owner: waiting for it",
+                    service,
+                    extra={"event": "takeover-service-busy"},
+                )
+            await asyncio.sleep(0.2)
+
+    def _lease_lost(self, alert: Any) -> None:
+        """This node's lease was taken (a partner took it over while this process was paused or
+        cut off): it is fenced (no PD or store write); stop serving, so that its NBD clients get
+        errors at once and the service address is free for the new owner."""
+        if alert.kind != AlertKind.LEASE_LOST or self.nbd is None or self.cfg.node.partner is None:
+            return
+        nbd, self.nbd = self.nbd, None
+        log.error(
+            "fenced: this node's volumes are served by its partner now; NBD stopped",
+            extra={"event": "fenced"},
+        )
+        asyncio.get_running_loop().create_task(nbd.stop(), name="nbd-stop-fenced")
+
+    async def _partner_lease_free(self, owner: str, holder: str) -> bool:
+        """Take the partner's lease node:OWNER in its store by compare-and-set (None while the
+        partner holds it unexpired); the takeover's engine then takes it again as the same
+        holder, keeping the epoch."""
+        from .metadata.postgres import PostgresStore
+
+        url = self.cfg.node.partner_metadata
+        assert url is not None
+        if self._partner_store is None:
+            self._partner_store = await asyncio.to_thread(PostgresStore, url, create=False, max_connections=1)
+        store = self._partner_store
+        lease = await asyncio.to_thread(store.acquire_lease, f"node:{owner}", holder, self.cfg.node.lease_ttl)
+        return lease is not None
 
     async def _start_nbd(self, provider: Any) -> None:
         cfg = self.cfg
@@ -742,6 +850,8 @@ class Daemon:
             except Exception:
                 clean = False
                 log.exception("closing a taken-over engine failed", extra={"event": "takeover-close-failed"})
+        if self._partner_store is not None:
+            self._partner_store.close()
         if self.engine is not None:
             try:
                 await self.engine.close()

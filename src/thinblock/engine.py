@@ -36,13 +36,21 @@ from .errors import (
     ThinblockError,
 )
 from .failures import FailureRecorder
+from .fence import WriteFence
 from .limits import check_pool_growth, check_vv_limits
 from .logical.journal import FILENAME as JOURNAL_FILE
 from .logical.journal import StripeJournal
 from .logical.raid import Chunklet, LogicalDisk, RaidLevel, replay_journal, validate_policy
 from .metadata import open_store, redact_url
 from .metadata.check import check_store
-from .metadata.lease import DEFAULT_TTL, LeaseKeeper, default_node_name, holder_name, take_node_lease
+from .metadata.lease import (
+    DEFAULT_FENCE_MARGIN,
+    DEFAULT_TTL,
+    LeaseKeeper,
+    default_node_name,
+    holder_name,
+    take_node_lease,
+)
 from .metadata.store import MetadataStore, PoolRow, VVRow
 from .metadata.writer import MetadataWriter
 from .model import (
@@ -105,6 +113,14 @@ class EngineOptions:
     # two daemons with one store and one node name cannot both serve (metadata/lease.py).
     node_name: str | None = None
     lease_ttl: float = DEFAULT_TTL
+    # A node of a pair (fence.py): stop writing PDs and the store this many seconds before the
+    # lease could expire (None: no fence, a single daemon).  ``lease_holder``: who takes the
+    # lease (None: this host and data directory; a takeover names itself, so it gets epoch + 1).
+    # ``lock_files`` False: no flock on the data directory and PDs (a takeover of a paused
+    # partner, which still holds them; the lease fences the two instead).
+    fence_margin: float | None = None
+    lease_holder: str | None = None
+    lock_files: bool = True
     # Where regular-file PDs may lie besides the data directory (physical/admission.py); None:
     # anywhere (tests, embedding).  The daemon always sets it (engine.pd_allowed_roots).
     pd_allowed_roots: tuple[Path, ...] | None = None
@@ -185,6 +201,7 @@ class Engine:
         self._pd_check_timer: asyncio.TimerHandle | None = None
         self.node_name = options.node_name or ""
         self.lease: LeaseKeeper | None = None  # the node's lease in the store (Engine.open)
+        self.fence: WriteFence | None = None  # a node of a pair: writes only under its lease
 
     # --- life cycle -------------------------------------------------------------------
     @classmethod
@@ -196,33 +213,47 @@ class Engine:
         work (destage)."""
         data_dir = Path(data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
-        lock_fd = lock_data_dir(data_dir)
+        options = options or EngineOptions()
+        lock_fd = lock_data_dir(data_dir) if options.lock_files else None
         try:
             store = open_store(metadata, data_dir)
         except BaseException:
-            os.close(lock_fd)
+            _unlock(lock_fd)
             raise
         problems = check_store(store)
         if problems:
             store.close()
-            os.close(lock_fd)
+            _unlock(lock_fd)
             raise MetadataCorrupt(
                 f"metadata store {store.url} failed its check, refusing to start "
                 f"({len(problems)} problem(s)): " + "; ".join(problems[:10])
             )
-        options = options or EngineOptions()
         node = options.node_name or default_node_name()
+        asked = time.monotonic()
         try:
-            lease = take_node_lease(store, node, holder_name(data_dir), options.lease_ttl)
+            lease = take_node_lease(
+                store, node, options.lease_holder or holder_name(data_dir), options.lease_ttl
+            )
         except BaseException:
             store.close()
-            os.close(lock_fd)
+            _unlock(lock_fd)
             raise
         engine = cls(data_dir, store, options, asyncio.get_running_loop())
         engine._lock_fd = lock_fd
         engine._loop = engine.failures.loop = asyncio.get_running_loop()
         engine.node_name = node
-        engine.lease = LeaseKeeper(engine.meta, lease, options.lease_ttl, on_lost=engine._lease_lost)
+        if options.fence_margin is not None:
+            engine.fence = WriteFence(f"the lease node:{node}")
+            engine.cache.fence = engine.meta.fence = engine.fence
+        engine.lease = LeaseKeeper(
+            engine.meta,
+            lease,
+            options.lease_ttl,
+            on_lost=engine._lease_lost,
+            fence=engine.fence,
+            margin=options.fence_margin or DEFAULT_FENCE_MARGIN,
+        )
+        engine.lease.granted(asked)
         try:
             await engine._load()
         except BaseException:
@@ -485,11 +516,13 @@ class Engine:
                 create=False,
                 allow_tiny=True,
                 data_offset=HEADER_AREA,
+                lock=self.options.lock_files,
             )
         except InvalidArgument as exc:
             # A PD that vanished is a failed disk, not a reason to refuse to serve the others.
             pd = PhysicalDisk(pd_id, path, -1, size, chunklet_size, False, data_offset=HEADER_AREA)
             pd.fail(f"cannot open: {exc}")
+        pd.fence = self.fence
         self._register_pd(pd)
         return pd
 
@@ -716,6 +749,7 @@ class Engine:
                 allow_tiny=self.options.allow_tiny_chunklets,
                 data_offset=HEADER_AREA,
             )
+            pd.fence = self.fence
         except InvalidArgument:
             raise
         except (OSError, ValueError) as exc:
@@ -1269,3 +1303,8 @@ def _sync_all(
         # A PD whose header cannot be written fails (its data was fsynced: nothing is lost).
         headers.publish(generation, pds)
     return failures
+
+
+def _unlock(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)

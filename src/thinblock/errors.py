@@ -111,6 +111,13 @@ class LeaseLost(MediumError):
     http_status = 503
 
 
+class Fenced(MediumError):
+    """This node may not write now: its lease is lost, or not known to be held (fence.py).  The
+    write was not made; nothing is failed or dropped because of it."""
+
+    http_status = 503
+
+
 class SlowZero(ThinblockError):
     """A FAST_ZERO write-zeroes request could not be done faster than writing zeros (NBD_ENOTSUP)."""
 

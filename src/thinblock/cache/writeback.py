@@ -44,7 +44,8 @@ from collections.abc import Awaitable
 from typing import Protocol
 
 from ..blockdev import Buffer
-from ..errors import MediumError, OutOfSpace
+from ..errors import Fenced, MediumError, OutOfSpace
+from ..fence import WriteFence
 from ..logical.raid import LogicalDisk
 
 log = logging.getLogger("thinblock.cache")
@@ -111,6 +112,9 @@ class WriteBackCache:
         self._pressure = asyncio.Event()  # set when a writer waits for room
         self._task: asyncio.Task[None] | None = None
         self.errors: list[str] = []  # destage failures, reported by the next flush
+        # A node of a pair destages only while it holds its lease (fence.py): a fenced destage
+        # keeps the region dirty (the partner holds its copies and replays them at a takeover).
+        self.fence: WriteFence | None = None
 
     # --- life cycle ---
     def start(self) -> None:
@@ -118,7 +122,10 @@ class WriteBackCache:
             self._task = asyncio.get_running_loop().create_task(self._destager(), name="thinblock-destage")
 
     async def stop(self) -> None:
-        await self.destage_all()
+        try:
+            await self.destage_all()
+        except Fenced as exc:
+            log.error("dirty data not destaged at stop: %s", exc)
         if self._task is not None:
             self._task.cancel()
             try:
@@ -242,14 +249,22 @@ class WriteBackCache:
         return self.mirror.release(vv, key)
 
     def destage_region(self, key: int) -> None:
-        """Write one region's dirty data to its LD now (FUA, flush, destager)."""
-        region = self._regions.pop(key, None)
-        if region is None:
+        """Write one region's dirty data to its LD now (FUA, flush, destager).  ``Fenced``
+        when this node may not write (the region stays dirty, nothing is reported destaged)."""
+        if key not in self._regions:
             return
+        if self.fence is not None:
+            self.fence.check()  # every destage checks the node's lease (fence.py)
+        region = self._regions.pop(key)
         ld, base = region.ld, region.base
         try:
             for offset, data in region.entries:
                 ld.write(base + offset, data)
+        except Fenced:
+            # The deadline passed during this region (a write may have landed before it: it is
+            # written again, the same bytes, when the fence opens).
+            self._regions[key] = region
+            raise
         except (MediumError, OutOfSpace) as exc:
             # The LD lost the data (or the host had no room for it: issue 10 case 5): remember it
             # for the next flush, which must report EIO.
@@ -294,5 +309,13 @@ class WriteBackCache:
             self._pressure.clear()
             try:
                 await self.destage_all()
+            except Fenced as exc:
+                # Not allowed to write now: retry later, unless the lease is lost for good (the
+                # partner replays its copies of this data).
+                log.warning("destage held: %s", exc)
+                if self.fence is not None and self.fence.lost is not None:
+                    return
+                await asyncio.sleep(0.5)
+                self._wake.set()
             except Exception:  # never let the destager die silently
                 log.exception("destager failed")

@@ -61,7 +61,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..blockdev import Buffer
-from ..errors import Conflict, InvalidArgument, MediumError
+from ..errors import Conflict, Fenced, InvalidArgument, MediumError
 from ..model import LDHealth
 from ..physical.pd import FAILURES, PhysicalDisk
 from ..physical.workers import Submit
@@ -619,6 +619,8 @@ class LogicalDisk:
                 try:
                     pd.pwrite(bases[c] + roff, data)
                     written += 1
+                except Fenced:
+                    raise  # this node may not write: not a member failure
                 except MediumError:
                     pass
             if not written:
@@ -641,6 +643,8 @@ class LogicalDisk:
                 try:
                     pd.punch(bases[c] + roff, n)
                     zeroed += 1
+                except Fenced:
+                    raise  # this node may not write: not a member failure
                 except MediumError:
                     pass
             if not zeroed:
@@ -770,6 +774,8 @@ class LogicalDisk:
             views = column(c)
             try:
                 pd.pwritev(bases[c] + s0 * step, views)
+            except Fenced:
+                raise  # this node may not write: not a member failure
             except MediumError:
                 pass  # tolerated below if it is the only failed member
         if len(self._failed_cols(r)) > 1:
@@ -825,12 +831,16 @@ class LogicalDisk:
         if parity is not None and not pds[p].failed:
             try:
                 pds[p].pwrite(bases[p] + base + lo, parity)
+            except Fenced:
+                raise  # this node may not write: not a member failure
             except MediumError:
                 pass
         for col, uoff, view in pieces:
             if not pds[col].failed:
                 try:
                     pds[col].pwrite(bases[col] + base + uoff, view)
+                except Fenced:
+                    raise  # this node may not write: not a member failure
                 except MediumError:
                     pass
         if len(self._failed_cols(r)) > 1:
@@ -900,6 +910,8 @@ class LogicalDisk:
                 if not pds[c].failed:
                     try:
                         pds[c].punch(bases[c] + lo, hi - lo)
+                    except Fenced:
+                        raise  # this node may not write: not a member failure
                     except MediumError:
                         pass
             if len(self._failed_cols(r)) > 1:

@@ -12,6 +12,10 @@ third of its time to live through the metadata writer, and gives it up on a clea
 * A renewal that finds the lease gone (expired while the process was paused, taken by another)
   takes it back only if nobody else took it (same holder, same epoch); otherwise the lease is
   lost: an alert, and every metadata write of this process fails with ``LeaseLost``.
+* With a ``WriteFence`` (a node of a pair, fence.py), each grant opens the fence until the
+  time the request was *sent* plus the time to live minus ``margin``: the node stops writing
+  its PDs and its store before the lease can expire in the store, so before the partner can
+  take it (epoch + 1) and begin its takeover.  A lost lease closes the fence for good.
 """
 
 from __future__ import annotations
@@ -19,17 +23,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import Conflict, ThinblockError
+from ..fence import WriteFence
 from .store import Lease, MetadataStore
 from .writer import MetadataWriter
 
 log = logging.getLogger("thinblock.metadata")
 
 DEFAULT_TTL = 15.0
+DEFAULT_FENCE_MARGIN = 1.0  # seconds before the lease's expiry a fenced node stops writing
 
 
 def default_node_name() -> str:
@@ -69,25 +76,64 @@ class LeaseKeeper:
         lease: Lease,
         ttl: float = DEFAULT_TTL,
         on_lost: Callable[[str], None] | None = None,
+        fence: WriteFence | None = None,
+        margin: float = DEFAULT_FENCE_MARGIN,
     ) -> None:
+        assert fence is None or 0 < margin < ttl * 2 / 3, "the fence must open between renewals"
         self.writer = writer
         self.lease = lease
         self.ttl = ttl
         self.lost = False
         self._on_lost = on_lost
+        self.fence = fence
+        self.margin = margin
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
+        if self.fence is not None and self.writer.store.remote:
+            # Fenced: renewed from a thread of its own, so that an event loop held up by a long
+            # step (a PD created, a busy machine) does not let the fence close on a lease that
+            # is still ours.  The store's methods are thread-safe (a connection pool).
+            self._loop = asyncio.get_running_loop()
+            self._thread = threading.Thread(target=self._run_thread, name="thinblock-lease", daemon=True)
+            self._thread.start()
+            return
         self._task = asyncio.get_running_loop().create_task(self._run(), name="thinblock-lease")
+
+    def _run_thread(self) -> None:
+        store = self.writer.store
+        interval = min(self.ttl, self.ttl - self.margin) / 3
+        while not self._stop.wait(interval):
+            try:
+                sent = time.monotonic()
+                renewed = store.renew_lease(self.lease, self.ttl)
+                if renewed is None:
+                    sent = time.monotonic()
+                    renewed = store.acquire_lease(self.lease.name, self.lease.holder, self.ttl)
+                    if renewed is None or renewed.epoch != self.lease.epoch:
+                        assert self.fence is not None and self._loop is not None
+                        self.fence.close(f"lease {self.lease.name} (epoch {self.lease.epoch}) lost")
+                        self._loop.call_soon_threadsafe(self._lose, renewed)
+                        return
+            except ThinblockError as exc:
+                log.warning("lease %s not renewed: %s", self.lease.name, exc)
+                continue
+            self.lease = renewed
+            self.granted(sent)
 
     async def renew_once(self) -> None:
         store = self.writer.store
         try:
-            renewed = await self.writer.call(store.renew_lease, self.lease, self.ttl)
+            sent = time.monotonic()
+            renewed = await self.writer.call(store.renew_lease, self.lease, self.ttl, unfenced=True)
             if renewed is None:
                 # Expired (a pause, a store that was away): ours again only if nobody took it.
+                sent = time.monotonic()
                 renewed = await self.writer.call(
-                    store.acquire_lease, self.lease.name, self.lease.holder, self.ttl
+                    store.acquire_lease, self.lease.name, self.lease.holder, self.ttl, unfenced=True
                 )
                 if renewed is None or renewed.epoch != self.lease.epoch:
                     self._lose(renewed)
@@ -97,11 +143,19 @@ class LeaseKeeper:
             log.warning("lease %s not renewed: %s", self.lease.name, exc)
             return
         self.lease = renewed
+        self.granted(sent)
+
+    def granted(self, sent: float) -> None:
+        """The lease was granted by a request sent at ``sent`` (monotonic): open the fence."""
+        if self.fence is not None and not self.lost:
+            self.fence.open_until(sent + self.ttl - self.margin)
 
     def _lose(self, taken: Lease | None) -> None:
         if self.lost:
             return
         self.lost = True
+        if self.fence is not None:
+            self.fence.close(f"lease {self.lease.name} (epoch {self.lease.epoch}) lost")
         current = taken
         if current is None:
             try:
@@ -123,6 +177,10 @@ class LeaseKeeper:
             await self.renew_once()
 
     async def stop(self, release: bool = True) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
         if self._task is not None:
             self._task.cancel()
             try:
@@ -131,7 +189,9 @@ class LeaseKeeper:
                 pass
             self._task = None
         if release and not self.lost:
+            if self.fence is not None:
+                self.fence.close(f"lease {self.lease.name} released")
             try:
-                await self.writer.call(self.writer.store.release_lease, self.lease)
+                await self.writer.call(self.writer.store.release_lease, self.lease, unfenced=True)
             except ThinblockError as exc:
                 log.warning("lease %s not released: %s", self.lease.name, exc)

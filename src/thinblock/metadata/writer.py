@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from ..errors import LeaseLost, MetadataStoreFull, MetadataUnavailable
+from ..fence import WriteFence
 from .store import Assignment, MetadataStore
 
 log = logging.getLogger("thinblock.metadata")
@@ -48,12 +49,19 @@ class _Assign:
 
 
 class _Call:
-    __slots__ = ("args", "fn", "future")
+    __slots__ = ("args", "fn", "future", "unfenced")
 
-    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], future: asyncio.Future[Any]) -> None:
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        future: asyncio.Future[Any],
+        unfenced: bool = False,
+    ) -> None:
         self.fn = fn
         self.args = args
         self.future = future
+        self.unfenced = unfenced
 
 
 _Item = _Assign | _Call
@@ -84,6 +92,9 @@ class MetadataWriter:
         self.on_recovered = on_recovered
         self.in_trouble = False
         self.groups = 0  # groups committed (tests, metrics)
+        # A node of a pair changes its store only while it holds its lease (fence.py): checked
+        # before every transaction but the lease's own (``call(..., unfenced=True)``).
+        self.fence: WriteFence | None = None
 
     # --- what callers queue ---
     def assign(self, vv_id: int, vv_region: int, ld_id: int, ld_region: int) -> asyncio.Future[None]:
@@ -94,10 +105,11 @@ class MetadataWriter:
         self._kick()
         return future
 
-    def call(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-        """Queue any store method (``writer.call(store.add_vv, row)``), run in order with the rest."""
+    def call(self, fn: Callable[..., T], *args: Any, unfenced: bool = False) -> asyncio.Future[T]:
+        """Queue any store method (``writer.call(store.add_vv, row)``), run in order with the rest.
+        ``unfenced``: run even when the fence is closed (the lease's renewal, nothing else)."""
         future: asyncio.Future[T] = self._loop.create_future()
-        self._queue.append(_Call(fn, args, future))
+        self._queue.append(_Call(fn, args, future, unfenced))
         self._kick()
         return future
 
@@ -146,6 +158,8 @@ class MetadataWriter:
                     j += 1
                 group = batch[i:j]
                 try:
+                    if self.fence is not None:
+                        self.fence.check()
                     self.store.assign_many([a.row for a in group])  # type: ignore[union-attr]
                 except Exception as exc:
                     out += [(a, exc, True) for a in group]
@@ -154,6 +168,8 @@ class MetadataWriter:
                 i = j
                 continue
             try:
+                if self.fence is not None and not item.unfenced:
+                    self.fence.check()
                 out.append((item, item.fn(*item.args), False))
             except Exception as exc:
                 out.append((item, exc, True))

@@ -27,11 +27,13 @@ Each node listens for its partner's link (``listen``) and connects to the partne
 On the partner's side the role accepts the link, holds the owner's copies in a
 ``MirrorHolding`` that outlives connections (a takeover replays it) and answers.
 
-Not built yet (issue 12, points 4-6): leases shared through the metadata store, takeover
-(the holding replayed in sequence order by the partner), fencing, planned moves.  Until a
-shared store exists the two nodes have separate stores and PDs, a partner cannot take over,
-and so the two copies never satisfy FLUSH by themselves (``covers_flush`` is False): FLUSH
-and FUA still destage and fsync.
+Takeover (node/takeover.py): when the owner whose copies this node holds goes silent (its
+link closed, or open and quiet past ``partner_timeout``), ``take_over`` is tried every
+``takeover_poll`` until it succeeds or the owner is heard again; after it succeeded the owner's
+mirror links are refused (``refuse_owner``).
+
+Until the two copies can be proven to cover a FLUSH, ``covers_flush`` is False: FLUSH and FUA
+still destage and fsync.
 """
 
 from __future__ import annotations
@@ -137,6 +139,9 @@ class NodePair:
         self._degrade_flush: asyncio.Task[None] | None = None
         self._stopping = False
         self.listen_port = config.listen_port
+        # Owners this node took over: their mirror links are refused from then on (a fenced
+        # old owner must not have writes acknowledged on copies nobody will replay).
+        self.refused_owners: set[str] = set()
 
     @property
     def object_name(self) -> str:
@@ -153,6 +158,8 @@ class NodePair:
             loop.create_task(self._owner_loop(), name="pair-owner-link"),
             loop.create_task(self._report_loop(), name="pair-report-destaged"),
         ]
+        if self._take_over is not None:
+            self._tasks.append(loop.create_task(self._silence_watch(), name="pair-owner-silence"))
         log.info(
             "node pair: mirror listener up",
             extra={
@@ -342,6 +349,8 @@ class NodePair:
         return session.link
 
     def _holding_for(self, hello: Hello) -> MirrorHolding:
+        if hello.node in self.refused_owners:
+            return MirrorHolding(hello.node)  # refused by _accept_owner next: nothing is kept
         holding = self.holding
         if holding is None or (holding.owner != hello.node and len(holding) == 0):
             holding = self.holding = MirrorHolding(hello.node, max_bytes=self.config.max_held)
@@ -357,8 +366,44 @@ class NodePair:
             )
 
     def _owner_connected(self) -> bool:
+        """The owner whose copies this node holds is connected and was heard within the bound
+        (it PINGs every partner_timeout / 4): a stopped or cut-off owner is not."""
         holding = self.holding
-        return holding is not None and any(s.conn is holding.session for s in self._sessions)
+        if holding is None:
+            return False
+        heard_since = time.monotonic() - self.config.partner_timeout
+        return any(s.conn is holding.session and s.last_heard >= heard_since for s in self._sessions)
+
+    async def _silence_watch(self) -> None:
+        """An owner whose link stays open but says nothing (SIGSTOP, a cut link that has not
+        reset) may have lost its lease: try to take it over (``take_over`` refuses while the
+        owner's lease or lock holds)."""
+        while not self._stopping:
+            await asyncio.sleep(self.config.takeover_poll)
+            holding = self.holding
+            if (
+                holding is not None
+                and holding.owner not in ("-", "")
+                and not self.taken_over
+                and not self._owner_connected()
+                and (self._takeover_task is None or self._takeover_task.done())
+            ):
+                self._takeover_task = asyncio.get_running_loop().create_task(
+                    self._takeover_loop(), name="pair-takeover"
+                )
+
+    def refuse_owner(self, owner: str) -> None:
+        """Taken over: end the old owner's mirror links and refuse new ones (fencing)."""
+        self.refused_owners.add(owner)
+        for session in list(self._sessions):
+            if session.owner == owner:
+                session.link.abort()
+                self._sessions.discard(session)
+
+    def _accept_owner(self, hello: Hello) -> str | None:
+        if hello.node in self.refused_owners:
+            return f"node {self.config.node} took over node {hello.node}'s volumes: it is fenced"
+        return None
 
     async def _takeover_loop(self) -> None:
         assert self._take_over is not None
@@ -464,13 +509,16 @@ class _PartnerSession:
             pair.incarnation,
             MirrorHolding("-"),  # replaced at HELLO by choose_holding
             choose_holding=pair._holding_for,
+            accept_owner=pair._accept_owner,
         )
+        self.last_heard = time.monotonic()
         self.link = Link(self._on_data, self._on_close, self._on_open)
 
     def _on_open(self, link: Link) -> None:
         link.write(self.conn.data_to_send())  # our HELLO
 
     def _on_data(self, data: bytes) -> None:
+        self.last_heard = time.monotonic()
         conn = self.conn
         conn.receive_data(data)
         while (event := conn.next_event()) is not NEED_DATA:

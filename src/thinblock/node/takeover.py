@@ -1,27 +1,42 @@
 """Takeover: the partner replays what it holds of a dead owner and serves its volumes (claim 3).
 
 On one machine both nodes see each other's data directory (PDs and store), as a dual-
-controller array's two nodes see the same drives.  Who owns a data directory is decided by
-the kernel: the engine's exclusive ``flock`` on ``DATA_DIR/thinblock.lock``, released the
-moment the owner process dies (``kill -9`` included) and never while it lives.  So:
+controller array's two nodes see the same drives.  Who owns a data directory is decided
 
-1. the owner's mirror link closes (the partner sees EOF or a reset);
-2. the partner tries to open the owner's engine: refused while the owner lives (its lock),
-   so a cut link or an owner that merely restarted its link takes nothing over; granted once
-   the owner is dead, and from then on a restarted owner is refused in turn (fencing by the
-   same lock);
+* on PostgreSQL, by the owner's lease ``node:NAME`` in its store (metadata/lease.py): renewed
+  by the owner every third of its time to live; the owner writes its PDs and its store only
+  until its last grant's send time + ttl - margin (fence.py), so it has stopped before the lease
+  can expire in the store;
+* on SQLite, by the kernel: the engine's exclusive ``flock`` on ``DATA_DIR/thinblock.lock``,
+  released the moment the owner process dies (``kill -9`` included) and never while it lives.
+
+So:
+
+1. the owner goes silent: its mirror link closes (EOF, a reset), or stays open with nothing on
+   it for longer than the partner timeout (SIGSTOP, a cut link): the partner tries again every
+   ``takeover_poll`` for as long as the owner stays silent;
+2. the partner takes ownership: on PostgreSQL by compare-and-set of the owner's lease
+   (``acquire_lease`` as a holder of its own: granted only once it expired, with epoch + 1),
+   after which it refuses the old owner's mirror links (a fenced owner gets no write
+   acknowledged on copies nobody will replay); on SQLite by opening the owner's engine, refused
+   while the owner's lock is held;
 3. the store's ``mirror_valid`` mark says whether the partner's copies are the owner's latest
    acknowledged writes: the owner sets it to the session's epoch before acknowledging on two
    copies and clears it before writing anything through (the partner lost), so copies made
    obsolete by later written-through writes are never replayed over them;
 4. valid copies are written to the volumes, per volume in sequence order (by virtual
    address, through the volume's own write path: a region whose assignment the owner never
-   committed is assigned again), then flushed;
+   committed is assigned again), then flushed; every one of these writes checks the new
+   owner's own fence;
 5. the taken-over volumes are written through (no partner is left to mirror to) and served
-   on the owner's service address, so reconnecting clients find them where they were.
+   on the owner's service address, so reconnecting clients find them where they were (bound
+   once the old owner let it go: a stopped owner still holds it until it runs again, finds its
+   lease lost and stops its NBD server).
 
-Not built: leases with expiry, so an owner that is alive but stopped (SIGSTOP) or cut off is
-never taken over (its lock is held); failback (the old owner returning as partner).
+An owner that died with valid copies at its partner (the mark set) and is restarted refuses to
+start and gives its lease up (daemon.py): the partner takes over and replays them first.
+
+Not built: the old owner rejoining as partner (failback) while its partner serves its volumes.
 """
 
 from __future__ import annotations

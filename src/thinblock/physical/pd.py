@@ -24,6 +24,7 @@ import os
 import stat
 import threading
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -33,6 +34,9 @@ from ..model import PDHealth
 from ..units import KiB, MiB, format_size
 from . import header as pd_header
 from .header import PDHeader
+
+if TYPE_CHECKING:
+    from ..fence import WriteFence
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +200,9 @@ class PhysicalDisk:
         # Told when the host file system under the PD has no room (ENOSPC, EDQUOT), on the
         # thread that met it; the PD stays in service.
         self.on_no_space: Callable[[PhysicalDisk, str], None] | None = None
+        # A node of a pair writes only while it holds its lease (fence.py): checked right
+        # before every write syscall, on the thread that makes it.
+        self.fence: WriteFence | None = None
 
     # --- construction -----------------------------------------------------------------
     @classmethod
@@ -209,6 +216,7 @@ class PhysicalDisk:
         create: bool,
         allow_tiny: bool = False,
         data_offset: int = 0,
+        lock: bool = True,
     ) -> PhysicalDisk:
         """Open a PD.
 
@@ -220,6 +228,9 @@ class PhysicalDisk:
           or the smaller ``size`` given (the rest is left alone).
         * ``chunklet_size`` is a power of two from 1 MiB (from 4 KiB with ``allow_tiny``,
           for tests); the PD must hold at least one chunklet.
+
+        ``lock`` False: no flock (a node taking over a paused partner's PDs, which that
+        partner still holds locked; the lease fences the two instead, fence.py).
 
         Raises InvalidArgument with a message naming the path on any bad input.
         """
@@ -262,7 +273,8 @@ class PhysicalDisk:
         except OSError as exc:
             raise InvalidArgument(f"cannot open PD {path}: {exc.strerror}") from None
         try:
-            _lock(fd, path)
+            if lock:
+                _lock(fd, path)
             actual = (os.lseek(fd, 0, os.SEEK_END) if is_block else st.st_size) - data_offset
             if size is None:
                 size = actual
@@ -406,6 +418,8 @@ class PhysicalDisk:
         """Write ``header`` durably; MediumError (and the PD failed) when it cannot be."""
         if self._blocked:
             raise self._refuse("header write", 0)
+        if self.fence is not None:
+            self.fence.check()
         assert self.data_offset >= pd_header.HEADER_AREA, "this PD has no header area"
         try:
             pd_header.write_header(self._fd, header)
@@ -568,6 +582,8 @@ class PhysicalDisk:
         """Write all of ``data`` at ``offset`` (in WRITE_PIECE syscalls when it is larger)."""
         if self._blocked:
             raise self._refuse("write", offset)
+        if self.fence is not None:
+            self.fence.check()
         try:
             n = len(data)
             if self._direct_fd >= 0 and self._aligned(offset, n):
@@ -618,6 +634,8 @@ class PhysicalDisk:
             self._pwritev_part(offset, part, want)
 
     def _pwritev_part(self, offset: int, part: list[Buffer], want: int) -> None:
+        if self.fence is not None:
+            self.fence.check()
         try:
             done = os.pwritev(self._fd, part, offset)
             if done != want:
@@ -648,6 +666,8 @@ class PhysicalDisk:
         without fallocate."""
         if self._blocked:
             raise self._refuse("allocate", offset)
+        if self.fence is not None:
+            self.fence.check()
         if not self._can_allocate or length <= 0:
             return
         try:
@@ -674,6 +694,8 @@ class PhysicalDisk:
         a sparse file), or write zeros where the file system or device cannot punch."""
         if self._blocked:
             raise self._refuse("punch", offset)
+        if self.fence is not None:
+            self.fence.check()
         if length <= 0:
             return
         if self._can_punch:
