@@ -407,8 +407,19 @@ class NodePair:
 
     async def _takeover_loop(self) -> None:
         assert self._take_over is not None
+        owner = self.holding.owner if self.holding is not None else "?"
+        log.warning(
+            "node %s is silent: taking it over once its lease (or lock) is free",
+            owner,
+            extra={"event": "takeover-trying", "owner": owner},
+        )
         while not self._stopping and not self.taken_over:
             if self._owner_connected():
+                log.info(
+                    "node %s is heard again: not taking it over",
+                    owner,
+                    extra={"event": "takeover-abandoned", "owner": owner},
+                )
                 return  # the owner is alive: it reconnected and resynced
             try:
                 if await self._take_over(self.holding):
