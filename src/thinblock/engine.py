@@ -24,7 +24,7 @@ import numpy as np
 from .alerts import AlertBus
 from .blockdev import Volume
 from .cache.writeback import WriteBackCache
-from .datalock import lock_data_dir
+from .datalock import lock_data_dir, share_data_dir
 from .errors import (
     AlreadyExists,
     Conflict,
@@ -266,7 +266,20 @@ class Engine:
 
     @staticmethod
     def check(data_dir: str | Path | None, metadata: str | None = None) -> CheckReport:
-        """Check a store without opening it for service (``thinblock check``)."""
+        """Check a store without opening it for service (``thinblock check``).  A data directory a
+        running daemon holds is not checked: its store changes under the check."""
+        try:
+            lock_fd = share_data_dir(Path(data_dir)) if data_dir is not None else None
+        except Conflict as exc:
+            return CheckReport(False, [f"{exc}: stop it before checking its store offline"], {})
+        try:
+            return Engine._check_store(data_dir, metadata)
+        finally:
+            if lock_fd is not None:
+                os.close(lock_fd)
+
+    @staticmethod
+    def _check_store(data_dir: str | Path | None, metadata: str | None) -> CheckReport:
         try:
             store = open_store(metadata, data_dir, create=False)
         except (MetadataCorrupt, InvalidArgument) as exc:

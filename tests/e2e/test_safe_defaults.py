@@ -114,3 +114,21 @@ def test_contradictions_are_refused_in_one_line_and_overcommit_is_shown(daemon: 
     table = daemon.cli("pool", "list").out
     assert "OVERCOMMIT" in table and "64x" in table
     assert "(overcommit 64x)" in daemon.cli("status").out
+
+
+def test_check_says_a_running_daemons_data_directory_is_in_use(daemon: Daemon) -> None:
+    busy = daemon.cli("check", "--data", str(daemon.data_dir))
+    assert busy.code == 1
+    assert f"in use by another thinblock process (pid {daemon.pid})" in busy.out + busy.err
+    assert "stop it before checking" in busy.out + busy.err
+    # The rebuild metrics: one quantity each, named as GET /rebuild names them.
+    with daemon.http() as http:
+        metrics = http.get("/metrics").text
+    assert (
+        "\nthinblock_rebuild_bytes_total 0.0\n" in metrics
+        and "\nthinblock_rebuild_done_bytes 0.0\n" in metrics
+    )
+    assert "thinblock_rebuild_bytes{" not in metrics
+    assert daemon.stop() == 0
+    assert daemon.cli("check", "--data", str(daemon.data_dir)).code == 0  # stopped: checked
+    daemon.start()  # the fixture stops it

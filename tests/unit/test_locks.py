@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.engine_helpers import make_engine
+from thinblock.datalock import LOCK_FILE, lock_data_dir, share_data_dir
 from thinblock.engine import Engine, EngineOptions
 from thinblock.errors import Conflict, InvalidArgument
 from thinblock.physical.pd import PhysicalDisk
@@ -76,3 +77,41 @@ async def test_a_pd_of_another_engine_is_refused(tmp_path: Path) -> None:
         await b.add_pd(taken, chunklet_size=64 * 1024)
     assert b.list_pds() == []
     await b.close()
+
+
+# --- the check's shared lock (datalock.share_data_dir) ---
+
+
+def test_a_held_directory_refuses_a_second_holder_and_a_check(tmp_path: Path) -> None:
+    fd = lock_data_dir(tmp_path)
+    try:
+        assert (tmp_path / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+        with pytest.raises(Conflict, match=rf"in use by another thinblock process \(pid {os.getpid()}\)"):
+            lock_data_dir(tmp_path)
+        with pytest.raises(Conflict, match="in use"):
+            share_data_dir(tmp_path)
+    finally:
+        os.close(fd)
+    # Released: the check may take it now, and a daemon may once the check is over.
+    shared = share_data_dir(tmp_path)
+    assert shared is not None
+    try:
+        with pytest.raises(Conflict):
+            lock_data_dir(tmp_path)  # a daemon cannot start in the middle of a check
+    finally:
+        os.close(shared)
+    os.close(lock_data_dir(tmp_path))
+
+
+def test_the_check_writes_nothing(tmp_path: Path) -> None:
+    assert share_data_dir(tmp_path) is None  # no lock file: nothing created
+    assert not (tmp_path / LOCK_FILE).exists()
+    assert share_data_dir(tmp_path / "missing") is None
+    (tmp_path / LOCK_FILE).write_text("4242\n")
+    before = (tmp_path / LOCK_FILE).stat()
+    shared = share_data_dir(tmp_path)
+    assert shared is not None
+    os.close(shared)
+    after = (tmp_path / LOCK_FILE).stat()
+    assert (tmp_path / LOCK_FILE).read_text() == "4242\n"  # the daemon's pid stays for its message
+    assert after.st_mtime_ns == before.st_mtime_ns

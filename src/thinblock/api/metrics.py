@@ -89,9 +89,14 @@ class EngineCollector:
         running = GaugeMetricFamily("thinblock_rebuild_running", "1 while a rebuild runs")
         running.add_metric([], 1 if progress.running else 0)
         yield running
-        done = GaugeMetricFamily("thinblock_rebuild_bytes", "bytes of the current rebuild", labels=["part"])
-        done.add_metric(["total"], progress.bytes_total)
-        done.add_metric(["done"], progress.bytes_done)
+        # One quantity per metric, named as GET /rebuild names them (bytes_total, bytes_done).
+        total = GaugeMetricFamily(
+            "thinblock_rebuild_bytes_total", "bytes the current (or last) rebuild copies"
+        )
+        total.add_metric([], progress.bytes_total)
+        yield total
+        done = GaugeMetricFamily("thinblock_rebuild_done_bytes", "bytes of it copied so far")
+        done.add_metric([], progress.bytes_done)
         yield done
 
     def _volumes(self) -> Iterable[Metric]:
