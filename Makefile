@@ -4,7 +4,7 @@
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
-APT_PKGS := qemu-utils libnbd-bin fio nbdkit openssl libiscsi-bin qemu-block-extra tgt chromium postgresql iproute2
+APT_PKGS := qemu-utils libnbd-bin fio nbdkit openssl libiscsi-bin qemu-block-extra tgt chromium postgresql iproute2 zsh fish
 
 .PHONY: setup deps venv serve test lint typecheck pytest bench drills clean
 

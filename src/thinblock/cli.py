@@ -326,6 +326,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print JSON (for scripts)")
 
+    completion = commands.add_parser(
+        "completion",
+        help="print the shell completion script for bash, zsh or fish",
+        description=_COMPLETION_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    completion.set_defaults(func=cmd_completion)
+    completion.add_argument("shell", choices=COMPLETION_SHELLS, metavar="SHELL", help="bash, zsh or fish")
+
     leaf(commands, "status", "the node at a glance: uptime, pools, volumes, open alerts", cmd_status)
     iscsi = noun("iscsi", "the iSCSI target (serve --iscsi)")
     leaf(iscsi, "sessions", "logged-in iSCSI sessions: initiator, address, volume, LUNs", cmd_iscsi_sessions)
@@ -485,6 +494,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _fill_descriptions(parser)
     return parser
+
+
+COMPLETION_SHELLS = ("bash", "zsh", "fish")
+
+_COMPLETION_HELP = """\
+Print the completion script for SHELL (commands, options, choices).  Load it for this shell with
+  source <(thinblock completion bash)          # bash (or zsh: thinblock completion zsh)
+  thinblock completion fish | source           # fish
+or keep it where the shell looks: /etc/bash_completion.d/thinblock,
+~/.config/fish/completions/thinblock.fish, a directory on zsh's $fpath as _thinblock."""
 
 
 _SERVE_HELP = """\
@@ -1581,6 +1600,13 @@ def cmd_serve(ctx: Context) -> int:
     return serve(cfg)
 
 
+def cmd_completion(ctx: Context) -> None:
+    import argcomplete
+
+    # argcomplete's script calls `thinblock` back with _ARGCOMPLETE set; main() answers it.
+    ctx.out.file.write(argcomplete.shellcode(["thinblock"], shell=ctx.args.shell))
+
+
 def cmd_check(ctx: Context) -> int:
     from .config import ConfigError, load_config
     from .engine import Engine
@@ -1653,6 +1679,10 @@ def main(
     out_stream = stdout or sys.stdout
     err_stream = stderr or sys.stderr
     parser = build_parser()
+    if argv is None and "_ARGCOMPLETE" in os.environ:  # a shell asking for completions
+        import argcomplete
+
+        argcomplete.autocomplete(parser)  # prints them and exits
     arguments = list(sys.argv[1:] if argv is None else argv)
     for word in arguments:
         if _NEGATIVE_SIZE.match(word):
