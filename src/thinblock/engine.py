@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -21,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from . import names
 from .alerts import AlertBus
 from .blockdev import Volume
 from .cache.writeback import WriteBackCache
@@ -130,20 +130,9 @@ class EngineOptions:
 
 
 DEFAULT_SET_SIZE = {0: 2, 1: 2, 5: 4}
-MAX_NAME = 255
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]*$")
 MAX_VV_SIZE = 1 << 60  # 1 EiB: far past "at least 64 TiB", still exact in every map structure
 REBUILD_STEP = 1 * MiB
 HOST_ROOM_AGAIN = 1 * MiB  # free bytes under a PD that end a pd-host-full alert
-
-
-def _check_name(kind: str, name: object) -> str:
-    if not isinstance(name, str) or not name or len(name) > MAX_NAME or not _NAME_RE.match(name):
-        raise InvalidArgument(
-            f"invalid {kind} name {name!r}: 1 to {MAX_NAME} characters, letters, digits and . _ : + -,"
-            " starting with a letter or digit"
-        )
-    return name
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -853,7 +842,7 @@ class Engine:
             growth_increment = DEFAULT_GROWTH_INCREMENT
             if growth_limit is not None and 0 < growth_limit < growth_increment:
                 growth_increment = growth_limit
-        _check_name("pool", name)
+        names.POOL.check(name)
         if name in self.pools:
             raise AlreadyExists(f"pool '{name}' already exists")
         if raid not in DEFAULT_SET_SIZE:
@@ -1119,7 +1108,7 @@ class Engine:
         alloc_limit: Limit | None = None,
         cache_mode: CacheMode | None = None,
     ) -> VVInfo:
-        _check_name("volume", name)
+        names.VOLUME.check(name)
         if name in self.vvs:
             raise AlreadyExists(f"volume '{name}' already exists")
         p = self._pool(pool)

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from thinblock.api.app import NodeInfo, create_app
 from thinblock.engine import Engine, EngineOptions
-from thinblock.errors import OutOfSpace
+from thinblock.errors import InvalidArgument, OutOfSpace
 from thinblock.units import GiB, MiB
 
 CHUNKLET = 4 * MiB
@@ -588,3 +588,47 @@ async def test_nodes_of_a_single_daemon(client: httpx.AsyncClient) -> None:
         None,
         False,
     )
+
+
+# --- names ---------------------------------------------------------------------------------------
+
+VOLUME_RULE = (
+    "volume names are 1-63 characters of letters, digits and . _ : + -, starting with a letter or digit"
+)
+POOL_RULE = VOLUME_RULE.replace("volume", "pool")
+
+
+async def test_a_bad_name_is_refused_in_one_sentence_wherever_it_is(
+    client: httpx.AsyncClient, engine: Engine
+) -> None:
+    """Bodies, paths and queries, volumes and pools: the engine's sentence, not pydantic's."""
+    await _setup(client)
+    long = "v" * 64
+    cases = [
+        (client.post("/pools", json={"name": "a b", "raid": 1}), f"invalid pool name 'a b': {POOL_RULE}"),
+        (client.post("/volumes", json={"name": "", "pool": "default", "size": "1G"}),
+         f"invalid volume name '': {VOLUME_RULE}"),
+        (client.post("/volumes", json={"name": long, "pool": "default", "size": "1G"}),
+         f"invalid volume name '{long}': {VOLUME_RULE}"),
+        (client.post("/volumes", json={"name": 7, "pool": "default", "size": "1G"}),
+         f"invalid volume name 7: {VOLUME_RULE}"),
+        (client.post("/volumes", json={"name": "v", "pool": "-gold", "size": "1G"}),
+         f"invalid pool name '-gold': {POOL_RULE}"),
+        (client.get("/volumes/-v"), f"invalid volume name '-v': {VOLUME_RULE}"),
+        (client.post(f"/volumes/{long}/grow", json={"size": "2G"}), f"invalid volume name '{long}': {VOLUME_RULE}"),
+        (client.get("/pools/a{b}"), f"invalid pool name 'a{{b}}': {POOL_RULE}"),
+        (client.get("/lds", params={"pool": "a b"}), f"invalid pool name 'a b': {POOL_RULE}"),
+    ]  # fmt: skip
+    for request, message in cases:
+        assert _err(await request, 400) == message
+    assert _ok(await client.get("/volumes")) == []
+    # The engine says the same for callers that are not the API.
+    with pytest.raises(InvalidArgument) as refused:
+        await engine.create_vv("a b", pool="default", size=MiB)
+    assert str(refused.value) == f"invalid volume name 'a b': {VOLUME_RULE}"
+    # A bad name with another mistake: both are said, the name in its own words.
+    mixed = _err(await client.post("/volumes", json={"name": "a b", "pool": "default"}), 400)
+    assert mixed.startswith("invalid request: ") and f"invalid volume name 'a b': {VOLUME_RULE}" in mixed
+    assert "size: Field required" in mixed
+    # 63 characters is a name.
+    _ok(await client.post("/volumes", json={"name": "v" * 63, "pool": "default", "size": "1G"}), 201)

@@ -319,3 +319,19 @@ async def test_every_state_changing_call_is_audited(engine: Engine, tmp_path: Pa
     assert entries[0]["role"] == "operator" and entries[0]["token_id"] == op[0].id
     assert entries[2]["reason"].startswith("forbidden")
     assert stat.S_IMODE((tmp_path / "data" / AUDIT_FILE).stat().st_mode) == 0o600
+
+
+async def test_a_bad_token_name_is_refused_in_one_sentence(engine: Engine, tmp_path: Path) -> None:
+    app = create_app(engine, _node(tmp_path))
+    async with _client(app, **JSON) as c:
+        r = await c.post("/api/v1/tokens", json={"name": "ci bot", "role": "operator"})
+        assert (r.status_code, r.json()) == (
+            400,
+            {
+                "error": "invalid token name 'ci bot': token names are 1-64 characters of letters, digits"
+                " and . _ @ -, starting with a letter or digit"
+            },
+        )
+        assert (
+            await c.post("/api/v1/tokens", json={"name": "ci@host-1", "role": "operator"})
+        ).status_code == 201

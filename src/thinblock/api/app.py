@@ -51,6 +51,7 @@ from ..units import Limit, parse_size
 from . import dashboard
 from .auth import NO_PARAMETERS, SAFE_METHODS, ApiGuard, ApiSecurity, token_router
 from .metrics import ForecastCollector, build_registry, render_metrics
+from .nametypes import NAME_ERROR, PoolName, VolumeName
 
 log = logging.getLogger("thinblock.api")
 
@@ -59,7 +60,6 @@ OPENAPI_URL = f"{API_PREFIX}/openapi.json"
 # Sizes and ids stay within what the metadata store (SQLite INTEGER, 64-bit signed) can hold, so
 # an absurd number is a 400 here rather than an overflow deep inside.
 MAX_INT = 2**63 - 1
-MAX_NAME = 255
 
 # --- request value types -------------------------------------------------------------------------
 
@@ -122,10 +122,9 @@ LimitSpec = Annotated[
         }
     ),
 ]
-Name = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME)]
 IdPath = Annotated[int, PathParam(ge=0, le=MAX_INT, examples=[1])]
-PoolPath = Annotated[str, PathParam(min_length=1, max_length=MAX_NAME, examples=["default"])]
-VolumePath = Annotated[str, PathParam(min_length=1, max_length=MAX_NAME, examples=["vol0"])]
+PoolPath = Annotated[PoolName, PathParam(examples=["default"])]
+VolumePath = Annotated[VolumeName, PathParam(examples=["vol0"])]
 
 
 class _Request(BaseModel):
@@ -226,7 +225,7 @@ class PoolOut(BaseModel):
 
 
 class PoolCreate(_Request):
-    name: Name
+    name: PoolName
     raid: Literal[0, 1, 5]
     set_size: Annotated[int, Field(ge=1, le=64)] | None = None
     step: Size | None = None
@@ -288,8 +287,8 @@ class VolumeOut(BaseModel):
 
 
 class VolumeCreate(_Request):
-    name: Name
-    pool: Name
+    name: VolumeName
+    pool: PoolName
     size: Size
     alloc_warning: LimitSpec | None = None
     alloc_limit: LimitSpec | None = None
@@ -591,8 +590,12 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 
 def _describe_validation(exc: RequestValidationError) -> str:
+    errors = exc.errors()
+    if errors and all(err.get("type") == NAME_ERROR for err in errors):
+        # A bad name is said as the engine says it, whatever field or path carried it.
+        return "; ".join(dict.fromkeys(str(err["msg"]) for err in errors))
     parts = []
-    for err in exc.errors()[:3]:
+    for err in errors[:3]:
         loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
         where = ".".join(loc) or "body"
         msg = str(err.get("msg", "invalid"))
@@ -897,7 +900,7 @@ def _router(ctx: ApiContext) -> APIRouter:
     # --- logical disks ------------------------------------------------------------------------
     @router.get("/lds", tags=["lds"])
     async def list_lds(
-        pool: Annotated[str | None, Query(min_length=1, max_length=MAX_NAME)] = None,
+        pool: Annotated[PoolName | None, Query()] = None,
     ) -> list[LDOut]:
         if pool is not None:
             engine.get_pool(pool)  # NotFound for an unknown pool rather than an empty list

@@ -54,10 +54,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, StringConstraints
+from pydantic import BaseModel, ConfigDict
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import AlreadyExists, NotFound
+from .nametypes import TokenName
 
 log = logging.getLogger("thinblock.api")
 audit_log = logging.getLogger("thinblock.audit")
@@ -587,7 +588,7 @@ class TokenCreate(BaseModel):
         extra="forbid", json_schema_extra={"examples": [{"name": "ci", "role": "operator"}]}
     )
 
-    name: Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._@-]+$")]
+    name: TokenName
     role: Role
 
 
