@@ -431,6 +431,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "size", type=_grow_size_arg, metavar="[+]SIZE", help="the new size, or +SIZE: this much more"
     )
+    p = leaf(
+        vv,
+        "rename",
+        "rename a volume: its data stays; connected clients go on with it, new ones use NEW",
+        cmd_vv_rename,
+    )
+    p.add_argument("name", metavar="OLD")
+    p.add_argument("new_name", metavar="NEW")
     p = leaf(vv, "delete", "delete a volume (its regions go back to the pool, zeroed)", cmd_vv_delete)
     p.add_argument("name", metavar="NAME")
     p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation on a terminal")
@@ -1210,6 +1218,16 @@ def cmd_vv_grow(ctx: Context) -> None:
     if relative:
         size += ctx.call("GET", path)["size"]
     _show(ctx, ctx.call("POST", f"{path}/grow", json={"size": size}), render_vv)
+
+
+def cmd_vv_rename(ctx: Context) -> None:
+    a = ctx.args
+    renamed = ctx.call("POST", f"/volumes/{_quote(a.name)}/rename", json={"name": a.new_name})
+    _done(
+        ctx,
+        renamed,
+        f"volume '{a.name}' renamed to '{renamed['name']}'; its NBD export is now {renamed['name']}",
+    )
 
 
 def cmd_vv_delete(ctx: Context) -> None:

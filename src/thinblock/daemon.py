@@ -429,6 +429,7 @@ class Daemon:
                 nbd_exposed_without_tls=self._nbd_exposed_without_tls(),
                 nbd_access=cfg.nbd_access,
                 default_export=cfg.default_export,
+                iscsi_acl_volumes=tuple(vv for vv, _ in cfg.iscsi.acl),
                 data_dir=data_dir.resolve(),
                 default_chunklet_size=cfg.chunklet_size,
                 pair_status=self.pair.status if self.pair is not None else None,

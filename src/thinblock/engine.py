@@ -1219,6 +1219,25 @@ class Engine:
         vv.check_thresholds_after_release()
         return self._vv_info(vv)
 
+    async def rename_vv(self, name: str, new_name: str) -> VVInfo:
+        """The volume under a new name; its data, limits and connected clients stay with it.
+        Connected clients go on with the same volume (a connection chose its volume once, at
+        negotiation or login); new connections must use the new name; the old name is free."""
+        vv = self._vv(name)
+        names.VOLUME.check(new_name)
+        if new_name in self.vvs:
+            raise AlreadyExists(f"volume '{new_name}' already exists")
+        await self.meta.call(self.store.rename_vv, vv.row.id, new_name)
+        self.alerts.clear_object(vv.object_name)  # raised again below under the new name
+        vv.row = replace(vv.row, name=new_name)
+        self.vvs = {new_name if key == name else key: v for key, v in self.vvs.items()}
+        self.sessions.rename(name, new_name)
+        vv.check_thresholds_after_release()
+        if vv.map.count:
+            vv._check_after_assign()
+        log.info("vv renamed", extra={"event": "vv-renamed", "vv": new_name, "old_name": name})
+        return self._vv_info(vv)
+
     async def delete_vv(self, name: str, *, force: bool = False) -> None:
         """Every LD region it holds goes back to its pool, zeroed.  A volume with connected
         clients is refused (Conflict) unless ``force``: then it is marked deleted first (their

@@ -47,6 +47,11 @@ class SessionRegistry:
     def of(self, volume: str) -> list[Session]:
         return [s for s in self._sessions.values() if s.volume == volume]
 
+    def rename(self, volume: str, new_name: str) -> None:
+        """The volume was renamed: its sessions go on, under its new name."""
+        for session in self.of(volume):
+            session.volume = new_name
+
     def all(self) -> list[Session]:
         return list(self._sessions.values())
 

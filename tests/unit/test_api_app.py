@@ -632,3 +632,32 @@ async def test_a_bad_name_is_refused_in_one_sentence_wherever_it_is(
     assert "size: Field required" in mixed
     # 63 characters is a name.
     _ok(await client.post("/volumes", json={"name": "v" * 63, "pool": "default", "size": "1G"}), 201)
+
+
+async def test_rename_moves_everything_the_volume_has(client: httpx.AsyncClient, engine: Engine) -> None:
+    await _setup(client)
+    body = {"name": "v1", "pool": "default", "size": "64MiB", "alloc_warning": "4MiB"}
+    _ok(await client.post("/volumes", json=body), 201)
+    await engine.volume("v1").write(0, b"\x7f" * (8 * MiB))  # past the warning: an alert
+    assert [a.object for a in engine.list_alerts() if a.kind.value == "vv-allocation-warning"] == ["vv:v1"]
+    renamed = _ok(await client.post("/volumes/v1/rename", json={"name": "v2"}))
+    assert (renamed["name"], renamed["allocated"], renamed["alloc_warning"]) == ("v2", 8 * MiB, 4 * MiB)
+    assert bytes(await engine.volume("v2").read(0, 4096)) == b"\x7f" * 4096
+    _err(await client.get("/volumes/v1"), 404)
+    open_warnings = [a.object for a in engine.list_alerts() if a.kind.value == "vv-allocation-warning"]
+    assert open_warnings == ["vv:v2"]  # the old name's alert cleared, raised again under the new one
+    assert _err(await client.post("/volumes/v2/rename", json={"name": "a b"}), 400).startswith(
+        "invalid volume name 'a b'"
+    )
+    _ok(await client.post("/volumes", json={"name": "v3", "pool": "default", "size": "64MiB"}), 201)
+    assert (
+        _err(await client.post("/volumes/v2/rename", json={"name": "v3"}), 409)
+        == "volume 'v3' already exists"
+    )
+    assert (
+        _err(await client.post("/volumes/nope/rename", json={"name": "v4"}), 404) == "volume 'nope' not found"
+    )
+    # The store has it (what a restart loads).
+    assert sorted(v.name for v in engine.list_vvs()) == ["v2", "v3"]
+    rows = {row.name for row in engine.store.load_vvs()}
+    assert rows == {"v2", "v3"}

@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..engine import UNSET, Engine
-from ..errors import InvalidArgument, NotFound, ThinblockError
+from ..errors import Conflict, InvalidArgument, NotFound, ThinblockError
 from ..history import Forecast, History
 from ..limits import overcommit_ratio
 from ..model import (
@@ -322,6 +322,12 @@ class VolumeUpdate(_Request):
     )
 
 
+class VolumeRename(_Request):
+    name: VolumeName = Field(description="the new name")
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"name": "db1-old"}]})
+
+
 class VolumeGrow(_Request):
     size: Size = Field(description="the new virtual size (grow only)")
 
@@ -479,6 +485,7 @@ class NodeInfo:
     nbd_exposed_without_tls: bool = False  # TCP beyond loopback without required TLS
     nbd_access: tuple[AccessRule, ...] = ()  # nbd.access rules (thinblock.nbd.access)
     default_export: str | None = None
+    iscsi_acl_volumes: tuple[str, ...] = ()  # the volumes [iscsi.acl] names
     data_dir: Path | None = None
     default_chunklet_size: int | None = None
     iscsi_portal: str | None = None  # 127.0.0.1:3260 when the iSCSI target runs
@@ -636,6 +643,16 @@ def _install_error_handlers(app: FastAPI) -> None:
             "%s %s: unexpected error", request.method, request.url.path, extra={"event": "api-internal-error"}
         )
         return _error(500, f"internal error ({type(exc).__name__}); see the daemon log")
+
+
+def _config_rules_naming(node: NodeInfo, volumes: tuple[str, ...]) -> str:
+    """Which of the configuration's per-volume access rules name one of ``volumes`` ("" if none)."""
+    found = []
+    if any(rule.volume in volumes for rule in node.nbd_access):
+        found.append("[[nbd.access]] rules")
+    if any(volume in volumes for volume in node.iscsi_acl_volumes):
+        found.append("[iscsi.acl] entries")
+    return " and ".join(found)
 
 
 # --- the app -------------------------------------------------------------------------------------
@@ -960,6 +977,21 @@ def _router(ctx: ApiContext) -> APIRouter:
     async def grow_volume(name: VolumePath, body: VolumeGrow) -> VolumeOut:
         """Grow the virtual size (shrinking is refused); NBD clients see it on their next connection."""
         return _volume_out(await engine.grow_vv(name, body.size), ctx)
+
+    @router.post("/volumes/{name}/rename", tags=["volumes"])
+    async def rename_volume(name: VolumePath, body: VolumeRename) -> VolumeOut:
+        """A new name; data, limits and cache mode stay.  Connected clients go on with the volume
+        under its new name; new connections use the new name; the old name is free.  Refused (409)
+        while the configuration's access rules name either name: they would stop applying to
+        this volume, or start to."""
+        engine.get_vv(name)  # NotFound first
+        rules = _config_rules_naming(node, (name, body.name))
+        if rules:
+            raise Conflict(
+                f"volume '{name}' cannot be renamed to '{body.name}' while {rules} in the configuration"
+                " name it: change them first (a rename would take the volume out of its rules)"
+            )
+        return _volume_out(await engine.rename_vv(name, body.name), ctx)
 
     @router.delete("/volumes/{name}", status_code=204, tags=["volumes"])
     async def delete_volume(

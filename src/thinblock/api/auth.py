@@ -101,6 +101,8 @@ ROUTE_ROLES: dict[tuple[str, str], Role] = {
     ("PATCH", "/api/v1/volumes/{name}"): Role.OPERATOR,
     ("POST", "/api/v1/volumes/{name}/grow"): Role.OPERATOR,
     ("DELETE", "/api/v1/volumes/{name}"): Role.ADMIN,
+    # A rename frees the old name: a host reconnecting by it would reach whatever takes it next.
+    ("POST", "/api/v1/volumes/{name}/rename"): Role.ADMIN,
     ("POST", "/api/v1/alerts/{alert_id}/ack"): Role.OPERATOR,
     ("POST", "/api/v1/tokens"): Role.ADMIN,
     ("DELETE", "/api/v1/tokens/{token_id}"): Role.ADMIN,

@@ -406,12 +406,15 @@ class InstrumentedVolume:
     Fast paths stay fast: each method is one coroutine awaiting the engine's, so a request
     that never suspends inside the engine never suspends here either (``start_eager``)."""
 
-    __slots__ = ("_inner", "_name", "_recorder")
+    __slots__ = ("_inner", "_recorder")
 
     def __init__(self, inner: Volume, recorder: LatencyRecorder) -> None:
         self._inner = inner
         self._recorder = recorder
-        self._name = inner.name
+
+    @property
+    def _name(self) -> str:  # looked up at each request: a volume renamed while connected
+        return self._inner.name
 
     @property
     def name(self) -> str:

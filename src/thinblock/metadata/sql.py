@@ -231,6 +231,9 @@ class SQLStore(MetadataStore):
             ]
         )
 
+    def rename_vv(self, vv_id: int, name: str) -> None:
+        self._exec("UPDATE vvs SET name=? WHERE id=?", (name, vv_id))
+
     def update_vv(self, row: VVRow) -> None:
         self._exec(
             "UPDATE vvs SET size=?, alloc_warning_bytes=?, alloc_warning_pct=?, alloc_limit_bytes=?,"

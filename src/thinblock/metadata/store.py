@@ -271,6 +271,10 @@ class MetadataStore(abc.ABC):
         """Size, limits and cache mode."""
 
     @abc.abstractmethod
+    def rename_vv(self, vv_id: int, name: str) -> None:
+        """A new name (the caller checked it is free and valid); nothing else changes."""
+
+    @abc.abstractmethod
     def set_vv_owner(self, vv_id: int, node: str | None) -> None:
         """Which node serves the VV (node pairs); None: no owner recorded."""
 
