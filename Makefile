@@ -44,6 +44,7 @@ test: lint typecheck pytest
 
 bench: setup
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.iscsi --output bench/results/iscsi-latest.md
 
 drills: setup
 	$(BIN)/pytest -q -m long tests/drills

@@ -372,3 +372,34 @@ def test_r2t_budget_bounds_the_write_data_a_connection_is_asked_for() -> None:
     core.abort(21)
     [r2t] = replies(core)
     assert (r2t.opcode, r2t.u32(16), r2t.u32(40)) == (Opcode.R2T, 23, 0)
+
+
+@pytest.mark.parametrize("digests", [False, True])
+def test_short_read_is_one_data_in_with_status_and_a_write_one_response(digests: bool) -> None:
+    """The data path's answers (``complete``'s fast path): a read that fits one segment is a
+    single Data-In carrying GOOD status (S bit), padded to 4 bytes, with the residual; a
+    write's GOOD is one SCSI Response; StatSN advances by one each; digests when negotiated."""
+    on = "CRC32C" if digests else "None"
+    pairs = [(k, on if k in ("HeaderDigest", "DataDigest") else v) for k, v in OPERATIONAL]
+    core = logged_in(pairs)
+    wire = {"header_digest": digests, "data_digest": digests}
+    core.receive_data(scsi_command(bytes([0x28] + [0] * 9), itt=6, cmdsn=1, edtl=4096, read=True, **wire))
+    [task] = events(core)
+    assert isinstance(task, ScsiCommand)
+    core.complete(task, ScsiResult(data=b"\x07" * 4093))  # odd length: 3 bytes of padding
+    [data_in] = replies(core, **wire)
+    assert data_in.opcode == Opcode.SCSI_DATA_IN and data_in.data == b"\x07" * 4093
+    assert data_in.flags == 0x80 | 0x02 | 0x01  # F, U (underflow), S
+    assert data_in.u32(44) == 3 and data_in.u32(16) == 6 and data_in.u32(36) == 0  # residual, ITT, DataSN
+    stat_sn = data_in.u32(24)
+    core.receive_data(
+        scsi_command(
+            bytes([0x2A] + [0] * 7 + [8, 0]), itt=7, cmdsn=2, edtl=4096, write=True, data=bytes(4096), **wire
+        )
+    )
+    [task] = events(core)
+    assert isinstance(task, ScsiCommand)
+    core.complete(task, ScsiResult(wanted=4096))
+    [response] = replies(core, **wire)
+    assert response.opcode == Opcode.SCSI_RESPONSE and response.bhs[3] == 0 and response.u32(16) == 7
+    assert response.u32(24) == stat_sn + 1 and response.u32(28) == 3  # StatSN, ExpCmdSN

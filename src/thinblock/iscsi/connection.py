@@ -23,6 +23,7 @@ connection, after a Reject or a failed Login Response where the protocol has one
 from __future__ import annotations
 
 import enum
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -59,10 +60,14 @@ from .negotiation import (
     SessionParameters,
     negotiate_operational,
 )
-from .pdu import Buffer, Pdu, PduError, PduReader, build_bhs, encode, format_text, parse_text
+from .pdu import Buffer, Pdu, PduError, PduReader, build_bhs, encode, format_text, pack_bhs, parse_text
 from .sense import fixed_sense
 from .session import Session, SessionTable, WindowOverflow, sn_add
 
+_PADDING = (b"", b"\0", b"\0\0", b"\0\0\0")
+# A SCSI Command BHS's fields the core reads: opcode byte (I bit), flags, LUN, ITT, Expected
+# Data Transfer Length, CmdSN (RFC 7143 11.3).
+_COMMAND_FIELDS = struct.Struct(">BB6xQIII")
 QUEUE_DEPTH = 64  # commands an initiator may have outstanding (the CmdSN window)
 MAX_TRANSFER = 32 * 1024 * 1024  # largest Expected Data Transfer Length accepted for a write
 MAX_TEXT_BYTES = 64 * 1024  # a Login or Text request's keys, across continuation PDUs
@@ -268,8 +273,10 @@ class TargetConnection:
         return self.session.max_cmd_sn
 
     def running_tasks(self) -> int:
-        """Tasks that hold a place in the command window (non-immediate, not yet answered)."""
-        return sum(1 for t in self.tasks.values() if not t.immediate)
+        """Tasks that hold a place in the command window, not yet answered.  Immediate ones
+        are counted too (they are rare; counting them only keeps the window smaller, which
+        the target may always do), so that this is a len(), not a walk, per PDU sent."""
+        return len(self.tasks)
 
     def end(self, reason: str, *, clean: bool) -> None:
         """Close this connection from outside (its session ended, a reinstatement)."""
@@ -299,6 +306,20 @@ class TargetConnection:
         self._out.extend(
             encode(bhs, data, header_digest=self.reader.header_digest, data_digest=self.reader.data_digest)
         )
+
+    def _send_packed(self, header: bytes, data: Buffer = b"") -> None:
+        """The data path's ``_send``: ``header`` from ``pack_bhs`` with its DataSegmentLength
+        set; without digests the pieces go out as they are (no copy of the BHS or data)."""
+        if self.reader.header_digest or self.reader.data_digest:
+            self._send(bytearray(header), data)
+            return
+        out = self._out
+        out.append(header)
+        if data:
+            out.append(data)
+            pad = -len(data) & 3
+            if pad:
+                out.append(_PADDING[pad])
 
     def _send_answer(self, opcode: Opcode, code: int, itt: int, data: Buffer = b"") -> None:
         """A Reject, Task Management or Logout Response: the code in byte 2, the next StatSN
@@ -786,18 +807,17 @@ class TargetConnection:
 
     # --- SCSI commands and data ------------------------------------------------------------------------
     def _scsi_command(self, pdu: Pdu) -> None:
-        flags = pdu.flags
-        itt = pdu.itt
+        bhs = pdu.bhs
+        opcode_byte, flags, lun, itt, edtl, cmdsn = _COMMAND_FIELDS.unpack_from(bhs)
         if itt == NO_TAG:
             self._protocol_error("a SCSI command with the reserved ITT", pdu.bhs)
             return
         if itt in self.tasks:
             self._reject(RejectReason.TASK_IN_PROGRESS, pdu.bhs)
             return
-        edtl = pdu.u32(20)
         read = bool(flags & READ_BIT)
         write = bool(flags & WRITE_BIT)
-        cdb = pdu.bhs[32:48]
+        cdb = bhs[32:48]
         if pdu.ahs:
             # Extended CDB AHS (type 1): the CDB continues there.
             ahs = pdu.ahs
@@ -806,15 +826,7 @@ class TargetConnection:
                 cdb = cdb + ahs[4 : 3 + length]
         immediate_data = pdu.data
         task = ScsiCommand(
-            itt=itt,
-            lun=pdu.lun,
-            cdb=bytes(cdb),
-            expected_length=edtl,
-            read=read,
-            write=write,
-            cmdsn=pdu.u32(24),
-            immediate=pdu.immediate,
-            attribute=flags & 7,
+            itt, lun, bytes(cdb), edtl, read, write, cmdsn, bool(opcode_byte & 0x40), flags & 7
         )
         if immediate_data and (not write or not self.params.immediate_data):
             self._protocol_error("immediate data the session does not allow", pdu.bhs)
@@ -976,6 +988,58 @@ class TargetConnection:
         if len(data) > edtl:
             data = memoryview(data)[:edtl]
         good = result.status == Status.GOOD and not result.sense
+        session = self.session
+        if good and not data:
+            # Fast path: a write's (or a command without data's) GOOD status.
+            self._send_packed(
+                pack_bhs(
+                    Opcode.SCSI_RESPONSE,
+                    FINAL_BIT | residual_flags,
+                    Status.GOOD,
+                    0,
+                    0,
+                    task.itt,
+                    0,
+                    self.stat_sn,
+                    session.exp_cmd_sn,
+                    session.advertised_max(),
+                    task.responses_sent,
+                    0,
+                    residual,
+                )
+            )
+            self.stat_sn = (self.stat_sn + 1) & 0xFFFFFFFF
+            return
+        n = len(data)
+        if (
+            good
+            and task.read
+            and n <= self.params.initiator_max_recv_data_segment
+            and n <= self.params.max_burst_length
+        ):
+            # Fast path: a read that fits one Data-In PDU, which carries the status too
+            # (RFC 7143 11.7.4: "the S bit ... in the last Data-In PDU" for GOOD status).
+            self._send_packed(
+                pack_bhs(
+                    Opcode.SCSI_DATA_IN,
+                    FINAL_BIT | STATUS_BIT | residual_flags,
+                    Status.GOOD,
+                    n,
+                    task.lun,
+                    task.itt,
+                    NO_TAG,
+                    self.stat_sn,
+                    session.exp_cmd_sn,
+                    session.advertised_max(),
+                    0,
+                    0,
+                    residual,
+                ),
+                data,
+            )
+            task.responses_sent += 1
+            self.stat_sn = (self.stat_sn + 1) & 0xFFFFFFFF
+            return
         data_sn = 0
         if data and task.read:
             view = memoryview(data)

@@ -184,17 +184,45 @@ def build_bhs(
     """A BHS: bytes 0..19 from the arguments, then ``fields`` as big-endian 32-bit words
     from byte 20 (at most seven)."""
     assert len(fields) <= 7
-    bhs = bytearray(BHS_LENGTH)
-    bhs[0] = int(opcode) | (IMMEDIATE_BIT if immediate else 0)
-    bhs[1] = flags
-    bhs[2] = byte2
-    bhs[3] = byte3
-    bhs[5:8] = data_length.to_bytes(3, "big")
-    bhs[8:16] = lun.to_bytes(8, "big")
-    _U32.pack_into(bhs, 16, itt & 0xFFFFFFFF)
-    for i, value in enumerate(fields):
-        _U32.pack_into(bhs, 20 + 4 * i, value & 0xFFFFFFFF)
-    return bhs
+    words = [value & 0xFFFFFFFF for value in fields]
+    words += [0] * (7 - len(words))
+    return bytearray(
+        _BHS.pack(
+            int(opcode) | (IMMEDIATE_BIT if immediate else 0),
+            flags,
+            byte2,
+            byte3,
+            data_length & 0xFFFFFF,
+            lun,
+            itt & 0xFFFFFFFF,
+            *words,
+        )
+    )
+
+
+# The whole BHS in one pack: opcode, flags, bytes 2 and 3, TotalAHSLength (0) with
+# DataSegmentLength, LUN, ITT, and the seven words from byte 20.
+_BHS = struct.Struct(">BBBBIQI7I")
+
+
+def pack_bhs(
+    opcode: int,
+    flags: int,
+    byte3: int,
+    data_length: int,
+    lun: int,
+    itt: int,
+    w20: int,
+    w24: int,
+    w28: int,
+    w32: int,
+    w36: int,
+    w40: int,
+    w44: int,
+) -> bytes:
+    """``build_bhs`` for the data path (Data-In, SCSI Response, R2T): positional, no AHS,
+    byte 2 zero, every value already in range (struct refuses one that is not)."""
+    return _BHS.pack(opcode, flags, 0, byte3, data_length, lun, itt, w20, w24, w28, w32, w36, w40, w44)
 
 
 def encode(

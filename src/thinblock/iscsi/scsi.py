@@ -60,6 +60,9 @@ VENDOR = b"THINBLK "
 PRODUCT = b"Thin VV         "
 REVISION = b"0001"
 _NO_UA_CHECK = frozenset({Op.INQUIRY, Op.REPORT_LUNS, Op.REQUEST_SENSE})
+_FAST_RW = frozenset({Op.READ_10, Op.READ_16, Op.WRITE_10, Op.WRITE_16})
+_LBA16 = struct.Struct(">QI")  # LOGICAL BLOCK ADDRESS, TRANSFER LENGTH of a 16-byte CDB
+_LBA10 = struct.Struct(">IxH")  # ... of a 10-byte CDB (GROUP NUMBER between them)
 
 Nexus = str  # "initiator name,i,0xISID": one I_T nexus
 
@@ -190,6 +193,11 @@ class LogicalUnit:
         self.reservations = Reservations()
         self.gone = False  # the VV was deleted
         self._size = volume.size
+        # Read once: the volume's largest single request, and the object that says whether
+        # the VV was deleted (under a metrics wrapper, the VV itself: asking the wrapper for
+        # an attribute it lacks costs a failed lookup per command).
+        self._max_block = volume.capabilities.maximum_block
+        self._base = getattr(volume, "_inner", volume)
 
     # --- who is connected -------------------------------------------------------------------
     def attach(self, nexus: Nexus) -> None:
@@ -229,7 +237,18 @@ class LogicalUnit:
     async def execute(self, nexus: Nexus, cdb: bytes, data: bytearray | None) -> ScsiResult:
         op = cdb[0]
         try:
-            if self.gone or getattr(self.volume, "deleted", False):
+            if (
+                op in _FAST_RW
+                and self.reservations.holder is None
+                and not self.gone
+                and not self.pending_ua.get(nexus)
+            ):
+                result = await self._fast_rw(op, cdb, data)
+                if result is not None:
+                    if self.sense:
+                        self.sense.pop(nexus, None)
+                    return result
+            if self.gone or getattr(self._base, "deleted", False):
                 self.gone = True
                 if op in (Op.INQUIRY, Op.REPORT_LUNS):
                     pass
@@ -275,6 +294,32 @@ class LogicalUnit:
         except Exception as exc:
             log.error("LU %s: 0x%02x failed unexpectedly: %r", self.volume.name, op, exc)
             return self._fail(nexus, CheckCondition(SenseKey.HARDWARE_ERROR, Asc.INTERNAL_TARGET_FAILURE))
+
+    async def _fast_rw(self, op: int, cdb: bytes, data: bytearray | None) -> ScsiResult | None:
+        """READ/WRITE 10/16 as hosts send them (no protection bits, within the volume and one
+        volume request, the whole write's data here), with nothing pending for the nexus:
+        the same checks as the general path in fewer steps; None for anything else, which
+        the general path then answers (sense data, UNIT ATTENTION, splitting, residuals)."""
+        volume = self.volume
+        size = volume.size
+        if size != self._size or getattr(self._base, "deleted", False):
+            return None
+        if op >= 0x88:  # READ (16), WRITE (16)
+            if len(cdb) < 16:
+                return None
+            lba, count = _LBA16.unpack_from(cdb, 2)
+        else:
+            lba, count = _LBA10.unpack_from(cdb, 2)
+        length = count << BLOCK_SHIFT
+        if cdb[1] & 0xE0 or not count or length > self._max_block or (lba << BLOCK_SHIFT) + length > size:
+            return None
+        offset = lba << BLOCK_SHIFT
+        if op == Op.READ_10 or op == Op.READ_16:
+            return ScsiResult(data=await volume.read(offset, length))
+        if data is None or len(data) != length:
+            return None
+        await volume.write(offset, data, fua=bool(cdb[1] & 0x08))
+        return ScsiResult(wanted=length)
 
     def _fail(self, nexus: Nexus, cc: CheckCondition) -> ScsiResult:
         self.sense[nexus] = cc.sense  # REQUEST SENSE returns it until the next command

@@ -430,6 +430,14 @@ class _Connection(asyncio.Protocol):
                 break
             if isinstance(event, ScsiCommand):
                 self._command(event)
+                # Each answer goes out as soon as it is ready, not after the whole batch the
+                # initiator sent: with qemu-img bench at queue depth 16 (libiscsi), answering
+                # a batch of 16 at once left the initiator idle until the last one and then
+                # sent it 16 new commands at once, lock-step; pauses of 15-25 ms between
+                # batches took a third of the run (strace).  Streaming them, as tgtd does,
+                # keeps its queue full: 4 KiB reads and writes 1.5-3x faster, for one send
+                # per answer (measured: bench/README.md, "iSCSI").
+                self._flush()
             elif isinstance(event, LoginComplete):
                 self._logged_in(event)
             elif isinstance(event, TaskManagement):

@@ -91,6 +91,11 @@ class Session:
         """A non-immediate request arrived on ``connection``: deliver it, and every command it
         unblocks, in CmdSN order, each to the connection it came on.  Outside the window it
         "MUST be silently ignored" (4.2.2.1).  Raises WindowOverflow."""
+        if cmdsn == self.exp_cmd_sn and not self._ahead and cmdsn != (self.max_cmd_sn + 1) & 0xFFFFFFFF:
+            # The usual case: the next command, inside the window, nothing waiting.
+            self.exp_cmd_sn = (cmdsn + 1) & 0xFFFFFFFF
+            connection.dispatch(pdu)
+            return
         if sn_lt(cmdsn, self.exp_cmd_sn) or sn_lt(self.max_cmd_sn, cmdsn):
             return
         if cmdsn != self.exp_cmd_sn:
