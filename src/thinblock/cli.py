@@ -783,7 +783,17 @@ def render_pd(pd: dict[str, Any]) -> Table:
 
 def render_nodes(nodes: list[dict[str, Any]]) -> Table:
     t = _table(
-        "NODE", "ROLE", "PARTNER", "EPOCH", "MIRROR", "IN FLIGHT", "LATENCY", "LOST", "HOLDS", title="nodes"
+        "NODE",
+        "ROLE",
+        "PARTNER",
+        "LEASE",
+        "EPOCH",
+        "MIRROR",
+        "IN FLIGHT",
+        "LATENCY",
+        "LOST",
+        "HOLDS",
+        title="nodes",
     )
     for n in nodes:
         partner = n["partner_node"] or n["partner"] or "-"
@@ -794,6 +804,7 @@ def render_nodes(nodes: list[dict[str, Any]]) -> Table:
             n["node"],
             n["role"],
             partner,
+            "-" if n.get("lease_epoch") is None else str(n["lease_epoch"]),
             str(n["epoch"]),
             n["mirror"],
             format_size(n["in_flight_bytes"]),
@@ -975,6 +986,28 @@ def _status_forecast(forecasts: dict[str, Any]) -> str:
     )
 
 
+def _pair_health(p: dict[str, Any]) -> str:
+    """The pair at a glance: the mirror's state (red when write-back volumes write through),
+    what this node holds of its partner, a takeover."""
+    partner = p.get("partner_node") or p.get("partner") or "?"
+    mirror = p["mirror"]
+    shown = (
+        "[green]in sync[/]"
+        if mirror == "in-sync"
+        else f"[red]{mirror}: write-back volumes written through[/]"  # syncing or degraded
+    )
+    text = f"with {partner}: mirror {shown}"
+    if mirror == "in-sync":
+        text += f", last round trip {p['last_latency_s'] * 1000:.2f} ms"
+    if p.get("holding_for"):
+        text += f"; holding {p['held_writes']} writes ({format_size(p['held_bytes'])}) of {p['holding_for']}"
+    if p.get("taken_over"):
+        text += f"; [yellow]took over {p.get('holding_for') or 'its partner'}[/]"
+    if p.get("lease_epoch") is not None:
+        text += f"; lease epoch {p['lease_epoch']}"
+    return text
+
+
 def render_status(s: dict[str, Any]) -> Table:
     nbd = s.get("nbd") or {}
     where = nbd.get("uri") or ""
@@ -1015,6 +1048,7 @@ def render_status(s: dict[str, Any]) -> Table:
             ("cache dirty", format_size(s["dirty_bytes"])),
             ("open alerts", f"[yellow]{s['open_alerts']}[/]" if s["open_alerts"] else "0"),
             ("rebuild", "running" if s["rebuild_running"] else "-"),
+            *([("pair", _pair_health(s["pair"]))] if s.get("pair") else []),
         ],
         title="thinblock",
     )

@@ -164,11 +164,16 @@ async def test_partner_stopped_then_continued_degrades_and_resyncs(
         assert metric(n1, "thinblock_mirror_in_sync") == 1.0
         (partner_view,) = n2.api_ok("GET", "/nodes")
         assert partner_view["holding_for"] == "n1"
+        # `thinblock status` shows the pair's health on both nodes
+        assert "with n2: mirror in sync" in n1.cli("status").out
+        assert "holding" in n2.cli("status").out and "of n1" in n2.cli("status").out
+        assert n1.cli_json("status")["pair"]["mirror"] == "in-sync"
         os.kill(n2.pid, signal.SIGSTOP)
         try:
             seq_at_stop = writer.seq
             await writer.writes_after(seq_at_stop, 200)  # writes go on: written through
             assert len(mirror_alerts(n1)) == 1
+            assert ": write-back volumes written through" in n1.cli("status").out
             stall = writer.longest_wait
             assert n1.api_ok("GET", "/nodes")[0]["mirror"] != "in-sync"
             assert metric(n1, "thinblock_mirror_degraded_volumes") == 1.0  # the one write-back volume

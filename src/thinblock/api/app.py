@@ -432,6 +432,9 @@ class NodeOut(BaseModel):
     held_bytes: int
     held_writes: int
     taken_over: bool = Field(description="this node took its partner's volumes over")
+    lease_epoch: int | None = Field(
+        default=None, description="epoch of this node's lease node:NAME in its metadata store"
+    )
 
 
 class StatusOut(BaseModel):
@@ -457,6 +460,7 @@ class StatusOut(BaseModel):
     open_alerts: int
     rebuild_running: bool
     nbd: NBDOut
+    pair: NodeOut | None = Field(default=None, description="this node's side of its pair (null: no partner)")
 
 
 class HistoryOut(BaseModel):
@@ -784,7 +788,11 @@ def _router(ctx: ApiContext) -> APIRouter:
                     holding_for=None, held_bytes=0, held_writes=0, taken_over=False,
                 )
             ]  # fmt: skip
-        return [NodeOut(role="pair", **asdict(node.pair_status()))]
+        return [_pair_out()]
+
+    def _pair_out() -> NodeOut:
+        lease = engine.lease.lease.epoch if engine.lease is not None else None
+        return NodeOut(role="pair", lease_epoch=lease, **asdict(node.pair_status()))
 
     @router.get("/status", tags=["status"])
     async def status() -> StatusOut:
@@ -824,6 +832,7 @@ def _router(ctx: ApiContext) -> APIRouter:
                 tls=node.nbd_tls,
                 exposed_without_tls=node.nbd_exposed_without_tls,
             ),
+            pair=_pair_out() if node.pair_status is not None else None,
         )
 
     # --- iSCSI -----------------------------------------------------------------------------------
