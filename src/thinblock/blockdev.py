@@ -24,9 +24,36 @@ from typing import Protocol, runtime_checkable
 
 # Anything a write accepts: the NBD server hands in memoryviews of its receive buffer.
 Buffer = bytes | bytearray | memoryview
+
+
+class FileSpan:
+    """Bytes of a read that are in a file right now: ``length`` bytes at ``offset`` of the open
+    descriptor ``fd``.  A volume returns these (``read_spans``) so that a
+    front end can send them with ``sendfile(2)`` -- from the page cache to the socket, never
+    through Python -- and read them where it cannot (TLS, data already queued).  Valid
+    only until the event loop next runs other work: use it at once.  The layer that made it
+    implements ``read_part`` with its own error handling (a PD marks itself failed)."""
+
+    __slots__ = ("fd", "length", "offset")
+
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        self.fd = fd
+        self.offset = offset
+        self.length = length
+
+    def read_part(self, skip: int = 0) -> bytearray:
+        """The span's bytes from ``skip`` on, read with the maker's error handling (MediumError)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(fd={self.fd}, offset={self.offset}, length={self.length})"
+
+
 # A piece of a read (``Volume.read_extents``): (volume offset, length, data), data None for a
 # run that reads as zeros because nothing backs it (a hole).
 ReadPiece = tuple[int, int, bytes | bytearray | memoryview | None]
+# A piece of ``read_spans``: the same, or a FileSpan where the bytes lie in a file as they are.
+SpanPiece = tuple[int, int, bytes | bytearray | memoryview | FileSpan | None]
 
 
 class ExtentFlags(enum.IntFlag):
@@ -61,6 +88,8 @@ class Capabilities:
     minimum_block: int = 1
     preferred_block: int = 4096
     maximum_block: int = 32 * 1024 * 1024
+    # The volume has ``read_spans`` (read_extents that may answer with FileSpan pieces).
+    file_spans: bool = False
 
 
 @runtime_checkable
@@ -121,7 +150,12 @@ class Volume(Protocol):
         """The same read as pieces covering the range in order, ``None`` data for a hole, so that
         a front end can send holes as holes (NBD_REPLY_TYPE_OFFSET_HOLE: no zeros on the wire).
         The NBD server reads only through this.  A volume that knows no holes returns one piece
-        of data.  Buffers returned must not change afterwards (they go to the transport)."""
+        of data.  Buffers returned must not change afterwards (they go to the transport).
+
+        A volume whose ``capabilities.file_spans`` is true also has ``read_spans(offset,
+        length) -> list[SpanPiece]``: the same pieces, with ``FileSpan`` data where the bytes
+        lie in files as they are (no cache data laid over them); the caller sends or reads
+        them at once (not part of this protocol: most volumes have no files)."""
         ...
 
     async def write(self, offset: int, data: Buffer, fua: bool = False) -> None: ...

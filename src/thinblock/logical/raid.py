@@ -60,7 +60,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..blockdev import Buffer
+from ..blockdev import Buffer, FileSpan
 from ..errors import Conflict, Fenced, InvalidArgument, MediumError
 from ..model import LDHealth
 from ..physical.pd import FAILURES, PhysicalDisk
@@ -251,6 +251,30 @@ class LogicalDisk:
         buf = bytearray(length)
         self.read_into(offset, memoryview(buf))
         return buf
+
+    def file_spans(self, offset: int, length: int) -> list[FileSpan] | None:
+        """Where ``read(offset, length)`` would read from, as FileSpans in order (for sendfile),
+        or None when it is not a plain copy of file bytes: RAID 5 (parity), a range across
+        rows, a PD that cannot give a span.  RAID 1: the mirror ``read`` would choose (the
+        first healthy one); RAID 0: one span per stripe unit."""
+        ru = self.row_usable
+        r, roff = divmod(offset, ru)
+        if roff + length > ru or self.raid is RaidLevel.RAID5:
+            return None
+        pds, bases = self._pds[r], self._bases[r]
+        if self.raid is RaidLevel.RAID1:
+            for c, pd in enumerate(pds):
+                if not pd.failed:
+                    span = pd.span(bases[c] + roff, length)
+                    return None if span is None else [span]
+            return None
+        spans: list[FileSpan] = []
+        for col, coff, _pos, take in self._r0_units(roff, length):
+            span = pds[col].span(bases[col] + coff, take)
+            if span is None:
+                return None
+            spans.append(span)
+        return spans
 
     def write(self, offset: int, data: Buffer) -> None:
         if self.write_fence is not None:

@@ -1299,23 +1299,33 @@ class ServerConnection:
         length = request.length
         if len(data) != length:
             raise ReplyError(f"read returned {len(data)} bytes for a request of {length}")
-        handle = request.handle
-        if self.structured_replies:
-            if not length:
-                return [encode_chunk_none(handle)]
-            header = _CHUNK_OFFSET.pack(
-                _STRUCTURED_MAGIC,
-                _DONE,
-                _TYPE_OFFSET_DATA,
-                handle,
-                length + 8,
-                request.offset,
-            )
-        else:
-            header = _SIMPLE_REPLY.pack(_SIMPLE_MAGIC, 0, handle)
+        if not length:
+            if self.structured_replies:
+                return [encode_chunk_none(request.handle)]
+            return [_SIMPLE_REPLY.pack(_SIMPLE_MAGIC, 0, request.handle)]
+        header = self.reply_read_header(request)
         if length <= _JOIN_LIMIT:
             return [header + data]
         return [header, data]
+
+    def reply_read_header(self, request: Request) -> bytes:
+        """The bytes that go before a successful READ's ``request.length`` bytes of data, for a
+        server that sends the data itself (``sendfile``): the simple reply header, or one
+        NBD_REPLY_TYPE_OFFSET_DATA chunk header for the whole request with NBD_REPLY_FLAG_DONE.
+        The data must follow at once and in full: nothing, not even an error, can be sent on
+        this connection in between."""
+        if request.command != Command.READ or not request.length:
+            raise ReplyError("reply_read_header answers a READ of at least one byte")
+        if self.structured_replies:
+            return _CHUNK_OFFSET.pack(
+                _STRUCTURED_MAGIC,
+                _DONE,
+                _TYPE_OFFSET_DATA,
+                request.handle,
+                request.length + 8,
+                request.offset,
+            )
+        return _SIMPLE_REPLY.pack(_SIMPLE_MAGIC, 0, request.handle)
 
     def reply_read_extents(
         self, request: Request, pieces: Iterable[tuple[int, int, Buffer | None]]

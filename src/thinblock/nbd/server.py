@@ -15,6 +15,16 @@ reads as zeros (the zero LD); with structured replies the holes go out as
 NBD_REPLY_TYPE_OFFSET_HOLE chunks: no zeros on the wire.  Buffers a volume returns go to the
 transport as they are: they must not change afterwards.
 
+Zero-copy reads.  On a plain (not TLS) connection, a READ of at least ``SENDFILE_MIN`` bytes
+to a volume with ``capabilities.file_spans`` goes through ``read_spans``: where the data lies
+in PD files as it is (one region, no write-back data over it, RAID 0 or 1), the volume answers
+with FileSpans and the server writes the reply header to the socket itself (MSG_MORE) and the
+data with ``sendfile(2)``, page cache to socket, never through Python.  Only when the transport
+has nothing queued (replies stay in order); otherwise, when the socket takes less than all, on
+TLS (the bytes must be encrypted) and on any sendfile error, the rest goes the copy path: the
+span is read (the PD's own error handling) and written to the transport.  Once the header has
+gone, a read error cannot be reported any more: the connection is closed (the client retries).
+
 Errors.  ``OutOfSpace`` -> NBD_ENOSPC, ``MediumError`` -> NBD_EIO, ``InvalidArgument`` ->
 NBD_EINVAL, ``SlowZero`` -> NBD_ENOTSUP, ``ReadOnlyDevice`` -> NBD_EPERM; any other
 exception -> NBD_EIO and one log line.  A request never crashes the server; a client
@@ -49,8 +59,10 @@ client opened, close the connections.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
+import errno
 import itertools
 import logging
 import os
@@ -62,7 +74,7 @@ from functools import partial
 from typing import Any, cast
 
 from thinblock.aio import start_eager
-from thinblock.blockdev import Volume, VolumeProvider
+from thinblock.blockdev import FileSpan, SpanPiece, Volume, VolumeProvider
 from thinblock.errors import (
     InvalidArgument,
     MediumError,
@@ -118,6 +130,11 @@ _FUA = int(CommandFlags.FUA)
 _KIND_VALUE = 0  # the coroutine's result is the reply's content
 _KIND_READ = 1  # bytes-like (a zero-length read)
 _KIND_EXTENTS = 2  # pieces from read_extents
+_KIND_SPANS = 3  # pieces from read_spans (FileSpans to sendfile)
+# READs of this many bytes or more go through read_spans and sendfile when they can.  Smaller
+# ones gain nothing from it (the syscalls cost more than the copy) and lose the batching of
+# small replies into one send.
+SENDFILE_MIN = 64 * 1024
 
 
 def errno_for(exc: BaseException, flags: int = 0) -> Errno:
@@ -205,6 +222,7 @@ class NBDServer:
         self._stopping = False
         self._stopped = asyncio.Event()
         self.connections_total = 0
+        self.sendfile_bytes = 0  # READ data sent with sendfile(2) (zero-copy), for tests and figures
 
     # --- listening ---------------------------------------------------------------------------
     async def start(
@@ -445,6 +463,9 @@ class _Connection(asyncio.BufferedProtocol):
         self.tls_subject: str | None = None  # the verified client certificate's subject
         self.peer_host: str | None = None  # the client's IP address (None on the Unix socket)
         self._tls_task: asyncio.Task[None] | None = None
+        # STARTTLS acknowledged, start_tls not returned yet; the core told the handshake is done.
+        self._tls_upgrading = False
+        self._tls_core_started = False
         self.volume: Volume | None = None
         self._max_block = 0
         self._in_flight = 0
@@ -466,6 +487,16 @@ class _Connection(asyncio.BufferedProtocol):
         self._out: list[Buffer] = []
         self._out_bytes = 0
         self._flush_scheduled = False
+        # A duplicate of the plain socket's descriptor for sendfile (None: no zero-copy reads,
+        # e.g. once TLS started); whether the chosen volume can give FileSpans.
+        self._sendfile_sock: socket.socket | None = None
+        self._file_spans = False
+        # The socket queue: while it holds anything, every reply goes through it (in order)
+        # instead of the transport, sent by _drain_socket, woken by the loop when writable.
+        self._sockq: collections.deque[Buffer | FileSpan] = collections.deque()
+        self._sockq_bytes = 0
+        self._sock_writer = False
+        self._close_when_drained = False
 
     # --- asyncio callbacks ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -497,17 +528,30 @@ class _Connection(asyncio.BufferedProtocol):
             # "both the client and server SHOULD disable Nagle's algorithm" (asyncio usually has)
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX):
+            with contextlib.suppress(OSError):
+                self._sendfile_sock = socket.socket(fileno=os.dup(sock.fileno()))
+                self._sendfile_sock.setblocking(False)
         self._timer = asyncio.get_running_loop().call_later(server.handshake_timeout, self._handshake_timeout)
         self._flush_core()  # the greeting
         self._flush_out()
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        if self._tls_upgrading and not self._tls_core_started:
+            # Bytes arriving while start_tls is pending come through the TLS layer: the handshake
+            # has completed (the client may send its next option at once, before _start_tls
+            # resumes).  Tell the core now, before they land in its buffer: plaintext received
+            # before the handshake is still refused (it is in the buffer already).
+            self._tls_core_started = True
+            self.core.tls_started()
         return self.core.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
         self.core.buffer_updated(nbytes)
         if self._idle_timer is not None:
             self._last_active = self._loop.time()
+        if self._tls_upgrading:
+            return  # replies must wait for the TLS transport: _start_tls processes them
         self._process()
 
     def eof_received(self) -> bool:
@@ -550,7 +594,16 @@ class _Connection(asyncio.BufferedProtocol):
             )
         if self._lost_waiter is not None and not self._lost_waiter.done():
             self._lost_waiter.set_result(None)
+        self._drop_sendfile()
         self._notify_idle()
+
+    def _drop_sendfile(self) -> None:
+        self._stop_socket_writer()
+        self._sockq.clear()
+        self._sockq_bytes = 0
+        sock, self._sendfile_sock = self._sendfile_sock, None
+        if sock is not None:
+            sock.close()
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -570,6 +623,7 @@ class _Connection(asyncio.BufferedProtocol):
             while True:
                 if (
                     self._write_paused
+                    or self._sockq_bytes >= _WRITE_HIGH_WATER
                     or self._in_flight >= server.max_requests_per_connection
                     or self._bytes_in_flight >= server.max_bytes_per_connection
                 ):
@@ -619,6 +673,9 @@ class _Connection(asyncio.BufferedProtocol):
         self._flush_core()
         self._flush_out()
         self._pause_reading()
+        assert not self._sockq, "STARTTLS comes before any READ"
+        self._drop_sendfile()  # from now on every byte is encrypted: no sendfile
+        self._tls_upgrading = True
         self._tls_task = asyncio.ensure_future(self._start_tls())
 
     @property
@@ -645,10 +702,12 @@ class _Connection(asyncio.BufferedProtocol):
                 exc or type(exc).__name__,
             )
             self._closing = True
+            self._tls_upgrading = False
             if not transport.is_closing():
                 transport.abort()
             asyncio.get_running_loop().call_soon(self.connection_lost, None)
             return
+        self._tls_upgrading = False
         if self._lost or tls_transport is None:
             if tls_transport is not None:
                 tls_transport.abort()
@@ -662,7 +721,9 @@ class _Connection(asyncio.BufferedProtocol):
             self.tls_subject or "without a client certificate",
             extra={"event": "nbd-tls"},
         )
-        self.core.tls_started()
+        if not self._tls_core_started:
+            self._tls_core_started = True
+            self.core.tls_started()
         self._process()
 
     def _flush_core(self) -> None:
@@ -685,6 +746,7 @@ class _Connection(asyncio.BufferedProtocol):
             self._reading_paused
             and not self._closing
             and not self._write_paused
+            and self._sockq_bytes < _WRITE_HIGH_WATER
             and self._in_flight < server.max_requests_per_connection
             and self._bytes_in_flight < server.max_bytes_per_connection
             and server._budget_left()
@@ -718,6 +780,10 @@ class _Connection(asyncio.BufferedProtocol):
         self._out_bytes = 0
         transport = self.transport
         if transport is None or self._lost or transport.is_closing():
+            return
+        if self._sockq:  # the socket queue owns the socket until it drains: keep the order
+            self._sockq.extend(out)
+            self._sockq_bytes += sum(len(data) for data in out)
             return
         if len(out) == 1:
             transport.write(out[0])
@@ -755,6 +821,7 @@ class _Connection(asyncio.BufferedProtocol):
         volume = export.backend
         self.volume = volume
         self._max_block = export.maximum_block
+        self._file_spans = self._sendfile_sock is not None and volume.capabilities.file_spans
         self.server._opened.setdefault(export.name, volume)
         self.session = self.server.sessions.open("NBD", export.name, self.address, self._disconnect)
         if self.server.idle_timeout > 0:
@@ -838,7 +905,16 @@ class _Connection(asyncio.BufferedProtocol):
             return
         if not abort:
             self._flush_out()
+            if self._sockq:
+                # Replies still in the socket queue: close once it has drained (or at the deadline).
+                if not self._close_when_drained:
+                    self._close_when_drained = True
+                    self._abort_timer = asyncio.get_running_loop().call_later(
+                        _CLOSE_GRACE, self.close_transport, True
+                    )
+                return
         if abort:
+            self._drop_sendfile()
             transport.abort()
             return
         if not transport.is_closing():
@@ -913,8 +989,12 @@ class _Connection(asyncio.BufferedProtocol):
                 return
             coro: Coroutine[Any, Any, Any]
             if command is Command.READ:
-                kind = _KIND_EXTENTS
-                coro = volume.read_extents(offset, length)
+                if length >= SENDFILE_MIN and self._file_spans and self._sendfile_sock is not None:
+                    kind = _KIND_SPANS
+                    coro = cast(Any, volume).read_spans(offset, length)
+                else:
+                    kind = _KIND_EXTENTS
+                    coro = volume.read_extents(offset, length)
             elif command is Command.WRITE:
                 assert request.data is not None
                 coro = volume.write(offset, request.data, fua=bool(int(request.flags) & _FUA))
@@ -992,7 +1072,12 @@ class _Connection(asyncio.BufferedProtocol):
         command = request.command
         try:
             if command is Command.READ:
-                if kind == _KIND_EXTENTS:
+                if kind == _KIND_SPANS:
+                    if any(isinstance(piece[2], FileSpan) for piece in result):
+                        self._send_spans(request, result)
+                    else:
+                        self._write_all(core.reply_read_extents(request, result))
+                elif kind == _KIND_EXTENTS:
                     self._write_all(core.reply_read_extents(request, result))
                 else:
                     self._write_all(core.reply_read(request, result))
@@ -1010,6 +1095,111 @@ class _Connection(asyncio.BufferedProtocol):
                 exc,
             )
             self._write(core.reply_error(request, Errno.EIO, "internal error"))
+
+    def _send_spans(self, request: Request, pieces: list[SpanPiece]) -> None:
+        """A READ answered with FileSpans: sent zero-copy through the socket queue when the
+        transport has nothing queued (or the queue already owns the socket), else read and
+        written to the transport (see the module docstring)."""
+        spans: list[FileSpan] = []
+        position = request.offset
+        for offset, length, data in pieces:
+            if offset != position or not isinstance(data, FileSpan) or data.length != length:
+                raise ReplyError(f"read spans do not cover the request at {position}")
+            spans.append(data)
+            position += length
+        if position != request.offset + request.length:
+            raise ReplyError(f"read spans end at {position}")
+        header = self.core.reply_read_header(request)
+        self._flush_out()  # earlier replies go first
+        transport = self.transport
+        if (
+            self._sendfile_sock is not None
+            and transport is not None
+            and not self._lost
+            and not transport.is_closing()
+            and (self._sockq or not transport.get_write_buffer_size())
+        ):
+            self._sockq.append(header)
+            self._sockq.extend(spans)
+            self._sockq_bytes += len(header) + request.length
+            if len(self._sockq) == len(spans) + 1:  # it was empty: nothing is waiting to send it
+                self._drain_socket()
+            return
+        try:
+            copies: list[Buffer] = [span.read_part() for span in spans]
+        except MediumError as exc:
+            self._fail(request, exc)  # nothing of this reply went out yet: an error reply
+            return
+        self._write(header)
+        self._write_all(copies)
+
+    def _drain_socket(self) -> None:
+        """Send the socket queue in order (headers and small replies with send, FileSpans with
+        sendfile) until it is empty or the socket is full; then wait until it is writable."""
+        sock, queue = self._sendfile_sock, self._sockq
+        if sock is None or self._lost:
+            queue.clear()
+            self._sockq_bytes = 0
+            return
+        fd = sock.fileno()
+        try:
+            while queue:
+                item = queue[0]
+                if isinstance(item, FileSpan):
+                    try:
+                        n = os.sendfile(fd, item.fd, item.offset, item.length)
+                        if not n:
+                            raise OSError(errno.EIO, "the file ends before the span")
+                    except BlockingIOError:
+                        raise
+                    except OSError:
+                        # A read error or a broken connection: read the rest the PD's way (a
+                        # read error fails the PD: MediumError); the send says which it was.
+                        queue[0] = item.read_part()
+                        continue
+                    self.server.sendfile_bytes += n
+                    if n < item.length:
+                        item.offset += n
+                        item.length -= n
+                    else:
+                        queue.popleft()
+                else:
+                    n = sock.send(item, socket.MSG_MORE if len(queue) > 1 else 0)
+                    if n < len(item):
+                        queue[0] = memoryview(item)[n:]
+                    else:
+                        queue.popleft()
+                self._sockq_bytes -= n
+        except BlockingIOError:
+            if not self._sock_writer:
+                asyncio.get_running_loop().add_writer(fd, self._drain_socket)
+                self._sock_writer = True
+            return
+        except (OSError, MediumError) as exc:
+            # Reply headers went out promising data: nothing more can be said on this connection.
+            self._log_once(
+                "sendfile",
+                logging.WARNING,
+                "client %s: sending read data failed (%s); disconnecting",
+                self.peer,
+                exc,
+            )
+            queue.clear()
+            self._sockq_bytes = 0
+            self._stop_socket_writer()
+            self._closing = True
+            self.close_transport(abort=True)
+            return
+        self._stop_socket_writer()
+        if self._close_when_drained:
+            self.close_transport(abort=False)
+        else:
+            self._resume()
+
+    def _stop_socket_writer(self) -> None:
+        if self._sock_writer and self._sendfile_sock is not None:
+            asyncio.get_running_loop().remove_writer(self._sendfile_sock.fileno())
+        self._sock_writer = False
 
     def _fail(self, request: Request, exc: BaseException) -> None:
         error = errno_for(exc, request.flags)

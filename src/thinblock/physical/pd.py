@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..blockdev import Buffer
+from ..blockdev import Buffer, FileSpan
 from ..errors import HostOutOfSpace, InvalidArgument, MediumError
 from ..model import PDHealth
 from ..units import KiB, MiB, format_size
@@ -426,6 +426,14 @@ class PhysicalDisk:
         except OSError as exc:
             raise self._io_error("header write", 0, exc) from exc
 
+    def span(self, offset: int, length: int) -> PDSpan | None:
+        """``[offset, offset + length)`` of this PD as a FileSpan for ``sendfile`` (None when it
+        cannot be: the PD failed, erroring or closed, or opened for direct I/O, whose reads must
+        not fill the page cache)."""
+        if self._blocked or self._direct_fd >= 0 or self._fd < 0 or self._closed:
+            return None
+        return PDSpan(self, offset, length)
+
     # --- direct I/O -------------------------------------------------------------------
     @property
     def direct_io(self) -> bool:
@@ -762,6 +770,23 @@ class PhysicalDisk:
             f"PhysicalDisk(id={self.id}, path={self.path!r}, size={self.size}, "
             f"chunklet_size={self.chunklet_size}, {state})"
         )
+
+
+class PDSpan(FileSpan):
+    """A FileSpan of a PD: read with the PD's own error handling (MediumError, the PD failed)."""
+
+    __slots__ = ("pd",)
+
+    def __init__(self, pd: PhysicalDisk, offset: int, length: int) -> None:
+        super().__init__(pd.fd, offset, length)
+        self.pd = pd
+
+    def read_part(self, skip: int = 0) -> bytearray:
+        assert 0 <= skip <= self.length
+        buf = bytearray(self.length - skip)
+        if buf:
+            self.pd.pread_into(self.offset + skip, memoryview(buf))
+        return buf
 
 
 class PDRange:

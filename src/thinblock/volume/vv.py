@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Iterator
 import numpy as np
 
 from ..alerts import AlertBus
-from ..blockdev import Buffer, Capabilities, Extent, ExtentFlags, ReadPiece
+from ..blockdev import Buffer, Capabilities, Extent, ExtentFlags, ReadPiece, SpanPiece
 from ..cache.writeback import WriteBackCache
 from ..errors import OutOfSpace, VolumeGone
 from ..logical.raid import LogicalDisk
@@ -73,6 +73,7 @@ class VirtualVolume:
         flush_node: Callable[[], Awaitable[None]],
         io: IOWorkers | None = None,
         offload_min: int = 128 * 1024,
+        writeback_bypass_min: int | None = None,
     ) -> None:
         self.row = row
         self.pool = pool
@@ -96,8 +97,13 @@ class VirtualVolume:
         # gives back meanwhile is released only when the last write into it has landed.
         self._io = io
         self._offload_min = offload_min if io is not None else 1 << 62
+        # Write-back writes of this many bytes or more (within one region) go around the cache
+        # (``_write_region``); None: never.
+        self._bypass_min = (
+            writeback_bypass_min if writeback_bypass_min is not None and io is not None else 1 << 62
+        )
         self._writeback = row.cache_mode == CacheMode.WRITEBACK.value
-        self.capabilities = Capabilities()
+        self.capabilities = Capabilities(file_spans=True)
         # statistics (plain ints: cheap on the hot path)
         self.reads = self.writes = self.read_bytes = self.write_bytes = 0
         self.trims = self.zeroes = self.flushes = self.errors = 0
@@ -232,6 +238,27 @@ class VirtualVolume:
                 out.append((pos, n, None))
         return out
 
+    async def read_spans(self, offset: int, length: int) -> list[SpanPiece]:
+        """``read_extents`` for a front end that can ``sendfile``: a read inside one assigned
+        region with no write-back data over it is answered with the FileSpans of the PD bytes
+        the LD would read (``LogicalDisk.file_spans``), so they go from the page cache to the
+        socket without a copy through Python; every other read as ``read_extents``."""
+        shift = self._shift
+        if (offset + length - 1) >> shift == offset >> shift:
+            packed = self.map.get(offset >> shift)
+            if packed != ZERO_LD and not self._wb.has(packed):
+                ld = self._lds[packed >> REGION_BITS]
+                spans = ld.file_spans(((packed & REGION_MASK) << shift) + (offset & self._mask), length)
+                if spans is not None:
+                    self._count_read(length)
+                    out: list[SpanPiece] = []
+                    pos = offset
+                    for span in spans:
+                        out.append((pos, span.length, span))
+                        pos += span.length
+                    return out
+        return list(await self.read_extents(offset, length))
+
     # --- writes (claims 1, 2, 4, 8) ---
     async def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
         if self.deleted:
@@ -356,22 +383,36 @@ class VirtualVolume:
         ld = self._lds[packed >> REGION_BITS]
         base = (packed & REGION_MASK) << self._shift
         if self._writeback:
+            if len(data) >= self._bypass_min and self._wb.mirror is None and self._wb.settled(packed):
+                # A large write around the cache, straight to the LD through the I/O threads as a
+                # write-through write: caching it would cost a copy now and an inline destage on
+                # the loop later, to save a page-cache write that costs the same (measured in
+                # bench/README.md).  Only with no partner (its copy is the point of write-back
+                # there) and no dirty data in the region (which must not overtake it).  Durable
+                # at the next flush, as every write-back write.
+                self._unflushed_direct = True
+                await self._write_to_ld(packed, ld, base + offset, data)
+                return
             await self._wb.write(packed, ld, base, offset, data, self.row.id, region)
         else:
             assert self._wb.settled(packed), "a write-through write into a region with cached copies"
-            if len(data) >= self._offload_min:
-                assert self._io is not None
-                view = data if type(data) is memoryview else memoryview(data).cast("B")
-                done = ld.submit_write(base + offset, view, self._io.submit)
-                if done is not None:
-                    pool = self.pool
-                    pool.write_started(packed)
-                    done.add_done_callback(lambda _: pool.write_landed(packed))
-                    # shield: a cancelled request does not stop threads already writing; the
-                    # region stays counted until they are done (the callback above).
-                    ld.check_write(await asyncio.shield(done))
-                    return
-            ld.write(base + offset, data)
+            await self._write_to_ld(packed, ld, base + offset, data)
+
+    async def _write_to_ld(self, packed: int, ld: LogicalDisk, ld_offset: int, data: Buffer) -> None:
+        """Write through to the LD: large writes on the I/O threads, small ones inline."""
+        if len(data) >= self._offload_min:
+            assert self._io is not None
+            view = data if type(data) is memoryview else memoryview(data).cast("B")
+            done = ld.submit_write(ld_offset, view, self._io.submit)
+            if done is not None:
+                pool = self.pool
+                pool.write_started(packed)
+                done.add_done_callback(lambda _: pool.write_landed(packed))
+                # shield: a cancelled request does not stop threads already writing; the
+                # region stays counted until they are done (the callback above).
+                ld.check_write(await asyncio.shield(done))
+                return
+        ld.write(ld_offset, data)
 
     async def _assign(self, region: int, reserved: list[int] | None = None) -> int:
         """Give ``region`` an LD region (claim 1), or wait for the assignment in progress (claim 8).
