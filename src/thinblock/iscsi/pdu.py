@@ -163,7 +163,10 @@ class PduReader:
                     ahs = bytes(buf[BHS_LENGTH:header_end])
                     del buf[:total]
                     raise PduError("data digest mismatch", header=bhs + ahs, digest=True)
-            data = bytes(buf[data_start : data_start + dsl])
+            # One copy (a bytearray slice, then bytes(), would be two: 1 MiB writes arrive as
+            # four 256 KiB segments); the view is released before the buffer shrinks.
+            with memoryview(buf) as view:
+                data = bytes(view[data_start : data_start + dsl])
         ahs = bytes(buf[BHS_LENGTH:header_end])
         del buf[:total]
         return Pdu(bhs, ahs, data)
