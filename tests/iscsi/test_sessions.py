@@ -419,11 +419,20 @@ async def test_a_session_is_registered_once_and_forcing_it_off_drops_every_conne
         [registered] = registry.of("vol0")
         assert registered.protocol == "iSCSI" and registered.peer == server.sessions()[0]["address"]
         assert describe_clients(registry.of("vol0")) == f"1 iSCSI session from {registered.peer}"
-        registered.disconnect()  # what a forced `vv delete` does
+        # What a forced `vv delete` does: mark the VV deleted, end its sessions, then give its
+        # regions back (the VV is still listed until then).
+        volume = server.provider.open_volume("vol0")
+        volume.deleted = True  # type: ignore[attr-defined]
+        registered.disconnect()
         for conn in (a, b):
             notice = await asyncio.wait_for(conn.next_pdu(), 10)
             assert notice.opcode == Opcode.ASYNC_MESSAGE and notice.bhs[36] == 3
             assert await asyncio.wait_for(conn.reader.read(), 10) == b""
+        # an initiator logging in again at once (libiscsi does) finds no target
+        with pytest.raises(LoginRefused) as refused:
+            await RawInitiator.connect(port, target, "iqn.2026-12.test:held", isid=0x23D000000004)
+        assert refused.value.status == LoginStatus.NOT_FOUND
+        volume.deleted = False  # type: ignore[attr-defined]
         await asyncio.sleep(0.05)
         assert registry.of("vol0") == [] and server.sessions() == []
         # a session that logs out leaves the registry too

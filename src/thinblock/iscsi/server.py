@@ -155,7 +155,7 @@ class ISCSIServer:
 
         def authorize(target: str, initiator: str) -> LoginStatus:
             vv = self._targets().get(target)
-            if vv is None:
+            if vv is None or self._being_deleted(vv):
                 return LoginStatus.NOT_FOUND
             if not self._allowed(vv, initiator):
                 return LoginStatus.AUTHORIZATION_FAILED
@@ -172,6 +172,16 @@ class ISCSIServer:
             target_alias=target_alias,
             sessions=self._session_table,
         )
+
+    def _being_deleted(self, vv: str) -> bool:
+        """A forced `vv delete` marks the VV deleted, ends its sessions, then gives its regions
+        back: an initiator that logs in again at once (libiscsi does, on the Asynchronous
+        Message) must find no target, not a session on a volume that is going away."""
+        try:
+            volume = self.provider.open_volume(vv)
+        except NotFound:
+            return True
+        return bool(getattr(getattr(volume, "_inner", volume), "deleted", False))
 
     def logical_unit(self, target: str) -> LogicalUnit | None:
         vv = self._targets().get(target)
