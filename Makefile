@@ -45,6 +45,7 @@ test: lint typecheck pytest
 bench: setup
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.iscsi --output bench/results/iscsi-latest.md
+	$(BIN)/python -m bench.node_pair
 
 drills: setup
 	$(BIN)/pytest -q -m long tests/drills
