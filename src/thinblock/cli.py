@@ -423,9 +423,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--alloc-limit", type=_optional_limit_arg, metavar="SIZE|PCT|none", default=argparse.SUPPRESS
     )
     p.add_argument("--cache", choices=("writeback", "writethrough"))
-    leaf(
-        vv, "access", "which NBD clients may open a volume, and how (nbd.access in the config)", cmd_vv_access
-    ).add_argument("name", metavar="NAME")
+    p = leaf(
+        vv,
+        "access",
+        "which NBD clients may open a volume, and how; allow, deny or remove a client (admin)",
+        cmd_vv_access,
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument(
+        "action",
+        nargs="?",
+        choices=("show", "allow", "deny", "remove"),
+        default="show",
+        help="allow or deny a client, remove its rule (rules of the config file stay); default: show",
+    )
+    p.add_argument(
+        "client",
+        nargs="?",
+        metavar="CLIENT",
+        help="certificate subject (CN=...), psk:NAME, address or network (10.1.0.0/16), unix, or *",
+    )
+    p.add_argument(
+        "--read-only", action="store_true", help="allow: read-only (NBD_FLAG_READ_ONLY, writes EPERM)"
+    )
     p = leaf(vv, "grow", "grow a volume's virtual size", cmd_vv_grow)
     p.add_argument("name", metavar="NAME")
     p.add_argument(
@@ -888,11 +908,19 @@ def render_vv(v: dict[str, Any]) -> Table:
             ("dirty", format_size(v["dirty_bytes"])),
             ("forecast", _forecast_text(v.get("forecast"))),
             ("clients", ", ".join(f"{c['protocol']} {c['peer']}" for c in v.get("clients", [])) or "none"),
+            ("NBD access", _access_text(v.get("access"))),
             ("created", _time_text(v["created"])),
             ("export", v.get("export_uri")),
         ],
         title=f"volume {v['name']}",
     )
+
+
+def _access_text(access: dict[str, Any] | None) -> str:
+    if not access or not access["rules"]:
+        return "every client, read-write (no rule)"
+    text = ", ".join(f"{r['client']} {r['mode']}" for r in access["rules"])
+    return text if access["restricted"] else text + "; every other client read-write"
 
 
 def render_vvs(vvs: list[dict[str, Any]]) -> Table:
@@ -1233,17 +1261,52 @@ def cmd_vv_set(ctx: Context) -> None:
 
 
 def cmd_vv_access(ctx: Context) -> None:
-    access = ctx.call("GET", f"/volumes/{_quote(ctx.args.name)}/access")
+    a = ctx.args
+    path = f"/volumes/{_quote(a.name)}/access"
+    if a.action == "show":
+        if a.client is not None or a.read_only:
+            raise CliError("show takes no client: give allow, deny or remove before it", EXIT_USAGE)
+        access = ctx.call("GET", path)
+    else:
+        if a.client is None:
+            raise CliError(
+                f"{a.action} needs a client (CN=..., psk:NAME, an address or network, unix, *)", EXIT_USAGE
+            )
+        if a.read_only and a.action != "allow":
+            raise CliError("--read-only goes with allow", EXIT_USAGE)
+        if a.action == "remove":
+            access = ctx.call("GET", path)
+            ids = [
+                r["id"] for r in access["rules"] if r["source"] == "api" and r["client"] == a.client.strip()
+            ]
+            if not ids:
+                fixed = any(r["client"] == a.client.strip() for r in access["rules"])
+                why = " (it is in the configuration file: change it there)" if fixed else ""
+                raise CliError(f"volume {a.name} has no access rule for {a.client} to remove{why}")
+            for rule_id in ids:
+                ctx.call("DELETE", f"{path}/{rule_id}")
+            access = ctx.call("GET", path)
+        else:
+            mode = "deny" if a.action == "deny" else ("ro" if a.read_only else "rw")
+            access = ctx.call("POST", path, json={"client": a.client, "mode": mode})
+    render_access(ctx, access)
+
+
+def render_access(ctx: Context, access: dict[str, Any]) -> None:
     if ctx.json:
         ctx.print_json(access)
         return
-    if not access["restricted"]:
+    rules = access["rules"]
+    if not access["restricted"] and not rules:
         ctx.say(f"{access['volume']}: no access rule; every NBD client may open it read-write")
         return
-    table = _table("CLIENT", "MODE", "RULE FOR", title=f"NBD access to {access['volume']}")
-    for rule in access["rules"]:
-        table.add_row(rule["client"], rule["mode"], rule["volume"])
+    table = _table("CLIENT", "MODE", "RULE FOR", "FROM", title=f"NBD access to {access['volume']}")
+    for rule in rules:
+        source = "config" if rule["source"] == "config" else f"api #{rule['id']}"
+        table.add_row(rule["client"], rule["mode"], rule["volume"], source)
     ctx.print_table(table)
+    if not access["restricted"]:
+        ctx.say("clients no rule denies may open it read-write")
 
 
 def cmd_vv_grow(ctx: Context) -> None:

@@ -25,7 +25,7 @@ Every key has a default, so an empty file (or none) gives a working daemon on lo
     [[nbd.access]]                  # per-volume access lists (none: every volume open to all)
     volume = "db1"                  # or "*" for every volume
     clients = ["CN=app-1,O=example", "10.1.0.0/16", "unix"]   # certificate subjects, networks
-    mode = "rw"                     # or "ro"
+    mode = "rw"                     # or "ro", or "deny" (beats any rule that allows)
 
     [iscsi]                         # off unless listen is set (or --iscsi HOST:PORT)
     listen = ""                     # e.g. "0.0.0.0:3260" (port 3260 when omitted)
@@ -482,7 +482,7 @@ def _access_rules(entries: Any) -> tuple[AccessRule, ...]:
         if unknown:
             raise ConfigError(f"{where}: unknown key {', '.join(unknown)} (known: clients, mode, volume)")
         volume = _str(entry.get("volume", ""), f"{where}.volume").strip()
-        mode = _choice(entry.get("mode", "rw"), f"{where}.mode", ("ro", "rw"))
+        mode = _choice(entry.get("mode", "rw"), f"{where}.mode", ("ro", "rw", "deny"))
         clients = entry.get("clients")
         if not isinstance(clients, list) or not clients or not all(isinstance(c, str) for c in clients):
             raise ConfigError(f"{where}.clients: expected a non-empty list of clients")

@@ -262,6 +262,7 @@ class Daemon:
         self.stop_signal: str | None = None
         self.engine: Engine | None = None
         self.nbd: Any = None
+        self.nbd_access: Any = None  # nbd.access.AccessStore, once NBD is set up
         self.iscsi: Any = None
         self.api_server: Any = None
         self.api_task: asyncio.Task[None] | None = None
@@ -427,7 +428,7 @@ class Daemon:
                 nbd_unix_socket=str(cfg.nbd_unix_socket) if cfg.nbd_unix_socket else None,
                 nbd_tls=cfg.nbd_tls,
                 nbd_exposed_without_tls=self._nbd_exposed_without_tls(),
-                nbd_access=cfg.nbd_access,
+                nbd_access=self.nbd_access,
                 default_export=cfg.default_export,
                 iscsi_acl_volumes=tuple(vv for vv, _ in cfg.iscsi.acl),
                 data_dir=data_dir.resolve(),
@@ -665,7 +666,6 @@ class Daemon:
                     extra={"event": "default-export-missing", "vv": default_export},
                 )
         assert self.engine is not None
-        from .nbd.access import AccessList
         from .nbd.protocol import TLSMode
         from .nbd.tls import TLSSettings, server_context
 
@@ -690,7 +690,7 @@ class Daemon:
             sessions=self.engine.sessions,
             tls_mode=tls_mode,
             tls_context=tls_context,
-            access=AccessList(cfg.nbd_access),
+            access=self._access_store(),
             max_connections=cfg.nbd_max_connections,
             max_connections_per_client=cfg.nbd_max_connections_per_client,
             handshake_timeout=cfg.nbd_handshake_timeout,
@@ -707,6 +707,18 @@ class Daemon:
             where = " and ".join(w for w in (cfg.nbd_listen and str(cfg.nbd_listen), unix_path) if w)
             reason = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
             raise StartupError(f"cannot listen for NBD on {where}: {reason}") from None
+
+    def _access_store(self) -> Any:
+        """The NBD access rules: the configuration's and those made through the API, kept in the
+        data directory; a file that cannot be read stops the start (serving without its rules
+        would open what they close)."""
+        from .nbd.access import ACCESS_FILE, AccessStore
+
+        try:
+            self.nbd_access = AccessStore(self.cfg.data_dir / ACCESS_FILE, fixed=self.cfg.nbd_access)
+        except RuntimeError as exc:
+            raise StartupError(str(exc)) from None
+        return self.nbd_access
 
     async def _start_iscsi(self, provider: Any) -> None:
         """The iSCSI target, when ``iscsi.listen`` (or ``--iscsi``) asks for it."""

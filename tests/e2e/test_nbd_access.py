@@ -10,12 +10,16 @@ import json
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
+from tests.drills.hostile_helpers import RawClient
+from tests.support.daemon import SMALL_CONFIG, start_daemon
 from thinblock.nbd.access import AccessList, AccessRule
 from thinblock.nbd.server import NBDServer
 
+from .client_tools import qemu_io, run_tool
 from .memvolume import MemProvider, MemVolume, MiB
 from .nbd_helpers import run
 
@@ -68,3 +72,47 @@ async def test_unix_socket_client_has_its_own_rights(server: NBDServer) -> None:
     read = (await run("qemu-io", "-f", "raw", "-r", "-c", "read -P 3 0 4k", unix.format("ro-here"))).check()
     assert "read 4096/4096" in read.out
     (await run("qemu-io", "-f", "raw", "-c", "write -P 4 0 4k", unix.format("unix-only"))).check()
+
+
+def test_rules_changed_from_the_cli_apply_to_new_connections_and_persist(tmp_path: Path) -> None:
+    """``thinblock vv access`` on the real daemon: a denied client no longer lists nor opens the
+    volume, a read-only grant makes qemu-io's write fail with EPERM, a connection opened before
+    the change keeps what it opened, and the rules survive a restart (DATA_DIR/nbd-access.json)."""
+    for tool in ("nbdinfo", "qemu-io"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed (Makefile APT_PKGS: libnbd-bin, qemu-utils)")
+    daemon = start_daemon(tmp_path, config=SMALL_CONFIG)
+    try:
+        uri = daemon.uri("vol0")
+        before = RawClient(daemon.nbd_port).negotiate("vol0")  # in transmission before any rule
+        assert daemon.cli("vv", "access", "vol0", "deny", "127.0.0.1").code == 0
+        listed = json.loads(
+            run_tool("nbdinfo", "--list", "--json", f"nbd://127.0.0.1:{daemon.nbd_port}").stdout
+        )
+        assert "vol0" not in [e["export-name"] for e in listed["exports"]]
+        assert run_tool("nbdinfo", uri, check=False).returncode != 0
+        assert before.write(0, b"\x11" * 4096).error == 0  # the open connection is untouched
+        before.disconnect()
+
+        assert daemon.cli("vv", "access", "vol0", "remove", "127.0.0.1").code == 0
+        assert daemon.cli("vv", "access", "vol0", "allow", "127.0.0.0/8", "--read-only").code == 0
+        info = json.loads(run_tool("nbdinfo", "--json", uri).stdout)
+        assert info["exports"][0]["is_read_only"] is True
+        refused = qemu_io(uri, "write -P 0x22 0 4k", check=False)  # qemu refuses to open it read-write
+        assert refused.returncode != 0 and "wrote" not in refused.stdout, refused
+        read = run_tool("qemu-io", "-f", "raw", "-r", "-c", "read -P 0x11 0 4k", uri)
+        assert "read 4096/4096" in read.stdout, read
+        shown = daemon.cli_json("vv", "show", "vol0")["access"]
+        assert shown["restricted"] and [(r["client"], r["mode"], r["source"]) for r in shown["rules"]] == [
+            ("127.0.0.0/8", "ro", "api")
+        ]
+        assert daemon.stop() == 0, daemon.log_tail()
+        daemon.start()
+        uri = daemon.uri("vol0")
+        info = json.loads(run_tool("nbdinfo", "--json", uri).stdout)
+        assert info["exports"][0]["is_read_only"] is True, "the rule did not survive a restart"
+        audit = (daemon.data_dir / "audit.log").read_text()
+        assert audit.count("/volumes/vol0/access") >= 3
+    finally:
+        if daemon.running:
+            assert daemon.stop() == 0, daemon.log_tail()

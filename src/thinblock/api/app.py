@@ -46,7 +46,7 @@ from ..model import (
 from ..model import (
     RebuildProgress as RebuildProgressInfo,
 )
-from ..nbd.access import AccessRule
+from ..nbd.access import AccessStore
 from ..units import Limit, parse_size
 from . import dashboard
 from .auth import NO_PARAMETERS, SAFE_METHODS, ApiGuard, ApiSecurity, token_router
@@ -267,6 +267,37 @@ class ClientOut(BaseModel):
     opened: float
 
 
+class AccessRuleOut(BaseModel):
+    volume: str = Field(description="the volume, or * for every volume")
+    client: str = Field(description="certificate subject, psk:NAME, address or network, unix, or *")
+    mode: Literal["ro", "rw", "deny"]
+    source: Literal["config", "api"] = Field(
+        default="config", description="the configuration file (fixed), or made through the API"
+    )
+    id: int | None = Field(default=None, description="API rules: what DELETE .../access/{id} takes")
+
+
+class AccessRuleIn(_Request):
+    """An access rule for one client on this volume; it replaces the API rule the client had."""
+
+    client: str = Field(
+        min_length=1,
+        max_length=1024,
+        description="certificate subject (CN=...), psk:NAME, address or network, unix, or *",
+    )
+    mode: Literal["ro", "rw", "deny"] = "rw"
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"client": "10.1.0.0/16", "mode": "ro"}]}
+    )
+
+
+class VolumeAccessOut(BaseModel):
+    volume: str
+    restricted: bool = Field(description="false: no rule names it, every NBD client may open it read-write")
+    rules: list[AccessRuleOut]
+
+
 class VolumeOut(BaseModel):
     name: str
     pool: str
@@ -284,6 +315,7 @@ class VolumeOut(BaseModel):
     export_uri: str | None = Field(description="where NBD clients (qemu-img, nbdinfo, nbdcopy) reach it")
     clients: list[ClientOut] = Field(default=[], description="connected clients doing I/O on it")
     forecast: ForecastOut = Field(description="toward the allocation warning and limit")
+    access: VolumeAccessOut | None = Field(default=None, description="which NBD clients may open it, and how")
 
 
 class VolumeCreate(_Request):
@@ -332,18 +364,6 @@ class VolumeGrow(_Request):
     size: Size = Field(description="the new virtual size (grow only)")
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"size": "200GiB"}]})
-
-
-class AccessRuleOut(BaseModel):
-    volume: str = Field(description="the volume, or * for every volume")
-    client: str = Field(description="certificate subject, address or network, unix, or *")
-    mode: Literal["ro", "rw"]
-
-
-class VolumeAccessOut(BaseModel):
-    volume: str
-    restricted: bool = Field(description="false: no rule names it, every NBD client may open it read-write")
-    rules: list[AccessRuleOut]
 
 
 class VolumeStatsOut(BaseModel):
@@ -487,7 +507,8 @@ class NodeInfo:
     nbd_unix_socket: str | None = None
     nbd_tls: str = "off"
     nbd_exposed_without_tls: bool = False  # TCP beyond loopback without required TLS
-    nbd_access: tuple[AccessRule, ...] = ()  # nbd.access rules (thinblock.nbd.access)
+    # the NBD access rules: the configuration's and the API's (thinblock.nbd.access)
+    nbd_access: AccessStore = field(default_factory=lambda: AccessStore(None))
     default_export: str | None = None
     iscsi_acl_volumes: tuple[str, ...] = ()  # the volumes [iscsi.acl] names
     data_dir: Path | None = None
@@ -575,7 +596,23 @@ def _volume_out(info: Any, ctx: ApiContext) -> VolumeOut:
         export_uri=ctx.node.export_uri(info.name),
         clients=clients,
         forecast=_forecast_out(forecast),
+        access=_access_out(ctx.node.nbd_access, info.name),
     )
+
+
+def _access_out(store: AccessStore, volume: str) -> VolumeAccessOut:
+    rules = [
+        AccessRuleOut(
+            volume=rule.volume,
+            client=rule.client,
+            mode=rule.mode,
+            source="config" if stored is None else "api",
+            id=None if stored is None else stored.id,
+        )
+        for rule, stored in store.applying_to(volume)
+    ]
+    # Restricted: some rule allows only certain clients (deny rules alone restrict nobody else).
+    return VolumeAccessOut(volume=volume, restricted=any(r.mode != "deny" for r in rules), rules=rules)
 
 
 def _rebuild_out(ctx: ApiContext) -> RebuildOut:
@@ -652,7 +689,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 def _config_rules_naming(node: NodeInfo, volumes: tuple[str, ...]) -> str:
     """Which of the configuration's per-volume access rules name one of ``volumes`` ("" if none)."""
     found = []
-    if any(rule.volume in volumes for rule in node.nbd_access):
+    if any(rule.volume in volumes for rule in node.nbd_access.fixed):
         found.append("[[nbd.access]] rules")
     if any(volume in volumes for volume in node.iscsi_acl_volumes):
         found.append("[iscsi.acl] entries")
@@ -1000,7 +1037,17 @@ def _router(ctx: ApiContext) -> APIRouter:
                 f"volume '{name}' cannot be renamed to '{body.name}' while {rules} in the configuration"
                 " name it: change them first (a rename would take the volume out of its rules)"
             )
-        return _volume_out(await engine.rename_vv(name, body.name), ctx)
+        # The rules made through the API follow the volume: copied to the new name first (for a
+        # moment both names are restricted, never neither), the old name's dropped after.
+        copied = node.nbd_access.copy_rules(name, body.name)
+        try:
+            info = await engine.rename_vv(name, body.name)
+        except BaseException:
+            if copied:
+                node.nbd_access.forget_volume(body.name)
+            raise
+        node.nbd_access.forget_volume(name)
+        return _volume_out(info, ctx)
 
     @router.delete("/volumes/{name}", status_code=204, tags=["volumes"])
     async def delete_volume(
@@ -1012,18 +1059,34 @@ def _router(ctx: ApiContext) -> APIRouter:
         """Every region it holds goes back to its pool, zeroed.  With connected clients: 409,
         unless ``force`` (they are disconnected, and any request they still send fails)."""
         await engine.delete_vv(name, force=force)
+        node.nbd_access.forget_volume(name)  # a new volume of this name inherits no grant
         return Response(status_code=204)
 
     @router.get("/volumes/{name}/access", tags=["volumes"])
     async def volume_access(name: VolumePath) -> VolumeAccessOut:
-        """Which NBD clients may open the volume, and how (``[[nbd.access]]`` in the config)."""
+        """Which NBD clients may open the volume, and how: the configuration's rules
+        (``[[nbd.access]]``) and those made through the API."""
         engine.get_vv(name)
-        rules = [r for r in node.nbd_access if r.volume in (name, "*")]
-        return VolumeAccessOut(
-            volume=name,
-            restricted=bool(rules),
-            rules=[AccessRuleOut(volume=r.volume, client=r.client, mode=r.mode) for r in rules],
-        )
+        return _access_out(node.nbd_access, name)
+
+    @router.post("/volumes/{name}/access", status_code=201, tags=["volumes"])
+    async def add_volume_access(name: VolumePath, body: AccessRuleIn) -> VolumeAccessOut:
+        """Allow (``ro``, ``rw``) or deny a client; kept in the data directory, in force for every
+        new connection (connections already open keep what they opened).  Admin only."""
+        engine.get_vv(name)
+        try:
+            node.nbd_access.put(name, body.client, body.mode)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        return _access_out(node.nbd_access, name)
+
+    @router.delete("/volumes/{name}/access/{rule_id}", tags=["volumes"])
+    async def remove_volume_access(name: VolumePath, rule_id: int) -> Response:
+        """Remove a rule made through the API (those of the configuration file stay).  Admin only."""
+        engine.get_vv(name)
+        if node.nbd_access.remove(name, rule_id) is None:
+            raise NotFound(f"volume {name} has no access rule {rule_id} made through the API")
+        return Response(status_code=204)
 
     @router.get("/volumes/{name}/stats", tags=["volumes"])
     async def volume_stats(name: VolumePath) -> VolumeStatsOut:

@@ -103,6 +103,9 @@ ROUTE_ROLES: dict[tuple[str, str], Role] = {
     ("DELETE", "/api/v1/volumes/{name}"): Role.ADMIN,
     # A rename frees the old name: a host reconnecting by it would reach whatever takes it next.
     ("POST", "/api/v1/volumes/{name}/rename"): Role.ADMIN,
+    # Who may read and write a volume's data over NBD: an admin's decision, like tokens.
+    ("POST", "/api/v1/volumes/{name}/access"): Role.ADMIN,
+    ("DELETE", "/api/v1/volumes/{name}/access/{rule_id}"): Role.ADMIN,
     ("POST", "/api/v1/alerts/{alert_id}/ack"): Role.OPERATOR,
     ("POST", "/api/v1/tokens"): Role.ADMIN,
     ("DELETE", "/api/v1/tokens/{token_id}"): Role.ADMIN,

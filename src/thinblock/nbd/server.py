@@ -87,7 +87,7 @@ from thinblock.errors import (
 from thinblock.netlimits import STOPPING, ConnectionLimits, RefusalLog
 from thinblock.sessions import Session, SessionRegistry
 
-from .access import AccessList, ClientIdentity
+from .access import AccessList, AccessPolicy, ClientIdentity
 from .constants import Command, CommandFlags, Errno, TransmissionFlags
 from .protocol import (
     NEED_DATA,
@@ -187,13 +187,14 @@ class NBDServer:
         sessions: SessionRegistry | None = None,
         tls_mode: TLSMode = TLSMode.OFF,
         tls_context: ssl.SSLContext | None = None,
-        access: AccessList | None = None,
+        access: AccessPolicy | None = None,
     ) -> None:
         if tls_mode is not TLSMode.OFF and tls_context is None:
             raise ValueError(f"TLS mode {tls_mode.value} needs an ssl context")
         self.tls_mode = tls_mode
         self.tls_context = tls_context
-        self.access = access if access is not None else AccessList()
+        # Asked at every LIST, INFO and GO: a policy that changes applies from the next option on.
+        self.access: AccessPolicy = access if access is not None else AccessList()
         self.provider = provider
         # Where each connection that chose an export is registered (the engine's, so that a
         # volume delete knows its clients); a registry of its own when none is given.
