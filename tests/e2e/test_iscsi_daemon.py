@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -68,10 +69,10 @@ def test_iscsi_listen_config_key_and_default_port() -> None:
 def test_sessions_in_cli_rest_metrics_and_a_deleted_volume(tmp_path: Path) -> None:
     """The admin side: a logged-in initiator shows in `thinblock iscsi sessions`, the REST API
     and the metrics, and in the engine's registry like an NBD client: `vv delete` of its volume
-    is refused ("in use by 1 iSCSI session from ..."); --force ends the session the way a
-    target whose LUN went away does: an Asynchronous Message "dropping all connections", the
-    connection closed, and a new login answered "not found" (0203h), which stops an
-    initiator's retries."""
+    is refused ("in use by 1 iSCSI session from ..."); --force answers the session the way a
+    target whose LUN went away does: an Asynchronous Message with REPORTED LUNS DATA HAS
+    CHANGED (3Fh/0Eh), then ILLEGAL REQUEST, LOGICAL UNIT NOT SUPPORTED (05h/25h/00h) for
+    every command, and a new login is answered "not found" (0203h)."""
     config = SMALL_CONFIG + '\n[iscsi]\nnode_name = "testnode"\n'
     with running_daemon(tmp_path, config=config, args=("--iscsi", "127.0.0.1:0")) as daemon:
         assert daemon.iscsi_portal
@@ -96,7 +97,7 @@ def test_sessions_in_cli_rest_metrics_and_a_deleted_volume(tmp_path: Path) -> No
                 seen["still"] = await client.read16(0, 8)
                 seen["forced"] = await asyncio.to_thread(daemon.cli, "vv", "delete", "spare", "-y", "--force")
                 seen["notice"] = await asyncio.wait_for(client.next_pdu(), 10)
-                seen["eof"] = await asyncio.wait_for(client.reader.read(), 10)
+                seen["gone"] = await client.test_unit_ready()
                 try:
                     await RawInitiator.connect(port, spare, "iqn.2026-12.test:admin")
                 except LoginRefused as exc:
@@ -125,8 +126,55 @@ def test_sessions_in_cli_rest_metrics_and_a_deleted_volume(tmp_path: Path) -> No
         assert [(c["protocol"], c["peer"]) for c in seen["shown"]["clients"]] == [("iSCSI", seen["peer"])]
         assert seen["still"].status == 0 and seen["still"].data == b"\x3c" * 4096  # still served
         assert seen["forced"].code == 0, seen["forced"].err
-        assert seen["notice"].opcode == 0x32 and seen["notice"].bhs[36] == 3  # dropping the session
-        assert seen["eof"] == b""
+        notice = seen["notice"]
+        assert notice.opcode == 0x32 and notice.bhs[36] == 0  # a SCSI asynchronous event
+        assert (notice.data[2 + 2] & 0x0F, notice.data[2 + 12], notice.data[2 + 13]) == (0x06, 0x3F, 0x0E)
+        gone = seen["gone"]
+        assert (gone.status, gone.sense_key, gone.asc) == (0x02, 0x05, 0x2500)
         assert seen["relogin"] == 0x0203  # not found
         assert "spare" not in [v["name"] for v in daemon.cli_json("vv", "list")]
-        assert daemon.events("iscsi-session-ended") and daemon.events("vv-delete-disconnect")
+        assert daemon.events("iscsi-volume-gone") and daemon.events("vv-delete-disconnect")
+
+
+def test_qemu_io_holding_a_volume_and_a_forced_delete(tmp_path: Path) -> None:
+    """A real initiator (qemu-io over libiscsi, interactive) holds a volume: `vv delete` is
+    refused naming its session; after --force qemu-io's next read fails at once (LOGICAL UNIT
+    NOT SUPPORTED), it never reads zeros where data was nor waits."""
+    config = SMALL_CONFIG + '\n[iscsi]\nnode_name = "testnode"\n'
+    with running_daemon(tmp_path, config=config, args=("--iscsi", "127.0.0.1:0")) as daemon:
+        daemon.cli_json("vv", "create", "held", "--pool", "default", "--size", "64M")
+        uri = daemon.iscsi_uri(TARGET.replace(":vol0", ":held"))
+        qemu = subprocess.Popen(
+            ["qemu-io", "-f", "raw", uri],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            assert qemu.stdin is not None
+            qemu.stdin.write("write -P 0x6b 0 64k\n")
+            qemu.stdin.flush()
+            deadline = time.monotonic() + 30
+            while not daemon.cli_json("vv", "show", "held")["clients"] and time.monotonic() < deadline:
+                time.sleep(0.1)
+            [client] = daemon.cli_json("vv", "show", "held")["clients"]
+            assert client["protocol"] == "iSCSI"
+            refused = daemon.cli("vv", "delete", "held", "-y")
+            assert refused.code == 1
+            assert (
+                f"is in use by 1 iSCSI session from {client['peer']}; disconnect it or use --force"
+                in refused.err
+            )
+            assert daemon.cli("vv", "delete", "held", "-y", "--force").code == 0
+            qemu.stdin.write("read -P 0x6b 0 64k\nquit\n")
+            qemu.stdin.flush()
+            out, _ = qemu.communicate(timeout=60)
+        finally:
+            if qemu.poll() is None:
+                qemu.kill()
+                qemu.communicate()
+        assert "wrote 65536/65536 bytes" in out, out
+        assert "read failed" in out and "read 65536/65536" not in out, out
+        assert "LOGICAL_UNIT_NOT_SUPPORTED" in out, out
+        assert daemon.events("iscsi-volume-gone")

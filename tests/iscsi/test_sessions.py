@@ -369,14 +369,17 @@ def test_ping_is_a_nop_in_with_a_tag_answered_by_a_nop_out_with_it() -> None:
     assert after.u32(24) == ping.u32(24)  # the ping did not use a StatSN
 
 
-def test_drop_notice_is_an_async_message_dropping_the_session() -> None:
+def test_scsi_event_is_an_async_message_with_sense_data() -> None:
     a, _, _ = two_connections()
-    a.drop_notice(time2wait=2)
+    a.receive_data(nop_out(itt=5, cmdsn=1))
+    [echo] = sent(a)
+    sense = bytes([0x70, 0, 0x06]) + bytes(4) + bytes([10]) + bytes(4) + bytes([0x3F, 0x0E]) + bytes(4)
+    a.scsi_event(sense)
     [notice] = sent(a)
     assert notice.opcode == Opcode.ASYNC_MESSAGE and notice.u32(16) == 0xFFFFFFFF
-    assert notice.bhs[36] == 3  # AsyncEvent: the target drops all connections of the session
-    assert int.from_bytes(notice.bhs[40:42], "big") == 2  # Time2Wait
-    assert int.from_bytes(notice.bhs[42:44], "big") == 0  # Time2Retain
+    assert notice.bhs[36] == 0  # AsyncEvent: a SCSI asynchronous event
+    assert notice.data == len(sense).to_bytes(2, "big") + sense
+    assert notice.u32(24) == echo.u32(24) + 1  # it takes a StatSN
 
 
 async def test_an_idle_initiator_that_answers_pings_stays_one_that_does_not_is_closed() -> None:
@@ -408,7 +411,7 @@ async def test_an_idle_initiator_that_answers_pings_stays_one_that_does_not_is_c
 # --- the engine's session registry -----------------------------------------------------------------
 
 
-async def test_a_session_is_registered_once_and_forcing_it_off_drops_every_connection() -> None:
+async def test_a_session_is_registered_once_and_forcing_it_off_leaves_the_lun_gone() -> None:
     registry = SessionRegistry()
     server = ISCSIServer(MemProvider(SparseMemVolume("vol0", 16 * MiB)), node_name="h", sessions=registry)
     await server.start("127.0.0.1", 0)
@@ -419,22 +422,31 @@ async def test_a_session_is_registered_once_and_forcing_it_off_drops_every_conne
         [registered] = registry.of("vol0")
         assert registered.protocol == "iSCSI" and registered.peer == server.sessions()[0]["address"]
         assert describe_clients(registry.of("vol0")) == f"1 iSCSI session from {registered.peer}"
-        # What a forced `vv delete` does: mark the VV deleted, end its sessions, then give its
+        # What a forced `vv delete` does: mark the VV deleted, tell the sessions, then give its
         # regions back (the VV is still listed until then).
         volume = server.provider.open_volume("vol0")
         volume.deleted = True  # type: ignore[attr-defined]
         registered.disconnect()
         for conn in (a, b):
             notice = await asyncio.wait_for(conn.next_pdu(), 10)
-            assert notice.opcode == Opcode.ASYNC_MESSAGE and notice.bhs[36] == 3
-            assert await asyncio.wait_for(conn.reader.read(), 10) == b""
-        # an initiator logging in again at once (libiscsi does) finds no target
+            assert notice.opcode == Opcode.ASYNC_MESSAGE and notice.bhs[36] == 0
+            sense = notice.data[2:]
+            assert (sense[2] & 0x0F, sense[12], sense[13]) == (
+                0x06,
+                0x3F,
+                0x0E,
+            )  # REPORTED LUNS DATA HAS CHANGED
+        assert registry.of("vol0") == []
+        # the LUN answers as one the target does not have, on every connection
+        for conn in (a, b):
+            gone = await conn.read16(0, 8)
+            assert (gone.status, gone.sense_key, gone.asc) == (0x02, 0x05, 0x2500)
+        # an initiator logging in again (libiscsi does, when its connection ends) finds no target
         with pytest.raises(LoginRefused) as refused:
             await RawInitiator.connect(port, target, "iqn.2026-12.test:held", isid=0x23D000000004)
         assert refused.value.status == LoginStatus.NOT_FOUND
+        assert await a.logout() == 0
         volume.deleted = False  # type: ignore[attr-defined]
-        await asyncio.sleep(0.05)
-        assert registry.of("vol0") == [] and server.sessions() == []
         # a session that logs out leaves the registry too
         c = await RawInitiator.connect(port, target, "iqn.2026-12.test:other", isid=0x23D000000003)
         assert len(registry.of("vol0")) == 1

@@ -1144,29 +1144,20 @@ class TargetConnection:
         )
         self._send(bhs)
 
-    def drop_notice(self, time2wait: int = 2) -> None:
-        """Tell the initiator the target is about to drop every connection of the session
-        (Asynchronous Message, AsyncEvent 3, RFC 7143 11.9.1): the volume behind it is gone.
-        Parameter2 is Time2Wait, Parameter3 Time2Retain (0: nothing is kept at ERL 0)."""
+    def scsi_event(self, sense: bytes) -> None:
+        """An Asynchronous Message carrying a SCSI asynchronous event (AsyncEvent 0, RFC 7143
+        11.9.1: "a SCSI asynchronous event is reported in the sense data"): the data segment
+        is SenseLength and the sense data, as in a SCSI Response."""
         if self.phase is not Phase.FULL_FEATURE:
             return
-        async_event = 3
         bhs = build_bhs(
             Opcode.ASYNC_MESSAGE,
             FINAL_BIT,
             itt=NO_TAG,
-            fields=(
-                0,
-                self.stat_sn,
-                self.exp_cmd_sn,
-                self._advertised_max(),
-                async_event << 24,  # AsyncEvent, AsyncVCode 0, Parameter1 0
-                time2wait << 16,  # Parameter2 Time2Wait, Parameter3 Time2Retain 0
-                0,
-            ),
+            fields=(0, self.stat_sn, self.exp_cmd_sn, self._advertised_max(), 0, 0, 0),
         )
         self.stat_sn = sn_add(self.stat_sn, 1)
-        self._send(bhs)
+        self._send(bhs, len(sense).to_bytes(2, "big") + sense)
 
     def logout_target(self, request: LogoutRequested) -> tuple[LogoutResponse, list[TargetConnection]]:
         """What a Logout Request ends (RFC 7143 11.14.1): the answer, and the connections

@@ -303,7 +303,7 @@ class ISCSIServer:
     def _register(self, session: Session, vv: str, peer: str) -> None:
         if session not in self._registered:
             self._registered[session] = self.registry.open(
-                "iSCSI", vv, peer, partial(self._end_session, session, f"volume {vv} was deleted")
+                "iSCSI", vv, peer, partial(self._volume_gone, session, vv)
             )
 
     def _unregister(self, session: Session) -> None:
@@ -311,24 +311,27 @@ class ISCSIServer:
         if registered is not None:
             self.registry.close(registered)
 
-    def _end_session(self, session: Session, reason: str) -> None:
-        """End a session from the target's side (its volume was deleted, forced): the VV is
-        already marked deleted, so a command still arriving is answered ILLEGAL REQUEST,
-        LOGICAL UNIT NOT SUPPORTED (05h/25h/00h); every connection is told with an
-        Asynchronous Message "dropping all connections" and closed; a new login to the target
-        is answered "not found" (0203h), which ends an initiator's retries."""
+    def _volume_gone(self, session: Session, vv: str) -> None:
+        """The session's volume was deleted under it (``vv delete --force``; the VV is already
+        marked deleted).  What a host expects of a logical unit that went away: every command
+        from now on is answered ILLEGAL REQUEST, LOGICAL UNIT NOT SUPPORTED (05h/25h/00h, as
+        SPC-4 has a target answer a LUN it does not have), it is told at once with an
+        Asynchronous Message carrying REPORTED LUNS DATA HAS CHANGED (3Fh/0Eh; Linux rescans
+        and removes the disk), and a new login to the target finds nothing.  The session
+        itself stays until the initiator logs out (or stops answering NOP-In): dropping it
+        makes libiscsi (qemu) log in again and again, its I/O waiting instead of failing."""
         log.warning(
-            "ending the iSCSI session of %s to %s: %s",
+            "volume %s deleted under the iSCSI session of %s: its commands now get LOGICAL UNIT NOT SUPPORTED",
+            vv,
             session.initiator_name,
-            session.target_name,
-            reason,
-            extra={"event": "iscsi-session-ended"},
+            extra={"event": "iscsi-volume-gone", "vv": vv},
         )
+        sense = fixed_sense(SenseKey.UNIT_ATTENTION, Asc.REPORTED_LUNS_DATA_CHANGED)
         for member in self._members(session):
-            member.core.drop_notice()
-            member.abort_all()
-            member.core.end(reason, clean=True)
-            member._pump()
+            if member.lu is not None:
+                member.lu.gone = True
+            member.core.scsi_event(sense)
+            member._flush()
         self._unregister(session)
 
     def reset_lu(self, lu: LogicalUnit, origin: _Connection) -> list[asyncio.Future[Any]]:
