@@ -19,6 +19,7 @@ import datetime
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -284,6 +285,9 @@ def _load(values: tuple[float, ...]) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    # SIGTERM (kill PID) ends the run as Ctrl-C does: the servers are stopped and the work
+    # directory (images, PD files: gigabytes) deleted by the finally blocks, not left behind.
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     # Piped to a file or a CI log, rich would squeeze the table into 80 columns.
     console = Console(width=None if sys.stdout.isatty() else 200)
     servers = [s for s in all_servers(args.thinblock_launch, args.thinblock_loop) if s.key in args.servers]

@@ -361,6 +361,8 @@ class ThinblockServer:
             cmd = [
                 exe, "serve", "--data", str(directory / "data"), "--nbd", f"{HOST}:{nbd_port}",
                 "--api", f"{HOST}:{api_port}", "--no-first-start",
+                # The PD files lie beside the data directory: pd add refuses them elsewhere.
+                "--pd-allowed-root", str(directory),
             ]  # fmt: skip
             config_lines = []
             if self.event_loop:
