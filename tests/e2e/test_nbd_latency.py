@@ -20,6 +20,7 @@ import pytest
 
 from tests.support.wire import request
 from thinblock.api.metrics import InstrumentedProvider, InstrumentedVolume, LatencyRecorder
+from thinblock.blockdev import Capabilities, SpanPiece
 from thinblock.nbd.constants import Command
 from thinblock.nbd.server import NBDServer
 
@@ -111,6 +112,33 @@ async def test_nbd_reads_are_timed(served: tuple[NBDServer, Spy, LatencyRecorder
     finally:
         await client.aclose()
     assert counts(recorder).get("read") == 3, (counts(recorder), spy.calls)
+
+
+class SpanningVolume(SparseMemVolume):
+    """A volume with ``read_spans`` (``capabilities.file_spans``), as VirtualVolume has: the NBD
+    server's zero-copy read path for READs of SENDFILE_MIN bytes or more."""
+
+    async def read_spans(self, offset: int, length: int) -> list[SpanPiece]:
+        return list(await self.read_extents(offset, length))
+
+
+async def test_zero_copy_reads_are_timed() -> None:
+    spy = Spy(SpanningVolume("vol0", SIZE, capabilities=Capabilities(file_spans=True)))
+    recorder = LatencyRecorder(lambda: ["vol0"])
+    server = NBDServer(InstrumentedProvider(SpyProvider(spy), recorder), default_export="vol0")
+    await server.start("127.0.0.1", 0)
+    client = await RawClient.connect(server)
+    try:
+        await client.go("vol0", structured=False)
+        client.send(request(Command.WRITE, 1, offset=0, length=4096) + b"x" * 4096)
+        assert await whole_reply(client, 1) == 0
+        client.send(request(Command.READ, 2, offset=0, length=1 * MiB))
+        assert await whole_reply(client, 2, 1 * MiB) == 0
+    finally:
+        await client.aclose()
+        await server.stop()
+    assert "read_spans" in spy.calls, spy.calls  # the zero-copy path was the one taken
+    assert counts(recorder).get("read") == 1, (counts(recorder), spy.calls)
 
 
 # What each command needs to be a valid request of the size below.
