@@ -459,6 +459,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("name", metavar="OLD")
     p.add_argument("new_name", metavar="NEW")
+
+    p = leaf(vv, "snapshot", "take a read-only snapshot of a volume (instant)", cmd_vv_snapshot)
+    p.add_argument("name", metavar="VV")
+    p.add_argument("snapshot", metavar="NAME", help="the snapshot's name")
+    p = leaf(vv, "clone", "make a writable clone of a snapshot (instant)", cmd_vv_clone)
+    p.add_argument("snapshot", metavar="SNAPSHOT")
+    p.add_argument("clone", metavar="NAME", help="the clone's name")
     p = leaf(vv, "delete", "delete a volume (its regions go back to the pool, zeroed)", cmd_vv_delete)
     p.add_argument("name", metavar="NAME")
     p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation on a terminal")
@@ -895,12 +902,19 @@ def render_vv(v: dict[str, Any]) -> Table:
     return _kv_table(
         [
             ("name", v["name"]),
+            ("kind", v.get("kind", "volume") + ("" if v.get("kind") != "snapshot" else " (read-only)")),
+            ("parent", v.get("parent") or "none"),
+            ("children", ", ".join(v.get("children", [])) or "none"),
             ("pool", v["pool"]),
             ("size", format_size(v["size"])),
             (
                 "allocated",
                 f"{format_size(v['allocated'])} ({_pct(v['allocated'], v['size'])}), "
                 f"{v['regions_allocated']} regions of {format_size(v['region_size'])}",
+            ),
+            (
+                "space",
+                f"{format_size(v.get('exclusive', 0))} its own, {format_size(v.get('shared', 0))} shared",
             ),
             ("alloc warning", _limit_text(v["alloc_warning"], v.get("alloc_warning_spec"))),
             ("alloc limit", _limit_text(v["alloc_limit"], v.get("alloc_limit_spec"))),
@@ -923,12 +937,32 @@ def _access_text(access: dict[str, Any] | None) -> str:
     return text if access["restricted"] else text + "; every other client read-write"
 
 
-def render_vvs(vvs: list[dict[str, Any]]) -> Table:
-    # WRITE: the cache mode as "write through" / "write back", to fit 80 columns.
-    t = _table("NAME", "POOL", "SIZE", "ALLOC", "USE%", "WARN", "LIMIT", "WRITE", "CLIENTS", title="volumes")
+def _vv_tree(vvs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """The volumes in tree order, each with its name indented under its parent's and marked
+    when it is a snapshot or clone: ``db``, ``└ db-mon (snap)``, ``  └ test (clone)``."""
+    by_name = {v["name"]: v for v in vvs}
+    out: list[tuple[str, dict[str, Any]]] = []
+
+    def walk(v: dict[str, Any], depth: int) -> None:
+        mark = {"snapshot": " (snap)", "clone": " (clone)"}.get(v.get("kind", "volume"), "")
+        out.append((("  " * (depth - 1) + "└ " if depth else "") + v["name"] + mark, v))
+        for child in v.get("children", []):
+            if child in by_name:
+                walk(by_name[child], depth + 1)
+
     for v in vvs:
+        if v.get("parent") not in by_name:  # a root here (its parent gone, or filtered out)
+            walk(v, 0)
+    return out
+
+
+def render_vvs(vvs: list[dict[str, Any]]) -> Table:
+    # WRITE: the cache mode as "write through" / "write back", to fit 80 columns.  Snapshots and
+    # clones are listed under the volume they were made from; vv show has their shared space.
+    t = _table("NAME", "POOL", "SIZE", "ALLOC", "USE%", "WARN", "LIMIT", "WRITE", "CLIENTS", title="volumes")
+    for label, v in _vv_tree(vvs):
         t.add_row(
-            v["name"],
+            label,
             v["pool"],
             format_size(v["size"]),
             format_size(v["allocated"]),
@@ -1325,6 +1359,16 @@ def cmd_vv_rename(ctx: Context) -> None:
         renamed,
         f"volume '{a.name}' renamed to '{renamed['name']}'; its NBD export is now {renamed['name']}",
     )
+
+
+def cmd_vv_snapshot(ctx: Context) -> None:
+    a = ctx.args
+    _show(ctx, ctx.call("POST", f"/volumes/{_quote(a.name)}/snapshots", json={"name": a.snapshot}), render_vv)
+
+
+def cmd_vv_clone(ctx: Context) -> None:
+    a = ctx.args
+    _show(ctx, ctx.call("POST", f"/volumes/{_quote(a.snapshot)}/clones", json={"name": a.clone}), render_vv)
 
 
 def cmd_vv_delete(ctx: Context) -> None:

@@ -78,6 +78,8 @@ from .pool.chunklets import ChunkletAllocator
 from .pool.pool import Pool
 from .sessions import SessionRegistry, describe_clients
 from .units import GiB, KiB, Limit, MiB, format_size
+from .volume.cow import recover_reservations
+from .volume.snapshots import Snapshots
 from .volume.vv import VirtualVolume
 
 log = logging.getLogger("thinblock.engine")
@@ -163,6 +165,9 @@ class Engine:
         # Clients doing I/O on volumes; front ends register their connections here.
         self.sessions = SessionRegistry()
         self.cache = WriteBackCache(max_dirty=options.max_dirty_bytes, destage_delay=options.destage_delay)
+        self.snapshots = Snapshots(
+            vvs=lambda: self.vvs, make_vv=self._make_vv, cache=self.cache, meta=self.meta
+        )
         # Degraded RAID 5 writes log here first (logical/journal.py); the file is made on first use.
         self.journal = StripeJournal(data_dir / JOURNAL_FILE)
         self.io = IOWorkers(options.io_threads) if options.io_threads > 0 else None
@@ -329,6 +334,7 @@ class Engine:
         # regions load in about a second, vectorised per VV and per LD.
         self._load_maps(store.map_array(), vvs_by_id)
         store.forget_map_array()  # the maps and pool bitmaps hold it now
+        recover_reservations(store, self.pools.values())  # copies on write a crash interrupted
         for pd in self.pds.values():
             if pd.failed:  # recorded already or not: the store and the headers say so, alerts are raised
                 self.failures.unrecorded.setdefault(pd.id, pd.failure_reason or "failed")
@@ -1161,6 +1167,10 @@ class Engine:
             vv.cache_mode,
             self.cache.dirty_by_owner.get(r.id, 0),
             r.created,
+            r.kind,
+            self.snapshots.parent_of(vv),
+            self.snapshots.children_of(vv),
+            *self.snapshots.space_of(vv),
         )
 
     def list_vvs(self) -> list[VVInfo]:
@@ -1211,6 +1221,10 @@ class Engine:
         """Grow only; shrinking raises InvalidArgument."""
         vv = self._vv(name)
         self._check_vv_size(size)
+        if vv.read_only:
+            raise InvalidArgument(
+                f"'{name}' is a snapshot: it keeps the size it was taken at (clone it to grow)"
+            )
         if size < vv.row.size:
             raise InvalidArgument(
                 f"volume '{name}' is {format_size(vv.row.size)}; it can grow, not shrink to {format_size(size)}"
@@ -1241,10 +1255,27 @@ class Engine:
         log.info("vv renamed", extra={"event": "vv-renamed", "vv": new_name, "old_name": name})
         return self._vv_info(vv)
 
+    async def snapshot_vv(self, name: str, snapshot: str) -> VVInfo:
+        """A read-only snapshot of volume ``name``, instant (volume/snapshots.py)."""
+        names.VOLUME.check(snapshot)
+        self._vv(name)
+        return self._vv_info(await self.snapshots.snapshot(name, snapshot))
+
+    async def clone_vv(self, snapshot: str, name: str) -> VVInfo:
+        """A writable clone of ``snapshot``, instant."""
+        names.VOLUME.check(name)
+        self._vv(snapshot)
+        return self._vv_info(await self.snapshots.clone(snapshot, name))
+
     async def delete_vv(self, name: str, *, force: bool = False) -> None:
-        """Every LD region it holds goes back to its pool, zeroed.  A volume with connected
-        clients is refused (Conflict) unless ``force``: then it is marked deleted first (their
-        requests fail with VolumeGone from then on, never read zeros) and they are disconnected."""
+        """Every LD region it holds goes back to its pool, zeroed -- a region its snapshots or
+        clones share stays theirs.  A volume with connected clients is refused (Conflict)
+        unless ``force``: then it is marked deleted first (their requests fail with VolumeGone
+        from then on, never read zeros) and they are disconnected."""
+        async with self.snapshots.lock:
+            await self._delete_vv(name, force=force)
+
+    async def _delete_vv(self, name: str, *, force: bool) -> None:
         vv = self._vv(name)
         clients = self.sessions.of(name)
         if clients and not force:
@@ -1263,6 +1294,7 @@ class Engine:
         await vv.unmap_regions(0, (vv.row.size + vv.region_size - 1) // vv.region_size)
         await self.meta.call(self.store.delete_vv, vv.row.id)
         del self.vvs[name]
+        self.snapshots.forget(vv)
         vv.pool.vv_count -= 1
         self.alerts.clear_object(vv.object_name)
         log.info("vv deleted vv=%s", name)

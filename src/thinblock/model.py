@@ -154,6 +154,14 @@ class VVInfo:
     cache_mode: CacheMode
     dirty_bytes: int
     created: float
+    # Snapshots and clones (volume/snapshots.py): what it is (volume, snapshot, clone), the
+    # volume it was made from (None: a volume, or its parent was deleted), those made from it,
+    # and its space: bytes of regions it alone maps, and of regions it shares with others.
+    kind: str = "volume"
+    parent: str | None = None
+    children: tuple[str, ...] = ()
+    exclusive: int = 0
+    shared: int = 0
 
 
 @dataclass(frozen=True, slots=True)

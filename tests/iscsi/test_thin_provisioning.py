@@ -114,3 +114,22 @@ async def test_qemu_io_over_iscsi_until_the_warning_and_the_limit(target: tuple[
     back = await run("qemu-io", "-f", "raw", "-c", "read -P 0xa1 0 3M", "-c", "write -P 0xa4 0 4k", uri)
     assert back.code == 0 and "fail" not in back.out, back.out
     assert engine.get_vv("thin").allocated == 4 * REGION
+
+
+async def test_a_snapshot_is_write_protected_over_iscsi(target: tuple[ISCSIServer, Engine]) -> None:
+    """A snapshot's LU says WP in MODE SENSE and answers writes DATA PROTECT / WRITE PROTECTED
+    (27h/00h); it reads the volume's data as of the snapshot."""
+    server, engine = target
+    await engine.volume("thin").write(0, b"\x21" * 4096)
+    await engine.snapshot_vv("thin", "snap")
+    await engine.volume("thin").write(0, b"\x22" * 4096)
+    host = await RawInitiator.connect(server.port or 0, server.target_name("snap"), "iqn.2026-12.test:backup")
+    try:
+        sense = await host.command(bytes([0x1A, 0, 0x3F, 0, 255, 0]), read=255)  # MODE SENSE(6), all pages
+        assert sense.status == 0 and sense.data[2] & 0x80, "WP not set"
+        refused = await host.write16(0, b"\x33" * 4096)
+        assert (refused.status, refused.sense_key, refused.asc) == (CHECK_CONDITION, DATA_PROTECT, 0x2700)
+        read = await host.read16(0, 8)
+        assert read.status == 0 and read.data == b"\x21" * 4096
+    finally:
+        await host.close()

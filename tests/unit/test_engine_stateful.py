@@ -231,6 +231,12 @@ class EngineMachine(RuleBasedStateMachine):
         if task is not None:
             task.cancel()
             self.run(asyncio.gather(task, return_exceptions=True))
+        if eng.lease is not None:
+            # Its task stopped, not left pending: a pending task destroyed by the garbage
+            # collector logs from inside whatever runs then (once, inside hypothesis's ast.parse,
+            # CPython 3.11 raised "AST constructor recursion depth mismatch").  Not released: a
+            # killed process releases nothing.
+            self.run(eng.lease.stop(release=False))
         eng._close_files()
         self.engine = None
 

@@ -312,6 +312,11 @@ class VolumeOut(BaseModel):
     cache_mode: CacheMode
     dirty_bytes: int
     created: float
+    kind: str = Field(description="volume, snapshot (read-only) or clone")
+    parent: str | None = Field(description="the volume it was made from (none once that is deleted)")
+    children: list[str] = Field(description="snapshots and clones made from it")
+    exclusive: int = Field(description="bytes of regions only it maps")
+    shared: int = Field(description="bytes of regions it shares with its snapshots, clones or parent")
     export_uri: str | None = Field(description="where NBD clients (qemu-img, nbdinfo, nbdcopy) reach it")
     clients: list[ClientOut] = Field(default=[], description="connected clients doing I/O on it")
     forecast: ForecastOut = Field(description="toward the allocation warning and limit")
@@ -364,6 +369,12 @@ class VolumeGrow(_Request):
     size: Size = Field(description="the new virtual size (grow only)")
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"size": "200GiB"}]})
+
+
+class VolumeCopy(_Request):
+    name: VolumeName = Field(description="the new snapshot's or clone's name")
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"name": "db-monday"}]})
 
 
 class VolumeStatsOut(BaseModel):
@@ -1048,6 +1059,17 @@ def _router(ctx: ApiContext) -> APIRouter:
             raise
         node.nbd_access.forget_volume(name)
         return _volume_out(info, ctx)
+
+    @router.post("/volumes/{name}/snapshots", status_code=201, tags=["volumes"])
+    async def snapshot_volume(name: VolumePath, body: VolumeCopy) -> VolumeOut:
+        """A read-only snapshot of the volume, instant: its content as of now (every write
+        acknowledged before it), exported read-only over NBD for backups."""
+        return _volume_out(await engine.snapshot_vv(name, body.name), ctx)
+
+    @router.post("/volumes/{name}/clones", status_code=201, tags=["volumes"])
+    async def clone_volume(name: VolumePath, body: VolumeCopy) -> VolumeOut:
+        """A writable clone of the snapshot ``name``, instant (400 when it is not a snapshot)."""
+        return _volume_out(await engine.clone_vv(name, body.name), ctx)
 
     @router.delete("/volumes/{name}", status_code=204, tags=["volumes"])
     async def delete_volume(

@@ -100,6 +100,8 @@ ROUTE_ROLES: dict[tuple[str, str], Role] = {
     ("POST", "/api/v1/volumes"): Role.OPERATOR,
     ("PATCH", "/api/v1/volumes/{name}"): Role.OPERATOR,
     ("POST", "/api/v1/volumes/{name}/grow"): Role.OPERATOR,
+    ("POST", "/api/v1/volumes/{name}/snapshots"): Role.OPERATOR,
+    ("POST", "/api/v1/volumes/{name}/clones"): Role.OPERATOR,
     ("DELETE", "/api/v1/volumes/{name}"): Role.ADMIN,
     # A rename frees the old name: a host reconnecting by it would reach whatever takes it next.
     ("POST", "/api/v1/volumes/{name}/rename"): Role.ADMIN,

@@ -180,6 +180,22 @@ class WriteBackCache:
             if release is not None:
                 await release
 
+    async def settle_owner(self, owner: int) -> None:
+        """Make every region of VV ``owner`` settled: destaged, and no copy left at the partner.
+        A snapshot calls it (with the volume's writes held) before the volume's regions become
+        shared: dirty data is keyed by LD region with one owner, and a shared region must have
+        none (its writes go to a copy of their own first, volume/cow.py)."""
+        while True:
+            keys = [key for key, region in self._regions.items() if region.owner == owner]
+            if not keys:
+                return
+            for key in keys:
+                await self.settle(key, owner)
+
+    def owns_dirty(self, owner: int) -> bool:
+        """Whether any dirty data of VV ``owner`` is held."""
+        return any(region.owner == owner for region in self._regions.values())
+
     async def write(
         self,
         key: int,

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from thinblock.blockdev import Buffer, ExtentFlags, Volume
-from thinblock.errors import InvalidArgument, MediumError, NotFound, OutOfSpace
+from thinblock.errors import InvalidArgument, MediumError, NotFound, OutOfSpace, ReadOnlyDevice
 
 from .connection import ScsiResult
 from .constants import (
@@ -279,6 +279,9 @@ class LogicalUnit:
             return self._fail(
                 nexus, CheckCondition(SenseKey.DATA_PROTECT, Asc.SPACE_ALLOCATION_FAILED_WRITE_PROTECT)
             )
+        except ReadOnlyDevice:
+            # A snapshot (read-only, WP set in MODE SENSE): SBC-3 4.11, DATA PROTECT / WRITE PROTECTED.
+            return self._fail(nexus, CheckCondition(SenseKey.DATA_PROTECT, Asc.WRITE_PROTECTED))
         except MediumError as exc:
             log.warning("LU %s: medium error: %s", self.volume.name, exc)
             asc = Asc.UNRECOVERED_READ_ERROR if op in _READS else Asc.WRITE_ERROR
@@ -750,6 +753,8 @@ class LogicalUnit:
             blocks = min(self.blocks, 0xFFFFFFFF)
             descriptor = blocks.to_bytes(4, "big") + BLOCK_SIZE.to_bytes(4, "big")
         device_specific = 0x10  # DPOFUA: DPO and FUA are supported
+        if not self.volume.capabilities.can_write:
+            device_specific |= 0x80  # WP: the medium is write-protected (a snapshot)
         if op == Op.MODE_SENSE_6:
             allocation = cdb[4]
             header = bytes([0, 0, device_specific, len(descriptor)])

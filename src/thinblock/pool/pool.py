@@ -139,6 +139,10 @@ class Pool:
     def free_regions(self) -> int:
         return self.space.free
 
+    def shared(self, packed: int) -> bool:
+        """Whether another mapping holds LD region ``packed`` too (a write must copy it first)."""
+        return bool(self.space.lds[packed >> REGION_BITS].refs[packed & REGION_MASK] > 1)
+
     def refcount(self, packed: int) -> int:
         """How many mappings (and reservations) hold LD region ``packed``."""
         return self.space.refcount(packed)
@@ -181,6 +185,14 @@ class Pool:
     def share(self, packed: int, count: int = 1) -> None:
         """``count`` more mappings of a held region (a snapshot or clone maps it too)."""
         self.space.ref(packed, count)
+
+    def share_many(self, packed: np.ndarray) -> None:
+        """One more mapping of each region in ``packed`` (a snapshot's map copied at once)."""
+        self.space.ref_many(packed)
+
+    def unshare_many(self, packed: np.ndarray) -> None:
+        """Undo ``share_many`` (the snapshot's store row was refused): each still held by others."""
+        self.space.unref_many(packed)
 
     # --- allocation ---
     def try_allocate(self) -> int | None:

@@ -150,6 +150,11 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     return [(int(s), int(e - s)) for s, e in zip(starts, ends, strict=True)]
 
 
+def _by_ld(packed: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    ld_ids = packed >> REGION_BITS
+    return [(int(ld), packed[ld_ids == ld] & REGION_MASK) for ld in np.unique(ld_ids)]
+
+
 class SpaceMap:
     """The pool's LD spaces, by LD id, in creation order, with the pool-wide totals."""
 
@@ -196,6 +201,20 @@ class SpaceMap:
     def ref(self, packed: int, count: int = 1) -> None:
         space, index = self._space(packed)
         space.ref(index, count)
+
+    def ref_many(self, packed: np.ndarray) -> None:
+        """One more reference to each held region of ``packed`` (an array; no duplicates)."""
+        for ld_id, indexes in _by_ld(packed):
+            refs = self.lds[ld_id].refs
+            assert (refs[indexes] >= 1).all(), f"LD {ld_id}: a region shared but not held"
+            refs[indexes] += 1
+
+    def unref_many(self, packed: np.ndarray) -> None:
+        """Undo ``ref_many``: every region keeps at least one reference."""
+        for ld_id, indexes in _by_ld(packed):
+            refs = self.lds[ld_id].refs
+            assert (refs[indexes] >= 2).all(), f"LD {ld_id}: the last reference of a region dropped in bulk"
+            refs[indexes] -= 1
 
     def unref(self, packed: int) -> int:
         space, index = self._space(packed)

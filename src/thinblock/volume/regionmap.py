@@ -68,6 +68,13 @@ class RegionMap:
         other.count = self.count
         return other
 
+    def packed_array(self) -> np.ndarray:
+        """Every mapped LD region, as one int64 array (in region order)."""
+        if not self.chunks:
+            return np.zeros(0, dtype=np.int64)
+        values = np.concatenate([np.frombuffer(self.chunks[key], np.int64) for key in self._keys])
+        return values[values != ZERO_LD]
+
     def load(self, regions: np.ndarray, packed: np.ndarray) -> None:
         """Loading: set many entries at once (regions not yet mapped, no duplicates)."""
         keys = regions >> CHUNK_SHIFT

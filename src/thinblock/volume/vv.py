@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 
 import numpy as np
 
 from ..alerts import AlertBus
 from ..blockdev import Buffer, Capabilities, Extent, ExtentFlags, ReadPiece, SpanPiece
 from ..cache.writeback import WriteBackCache
-from ..errors import OutOfSpace, VolumeGone
+from ..errors import OutOfSpace, ReadOnlyDevice, VolumeGone
 from ..logical.raid import LogicalDisk
 from ..metadata.store import VVRow
 from ..metadata.writer import MetadataWriter
@@ -38,6 +39,7 @@ from ..model import AlertKind, CacheMode, Severity
 from ..physical.workers import IOWorkers
 from ..pool.pool import REGION_BITS, REGION_MASK, Pool, SpaceShortage
 from ..units import Limit, format_size
+from .cow import copy_on_write
 from .regionmap import ZERO_LD, RegionMap
 
 log = logging.getLogger("thinblock.volume")
@@ -103,7 +105,15 @@ class VirtualVolume:
             writeback_bypass_min if writeback_bypass_min is not None and io is not None else 1 << 62
         )
         self._writeback = row.cache_mode == CacheMode.WRITEBACK.value
-        self.capabilities = Capabilities(file_spans=True)
+        # A snapshot is read-only (a stable image for backups); a clone is a volume like any other.
+        self.read_only = row.kind == "snapshot"
+        self.capabilities = Capabilities(file_spans=True, can_write=not self.read_only)
+        # Writes, trims and zeroings in progress, and the gate a snapshot closes while it settles
+        # the volume and copies its map (``quiesced``).
+        self._active = 0
+        self._gate: asyncio.Event | None = None
+        self._drained: asyncio.Event | None = None
+        self.cow_copies = 0  # regions copied on write (statistics)
         # statistics (plain ints: cheap on the hot path)
         self.reads = self.writes = self.read_bytes = self.write_bytes = 0
         self.trims = self.zeroes = self.flushes = self.errors = 0
@@ -260,9 +270,53 @@ class VirtualVolume:
         return list(await self.read_extents(offset, length))
 
     # --- writes (claims 1, 2, 4, 8) ---
-    async def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
+    def _read_only_error(self) -> ReadOnlyDevice:
+        return ReadOnlyDevice(f"volume '{self.row.name}' is a snapshot: it is read-only (clone it to write)")
+
+    async def _enter_update(self) -> None:
+        """Before a write, trim or zeroing: refused on a snapshot; waits while a snapshot of
+        this volume is being taken; counted until ``_leave_update``."""
         if self.deleted:
             raise self._gone()
+        if self.read_only:
+            raise self._read_only_error()
+        while self._gate is not None:
+            await self._gate.wait()
+            if self.deleted:
+                raise self._gone()
+        self._active += 1
+
+    def _leave_update(self) -> None:
+        self._active -= 1
+        if not self._active and self._drained is not None:
+            self._drained.set()
+
+    @asynccontextmanager
+    async def quiesced(self) -> AsyncIterator[None]:
+        """No write, trim or zeroing of this volume runs inside: new ones wait, those in progress
+        are waited for.  A snapshot settles the cache and copies the map in here."""
+        while self._gate is not None:  # one at a time
+            await self._gate.wait()
+        gate = self._gate = asyncio.Event()
+        try:
+            while self._active:
+                self._drained = asyncio.Event()
+                await self._drained.wait()
+            self._drained = None
+            yield
+        finally:
+            self._drained = None
+            self._gate = None
+            gate.set()
+
+    async def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        await self._enter_update()
+        try:
+            await self._write(offset, data, fua)
+        finally:
+            self._leave_update()
+
+    async def _write(self, offset: int, data: Buffer, fua: bool) -> None:
         length = len(data)
         self.writes += 1
         self.write_bytes += length
@@ -270,8 +324,10 @@ class VirtualVolume:
         region = offset >> shift
         if (offset + length - 1) >> shift == region:
             packed = self.map.get(region)
-            if packed != ZERO_LD and (
-                self._wb.has_room(length) if self._writeback else self._wb.settled(packed)
+            if (
+                packed != ZERO_LD
+                and (self._wb.has_room(length) if self._writeback else self._wb.settled(packed))
+                and not self.pool.shared(packed)
             ):
                 await self._write_region(packed, region, offset & mask, data)  # the fast path: no wait
             else:
@@ -369,6 +425,8 @@ class VirtualVolume:
                 if _is_zero(data):
                     return  # zero detect: the zero LD already reads these zeros
                 await self._assign(region, reserved)
+            elif self.pool.shared(packed):
+                await copy_on_write(self, region, packed)  # a region of its own first
             elif self._writeback and not self._wb.has_room(n):
                 await self._wb.wait_for_room(n)
             elif not self._writeback and not self._wb.settled(packed):
@@ -380,6 +438,9 @@ class VirtualVolume:
                 return
 
     async def _write_region(self, packed: int, region: int, offset: int, data: Buffer) -> None:
+        # Only into a region no other volume maps: the write-back cache keys dirty data by LD
+        # region with one owner, and a snapshot must never see its volume's later writes.
+        assert not self.pool.shared(packed), "a write into a shared region"
         ld = self._lds[packed >> REGION_BITS]
         base = (packed & REGION_MASK) << self._shift
         if self._writeback:
@@ -514,23 +575,27 @@ class VirtualVolume:
 
     # --- zeroing and trimming (space reclaim) ---
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
-        if self.deleted:
-            raise self._gone()
-        self.trims += 1
-        await self._zero_range(offset, length, unmap=True)
-        if fua:
-            await self._flush_if_needed()
+        await self._enter_update()
+        try:
+            self.trims += 1
+            await self._zero_range(offset, length, unmap=True)
+            if fua:
+                await self._flush_if_needed()
+        finally:
+            self._leave_update()
 
     async def write_zeroes(
         self, offset: int, length: int, *, may_trim: bool = True, fast: bool = False, fua: bool = False
     ) -> None:
         # Zeroing here is always fast (unmap, punch, or a small write), so FAST_ZERO never fails.
-        if self.deleted:
-            raise self._gone()
-        self.zeroes += 1
-        await self._zero_range(offset, length, unmap=may_trim)
-        if fua:
-            await self._flush_if_needed()
+        await self._enter_update()
+        try:
+            self.zeroes += 1
+            await self._zero_range(offset, length, unmap=may_trim)
+            if fua:
+                await self._flush_if_needed()
+        finally:
+            self._leave_update()
 
     async def _zero_range(self, offset: int, length: int, *, unmap: bool) -> None:
         """Whole regions go back to the zero LD (``unmap``) or are zeroed in place; partial
@@ -561,6 +626,11 @@ class VirtualVolume:
                 if packed == ZERO_LD:
                     await self._assign(region)  # fresh regions are zeroed already
                     break
+                if self.pool.shared(packed):
+                    # Zeroed in place, a snapshot would read the zeros: this volume lets go of the
+                    # shared region instead and takes a fresh one (which reads zeros).
+                    await self.unmap_regions(region, region + 1)
+                    continue
                 release = self._wb.discard(packed, self.row.id)
                 if release is None:
                     self._lds[packed >> REGION_BITS].zero((packed & REGION_MASK) << shift, size)
@@ -578,7 +648,7 @@ class VirtualVolume:
                 return
             packed = await self._assign(offset >> self._shift)
             return  # a fresh region reads zeros already
-        if self._writeback:
+        if self._writeback or self.pool.shared(packed):  # shared: copied on write first
             await self._write_piece(
                 offset >> self._shift,
                 offset & self._mask,
@@ -612,6 +682,12 @@ class VirtualVolume:
                     break
             if not batch:
                 break
+            copying = [self._allocating[r] for r, _ in batch if r in self._allocating]
+            if copying:
+                # A copy on write of one of them is in flight: its switch and this unmapping must
+                # not cross (the map would name the copy the store no longer holds).  Wait, look again.
+                await asyncio.wait([asyncio.shield(f) for f in copying])
+                continue
             # The store first: once the rows are gone the regions may be zeroed and reused.  Were
             # memory first, a refused commit (the store full) would leave rows pointing at regions
             # another VV may be given.  Concurrent trims of one region: only the map entries still

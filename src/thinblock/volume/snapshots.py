@@ -1,0 +1,167 @@
+"""Snapshots and clones: volumes that share LD regions with the volume they were made from.
+
+A **snapshot** is a read-only image of a volume at one moment (3PAR's virtual copy, an LVM thin
+snapshot); a **clone** is a writable volume made from a snapshot.  Both are instant: the new
+volume's map is a copy of its source's (``RegionMap.copy``, one C-level copy per 1,024 regions)
+and every region it names gets one more reference in the pool's space map
+(``Pool.share_many``); no data moves.  The first write to a shared region, by either side, copies
+it (``cow.py``).
+
+Taking a snapshot of volume V::
+
+    1. V's writes, trims and zeroings are held (``VirtualVolume.quiesced``): new ones wait,
+       those in progress finish -- so every write acknowledged before the snapshot is in it,
+       and none after it
+    2. V's write-back cache is settled (``WriteBackCache.settle_owner``): a shared region must
+       hold no dirty data, whose key names one owner
+    3. V's map is copied and its regions shared, in memory, with no await in between
+    4. one store transaction adds the snapshot's row and a copy of V's map rows
+       (``add_vv_sharing``); refused, step 3 is undone and nothing changed
+    5. V's writes go on (into copies of the regions they touch, from now on)
+
+The tree: each volume row names its parent (``parent_id``) and its tree (``family_id``, the id of
+the volume the tree started from; only volumes of one tree may share regions -- the store check
+holds the store to that).  Any volume, snapshot or clone may be deleted at any time: its
+references go, shared regions stay with the others, and its children name no parent from then on
+(no promote or flatten needed, unlike ZFS and RBD clones).
+
+Management calls of this module and volume deletes take turns (``lock``): a clone never copies
+the map of a snapshot being deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from ..cache.writeback import WriteBackCache
+from ..errors import AlreadyExists, InvalidArgument, NotFound
+from ..metadata.store import VVRow
+from ..metadata.writer import MetadataWriter
+from ..pool.pool import REGION_BITS, REGION_MASK, Pool
+from .vv import VirtualVolume
+
+log = logging.getLogger("thinblock.volume")
+
+VOLUME, SNAPSHOT, CLONE = "volume", "snapshot", "clone"
+
+
+class Snapshots:
+    def __init__(
+        self,
+        *,
+        vvs: Callable[[], dict[str, VirtualVolume]],
+        make_vv: Callable[[VVRow, Pool], VirtualVolume],
+        cache: WriteBackCache,
+        meta: MetadataWriter,
+    ) -> None:
+        self._volumes = vvs  # the engine's table (a rename replaces the dict: asked each time)
+        self._make_vv = make_vv
+        self._cache = cache
+        self._meta = meta
+        self.lock = asyncio.Lock()
+
+    def _get(self, name: str) -> VirtualVolume:
+        vv = self._volumes().get(name)
+        if vv is None or vv.deleted:
+            raise NotFound(f"volume '{name}' not found")
+        return vv
+
+    def _check_free(self, name: str) -> None:
+        if name in self._volumes():
+            raise AlreadyExists(f"volume '{name}' already exists")
+
+    async def snapshot(self, source_name: str, name: str) -> VirtualVolume:
+        """A read-only snapshot ``name`` of volume ``source_name`` (see the module docstring)."""
+        async with self.lock:
+            source = self._get(source_name)
+            self._check_free(name)
+            if source.read_only:
+                raise InvalidArgument(
+                    f"'{source_name}' is a snapshot already: it does not change, so a snapshot of it"
+                    f" would hold the same; clone it for a writable copy (thinblock vv clone {source_name} NAME)"
+                )
+            async with source.quiesced():
+                await self._cache.settle_owner(source.row.id)
+                assert not self._cache.owns_dirty(source.row.id)
+                snap = await self._share(source, name, SNAPSHOT)
+        log.info("vv snapshot vv=%s snapshot=%s regions=%d", source_name, name, snap.map.count)
+        return snap
+
+    async def clone(self, source_name: str, name: str) -> VirtualVolume:
+        """A writable clone ``name`` of snapshot ``source_name``."""
+        async with self.lock:
+            source = self._get(source_name)
+            self._check_free(name)
+            if not source.read_only:
+                raise InvalidArgument(
+                    f"'{source_name}' is not a snapshot: a clone is made from one, so that it starts from a"
+                    f" fixed image; take one first (thinblock vv snapshot {source_name} SNAP), then clone it"
+                )
+            clone = await self._share(source, name, CLONE)
+        log.info("vv clone snapshot=%s clone=%s regions=%d", source_name, name, clone.map.count)
+        return clone
+
+    async def _share(self, source: VirtualVolume, name: str, kind: str) -> VirtualVolume:
+        """The new volume: source's map copied and shared in memory, then recorded in one
+        transaction; a refusal undoes the sharing."""
+        src = source.row
+        row = VVRow(
+            0,
+            name,
+            src.pool_id,
+            src.size,
+            None,
+            None,
+            None,
+            None,
+            src.cache_mode,
+            time.time(),
+            kind=kind,
+            parent_id=src.id,
+            family_id=src.family,
+        )
+        new_map = source.map.copy()
+        packed = source.map.packed_array()
+        source.pool.share_many(packed)
+        try:
+            row.id = await self._meta.call(self._meta.store.add_vv_sharing, row, src.id)
+        except BaseException:
+            source.pool.unshare_many(packed)
+            raise
+        vv = self._make_vv(row, source.pool)
+        vv.map = new_map
+        return vv
+
+    def forget(self, vv: VirtualVolume) -> None:
+        """``vv`` was deleted: its children name no parent from now on (as the store has them)."""
+        for other in self._volumes().values():
+            if other.row.parent_id == vv.row.id:
+                other.row.parent_id = None
+
+    # --- listing ---
+    def parent_of(self, vv: VirtualVolume) -> str | None:
+        parent_id = vv.row.parent_id
+        if parent_id is None:
+            return None
+        return next((o.name for o in self._volumes().values() if o.row.id == parent_id), None)
+
+    def children_of(self, vv: VirtualVolume) -> tuple[str, ...]:
+        return tuple(o.name for o in self._volumes().values() if o.row.parent_id == vv.row.id)
+
+    @staticmethod
+    def space_of(vv: VirtualVolume) -> tuple[int, int]:
+        """(exclusive, shared) bytes: regions only this volume maps, and regions others map too."""
+        packed = vv.map.packed_array()
+        if not len(packed):
+            return 0, 0
+        ld_ids = packed >> REGION_BITS
+        shared = 0
+        for ld in np.unique(ld_ids):
+            refs = vv.pool.space.lds[int(ld)].refs
+            shared += int(np.count_nonzero(refs[packed[ld_ids == ld] & REGION_MASK] > 1))
+        return (len(packed) - shared) * vv.region_size, shared * vv.region_size

@@ -1,0 +1,137 @@
+"""Snapshots with real clients: a snapshot is exported read-only (NBD_FLAG_READ_ONLY, EPERM for
+writes); qemu-img copies a stable image from it while qemu-io keeps writing the volume; a clone
+is writable and isolated; the REST API and the CLI (``--json``) make and list them."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.drills.nbd_client import NBDClient, NBDError
+from tests.unit.test_engine_stateful import assert_space_map_matches_the_store
+from thinblock.api.app import NodeInfo, create_app
+from thinblock.cli import main
+from thinblock.engine import Engine, EngineOptions
+from thinblock.nbd.constants import TransmissionFlags
+from thinblock.nbd.server import NBDServer
+
+from .nbd_helpers import run
+
+pytestmark = pytest.mark.e2e
+
+MiB = 1 << 20
+SIZE = 16 * MiB
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[tuple[Engine, NBDServer]]:
+    engine = await Engine.open(tmp_path / "engine", EngineOptions(allow_tiny_chunklets=True))
+    try:
+        for i in range(2):
+            await engine.add_pd(tmp_path / "engine" / f"pd{i}.img", size=128 * MiB, chunklet_size=MiB)
+        await engine.create_pool("p", raid=1, region_size=64 * 1024, growth_increment=16 * MiB, step=4096)
+        await engine.create_vv("v", pool="p", size=SIZE)
+        server = NBDServer(engine)
+        await server.start("127.0.0.1", 0)
+        try:
+            yield engine, server
+        finally:
+            await server.stop()
+    finally:
+        await engine.close()
+    report = Engine.check(tmp_path / "engine")
+    assert report.ok, report.problems
+
+
+async def test_a_snapshot_export_is_read_only_and_stable_under_writes(
+    served: tuple[Engine, NBDServer], tmp_path: Path
+) -> None:
+    engine, server = served
+    base = f"nbd://127.0.0.1:{server.port}"
+    (await run("qemu-io", "-f", "raw", "-c", f"write -P 0x11 0 {SIZE}", f"{base}/v")).check()
+    await engine.snapshot_vv("v", "s")
+    info = json.loads((await run("nbdinfo", "--json", f"{base}/s")).check().out)
+    assert info["exports"][0]["is_read_only"] is True
+    refused = await run("qemu-io", "-f", "raw", "-c", "write -P 1 0 4k", f"{base}/s")
+    assert refused.code != 0 and "Permission denied" in refused.err, refused  # qemu saw READ_ONLY
+    async with await NBDClient.connect("127.0.0.1", server.port, "s") as client:  # one that sends anyway
+        assert client.transmission_flags & TransmissionFlags.READ_ONLY
+        with pytest.raises(NBDError, match="EPERM"):
+            await client.write(0, b"\x01" * 4096)
+        assert await client.read(0, 4096) == b"\x11" * 4096
+    # A backup of the snapshot while the volume is rewritten: the image is the snapshot's moment.
+    image = tmp_path / "backup.raw"
+    writer = asyncio.ensure_future(run("qemu-io", "-f", "raw", "-c", f"write -P 0x22 0 {SIZE}", f"{base}/v"))
+    (await run("qemu-img", "convert", "-f", "raw", "-O", "raw", f"{base}/s", str(image))).check()
+    (await writer).check()
+    assert image.read_bytes() == b"\x11" * SIZE
+    (await run("qemu-io", "-f", "raw", "-r", "-c", f"read -P 0x22 0 {SIZE}", f"{base}/v")).check()
+    (await run("qemu-io", "-f", "raw", "-r", "-c", f"read -P 0x11 0 {SIZE}", f"{base}/s")).check()
+    # A clone of it is writable, and the snapshot does not see the clone's writes.
+    await engine.clone_vv("s", "c")
+    (await run("qemu-io", "-f", "raw", "-c", "write -P 0x33 0 64k", f"{base}/c")).check()
+    (await run("qemu-io", "-f", "raw", "-r", "-c", "read -P 0x11 0 64k", f"{base}/s")).check()
+    (await run("qemu-io", "-f", "raw", "-r", "-c", "read -P 0x22 0 64k", f"{base}/v")).check()
+    assert_space_map_matches_the_store(engine)
+
+
+async def test_the_api_and_cli_make_and_list_snapshots_and_clones(served: tuple[Engine, NBDServer]) -> None:
+    engine, _server = served
+    await engine.volume("v").write(0, b"\x05" * (256 * 1024))
+    app = create_app(engine, NodeInfo())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as api:
+        bridge = _sync_bridge(api)
+
+        def cli(*argv: str) -> tuple[int, str, str]:
+            out, err = io.StringIO(), io.StringIO()
+            code = main([*argv], transport=bridge, stdout=out, stderr=err)
+            return code, out.getvalue(), err.getvalue()
+
+        code, out, _ = await asyncio.to_thread(cli, "vv", "snapshot", "v", "s", "--json")
+        made = json.loads(out)
+        assert code == 0 and (made["kind"], made["parent"], made["shared"]) == ("snapshot", "v", 256 * 1024)
+        code, out, _ = await asyncio.to_thread(cli, "vv", "clone", "s", "c", "--json")
+        assert code == 0 and json.loads(out)["kind"] == "clone"
+        code, out, _ = await asyncio.to_thread(cli, "vv", "list", "--json")
+        listed = {v["name"]: v for v in json.loads(out)}
+        assert listed["v"]["children"] == ["s"] and listed["s"]["children"] == ["c"]
+        assert listed["c"]["parent"] == "s" and listed["v"]["exclusive"] == 0
+        code, out, _ = await asyncio.to_thread(cli, "vv", "list")
+        assert code == 0 and "└ s (snap)" in out and "└ c (clone)" in out
+        # Bad input: one clear line each, nothing changed.
+        for argv, message in (
+            (("vv", "clone", "v", "x"), "'v' is not a snapshot"),
+            (("vv", "snapshot", "nope", "x"), "volume 'nope' not found"),
+            (("vv", "snapshot", "v", "s"), "volume 's' already exists"),
+        ):
+            code, out, err = await asyncio.to_thread(cli, *argv)
+            assert code != 0 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+        assert sorted(v.name for v in engine.list_vvs()) == ["c", "s", "v"]
+        response = await api.post("/api/v1/volumes/s/snapshots", json={"name": "x"})
+        assert response.status_code == 400 and "is a snapshot already" in response.text
+
+
+def _sync_bridge(api: httpx.AsyncClient) -> httpx.BaseTransport:
+    """The CLI's synchronous client, answered by the ASGI app on the test's event loop."""
+    loop = asyncio.get_running_loop()
+
+    class Bridge(httpx.BaseTransport):
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            async def forward() -> httpx.Response:
+                response = await api.request(
+                    request.method, str(request.url.copy_with(scheme="http", host="t", port=None)),
+                    content=request.read(), headers=request.headers,
+                )  # fmt: skip
+                return httpx.Response(
+                    response.status_code, content=response.content, headers=response.headers
+                )
+
+            return asyncio.run_coroutine_threadsafe(forward(), loop).result(30)
+
+    return Bridge()
