@@ -241,11 +241,14 @@ def _bind_tcp(host: str, port: int, what: str) -> socket.socket:
 
 
 def _lease_options(cfg: Config) -> dict[str, Any]:
-    """A node of a pair on PostgreSQL writes only under its lease (fence.py): the lease's time
-    to live and the fence's margin from ``[node]``.  Elsewhere the engine's defaults (no fence)."""
-    if cfg.node.partner is None or store_kind(cfg.metadata) != "postgresql":
-        return {}
-    return {"lease_ttl": cfg.node.lease_ttl, "fence_margin": cfg.node.fence_margin}
+    """The lease's time to live from ``[node]`` (every daemon holds its node's lease; with
+    PostgreSQL its serving gate closes when it is not renewed in time: metadata/lease.py); a node
+    of a pair on PostgreSQL also writes only under its lease (fence.py), with the fence's margin.
+    Elsewhere no fence."""
+    options: dict[str, Any] = {"lease_ttl": cfg.node.lease_ttl}
+    if cfg.node.partner is not None and store_kind(cfg.metadata) == "postgresql":
+        options["fence_margin"] = cfg.node.fence_margin
+    return options
 
 
 class StartupError(Exception):

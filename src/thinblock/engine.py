@@ -29,6 +29,7 @@ from .errors import (
     AlreadyExists,
     Conflict,
     InvalidArgument,
+    LeaseLost,
     MediumError,
     MetadataCorrupt,
     MetadataStoreFull,
@@ -47,6 +48,7 @@ from .metadata.lease import (
     DEFAULT_FENCE_MARGIN,
     DEFAULT_TTL,
     LeaseKeeper,
+    ServingGate,
     default_node_name,
     holder_name,
     take_node_lease,
@@ -196,6 +198,10 @@ class Engine:
         self.node_name = options.node_name or ""
         self.lease: LeaseKeeper | None = None  # the node's lease in the store (Engine.open)
         self.fence: WriteFence | None = None  # a node of a pair: writes only under its lease
+        # Asked by every volume request: closed once the lease is lost (or, with a shared store,
+        # not renewed in time), so that no request is answered by a daemon that may no longer
+        # own its volumes (metadata/lease.py).
+        self.gate = ServingGate()
 
     # --- life cycle -------------------------------------------------------------------
     @classmethod
@@ -246,6 +252,7 @@ class Engine:
             on_lost=engine._lease_lost,
             fence=engine.fence,
             margin=options.fence_margin or DEFAULT_FENCE_MARGIN,
+            gate=engine.gate,
         )
         engine.lease.granted(asked)
         try:
@@ -562,6 +569,7 @@ class Engine:
             # Around the cache only where the PDs' page cache takes the write as fast as the
             # cache would: with direct I/O the cache is what makes write-back fast.
             writeback_bypass_min=None if self.options.pd_direct_io else self.options.offload_min_bytes,
+            serving=self.gate,
         )
         self.vvs[row.name] = vv
         pool.vv_count += 1
@@ -569,6 +577,8 @@ class Engine:
 
     def _metadata_trouble(self, exc: Exception) -> None:
         """The store refused a write (full, unreachable, lease lost): say so once, as an alert."""
+        if isinstance(exc, LeaseLost) and self.lease is not None:
+            self.lease.check_soon()  # expired and taken back, or lost: the keeper decides now
         if isinstance(exc, MetadataStoreFull):
             kind, why = AlertKind.METADATA_STORE_FULL, "is full"
         else:
@@ -594,7 +604,19 @@ class Engine:
             )
 
     def _lease_lost(self, message: str) -> None:
+        """The lease is gone to another holder: the gate is closed (every request of every
+        volume fails with EIO from now on, never a stale success); say so, and disconnect the
+        front ends' clients, so that they notice now and look for the volume's new owner."""
         self.alerts.condition(AlertKind.LEASE_LOST, f"node:{self.node_name}", Severity.CRITICAL, message)
+        sessions = self.sessions.all()
+        log.error(
+            "lease lost: this daemon stopped serving its %d volume(s); disconnecting %d client(s)",
+            len(self.vvs),
+            len(sessions),
+            extra={"event": "serving-stopped", "volumes": len(self.vvs), "clients": len(sessions)},
+        )
+        for session in sessions:
+            session.disconnect()
 
     def _ld_created(self, ld: LogicalDisk, pool: Pool) -> None:
         ld.journal = self.journal

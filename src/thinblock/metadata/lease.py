@@ -16,12 +16,32 @@ third of its time to live through the metadata writer, and gives it up on a clea
   time the request was *sent* plus the time to live minus ``margin``: the node stops writing
   its PDs and its store before the lease can expire in the store, so before the partner can
   take it (epoch + 1) and begin its takeover.  A lost lease closes the fence for good.
+* A metadata write refused with ``LeaseLost`` makes the keeper renew at once (the lease may only
+  have expired, and be taken back with the same epoch) rather than wait for its next tick.
+
+Serving stops with the lease (``ServingGate``, asked by every volume request).  The store fences
+metadata writes, but an overwrite of an assigned region or a read touches no metadata: without a
+gate, a daemon resumed after a pause would go on answering them while another daemon serves the
+same volumes.  So:
+
+* Lease lost: every request of every volume of this node fails (EIO) from then on, and the
+  front ends' sessions (NBD, iSCSI: the engine's session registry) are disconnected.
+* With a shared store (``MetadataStore.remote``), the gate also closes at a *local* deadline: the
+  time the last successful renewal was sent, plus 0.8 of the time to live.  The store computes
+  the expiry from a later moment (when it ran the renewal) with the whole time to live, so the
+  gate closes before anyone else can take the lease, whatever the pause: a daemon resumed after
+  SIGSTOP finds its deadline passed before it answers a single request, and answers EIO until a
+  renewal (same epoch) opens the gate again, or the lease is found lost.  The margin (0.2 of the
+  time to live) covers the two clocks' rates.  With the embedded store the data directory's lock
+  already keeps every other daemon out, so only a lost lease closes the gate: a store on a full
+  file system (which cannot renew) keeps serving reads and overwrites.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import socket
 import threading
 import time
@@ -37,6 +57,31 @@ log = logging.getLogger("thinblock.metadata")
 
 DEFAULT_TTL = 15.0
 DEFAULT_FENCE_MARGIN = 1.0  # seconds before the lease's expiry a fenced node stops writing
+#: the part of the time to live the gate trusts a renewal for (metadata/lease.py docstring)
+LOCAL_SHARE = 0.8
+
+
+class ServingGate:
+    """Whether this node may answer requests for its volumes now.  Loop thread; ``closed()`` is
+    one monotonic clock read, cheap enough for every request."""
+
+    __slots__ = ("deadline", "lost")
+
+    def __init__(self) -> None:
+        self.deadline = math.inf  # time.monotonic() from which the lease may be gone (inf: no deadline)
+        self.lost: str | None = None  # why serving stopped for good
+
+    def closed(self) -> bool:
+        return self.lost is not None or time.monotonic() >= self.deadline
+
+    def why(self) -> str:
+        if self.lost is not None:
+            return f"is no longer served by this daemon: {self.lost}"
+        return "is not served for now: this daemon's lease was not renewed in time (metadata store away?)"
+
+    def renewed(self, sent: float, ttl: float) -> None:
+        """A renewal (or the acquisition) sent at monotonic ``sent`` succeeded."""
+        self.deadline = sent + LOCAL_SHARE * ttl
 
 
 def default_node_name() -> str:
@@ -78,6 +123,7 @@ class LeaseKeeper:
         on_lost: Callable[[str], None] | None = None,
         fence: WriteFence | None = None,
         margin: float = DEFAULT_FENCE_MARGIN,
+        gate: ServingGate | None = None,
     ) -> None:
         assert fence is None or 0 < margin < ttl * 2 / 3, "the fence must open between renewals"
         self.writer = writer
@@ -90,7 +136,11 @@ class LeaseKeeper:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.gate = gate if gate is not None else ServingGate()
+        # The local deadline only with a shared store (see the module's docstring).
+        self._deadlines = writer.store.remote
         self._task: asyncio.Task[None] | None = None
+        self._renewing: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         if self.fence is not None and self.writer.store.remote:
@@ -116,6 +166,7 @@ class LeaseKeeper:
                     if renewed is None or renewed.epoch != self.lease.epoch:
                         assert self.fence is not None and self._loop is not None
                         self.fence.close(f"lease {self.lease.name} (epoch {self.lease.epoch}) lost")
+                        self.gate.lost = f"lease {self.lease.name} (epoch {self.lease.epoch}) lost"
                         self._loop.call_soon_threadsafe(self._lose, renewed)
                         return
             except ThinblockError as exc:
@@ -123,6 +174,14 @@ class LeaseKeeper:
                 continue
             self.lease = renewed
             self.granted(sent)
+
+    def check_soon(self) -> None:
+        """A metadata write was refused with LeaseLost: renew now (one attempt at a time)."""
+        if self.lost or (self._renewing is not None and not self._renewing.done()):
+            return
+        self._renewing = asyncio.get_running_loop().create_task(
+            self.renew_once(), name="thinblock-lease-check"
+        )
 
     async def renew_once(self) -> None:
         store = self.writer.store
@@ -142,17 +201,33 @@ class LeaseKeeper:
         except ThinblockError as exc:  # the store away or full: try again at the next tick
             log.warning("lease %s not renewed: %s", self.lease.name, exc)
             return
+        if self.lost:
+            return
         self.lease = renewed
         self.granted(sent)
 
     def granted(self, sent: float) -> None:
-        """The lease was granted by a request sent at ``sent`` (monotonic): open the fence."""
-        if self.fence is not None and not self.lost:
+        """The lease was granted by a request sent at ``sent`` (monotonic): open the fence (a
+        node of a pair) and, with a shared store, the serving gate.  Any thread."""
+        if self.lost:
+            return
+        if self.fence is not None:
             self.fence.open_until(sent + self.ttl - self.margin)
+        if self._deadlines:
+            was_closed = self.gate.closed()
+            self.gate.renewed(sent, self.ttl)
+            if was_closed:
+                log.warning(
+                    "lease %s renewed (epoch %d): serving again",
+                    self.lease.name,
+                    self.lease.epoch,
+                    extra={"event": "lease-renewed-late"},
+                )
 
     def _lose(self, taken: Lease | None) -> None:
         if self.lost:
             return
+        self.gate.lost = f"lease {self.lease.name} (epoch {self.lease.epoch}) lost"  # first of all
         self.lost = True
         if self.fence is not None:
             self.fence.close(f"lease {self.lease.name} (epoch {self.lease.epoch}) lost")
@@ -165,9 +240,10 @@ class LeaseKeeper:
         who = "nobody" if current is None else f"{current.holder} (epoch {current.epoch})"
         message = (
             f"lease {self.lease.name} lost (held with epoch {self.lease.epoch}, now {who}):"
-            " every metadata write of this daemon is refused"
+            " every metadata write of this daemon is refused and its volumes are no longer served"
         )
-        log.error("%s", message)
+        self.gate.lost = f"lease {self.lease.name} lost (held with epoch {self.lease.epoch}, now {who})"
+        log.error("%s", message, extra={"event": "lease-lost"})
         if self._on_lost is not None:
             self._on_lost(message)
 
@@ -181,13 +257,14 @@ class LeaseKeeper:
             self._stop.set()
             await asyncio.to_thread(self._thread.join)
             self._thread = None
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        for task in (self._task, self._renewing):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        self._task = self._renewing = None
         if release and not self.lost:
             if self.fence is not None:
                 self.fence.close(f"lease {self.lease.name} released")

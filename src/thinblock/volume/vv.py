@@ -33,6 +33,7 @@ from ..blockdev import Buffer, Capabilities, Extent, ExtentFlags, ReadPiece, Spa
 from ..cache.writeback import WriteBackCache
 from ..errors import OutOfSpace, ReadOnlyDevice, VolumeGone
 from ..logical.raid import LogicalDisk
+from ..metadata.lease import ServingGate
 from ..metadata.store import VVRow
 from ..metadata.writer import MetadataWriter
 from ..model import AlertKind, CacheMode, Severity
@@ -76,6 +77,7 @@ class VirtualVolume:
         io: IOWorkers | None = None,
         offload_min: int = 128 * 1024,
         writeback_bypass_min: int | None = None,
+        serving: ServingGate | None = None,
     ) -> None:
         self.row = row
         self.pool = pool
@@ -113,6 +115,9 @@ class VirtualVolume:
         self._active = 0
         self._gate: asyncio.Event | None = None
         self._drained: asyncio.Event | None = None
+        # Closed when this node may no longer serve its volumes (its lease lost, or not renewed
+        # in time): every request then fails like one on a deleted volume (metadata/lease.py).
+        self._serving = serving if serving is not None else ServingGate()
         self.cow_copies = 0  # regions copied on write (statistics)
         # statistics (plain ints: cheap on the hot path)
         self.reads = self.writes = self.read_bytes = self.write_bytes = 0
@@ -170,8 +175,11 @@ class VirtualVolume:
 
     def _gone(self) -> VolumeGone:
         # Deleted under a connected client (vv delete --force): its regions went back to the
-        # pool, so a read would return zeros where data was and a write would be lost.
-        return VolumeGone(f"volume '{self.row.name}' was deleted")
+        # pool, so a read would return zeros where data was and a write would be lost.  Or the
+        # serving gate closed: another daemon may own the volume now, so no answer from here is safe.
+        if self.deleted:
+            return VolumeGone(f"volume '{self.row.name}' was deleted")
+        return VolumeGone(f"volume '{self.row.name}' {self._serving.why()}")
 
     # --- reads (claim 10) ---
     # One region walk (``_pieces``) and one way to read an assigned piece (``_read_piece``,
@@ -213,7 +221,7 @@ class VirtualVolume:
                 self._read_piece_into(pos, packed, view[pos - offset : pos - offset + n])
 
     def _count_read(self, length: int) -> None:
-        if self.deleted:
+        if self.deleted or self._serving.closed():
             raise self._gone()
         self.reads += 1
         self.read_bytes += length
@@ -276,13 +284,13 @@ class VirtualVolume:
     async def _enter_update(self) -> None:
         """Before a write, trim or zeroing: refused on a snapshot; waits while a snapshot of
         this volume is being taken; counted until ``_leave_update``."""
-        if self.deleted:
+        if self.deleted or self._serving.closed():
             raise self._gone()
         if self.read_only:
             raise self._read_only_error()
         while self._gate is not None:
             await self._gate.wait()
-            if self.deleted:
+            if self.deleted or self._serving.closed():
                 raise self._gone()
         self._active += 1
 
@@ -350,6 +358,11 @@ class VirtualVolume:
             self._unflushed_direct = True
         if fua:
             await self._flush_if_needed()
+        if self._serving.closed():
+            # Paused while the write was under way (its assignment committed, its data in
+            # flight) and the lease gone since: not acknowledged (a failed write's content is
+            # undefined), never a success answered by a node that may no longer own the volume.
+            raise self._gone()
 
     async def _reserve_new_regions(self, offset: int, view: memoryview) -> list[int]:
         """The all-or-none rule: a write that needs several new regions takes them all from the
@@ -420,6 +433,8 @@ class VirtualVolume:
         region that is free (another VV's, once reused)."""
         n = len(data)
         while True:
+            if self._serving.closed():  # after a wait: the node may have lost its volumes meanwhile
+                raise self._gone()
             packed = self.map.get(region)
             if packed == ZERO_LD:
                 if _is_zero(data):
@@ -518,7 +533,7 @@ class VirtualVolume:
         """Commit the assignment, then map it.  The map and the pool follow the store's answer in
         the commit's own callback, so a request cancelled meanwhile changes nothing: committed,
         the region is mapped; refused, it goes back to the pool (nothing was written into it)."""
-        if self.deleted:
+        if self.deleted or self._serving.closed():
             self.pool.unreserve([packed])
             raise self._gone()
         # Real blocks on the host file systems first (issue 10 case 5): a full one is ENOSPC here,
@@ -718,7 +733,7 @@ class VirtualVolume:
 
     # --- the rest of the block interface ---
     async def flush(self) -> None:
-        if self.deleted:
+        if self.deleted or self._serving.closed():
             raise self._gone()
         self.flushes += 1
         await self._flush_if_needed()
@@ -734,7 +749,7 @@ class VirtualVolume:
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         """Runs of allocated (0) and zero-LD (HOLE|ZERO) space from ``offset``; at most
         ``length`` bytes and at most 1,024 extents."""
-        if self.deleted:
+        if self.deleted or self._serving.closed():
             raise self._gone()
         shift = self._shift
         end = offset + length
@@ -757,7 +772,7 @@ class VirtualVolume:
 
     async def cache(self, offset: int, length: int) -> None:
         """NBD_CMD_CACHE: bring assigned regions into the page cache (reads and drops them)."""
-        if self.deleted:
+        if self.deleted or self._serving.closed():
             raise self._gone()
         pos, end, step = offset, offset + length, 4 * 1024 * 1024
         scratch = memoryview(bytearray(min(step, length)))
