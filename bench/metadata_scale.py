@@ -200,22 +200,24 @@ def _status_kib(field_name: str) -> int:
     return 0
 
 
-async def _probe_open(data_dir: Path) -> dict[str, float]:
-    """In a fresh process: open the store, report time and memory."""
+async def _probe_open(data_dir: Path, metadata: str | None = None) -> dict[str, float]:
+    """In a fresh process: open the store (``metadata``: a URL; None: the data directory's
+    SQLite store), report time and memory."""
     from thinblock.engine import Engine
 
     import_rss = _status_kib("VmRSS")
     began = time.perf_counter()
-    engine = await Engine.open(data_dir)
+    engine = await Engine.open(data_dir, metadata=metadata)
     opened = time.perf_counter() - began
     rss, peak = _status_kib("VmRSS"), _status_kib("VmHWM")
     await engine.close()
     return {"open_s": opened, "rss_kib": rss, "peak_kib": peak, "import_rss_kib": import_rss}
 
 
-def probe_open(data_dir: Path) -> dict[str, float]:
+def probe_open(data_dir: Path, metadata: str | None = None) -> dict[str, float]:
+    more = [] if metadata is None else ["--probe-metadata", metadata]
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.metadata_scale", "--probe-open", str(data_dir)],
+        [sys.executable, "-m", "bench.metadata_scale", "--probe-open", str(data_dir), *more],
         capture_output=True,
         text=True,
         env=thinblock_env(),
@@ -414,10 +416,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--no-write", action="store_true", help="print only, write no Markdown")
     parser.add_argument("--probe-open", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--probe-metadata", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.probe_open:
-        print(json.dumps(asyncio.run(_probe_open(args.probe_open))))
+        print(json.dumps(asyncio.run(_probe_open(args.probe_open, args.probe_metadata))))
         return
 
     from rich.console import Console

@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -319,6 +319,10 @@ class ThinblockServer:
     pd_size: int = 16 * 2**30
     launched_with: str | None = None
     fallback_reason: str | None = None
+    # The metadata store: None for the data directory's SQLite store, else a function giving the
+    # URL of a fresh (empty) store for each instance (bench.metadata_backends: PostgreSQL).
+    metadata: Callable[[], str] | None = None
+    metadata_name: str = "SQLite"
 
     @property
     def description(self) -> str:
@@ -331,6 +335,8 @@ class ThinblockServer:
             f"thinblock ({how}), fresh data dir, RAID {self.raid} pool (set size 2) over two "
             f"{self.pd_size // 2**30} GiB {pds}, one {self.export_size // 2**30} GiB {cache} VV"
         )
+        if self.metadata is not None:
+            text += f", metadata in {self.metadata_name}"
         return text + (f"; {self.fallback_reason}" if self.fallback_reason else "")
 
     def start(self, workdir: Path, connections: int) -> Running:
@@ -364,6 +370,8 @@ class ThinblockServer:
                 # The PD files lie beside the data directory: pd add refuses them elsewhere.
                 "--pd-allowed-root", str(directory),
             ]  # fmt: skip
+            if self.metadata is not None:
+                cmd += ["--metadata", self.metadata()]
             config_lines = []
             if self.event_loop:
                 config_lines.append(f'event_loop = "{self.event_loop}"')

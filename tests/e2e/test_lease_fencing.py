@@ -38,7 +38,7 @@ from thinblock.units import MiB
 
 pytestmark = pytest.mark.e2e
 
-LEASE_TTL = 2.0
+LEASE_TTL = 3.0  # renewed every second; the gate closes 2.4 s after a renewal was sent
 CONFIG = SMALL_CONFIG + f'\n[node]\nname = "n1"\nlease_ttl = {LEASE_TTL}\n'
 REGION = MiB  # SMALL_CONFIG's pool: 1 MiB regions, 8 in its first LD
 WRITTEN = 6  # regions A writes before the pause

@@ -45,6 +45,7 @@ class PostgresCluster:
     bin_dir: Path
     root: Path  # the temporary directory: data/ and the socket
     run_as: str | None  # "postgres" when we are root
+    durable: bool = False  # fsync and full page writes as the server's defaults have them
 
     @property
     def data(self) -> Path:
@@ -69,10 +70,10 @@ class PostgresCluster:
     def start(self) -> None:
         # fsync off: a test cluster needs no power-cut safety (a restart or kill -9 of the
         # server still loses nothing: the OS keeps what was written); commits stay synchronous.
-        options = (
-            f"-k {self.socket_dir} -c listen_addresses='' -p {PORT} -c fsync=off -c full_page_writes=off"
-            " -c shared_buffers=16MB -c max_connections=200"
-        )
+        # A durable cluster (the benchmark's) keeps the server's defaults: fsync at every commit.
+        options = f"-k {self.socket_dir} -c listen_addresses='' -p {PORT} -c max_connections=200"
+        if not self.durable:
+            options += " -c fsync=off -c full_page_writes=off -c shared_buffers=16MB"
         result = self._run(
             "pg_ctl",
             "-D",
@@ -121,7 +122,7 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def start_cluster() -> PostgresCluster:
+def start_cluster(*, durable: bool = False) -> PostgresCluster:
     bin_dir = find_bin_dir()
     assert bin_dir is not None
     root = Path(tempfile.mkdtemp(prefix="thinblock-pg-"))
@@ -131,7 +132,7 @@ def start_cluster() -> PostgresCluster:
         user = pwd.getpwnam(run_as)
         os.chown(root, user.pw_uid, user.pw_gid)
     os.chmod(root, 0o755)
-    cluster = PostgresCluster(bin_dir, root, run_as)
+    cluster = PostgresCluster(bin_dir, root, run_as, durable)
     try:
         cluster.init()
         cluster.start()
