@@ -46,6 +46,7 @@ bench: setup
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.iscsi --output bench/results/iscsi-latest.md
 	$(BIN)/python -m bench.node_pair
+	$(BIN)/python -m bench.metadata_backends
 
 drills: setup
 	$(BIN)/pytest -q -m long tests/drills

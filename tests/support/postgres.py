@@ -7,7 +7,13 @@ PostgreSQL refuses to run as root: as root, the cluster runs as the ``postgres``
 are found under /usr/lib/postgresql/*/bin (the newest version there), never a fixed version.
 
 ``postgres_cluster`` (tests/conftest.py) is the session-scoped fixture every suite shares;
-``fresh_database(cluster)`` gives a test an empty database of its own."""
+``fresh_database(cluster)`` gives a test an empty database of its own.
+
+A cluster dies with the process that started it: a reaper (a small process of its own session,
+so that a signal to pytest's process group does not reach it) waits for its owner to exit --
+``remove()``d or not: pytest killed with SIGKILL, a crashed worker, Ctrl-C twice -- then stops
+the postmaster (SIGQUIT: immediate shutdown) and deletes the directory.  ``remove()`` ends the
+reaper itself, by its pid."""
 
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import os
 import pwd
 import shutil
 import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -46,6 +53,7 @@ class PostgresCluster:
     root: Path  # the temporary directory: data/ and the socket
     run_as: str | None  # "postgres" when we are root
     durable: bool = False  # fsync and full page writes as the server's defaults have them
+    reaper: subprocess.Popen[bytes] | None = None  # removes the cluster when its owner dies
 
     @property
     def data(self) -> Path:
@@ -108,6 +116,50 @@ class PostgresCluster:
     def remove(self) -> None:
         self.stop("immediate")
         shutil.rmtree(self.root, ignore_errors=True)
+        if self.reaper is not None:
+            self.reaper.terminate()
+            self.reaper.wait(30)
+            self.reaper = None
+
+
+# The reaper: waits for the owner (argv[1]) to exit, then stops the postmaster named by
+# ROOT/data/postmaster.pid with SIGQUIT (PostgreSQL's immediate shutdown) and deletes ROOT
+# (argv[2]).  pidfd_open waits without polling; polling is the fallback on old kernels.
+_REAPER = """
+import os, select, shutil, signal, sys, time
+owner, root = int(sys.argv[1]), sys.argv[2]
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+try:
+    fd = os.pidfd_open(owner)
+    select.select([fd], [], [])
+except (AttributeError, OSError):
+    while True:
+        try:
+            os.kill(owner, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.5)
+try:
+    with open(os.path.join(root, "data", "postmaster.pid")) as f:
+        pid = int(f.read().split()[0])
+    os.kill(pid, signal.SIGQUIT)
+    for _ in range(300):
+        os.kill(pid, 0)
+        time.sleep(0.1)
+except (OSError, ValueError, IndexError):
+    pass
+shutil.rmtree(root, ignore_errors=True)
+"""
+
+
+def _start_reaper(root: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-c", _REAPER, str(os.getpid()), str(root)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # not in pytest's process group: a signal to the group spares it
+    )
 
 
 def unavailable_reason() -> str | None:
@@ -132,12 +184,12 @@ def start_cluster(*, durable: bool = False) -> PostgresCluster:
         user = pwd.getpwnam(run_as)
         os.chown(root, user.pw_uid, user.pw_gid)
     os.chmod(root, 0o755)
-    cluster = PostgresCluster(bin_dir, root, run_as, durable)
+    cluster = PostgresCluster(bin_dir, root, run_as, durable, reaper=_start_reaper(root))
     try:
         cluster.init()
         cluster.start()
     except BaseException:
-        shutil.rmtree(root, ignore_errors=True)
+        cluster.remove()
         raise
     return cluster
 
