@@ -6,6 +6,7 @@ the same bytes both ways and checks which path ran (``NBDServer.sendfile_bytes``
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import shutil
 import struct
@@ -19,6 +20,7 @@ from tests.support.certs import make_pki
 from tests.support.wire import request
 from thinblock.engine import Engine, EngineOptions
 from thinblock.model import CacheMode
+from thinblock.nbd import server as server_module
 from thinblock.nbd.protocol import TLSMode
 from thinblock.nbd.server import SENDFILE_MIN, NBDServer
 from thinblock.nbd.tls import TLSSettings, server_context
@@ -238,3 +240,47 @@ async def test_a_slow_reader_gets_every_reply_in_full(served: tuple[Engine, NBDS
             assert digest(got[i]) == digest(pattern(8 * MiB, 6)[offset : offset + length])
     finally:
         await client.aclose()
+
+
+async def test_a_sendfile_error_falls_back_to_reading_the_span(
+    served: tuple[Engine, NBDServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine, server = served
+    await engine.volume("wt").write(0, pattern(MiB, 7))
+    failures = 0
+
+    def failing_sendfile(*args: object) -> int:
+        nonlocal failures
+        failures += 1
+        raise OSError(errno.EIO, "test: sendfile failed")
+
+    monkeypatch.setattr(server_module.os, "sendfile", failing_sendfile)
+    (data,) = await read_many(server, "wt", [(0, MiB)], structured=True)
+    assert failures >= 1
+    assert digest(data) == digest(pattern(MiB, 7))  # read the PD's way and sent through the queue
+    assert server.sendfile_bytes == 0
+
+
+async def test_a_read_error_after_the_header_closes_the_connection(
+    served: tuple[Engine, NBDServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine, server = served
+    await engine.volume("wt").write(0, pattern(MiB, 8))
+
+    def failing_sendfile(*args: object) -> int:
+        for pd in engine.pds.values():
+            pd.inject_errors(True)  # the disks fail between the header and the data
+        raise OSError(errno.EIO, "test: sendfile failed")
+
+    monkeypatch.setattr(server_module.os, "sendfile", failing_sendfile)
+    client = await RawClient.connect(server)
+    try:
+        await client.go("wt", structured=False, meta=False)
+        client.send(request(CMD_READ, 1, 0, MiB))
+        error, handle = await client.simple_reply()
+        assert (error, handle) == (0, 1)  # the header promised data...
+        assert await client.closed_by_server()  # ...that cannot come: the connection ends
+    finally:
+        await client.aclose()
+        for pd in engine.pds.values():
+            pd.inject_errors(False)
