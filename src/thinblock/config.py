@@ -16,6 +16,7 @@ Every key has a default, so an empty file (or none) gives a working daemon on lo
     tls_cert = ""                   # PEM server certificate (chain) for STARTTLS
     tls_key = ""                    # its PEM private key
     tls_ca = ""                     # PEM CA: clients must present a certificate it signed
+    tls_psk_file = ""               # TLS-PSK instead of X.509: identity:hexkey lines (qemu's keys.psk)
     max_connections = 256           # per listener (TCP, Unix socket); past it connections are refused
     max_connections_per_client = 128    # per client address and listener; 0: no limit of this kind
     handshake_timeout = 30.0        # seconds a client may take to reach transmission
@@ -239,6 +240,7 @@ class Config:
     nbd_tls_cert: Path | None = None
     nbd_tls_key: Path | None = None
     nbd_tls_ca: Path | None = None
+    nbd_tls_psk_file: Path | None = None
     nbd_access: tuple[AccessRule, ...] = ()
     nbd_max_connections: int = 256
     nbd_max_connections_per_client: int = 128
@@ -285,8 +287,19 @@ class Config:
                 f"the API listens on {self.api_listen} ({where}): set api.token in the config file "
                 "(or --api-token, or the THINBLOCK_API_TOKEN environment variable) so that it is not open to anyone"
             )
-        if self.nbd_tls != "off" and (self.nbd_tls_cert is None or self.nbd_tls_key is None):
-            raise ConfigError(f"nbd.tls = {self.nbd_tls!r} needs nbd.tls_cert and nbd.tls_key")
+        if self.nbd_tls_psk_file is not None:
+            if self.nbd_tls == "off":
+                raise ConfigError(
+                    "nbd.tls_psk_file is set but nbd.tls is off: set nbd.tls to allowed or required"
+                )
+            if self.nbd_tls_cert is not None or self.nbd_tls_ca is not None:
+                raise ConfigError(
+                    "nbd.tls_psk_file and nbd.tls_cert/tls_ca: TLS with PSK or with X.509, not both"
+                )
+        elif self.nbd_tls != "off" and (self.nbd_tls_cert is None or self.nbd_tls_key is None):
+            raise ConfigError(
+                f"nbd.tls = {self.nbd_tls!r} needs nbd.tls_cert and nbd.tls_key (or nbd.tls_psk_file)"
+            )
         if self.nbd_tls_ca is not None and self.nbd_tls == "off":
             raise ConfigError("nbd.tls_ca is set but nbd.tls is off: set nbd.tls to allowed or required")
         if (self.api_tls_cert is None) != (self.api_tls_key is None):
@@ -420,6 +433,7 @@ _TABLES = {
         "tls_cert",
         "tls_key",
         "tls_ca",
+        "tls_psk_file",
         "access",
         "max_connections",
         "max_connections_per_client",
@@ -538,7 +552,7 @@ def parse_config(doc: dict[str, Any], *, base_dir: Path | None = None) -> Config
         changes["nbd_tls"] = _choice(nbd["tls"], "nbd.tls", NBD_TLS_MODES)
     if "access" in nbd:
         changes["nbd_access"] = _access_rules(nbd["access"])
-    for key in ("tls_cert", "tls_key", "tls_ca"):
+    for key in ("tls_cert", "tls_key", "tls_ca", "tls_psk_file"):
         if key in nbd:
             given = _optional_str(nbd[key], f"nbd.{key}")
             changes[f"nbd_{key}"] = path(given, f"nbd.{key}") if given else None

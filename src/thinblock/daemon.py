@@ -674,7 +674,18 @@ class Daemon:
 
         tls_mode = TLSMode(cfg.nbd_tls)
         tls_context = None
-        if tls_mode is not TLSMode.OFF:
+        psk_keys = None
+        if tls_mode is not TLSMode.OFF and cfg.nbd_tls_psk_file is not None:
+            from .nbd.psk import PSKError, load_keys, psk_support
+
+            why_not = psk_support()
+            if why_not is not None:
+                raise StartupError(f"cannot set up TLS-PSK for NBD: {why_not}")
+            try:
+                psk_keys = load_keys(cfg.nbd_tls_psk_file)
+            except PSKError as exc:
+                raise StartupError(f"cannot set up TLS-PSK for NBD: {exc}") from None
+        elif tls_mode is not TLSMode.OFF:
             settings = TLSSettings(tls_mode, cfg.nbd_tls_cert, cfg.nbd_tls_key, cfg.nbd_tls_ca)
             try:
                 tls_context = server_context(settings)
@@ -693,6 +704,7 @@ class Daemon:
             sessions=self.engine.sessions,
             tls_mode=tls_mode,
             tls_context=tls_context,
+            psk_keys=psk_keys,
             access=self._access_store(),
             max_connections=cfg.nbd_max_connections,
             max_connections_per_client=cfg.nbd_max_connections_per_client,

@@ -293,6 +293,17 @@ def test_nbd_tls_settings(tmp_path: Path) -> None:
         parse_config({"nbd": {"tls": "yes"}})
 
 
+def test_nbd_tls_psk_settings(tmp_path: Path) -> None:
+    cfg = parse_config({"nbd": {"tls": "required", "tls_psk_file": "keys.psk"}}, base_dir=tmp_path).validate()
+    assert cfg.nbd_tls_psk_file == tmp_path / "keys.psk" and cfg.nbd_tls_cert is None
+    with pytest.raises(ConfigError, match=r"nbd\.tls_psk_file is set but nbd\.tls is off"):
+        parse_config({"nbd": {"tls_psk_file": "keys.psk"}}).validate()
+    with pytest.raises(ConfigError, match=r"with PSK or with X\.509, not both"):
+        parse_config(
+            {"nbd": {"tls": "allowed", "tls_psk_file": "k", "tls_cert": "c.pem", "tls_key": "k.pem"}}
+        ).validate()
+
+
 def test_nbd_connection_limits_and_timeouts() -> None:
     default = Config()
     assert (default.nbd_max_connections, default.nbd_max_connections_per_client) == (256, 128)

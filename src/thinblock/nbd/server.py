@@ -104,6 +104,8 @@ from .protocol import (
     StartTLS,
     TLSMode,
 )
+from .psk import PSKServerSession
+from .psk_transport import PSKHandshakeFailed, start_psk
 from .tls import peer_subject
 
 log = logging.getLogger("thinblock.nbd")
@@ -187,12 +189,16 @@ class NBDServer:
         sessions: SessionRegistry | None = None,
         tls_mode: TLSMode = TLSMode.OFF,
         tls_context: ssl.SSLContext | None = None,
+        psk_keys: dict[str, bytes] | None = None,
         access: AccessPolicy | None = None,
     ) -> None:
-        if tls_mode is not TLSMode.OFF and tls_context is None:
-            raise ValueError(f"TLS mode {tls_mode.value} needs an ssl context")
+        if tls_mode is not TLSMode.OFF and tls_context is None and not psk_keys:
+            raise ValueError(f"TLS mode {tls_mode.value} needs an ssl context or PSK keys")
+        if tls_context is not None and psk_keys:
+            raise ValueError("TLS with X.509 or with PSK, not both")
         self.tls_mode = tls_mode
         self.tls_context = tls_context
+        self.psk_keys = psk_keys  # identity -> key: STARTTLS runs TLS-PSK (nbd/psk.py)
         # Asked at every LIST, INFO and GO: a policy that changes applies from the next option on.
         self.access: AccessPolicy = access if access is not None else AccessList()
         self.provider = provider
@@ -462,6 +468,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.core = server._new_core(self)
         self.tls_subject: str | None = None  # the verified client certificate's subject
+        self.psk_identity: str | None = None  # the PSK identity the client proved
         self.peer_host: str | None = None  # the client's IP address (None on the Unix socket)
         self._tls_task: asyncio.Task[None] | None = None
         # STARTTLS acknowledged, start_tls not returned yet; the core told the handshake is done.
@@ -681,20 +688,33 @@ class _Connection(asyncio.BufferedProtocol):
 
     @property
     def identity(self) -> ClientIdentity:
-        return ClientIdentity(self.peer_host, self.tls_subject)
+        return ClientIdentity(self.peer_host, self.tls_subject, self.psk_identity)
 
     async def _start_tls(self) -> None:
         transport = self.transport
-        assert transport is not None and self.server.tls_context is not None
+        server = self.server
+        assert transport is not None and (server.tls_context is not None or server.psk_keys)
         try:
-            tls_transport = await asyncio.get_running_loop().start_tls(
-                transport,
-                self,
-                self.server.tls_context,
-                server_side=True,
-                ssl_handshake_timeout=self.server.handshake_timeout,
-            )
-        except (TimeoutError, OSError, ssl.SSLError, ConnectionError, RuntimeError) as exc:
+            if server.psk_keys:
+                session = PSKServerSession(server.psk_keys, on_unknown=self._unknown_psk_identity)
+                tls_transport: Any = await start_psk(transport, self, session, server.handshake_timeout)
+            else:
+                assert server.tls_context is not None
+                tls_transport = await asyncio.get_running_loop().start_tls(
+                    transport,
+                    self,
+                    server.tls_context,
+                    server_side=True,
+                    ssl_handshake_timeout=server.handshake_timeout,
+                )
+        except (
+            TimeoutError,
+            OSError,
+            ssl.SSLError,
+            ConnectionError,
+            RuntimeError,
+            PSKHandshakeFailed,
+        ) as exc:
             self._log_once(
                 "tls-failed",
                 logging.WARNING,
@@ -716,16 +736,28 @@ class _Connection(asyncio.BufferedProtocol):
         self.transport = cast(asyncio.Transport, tls_transport)
         self._reading_paused = False  # start_tls resumed reading, now through TLS
         self.tls_subject = peer_subject(tls_transport.get_extra_info("ssl_object"))
-        log.debug(
-            "client %s: TLS %s",
-            self.peer,
-            self.tls_subject or "without a client certificate",
-            extra={"event": "nbd-tls"},
-        )
+        self.psk_identity = tls_transport.get_extra_info("psk_identity")
+        if self.psk_identity is not None:
+            who = f"with PSK identity {self.psk_identity} ({tls_transport.get_extra_info('tls_version')})"
+        else:
+            who = self.tls_subject or "without a client certificate"
+        log.debug("client %s: TLS %s", self.peer, who, extra={"event": "nbd-tls"})
         if not self._tls_core_started:
             self._tls_core_started = True
             self.core.tls_started()
+        if self.psk_identity is not None:
+            # The PSK transport held what came with the client's Finished until now.
+            tls_transport.resume_reading()
         self._process()
+
+    def _unknown_psk_identity(self, identity: str) -> None:
+        self._log_once(
+            "psk-unknown",
+            logging.WARNING,
+            "client %s: unknown PSK identity %r",
+            self.peer,
+            identity[:64],
+        )
 
     def _flush_core(self) -> None:
         out = self.core.data_to_send()

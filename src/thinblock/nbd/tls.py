@@ -1,19 +1,18 @@
 """TLS for NBD (``NBD_OPT_STARTTLS``): the server's settings, its ``ssl`` context, and who a
 client proved to be.
 
-X.509 only.  The server presents ``cert``/``key``; with ``ca`` every client must present a
+X.509 here, with Python's ``ssl`` through asyncio's ``start_tls``; PSK in ``psk.py`` (pyOpenSSL
+over memory BIOs) and ``psk_transport.py``.  The server presents ``cert``/``key``; with ``ca`` every client must present a
 certificate signed by that CA (qemu-nbd's and nbdkit's ``verify-peer``/``--tls-verify-peer``),
 and its subject is the client's identity for access lists.  TLS 1.2 at least ("NBD
 implementations supporting TLS MUST support TLS version 1.2 ... MAY support older versions but
 SHOULD NOT do so by default").
 
-PSK (the ``tls-psk`` key files of qemu-nbd and nbdkit) is not offered: Python 3.11's ``ssl`` has
-no PSK callbacks (``SSLContext.set_psk_server_callback`` arrived in 3.13), and the PyPI bindings
-for older versions (sslpsk, sslpsk2, sslpsk3) reach into ``_ssl._SSLSocket`` to set the callback
-on a blocking socket's ``SSL*``: they do not cover the memory-BIO ``SSLObject`` that asyncio's
-``start_tls`` drives, and the one binding in the package index that claims more (openssl-psk
-0.1.1) is a single recent release.  On Python 3.13 ``server_context`` is where a PSK callback
-would be installed.
+PSK (the ``tls-psk`` key files of qemu-nbd and nbdkit): Python 3.11's ``ssl`` has no PSK
+callbacks (``SSLContext.set_psk_server_callback`` arrived in 3.13), and the PyPI bindings for
+older versions (sslpsk, sslpsk2, sslpsk3) set the callback on a blocking socket's ``SSL*``, not on
+the memory-BIO ``SSLObject`` asyncio's ``start_tls`` drives; so PSK does not go through ``ssl``
+at all (``psk.py`` says how).
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ class TLSSettings:
     cert: Path | None = None
     key: Path | None = None
     ca: Path | None = None  # verify client certificates against this CA (required then)
+    psk_file: Path | None = None  # TLS-PSK with these identity:hexkey lines instead of X.509
 
 
 def server_context(settings: TLSSettings) -> ssl.SSLContext:
