@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import signal
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -136,11 +137,11 @@ async def lost_blocks(service: int, acked: dict[int, int]) -> list[int]:
     ]
 
 
-async def test_owner_stopped_past_its_lease_is_taken_over_and_writes_nothing_after(
-    make_daemon: Callable[..., Daemon], two_databases: tuple[str, str]
-) -> None:
+async def one_sigstop_round(
+    make_daemon: Callable[..., Daemon], two_databases: tuple[str, str], tag: str
+) -> dict[str, float]:
     url1 = two_databases[0]
-    n1, n2, service = start_pg_pair(make_daemon, two_databases, "stop")
+    n1, n2, service = start_pg_pair(make_daemon, two_databases, tag)
     _, old_epoch = lease_row(url1, "node:n1")
     acked = await write_blocks(service, 600)
     held = await NBDClient.connect(SERVICE_HOST, service, "wb")  # n1's client through it all
@@ -150,12 +151,14 @@ async def test_owner_stopped_past_its_lease_is_taken_over_and_writes_nothing_aft
     assert rows_before.get(old_epoch, 0) > 0, rows_before
 
     os.kill(n1.pid, signal.SIGSTOP)
+    stopped_at = time.monotonic()
     try:
         # A write sent while n1 is stopped: it waits in n1's socket.
         in_flight = asyncio.ensure_future(held.write(0, block_data(TAG, 0, 10**6)))
         await asyncio.to_thread(
             wait_until, lambda: n2.events("takeover-replayed"), "n2 took n1's lease and replayed", 60
         )
+        stop_to_replayed = time.monotonic() - stopped_at  # as the test saw it (log polling included)
         (replayed,) = [json.loads(line) for line in n2.events("takeover-replayed")]
         holder, epoch = lease_row(url1, "node:n1")
         assert epoch == old_epoch + 1 and holder.startswith("takeover by n2"), (holder, epoch)
@@ -185,12 +188,47 @@ async def test_owner_stopped_past_its_lease_is_taken_over_and_writes_nothing_aft
     assert lost == [], f"{len(lost)} acknowledged writes lost after the takeover (blocks {lost[:5]})"
     print(
         f"node-pair SIGSTOP-owner drill: {len(acked)} blocks checked, lost 0, replayed"
-        f" {replayed['replayed']}, takeover (lease taken, replayed) {replayed['seconds']} s after the"
-        f" owner went silent; old epoch {old_epoch} rows after the takeover: +0; fenced write:"
+        f" {replayed['replayed']}; SIGSTOP to copies replayed {stop_to_replayed:.2f} s (lease {LEASE_TTL} s),"
+        f" of which lease taken to replayed {replayed['seconds']} s; old epoch {old_epoch} rows after the takeover: +0; fenced write:"
         f" {type(refused.value).__name__}"
     )
     assert n2.stop() == 0
     n1.stop()
+    return {
+        "checked": float(len(acked)),
+        "replayed": float(replayed["replayed"]),
+        "takeover_s": replayed["seconds"],
+        "stop_to_replayed_s": stop_to_replayed,
+    }
+
+
+async def test_owner_stopped_past_its_lease_is_taken_over_and_writes_nothing_after(
+    make_daemon: Callable[..., Daemon], two_databases: tuple[str, str]
+) -> None:
+    await one_sigstop_round(make_daemon, two_databases, "stop")
+
+
+@pytest.mark.long
+@pytest.mark.timeout(1800)
+async def test_owner_stopped_past_its_lease_long(
+    make_daemon: Callable[..., Daemon], postgres_cluster: PostgresCluster
+) -> None:
+    rounds = []
+    for r in range(5):
+        with ExitStack() as stack:
+            urls = (
+                stack.enter_context(fresh_database(postgres_cluster)),
+                stack.enter_context(fresh_database(postgres_cluster)),
+            )
+            rounds.append(await one_sigstop_round(make_daemon, urls, f"stop{r}"))
+    takeover = sorted(r["takeover_s"] for r in rounds)
+    silent = sorted(r["stop_to_replayed_s"] for r in rounds)
+    print(
+        f"node-pair SIGSTOP-owner drill: {len(rounds)} rounds, {sum(int(r['checked']) for r in rounds)} blocks"
+        f" checked, lost 0, replayed {sum(int(r['replayed']) for r in rounds)} writes; SIGSTOP to copies"
+        f" replayed: median {silent[len(silent) // 2]:.2f} s, max {silent[-1]:.2f} s (lease {LEASE_TTL} s);"
+        f" lease taken to replayed: median {takeover[len(takeover) // 2]:.2f} s, max {takeover[-1]:.2f} s"
+    )
 
 
 async def test_owner_restarted_before_the_partner_took_over_does_not_serve_stale_data(
