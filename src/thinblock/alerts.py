@@ -137,17 +137,23 @@ class AlertBus:
             # Raised, logged and delivered all the same; listed until the daemon stops.
             self._unsaved_id -= 1
             alert_id = self._unsaved_id
-            log.error("alert kind=%s not stored (%s); kept in memory as id %d", kind.value, exc, alert_id)
+            log.error(
+                "alert not stored (%s); kept in memory",
+                exc,
+                extra={"event": "alert-not-stored", "kind": kind.value, "id": alert_id},
+            )
         alert = Alert(alert_id, now, severity, kind, obj, message, AlertState.NEW)
         self._alerts[alert_id] = alert
         log.log(
             _LOG_LEVEL[severity],
-            "alert id=%d kind=%s severity=%s object=%s message=%r",
-            alert_id,
-            kind.value,
-            severity.value,
-            obj,
             message,
+            extra={
+                "event": "alert",
+                "id": alert_id,
+                "kind": kind.value,
+                "severity": severity.value,
+                "object": obj,
+            },
         )
         for callback in list(self._subscribers):
             try:

@@ -357,9 +357,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     leaf(pd, "list", "list PDs", cmd_pd_list)
     leaf(pd, "show", "show a PD", cmd_pd_show).add_argument("id", type=_id_arg, metavar="ID")
-    leaf(pd, "fail", "mark a PD failed (for drills): its LDs go degraded", cmd_pd_fail).add_argument(
-        "id", type=_id_arg, metavar="ID"
+    p = leaf(pd, "fail", "mark a PD failed: its LDs go degraded (asks first on a terminal)", cmd_pd_fail)
+    p.add_argument("id", type=_id_arg, metavar="ID")
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation on a terminal")
+    p = leaf(
+        pd,
+        "restore",
+        "return a failed PD that turned out healthy to service, resynchronised from the others first",
+        cmd_pd_restore,
     )
+    p.add_argument("id", type=_id_arg, metavar="ID")
+    p = leaf(
+        pd,
+        "replace",
+        "rebuild a failed PD's LD members onto NEW (added with pd add), then remove the failed PD",
+        cmd_pd_replace,
+    )
+    p.add_argument("id", type=_id_arg, metavar="OLD")
+    p.add_argument("new", type=_id_arg, metavar="NEW")
     leaf(pd, "remove", "remove a PD none of whose chunklets is used", cmd_pd_remove).add_argument(
         "id", type=_id_arg, metavar="ID"
     )
@@ -1202,7 +1217,31 @@ def cmd_pd_show(ctx: Context) -> None:
 
 
 def cmd_pd_fail(ctx: Context) -> None:
-    _show(ctx, ctx.call("POST", f"/pds/{ctx.args.id}/fail"), render_pd)
+    pd_id = ctx.args.id
+    if not ctx.args.yes and sys.stdin.isatty() and not ctx.json:
+        pd = ctx.call("GET", f"/pds/{pd_id}")
+        answer = input(
+            f"fail PD {pd_id} ({pd['path']}, {pd['chunklets_used']} chunklet(s) in use)? Its LDs go degraded"
+            " until a rebuild, pd restore or pd replace. [y/N] "
+        )
+        if answer.strip().lower() not in ("y", "yes"):
+            raise CliError("not failed")
+    _show(ctx, ctx.call("POST", f"/pds/{pd_id}/fail"), render_pd)
+
+
+# Restore and replace copy whole chunklets before they answer: minutes for large PDs.
+_COPY_TIMEOUT = httpx.Timeout(None, connect=10.0)
+
+
+def cmd_pd_restore(ctx: Context) -> None:
+    pd = ctx.call("POST", f"/pds/{ctx.args.id}/restore", timeout=_COPY_TIMEOUT)
+    _done(ctx, pd, f"PD {pd['id']} restored: resynchronised and back in service ({pd['health']})")
+
+
+def cmd_pd_replace(ctx: Context) -> None:
+    a = ctx.args
+    pd = ctx.call("POST", f"/pds/{a.id}/replace", json={"new": a.new}, timeout=_COPY_TIMEOUT)
+    _done(ctx, pd, f"PD {a.id} replaced by PD {pd['id']}: its LD members rebuilt there; PD {a.id} removed")
 
 
 def cmd_pd_remove(ctx: Context) -> None:

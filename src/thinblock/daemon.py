@@ -806,18 +806,21 @@ class Daemon:
             fields["iscsi"] = self.iscsi_portal
         if cfg.nbd_unix_socket:
             fields["nbd_unix"] = str(cfg.nbd_unix_socket)
-        if cfg.default_export:
-            fields["default_export"] = cfg.default_export
+        if cfg.default_export and self.engine is not None:
+            try:
+                self.engine.get_vv(cfg.default_export)
+                fields["default_export"] = cfg.default_export
+            except NotFound:
+                pass  # said at start (default-export-missing); the hints below name no missing volume
         if self.pair is not None:
             fields["node"] = cfg.node.name
             fields["mirror"] = f"{cfg.node.mirror_listen.url_host()}:{self.pair.listen_port}"
             fields["partner"] = str(cfg.node.partner)
         log.info("thinblock is serving", extra=fields)
-        export = cfg.default_export
         assert self.engine is not None
-        if export is None:
-            names = [vv.name for vv in self.engine.list_vvs()]
-            export = names[0] if names else None
+        names = [vv.name for vv in self.engine.list_vvs()]
+        # The hints name a volume that exists: the default export, unless it was deleted.
+        export = cfg.default_export if cfg.default_export in names else (names[0] if names else None)
         if export is not None:
             if nbd_uri:
                 target = f"{nbd_uri}/{export}"

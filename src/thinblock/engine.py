@@ -488,7 +488,7 @@ class Engine:
                 try:
                     ld.zero(offset, length)
                 except MediumError as exc:
-                    log.error("scrub failed ld=%d error=%s", ld.id, exc)
+                    log.error("scrub failed: %s", exc, extra={"event": "scrub-failed", "ld": ld.id})
             repaired = checked = 0
             total = sum(length for _, _, length in resyncs)
             started = last_report = time.monotonic()
@@ -496,7 +496,7 @@ class Engine:
                 try:
                     repaired += ld.resync(offset, length)
                 except MediumError as exc:
-                    log.error("resync failed ld=%d error=%s", ld.id, exc)
+                    log.error("resync failed: %s", exc, extra={"event": "resync-failed", "ld": ld.id})
                 checked += length
                 if time.monotonic() - last_report >= 10:  # a long pass says how far it got
                     last_report = time.monotonic()
@@ -805,7 +805,16 @@ class Engine:
         # New chunklets may let a pool that ran out grow again.
         for pool in self.pools.values():
             self.alerts.clear(AlertKind.POOL_OUT_OF_CHUNKLETS, pool.object_name)
-        log.info("pd added pd=%d path=%s size=%d chunklets=%d", pd_id, path, pd.size, pd.chunklet_count)
+        log.info(
+            "pd added",
+            extra={
+                "event": "pd-added",
+                "pd": pd_id,
+                "path": path,
+                "size": pd.size,
+                "chunklets": pd.chunklet_count,
+            },
+        )
         return self.get_pd(pd_id)
 
     def _pd(self, pd_id: int) -> PhysicalDisk:
@@ -904,7 +913,16 @@ class Engine:
         )
         row.id = await self.meta.call(self.store.add_pool, row)
         pool = self._make_pool(row)
-        log.info("pool created pool=%s raid=%d set_size=%d region_size=%d", name, raid, set_size, region_size)
+        log.info(
+            "pool created",
+            extra={
+                "event": "pool-created",
+                "pool": name,
+                "raid": raid,
+                "set_size": set_size,
+                "region_size": region_size,
+            },
+        )
         return self._pool_info(pool)
 
     def _pool(self, name: str) -> Pool:
@@ -1063,11 +1081,19 @@ class Engine:
             if progress:
                 progress(self._rebuild)
             for ld, row, col in work:
-                failed = ld.rows[row][col]
-                exclude = {ch.pd.id for ch in ld.rows[row]}
-                picked = self.chunklets.pick(1, chunklet_size=failed.pd.chunklet_size, exclude=exclude)
-                if picked is None:
-                    log.error("rebuild ld=%d row=%d: no spare chunklet on another healthy PD", ld.id, row)
+                base = done_bytes
+
+                def stepped(n: int, ld: LogicalDisk = ld, base: int = base) -> None:
+                    self._rebuild = RebuildProgress(True, lds_total, len(done_lds), total, base + n, ld.id)
+                    if progress:
+                        progress(self._rebuild)
+
+                rebuilt = await self._rebuild_onto_spare(ld, row, col, set(), stepped)
+                if rebuilt is None:
+                    log.error(
+                        "rebuild: no spare chunklet on another healthy PD",
+                        extra={"event": "rebuild-no-spare", "ld": ld.id, "row": row},
+                    )
                     self.alerts.condition(
                         AlertKind.POOL_OUT_OF_CHUNKLETS,
                         self.ld_pool[ld.id].object_name,
@@ -1075,42 +1101,9 @@ class Engine:
                         f"LD {ld.id} cannot be rebuilt: no spare chunklet on a healthy PD outside its RAID set",
                     )
                     continue
-                spare = picked[0]
-                self.chunklets.take_zeroed(spare)  # the rebuild writes it whole
-                await asyncio.get_running_loop().run_in_executor(
-                    None, spare.pd.punch, spare.pd.chunklet_offset(spare.index), spare.pd.chunklet_size
-                )
-                # No offloaded write may still be landing on a mirror when the copy starts;
-                # while the job runs, RAID 1 writes to its row are inline (submit_write).
-                ld.hold_offload()
-                try:
-                    await ld.offload_drained()
-                    job = ld.start_rebuild(row, col, spare)
-                finally:
-                    ld.release_offload()
-                base = done_bytes
-                failed_step = False
-                while not job.done:
-                    try:
-                        job.step(REBUILD_STEP)
-                    except MediumError as exc:
-                        # the spare's PD failed, or the set lost a second member: give the spare back
-                        log.error("rebuild ld=%d row=%d column=%d failed: %s", ld.id, row, col, exc)
-                        self.chunklets.release(spare.pd.id, spare.index)
-                        failed_step = True
-                        break
-                    self._rebuild = RebuildProgress(
-                        True, lds_total, len(done_lds), total, base + job.bytes_done, ld.id
-                    )
-                    if progress:
-                        progress(self._rebuild)
-                    await asyncio.sleep(0)
-                done_bytes = base + job.bytes_total
-                if failed_step:
+                done_bytes = base + ld.chunklet_size
+                if not rebuilt:
                     continue
-                await asyncio.get_running_loop().run_in_executor(None, spare.pd.fsync)
-                await self.meta.call(self.store.replace_chunklet, ld.id, row, col, spare.pd.id, spare.index)
-                self.chunklets.release(failed.pd.id, failed.index)
                 if ld.health == LDHealth.NORMAL:
                     done_lds.add(ld.id)
                     self.alerts.event(
@@ -1127,6 +1120,174 @@ class Engine:
 
     def rebuild_status(self) -> RebuildProgress:
         return self._rebuild
+
+    async def _rebuild_onto_spare(
+        self, ld: LogicalDisk, row: int, col: int, exclude: set[int], on_step: Callable[[int], None]
+    ) -> bool | None:
+        """Rebuild the failed member (row, col) of ``ld`` onto a free chunklet of a healthy PD
+        outside its row and ``exclude`` (PD ids), and record it: True.  None when there is no
+        such chunklet; False when the copy failed (logged; the chunklet is given back)."""
+        failed = ld.rows[row][col]
+        exclude = exclude | {ch.pd.id for ch in ld.rows[row]}
+        picked = self.chunklets.pick(1, chunklet_size=failed.pd.chunklet_size, exclude=exclude)
+        if picked is None:
+            return None
+        spare = picked[0]
+        self.chunklets.take_zeroed(spare)  # the rebuild writes it whole
+        await asyncio.get_running_loop().run_in_executor(
+            None, spare.pd.punch, spare.pd.chunklet_offset(spare.index), spare.pd.chunklet_size
+        )
+        if not await self._rebuild_member(ld, row, col, spare, on_step):
+            self.chunklets.release(spare.pd.id, spare.index)
+            return False
+        await self.meta.call(self.store.replace_chunklet, ld.id, row, col, spare.pd.id, spare.index)
+        self.chunklets.release(failed.pd.id, failed.index)
+        return True
+
+    async def _rebuild_member(
+        self, ld: LogicalDisk, row: int, col: int, target: Chunklet, on_step: Callable[[int], None]
+    ) -> bool:
+        """Copy the true content of the failed member (row, col) onto ``target`` in bounded steps
+        on the loop (host I/O runs between steps; the job sends writes to copied ranges to the
+        target too), fsync it: True once ``target`` took the member's place."""
+        # No offloaded write may still be landing on a mirror when the copy starts; while the
+        # job runs, RAID 1 writes to its row are inline (submit_write).
+        ld.hold_offload()
+        try:
+            await ld.offload_drained()
+            job = ld.start_rebuild(row, col, target)
+        finally:
+            ld.release_offload()
+        while not job.done:
+            try:
+                job.step(REBUILD_STEP)
+            except MediumError as exc:  # the target's PD failed, or the set lost a second member
+                log.error(
+                    "rebuild failed: %s",
+                    exc,
+                    extra={"event": "rebuild-failed", "ld": ld.id, "row": row, "column": col},
+                )
+                return False
+            on_step(job.bytes_done)
+            await asyncio.sleep(0)
+        await asyncio.get_running_loop().run_in_executor(None, target.pd.fsync)
+        return True
+
+    def _members_on(self, pd: PhysicalDisk) -> list[tuple[LogicalDisk, int, int]]:
+        return [
+            (ld, row, col)
+            for ld in self.lds.values()
+            for row, chunklets in enumerate(ld.rows)
+            for col, chunklet in enumerate(chunklets)
+            if chunklet.pd is pd
+        ]
+
+    def _refuse_unrebuildable(self, pd: PhysicalDisk, what: str) -> list[tuple[LogicalDisk, int, int]]:
+        """The members of ``pd``; Conflict when one of them cannot be rebuilt from the others."""
+        members = self._members_on(pd)
+        stuck = sorted({ld.id for ld, row, col in members if (row, col) not in ld.rebuildable_members()})
+        if stuck:
+            raise Conflict(
+                f"PD {pd.id} cannot be {what}: LD(s) {', '.join(map(str, stuck))} hold no other copy of"
+                " its data (RAID 0, or a row that lost another member)"
+            )
+        return members
+
+    async def restore_pd(self, pd_id: int) -> PDInfo:
+        """A failed PD that turned out healthy, back in service.  It missed every write since it
+        failed, so each of its LD members is rebuilt in place from the others (the rebuild's own
+        job: writes during the copy reach it too) before anything reads it again; then its
+        failure is cleared in the store and the PD headers.  Until the last member is done the
+        store still says failed: a restart in the middle serves it as failed, never stale."""
+        async with self._rebuild_lock:
+            old = self._pd(pd_id)
+            if not old.failed:
+                raise Conflict(f"PD {pd_id} is in service; only a failed PD can be restored")
+            members = self._refuse_unrebuildable(old, "restored")
+            old.close()  # its file's lock and fd: the PD is opened anew (a failed PD is never read)
+            try:
+                fresh = PhysicalDisk.open(
+                    pd_id, old.path, size=old.size, chunklet_size=old.chunklet_size, create=False,
+                    allow_tiny=True, data_offset=HEADER_AREA,
+                )  # fmt: skip
+            except (InvalidArgument, MediumError, OSError) as exc:
+                raise Conflict(f"PD {pd_id} cannot be restored: {exc}") from None
+            problem = self.headers.identity_problems([fresh]).get(fresh)
+            if problem is not None:
+                fresh.close()
+                raise Conflict(f"PD {pd_id} cannot be restored: {problem}")
+            if self.options.pd_direct_io:
+                fresh.enable_direct_io()
+            fresh.add_failure_listener(self.failures.listener)
+            fresh.on_no_space = self._pd_host_full
+            # In the engine's PDs from now on, so that every flush fsyncs what reaches it; the
+            # store still says failed until the end (a restart serves it failed, never stale),
+            # and the chunklet allocator keeps the failed one (no new LD is put on it meanwhile).
+            self.pds[pd_id] = fresh
+            log.warning(
+                "restoring PD %d: resynchronising %d member(s) from the others",
+                pd_id,
+                len(members),
+                extra={"event": "pd-restore", "pd": pd_id},
+            )
+            for ld, row, col in members:
+                target = Chunklet(fresh, ld.rows[row][col].index)
+                if not await self._rebuild_member(ld, row, col, target, lambda n: None):
+                    raise Conflict(f"PD {pd_id} could not be restored: resynchronising LD {ld.id} failed")
+            self.chunklets.pds[pd_id] = fresh
+            old.remove_failure_listener(self.failures.listener)
+            await self.meta.call(self.store.set_pd_health, pd_id, PDHealth.NORMAL.value)
+            self.failures.record()  # the headers' failure record no longer names it
+            self.alerts.clear(AlertKind.PD_FAILED, f"pd:{pd_id}")
+            self._refresh_ld_alerts()
+            log.warning("PD %d restored", pd_id, extra={"event": "pd-restored", "pd": pd_id})
+            return self._pd_info(fresh)
+
+    async def replace_pd(self, old_id: int, new_id: int) -> PDInfo:
+        """Rebuild every LD member of the failed PD ``old_id`` onto free chunklets of ``new_id``
+        (added with pd add), then remove ``old_id``.  Everything is checked before anything is
+        copied; a copy that fails stops it (members done so far stay on the new PD)."""
+        async with self._rebuild_lock:
+            old, new = self._pd(old_id), self._pd(new_id)
+            if old is new:
+                raise InvalidArgument(f"PD {old_id} cannot replace itself")
+            if not old.failed:
+                raise Conflict(
+                    f"PD {old_id} is in service: fail it first (pd fail {old_id}), then replace it"
+                )
+            if new.failed:
+                raise Conflict(f"PD {new_id} has failed; replace PD {old_id} with a healthy PD")
+            if new.chunklet_size != old.chunklet_size:
+                raise InvalidArgument(
+                    f"PD {new_id} has chunklets of {format_size(new.chunklet_size)}, PD {old_id}"
+                    f" of {format_size(old.chunklet_size)}"
+                )
+            members = self._refuse_unrebuildable(old, "replaced")
+            clashes = sorted({ld.id for ld, row, _ in members if any(ch.pd is new for ch in ld.rows[row])})
+            if clashes:
+                raise Conflict(
+                    f"PD {new_id} already holds a member of the same RAID set in LD(s)"
+                    f" {', '.join(map(str, clashes))}: a set needs distinct PDs"
+                )
+            if self.chunklets.free_count(new_id) < len(members):
+                raise Conflict(
+                    f"PD {new_id} has {self.chunklets.free_count(new_id)} free chunklet(s); PD {old_id}"
+                    f" holds {len(members)}"
+                )
+            others = set(self.pds) - {new_id}
+            for ld, row, col in members:
+                if not await self._rebuild_onto_spare(ld, row, col, others, lambda n: None):
+                    self._refresh_ld_alerts()
+                    raise Conflict(f"replacing PD {old_id}: rebuilding LD {ld.id} onto PD {new_id} failed")
+            self._refresh_ld_alerts()
+            await self.remove_pd(old_id)
+            log.warning(
+                "PD %d replaced by PD %d",
+                old_id,
+                new_id,
+                extra={"event": "pd-replaced", "pd": old_id, "new_pd": new_id},
+            )
+            return self._pd_info(new)
 
     # --- virtual volumes ------------------------------------------------------------
     async def create_vv(
@@ -1151,7 +1312,10 @@ class Engine:
         check_vv_limits(name, size=size, region_size=p.region_size, warning=alloc_warning, limit=alloc_limit)
         row.id = await self.meta.call(self.store.add_vv, row)
         self._make_vv(row, p)
-        log.info("vv created vv=%s pool=%s size=%d cache=%s", name, pool, size, mode.value)
+        log.info(
+            "vv created",
+            extra={"event": "vv-created", "vv": name, "pool": pool, "size": size, "cache": mode.value},
+        )
         return self.get_vv(name)
 
     @staticmethod
@@ -1319,7 +1483,7 @@ class Engine:
         self.snapshots.forget(vv)
         vv.pool.vv_count -= 1
         self.alerts.clear_object(vv.object_name)
-        log.info("vv deleted vv=%s", name)
+        log.info("vv deleted", extra={"event": "vv-deleted", "vv": name})
 
     def volume(self, name: str) -> Volume:
         """The I/O handle of a VV (the same object for every caller)."""

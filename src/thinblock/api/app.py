@@ -150,6 +150,12 @@ class PDOut(BaseModel):
     health: PDHealth
 
 
+class PDReplace(_Request):
+    new: int = Field(ge=0, le=MAX_INT, description="the PD (added with POST /pds) that takes its place")
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"new": 5}]})
+
+
 class PDCreate(_Request):
     path: Annotated[str, StringConstraints(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")] = Field(
         description="a file (created sparse when missing) or a block device; relative to the data directory"
@@ -920,6 +926,19 @@ def _router(ctx: ApiContext) -> APIRouter:
     async def fail_pd(pd_id: IdPath) -> PDOut:
         """Mark a PD failed (for drills): its LDs go degraded or failed, alerts fire."""
         return PDOut(**asdict(await engine.fail_pd(pd_id)))
+
+    @router.post("/pds/{pd_id}/restore", tags=["pds"])
+    async def restore_pd(pd_id: IdPath) -> PDOut:
+        """A failed PD that turned out healthy back in service: its LD members are first
+        resynchronised from the others (it missed the writes made while it was failed).  409 when
+        it is not failed, its file or header is not the PD's, or an LD has no other copy."""
+        return PDOut(**asdict(await engine.restore_pd(pd_id)))
+
+    @router.post("/pds/{pd_id}/replace", tags=["pds"])
+    async def replace_pd(pd_id: IdPath, body: PDReplace) -> PDOut:
+        """Rebuild every LD member of the failed PD onto the new one, then remove the failed PD;
+        answers the new PD."""
+        return PDOut(**asdict(await engine.replace_pd(pd_id, body.new)))
 
     @router.delete("/pds/{pd_id}", status_code=204, tags=["pds"])
     async def remove_pd(pd_id: IdPath) -> Response:

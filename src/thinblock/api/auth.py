@@ -91,6 +91,8 @@ _RANK = {Role.READ_ONLY: 0, Role.OPERATOR: 1, Role.ADMIN: 2}
 ROUTE_ROLES: dict[tuple[str, str], Role] = {
     ("POST", "/api/v1/pds"): Role.ADMIN,
     ("POST", "/api/v1/pds/{pd_id}/fail"): Role.ADMIN,
+    ("POST", "/api/v1/pds/{pd_id}/restore"): Role.ADMIN,
+    ("POST", "/api/v1/pds/{pd_id}/replace"): Role.ADMIN,
     ("DELETE", "/api/v1/pds/{pd_id}"): Role.ADMIN,
     ("POST", "/api/v1/pools"): Role.OPERATOR,
     ("PATCH", "/api/v1/pools/{name}"): Role.OPERATOR,

@@ -285,7 +285,9 @@ class WriteBackCache:
             # The LD lost the data (or the host had no room for it: issue 10 case 5): remember it
             # for the next flush, which must report EIO.
             self.errors.append(f"LD {ld.id}: {exc}")
-            log.error("destage failed ld=%d offset=%d error=%s", ld.id, base, exc)
+            log.error(
+                "destage failed: %s", exc, extra={"event": "destage-failed", "ld": ld.id, "offset": base}
+            )
         finally:
             self._forget(region)
             if self.mirror is not None:

@@ -69,6 +69,7 @@ import os
 import socket
 import ssl
 import stat
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from functools import partial
 from typing import Any, cast
@@ -475,6 +476,11 @@ class _Connection(asyncio.BufferedProtocol):
         self._tls_upgrading = False
         self._tls_core_started = False
         self.volume: Volume | None = None
+        # What the connection moved (bytes the client asked to read and to write), for its close line.
+        self._bytes_read = 0
+        self._bytes_written = 0
+        self._requests = 0
+        self._opened_at = 0.0  # monotonic, when the export was chosen
         self._max_block = 0
         self._in_flight = 0
         self._bytes_in_flight = 0
@@ -591,6 +597,19 @@ class _Connection(asyncio.BufferedProtocol):
             # The deadline's handle would keep this connection (and its buffers) alive for seconds.
             self._abort_timer.cancel()
             self._abort_timer = None
+        if self.volume is not None:
+            log.info(
+                "client closed",
+                extra={
+                    "event": "nbd-closed",
+                    "peer": self.peer,
+                    "vv": self.volume.name,
+                    "bytes_read": self._bytes_read,
+                    "bytes_written": self._bytes_written,
+                    "requests": self._requests,
+                    "seconds": round(time.monotonic() - self._opened_at, 3),
+                },
+            )
         if not self.core.in_transmission and self.core.state != "closed":
             log.debug("client %s went away during negotiation", self.peer, extra={"event": "nbd-gone"})
         elif self._in_flight:
@@ -853,6 +872,7 @@ class _Connection(asyncio.BufferedProtocol):
         export = event.export
         volume = export.backend
         self.volume = volume
+        self._opened_at = time.monotonic()
         self._max_block = export.maximum_block
         self._file_spans = self._sendfile_sock is not None and volume.capabilities.file_spans
         self.server._opened.setdefault(export.name, volume)
@@ -1014,6 +1034,11 @@ class _Connection(asyncio.BufferedProtocol):
         offset = request.offset
         length = request.length
         kind = _KIND_VALUE
+        self._requests += 1
+        if command is Command.READ:
+            self._bytes_read += length
+        elif command is Command.WRITE:
+            self._bytes_written += length
         try:
             if not length and command is not Command.FLUSH:
                 # Zero-length requests: "the behavior of a server on such a request is unspecified

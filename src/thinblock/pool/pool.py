@@ -467,7 +467,10 @@ class Pool:
         self._alerts.clear(AlertKind.POOL_GROWTH_LIMIT, obj)
         self._alerts.clear(AlertKind.POOL_OUT_OF_CHUNKLETS, obj)
         self.check_growth_warning()
-        log.info("ld created pool=%s ld=%d rows=%d size=%d", row.name, ld_id, len(rows), size)
+        log.info(
+            "ld created",
+            extra={"event": "ld-created", "pool": row.name, "ld": ld_id, "rows": len(rows), "size": size},
+        )
         return None
 
     def check_growth_warning(self) -> None:
