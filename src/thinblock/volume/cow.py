@@ -131,7 +131,10 @@ async def _copy(vv: VirtualVolume, region: int, old: int) -> int:
     if not switched:
         # Trimmed while we copied (the trim's store commit came first): the row is gone, and the
         # copy goes back to the pool.
-        log.info("copy on write abandoned vv=%s region=%d: unmapped meanwhile", vv.name, region)
+        log.info(
+            "copy on write abandoned: unmapped meanwhile",
+            extra={"event": "cow-abandoned", "vv": vv.name, "region": region},
+        )
         pool.release(new)
         return new
     # Memory follows the store's commits, and the store still mapped ``old``.

@@ -89,7 +89,10 @@ class Snapshots:
                 await self._cache.settle_owner(source.row.id)
                 assert not self._cache.owns_dirty(source.row.id)
                 snap = await self._share(source, name, SNAPSHOT)
-        log.info("vv snapshot vv=%s snapshot=%s regions=%d", source_name, name, snap.map.count)
+        log.info(
+            "vv snapshot",
+            extra={"event": "vv-snapshot", "vv": source_name, "snapshot": name, "regions": snap.map.count},
+        )
         return snap
 
     async def clone(self, source_name: str, name: str) -> VirtualVolume:
@@ -103,7 +106,10 @@ class Snapshots:
                     f" fixed image; take one first (thinblock vv snapshot {source_name} SNAP), then clone it"
                 )
             clone = await self._share(source, name, CLONE)
-        log.info("vv clone snapshot=%s clone=%s regions=%d", source_name, name, clone.map.count)
+        log.info(
+            "vv clone",
+            extra={"event": "vv-clone", "snapshot": source_name, "clone": name, "regions": clone.map.count},
+        )
         return clone
 
     async def _share(self, source: VirtualVolume, name: str, kind: str) -> VirtualVolume:
