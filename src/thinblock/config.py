@@ -21,6 +21,7 @@ Every key has a default, so an empty file (or none) gives a working daemon on lo
     max_connections_per_client = 128    # per client address and listener; 0: no limit of this kind
     handshake_timeout = 30.0        # seconds a client may take to reach transmission
     idle_timeout = 300.0            # seconds a client in transmission may send nothing; 0: no limit
+    idle_exempt = []                # clients it never closes: "10.1.0.0/16", "psk:backup", "CN=...", "unix"
     max_bytes_in_flight = "1GiB"    # request payloads in flight, all connections together
 
     [[nbd.access]]                  # per-volume access lists (none: every volume open to all)
@@ -246,6 +247,7 @@ class Config:
     nbd_max_connections_per_client: int = 128
     nbd_handshake_timeout: float = 30.0
     nbd_idle_timeout: float = 300.0
+    nbd_idle_exempt: tuple[str, ...] = ()
     nbd_max_bytes_in_flight: int = 1 * GiB
     api_listen: Listen = field(default_factory=lambda: Listen("127.0.0.1", DEFAULT_API_PORT))
     api_token: str | None = None
@@ -439,6 +441,7 @@ _TABLES = {
         "max_connections_per_client",
         "handshake_timeout",
         "idle_timeout",
+        "idle_exempt",
         "max_bytes_in_flight",
     },
     "api": {"listen", "token", "require_token", "tls_cert", "tls_key", "allowed_hosts"},
@@ -570,6 +573,14 @@ def parse_config(doc: dict[str, Any], *, base_dir: Path | None = None) -> Config
         )
     if "idle_timeout" in nbd:
         changes["nbd_idle_timeout"] = _float(nbd["idle_timeout"], "nbd.idle_timeout", low=0, high=7 * 86400)
+    if "idle_exempt" in nbd:
+        exempt = nbd["idle_exempt"]
+        if not isinstance(exempt, list) or not all(isinstance(c, str) for c in exempt):
+            raise ConfigError(f"nbd.idle_exempt: expected a list of clients, not {exempt!r}")
+        try:
+            changes["nbd_idle_exempt"] = tuple(parse_client(c) for c in exempt)
+        except ValueError as exc:
+            raise ConfigError(f"nbd.idle_exempt: {exc}") from None
     if "max_bytes_in_flight" in nbd:
         changes["nbd_max_bytes_in_flight"] = _size(nbd["max_bytes_in_flight"], "nbd.max_bytes_in_flight")
 

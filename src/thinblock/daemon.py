@@ -710,6 +710,7 @@ class Daemon:
             max_connections_per_client=cfg.nbd_max_connections_per_client,
             handshake_timeout=cfg.nbd_handshake_timeout,
             idle_timeout=cfg.nbd_idle_timeout,
+            idle_exempt=cfg.nbd_idle_exempt,
             max_bytes_in_flight=cfg.nbd_max_bytes_in_flight,
         )
         host = cfg.nbd_listen.host if cfg.nbd_listen else None

@@ -156,6 +156,24 @@ async def test_a_request_in_flight_is_not_idle() -> None:
         await srv.stop()
 
 
+async def test_exempt_clients_are_never_closed_as_idle() -> None:
+    """``idle_exempt``: a host that keeps a quiet connection on purpose (here 127.0.0.2) stays;
+    another idle one (127.0.0.1) is closed."""
+    srv = NBDServer(MemProvider(MemVolume("v", 1 * MiB)), idle_timeout=0.2, idle_exempt=("127.0.0.2/32",))
+    await srv.start("127.0.0.1", 0)
+    try:
+        exempt = await connect_from(srv, OTHER_HOST)
+        await exempt.go("v", structured=False)
+        idle = await open_client(srv, "v")
+        assert await idle.closed_by_server(timeout=5)
+        await asyncio.sleep(0.5)
+        assert await served(exempt), "an exempt client was closed as idle"
+        assert srv.idle_closed == 1
+        await exempt.aclose()
+    finally:
+        await srv.stop()
+
+
 async def test_idle_timeout_zero_is_off() -> None:
     srv = NBDServer(MemProvider(MemVolume("v", 1 * MiB)), idle_timeout=0)
     await srv.start("127.0.0.1", 0)

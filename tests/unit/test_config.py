@@ -329,6 +329,10 @@ def test_nbd_connection_limits_and_timeouts() -> None:
         parse_config({"nbd": {"max_connections": 0}})
     with pytest.raises(ConfigError, match=r"nbd\.idle_timeout: must be between 0"):
         parse_config({"nbd": {"idle_timeout": -1}})
+    exempt = parse_config({"nbd": {"idle_exempt": ["10.0.0.0/8", "psk:backup", "unix"]}})
+    assert exempt.nbd_idle_exempt == ("10.0.0.0/8", "psk:backup", "unix")
+    with pytest.raises(ConfigError, match=r"nbd\.idle_exempt: not a client"):
+        parse_config({"nbd": {"idle_exempt": ["backup-host"]}})
 
 
 def test_takeover_needs_the_partners_directory_and_service_address(tmp_path: Path) -> None:

@@ -45,7 +45,8 @@ connections, of which at most ``max_connections_per_client`` from one client add
 connection past either is closed at once, counted in ``refused`` (by reason; the metrics) and
 logged through a ``RefusalLog``: at most two lines per interval, whatever the rate.  A client
 that does not reach transmission within ``handshake_timeout`` is closed; one in transmission
-that sends nothing and has nothing in flight for ``idle_timeout`` seconds is closed too (0: never).
+that sends nothing and has nothing in flight for ``idle_timeout`` seconds is closed too (0: never;
+clients matching ``idle_exempt`` never).
 Memory: a connection holds its receive buffer (32 KiB negotiating, 256 KiB in transmission), at
 most one request payload being received (the 32 MiB maximum block), its requests in flight
 (``max_bytes_per_connection``) and its write buffer (8 MiB high water, plus one reply); all
@@ -88,7 +89,7 @@ from thinblock.errors import (
 from thinblock.netlimits import STOPPING, ConnectionLimits, RefusalLog
 from thinblock.sessions import Session, SessionRegistry
 
-from .access import AccessList, AccessPolicy, ClientIdentity
+from .access import ANY, AccessList, AccessPolicy, AccessRule, ClientIdentity, parse_client
 from .constants import Command, CommandFlags, Errno, TransmissionFlags
 from .protocol import (
     NEED_DATA,
@@ -185,6 +186,7 @@ class NBDServer:
         max_bytes_in_flight: int = DEFAULT_MAX_BYTES_IN_FLIGHT,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        idle_exempt: tuple[str, ...] = (),
         refusal_log_interval: float = 10.0,
         shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
         sessions: SessionRegistry | None = None,
@@ -214,6 +216,9 @@ class NBDServer:
         self.max_bytes_in_flight = max_bytes_in_flight
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
+        # Clients the idle timeout never closes (forms of access rules: CN=..., psk:NAME, networks,
+        # unix, *): hosts that keep a quiet connection open on purpose and cannot reconnect.
+        self.idle_exempt = tuple(AccessRule(ANY, parse_client(c), "rw") for c in idle_exempt)
         self._limits: list[ConnectionLimits] = []  # one per listener
         self.refusals = RefusalLog(log, "nbd-refused", interval=refusal_log_interval)
         self._refusal_flush: asyncio.TimerHandle | None = None
@@ -877,7 +882,9 @@ class _Connection(asyncio.BufferedProtocol):
         self._file_spans = self._sendfile_sock is not None and volume.capabilities.file_spans
         self.server._opened.setdefault(export.name, volume)
         self.session = self.server.sessions.open("NBD", export.name, self.address, self._disconnect)
-        if self.server.idle_timeout > 0:
+        if self.server.idle_timeout > 0 and not any(
+            r.matches(self.identity) for r in self.server.idle_exempt
+        ):
             loop = asyncio.get_running_loop()
             self._last_active = loop.time()
             self._idle_timer = loop.call_later(self.server.idle_timeout, self._idle_check)
