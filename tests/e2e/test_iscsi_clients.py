@@ -4,6 +4,7 @@ same providers as the NBD client tests (the in-memory toy and the real engine)."
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -172,3 +173,36 @@ async def test_qemu_img_convert_in_and_out_and_the_map(iscsi_server: ISCSIServer
     assert covered < 16 * MiB  # holes stay holes
     for start, length in ((2 * MiB, MiB), (9 * MiB, 512 * 1024)):
         assert any(s <= start and start + length <= s + n for s, n in data), (start, data)
+
+
+async def test_qemu_answers_nop_in_pings_and_stays_connected(nbd_provider: VolumeProvider) -> None:
+    """Pinging an idle initiator must not cost a live one its session: qemu's libiscsi answers
+    the target's NOP-In (pings every 0.2 s, 0.5 s to answer), so an idle qemu-io stays
+    logged in on one connection for many intervals."""
+    server = ISCSIServer(nbd_provider, node_name=NODE, nop_interval=0.2, nop_timeout=0.5)
+    await server.start("127.0.0.1", 0)
+    name = nbd_provider.export_names()[0]
+    uri = f"iscsi://127.0.0.1:{server.port}/{server.target_name(name)}/0"
+    qemu = await asyncio.create_subprocess_exec(
+        "qemu-io", "-f", "raw", uri, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL
+    )
+    try:
+        assert qemu.stdin is not None
+        qemu.stdin.write(b"write -P 0x21 0 4k\n")
+        await qemu.stdin.drain()
+        deadline = asyncio.get_running_loop().time() + 30
+        while not server.sessions() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        pinged = server.sessions()[0]["commands"]
+        [connection] = server._connections
+        pdus = connection.core.pdus_in
+        await asyncio.sleep(3)  # 15 ping intervals, idle
+        assert connection.core.pdus_in - pdus >= 3  # the answers (NOP-Out) did come
+        [session] = server.sessions()
+        assert session["connections"] == 1 and server.connections_total == 1
+        assert session["commands"] == pinged  # nothing but pings and their answers
+        assert server.logins_failed == 0
+    finally:
+        qemu.kill()
+        await qemu.wait()
+        await server.stop()
