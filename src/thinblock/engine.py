@@ -688,12 +688,12 @@ class Engine:
                 pending = {pool: pool.take_pending() for pool in self.pools.values()}
                 try:
                     pds = [pd for pd in self.pds.values() if not pd.failed]
-                    # The store generation moves with metadata (pdheaders.py): a store that later
-                    # loses this flush's commits is then found older than the PD headers.
-                    generation = self.headers.bump_if_changed(self.store)
                     journal_mark = self.journal.mark()  # records before it are covered by this round
+                    # The store generation moves with metadata (pdheaders.py): a store that later
+                    # loses this flush's commits is then found older than the PD headers.  Bumped
+                    # in _sync_all, off the loop: with a remote store the bump is a round trip.
                     failures = await asyncio.get_running_loop().run_in_executor(
-                        None, _sync_all, pds, self.store, self.headers, generation
+                        None, _sync_all, pds, self.store, self.headers
                     )
                 except BaseException:
                     for pool, batch in pending.items():
@@ -1528,12 +1528,13 @@ def _limit_of(row: VVRow, field: str) -> Limit | None:
     return None if nbytes is None and pct is None else Limit(nbytes, pct)
 
 
-def _sync_all(
-    pds: list[PhysicalDisk], store: MetadataStore, headers: PDHeaders, generation: int | None
-) -> list[str]:
-    """Blocking: fsync every PD, then the store (data before the metadata that points at it),
-    then, when the flush bumped the store generation, the PD headers (after the store: a header
-    must never be ahead of the durable store).  A header write syncs only its 4 KiB."""
+def _sync_all(pds: list[PhysicalDisk], store: MetadataStore, headers: PDHeaders) -> list[str]:
+    """Blocking, on the flush's thread: bump the store generation when the store changed since
+    the last bump (a round trip with a remote store: never on the loop), fsync every PD, then the
+    store (data before the metadata that points at it), then, when the flush bumped the
+    generation, the PD headers (after the store: a header must never be ahead of the durable
+    store).  A header write syncs only its 4 KiB."""
+    generation = headers.bump_if_changed(store)
     failures = []
     for pd in pds:
         try:

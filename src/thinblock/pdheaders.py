@@ -178,9 +178,10 @@ class PDHeaders:
         self._changes_at_bump = store.change_count()
 
     def bump_if_changed(self, store: MetadataStore) -> int | None:
-        """At a flush, on the loop, after the flush's commit: when the store changed since the last
-        bump, commit generation + 1 to it and return that number (``publish`` it once the store is
-        synced); None when nothing changed.
+        """At a flush, after the flush's commit, on the flush's thread (a round trip with a remote
+        store; flushes run one at a time): when the store changed since the last bump, commit
+        generation + 1 to it and return that number (``publish`` it once the store is synced);
+        None when nothing changed.
 
         Why this rule is enough: a store rolled back to before some commit C that a completed
         flush F relied on is rolled back to before F's bump as well (SQLite keeps a prefix of its
@@ -202,7 +203,10 @@ class PDHeaders:
                 extra={"event": "generation-not-bumped"},
             )
             return None
-        self._changes_at_bump = store.change_count()
+        # The loop may commit while this thread bumps: the count is taken as of the bump only
+        # when the bump was the one change since ``count`` (else the next flush bumps again).
+        after = store.change_count()
+        self._changes_at_bump = after if after == count + 1 else count
         return generation
 
     def publish(self, generation: int, pds: Iterable[PhysicalDisk]) -> list[tuple[PhysicalDisk, MediumError]]:
