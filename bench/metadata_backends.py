@@ -248,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--store", type=Path, help="build the million-region store here and keep it")
     parser.add_argument("--no-open", action="store_true", help="skip the million-region open")
+    parser.add_argument("--no-writes", action="store_true", help="skip the write profiles (the open only)")
     parser.add_argument("--workdir", type=Path, help="where data directories go (default: a temp dir)")
     parser.add_argument(
         "--output", type=Path, help="Markdown file (default bench/results/<date>-<host>-metadata-backends.md)"
@@ -269,8 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="thinblock-backends-", dir=args.workdir))
     cluster = _cluster()
     try:
-        figures = measure_writes(cluster, workdir, repeat, size, ios, say)
-        table, verdicts = writes_table(figures)
+        table, verdicts = None, []
+        if not args.no_writes:
+            table, verdicts = writes_table(measure_writes(cluster, workdir, repeat, size, ios, say))
         open_table = None if args.no_open else measure_open(cluster, workdir, regions, args.store, say)
     except (ServerError, FioError) as exc:
         say(f"failed: {exc}")
@@ -292,8 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         "PostgreSQL: a throwaway cluster on a Unix socket, server defaults (fsync on, synchronous"
         " commit); SQLite: the data directory's store (WAL, synchronous=NORMAL, fsynced at every flush).",
         "",
-        table.markdown(),
-        "",
+        *([table.markdown(), ""] if table is not None else []),
         *[f"- {v}" for v in verdicts],
         "",
     ]
