@@ -478,6 +478,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = leaf(vv, "snapshot", "take a read-only snapshot of a volume (instant)", cmd_vv_snapshot)
     p.add_argument("name", metavar="VV")
     p.add_argument("snapshot", metavar="NAME", help="the snapshot's name")
+    p = leaf(vv, "revert", "make a volume the content of one of its snapshots (atomic)", cmd_vv_revert)
+    p.add_argument("name", metavar="VV")
+    p.add_argument("snapshot", metavar="SNAPSHOT")
+    p.add_argument(
+        "--force", action="store_true", help="revert even while clients are connected (their caches go stale)"
+    )
+    p = leaf(
+        vv,
+        "diff",
+        "the ranges where B may differ from its older snapshot A (incremental backup)",
+        cmd_vv_diff,
+    )
+    p.add_argument("base", metavar="A")
+    p.add_argument("target", metavar="B")
     p = leaf(vv, "clone", "make a writable clone of a snapshot (instant)", cmd_vv_clone)
     p.add_argument("snapshot", metavar="SNAPSHOT")
     p.add_argument("clone", metavar="NAME", help="the clone's name")
@@ -1403,6 +1417,29 @@ def cmd_vv_rename(ctx: Context) -> None:
 def cmd_vv_snapshot(ctx: Context) -> None:
     a = ctx.args
     _show(ctx, ctx.call("POST", f"/volumes/{_quote(a.name)}/snapshots", json={"name": a.snapshot}), render_vv)
+
+
+def cmd_vv_revert(ctx: Context) -> None:
+    a = ctx.args
+    body = {"snapshot": a.snapshot, "force": bool(a.force)}
+    _show(ctx, ctx.call("POST", f"/volumes/{_quote(a.name)}/revert", json=body), render_vv)
+
+
+def cmd_vv_diff(ctx: Context) -> None:
+    a = ctx.args
+    diff = ctx.call("GET", f"/volumes/{_quote(a.target)}/diff", params={"base": a.base})
+    if ctx.json:
+        ctx.print_json(diff)
+        return
+    ctx.say(
+        f"{a.target} against {a.base}: {format_size(diff['bytes'])} differ in {len(diff['extents'])} range(s)"
+    )
+    if not diff["extents"]:
+        return
+    table = _table("OFFSET", "LENGTH")
+    for extent in diff["extents"]:
+        table.add_row(str(extent["offset"]), format_size(extent["length"]))
+    ctx.print_table(table)
 
 
 def cmd_vv_clone(ctx: Context) -> None:

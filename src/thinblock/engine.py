@@ -1453,6 +1453,22 @@ class Engine:
         self._vv(snapshot)
         return self._vv_info(await self.snapshots.clone(snapshot, name))
 
+    async def revert_vv(self, name: str, snapshot: str, *, force: bool = False) -> VVInfo:
+        """Volume ``name`` becomes snapshot ``snapshot``'s content, atomically (volume/snapshots.py).
+        Refused while clients are connected unless ``force``: their caches would hold data the
+        volume no longer has."""
+        clients = self.sessions.of(name)
+        if clients and not force:
+            raise Conflict(
+                f"volume '{name}' is in use by {describe_clients(clients)}: reverting it under them would"
+                " leave their caches holding data it no longer has; disconnect them or use --force"
+            )
+        return self._vv_info(await self.snapshots.revert(name, snapshot))
+
+    def diff_vv(self, a: str, b: str) -> list[tuple[int, int]]:
+        """Byte ranges where volumes ``a`` and ``b`` of one tree may differ."""
+        return self.snapshots.diff(a, b)
+
     async def delete_vv(self, name: str, *, force: bool = False) -> None:
         """Every LD region it holds goes back to its pool, zeroed -- a region its snapshots or
         clones share stays theirs.  A volume with connected clients is refused (Conflict)

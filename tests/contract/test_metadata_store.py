@@ -194,6 +194,20 @@ def test_a_snapshot_shares_the_map_and_counts_each_reference(store: MetadataStor
     assert check_store(store) == []
 
 
+def test_replace_map_reverts_a_volume_to_its_snapshot(store: MetadataStore) -> None:
+    pool, ld, vv = _populate(store)
+    store.assign_many([(vv, r, ld, r) for r in range(3)])
+    snap = store.add_vv_sharing(_snapshot_row(pool, "s", vv), vv)
+    store.reserve_region((vv, 1, ld, 9))
+    assert store.switch_region(vv, 1, (ld, 1), (ld, 9))  # the volume changed region 1 after it
+    store.assign_many([(vv, 5, ld, 5)])  # and wrote a new one
+    store.replace_map(vv, snap)
+    rows = sorted(map(tuple, store.map_array().tolist()))
+    assert rows == sorted([(vv, r, ld, r) for r in range(3)] + [(snap, r, ld, r) for r in range(3)])
+    assert store.region_counters() == ({vv: 3, snap: 3}, {ld: 6})
+    assert check_store(store) == []
+
+
 def test_the_check_tells_sharing_from_damage(backend: StoreBackend, store: MetadataStore) -> None:
     pool, ld, vv = _populate(store)
     other = store.add_vv(_vv(pool, "w"))

@@ -135,3 +135,40 @@ def _sync_bridge(api: httpx.AsyncClient) -> httpx.BaseTransport:
             return asyncio.run_coroutine_threadsafe(forward(), loop).result(30)
 
     return Bridge()
+
+
+async def test_the_api_and_cli_revert_and_diff(served: tuple[Engine, NBDServer]) -> None:
+    engine, _server = served
+    v = engine.volume("v")
+    await v.write(0, b"\x05" * (256 * 1024))
+    await engine.snapshot_vv("v", "full")
+    await v.write(64 * 1024, b"\x06" * 4096)  # region 1 (64 KiB regions)
+    await v.write(10 * 64 * 1024, b"\x07" * 4096)  # region 10
+    app = create_app(engine, NodeInfo())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as api:
+        bridge = _sync_bridge(api)
+
+        def cli(*argv: str) -> tuple[int, str, str]:
+            out, err = io.StringIO(), io.StringIO()
+            code = main([*argv], transport=bridge, stdout=out, stderr=err)
+            return code, out.getvalue(), err.getvalue()
+
+        code, out, _ = await asyncio.to_thread(cli, "vv", "diff", "full", "v", "--json")
+        diff = json.loads(out)
+        assert code == 0 and diff["extents"] == [
+            {"offset": 64 * 1024, "length": 64 * 1024},
+            {"offset": 10 * 64 * 1024, "length": 64 * 1024},
+        ]
+        assert diff["bytes"] == 128 * 1024 and diff["region_size"] == 64 * 1024
+        code, out, _ = await asyncio.to_thread(cli, "vv", "diff", "full", "v")
+        assert code == 0 and "128 KiB differ" in out
+        session = engine.sessions.open("NBD", "v", "127.0.0.1:7000", disconnect=lambda: None)
+        code, _, err = await asyncio.to_thread(cli, "vv", "revert", "v", "full")
+        assert code != 0 and "in use by 1 NBD client from 127.0.0.1:7000" in err and "--force" in err
+        assert len(err.strip().splitlines()) == 1
+        code, out, _ = await asyncio.to_thread(cli, "vv", "revert", "v", "full", "--force", "--json")
+        engine.sessions.close(session)
+        assert code == 0 and json.loads(out)["allocated"] == 256 * 1024
+        assert bytes(await v.read(0, SIZE)) == b"\x05" * (256 * 1024) + bytes(SIZE - 256 * 1024)
+        code, out, _ = await asyncio.to_thread(cli, "vv", "diff", "full", "v", "--json")
+        assert json.loads(out)["extents"] == []

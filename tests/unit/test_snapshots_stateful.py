@@ -58,6 +58,7 @@ class SnapshotMachine(RuleBasedStateMachine):
         self.options = EngineOptions(allow_tiny_chunklets=True)
         self.models: dict[str, bytearray] = {}
         self.snapshots: set[str] = set()
+        self.family: dict[str, str] = {"v": "v"}  # the volume each tree started from
         self.names = (f"n{i}" for i in range(10_000))
 
     def run(self, coro: Any) -> Any:
@@ -173,6 +174,7 @@ class SnapshotMachine(RuleBasedStateMachine):
         self.run(self.eng.snapshot_vv(source, name))
         self.models[name] = bytearray(self.models[source])
         self.snapshots.add(name)
+        self.family[name] = self.family[source]
 
     @precondition(lambda self: self.snapshots and len(self.models) < MAX_VOLUMES)
     @rule(data=st.data())
@@ -181,6 +183,23 @@ class SnapshotMachine(RuleBasedStateMachine):
         name = next(self.names)
         self.run(self.eng.clone_vv(source, name))
         self.models[name] = bytearray(self.models[source])
+        self.family[name] = self.family[source]
+
+    def revert_pairs(self) -> list[tuple[str, str]]:
+        return [
+            (v, s)
+            for v in self.writable()
+            for s in sorted(self.snapshots)
+            if self.family[v] == self.family[s]
+        ]
+
+    @precondition(lambda self: self.revert_pairs())
+    @rule(data=st.data())
+    def revert(self, data: st.DataObject) -> None:
+        """The volume becomes the snapshot; every other volume, snapshot and clone stays."""
+        name, snapshot = data.draw(st.sampled_from(self.revert_pairs()))
+        self.run(self.eng.revert_vv(name, snapshot))
+        self.models[name] = bytearray(self.models[snapshot])
 
     @precondition(lambda self: self.snapshots)
     @rule(data=st.data())

@@ -377,6 +377,26 @@ class VolumeGrow(_Request):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"size": "200GiB"}]})
 
 
+class VolumeRevert(_Request):
+    snapshot: VolumeName = Field(description="the snapshot (of the volume's tree) it becomes")
+    force: bool = Field(default=False, description="revert even with clients connected")
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"snapshot": "db-monday"}]})
+
+
+class DiffExtent(BaseModel):
+    offset: int
+    length: int
+
+
+class VolumeDiffOut(BaseModel):
+    base: str = Field(description="the older image (a snapshot)")
+    target: str = Field(description="the newer one (a snapshot, or the volume)")
+    region_size: int
+    bytes: int = Field(description="how much an incremental backup copies")
+    extents: list[DiffExtent] = Field(description="byte ranges that may differ, whole regions, merged")
+
+
 class VolumeCopy(_Request):
     name: VolumeName = Field(description="the new snapshot's or clone's name")
 
@@ -1084,6 +1104,28 @@ def _router(ctx: ApiContext) -> APIRouter:
         """A read-only snapshot of the volume, instant: its content as of now (every write
         acknowledged before it), exported read-only over NBD for backups."""
         return _volume_out(await engine.snapshot_vv(name, body.name), ctx)
+
+    @router.post("/volumes/{name}/revert", tags=["volumes"])
+    async def revert_volume(name: VolumePath, body: VolumeRevert) -> VolumeOut:
+        """The volume becomes the snapshot's content, atomically; its other snapshots and clones
+        stay as they are.  409 with clients connected unless ``force``."""
+        return _volume_out(await engine.revert_vv(name, body.snapshot, force=body.force), ctx)
+
+    @router.get("/volumes/{name}/diff", tags=["volumes"])
+    async def diff_volume(
+        name: VolumePath,
+        base: Annotated[VolumeName, Query(description="the older snapshot of the same tree")],
+    ) -> VolumeDiffOut:
+        """The byte ranges where ``name`` may differ from ``base``: what an incremental backup
+        from ``base`` to ``name`` copies."""
+        extents = engine.diff_vv(base, name)
+        return VolumeDiffOut(
+            base=base,
+            target=name,
+            region_size=engine.get_vv(name).region_size,
+            bytes=sum(n for _, n in extents),
+            extents=[DiffExtent(offset=o, length=n) for o, n in extents],
+        )
 
     @router.post("/volumes/{name}/clones", status_code=201, tags=["volumes"])
     async def clone_volume(name: VolumePath, body: VolumeCopy) -> VolumeOut:

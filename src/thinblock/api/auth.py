@@ -104,6 +104,8 @@ ROUTE_ROLES: dict[tuple[str, str], Role] = {
     ("POST", "/api/v1/volumes/{name}/grow"): Role.OPERATOR,
     ("POST", "/api/v1/volumes/{name}/snapshots"): Role.OPERATOR,
     ("POST", "/api/v1/volumes/{name}/clones"): Role.OPERATOR,
+    # A revert replaces the volume's data (as a delete does): admin.
+    ("POST", "/api/v1/volumes/{name}/revert"): Role.ADMIN,
     ("DELETE", "/api/v1/volumes/{name}"): Role.ADMIN,
     # A rename frees the old name: a host reconnecting by it would reach whatever takes it next.
     ("POST", "/api/v1/volumes/{name}/rename"): Role.ADMIN,

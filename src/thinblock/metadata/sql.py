@@ -192,6 +192,30 @@ class SQLStore(MetadataStore):
             ],
         )
 
+    def replace_map(self, vv_id: int, source_id: int) -> None:
+        epoch = None if self._lease is None else self._lease.epoch
+        per_ld = "FROM (SELECT ld_id, COUNT(*) AS n FROM vv_map WHERE vv_id=? GROUP BY ld_id) AS d WHERE lds.id = d.ld_id"
+        self._exec_all(
+            [
+                (f"UPDATE lds SET regions_used = regions_used - d.n {per_ld}", (vv_id,)),
+                ("DELETE FROM vv_map WHERE vv_id=?", (vv_id,)),
+                (
+                    # The epoch is an int of ours (or NULL), written in: a NULL parameter in a
+                    # select list has no type for PostgreSQL.
+                    "INSERT INTO vv_map(vv_id, vv_region, ld_id, ld_region, epoch)"
+                    f" SELECT ?, vv_region, ld_id, ld_region, {'NULL' if epoch is None else int(epoch)}"
+                    " FROM vv_map WHERE vv_id=?",
+                    (vv_id, source_id),
+                ),
+                (f"UPDATE lds SET regions_used = regions_used + d.n {per_ld}", (vv_id,)),
+                (
+                    "UPDATE vvs SET regions = (SELECT COUNT(*) FROM vv_map WHERE vv_id=vvs.id) WHERE id=?",
+                    (vv_id,),
+                ),
+            ]
+        )
+        self._map_cache = None
+
     def reserve_region(self, reservation: tuple[int, int, int, int]) -> None:
         self._exec(
             "INSERT INTO cow_reservations(vv_id, vv_region, ld_id, ld_region) VALUES(?, ?, ?, ?)", reservation

@@ -301,6 +301,11 @@ class MetadataStore(abc.ABC):
         returns the new id."""
 
     @abc.abstractmethod
+    def replace_map(self, vv_id: int, source_id: int) -> None:
+        """Revert: VV ``vv_id``'s map becomes a copy of VV ``source_id``'s (a snapshot), in one
+        transaction, with the counters."""
+
+    @abc.abstractmethod
     def reserve_region(self, reservation: Reservation) -> None:
         """Copy on write, step 1: record that LD region (ld_id, ld_region) is being filled as the
         new home of (vv_id, vv_region), before any data is written into it."""

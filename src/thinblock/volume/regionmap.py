@@ -75,6 +75,22 @@ class RegionMap:
         values = np.concatenate([np.frombuffer(self.chunks[key], np.int64) for key in self._keys])
         return values[values != ZERO_LD]
 
+    def differing(self, other: RegionMap) -> np.ndarray:
+        """The regions (sorted) where this map and ``other`` point at different places.  For
+        volumes of one tree that is exactly where their contents may differ: a region both map
+        is shared, and a shared region is never written in place (copy on write)."""
+        out: list[np.ndarray] = []
+        empty = np.full(CHUNK_LEN, ZERO_LD, dtype=np.int64)
+        for key in sorted(set(self.chunks) | set(other.chunks)):
+            mine = self.chunks.get(key)
+            theirs = other.chunks.get(key)
+            a = empty if mine is None else np.frombuffer(mine, np.int64)
+            b = empty if theirs is None else np.frombuffer(theirs, np.int64)
+            hits = np.flatnonzero(a != b)
+            if len(hits):
+                out.append(hits + (key << CHUNK_SHIFT))
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
     def load(self, regions: np.ndarray, packed: np.ndarray) -> None:
         """Loading: set many entries at once (regions not yet mapped, no duplicates)."""
         keys = regions >> CHUNK_SHIFT

@@ -143,6 +143,77 @@ class Snapshots:
         vv.map = new_map
         return vv
 
+    async def revert(self, name: str, snapshot_name: str) -> VirtualVolume:
+        """Volume ``name`` becomes the content of snapshot ``snapshot_name`` (of its tree),
+        atomically: one store transaction replaces its map with a copy of the snapshot's, and
+        memory follows with no await in between.  Other snapshots and clones are not touched
+        (LVM thin's merge consumes the snapshot; this shares it).  The caller checked clients."""
+        async with self.lock:
+            vv = self._get(name)
+            snap = self._get(snapshot_name)
+            if vv.read_only:
+                raise InvalidArgument(
+                    f"'{name}' is a snapshot: it cannot change; revert the volume it was taken of"
+                )
+            if not snap.read_only:
+                raise InvalidArgument(
+                    f"'{snapshot_name}' is not a snapshot: a volume is reverted to a snapshot"
+                )
+            if snap.row.family != vv.row.family or snap.pool is not vv.pool:
+                raise InvalidArgument(
+                    f"'{snapshot_name}' is not a snapshot of '{name}' or of its tree: a volume is reverted"
+                    " to one of its own snapshots (or of the volumes it shares a tree with)"
+                )
+            if snap.size > vv.size:
+                raise InvalidArgument(
+                    f"'{snapshot_name}' is larger than '{name}' ({snap.size} > {vv.size} bytes)"
+                )
+            async with vv.quiesced():
+                # Its cached writes go to their regions first: the cache must not hold data of
+                # regions that change hands below it.
+                await self._cache.settle_owner(vv.row.id)
+                new_map = snap.map.copy()
+                packed = snap.map.packed_array()
+                vv.pool.share_many(packed)
+                try:
+                    await self._meta.call(self._meta.store.replace_map, vv.row.id, snap.row.id)
+                except BaseException:
+                    vv.pool.unshare_many(packed)
+                    raise
+                old_map, vv.map = vv.map, new_map
+                # The old references go (regions only it held are zeroed and freed), in batches.
+                for i, (_region, old) in enumerate(old_map.items()):
+                    vv.pool.release(old)
+                    if i % 256 == 255:
+                        await asyncio.sleep(0)
+                vv.check_thresholds_after_release()
+        log.info(
+            "vv revert",
+            extra={"event": "vv-revert", "vv": name, "snapshot": snapshot_name, "regions": vv.map.count},
+        )
+        return vv
+
+    def diff(self, a_name: str, b_name: str) -> list[tuple[int, int]]:
+        """The byte ranges (offset, length), whole regions merged into runs, where volumes ``a``
+        and ``b`` of one tree may differ: what an incremental backup from ``a`` to ``b`` copies."""
+        a, b = self._get(a_name), self._get(b_name)
+        if a.row.family != b.row.family or a.pool is not b.pool:
+            raise InvalidArgument(
+                f"'{a_name}' and '{b_name}' do not share a snapshot tree: a diff is between a volume and"
+                " its snapshots and clones"
+            )
+        regions = a.map.differing(b.map)
+        size = a.region_size
+        limit = max(a.size, b.size)
+        runs: list[tuple[int, int]] = []
+        if len(regions):
+            breaks = np.flatnonzero(np.diff(regions) != 1) + 1
+            for run in np.split(regions, breaks):
+                start = int(run[0]) * size
+                end = min((int(run[-1]) + 1) * size, limit)
+                runs.append((start, end - start))
+        return runs
+
     def forget(self, vv: VirtualVolume) -> None:
         """``vv`` was deleted: its children name no parent from now on (as the store has them)."""
         for other in self._volumes().values():
