@@ -13,8 +13,10 @@ takes every free byte of the tmpfs.  Required, and checked:
 * when space returns the node goes on by itself: fresh writes succeed, the alert clears, a
   clean stop is clean, ``thinblock check`` passes and a restart serves everything acknowledged.
 
-Short variant: one fill, one recovery.  Long variant: several rounds, each ended by kill -9
-or a clean stop, every acknowledged-and-flushed write checked after every restart.
+Short variant: one fill, one recovery, a clean stop.  Long variant: six rounds (32 fresh regions
+before each fill, eight fresh writes in flight together while full), ended in turn by a clean
+stop, kill -9 after space came back, and kill -9 while still full (space returns while the
+daemon is down); every acknowledged write checked after every restart, and the check run.
 """
 
 from __future__ import annotations
@@ -24,13 +26,24 @@ import contextlib
 import errno
 import os
 import subprocess
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests.drills.conftest import DRILL_SERVE_ARGS
-from tests.drills.harness import BLOCK, MiB, Standard, add_pds, run_data, setup_volume, thinblock_check
+from tests.drills.harness import (
+    BLOCK,
+    Figures,
+    MiB,
+    Standard,
+    add_pds,
+    run_data,
+    setup_volume,
+    thinblock_check,
+)
 from tests.drills.nbd_client import NBD_ENOSPC, NBDClient, NBDError
 from tests.support.daemon import LOOPBACK, Daemon
 
@@ -80,19 +93,24 @@ class Volume:
         self.image: dict[int, int] = {}  # region -> seq of its last acknowledged write
         self.seq = 0
         self.refused = 0
+        self.acknowledged = 0
+        self.regions_checked = 0  # region reads compared with what they must hold
+        self.bytes_verified = 0
 
     def data(self, region: int, seq: int) -> bytes:
         return run_data(self.tag, region * PER_REGION, PER_REGION, seq)
 
     async def write(self, client: NBDClient, region: int) -> bool:
         self.seq += 1
+        seq = self.seq  # writes may be in flight together
         try:
-            await client.write(region * REGION, self.data(region, self.seq))
+            await client.write(region * REGION, self.data(region, seq))
         except NBDError as exc:
             assert exc.errno == NBD_ENOSPC, f"region {region}: {exc} (a full store must say ENOSPC)"
             self.refused += 1
             return False
-        self.image[region] = self.seq
+        self.image[region] = seq
+        self.acknowledged += 1
         return True
 
     async def verify(self, client: NBDClient, regions: int) -> None:
@@ -102,33 +120,55 @@ class Volume:
             want = bytes(REGION) if seq is None else self.data(region, seq)
             got = data[region * REGION : (region + 1) * REGION]
             assert got == want, f"region {region}: expected {'zeros' if seq is None else f'write {seq}'}"
+        self.regions_checked += regions
+        self.bytes_verified += regions * REGION
 
 
 def alert_kinds(daemon: Daemon, *, open_only: bool = True) -> list[str]:
     return [a["kind"] for a in daemon.alerts() if not open_only or a["state"] != "cleared"]
 
 
-async def one_round(daemon: Daemon, vol: Volume, store_dir: Path, first: int, fresh: int) -> int:
-    """Write ``fresh`` new regions from ``first`` while the store fills up; check the full state;
-    give the space back; write more.  Returns the next unused region."""
+@dataclass(frozen=True)
+class Round:
+    """One fill of the store's file system: ``before`` fresh regions written and flushed first,
+    then, while full, fresh writes one at a time until three are refused and ``burst`` more all
+    in flight together; ``ending``: "clean stop" or "kill" after space came back, or "kill while
+    full" (the daemon killed before the space returns; it comes back on restart)."""
+
+    before: int
+    burst: int
+    ending: str
+
+
+ENDINGS = ("clean stop", "kill", "kill while full")
+
+
+async def one_round(daemon: Daemon, vol: Volume, store_dir: Path, first: int, plan: Round) -> int:
+    """Write new regions from ``first`` while the store fills up; check the full state; give the
+    space back (or kill the daemon first, by ``plan.ending``); write more.  Returns the next unused
+    region."""
     async with await NBDClient.connect(LOOPBACK, daemon.nbd_port, "v") as client:
         region = first
-        for _ in range(4):
+        for _ in range(plan.before):
             assert await vol.write(client, region)
             region += 1
         await client.flush()
         filler = fill(store_dir)
         refused_before = vol.refused
-        for _ in range(fresh):
+        for _ in range(1000):
             await vol.write(client, region)  # acknowledged or ENOSPC, nothing else
             region += 1
             if vol.refused - refused_before >= 3:
                 break
-        assert vol.refused > refused_before, (
-            f"no fresh write was refused with the store's file system full ({fresh} tried)"
+        assert vol.refused - refused_before >= 3, (
+            "fresh writes were not refused with the store's file system full"
         )
+        # Several fresh writes in flight together: each commit that fails undoes only its own
+        # assignment; any acknowledged one must read back, any refused one reads zeros.
+        await asyncio.gather(*(vol.write(client, region + i) for i in range(plan.burst)))
+        region += plan.burst
         # Reads and overwrites of assigned regions go on.
-        for r in list(vol.image)[:4]:
+        for r in list(vol.image)[: max(4, plan.before)]:
             assert await vol.write(client, r), (
                 f"overwrite of assigned region {r} refused while the store is full"
             )
@@ -140,6 +180,11 @@ async def one_round(daemon: Daemon, vol: Volume, store_dir: Path, first: int, fr
             {"name": f"w{first}", "pool": "p", "size": 16 * MiB, "cache_mode": "writethrough"},
         )
         assert status == 507 and "metadata store" in str(body) and "full" in str(body), (status, body)
+        if plan.ending == "kill while full":
+            client.abort()
+            daemon.kill()
+            filler.unlink()
+            return region
         # Space returns: the node goes on by itself.
         filler.unlink()
         for _ in range(4):
@@ -148,10 +193,16 @@ async def one_round(daemon: Daemon, vol: Volume, store_dir: Path, first: int, fr
         await client.flush()
         await vol.verify(client, region)
         assert "metadata-store-full" not in alert_kinds(daemon)
+    if plan.ending == "kill":
+        daemon.kill()
+    else:
+        assert daemon.stop() == 0, daemon.log_tail()
     return region
 
 
-async def store_full_drill(tmp_path: Path, rounds: int, fresh: int) -> None:
+async def store_full_drill(tmp_path: Path, plans: list[Round]) -> None:
+    figures = Figures("host-faults-store-full")
+    started = time.monotonic()
     with small_tmpfs(tmp_path / "store", STORE_FS) as store_dir:
         daemon = Daemon(
             tmp_path / "work", data_dir=store_dir / "data", args=DRILL_SERVE_ARGS, log_format="json"
@@ -165,26 +216,36 @@ async def store_full_drill(tmp_path: Path, rounds: int, fresh: int) -> None:
             setup_volume(daemon, "v", "p", 512 * MiB)
             vol = Volume(tag=7)
             region = 0
-            for n in range(rounds):
-                region = await one_round(daemon, vol, store_dir, region, fresh)
-                if n % 2:
-                    daemon.kill()
-                else:
-                    assert daemon.stop() == 0, daemon.log_tail()
+            for plan in plans:
+                region = await one_round(daemon, vol, store_dir, region, plan)
+                figures.faults += 1  # one store-full episode
+                figures.notes[plan.ending] = figures.notes.get(plan.ending, 0) + 1
                 rc, report = thinblock_check(store_dir / "data")
                 assert rc == 0 and report["ok"], report
                 daemon.start()
                 async with await NBDClient.connect(LOOPBACK, daemon.nbd_port, "v") as client:
                     await vol.verify(client, region)
+                figures.rounds += 1
             assert daemon.stop() == 0
         finally:
             daemon.kill()
+    # Every verify asserts: reaching here means every acknowledged write read back.
+    figures.bytes_verified = vol.bytes_verified
+    figures.notes.update(
+        writes_acknowledged=vol.acknowledged,
+        fresh_writes_refused_enospc=vol.refused,
+        regions_checked=vol.regions_checked,
+        regions_written=region,
+        seconds=round(time.monotonic() - started, 1),
+    )
+    figures.report()
 
 
 def test_store_file_system_full_short(tmp_path: Path) -> None:
-    asyncio.run(store_full_drill(tmp_path, rounds=1, fresh=6000))
+    asyncio.run(store_full_drill(tmp_path, [Round(before=4, burst=0, ending="clean stop")]))
 
 
 @pytest.mark.long
 def test_store_file_system_full_long(tmp_path: Path) -> None:
-    asyncio.run(store_full_drill(tmp_path, rounds=6, fresh=20000))
+    plans = [Round(before=32, burst=8, ending=ENDINGS[n % len(ENDINGS)]) for n in range(6)]
+    asyncio.run(store_full_drill(tmp_path, plans))

@@ -816,3 +816,66 @@ async def test_allocations_at_a_full_pool_wait_for_trimmed_regions_instead_of_fa
     assert bytes(await vol.read(30 * region, 1)) + bytes(await vol.read(31 * region, 1)) == b"cd"
     assert AlertKind.POOL_GROWTH_LIMIT.value not in [a.kind.value for a in engine.list_alerts(True)]
     await engine.close()
+
+
+class GatedIO:
+    """Stands in for the engine's I/O threads: keeps every job until the test runs it, so the
+    order in which the parts of one offloaded write land is the test's choice."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Any, tuple[Any, ...], asyncio.Future[Any]]] = []
+
+    def submit(self, fn: Any, *args: Any) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.jobs.append((fn, args, fut))
+        return fut
+
+    def run(self, index: int) -> None:
+        fn, args, fut = self.jobs[index]
+        fut.set_result(fn(*args))
+
+
+@pytest.mark.parametrize("raid", [0, 1])
+@pytest.mark.parametrize("how", ["trim of the partial tail region", "write-zeroes NO_HOLE"])
+async def test_zeroing_racing_an_offloaded_write_is_never_a_mix(tmp_path: Path, raid: int, how: str) -> None:
+    """An offloaded write-through write is one job per PD part (RAID 0: per column; RAID 1: per
+    mirror), run by I/O threads in no set order.  A zeroing of the same region that ran while
+    some parts had landed and others not -- the trim of a volume's partial last region, a
+    write-zeroes that keeps the region -- left the region half written, half zeros (RAID 0:
+    "region N holds neither outcome", seen once in the raid0-writethrough state machine; RAID
+    1: mirrors that differ).  The zeroing must wait for the write to land: the region then
+    holds the write's data or zeros, whole, and the mirrors agree."""
+    region = 16 * KiB
+    options = EngineOptions(allow_tiny_chunklets=True, destage_delay=0.001, offload_min_bytes=512)
+    engine = await make_engine(tmp_path, pds=2, options=options)
+    await engine.create_pool("p", raid=raid, region_size=region, growth_increment=CHUNKLET, step=STEP)
+    size = 4 * region - (3 * 512 if how.startswith("trim") else 0)
+    await engine.create_vv("v", pool="p", size=size)
+    vol = engine.volume("v")
+    assert isinstance(vol, VirtualVolume)
+    lo = 3 * region
+    await vol.write(lo, make_data("random", 1, size - lo))  # the region is assigned
+    gated = GatedIO()
+    vol._io = gated  # type: ignore[assignment]
+    payload = make_data("random", 2, size - lo)
+    writer = asyncio.create_task(vol.write(lo, payload))
+    await asyncio.sleep(0)
+    assert len(gated.jobs) == 2, "the write should be two jobs, one per PD part"
+    gated.run(0)  # one part lands before the zeroing starts
+    if how.startswith("trim"):
+        zeroing = asyncio.create_task(vol.trim(lo, size - lo))
+    else:
+        zeroing = asyncio.create_task(vol.write_zeroes(lo, size - lo, may_trim=False))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    gated.run(1)  # the other lands after it
+    await asyncio.gather(writer, zeroing)
+    got = bytes(await vol.read(lo, size - lo))
+    assert got in (payload, bytes(size - lo)), (
+        f"the region holds neither the write nor zeros: {sum(a != b for a, b in zip(got, payload, strict=True))} "
+        f"bytes differ from the write, {sum(1 for b in got if b)} are not zero"
+    )
+    assert_mirrors_agree(engine)
+    await vol.flush()
+    assert_free_regions_hold_nothing(engine)
+    await engine.close()

@@ -113,6 +113,7 @@ class Pool:
         # Event-loop thread only.
         self._writes_in_flight: dict[int, int] = {}
         self._release_when_landed: dict[int, int] = {}  # packed -> references to drop then
+        self._landed_waiters: dict[int, list[asyncio.Future[None]]] = {}
         self.before_ld_create: LDCreateHook | None = None
         self.on_ld_created: Callable[[LogicalDisk, Pool], None] | None = None
         self.vv_count = 0
@@ -262,6 +263,9 @@ class Pool:
             self._writes_in_flight[packed] = left
             return
         del self._writes_in_flight[packed]
+        for waiter in self._landed_waiters.pop(packed, ()):
+            if not waiter.done():
+                waiter.set_result(None)
         for _ in range(self._release_when_landed.pop(packed, 0)):
             try:
                 self.release(packed)
@@ -269,6 +273,20 @@ class Pool:
                 log.exception(
                     "pool '%s': releasing LD region %#x after its last write failed", self.name, packed
                 )
+
+    def writes_in_flight(self, packed: int) -> bool:
+        """Whether offloaded writes into ``packed`` are still landing (``write_started``)."""
+        return packed in self._writes_in_flight
+
+    async def writes_landed(self, packed: int) -> None:
+        """Return once no offloaded write into ``packed`` is in flight.  A zeroing in place waits
+        for this: an offloaded write is one job per PD part, run in no set order, and zeros
+        written between its parts would leave the region half old, half new (RAID 1: mirrors
+        that differ)."""
+        while packed in self._writes_in_flight:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._landed_waiters.setdefault(packed, []).append(waiter)
+            await waiter
 
     def provision(self, packed: int) -> SpaceShortage | None:
         """Make a region just taken real on the host file systems under its LD (``fallocate`` of

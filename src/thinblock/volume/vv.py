@@ -646,6 +646,9 @@ class VirtualVolume:
                     # shared region instead and takes a fresh one (which reads zeros).
                     await self.unmap_regions(region, region + 1)
                     continue
+                if self.pool.writes_in_flight(packed):
+                    await self.pool.writes_landed(packed)  # see _zero_partial; then look up again
+                    continue
                 release = self._wb.discard(packed, self.row.id)
                 if release is None:
                     self._lds[packed >> REGION_BITS].zero((packed & REGION_MASK) << shift, size)
@@ -657,27 +660,33 @@ class VirtualVolume:
                 await asyncio.sleep(0)
 
     async def _zero_partial(self, offset: int, length: int, *, allocate: bool) -> None:
-        packed = self.map.get(offset >> self._shift)
-        if packed == ZERO_LD:
-            if not allocate:
-                return
-            packed = await self._assign(offset >> self._shift)
-            return  # a fresh region reads zeros already
-        if self._writeback or self.pool.shared(packed):  # shared: copied on write first
-            await self._write_piece(
-                offset >> self._shift,
-                offset & self._mask,
-                _ZEROS[:length] if length <= len(_ZEROS) else bytes(length),
-            )
-            return
-        while not self._wb.settled(packed):
-            await self._wb.settle(packed, self.row.id)
-            packed = self.map.get(offset >> self._shift)  # a trim may have freed it meanwhile
+        region = offset >> self._shift
+        while True:
+            packed = self.map.get(region)  # again after every wait: a trim may have freed it
             if packed == ZERO_LD:
+                if allocate:
+                    await self._assign(region)  # a fresh region reads zeros already
                 return
-        self._lds[packed >> REGION_BITS].zero(
-            ((packed & REGION_MASK) << self._shift) + (offset & self._mask), length
-        )
+            if self.pool.writes_in_flight(packed):
+                # An offloaded write into this region is still landing, one job per PD part in
+                # no set order: zeros put down now could land between its parts, and the region
+                # would hold neither the write nor zeros (RAID 1: mirrors that differ).  The
+                # zeroing comes after the write, whole.
+                await self.pool.writes_landed(packed)
+            elif self._writeback or self.pool.shared(packed):  # shared: copied on write first
+                await self._write_piece(
+                    region,
+                    offset & self._mask,
+                    _ZEROS[:length] if length <= len(_ZEROS) else bytes(length),
+                )
+                return
+            elif not self._wb.settled(packed):
+                await self._wb.settle(packed, self.row.id)
+            else:
+                self._lds[packed >> REGION_BITS].zero(
+                    ((packed & REGION_MASK) << self._shift) + (offset & self._mask), length
+                )
+                return
 
     async def settle_assignments(self) -> None:
         """Until no assignment of this VV is in flight (a delete waits so before unmapping: an
