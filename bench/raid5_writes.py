@@ -6,8 +6,11 @@ volume of ``--mib`` MiB written in full and flushed first, then ``--writes`` 4 K
 random 4 KiB-aligned offsets, one at a time, through ``Engine.volume(...).write`` (no NBD).
 Cases: the set healthy, then with one PD failed; each with the journal (as the engine runs)
 and without it (every LD's ``journal`` detached: the code path before the journal existed).
-The cases take turns, ``--repeat`` times, each in a fresh directory; prints writes/s and the
-median latency.
+The cases take turns, ``--repeat`` times, each in a fresh directory; prints writes/s, the
+median latency.  With ``--loop-stall`` a ticker task (``await asyncio.sleep(0)`` in a loop) runs
+beside the writer and records the gaps between its turns: their 99th percentile is how long
+another connection would wait for the event loop (it spins, so it also slows the writer: rates
+and latencies are comparable only between runs with the same setting).
 
     .venv/bin/python -m bench.raid5_writes --workdir /tmp/r5 --repeat 3
 """
@@ -32,8 +35,8 @@ BLOCK = 4096
 
 
 async def random_writes(
-    directory: Path, mib: int, writes: int, degraded: bool, journal: bool
-) -> tuple[float, float]:
+    directory: Path, mib: int, writes: int, degraded: bool, journal: bool, loop_stall: bool = False
+) -> tuple[float, float, float]:
     engine = await Engine.open(directory / "data", EngineOptions())
     try:
         for i in range(3):
@@ -56,13 +59,27 @@ async def random_writes(
         data = memoryview(bytearray(os.urandom(BLOCK)))
         offsets = [rng.randrange(mib * MiB // BLOCK) * BLOCK for _ in range(writes)]
         latencies = []
+        gaps: list[float] = []
+        done = False
+
+        async def ticker() -> None:
+            while not done:
+                t = time.perf_counter()
+                await asyncio.sleep(0)
+                gaps.append(time.perf_counter() - t)
+
+        ticking = asyncio.create_task(ticker() if loop_stall else asyncio.sleep(0))
         started = time.perf_counter()
         for off in offsets:
             t = time.perf_counter()
             await volume.write(off, data)
             latencies.append(time.perf_counter() - t)
         elapsed = time.perf_counter() - started
-        return writes / elapsed, statistics.median(latencies) * 1e6
+        done = True
+        await ticking
+        gaps.sort()
+        stall = gaps[int(len(gaps) * 0.99)] * 1e6 if gaps else float("nan")
+        return writes / elapsed, statistics.median(latencies) * 1e6, stall
     finally:
         await engine.close()
 
@@ -75,6 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--writes", type=int, default=3000, help="4 KiB writes per case (default 3000)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--workdir", help="where the files go (default: system temp)")
+    parser.add_argument(
+        "--loop-stall", action="store_true", help="measure the event loop's stalls beside the writer"
+    )
     args = parser.parse_args(argv)
     warm_heap()  # as the daemon does
     cases = {
@@ -85,21 +105,26 @@ def main(argv: list[str] | None = None) -> None:
         for degraded in (False, True)
         for journal in (False, True)
     }
-    figures: dict[tuple[bool, bool], list[tuple[float, float]]] = {case: [] for case in cases}
+    figures: dict[tuple[bool, bool], list[tuple[float, float, float]]] = {case: [] for case in cases}
     for _ in range(args.repeat):
         for case in cases:
             directory = Path(tempfile.mkdtemp(prefix="thinblock-r5-", dir=args.workdir))
             try:
-                figures[case].append(asyncio.run(random_writes(directory, args.mib, args.writes, *case)))
+                figures[case].append(
+                    asyncio.run(random_writes(directory, args.mib, args.writes, *case, args.loop_stall))
+                )
             finally:
                 shutil.rmtree(directory, ignore_errors=True)
     for case, name in cases.items():
-        rates = [r for r, _ in figures[case]]
-        lat = [m for _, m in figures[case]]
+        rates = [r for r, _, _ in figures[case]]
+        lat = [m for _, m, _ in figures[case]]
+        stalls = [g for _, _, g in figures[case]]
         runs = ", ".join(f"{r:,.0f}" for r in rates)
         print(
             f"{name:22s} median {statistics.median(rates):8,.0f} writes/s, "
-            f"median latency {statistics.median(lat):7,.1f} us   (runs: {runs})"
+            f"median latency {statistics.median(lat):7,.1f} us"
+            + (f", loop stall p99 {statistics.median(stalls):7,.1f} us" if args.loop_stall else "")
+            + f"   (runs: {runs})"
         )
 
 

@@ -13,9 +13,11 @@ issue 10 case 3): ``test_without_the_journal_the_hole_loses_data`` shows the tes
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import random
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -216,13 +218,19 @@ class Disk:
         self.fsyncs += 1
 
 
+def logged(journal: StripeJournal, *args: object) -> None:
+    """A record whose in-place writes are done at once (what a writer does: log, write, landed)."""
+    journal.log(*args)  # type: ignore[arg-type]
+    journal.landed()
+
+
 def test_records_read_back_in_order_after_reopening(tmp_path: Path) -> None:
     path = tmp_path / "j"
     journal = StripeJournal(path)
     assert not path.exists()  # made on first use only
-    journal.log(1, 0, 2, 4096, 3, [b"abc"], [])
-    journal.log(1, 1, 0, 8192, 4096, None, [])
-    journal.log(7, 3, 1, 0, 5, [b"ab", b"cde"], [])
+    logged(journal, 1, 0, 2, 4096, 3, [b"abc"], [])
+    logged(journal, 1, 1, 0, 8192, 4096, None, [])
+    logged(journal, 7, 3, 1, 0, 5, [b"ab", b"cde"], [])
     journal.close()
     again = StripeJournal(path)
     records = again.pending()
@@ -231,7 +239,7 @@ def test_records_read_back_in_order_after_reopening(tmp_path: Path) -> None:
         (1, 1, 1, 0, 8192, 4096, bytes(4096)),
         (2, 7, 3, 1, 0, 5, b"abcde"),
     ]
-    again.log(1, 0, 0, 0, 1, [b"z"], [])  # appends after them
+    logged(again, 1, 0, 0, 0, 1, [b"z"], [])  # appends after them
     assert [r.seq for r in again.pending()] == [0, 1, 2, 3]
     again.close()
 
@@ -239,9 +247,9 @@ def test_records_read_back_in_order_after_reopening(tmp_path: Path) -> None:
 def test_a_torn_record_ends_the_journal_at_every_byte(tmp_path: Path) -> None:
     path = tmp_path / "j"
     journal = StripeJournal(path, capacity=SMALL)
-    journal.log(1, 0, 2, 0, 100, [b"a" * 100], [])
+    logged(journal, 1, 0, 2, 0, 100, [b"a" * 100], [])
     second_at = DATA_START + journal_mod._REC.size + 100
-    journal.log(1, 0, 2, 100, 100, [b"b" * 100], [])
+    logged(journal, 1, 0, 2, 100, 100, [b"b" * 100], [])
     journal.close()
     intact = path.read_bytes()
     end = second_at + journal_mod._REC.size + 100
@@ -261,9 +269,9 @@ def test_a_torn_record_ends_the_journal_at_every_byte(tmp_path: Path) -> None:
 def test_retire_drops_records_only_when_none_came_after_the_mark(tmp_path: Path) -> None:
     journal = StripeJournal(tmp_path / "j")
     assert not journal.retire(journal.mark())  # nothing to drop, no file made
-    journal.log(1, 0, 0, 0, 4, [b"abcd"], [])
+    logged(journal, 1, 0, 0, 0, 4, [b"abcd"], [])
     mark = journal.mark()
-    journal.log(1, 0, 0, 4, 4, [b"efgh"], [])  # written while the flush's fsyncs ran
+    logged(journal, 1, 0, 0, 4, 4, [b"efgh"], [])  # written while the flush's fsyncs ran
     assert not journal.retire(mark)
     assert len(journal.pending()) == 2
     assert journal.retire(journal.mark())
@@ -272,12 +280,55 @@ def test_retire_drops_records_only_when_none_came_after_the_mark(tmp_path: Path)
     assert StripeJournal(tmp_path / "j").pending() == []  # the new epoch is durable
 
 
+def test_retire_keeps_records_whose_writes_had_not_landed_at_the_mark(tmp_path: Path) -> None:
+    """A degraded write runs in an I/O thread: its record may be durable while its in-place
+    writes are still being made.  A flush whose mark was taken then fsyncs before they land, so
+    it must not drop the record; a later flush, with nothing open at its mark, does."""
+    journal = StripeJournal(tmp_path / "j")
+    journal.log(1, 0, 0, 0, 4, [b"abcd"], [])  # in-place writes under way
+    mark = journal.mark()
+    journal.landed()  # they land while the flush's fsyncs run: maybe after them
+    assert not journal.retire(mark)
+    assert len(journal.pending()) == 1
+    assert journal.retire(journal.mark())
+    assert journal.pending() == []
+    journal.close()
+
+
+def test_a_full_journal_waits_for_open_records_before_it_starts_over(tmp_path: Path) -> None:
+    """Making room fsyncs the PDs and drops every record: a record whose in-place writes another
+    thread is still making would be dropped before they are durable.  So it waits for them."""
+    disk = Disk()
+    size = DATA_START + 2 * (journal_mod._REC.size + journal_mod.MAX_PAYLOAD)
+    journal = StripeJournal(tmp_path / "j", capacity=size)
+    big = bytes(journal_mod.MAX_PAYLOAD)
+    logged(journal, 1, 0, 0, 0, len(big), [big], [disk])
+    journal.log(1, 0, 0, 0, len(big), [big], [disk])  # open: its writer is still writing
+    fsyncs_seen: list[int] = []
+
+    def other_writer() -> None:
+        journal.log(2, 0, 0, 0, 4, [b"last"], [disk])  # needs room
+        fsyncs_seen.append(disk.fsyncs)
+        journal.landed()
+
+    thread = threading.Thread(target=other_writer)
+    thread.start()
+    thread.join(0.3)
+    assert thread.is_alive() and disk.fsyncs == 0, "the journal made room under an open record"
+    journal.landed()  # the first writer is done
+    thread.join(10)
+    assert not thread.is_alive()
+    assert fsyncs_seen == [1] and journal.full_resets == 1
+    assert [r.content() for r in journal.pending()] == [b"last"]
+    journal.close()
+
+
 def test_a_damaged_header_slot_falls_back_to_the_other(tmp_path: Path) -> None:
     path = tmp_path / "j"
     journal = StripeJournal(path)
-    journal.log(1, 0, 0, 0, 4, [b"old!"], [])
+    logged(journal, 1, 0, 0, 0, 4, [b"old!"], [])
     journal.reset()  # epoch 2, header slot 1
-    journal.log(1, 0, 0, 0, 4, [b"new!"], [])
+    logged(journal, 1, 0, 0, 0, 4, [b"new!"], [])
     journal.close()
     assert [r.content() for r in StripeJournal(path).pending()] == [b"new!"]
     with open(path, "r+b") as f:  # the newer slot (0) torn: the older epoch's header is current
@@ -293,9 +344,9 @@ def test_a_full_journal_syncs_what_it_covers_then_starts_over(tmp_path: Path) ->
     journal = StripeJournal(tmp_path / "j", capacity=size)
     big = bytes(journal_mod.MAX_PAYLOAD)
     for _ in range(3):
-        journal.log(1, 0, 0, 0, len(big), [big], [disk])
+        logged(journal, 1, 0, 0, 0, len(big), [big], [disk])
     assert disk.fsyncs == 0
-    journal.log(1, 0, 0, 0, 4, [b"last"], [disk])
+    logged(journal, 1, 0, 0, 0, 4, [b"last"], [disk])
     assert disk.fsyncs == 1 and journal.full_resets == 1
     assert [r.content() for r in journal.pending()] == [b"last"]
     journal.close()
@@ -402,4 +453,43 @@ async def test_the_engine_journals_degraded_writes_retires_at_flush_and_replays_
     assert any("RAID 5 journal replayed" in r.getMessage() for r in caplog.records)
     assert engine.journal.pending() == []
     assert bytes(await engine.volume("v").read(0, len(data))) == bytes(data)
+    await engine.close()
+
+
+async def test_degraded_writes_wait_for_the_journal_in_the_io_threads_not_on_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write to a degraded RAID 5 set waits for a synchronous journal write (RWF_DSYNC, about
+    0.3 ms on a virtual disk): made on the event loop, it stalled every other connection that
+    long, whatever the write's size.  It goes to the I/O threads, the record still before any
+    in-place write (``test_a_crash_at_any_write_loses_nothing``), and the data reads back."""
+    options = EngineOptions(allow_tiny_chunklets=True, destage_delay=0.001)
+    engine = await make_engine(tmp_path, pds=3, options=options)
+    await engine.create_pool(
+        "p", raid=5, set_size=3, region_size=E_REGION, growth_increment=2 * E_CHUNKLET, step=E_STEP
+    )
+    await engine.create_vv("v", pool="p", size=1 * MiB)
+    vol = engine.volume("v")
+    data = bytearray(pattern(1, 8 * E_REGION))
+    await vol.write(0, bytes(data))
+    await engine.flush_all()
+    [ld] = engine.lds.values()
+    await engine.fail_pd(ld.rows[0][0].pd.id)
+    threads: list[str] = []
+    real_pwritev = journal_mod._pwritev
+
+    def pwritev(*args: object) -> int:
+        threads.append(threading.current_thread().name)
+        return real_pwritev(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(journal_mod, "_pwritev", pwritev)
+    loop_thread = threading.current_thread().name
+    for i in range(6):  # small writes, far below offload_min_bytes
+        at = i * 3 * E_STEP + 512
+        piece = pattern(40 + i, 1024)
+        await asyncio.gather(vol.write(at, piece), asyncio.sleep(0))
+        data[at : at + 1024] = piece
+    assert threads, "the degraded writes logged nothing"
+    assert loop_thread not in threads, f"journal writes made on the event loop thread: {threads}"
+    assert bytes(await vol.read(0, len(data))) == bytes(data)
     await engine.close()

@@ -24,6 +24,11 @@ log a zero record (no payload).
 Records are retired when the PDs they protect are fsynced: ``Engine.flush_all`` takes a
 ``mark`` before its fsyncs and ``retire``s after them (a new epoch, when no record was appended
 meanwhile).  A full journal first fsyncs the PDs its records cover, then starts a new epoch.
+Degraded writes run in I/O threads (``LogicalDisk.submit_write``), so a record may be durable
+while the in-place writes it covers are still under way in another thread: the writer calls
+``landed`` once they are done, and a record is *open* until then.  An open record is never
+dropped: ``retire`` refuses a mark taken while any record was open (its writes may come after
+the fsyncs), and a full journal waits for the open records to land before its fsyncs.
 
 Format (little endian).  Two header slots at 0 and 4 KiB, written alternately, each ``magic
 TBJ5HEAD, version, slot sequence, epoch, CRC-32``: the valid slot with the higher sequence
@@ -107,6 +112,7 @@ class Record:
 class Mark:
     epoch: int
     seq: int
+    open: int  # records whose in-place writes had not all landed when the mark was taken
 
 
 def _crc(parts: Iterable[Buffer]) -> int:
@@ -156,6 +162,8 @@ class StripeJournal:
         self.path = Path(path)
         self.capacity = capacity
         self._lock = threading.Lock()
+        self._all_landed = threading.Condition(self._lock)  # notified when ``_open`` drops to 0
+        self._open = 0  # records logged whose in-place writes have not all landed (``landed``)
         self._fd = -1
         self._slot_seq = 0
         self._epoch = 0
@@ -269,7 +277,9 @@ class StripeJournal:
         """Append a record, durable when this returns: column ``col`` of (LD, row) holds
         ``payload`` (the buffers, back to back; None: zeros) at chunklet bytes ``[coff, coff +
         length)``.  ``covers``: the PDs whose in-place writes the record protects (fsynced
-        before the record may be dropped).  Raises OutOfSpace or MediumError (nothing logged)."""
+        before the record may be dropped).  Raises OutOfSpace or MediumError (nothing logged).
+        Once it returns, the caller makes its in-place writes and then calls ``landed``, whatever
+        happens (try/finally): until then the record is open and is not dropped."""
         kind = KIND_ZERO if payload is None else KIND_DATA
         parts: list[Buffer] = list(payload) if payload is not None else []
         plen = sum(len(p) for p in parts)
@@ -291,9 +301,18 @@ class StripeJournal:
                 raise self._error(exc) from exc
             self._end += want
             self._seq += 1
+            self._open += 1
             self.records_written += 1
             for pd in covers:
                 self._covered[id(pd)] = pd
+
+    def landed(self) -> None:
+        """The in-place writes covered by the caller's last ``log`` are done (or failed)."""
+        with self._lock:
+            assert self._open > 0, "landed() without an open record"
+            self._open -= 1
+            if not self._open:
+                self._all_landed.notify_all()
 
     def _error(self, exc: OSError) -> OutOfSpace | MediumError:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -308,7 +327,13 @@ class StripeJournal:
         )
 
     def _make_room(self) -> None:
-        """The journal is full: make every write its records protect durable, then start over."""
+        """The journal is full: make every write its records protect durable, then start over.
+        Records still open (their in-place writes under way in another thread) are waited for
+        first: fsynced before they land, they would be dropped uncovered.  (Lock held; the
+        wait releases it.  The caller has no open record of its own: a writer logs, writes in
+        place and calls ``landed`` before it logs again.)"""
+        while self._open:
+            self._all_landed.wait()
         for pd in list(self._covered.values()):
             if not pd.failed:
                 pd.fsync()  # MediumError: the write is refused, the records stay
@@ -329,14 +354,19 @@ class StripeJournal:
     def mark(self) -> Mark:
         """Where the journal is now: pass to ``retire`` once every PD is fsynced."""
         with self._lock:
-            return Mark(self._epoch, self._seq)
+            return Mark(self._epoch, self._seq, self._open)
 
     def retire(self, mark: Mark) -> bool:
         """Every PD was fsynced after ``mark`` was taken: drop the records up to it.  Only when
-        none was appended since (the simple case; otherwise the next flush or a full journal
-        does it).  True when records were dropped."""
+        none was appended since and none was open at the mark (the simple case; otherwise the
+        next flush or a full journal does it).  True when records were dropped."""
         with self._lock:
-            if self._fd < 0 or self._seq == 0 or Mark(self._epoch, self._seq) != mark:
+            if (
+                self._fd < 0
+                or self._seq == 0
+                or mark.open
+                or (mark.epoch, mark.seq) != (self._epoch, self._seq)
+            ):
                 return False
             try:
                 self._new_epoch()

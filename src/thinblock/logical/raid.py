@@ -35,11 +35,14 @@ interleave with another on the same stripe); healthy reads and RAID 0 take no lo
 
 Large writes may be handed to I/O threads (``submit_write``, see ``physical.workers``): one
 job per PD part, without the lock, so a RAID 1 write's mirror copies are made in parallel.
-That is offered only where no lock is needed -- RAID 0, and RAID 1 rows with every mirror
-healthy and no rebuild job -- and a rebuild must not start while such writes are in flight
-(it would copy a range a late mirror write then changes on one side only): the engine calls
+That is offered where no lock is needed -- RAID 0, and RAID 1 rows with every mirror healthy
+and no rebuild job -- and a rebuild must not start while such writes are in flight (it would
+copy a range a late mirror write then changes on one side only): the engine calls
 ``hold_offload``, awaits ``offload_drained`` and only then ``start_rebuild``, which checks.
-The counters of offloaded writes are touched on the event-loop thread only.
+The counters of offloaded writes are touched on the event-loop thread only.  Writes to a
+degraded RAID 5 row, of any size, are offered too (``write_is_journaled``), as one job that
+runs the whole ``write`` under the LD's lock: they wait for a synchronous journal write
+(below), which is then a worker's wait, not the event loop's.
 
 The RAID 5 write hole: a crash between a data write and its parity write leaves that stripe's
 parity stale.  In a healthy set the resync after an unclean stop (``resync``) recomputes it from
@@ -329,9 +332,10 @@ class LogicalDisk:
     def submit_write(
         self, offset: int, data: memoryview, submit: Submit
     ) -> asyncio.Future[list[object]] | None:
-        """Hand the write of ``data`` at ``offset`` to I/O threads, one job per PD part: a future
-        of the parts' outcomes (pass them to ``check_write``), or None when this write must be
-        done inline with ``write`` (RAID 5, a degraded or rebuilding RAID 1 row, a write that
+        """Hand the write of ``data`` at ``offset`` to I/O threads, one job per PD part (a
+        degraded RAID 5 row: one job, the whole journaled ``write``): a future of the parts'
+        outcomes (pass them to ``check_write``), or None when this write must be done inline
+        with ``write`` (a healthy RAID 5 row, a degraded or rebuilding RAID 1 row, a write that
         spans rows, offload held for a rebuild).  Event-loop thread only."""
         if self.write_fence is not None:
             raise MediumError(self.write_fence)
@@ -352,12 +356,34 @@ class LogicalDisk:
             if r in self._rebuilds or any(pd.failed for pd in pds):
                 return None
             futures = [submit(pd.pwrite, bases[c] + roff, data) for c, pd in enumerate(pds)]
+        elif self._journaled_row(r):
+            # The whole write in one job, journal record first (``_r5_write_row`` under the LD
+            # lock: the record is durable before anything is written in place, as inline).
+            futures = [submit(self.write, offset, data)]
         else:
             return None
         self.offloaded += 1
         done = asyncio.gather(*futures, return_exceptions=True)
         done.add_done_callback(self._offload_done)
         return done
+
+    def _journaled_row(self, r: int) -> bool:
+        """Whether writes to row ``r`` log to the journal first: RAID 5 with a journal and a
+        failed member (one; two lose the row, and the write fails wherever it runs)."""
+        return (
+            self.raid is RaidLevel.RAID5
+            and self.journal is not None
+            and any(pd.failed for pd in self._pds[r])
+        )
+
+    def write_is_journaled(self, offset: int, length: int) -> bool:
+        """Whether a write of ``length`` bytes at ``offset`` logs to the RAID 5 journal before it
+        is written in place (a synchronous, ``RWF_DSYNC`` write): the VV then hands it to the I/O
+        threads whatever its size, so the event loop does not wait for the journal's disk."""
+        if self.raid is not RaidLevel.RAID5 or self.journal is None:
+            return False
+        r, roff = divmod(offset, self.row_usable)
+        return roff + length <= self.row_usable and self._journaled_row(r)
 
     def _offload_done(self, _done: asyncio.Future[list[object]]) -> None:
         self.offloaded -= 1
@@ -788,20 +814,25 @@ class LogicalDisk:
                     views.append(data[o : o + step])
             return views
 
-        if failed and self.journal is not None:
+        journal = self.journal if failed else None
+        if journal is not None:
             # What the missing member holds after this write, before any of it is written.
-            self.journal.log(self.id, r, failed[0], s0 * step, count * step, column(failed[0]), pds)
-        for c in range(k):
-            pd = pds[c]
-            if pd.failed:
-                continue
-            views = column(c)
-            try:
-                pd.pwritev(bases[c] + s0 * step, views)
-            except Fenced:
-                raise  # this node may not write: not a member failure
-            except MediumError:
-                pass  # tolerated below if it is the only failed member
+            journal.log(self.id, r, failed[0], s0 * step, count * step, column(failed[0]), pds)
+        try:
+            for c in range(k):
+                pd = pds[c]
+                if pd.failed:
+                    continue
+                views = column(c)
+                try:
+                    pd.pwritev(bases[c] + s0 * step, views)
+                except Fenced:
+                    raise  # this node may not write: not a member failure
+                except MediumError:
+                    pass  # tolerated below if it is the only failed member
+        finally:
+            if journal is not None:
+                journal.landed()
         if len(self._failed_cols(r)) > 1:
             raise self._lost_error(r)
 
@@ -843,30 +874,37 @@ class LogicalDisk:
                 if len(self._failed_cols(r)) == len(failed):
                     raise
         pds, bases = self._pds[r], self._bases[r]
-        if parity is not None and missing >= 0 and journal is not None:
+        logged = parity is not None and missing >= 0 and journal is not None
+        if logged:
+            assert journal is not None
             # The write hole: the missing member's bytes [lo, hi) exist only as the XOR of the
             # others, which the writes below change one by one.  Log what they are to be (the
             # reconstruct left them in row ``missing`` of the OLD scratch matrix) before any.
             content = px.scratch_matrix(px.OLD, self.set_size, hi - lo)[missing]
             journal.log(self.id, r, missing, base + lo, hi - lo, [px.view(content)], pds)
-        # Write phase.  Parity first; whichever member fails from here on, the parity
-        # computed above is the right one for the new data, so the survivors stay
-        # consistent as long as at most one member of the set is failed.
-        if parity is not None and not pds[p].failed:
-            try:
-                pds[p].pwrite(bases[p] + base + lo, parity)
-            except Fenced:
-                raise  # this node may not write: not a member failure
-            except MediumError:
-                pass
-        for col, uoff, view in pieces:
-            if not pds[col].failed:
+        try:
+            # Write phase.  Parity first; whichever member fails from here on, the parity
+            # computed above is the right one for the new data, so the survivors stay
+            # consistent as long as at most one member of the set is failed.
+            if parity is not None and not pds[p].failed:
                 try:
-                    pds[col].pwrite(bases[col] + base + uoff, view)
+                    pds[p].pwrite(bases[p] + base + lo, parity)
                 except Fenced:
                     raise  # this node may not write: not a member failure
                 except MediumError:
                     pass
+            for col, uoff, view in pieces:
+                if not pds[col].failed:
+                    try:
+                        pds[col].pwrite(bases[col] + base + uoff, view)
+                    except Fenced:
+                        raise  # this node may not write: not a member failure
+                    except MediumError:
+                        pass
+        finally:
+            if logged:
+                assert journal is not None
+                journal.landed()
         if len(self._failed_cols(r)) > 1:
             raise self._lost_error(r)
 
@@ -926,18 +964,23 @@ class LogicalDisk:
             lo, hi = first_full * step, last_full * step
             pds, bases = self._pds[r], self._bases[r]
             failed = self._failed_cols(r)
-            if failed and self.journal is not None:
+            journal = self.journal if failed else None
+            if journal is not None:
                 # A punch torn by a crash would leave the missing member an XOR of what was and
                 # was not punched: log that it reads zeros (a record without payload).
-                self.journal.log(self.id, r, failed[0], lo, hi - lo, None, pds)
-            for c in range(k):
-                if not pds[c].failed:
-                    try:
-                        pds[c].punch(bases[c] + lo, hi - lo)
-                    except Fenced:
-                        raise  # this node may not write: not a member failure
-                    except MediumError:
-                        pass
+                journal.log(self.id, r, failed[0], lo, hi - lo, None, pds)
+            try:
+                for c in range(k):
+                    if not pds[c].failed:
+                        try:
+                            pds[c].punch(bases[c] + lo, hi - lo)
+                        except Fenced:
+                            raise  # this node may not write: not a member failure
+                        except MediumError:
+                            pass
+            finally:
+                if journal is not None:
+                    journal.landed()
             if len(self._failed_cols(r)) > 1:
                 raise self._lost_error(r)
             for job in list(self._rebuilds.get(r, ())):

@@ -475,8 +475,12 @@ class VirtualVolume:
             await self._write_to_ld(packed, ld, base + offset, data)
 
     async def _write_to_ld(self, packed: int, ld: LogicalDisk, ld_offset: int, data: Buffer) -> None:
-        """Write through to the LD: large writes on the I/O threads, small ones inline."""
-        if len(data) >= self._offload_min:
+        """Write through to the LD: large writes, and writes that wait for the RAID 5 journal (a
+        degraded set), on the I/O threads -- the event loop does not wait for the disk
+        meanwhile; other small ones inline."""
+        if len(data) >= self._offload_min or (
+            self._io is not None and ld.write_is_journaled(ld_offset, len(data))
+        ):
             assert self._io is not None
             view = data if type(data) is memoryview else memoryview(data).cast("B")
             done = ld.submit_write(ld_offset, view, self._io.submit)
