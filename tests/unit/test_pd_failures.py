@@ -7,6 +7,8 @@ PD headers on disk."""
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 from pathlib import Path
 
 import pytest
@@ -165,4 +167,66 @@ async def test_a_full_host_file_system_is_out_of_space_not_a_failure(
     await vol.write(REGION, pattern(3, REGION))
     await engine.flush_all()
     assert bytes(await vol.read(REGION, REGION)) == pattern(3, REGION)
+    await engine.close()
+
+
+def allocated_bytes(engine: Engine) -> int:
+    return sum(os.stat(pd.path).st_blocks * 512 for pd in engine.pds.values())
+
+
+@pytest.mark.parametrize("raid", [0, 1, 5])
+@pytest.mark.parametrize("refusal", ["store full", "a member's file system full"])
+async def test_a_refused_assignment_gives_its_host_blocks_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, raid: int, refusal: str
+) -> None:
+    """A fresh region is given real blocks on every member (``Pool.provision``) before its
+    assignment is committed.  Refused -- the store cannot commit it, or a later member's file
+    system is full -- the region goes back to the free list: its blocks must go back to the
+    host as well, or every refused write eats space on a file system that is already full."""
+    from thinblock.errors import MetadataStoreFull, OutOfSpace
+    from thinblock.physical import pd as pd_module
+
+    engine = await make_engine(tmp_path, pds=3)
+    await engine.create_pool(
+        "p",
+        raid=raid,
+        set_size=3 if raid == 5 else 2,
+        region_size=REGION,
+        growth_increment=2 * CHUNKLET,
+        step=STEP,
+    )
+    await engine.create_vv("v", pool="p", size=CHUNKLET)
+    vol = engine.volume("v")
+    await vol.write(0, pattern(1, REGION))
+    await engine.flush_all()
+    before = allocated_bytes(engine)
+    await vol.write(REGION, pattern(2, REGION))
+    if allocated_bytes(engine) == before:
+        pytest.skip("this file system does not show preallocation in st_blocks")
+    await engine.flush_all()
+    before = allocated_bytes(engine)
+    if refusal == "store full":
+
+        def full(rows: object) -> None:
+            raise MetadataStoreFull(f"{engine.store.path}: database or disk is full")
+
+        monkeypatch.setattr(engine.store, "assign_many", full)
+    else:
+        calls = []
+        real = pd_module.fallocate_space
+
+        def full_after_one(fd: int, offset: int, length: int) -> None:
+            calls.append(fd)
+            if len(calls) > 1:  # the first member got its blocks, the next one's host is full
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real(fd, offset, length)
+
+        monkeypatch.setattr(pd_module, "fallocate_space", full_after_one)
+    with pytest.raises((OutOfSpace, MetadataStoreFull)):
+        await vol.write(2 * REGION, pattern(3, REGION))
+    assert allocated_bytes(engine) == before, "the refused region kept host blocks"
+    monkeypatch.undo()
+    assert bytes(await vol.read(0, 3 * REGION)) == pattern(1, REGION) + pattern(2, REGION) + bytes(REGION)
+    await vol.write(2 * REGION, pattern(3, REGION))  # the region is free and usable again
+    assert bytes(await vol.read(2 * REGION, REGION)) == pattern(3, REGION)
     await engine.close()

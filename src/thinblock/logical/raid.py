@@ -311,22 +311,45 @@ class LogicalDisk:
         parity), so that writes into it cannot meet a full host file system later (issue 10
         case 5).  HostOutOfSpace (an OutOfSpace) when a member's file system is full."""
         assert offset >= 0 and offset + length <= self._size, (offset, length, self._size)
-        step, k = self.step, self.set_size
         for r, roff, _pos, n in self._row_spans(offset, length):
-            spans: dict[int, tuple[int, int]] = {}
-            if self.raid is RaidLevel.RAID1:
-                spans = {c: (roff, roff + n) for c in range(k)}
-            elif self.raid is RaidLevel.RAID0:
-                for col, coff, _p, take in self._r0_units(roff, n):
-                    lo, hi = spans.get(col, (coff, coff))
-                    spans[col] = (min(lo, coff), max(hi, coff + take))
-            else:  # every stripe touched, on every column (its parity unit included)
-                s0, s1 = roff // self._stripe_data, -(-(roff + n) // self._stripe_data)
-                spans = {c: (s0 * step, s1 * step) for c in range(k)}
             pds, bases = self._pds[r], self._bases[r]
-            for col, (lo, hi) in spans.items():
+            for col, (lo, hi) in self._space_spans(roff, n, shared_stripes=True).items():
                 if not pds[col].failed:
                     pds[col].allocate(bases[col] + lo, hi - lo)
+
+    def deallocate(self, offset: int, length: int) -> None:
+        """Give back the host blocks ``allocate`` gave LD range [offset, offset + length), which
+        holds nothing (a region whose assignment was refused: free, so zeros).  RAID 5 stripes
+        the range shares with its neighbours are left alone (their parity covers the
+        neighbour's data).  Best effort, see ``PhysicalDisk.deallocate``."""
+        assert offset >= 0 and offset + length <= self._size, (offset, length, self._size)
+        for r, roff, _pos, n in self._row_spans(offset, length):
+            pds, bases = self._pds[r], self._bases[r]
+            for col, (lo, hi) in self._space_spans(roff, n, shared_stripes=False).items():
+                if not pds[col].failed and lo < hi:
+                    pds[col].deallocate(bases[col] + lo, hi - lo)
+
+    def _space_spans(self, roff: int, n: int, *, shared_stripes: bool) -> dict[int, tuple[int, int]]:
+        """Per column, the chunklet bytes [lo, hi) behind row bytes [roff, roff + n): a contiguous
+        row range covers one contiguous range of each column.  RAID 5: whole stripes, parity
+        included -- every stripe touched (``shared_stripes``) or only those inside the range."""
+        step, k = self.step, self.set_size
+        spans: dict[int, tuple[int, int]] = {}
+        if self.raid is RaidLevel.RAID1:
+            spans = {c: (roff, roff + n) for c in range(k)}
+        elif self.raid is RaidLevel.RAID0:
+            for col, coff, _p, take in self._r0_units(roff, n):
+                lo, hi = spans.get(col, (coff, coff))
+                spans[col] = (min(lo, coff), max(hi, coff + take))
+        else:
+            sd = self._stripe_data
+            if shared_stripes:
+                s0, s1 = roff // sd, -(-(roff + n) // sd)
+            else:
+                s0, s1 = -(-roff // sd), (roff + n) // sd
+            if s0 < s1:
+                spans = {c: (s0 * step, s1 * step) for c in range(k)}
+        return spans
 
     # --- offloaded writes (see the module docstring) ------------------------------------
     def submit_write(

@@ -687,6 +687,26 @@ class PhysicalDisk:
                 return
             raise self._io_error("allocate", offset, exc) from exc
 
+    def deallocate(self, offset: int, length: int) -> None:
+        """Undo ``allocate`` for a range that holds nothing (a region whose assignment was
+        refused): punch it, giving the host file system its blocks back.  Only where ``allocate``
+        gave some and a hole can be punched (never zeros written instead: that would allocate).
+        Best effort: a failure is logged, the range reads zeros either way."""
+        if self._blocked or self._closed or not self._can_allocate or not self._can_punch or length <= 0:
+            return
+        if self.fence is not None and self.fence.fenced:
+            return  # this node may not write (fence.py): the range may be another owner's by now
+        try:
+            fallocate_punch(self._fd, offset, length)
+        except OSError as exc:
+            log.warning(
+                "PD %d (%s): cannot give back the blocks of an unused range at %d (%s)",
+                self.id,
+                self.path,
+                offset,
+                exc,
+            )
+
     def host_free_bytes(self) -> int | None:
         """Free bytes on the host file system under a PD file (None: a device, or unknown)."""
         if self.is_block_device or self._closed or self._fd < 0:

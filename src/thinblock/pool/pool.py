@@ -302,6 +302,18 @@ class Pool:
             return SpaceShortage(AlertKind.PD_HOST_FULL, f"pool '{self.row.name}': {exc}")
         return None
 
+    def unprovision(self, packed: int) -> None:
+        """A region ``provision`` made real was not assigned after all (its commit refused, or
+        another member's file system full): give its host blocks back before it goes back to the
+        free list, so that refused writes do not eat a full file system's space bit by bit.
+        Best effort (logged); the region is free and reads zeros either way."""
+        slots = self.slots[packed >> REGION_BITS]
+        size = self.row.region_size
+        try:
+            slots.ld.deallocate((packed & REGION_MASK) * size, size)
+        except Exception:  # never let the clean-up hide the refusal being reported
+            log.exception("pool '%s': giving back the host blocks of LD region %#x", self.name, packed)
+
     def release(self, packed: int) -> bool:
         """One reference to a region goes (the caller unmapped it).  When it was the last, the
         region is zeroed now and free after the next fsync; a region other volumes still map is

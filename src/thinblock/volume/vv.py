@@ -542,18 +542,23 @@ class VirtualVolume:
             raise self._gone()
         # Real blocks on the host file systems first (issue 10 case 5): a full one is ENOSPC here,
         # before the region is anyone's, not a failed write into it later.
+        # Whatever refuses the region from here on gives its host blocks back (``unprovision``):
+        # a full file system must not lose space to writes it refused.
         try:
             shortage = self.pool.provision(packed)
         except BaseException:
+            self.pool.unprovision(packed)
             self.pool.unreserve([packed])
             raise
         if shortage is not None:
+            self.pool.unprovision(packed)  # members provisioned before the full one
             self.pool.unreserve([packed])
             raise OutOfSpace(f"VV '{self.row.name}': {shortage.message}", shortage.reason.value)
         committed = self._meta.assign(self.row.id, region, packed >> REGION_BITS, packed & REGION_MASK)
 
         def landed(done: asyncio.Future[None]) -> None:
             if done.cancelled() or done.exception() is not None:
+                self.pool.unprovision(packed)  # nothing was written into it
                 self.pool.unreserve([packed])
             else:
                 self.map.set(region, packed)
