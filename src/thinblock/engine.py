@@ -53,6 +53,9 @@ from .metadata.lease import (
     holder_name,
     take_node_lease,
 )
+from .metadata.reserve import FILENAME as RESERVE_FILE
+from .metadata.reserve import StoreReserve
+from .metadata.sqlite import SQLiteStore
 from .metadata.store import MetadataStore, PoolRow, VVRow
 from .metadata.writer import MetadataWriter
 from .model import (
@@ -158,6 +161,9 @@ class Engine:
             store, loop, on_trouble=self._metadata_trouble, on_recovered=self._metadata_recovered
         )
         self.alerts = AlertBus(store)
+        # Room on the store's file system for the store generation's bump while it is full
+        # (metadata/reserve.py); SQLite only.
+        self.store_reserve = StoreReserve(data_dir / RESERVE_FILE) if isinstance(store, SQLiteStore) else None
         self.chunklets = ChunkletAllocator()
         self.pds: dict[int, PhysicalDisk] = {}
         self.lds: dict[int, LogicalDisk] = {}
@@ -304,6 +310,8 @@ class Engine:
         store = self.store
         pd_rows = store.load_pds()
         self.headers = self.failures.headers = PDHeaders.load(store, has_pds=bool(pd_rows))
+        if self.store_reserve is not None:
+            self.store_reserve.ensure()
         # The generation read is what PD headers may carry from now on: durable first (after a
         # kill -9 the WAL may hold commits the page cache has not written back).
         store.sync()
@@ -592,6 +600,8 @@ class Engine:
         )
 
     def _metadata_recovered(self) -> None:
+        if self.store_reserve is not None:
+            self.store_reserve.ensure()  # released while the store was full: room again
         was_away = self.alerts.is_open(AlertKind.METADATA_UNAVAILABLE, "metadata")
         self.alerts.clear(AlertKind.METADATA_STORE_FULL, "metadata")
         self.alerts.clear(AlertKind.METADATA_UNAVAILABLE, "metadata")
@@ -693,7 +703,7 @@ class Engine:
                     # loses this flush's commits is then found older than the PD headers.  Bumped
                     # in _sync_all, off the loop: with a remote store the bump is a round trip.
                     failures = await asyncio.get_running_loop().run_in_executor(
-                        None, _sync_all, pds, self.store, self.headers
+                        None, _sync_all, pds, self.store, self.headers, self.store_reserve
                     )
                 except BaseException:
                     for pool, batch in pending.items():
@@ -703,6 +713,8 @@ class Engine:
                     pool.free_pending(batch)
                 if not failures:
                     self.journal.retire(journal_mark)
+                if self.store_reserve is not None and not self.store_reserve.in_place:
+                    self.store_reserve.ensure()  # released by a bump: made again once there is room
                 self._flush_done = target
                 if errors or failures:
                     # The lost write may have been acknowledged before any flush asked for so far
@@ -1544,13 +1556,16 @@ def _limit_of(row: VVRow, field: str) -> Limit | None:
     return None if nbytes is None and pct is None else Limit(nbytes, pct)
 
 
-def _sync_all(pds: list[PhysicalDisk], store: MetadataStore, headers: PDHeaders) -> list[str]:
+def _sync_all(
+    pds: list[PhysicalDisk], store: MetadataStore, headers: PDHeaders, reserve: StoreReserve | None = None
+) -> list[str]:
     """Blocking, on the flush's thread: bump the store generation when the store changed since
     the last bump (a round trip with a remote store: never on the loop), fsync every PD, then the
     store (data before the metadata that points at it), then, when the flush bumped the
     generation, the PD headers (after the store: a header must never be ahead of the durable
-    store).  A header write syncs only its 4 KiB."""
-    generation = headers.bump_if_changed(store)
+    store).  A header write syncs only its 4 KiB.  ``reserve``: room for the bump on a full store's
+    file system (metadata/reserve.py)."""
+    generation = headers.bump_if_changed(store, reserve)
     failures = []
     for pd in pds:
         try:

@@ -11,7 +11,8 @@ What the headers hold for the engine, and the rules kept with them:
   value goes into every PD header.  A header can therefore never be ahead of a store that kept
   all its commits: at open, a store whose generation is below a PD header's lost commits that
   a completed flush relied on (its WAL deleted after a crash, an old copy restored), and the
-  engine refuses to start, naming it (``StoreBehindData``).
+  engine refuses to start, naming it (``StoreBehindData``).  A store whose file system is full
+  takes the bump's commit in the room of its reserve (``metadata/reserve.py``).
 * **Failure events** (md's event counter).  Each PD failure bumps ``events``; the new count and
   the set of failed PDs go into the header of every PD in service before the engine
   acknowledges anything more on the LDs of the failed PD.  At open, the PDs named failed by
@@ -27,7 +28,8 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .errors import MediumError, MetadataCorrupt, ThinblockError
+from .errors import MediumError, MetadataCorrupt, MetadataStoreFull, ThinblockError
+from .metadata.reserve import StoreReserve
 from .metadata.store import MetadataStore
 from .physical.header import HeaderError, PDHeader, check_header, new_data_dir_id, read_header
 from .physical.pd import PhysicalDisk
@@ -177,7 +179,7 @@ class PDHeaders:
         """After open: changes from now on call for a bump at the next flush."""
         self._changes_at_bump = store.change_count()
 
-    def bump_if_changed(self, store: MetadataStore) -> int | None:
+    def bump_if_changed(self, store: MetadataStore, reserve: StoreReserve | None = None) -> int | None:
         """At a flush, after the flush's commit, on the flush's thread (a round trip with a remote
         store; flushes run one at a time): when the store changed since the last bump, commit
         generation + 1 to it and return that number (``publish`` it once the store is synced);
@@ -186,13 +188,27 @@ class PDHeaders:
         Why this rule is enough: a store rolled back to before some commit C that a completed
         flush F relied on is rolled back to before F's bump as well (SQLite keeps a prefix of its
         commits: a checkpoint copies the WAL in order), and F's bump is on every PD header when F
-        completes; flushes that changed nothing add nothing a rollback could lose."""
+        completes; flushes that changed nothing add nothing a rollback could lose.
+
+        A store whose file system is full gets the room of ``reserve`` (metadata/reserve.py) for
+        this commit: the reserve is deleted and the commit tried once more."""
         count = store.change_count()
         if count >= 0 and count == self._changes_at_bump:
             return None
         generation = self.generation + 1
         try:
-            store.set_meta(GENERATION_KEY, str(generation))
+            try:
+                store.set_meta(GENERATION_KEY, str(generation))
+            except MetadataStoreFull as exc:
+                if reserve is None or not reserve.release():
+                    raise
+                log.warning(
+                    "the store is full (%s): its reserve %s was released for the store generation's bump",
+                    exc,
+                    reserve.path,
+                    extra={"event": "store-reserve-released"},
+                )
+                store.set_meta(GENERATION_KEY, str(generation))
         except ThinblockError as exc:  # MetadataStoreFull, MetadataUnavailable, MetadataCorrupt
             # The store cannot commit (its file system full, say): the flush goes on -- its data
             # and every commit that did land are made durable -- and the next flush tries again.

@@ -10,6 +10,9 @@ takes every free byte of the tmpfs.  Required, and checked:
 * overwrites of assigned regions and reads go on while the store is full;
 * the condition is reported as such: a ``metadata-store-full`` alert, a clear API error
   (HTTP 507 naming the full store) for ``POST /volumes``;
+* a flush while full still bumps the store generation (case 6's detection of a store that
+  lost its WAL), in the room of the store's reserve (``metadata/reserve.py``): no
+  ``generation-not-bumped`` in the log;
 * when space returns the node goes on by itself: fresh writes succeed, the alert clears, a
   clean stop is clean, ``thinblock check`` passes and a restart serves everything acknowledged.
 
@@ -94,6 +97,7 @@ class Volume:
         self.seq = 0
         self.refused = 0
         self.acknowledged = 0
+        self.reserve_bumps = 0  # flushes whose generation bump used the store's reserve
         self.regions_checked = 0  # region reads compared with what they must hold
         self.bytes_verified = 0
 
@@ -180,6 +184,11 @@ async def one_round(daemon: Daemon, vol: Volume, store_dir: Path, first: int, pl
             {"name": f"w{first}", "pool": "p", "size": 16 * MiB, "cache_mode": "writethrough"},
         )
         assert status == 507 and "metadata store" in str(body) and "full" in str(body), (status, body)
+        # A flush while full: the store generation's bump (what makes a store that later loses
+        # its WAL detectable, case 6) takes the store's reserve rather than being skipped.
+        await client.flush()
+        assert not daemon.events("generation-not-bumped"), daemon.events("generation-not-bumped")
+        vol.reserve_bumps += len(daemon.events("store-reserve-released"))
         if plan.ending == "kill while full":
             client.abort()
             daemon.kill()
@@ -236,6 +245,7 @@ async def store_full_drill(tmp_path: Path, plans: list[Round]) -> None:
         fresh_writes_refused_enospc=vol.refused,
         regions_checked=vol.regions_checked,
         regions_written=region,
+        generation_bumps_with_the_reserve=vol.reserve_bumps,
         seconds=round(time.monotonic() - started, 1),
     )
     figures.report()

@@ -225,3 +225,40 @@ async def test_a_store_older_than_the_pd_headers_is_refused(tmp_path: Path) -> N
     assert not report.ok and any("older than the data" in p for p in report.problems), report
     with pytest.raises(StoreBehindData, match=r"older than the data: its generation is \d+, PD 1"):
         await Engine.open(tmp_path)
+
+
+async def test_a_full_store_bumps_the_generation_with_its_reserve(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store's file system full (issue 10 case 2): the bump's commit failed, the flush went
+    on without it, and until a later bump landed a store that lost its WAL as well went
+    unnoticed.  The reserve (metadata/reserve.py) gives the bump its room: the flush bumps, the
+    headers carry the new generation, and the reserve is made again once there is room.
+    The file system is simulated: the store refuses commits while the reserve file exists."""
+    from tests.engine_helpers import STEP, pattern
+    from thinblock.errors import MetadataStoreFull
+
+    engine = await make_engine(tmp_path, pds=2, pd_size=MiB)
+    await engine.create_pool("p", raid=1, region_size=16 * 1024, growth_increment=CHUNKLET, step=STEP)
+    await engine.create_vv("v", pool="p", size=MiB)
+    await engine.volume("v").write(0, pattern(1, 4096))
+    await engine.flush_all()
+    reserve = engine.store_reserve
+    assert reserve is not None and reserve.in_place
+    before = engine.headers.generation
+    await engine.volume("v").write(16 * 1024, pattern(2, 4096))  # a new region: the store changed
+    real = engine.store.set_meta
+
+    def full_while_reserved(key: str, value: str) -> None:
+        if reserve.path.exists():
+            raise MetadataStoreFull(f"{engine.store.url}: database or disk is full")
+        real(key, value)
+
+    monkeypatch.setattr(engine.store, "set_meta", full_while_reserved)
+    await engine.flush_all()
+    assert engine.headers.generation == before + 1, "the bump was skipped with the store full"
+    assert all(pd.read_header().store_generation == before + 1 for pd in engine.pds.values())  # type: ignore[union-attr]
+    assert engine.store.get_meta("generation") == str(before + 1)
+    assert reserve.releases == 1
+    assert reserve.in_place, "the reserve was not made again once there was room"
+    await engine.close()
