@@ -251,6 +251,7 @@ def test_degraded_raid5_write_hole_short(make_daemon: Callable[..., Daemon], tmp
 
 
 @pytest.mark.long
+@pytest.mark.timeout(3600)  # 60 kills, each a restart and a full read: about 6 s each on 2 shared cores
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_degraded_raid5_write_hole_long(
     make_daemon: Callable[..., Daemon], tmp_path: Path, pattern: str

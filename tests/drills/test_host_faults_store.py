@@ -256,6 +256,7 @@ def test_store_file_system_full_short(tmp_path: Path) -> None:
 
 
 @pytest.mark.long
+@pytest.mark.timeout(1800)
 def test_store_file_system_full_long(tmp_path: Path) -> None:
     plans = [Round(before=32, burst=8, ending=ENDINGS[n % len(ENDINGS)]) for n in range(6)]
     asyncio.run(store_full_drill(tmp_path, plans))
