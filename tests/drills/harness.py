@@ -83,11 +83,17 @@ def decode_block(data: bytes | bytearray | memoryview) -> Decoded:
 def wait_for_more_writes(daemon: Daemon, names: list[str], timeout: float = 60.0) -> None:
     """Return once every volume in ``names`` has taken a write since this call (its ``writes``
     statistic grew): the load is really running on each of them."""
-    before = {n: int(daemon.api_get(f"/volumes/{n}/stats")["writes"]) for n in names}
+
+    # The API answers on the daemon's event loop, which the load keeps busy: on a loaded machine
+    # one answer may take longer than api_get's own timeout, so the deadline here is what counts.
+    def writes(n: str) -> int:
+        return int(daemon.api_get(f"/volumes/{n}/stats", timeout=timeout)["writes"])
+
+    before = {n: writes(n) for n in names}
     deadline = time.monotonic() + timeout
     waiting = set(names)
     while waiting and time.monotonic() < deadline:
-        waiting = {n for n in waiting if int(daemon.api_get(f"/volumes/{n}/stats")["writes"]) <= before[n]}
+        waiting = {n for n in waiting if writes(n) <= before[n]}
         time.sleep(0.02)
     assert not waiting, f"no writes reached {sorted(waiting)} in {timeout:.0f} s"
 
