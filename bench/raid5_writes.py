@@ -8,9 +8,11 @@ Cases: the set healthy, then with one PD failed; each with the journal (as the e
 and without it (every LD's ``journal`` detached: the code path before the journal existed).
 The cases take turns, ``--repeat`` times, each in a fresh directory; prints writes/s, the
 median latency.  With ``--loop-stall`` a ticker task (``await asyncio.sleep(0)`` in a loop) runs
-beside the writer and records the gaps between its turns: their 99th percentile is how long
-another connection would wait for the event loop (it spins, so it also slows the writer: rates
-and latencies are comparable only between runs with the same setting).
+beside the writer, which yields once after each write, and records the gaps between its turns:
+a write done inline holds the loop for its whole length, one handed to the I/O threads only
+while it is submitted.  The 99th percentile of those gaps is how long another connection would
+wait for the event loop (the ticker spins, so it also slows the writer: rates and latencies are
+comparable only between runs with the same setting).
 
     .venv/bin/python -m bench.raid5_writes --workdir /tmp/r5 --repeat 3
 """
@@ -74,6 +76,8 @@ async def random_writes(
             t = time.perf_counter()
             await volume.write(off, data)
             latencies.append(time.perf_counter() - t)
+            if loop_stall:
+                await asyncio.sleep(0)  # the ticker's turn: the gap it sees is the write's hold
         elapsed = time.perf_counter() - started
         done = True
         await ticking
