@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 
 import pytest
 
@@ -104,13 +106,19 @@ async def test_refusals_are_logged_once_per_interval(caplog: pytest.LogCaptureFi
     caplog.set_level(logging.INFO, logger="thinblock.nbd")
     try:
         holder = await open_client(srv, "v")
+        started = time.monotonic()
         for _ in range(300):
             c = await RawClient.connect(srv)
             assert await c.closed_by_server()
+        elapsed = time.monotonic() - started
         assert srv.refused == {LISTENER_FULL: 300}
         await wait_for(lambda: srv.refusals.needs_flush_at is None, timeout=5)
         lines = [r for r in caplog.records if getattr(r, "event", None) == "nbd-refused"]
-        assert 2 <= len(lines) <= 4, [r.getMessage() for r in lines]
+        # The first refusal, then at most one summary per interval the refusals lasted (plus the
+        # last one): on a loaded machine the 300 connections may span several intervals, but
+        # never anywhere near one line per refusal.
+        most = 3 + math.ceil(elapsed / 0.5)
+        assert 2 <= len(lines) <= min(most, 30), (elapsed, [r.getMessage() for r in lines])
         summary = lines[-1].getMessage()
         assert "refused" in summary and "listener-limit" in summary, summary
         assert sum(getattr(r, "refused", 1) for r in lines) == 300
