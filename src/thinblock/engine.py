@@ -268,6 +268,9 @@ class Engine:
             raise
         engine.cache.start()
         engine._schedule_pd_check()
+        # Loading a big store can outlast the gate's deadline (0.8 of the lease, counted from its
+        # acquisition): renewed once now, so that serving starts with a whole lease ahead.
+        await engine.lease.renew_once()
         engine.lease.start()
         return engine
 

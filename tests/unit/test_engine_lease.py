@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -205,5 +206,27 @@ async def test_the_local_deadline_closes_the_gate_only_with_a_shared_store(
         await engine.lease.renew_once()  # nobody took it: renewed with the same epoch, open again
         assert not engine.lease.lost and await vol.read(0, 4096) == b"a" * 4096
         await vol.write(0, b"d" * 4096)
+    finally:
+        await engine.close()
+
+
+async def test_a_load_longer_than_the_lease_does_not_start_with_the_gate_closed(
+    backend: StoreBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if backend.kind == "sqlite":
+        pytest.skip("the gate's deadline is PostgreSQL's (with SQLite only a lost lease closes it)")
+    engine = await _serving_engine(backend, tmp_path)
+    await engine.close()
+    slow_load = Engine._load
+
+    async def load(self: Engine) -> None:
+        await slow_load(self)
+        time.sleep(1.5)  # a store of millions of regions on a busy machine: the loop held
+
+    monkeypatch.setattr(Engine, "_load", load)
+    engine = await Engine.open(tmp_path / "a", replace(OPTIONS, lease_ttl=1.5), metadata=backend.url)
+    try:
+        assert not engine.gate.closed()
+        assert await engine.volume("v").read(0, 4096) == b"a" * 4096
     finally:
         await engine.close()
