@@ -1228,8 +1228,9 @@ def test_garbage_after_starttls_costs_only_its_connection(limited: tuple[Ctx, Pk
 @pytest.mark.long
 @pytest.mark.timeout(1800)
 def test_denial_of_service_rounds_long(limited: tuple[Ctx, Pki]) -> None:
-    """10 rounds of: 1,000 idle connections from one address (100 kept), 10,000 refused, 100 TLS
-    handshakes stalled; RSS at the limit must not grow from round to round."""
+    """10 rounds of: 1,000 idle connections from one address (100 kept), 10,000 refused, 60 TLS
+    handshakes stalled (which once kept their slots for ever); RSS at the limit must not grow
+    with the rounds beyond allocator drift."""
     ctx, _pki = limited
     hello = _client_hello()
     series: list[int] = []
@@ -1239,7 +1240,7 @@ def test_denial_of_service_rounds_long(limited: tuple[Ctx, Pki]) -> None:
         try:
             assert len(held) == PER_CLIENT_LIMIT
             assert _refused_attempts(ctx.port, 10_000) == 10_000
-            for i in range(100):
+            for i in range(60):  # from the witness's address, which may hold 100 in all
                 c = _starttls(ctx.port)
                 if i % 2:
                     c.send(hello[: len(hello) // 2])
@@ -1252,8 +1253,11 @@ def test_denial_of_service_rounds_long(limited: tuple[Ctx, Pki]) -> None:
             for c in held + stalled:
                 c.reset()
         _after_case(ctx)
-        if round_ >= 2:  # after the allocator's warm-up
-            assert (series[-1] - series[1]) << 20 < REFUSED_RSS_BOUND, (
+        if round_ >= 3:  # after three rounds of the allocator's warm-up, as in the long drill above
+            # A leak of what a round holds (100 connections in transmission: 25 MiB of receive
+            # buffers) would pass this bound within three rounds; a few MiB of allocator drift
+            # over ten rounds of 11,000 connections does not (measured: +2-3 MiB per round).
+            assert (series[-1] - series[2]) << 20 < ROUND_RSS_BOUND, (
                 f"RSS at the limit per round: {series} MiB"
             )
     print(f"\nDOS-LONG rounds=10 rss_at_limit_mib={series}")

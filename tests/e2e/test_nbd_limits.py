@@ -6,14 +6,21 @@ second client address is 127.0.0.2 (all of 127/8 is loopback on Linux)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
+import ssl
+import struct
 import time
+from pathlib import Path
 
 import pytest
 
+from tests.support.certs import make_pki
 from thinblock.api.metrics import NBDCollector
+from thinblock.nbd.protocol import TLSMode
 from thinblock.nbd.server import NBDServer
+from thinblock.nbd.tls import TLSSettings, server_context
 from thinblock.netlimits import CLIENT_FULL, LISTENER_FULL
 
 from .memvolume import MemProvider, MemVolume, MiB
@@ -238,5 +245,53 @@ async def test_metrics_show_refusals_by_reason() -> None:
         assert samples[("thinblock_nbd_connections", ())] == 1
         assert samples[("thinblock_nbd_connections_accepted_total", ())] == 1
         await holder.aclose()
+    finally:
+        await srv.stop()
+
+
+def _client_hello() -> bytes:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+async def test_stalled_tls_handshakes_give_their_slots_back(tmp_path: Path) -> None:
+    """A handshake that stalls is closed at the handshake timeout, and its connection leaves the
+    server's count and its slot (they stayed for ever: the TCP transport belonged to the TLS
+    layer, whose close never reached the connection, and stalled handshakes filled the listener)."""
+    pki = make_pki(tmp_path / "pki")
+    context = server_context(TLSSettings(TLSMode.ALLOWED, pki.server_cert, pki.server_key, pki.ca_cert))
+    srv = NBDServer(
+        MemProvider(MemVolume("v", 1 * MiB)),
+        tls_mode=TLSMode.ALLOWED,
+        tls_context=context,
+        handshake_timeout=0.5,
+        max_connections=8,
+    )
+    await srv.start("127.0.0.1", 0)
+    hello = _client_hello()
+    try:
+        for _round in range(3):  # 24 stalled handshakes through 8 slots
+            clients = []
+            for i in range(8):
+                c = await RawClient.connect(srv)
+                await c.greeting()
+                c.send(struct.pack(">I", 3) + struct.pack(">QII", 0x49484156454F5054, 5, 0))
+                assert (await c.option_reply())[:2] == (5, 1)  # STARTTLS acknowledged
+                if i % 2:
+                    c.send(hello[: len(hello) // 2])
+                clients.append(c)
+            for c in clients:
+                assert await c.closed_by_server(timeout=10)
+            await wait_for(lambda: srv.connection_count == 0)
+        assert srv.refused == {}
+        plain = await open_client(srv, "v")
+        assert await served(plain)
+        await plain.aclose()
     finally:
         await srv.stop()

@@ -71,6 +71,7 @@ import socket
 import ssl
 import stat
 import time
+import weakref
 from collections.abc import Callable, Coroutine, Iterator
 from functools import partial
 from typing import Any, cast
@@ -452,9 +453,23 @@ class NBDServer:
         return info
 
     def _new_core(self, connection: _Connection) -> ServerConnection:
+        # The core holds the connection only weakly: a strong reference would make a cycle
+        # (connection -> core -> callback -> connection) that only the cyclic GC frees, so a
+        # closed connection's buffers (256 KiB in transmission) would linger until a full
+        # collection: RSS grew by a round's connections per round of the DoS drill.
+        ref = weakref.ref(connection)
+
+        def list_exports() -> Iterator[tuple[str, str]]:
+            alive = ref()
+            return self._list_exports(alive.identity) if alive is not None else iter(())
+
+        def lookup_export(name: str) -> ExportInfo | None:
+            alive = ref()
+            return self._lookup_export(alive.identity, name) if alive is not None else None
+
         return ServerConnection(
-            list_exports=lambda: self._list_exports(connection.identity),
-            lookup_export=lambda name: self._lookup_export(connection.identity, name),
+            list_exports=list_exports,
+            lookup_export=lookup_export,
             default_export=self.default_export,
             tls=self.tls_mode,
         )
@@ -869,6 +884,13 @@ class _Connection(asyncio.BufferedProtocol):
             )
             self._closing = True
             self.close_transport(abort=True)
+            task = self._tls_task
+            if task is not None and not task.done():
+                # The TCP transport belongs to the TLS layer while the handshake runs: its close
+                # never reached this protocol, so the connection (and its slot) stayed counted
+                # for ever -- stalled TLS handshakes filled the listener.  End it here.
+                task.cancel()
+                asyncio.get_running_loop().call_soon(self.connection_lost, None)
 
     def _export_chosen(self, event: ExportChosen) -> None:
         if self._timer is not None:
