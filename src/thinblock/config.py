@@ -39,6 +39,8 @@ Every key has a default, so an empty file (or none) gives a working daemon on lo
     login_timeout = 30.0            # seconds a connection may take to log in
     nop_interval = 15.0             # ping (NOP-In) a connection idle this long; 0: never
     nop_timeout = 30.0              # close a connection that does not answer the ping in this
+    max_connections = 256           # on the listener; past it connections are refused
+    max_connections_per_client = 128    # per initiator address; 0: no limit of this kind
     [iscsi.acl]                     # per VV: the initiator names allowed ("*" key: every VV)
     # vol0 = ["iqn.1993-08.org.debian:01:host1"]
 
@@ -224,6 +226,8 @@ class ISCSIConfig:
     login_timeout: float = 30.0
     nop_interval: float = 15.0  # an idle connection is pinged (NOP-In) after this; 0: never
     nop_timeout: float = 30.0  # a ping not answered within this closes the connection
+    max_connections: int = 256  # on the listener; past it connections are refused
+    max_connections_per_client: int = 128  # per initiator address; 0: no limit of this kind
     acl: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
@@ -455,6 +459,8 @@ _TABLES = {
         "login_timeout",
         "nop_interval",
         "nop_timeout",
+        "max_connections",
+        "max_connections_per_client",
         "acl",
     },
     "engine": {
@@ -601,6 +607,14 @@ def parse_config(doc: dict[str, Any], *, base_dir: Path | None = None) -> Config
         i_changes["nop_interval"] = _float(iscsi["nop_interval"], "iscsi.nop_interval", low=0, high=3600)
     if "nop_timeout" in iscsi:
         i_changes["nop_timeout"] = _float(iscsi["nop_timeout"], "iscsi.nop_timeout", low=0.1, high=3600)
+    if "max_connections" in iscsi:
+        i_changes["max_connections"] = _int(
+            iscsi["max_connections"], "iscsi.max_connections", low=1, high=65536
+        )
+    if "max_connections_per_client" in iscsi:
+        i_changes["max_connections_per_client"] = _int(
+            iscsi["max_connections_per_client"], "iscsi.max_connections_per_client", low=0, high=65536
+        )
     if "acl" in iscsi:
         acl = iscsi["acl"]
         if not isinstance(acl, dict):

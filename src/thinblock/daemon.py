@@ -415,15 +415,7 @@ class Daemon:
                 from .api.metrics import ISCSICollector
 
                 iscsi = self.iscsi
-                extra_metrics.append(
-                    ISCSICollector(
-                        iscsi.sessions,
-                        lambda: {
-                            "connections_total": iscsi.connections_total,
-                            "logins_failed": iscsi.logins_failed,
-                        },
-                    )
-                )
+                extra_metrics.append(ISCSICollector(iscsi.sessions, iscsi.counters))
             node = NodeInfo(
                 iscsi_portal=self.iscsi_portal,
                 iscsi_sessions=self.iscsi.sessions if self.iscsi is not None else None,
@@ -756,6 +748,8 @@ class Daemon:
             login_timeout=icfg.login_timeout,
             nop_interval=icfg.nop_interval,
             nop_timeout=icfg.nop_timeout,
+            max_connections=icfg.max_connections,
+            max_connections_per_client=icfg.max_connections_per_client,
             sessions=self.engine.sessions,
         )
         try:

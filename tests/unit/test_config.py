@@ -354,3 +354,14 @@ def test_takeover_needs_the_partners_directory_and_service_address(tmp_path: Pat
         Config(), node_name="n2", partner="127.0.0.1:1", partner_data="/d", partner_service="127.0.1.1:9"
     )
     assert (cfg.node.partner_data, cfg.node.partner_service) == (Path("/d"), Listen("127.0.1.1", 9))
+
+
+def test_iscsi_connection_limits() -> None:
+    default = Config()
+    assert (default.iscsi.max_connections, default.iscsi.max_connections_per_client) == (256, 128)
+    cfg = parse_config({"iscsi": {"max_connections": 64, "max_connections_per_client": 0}}).validate()
+    assert (cfg.iscsi.max_connections, cfg.iscsi.max_connections_per_client) == (64, 0)
+    with pytest.raises(ConfigError, match=r"iscsi\.max_connections: must be between 1"):
+        parse_config({"iscsi": {"max_connections": 0}})
+    with pytest.raises(ConfigError, match=r"iscsi\.max_connections_per_client: must be between 0"):
+        parse_config({"iscsi": {"max_connections_per_client": -1}})

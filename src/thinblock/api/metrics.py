@@ -359,6 +359,16 @@ class ISCSICollector:
         )
         failed.add_metric([], counters.get("logins_failed", 0))
         yield failed
+        from thinblock.netlimits import REFUSAL_REASONS
+
+        refused = CounterMetricFamily(
+            "thinblock_iscsi_connections_refused",
+            "iSCSI connections refused: listener-limit, client-limit (per address), stopping",
+            labels=["reason"],
+        )
+        for reason in REFUSAL_REASONS:
+            refused.add_metric([reason], counters.get(f"refused_{reason}", 0))
+        yield refused
 
 
 class LatencyRecorder:

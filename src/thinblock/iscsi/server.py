@@ -38,6 +38,7 @@ from typing import Any, cast
 from thinblock.aio import start_eager
 from thinblock.blockdev import VolumeProvider
 from thinblock.errors import NotFound
+from thinblock.netlimits import DEFAULT_LOG_INTERVAL, STOPPING, ConnectionLimits, RefusalLog
 from thinblock.sessions import Session as Registered
 from thinblock.sessions import SessionRegistry
 
@@ -68,6 +69,7 @@ DEFAULT_LOGIN_TIMEOUT = 30.0
 DEFAULT_NOP_INTERVAL = 15.0  # an idle connection is pinged after this long (0: never)
 DEFAULT_NOP_TIMEOUT = 30.0  # and closed when the ping is not answered within this
 DEFAULT_MAX_CONNECTIONS = 256
+DEFAULT_MAX_PER_CLIENT = 128  # connections one initiator address may hold (0: no such limit)
 DEFAULT_MAX_BYTES = 128 * 1024 * 1024  # read bytes in flight per connection before it stops reading
 _CLOSE_GRACE = 5.0
 _JOIN_LIMIT = 16 * 1024  # reply pieces up to this size are joined into one write
@@ -103,6 +105,8 @@ class ISCSIServer:
         acl: list[AccessRule] | None = None,
         login_timeout: float = DEFAULT_LOGIN_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_connections_per_client: int = DEFAULT_MAX_PER_CLIENT,
+        refusal_log_interval: float = DEFAULT_LOG_INTERVAL,
         max_bytes_per_connection: int = DEFAULT_MAX_BYTES,
         nop_interval: float = DEFAULT_NOP_INTERVAL,
         nop_timeout: float = DEFAULT_NOP_TIMEOUT,
@@ -114,6 +118,13 @@ class ISCSIServer:
         self.acl = acl or []
         self.login_timeout = login_timeout
         self.max_connections = max_connections
+        # Admission as the NBD listener does it (netlimits.py): a cap on the listener and one per
+        # initiator address, so one host's idle connections cannot lock every other host out;
+        # refusals counted for the metrics and logged at most twice per interval.
+        self.limits = ConnectionLimits(max_connections, max_connections_per_client)
+        self.refusals = RefusalLog(log, "iscsi-refused", interval=refusal_log_interval)
+        self.refused: dict[str, int] = {}
+        self._refusal_flush: asyncio.TimerHandle | None = None
         self.max_bytes_per_connection = max_bytes_per_connection
         self.nop_interval = nop_interval
         self.nop_timeout = nop_timeout
@@ -135,6 +146,38 @@ class ISCSIServer:
     # --- naming and policy ------------------------------------------------------------------
     def target_name(self, vv: str) -> str:
         return f"{IQN_PREFIX}:{self.node_name}:{iqn_component(vv)}"
+
+    def _refuse(self, connection: _Connection, reason: str) -> None:
+        """Count and (rate-limited) log a refused connection."""
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+        host = connection.peer_host
+        if reason == STOPPING:
+            detail = "the target is stopping"
+        elif (
+            host is not None
+            and self.limits.max_per_client
+            and self.limits.of_client(host) >= self.limits.max_per_client
+        ):
+            detail = f"{self.limits.max_per_client} connections from {host} already"
+        else:
+            detail = f"{self.limits.max_connections} connections on this listener already"
+        self.refusals.refused(connection.peer, host, reason, detail)
+        due = self.refusals.needs_flush_at
+        if due is not None and self._refusal_flush is None:
+            delay = max(0.0, due - self.refusals.clock())
+            self._refusal_flush = asyncio.get_running_loop().call_later(delay, self._flush_refusals)
+
+    def _flush_refusals(self) -> None:
+        self._refusal_flush = None
+        self.refusals.flush()
+
+    def counters(self) -> dict[str, int]:
+        """The listener's counters for the metrics (api/metrics.ISCSICollector)."""
+        return {
+            "connections_total": self.connections_total,
+            "logins_failed": self.logins_failed,
+            **{f"refused_{reason}": n for reason, n in self.refused.items()},
+        }
 
     def _targets(self) -> dict[str, str]:
         """Target name -> VV name (the first VV in sorted order wins a shared name)."""
@@ -261,6 +304,10 @@ class ISCSIServer:
         for connection in list(self._connections):
             connection.close(abort=True)
         self._servers.clear()
+        if self._refusal_flush is not None:
+            self._refusal_flush.cancel()
+            self._refusal_flush = None
+        self.refusals.flush()
         log.info("iSCSI target stopped", extra={"event": "iscsi-stopped"})
 
     # --- admin ------------------------------------------------------------------------------------
@@ -348,6 +395,8 @@ class _Connection(asyncio.Protocol):
         self.server = server
         self.number = number
         self.peer = f"#{number}"
+        self.peer_host: str | None = None  # the initiator's address, for the per-address limit
+        self._admitted = False  # holds a slot of the server's ConnectionLimits
         self.transport: asyncio.Transport | None = None
         self.core: TargetConnection
         self.lu: LogicalUnit | None = None
@@ -370,6 +419,7 @@ class _Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.peer = f"{peer[0]}:{peer[1]}"
+            self.peer_host = str(peer[0])
         sockname = transport.get_extra_info("sockname")
         host, port = (sockname[0], sockname[1]) if isinstance(sockname, tuple) else ("127.0.0.1", 3260)
         portal = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -378,10 +428,12 @@ class _Connection(asyncio.Protocol):
         server._connections.add(self)
         server._of_core[self.core] = self
         server.connections_total += 1
-        if server._stopping or len(server._connections) > server.max_connections:
-            log.warning("refusing iSCSI connection from %s: too many connections", self.peer)
+        refused = STOPPING if server._stopping else server.limits.admit(self.peer_host)
+        if refused is not None:
+            server._refuse(self, refused)
             self.close(abort=True)
             return
+        self._admitted = True
         self._login_timer = asyncio.get_running_loop().call_later(server.login_timeout, self._login_timeout)
 
     def data_received(self, data: bytes) -> None:
@@ -405,6 +457,9 @@ class _Connection(asyncio.Protocol):
             self.core.abort(itt)
         self.server._connections.discard(self)
         self.server._of_core.pop(self.core, None)
+        if self._admitted:
+            self._admitted = False
+            self.server.limits.release(self.peer_host)
         if not self.core.session.connections:
             # The I_T nexus is the session's (initiator name and ISID): it ends with the last
             # connection.
