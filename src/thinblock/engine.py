@@ -1197,10 +1197,20 @@ class Engine:
             if chunklet.pd is pd
         ]
 
-    def _refuse_unrebuildable(self, pd: PhysicalDisk, what: str) -> list[tuple[LogicalDisk, int, int]]:
-        """The members of ``pd``; Conflict when one of them cannot be rebuilt from the others."""
+    def _refuse_unrebuildable(
+        self, pd: PhysicalDisk, what: str, *, raid0_ok: bool = False
+    ) -> list[tuple[LogicalDisk, int, int]]:
+        """The members of ``pd``; Conflict when one of them cannot be rebuilt from the others
+        (with ``raid0_ok``, RAID 0 members pass: a restore puts them back as they are)."""
         members = self._members_on(pd)
-        stuck = sorted({ld.id for ld, row, col in members if (row, col) not in ld.rebuildable_members()})
+        stuck = sorted(
+            {
+                ld.id
+                for ld, row, col in members
+                if (row, col) not in ld.rebuildable_members()
+                and not (raid0_ok and ld.raid is RaidLevel.RAID0)
+            }
+        )
         if stuck:
             raise Conflict(
                 f"PD {pd.id} cannot be {what}: LD(s) {', '.join(map(str, stuck))} hold no other copy of"
@@ -1213,12 +1223,20 @@ class Engine:
         failed, so each of its LD members is rebuilt in place from the others (the rebuild's own
         job: writes during the copy reach it too) before anything reads it again; then its
         failure is cleared in the store and the PD headers.  Until the last member is done the
-        store still says failed: a restart in the middle serves it as failed, never stale."""
+        store still says failed: a restart in the middle serves it as failed, never stale.
+
+        RAID 0 members have no other copy and need none: every request that touched them failed
+        while the PD was failed, so nothing was acknowledged there since; they are put back as
+        they are (``LogicalDisk.reinstate_member``) once the PD's header proves it is the same PD.
+        A member of a redundant row that lost another member too is refused: which copy is
+        current cannot be told."""
         async with self._rebuild_lock:
             old = self._pd(pd_id)
             if not old.failed:
                 raise Conflict(f"PD {pd_id} is in service; only a failed PD can be restored")
-            members = self._refuse_unrebuildable(old, "restored")
+            members = self._refuse_unrebuildable(old, "restored", raid0_ok=True)
+            sole = [(ld, row, col) for ld, row, col in members if ld.raid is RaidLevel.RAID0]
+            members = [m for m in members if m[0].raid is not RaidLevel.RAID0]
             old.close()  # its file's lock and fd: the PD is opened anew (a failed PD is never read)
             try:
                 fresh = PhysicalDisk.open(
@@ -1249,6 +1267,8 @@ class Engine:
                 target = Chunklet(fresh, ld.rows[row][col].index)
                 if not await self._rebuild_member(ld, row, col, target, lambda n: None):
                     raise Conflict(f"PD {pd_id} could not be restored: resynchronising LD {ld.id} failed")
+            for ld, row, col in sole:
+                ld.reinstate_member(row, col, Chunklet(fresh, ld.rows[row][col].index))
             self.chunklets.pds[pd_id] = fresh
             old.remove_failure_listener(self.failures.listener)
             await self.meta.call(self.store.set_pd_health, pd_id, PDHealth.NORMAL.value)

@@ -191,3 +191,43 @@ def test_pd_fail_asks_on_a_terminal(daemon: Daemon) -> None:
     # -y does not ask.
     code, output = _on_a_terminal(daemon, b"", "pd", "fail", "2", "-y")
     assert code == 0 and "[y/N]" not in output, output
+
+
+def test_restore_puts_raid0_members_back_as_they_are(daemon: Daemon) -> None:
+    """A RAID 0 LD has no other copy: while its PD is failed every request touching it fails, so
+    nothing was acknowledged there since, and restore puts the members back unchanged (after
+    the header proved the file is the PD).  The RAID 1 members of the same PD are resynchronised
+    as before, in the same restore."""
+    daemon.cli_json(
+        "pool", "create", "fast", "--raid", "0", "--set-size", "2", "--growth-increment", "8MiB"
+    )  # fmt: skip
+    daemon.cli_json("vv", "create", "scratch", "--pool", "fast", "--size", "16MiB")
+    fast = daemon.uri("scratch")
+    qemu_io(fast, "write -P 0x66 0 16M")
+    _write_before_and_during(daemon, failed=1)  # vol0 (RAID 1) goes on; PD 1 fails
+    assert qemu_io(fast, "read 0 16M", check=False).returncode != 0  # RAID 0 data on PD 1: lost
+    assert any(ld["health"] == "failed" for ld in daemon.cli_json("ld", "list"))
+    restored = daemon.cli("pd", "restore", "1")
+    assert restored.code == 0, restored.err
+    assert all(ld["health"] == "normal" for ld in daemon.cli_json("ld", "list"))
+    assert not any(a["kind"] in ("pd-failed", "ld-failed") for a in daemon.cli_json("alerts"))
+    qemu_io(fast, "read -P 0x66 0 16M", "write -P 0x77 4M 4M")
+    daemon.cli_json("pd", "fail", "2", "-y")  # vol0 now read from PD 1 alone: resynchronised
+    _read_all_back(daemon)
+    assert daemon.cli("pd", "restore", "2").code == 0
+    _check_clean(daemon)
+    qemu_io(daemon.uri("scratch"), "read -P 0x66 0 4M", "read -P 0x77 4M 4M", "read -P 0x66 8M 8M")
+    _read_all_back(daemon)
+
+
+def test_restore_refuses_a_row_that_lost_both_copies(daemon: Daemon) -> None:
+    """Both mirrors of a RAID 1 row failed one after the other: which one is current cannot be
+    told, so neither is restored; nothing changes."""
+    qemu_io(daemon.uri("vol0"), "write -P 0x11 0 8M")
+    daemon.cli_json("pd", "fail", "1", "-y")
+    qemu_io(daemon.uri("vol0"), "write -P 0x22 0 4M")  # reaches PD 2 only
+    daemon.cli_json("pd", "fail", "2", "-y")
+    for pd in ("1", "2"):
+        refused = daemon.cli("pd", "restore", pd)
+        assert refused.code == 1 and "hold no other copy of its data" in refused.err, refused.err
+        assert daemon.cli_json("pd", "show", pd)["health"] == "failed"

@@ -255,3 +255,47 @@ def test_rebuildable_members_skip_lost_rows_and_running_jobs(tmp_path: Path) -> 
     assert ld.rebuildable_members() == []
     assert raid0.rebuildable_members() == []
     close_all(pds)
+
+
+def test_a_raid0_member_is_reinstated_as_it_is_and_only_by_its_own_chunklet(tmp_path: Path) -> None:
+    """``reinstate_member``: RAID 0 only, the same chunklet of the same PD reopened; the data is
+    what it was, and the LD is whole again."""
+    pds = make_pds(tmp_path, 2, chunklets=2)
+    ld = make_ld(pds, RaidLevel.RAID0, 2, 2)
+    data = random.Random(7).randbytes(ld.size)
+    ld.write(0, data)
+    victim = ld.rows[0][1].pd
+    victim.fail("drill")
+    assert ld.health == LDHealth.FAILED
+    with pytest.raises(MediumError):
+        ld.read(0, ld.size)
+    with pytest.raises(Conflict, match="has not failed"):
+        ld.reinstate_member(0, 0, ld.rows[0][0])
+    victim.close()  # as Engine.restore_pd does: the PD is opened anew
+    reopened = PhysicalDisk.open(
+        victim.id,
+        victim.path,
+        size=victim.size,
+        chunklet_size=victim.chunklet_size,
+        create=False,
+        allow_tiny=True,
+    )
+    wrong = Chunklet(reopened, 1 - ld.rows[0][1].index)
+    with pytest.raises(InvalidArgument, match="is not its member"):
+        ld.reinstate_member(0, 1, wrong)
+    for row, chunklets in enumerate(ld.rows):
+        for col, chunklet in enumerate(chunklets):
+            if chunklet.pd is victim:
+                ld.reinstate_member(row, col, Chunklet(reopened, chunklet.index))
+    assert ld.health == LDHealth.NORMAL
+    assert ld.read(0, ld.size) == data
+    close_all([pd for pd in pds if pd is not victim] + [reopened])
+
+
+def test_a_redundant_member_is_never_reinstated(tmp_path: Path) -> None:
+    ld, pds = setup_ld(tmp_path, RaidLevel.RAID1, 2)
+    member = ld.rows[0][0]
+    member.pd.fail("drill")
+    with pytest.raises(Conflict, match="rebuilt, not reinstated"):
+        ld.reinstate_member(0, 0, member)
+    close_all(pds)

@@ -1183,6 +1183,34 @@ class LogicalDisk:
             if not jobs:
                 del self._rebuilds[job.row]
 
+    def reinstate_member(self, row: int, column: int, chunklet: Chunklet) -> None:
+        """Put a RAID 0 member whose PD failed back in place, as it is: ``chunklet`` is the same
+        chunklet of the same PD, reopened after it turned out healthy (``Engine.restore_pd``).
+
+        Only RAID 0: there a failed member answered every read and write that touched it with an
+        error, so nothing was acknowledged on it since it failed and its content is still the
+        member's.  A member of a redundant set missed the writes its row took meanwhile: it
+        must be rebuilt (``start_rebuild``), never reinstated."""
+        if self.raid is not RaidLevel.RAID0:
+            raise Conflict(
+                f"LD {self.id} is RAID {int(self.raid)}: a failed member is rebuilt, not reinstated"
+            )
+        if not 0 <= row < len(self.rows) or not 0 <= column < self.set_size:
+            raise InvalidArgument(f"LD {self.id} has no member (row {row}, column {column})")
+        with self._lock:
+            member = self.rows[row][column]
+            if not member.pd.failed:
+                raise Conflict(f"LD {self.id} row {row} column {column} (PD {member.pd.id}) has not failed")
+            if chunklet.pd.failed or chunklet.pd.id != member.pd.id or chunklet.index != member.index:
+                raise InvalidArgument(
+                    f"LD {self.id} row {row} column {column}: chunklet {chunklet.index} of PD {chunklet.pd.id} "
+                    f"is not its member (chunklet {member.index} of PD {member.pd.id}) back in service"
+                )
+            self.rows[row][column] = chunklet
+            self._pds[row] = tuple(ch.pd for ch in self.rows[row])
+            self._bases[row] = tuple(ch.offset for ch in self.rows[row])
+            self._lost_generation = -1
+
     def _complete_rebuild(self, job: RebuildJob) -> None:
         """The replacement is a full copy: it takes the failed member's place."""
         self._end_rebuild(job)
