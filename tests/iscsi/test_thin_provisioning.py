@@ -133,3 +133,22 @@ async def test_a_snapshot_is_write_protected_over_iscsi(target: tuple[ISCSIServe
         assert read.status == 0 and read.data == b"\x21" * 4096
     finally:
         await host.close()
+
+
+async def test_a_renamed_volume_still_warns_its_connected_initiator(
+    target: tuple[ISCSIServer, Engine],
+) -> None:
+    """A session logged in before `vv rename` keeps its volume; the soft threshold crossed after
+    the rename still reaches it (the alert names the volume by its new name)."""
+    server, engine = target
+    host = await RawInitiator.connect(server.port or 0, server.target_name("thin"), "iqn.2026-12.test:host1")
+    try:
+        block = b"\x5a" * 4096
+        assert (await host.write16(0, block)).status == 0  # 1 region: below the warning
+        await engine.rename_vv("thin", "renamed")
+        assert (await host.write16(BLOCKS_PER_REGION, block)).status == 0  # 2 regions: crosses it
+        seen = await host.test_unit_ready()
+        assert (seen.status, seen.sense_key, seen.asc) == (CHECK_CONDITION, UA, SOFT_THRESHOLD)
+        assert (await host.test_unit_ready()).status == 0  # once per crossing
+    finally:
+        await host.close()

@@ -250,14 +250,16 @@ class ISCSIServer:
         obj = str(getattr(alert, "object", ""))
         if kind != "vv-allocation-warning" or state != "new" or not obj.startswith("vv:"):
             return
-        lu = self._lus.get(obj[3:])
-        if lu is not None:
+        vv = obj[3:]
+        # By the volume's name *now*, not the key its unit was made under: a session logged in
+        # before `vv rename` keeps its unit (and its volume), and must hear of the crossing too.
+        for lu in [lu for lu in self._lus.values() if getattr(lu.volume, "name", None) == vv]:
             lu.soft_threshold_reached()
             log.info(
                 "VV %s crossed its allocation warning: UNIT ATTENTION 38h/07h queued for %d nexus(es)",
-                obj[3:],
+                vv,
                 len(lu.nexuses),
-                extra={"event": "iscsi-soft-threshold", "vv": obj[3:]},
+                extra={"event": "iscsi-soft-threshold", "vv": vv},
             )
 
     # --- listening ------------------------------------------------------------------------------
