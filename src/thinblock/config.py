@@ -492,6 +492,16 @@ _TABLES = {
 }
 
 
+def _connection_limits(table: dict[str, Any], section: str) -> dict[str, int]:
+    """A listener's admission keys (netlimits.ConnectionLimits), the same for NBD and iSCSI:
+    ``max_connections`` (at least 1) and ``max_connections_per_client`` (0: no such limit)."""
+    out = {}
+    for key, low in (("max_connections", 1), ("max_connections_per_client", 0)):
+        if key in table:
+            out[key] = _int(table[key], f"{section}.{key}", low=low, high=65536)
+    return out
+
+
 def _access_rules(entries: Any) -> tuple[AccessRule, ...]:
     """``[[nbd.access]]`` tables: volume, clients (a list), mode."""
     if not isinstance(entries, list):
@@ -565,14 +575,7 @@ def parse_config(doc: dict[str, Any], *, base_dir: Path | None = None) -> Config
         if key in nbd:
             given = _optional_str(nbd[key], f"nbd.{key}")
             changes[f"nbd_{key}"] = path(given, f"nbd.{key}") if given else None
-    if "max_connections" in nbd:
-        changes["nbd_max_connections"] = _int(
-            nbd["max_connections"], "nbd.max_connections", low=1, high=65536
-        )
-    if "max_connections_per_client" in nbd:
-        changes["nbd_max_connections_per_client"] = _int(
-            nbd["max_connections_per_client"], "nbd.max_connections_per_client", low=0, high=65536
-        )
+    changes.update({f"nbd_{key}": value for key, value in _connection_limits(nbd, "nbd").items()})
     if "handshake_timeout" in nbd:
         changes["nbd_handshake_timeout"] = _float(
             nbd["handshake_timeout"], "nbd.handshake_timeout", low=0.1, high=3600
@@ -607,14 +610,7 @@ def parse_config(doc: dict[str, Any], *, base_dir: Path | None = None) -> Config
         i_changes["nop_interval"] = _float(iscsi["nop_interval"], "iscsi.nop_interval", low=0, high=3600)
     if "nop_timeout" in iscsi:
         i_changes["nop_timeout"] = _float(iscsi["nop_timeout"], "iscsi.nop_timeout", low=0.1, high=3600)
-    if "max_connections" in iscsi:
-        i_changes["max_connections"] = _int(
-            iscsi["max_connections"], "iscsi.max_connections", low=1, high=65536
-        )
-    if "max_connections_per_client" in iscsi:
-        i_changes["max_connections_per_client"] = _int(
-            iscsi["max_connections_per_client"], "iscsi.max_connections_per_client", low=0, high=65536
-        )
+    i_changes.update(_connection_limits(iscsi, "iscsi"))
     if "acl" in iscsi:
         acl = iscsi["acl"]
         if not isinstance(acl, dict):

@@ -8,84 +8,60 @@ from pathlib import Path
 
 import pytest
 
-from tests.engine_helpers import CHUNKLET, REGION, STEP, make_engine, pattern, reopen
-from tests.unit.test_engine_stateful import (
-    assert_free_regions_hold_nothing,
-    assert_space_map_matches_the_store,
-)
-from thinblock.engine import Engine
+from tests.engine_helpers import REGION, pattern, reopen
+from tests.unit.snapshot_support import SIZE, assert_sound, engine_with_volume, read_all
 from thinblock.errors import Conflict, InvalidArgument, NotFound
-from thinblock.metadata.check import check_store
 from thinblock.model import CacheMode
-
-SIZE = 8 * REGION
-
-
-async def _engine(tmp_path: Path, mode: CacheMode = CacheMode.WRITETHROUGH) -> Engine:
-    engine = await make_engine(tmp_path)
-    await engine.create_pool("p", raid=1, region_size=REGION, growth_increment=CHUNKLET, step=STEP)
-    await engine.create_vv("v", pool="p", size=SIZE, cache_mode=mode)
-    return engine
-
-
-async def _read(engine: Engine, name: str) -> bytes:
-    return bytes(await engine.volume(name).read(0, SIZE))
-
-
-def _sound(engine: Engine) -> None:
-    assert_space_map_matches_the_store(engine)
-    assert_free_regions_hold_nothing(engine)
-    assert check_store(engine.store) == []
 
 
 @pytest.mark.parametrize("mode", [CacheMode.WRITETHROUGH, CacheMode.WRITEBACK])
 async def test_revert_gives_the_snapshot_back_and_leaves_the_others(tmp_path: Path, mode: CacheMode) -> None:
-    engine = await _engine(tmp_path, mode)
+    engine = await engine_with_volume(tmp_path, mode)
     try:
         v = engine.volume("v")
         await v.write(0, pattern(1, 3 * REGION))
         await engine.snapshot_vv("v", "monday")
-        monday = await _read(engine, "v")
+        monday = await read_all(engine, "v")
         await v.write(REGION, pattern(2, 3 * REGION))  # regions 1-3 change, region 3 is new
         await engine.snapshot_vv("v", "tuesday")
-        tuesday = await _read(engine, "v")
+        tuesday = await read_all(engine, "v")
         await engine.clone_vv("monday", "test")
         await engine.volume("test").write(0, b"\x09" * 512)
-        test = await _read(engine, "test")
+        test = await read_all(engine, "test")
         await v.write(6 * REGION, pattern(3, REGION))  # after tuesday (dirty in write-back)
 
         info = await engine.revert_vv("v", "monday")
-        assert await _read(engine, "v") == monday
+        assert await read_all(engine, "v") == monday
         assert info.allocated == 3 * REGION and info.shared == 3 * REGION
         # Siblings untouched: a later snapshot, a clone of the same one.
-        assert (await _read(engine, "tuesday"), await _read(engine, "test")) == (tuesday, test)
-        _sound(engine)
+        assert (await read_all(engine, "tuesday"), await read_all(engine, "test")) == (tuesday, test)
+        assert_sound(engine)
         # The volume goes on from there, copying on write; monday is still monday.
         await v.write(100, b"\x07" * 100)
-        assert await _read(engine, "monday") == monday
+        assert await read_all(engine, "monday") == monday
         want = bytearray(monday)
         want[100:200] = b"\x07" * 100
-        assert await _read(engine, "v") == bytes(want)
+        assert await read_all(engine, "v") == bytes(want)
         # Forward again to the later snapshot: nothing is consumed by a revert.
         await engine.revert_vv("v", "tuesday")
-        assert await _read(engine, "v") == tuesday
+        assert await read_all(engine, "v") == tuesday
         engine = await reopen(engine)
-        assert await _read(engine, "v") == tuesday
-        assert await _read(engine, "monday") == monday
-        _sound(engine)
+        assert await read_all(engine, "v") == tuesday
+        assert await read_all(engine, "monday") == monday
+        assert_sound(engine)
     finally:
         await engine.close()
 
 
 async def test_revert_refusals_change_nothing(tmp_path: Path) -> None:
-    engine = await _engine(tmp_path)
+    engine = await engine_with_volume(tmp_path)
     try:
         await engine.volume("v").write(0, pattern(4, REGION))
         await engine.snapshot_vv("v", "s")
         await engine.create_vv("other", pool="p", size=SIZE)
         await engine.snapshot_vv("other", "other-s")
         await engine.volume("v").write(0, pattern(5, REGION))
-        before = await _read(engine, "v")
+        before = await read_all(engine, "v")
         with pytest.raises(NotFound, match="volume 'nope' not found"):
             await engine.revert_vv("v", "nope")
         with pytest.raises(InvalidArgument, match="'other-s' is not a snapshot of 'v' or of its tree"):
@@ -97,17 +73,17 @@ async def test_revert_refusals_change_nothing(tmp_path: Path) -> None:
         session = engine.sessions.open("NBD", "v", "127.0.0.1:5555", disconnect=lambda: None)
         with pytest.raises(Conflict, match=r"in use by 1 NBD client from 127\.0\.0\.1:5555: reverting it"):
             await engine.revert_vv("v", "s")
-        assert await _read(engine, "v") == before
+        assert await read_all(engine, "v") == before
         await engine.revert_vv("v", "s", force=True)  # forced: the client stays, the data is the snapshot's
         engine.sessions.close(session)
-        assert await _read(engine, "v") == pattern(4, REGION) + bytes(SIZE - REGION)
-        _sound(engine)
+        assert await read_all(engine, "v") == pattern(4, REGION) + bytes(SIZE - REGION)
+        assert_sound(engine)
     finally:
         await engine.close()
 
 
 async def test_diff_names_exactly_the_regions_that_changed(tmp_path: Path) -> None:
-    engine = await _engine(tmp_path)
+    engine = await engine_with_volume(tmp_path)
     try:
         v = engine.volume("v")
         await v.write(0, pattern(6, 4 * REGION))
@@ -129,8 +105,8 @@ async def test_diff_names_exactly_the_regions_that_changed(tmp_path: Path) -> No
         )
         assert engine.diff_vv("incr", "v") == []
         # An incremental backup: the full image, then only the ranges the diff names, equals incr.
-        image = bytearray(await _read(engine, "full"))
-        incr = await _read(engine, "incr")
+        image = bytearray(await read_all(engine, "full"))
+        incr = await read_all(engine, "incr")
         for offset, length in engine.diff_vv("full", "incr"):
             image[offset : offset + length] = incr[offset : offset + length]
         assert bytes(image) == incr

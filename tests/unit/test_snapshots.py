@@ -9,55 +9,31 @@ from pathlib import Path
 
 import pytest
 
-from tests.engine_helpers import CHUNKLET, REGION, STEP, make_engine, pattern, reopen
-from tests.unit.test_engine_stateful import (
-    assert_free_regions_hold_nothing,
-    assert_space_map_matches_the_store,
-)
-from thinblock.engine import Engine
+from tests.engine_helpers import REGION, pattern, reopen
+from tests.unit.snapshot_support import SIZE, assert_sound, engine_with_volume, read_all
 from thinblock.errors import AlreadyExists, InvalidArgument, NotFound, ReadOnlyDevice
-from thinblock.metadata.check import check_store
 from thinblock.model import CacheMode
 from thinblock.volume.vv import VirtualVolume
-
-SIZE = 8 * REGION
-
-
-async def _engine(tmp_path: Path, mode: CacheMode = CacheMode.WRITETHROUGH) -> Engine:
-    engine = await make_engine(tmp_path)
-    await engine.create_pool("p", raid=1, region_size=REGION, growth_increment=CHUNKLET, step=STEP)
-    await engine.create_vv("v", pool="p", size=SIZE, cache_mode=mode)
-    return engine
-
-
-async def _read(engine: Engine, name: str) -> bytes:
-    return bytes(await engine.volume(name).read(0, SIZE))
-
-
-def _sound(engine: Engine) -> None:
-    assert_space_map_matches_the_store(engine)
-    assert_free_regions_hold_nothing(engine)
-    assert check_store(engine.store) == []
 
 
 @pytest.mark.parametrize("mode", [CacheMode.WRITETHROUGH, CacheMode.WRITEBACK])
 async def test_a_snapshot_keeps_its_moment_and_clones_are_isolated(tmp_path: Path, mode: CacheMode) -> None:
-    engine = await _engine(tmp_path, mode)
+    engine = await engine_with_volume(tmp_path, mode)
     try:
         v = engine.volume("v")
         await v.write(0, pattern(1, 3 * REGION))  # regions 0-2 (still dirty in write-back)
-        before = await _read(engine, "v")
+        before = await read_all(engine, "v")
         info = await engine.snapshot_vv("v", "s1")
         assert (info.kind, info.parent, info.shared, info.exclusive) == ("snapshot", "v", 3 * REGION, 0)
         assert engine.cache.dirty_by_owner.get(engine.vvs["v"].row.id, 0) == 0, "the snapshot settled v"
         # The volume goes on; the snapshot does not see it.
         await v.write(REGION + 100, b"\xaa" * 300)  # a shared region: copied first
         await v.write(5 * REGION, pattern(2, REGION))  # a new region
-        assert await _read(engine, "s1") == before
+        assert await read_all(engine, "s1") == before
         after = bytearray(before)
         after[REGION + 100 : REGION + 400] = b"\xaa" * 300
         after[5 * REGION : 6 * REGION] = pattern(2, REGION)
-        assert await _read(engine, "v") == bytes(after)
+        assert await read_all(engine, "v") == bytes(after)
         assert engine.vvs["v"].cow_copies == 1
         vinfo = engine.get_vv("v")
         assert (vinfo.exclusive, vinfo.shared, vinfo.children) == (2 * REGION, 2 * REGION, ("s1",))
@@ -72,30 +48,30 @@ async def test_a_snapshot_keeps_its_moment_and_clones_are_isolated(tmp_path: Pat
         c2 = bytearray(before)
         c2[:512] = b"\x02" * 512
         c2[2 * REGION : 3 * REGION] = bytes(REGION)
-        assert (await _read(engine, "c1"), await _read(engine, "c2")) == (bytes(c1), bytes(c2))
-        assert await _read(engine, "s1") == before
+        assert (await read_all(engine, "c1"), await read_all(engine, "c2")) == (bytes(c1), bytes(c2))
+        assert await read_all(engine, "s1") == before
         assert engine.get_vv("c1").parent == "s1" and engine.get_vv("s1").children == ("c1", "c2")
-        _sound(engine)
+        assert_sound(engine)
         # Deletes in any order: the parent first leaves its children whole.
         await engine.delete_vv("s1")
         assert engine.get_vv("c1").parent is None
-        assert (await _read(engine, "c1"), await _read(engine, "c2")) == (bytes(c1), bytes(c2))
-        _sound(engine)
+        assert (await read_all(engine, "c1"), await read_all(engine, "c2")) == (bytes(c1), bytes(c2))
+        assert_sound(engine)
         engine = await reopen(engine)
-        assert await _read(engine, "v") == bytes(after)
-        assert (await _read(engine, "c1"), await _read(engine, "c2")) == (bytes(c1), bytes(c2))
+        assert await read_all(engine, "v") == bytes(after)
+        assert (await read_all(engine, "c1"), await read_all(engine, "c2")) == (bytes(c1), bytes(c2))
         assert engine.get_vv("c2").kind == "clone"
-        _sound(engine)
+        assert_sound(engine)
         for name in ("v", "c2", "c1"):
             await engine.delete_vv(name)
-            _sound(engine)
+            assert_sound(engine)
         assert engine.get_pool("p").used == 0
     finally:
         await engine.close()
 
 
 async def test_a_snapshot_is_read_only(tmp_path: Path) -> None:
-    engine = await _engine(tmp_path)
+    engine = await engine_with_volume(tmp_path)
     try:
         await engine.volume("v").write(0, pattern(3, REGION))
         await engine.snapshot_vv("v", "s")
@@ -108,13 +84,13 @@ async def test_a_snapshot_is_read_only(tmp_path: Path) -> None:
         ):
             with pytest.raises(ReadOnlyDevice, match="'s' is a snapshot: it is read-only"):
                 await attempt
-        assert await _read(engine, "s") == pattern(3, REGION) + bytes(SIZE - REGION)
+        assert await read_all(engine, "s") == pattern(3, REGION) + bytes(SIZE - REGION)
     finally:
         await engine.close()
 
 
 async def test_bad_requests_change_nothing(tmp_path: Path) -> None:
-    engine = await _engine(tmp_path)
+    engine = await engine_with_volume(tmp_path)
     try:
         await engine.volume("v").write(0, pattern(4, REGION))
         await engine.snapshot_vv("v", "s")
@@ -134,14 +110,14 @@ async def test_bad_requests_change_nothing(tmp_path: Path) -> None:
         with pytest.raises(InvalidArgument, match="'s' is a snapshot: it keeps the size"):
             await engine.grow_vv("s", 2 * SIZE)
         assert engine.list_vvs() == before
-        _sound(engine)
+        assert_sound(engine)
     finally:
         await engine.close()
 
 
 async def test_writes_racing_into_a_region_being_copied_wait_for_the_copy(tmp_path: Path) -> None:
     """Claim 8 for copies on write: every write to one shared region at once, one copy."""
-    engine = await _engine(tmp_path)
+    engine = await engine_with_volume(tmp_path)
     try:
         v = engine.volume("v")
         await v.write(0, pattern(5, REGION))
@@ -154,13 +130,13 @@ async def test_writes_racing_into_a_region_being_copied_wait_for_the_copy(tmp_pa
         assert bytes(await v.read(0, REGION)) == bytes(want)
         assert engine.vvs["v"].cow_copies == 1
         assert bytes(await engine.volume("s").read(0, REGION)) == pattern(5, REGION)
-        _sound(engine)
+        assert_sound(engine)
     finally:
         await engine.close()
 
 
 async def test_a_trim_racing_a_copy_leaves_no_region_behind(tmp_path: Path) -> None:
-    engine = await _engine(tmp_path)
+    engine = await engine_with_volume(tmp_path)
     try:
         v = engine.volume("v")
         await v.write(0, pattern(6, 2 * REGION))
@@ -173,13 +149,13 @@ async def test_a_trim_racing_a_copy_leaves_no_region_behind(tmp_path: Path) -> N
         assert got in (bytes(REGION), bytes(10) + b"\x07" * 10 + bytes(REGION - 20))
         assert bytes(await engine.volume("s").read(0, 2 * REGION)) == pattern(6, 2 * REGION)
         await engine.flush_all()
-        _sound(engine)
+        assert_sound(engine)
     finally:
         await engine.close()
 
 
 async def test_zeroing_a_shared_region_in_place_leaves_the_snapshot_alone(tmp_path: Path) -> None:
-    engine = await _engine(tmp_path)
+    engine = await engine_with_volume(tmp_path)
     try:
         v = engine.volume("v")
         await v.write(0, pattern(8, 2 * REGION))
@@ -192,13 +168,13 @@ async def test_zeroing_a_shared_region_in_place_leaves_the_snapshot_alone(tmp_pa
         want[8:24] = bytes(16)
         assert bytes(await v.read(REGION, REGION)) == bytes(want)
         assert bytes(await engine.volume("s").read(0, 2 * REGION)) == pattern(8, 2 * REGION)
-        _sound(engine)
+        assert_sound(engine)
     finally:
         await engine.close()
 
 
 async def test_a_renamed_volume_keeps_its_tree(tmp_path: Path) -> None:
-    engine = await _engine(tmp_path)
+    engine = await engine_with_volume(tmp_path)
     try:
         await engine.volume("v").write(0, pattern(7, REGION))
         await engine.snapshot_vv("v", "s")
@@ -207,6 +183,6 @@ async def test_a_renamed_volume_keeps_its_tree(tmp_path: Path) -> None:
         await engine.snapshot_vv("w", "s2")
         await engine.clone_vv("s2", "c")
         assert bytes(await engine.volume("c").read(0, REGION)) == pattern(7, REGION)
-        _sound(engine)
+        assert_sound(engine)
     finally:
         await engine.close()

@@ -58,6 +58,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import AlreadyExists, NotFound
+from ..privatefile import replace_json
 from .nametypes import TokenName
 
 log = logging.getLogger("thinblock.api")
@@ -191,14 +192,7 @@ class TokenStore:
         if self.path is None:
             return
         doc = {"version": 1, "tokens": [{**asdict(r), "role": str(r.role)} for r in self._records]}
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, (json.dumps(doc, indent=1) + "\n").encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
+        replace_json(self.path, doc)  # the directory fsynced too: a created token survives a crash
 
     def records(self) -> list[TokenRecord]:
         return list(self._records)

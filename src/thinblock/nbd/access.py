@@ -38,13 +38,14 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, Protocol
+
+from ..privatefile import replace_json
 
 Mode = Literal["ro", "rw"]  # how a client may open a volume
 RuleMode = Literal["ro", "rw", "deny"]  # what a rule says
@@ -207,20 +208,7 @@ class AccessStore:
         if self.path is None:
             return
         doc = {"version": 1, "next_id": self._next_id, "rules": [asdict(r) for r in self._stored]}
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, (json.dumps(doc, indent=1) + "\n").encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        # The rename is durable only once the directory is.
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        replace_json(self.path, doc)
 
     def _combined(self) -> AccessList:
         return AccessList([*self.fixed, *(r.rule() for r in self._stored)])
