@@ -80,6 +80,7 @@ async def test_per_address_and_listener_limits(server: ISCSIServer) -> None:
     assert await closed_by_target(r)
     w.close()
     assert server.refused == {CLIENT_FULL: 1, LISTENER_FULL: 1}
+    assert server.connections_total == 5  # accepted ones only: the refused are counted apart
     refused = {
         s.labels["reason"]: s.value
         for family in ISCSICollector(server.sessions, server.counters).collect()

@@ -429,13 +429,13 @@ class _Connection(asyncio.Protocol):
         server = self.server
         server._connections.add(self)
         server._of_core[self.core] = self
-        server.connections_total += 1
         refused = STOPPING if server._stopping else server.limits.admit(self.peer_host)
         if refused is not None:
-            server._refuse(self, refused)
+            server._refuse(self, refused)  # counted there, not as accepted (as on NBD)
             self.close(abort=True)
             return
         self._admitted = True
+        server.connections_total += 1
         self._login_timer = asyncio.get_running_loop().call_later(server.login_timeout, self._login_timeout)
 
     def data_received(self, data: bytes) -> None:
