@@ -141,23 +141,20 @@ def assert_mirrors_agree(eng: Engine) -> None:
             assert len(copies) == 1, f"LD {ld.id}: the mirrors of a row differ"
 
 
-class EngineMachine(RuleBasedStateMachine):
-    raid: int = 1
-    initial_cache_mode: CacheMode = CacheMode.WRITETHROUGH
+class EngineMachineBase(RuleBasedStateMachine):
+    """What every engine state machine needs: its own event loop and data directory (on
+    /dev/shm when there is one), ``run``, ``eng``, a kill -9 as far as one process can play it
+    (``crash``), and a tear-down that closes the engine and checks what it left."""
+
+    tmp_prefix = "thinblock-stateful-"
 
     def __init__(self) -> None:
         super().__init__()
         self.loop = asyncio.new_event_loop()
-        self.tmp = Path(tempfile.mkdtemp(prefix="thinblock-stateful-", dir=FAST_TMP))
+        self.tmp = Path(tempfile.mkdtemp(prefix=self.tmp_prefix, dir=FAST_TMP))
         self.engine: Engine | None = None
         self.options = EngineOptions(allow_tiny_chunklets=True)
-        self.model = bytearray()
-        self.allocated: set[int] = set()
-        self.region = 0
-        self.pd_count = 0
-        self.noise_seq = 0
 
-    # --- plumbing ---------------------------------------------------------------------
     def run(self, coro: Any) -> Any:
         return self.loop.run_until_complete(coro)
 
@@ -166,6 +163,53 @@ class EngineMachine(RuleBasedStateMachine):
         assert self.engine is not None
         return self.engine
 
+    def open_engine(self) -> None:
+        self.engine = self.run(Engine.open(self.tmp, self.options))
+
+    def crash(self) -> None:
+        """kill -9 as far as this process can play it: no destage, no flush, no clean mark;
+        what was written to the files (page cache) stays, as it does when a process dies."""
+        eng = self.eng
+        task = eng.cache._task
+        if task is not None:
+            task.cancel()
+            self.run(asyncio.gather(task, return_exceptions=True))
+        if eng.lease is not None:
+            # Its task stopped, not left pending: a pending task destroyed by the garbage
+            # collector logs from inside whatever runs then (once, inside hypothesis's ast.parse,
+            # CPython 3.11 raised "AST constructor recursion depth mismatch").  Not released: a
+            # killed process releases nothing.
+            self.run(eng.lease.stop(release=False))
+        eng._close_files()
+        self.engine = None
+
+    def teardown(self) -> None:
+        try:
+            if self.engine is not None:
+                self.run(self.engine.close())
+                self.engine = None
+                report = Engine.check(self.tmp)
+                assert report.ok, report.problems
+        finally:
+            if self.engine is not None:
+                self.engine._close_files()
+            self.loop.close()
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class EngineMachine(EngineMachineBase):
+    raid: int = 1
+    initial_cache_mode: CacheMode = CacheMode.WRITETHROUGH
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = bytearray()
+        self.allocated: set[int] = set()
+        self.region = 0
+        self.pd_count = 0
+        self.noise_seq = 0
+
+    # --- plumbing ---------------------------------------------------------------------
     @property
     def vol(self) -> VirtualVolume:
         vol = self.eng.volume("v")
@@ -220,26 +264,6 @@ class EngineMachine(RuleBasedStateMachine):
         assert pos == self.size
         return allocated
 
-    def open_engine(self) -> None:
-        self.engine = self.run(Engine.open(self.tmp, self.options))
-
-    def crash(self) -> None:
-        """kill -9 as far as this process can play it: no destage, no flush, no clean mark;
-        what was written to the files (page cache) stays, as it does when a process dies."""
-        eng = self.eng
-        task = eng.cache._task
-        if task is not None:
-            task.cancel()
-            self.run(asyncio.gather(task, return_exceptions=True))
-        if eng.lease is not None:
-            # Its task stopped, not left pending: a pending task destroyed by the garbage
-            # collector logs from inside whatever runs then (once, inside hypothesis's ast.parse,
-            # CPython 3.11 raised "AST constructor recursion depth mismatch").  Not released: a
-            # killed process releases nothing.
-            self.run(eng.lease.stop(release=False))
-        eng._close_files()
-        self.engine = None
-
     # --- set-up and tear-down ---------------------------------------------------------
     @initialize(
         region=st.sampled_from([4 * KiB, 8 * KiB, 16 * KiB]),
@@ -277,19 +301,6 @@ class EngineMachine(RuleBasedStateMachine):
         size = regions * region - min(tail_cut, region - 512)
         self.run(self.eng.create_vv("v", pool="p", size=size, cache_mode=self.initial_cache_mode))
         self.model = bytearray(size)
-
-    def teardown(self) -> None:
-        try:
-            if self.engine is not None:
-                self.run(self.engine.close())
-                self.engine = None
-                report = Engine.check(self.tmp)
-                assert report.ok, report.problems
-        finally:
-            if self.engine is not None:
-                self.engine._close_files()
-            self.loop.close()
-            shutil.rmtree(self.tmp, ignore_errors=True)
 
     # --- host I/O ---------------------------------------------------------------------
     @rule(

@@ -9,16 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import random
-import shutil
-import tempfile
-from pathlib import Path
-from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
-    RuleBasedStateMachine,
     initialize,
     invariant,
     precondition,
@@ -28,10 +23,10 @@ from hypothesis.stateful import (
 
 from tests.unit.test_engine_stateful import (
     CHUNKLET,
-    FAST_TMP,
     PD_SIZE,
     SET_SIZE,
     STEP,
+    EngineMachineBase,
     assert_free_regions_hold_nothing,
     assert_space_map_matches_the_store,
 )
@@ -46,28 +41,17 @@ REGIONS = 6
 MAX_VOLUMES = 6
 
 
-class SnapshotMachine(RuleBasedStateMachine):
+class SnapshotMachine(EngineMachineBase):
     raid: int = 1
     cache_mode: CacheMode = CacheMode.WRITETHROUGH
+    tmp_prefix = "thinblock-snapshots-"
 
     def __init__(self) -> None:
         super().__init__()
-        self.loop = asyncio.new_event_loop()
-        self.tmp = Path(tempfile.mkdtemp(prefix="thinblock-snapshots-", dir=FAST_TMP))
-        self.engine: Engine | None = None
-        self.options = EngineOptions(allow_tiny_chunklets=True)
         self.models: dict[str, bytearray] = {}
         self.snapshots: set[str] = set()
         self.family: dict[str, str] = {"v": "v"}  # the volume each tree started from
         self.names = (f"n{i}" for i in range(10_000))
-
-    def run(self, coro: Any) -> Any:
-        return self.loop.run_until_complete(coro)
-
-    @property
-    def eng(self) -> Engine:
-        assert self.engine is not None
-        return self.engine
 
     @initialize(
         destage_delay=st.sampled_from([0.0005, 60.0]), offload_min=st.sampled_from([2 * KiB, 1 << 30])
@@ -92,19 +76,6 @@ class SnapshotMachine(RuleBasedStateMachine):
         )
         self.run(self.eng.create_vv("v", pool="p", size=REGIONS * REGION, cache_mode=self.cache_mode))
         self.models["v"] = bytearray(REGIONS * REGION)
-
-    def teardown(self) -> None:
-        try:
-            if self.engine is not None:
-                self.run(self.engine.close())
-                self.engine = None
-                report = Engine.check(self.tmp)
-                assert report.ok, report.problems
-        finally:
-            if self.engine is not None:
-                self.engine._close_files()
-            self.loop.close()
-            shutil.rmtree(self.tmp, ignore_errors=True)
 
     def writable(self) -> list[str]:
         return sorted(n for n in self.models if n not in self.snapshots)
@@ -219,21 +190,15 @@ class SnapshotMachine(RuleBasedStateMachine):
     @rule()
     def reopen(self) -> None:
         self.run(self.eng.close())
-        self.engine = self.run(Engine.open(self.tmp, self.options))
+        self.open_engine()
 
     @rule()
     def kill(self) -> None:
         """kill -9 after a flush (everything acknowledged is durable): the unclean start zeroes
         free regions and resynchronises RAID sets over the shared maps."""
         self.run(self.eng.flush_all())
-        task = self.eng.cache._task
-        if task is not None:
-            task.cancel()
-            self.run(asyncio.gather(task, return_exceptions=True))
-        if self.eng.lease is not None:
-            self.run(self.eng.lease.stop(release=False))  # stopped, not left pending (nor released)
-        self.eng._close_files()
-        self.engine = self.run(Engine.open(self.tmp, self.options))
+        self.crash()
+        self.open_engine()
 
     # --- invariants ---
     @invariant()
