@@ -25,6 +25,7 @@ from .alerts import AlertBus
 from .blockdev import Volume
 from .cache.writeback import WriteBackCache
 from .datalock import lock_data_dir, share_data_dir
+from .diskrepair import DiskRepair
 from .errors import (
     AlreadyExists,
     Conflict,
@@ -138,7 +139,6 @@ class EngineOptions:
 
 DEFAULT_SET_SIZE = {0: 2, 1: 2, 5: 4}
 MAX_VV_SIZE = 1 << 60  # 1 EiB: far past "at least 64 TiB", still exact in every map structure
-REBUILD_STEP = 1 * MiB
 HOST_ROOM_AGAIN = 1 * MiB  # free bytes under a PD that end a pd-host-full alert
 
 
@@ -186,8 +186,6 @@ class Engine:
         self._flush_done = 0
         # (last ticket, why): the latest flush round that lost data, and the tickets it must fail
         self._flush_failure: tuple[int, str] | None = None
-        self._rebuild = RebuildProgress(False, 0, 0, 0, 0)
-        self._rebuild_lock = asyncio.Lock()
         self._closed = False
         self._lock_fd: int | None = None  # holds the data directory's lock (Engine.open)
         # The data directory's id, store generation and failure-event record (pdheaders.py);
@@ -199,6 +197,22 @@ class Engine:
             pds=self.pds,
             lds=self.lds,
             refresh_ld_alerts=self._refresh_ld_alerts,
+        )
+        # Rebuild, restore and replace of PDs (diskrepair.py); its lock also keeps a pool's
+        # compaction from moving chunklets under a rebuild.
+        self.repair = DiskRepair(
+            pds=self.pds,
+            lds=self.lds,
+            ld_pool=self.ld_pool,
+            chunklets=self.chunklets,
+            store=store,
+            meta=self.meta,
+            alerts=self.alerts,
+            failures=self.failures,
+            headers=lambda: self.headers,
+            attach_pd=self._attach_pd,
+            refresh_ld_alerts=self._refresh_ld_alerts,
+            remove_pd=self.remove_pd,
         )
         self._pd_check_timer: asyncio.TimerHandle | None = None
         self.node_name = options.node_name or ""
@@ -548,15 +562,21 @@ class Engine:
             # A PD that vanished is a failed disk, not a reason to refuse to serve the others.
             pd = PhysicalDisk(pd_id, path, -1, size, chunklet_size, False, data_offset=HEADER_AREA)
             pd.fail(f"cannot open: {exc}")
-        pd.fence = self.fence
         self._register_pd(pd)
         return pd
 
     def _register_pd(self, pd: PhysicalDisk, zeroed: bool = False) -> None:
         self.pds[pd.id] = pd
+        self._attach_pd(pd)
+        self.chunklets.add_pd(pd, zeroed=zeroed)
+
+    def _attach_pd(self, pd: PhysicalDisk) -> None:
+        """Ready a PD the engine opened (at start, added, or opened anew by a restore): under
+        the node's write fence, direct I/O as configured, its failures recorded, its host's
+        full file system alerted."""
+        pd.fence = self.fence
         if self.options.pd_direct_io:
             pd.enable_direct_io()
-        self.chunklets.add_pd(pd, zeroed=zeroed)
         pd.add_failure_listener(self.failures.listener)
         pd.on_no_space = self._pd_host_full
 
@@ -797,7 +817,7 @@ class Engine:
                 allow_tiny=self.options.allow_tiny_chunklets,
                 data_offset=HEADER_AREA,
             )
-            pd.fence = self.fence
+            pd.fence = self.fence  # before its header is written (_register_pd attaches the rest)
         except InvalidArgument:
             raise
         except (OSError, ValueError) as exc:
@@ -1012,7 +1032,7 @@ class Engine:
         pool = self._pool(name)
         # Not while a rebuild runs: it works through a list of LDs taken when it started and
         # would go on rebuilding an LD released meanwhile (releasing its chunklets twice).
-        async with self._rebuild_lock:
+        async with self.repair.lock:
             await pool.sync_pending()  # regions awaiting fsync count as free once it is done
             released = 0
             for ld_id in pool.releasable_lds():
@@ -1083,246 +1103,23 @@ class Engine:
             raise NotFound(f"LD {ld_id} not found") from None
 
     async def rebuild(self, progress: Callable[[RebuildProgress], None] | None = None) -> RebuildProgress:
-        """Rebuild every degraded LD onto spare chunklets of healthy PDs, in bounded steps on the
-        loop (no lock needed against host I/O, which runs between steps)."""
-        async with self._rebuild_lock:
-            # Per member, not per LD health: an LD can have lost one row and be merely degraded in another.
-            work = [(ld, row, col) for ld in self.lds.values() for row, col in ld.rebuildable_members()]
-            lds_total = len({ld.id for ld, _, _ in work})
-            total = sum(ld.rows[row][col].pd.chunklet_size for ld, row, col in work)
-            done_bytes = 0
-            done_lds: set[int] = set()
-            self._rebuild = RebuildProgress(bool(work), lds_total, 0, total, 0)
-            if progress:
-                progress(self._rebuild)
-            for ld, row, col in work:
-                base = done_bytes
-
-                def stepped(n: int, ld: LogicalDisk = ld, base: int = base) -> None:
-                    self._rebuild = RebuildProgress(True, lds_total, len(done_lds), total, base + n, ld.id)
-                    if progress:
-                        progress(self._rebuild)
-
-                rebuilt = await self._rebuild_onto_spare(ld, row, col, set(), stepped)
-                if rebuilt is None:
-                    log.error(
-                        "rebuild: no spare chunklet on another healthy PD",
-                        extra={"event": "rebuild-no-spare", "ld": ld.id, "row": row},
-                    )
-                    self.alerts.condition(
-                        AlertKind.POOL_OUT_OF_CHUNKLETS,
-                        self.ld_pool[ld.id].object_name,
-                        Severity.CRITICAL,
-                        f"LD {ld.id} cannot be rebuilt: no spare chunklet on a healthy PD outside its RAID set",
-                    )
-                    continue
-                done_bytes = base + ld.chunklet_size
-                if not rebuilt:
-                    continue
-                if ld.health == LDHealth.NORMAL:
-                    done_lds.add(ld.id)
-                    self.alerts.event(
-                        AlertKind.REBUILD_DONE,
-                        f"ld:{ld.id}",
-                        Severity.INFO,
-                        f"LD {ld.id} rebuilt: redundancy restored",
-                    )
-            self._refresh_ld_alerts()
-            self._rebuild = RebuildProgress(False, lds_total, len(done_lds), total, done_bytes)
-            if progress:
-                progress(self._rebuild)
-            return self._rebuild
+        """Rebuild every degraded LD onto spare chunklets of healthy PDs (diskrepair.py)."""
+        return await self.repair.rebuild(progress)
 
     def rebuild_status(self) -> RebuildProgress:
-        return self._rebuild
-
-    async def _rebuild_onto_spare(
-        self, ld: LogicalDisk, row: int, col: int, exclude: set[int], on_step: Callable[[int], None]
-    ) -> bool | None:
-        """Rebuild the failed member (row, col) of ``ld`` onto a free chunklet of a healthy PD
-        outside its row and ``exclude`` (PD ids), and record it: True.  None when there is no
-        such chunklet; False when the copy failed (logged; the chunklet is given back)."""
-        failed = ld.rows[row][col]
-        exclude = exclude | {ch.pd.id for ch in ld.rows[row]}
-        picked = self.chunklets.pick(1, chunklet_size=failed.pd.chunklet_size, exclude=exclude)
-        if picked is None:
-            return None
-        spare = picked[0]
-        self.chunklets.take_zeroed(spare)  # the rebuild writes it whole
-        await asyncio.get_running_loop().run_in_executor(
-            None, spare.pd.punch, spare.pd.chunklet_offset(spare.index), spare.pd.chunklet_size
-        )
-        if not await self._rebuild_member(ld, row, col, spare, on_step):
-            self.chunklets.release(spare.pd.id, spare.index)
-            return False
-        await self.meta.call(self.store.replace_chunklet, ld.id, row, col, spare.pd.id, spare.index)
-        self.chunklets.release(failed.pd.id, failed.index)
-        return True
-
-    async def _rebuild_member(
-        self, ld: LogicalDisk, row: int, col: int, target: Chunklet, on_step: Callable[[int], None]
-    ) -> bool:
-        """Copy the true content of the failed member (row, col) onto ``target`` in bounded steps
-        on the loop (host I/O runs between steps; the job sends writes to copied ranges to the
-        target too), fsync it: True once ``target`` took the member's place."""
-        # No offloaded write may still be landing on a mirror when the copy starts; while the
-        # job runs, RAID 1 writes to its row are inline (submit_write).
-        ld.hold_offload()
-        try:
-            await ld.offload_drained()
-            job = ld.start_rebuild(row, col, target)
-        finally:
-            ld.release_offload()
-        while not job.done:
-            try:
-                job.step(REBUILD_STEP)
-            except MediumError as exc:  # the target's PD failed, or the set lost a second member
-                log.error(
-                    "rebuild failed: %s",
-                    exc,
-                    extra={"event": "rebuild-failed", "ld": ld.id, "row": row, "column": col},
-                )
-                return False
-            on_step(job.bytes_done)
-            await asyncio.sleep(0)
-        await asyncio.get_running_loop().run_in_executor(None, target.pd.fsync)
-        return True
-
-    def _members_on(self, pd: PhysicalDisk) -> list[tuple[LogicalDisk, int, int]]:
-        return [
-            (ld, row, col)
-            for ld in self.lds.values()
-            for row, chunklets in enumerate(ld.rows)
-            for col, chunklet in enumerate(chunklets)
-            if chunklet.pd is pd
-        ]
-
-    def _refuse_unrebuildable(
-        self, pd: PhysicalDisk, what: str, *, raid0_ok: bool = False
-    ) -> list[tuple[LogicalDisk, int, int]]:
-        """The members of ``pd``; Conflict when one of them cannot be rebuilt from the others
-        (with ``raid0_ok``, RAID 0 members pass: a restore puts them back as they are)."""
-        members = self._members_on(pd)
-        stuck = sorted(
-            {
-                ld.id
-                for ld, row, col in members
-                if (row, col) not in ld.rebuildable_members()
-                and not (raid0_ok and ld.raid is RaidLevel.RAID0)
-            }
-        )
-        if stuck:
-            raise Conflict(
-                f"PD {pd.id} cannot be {what}: LD(s) {', '.join(map(str, stuck))} hold no other copy of"
-                " its data (RAID 0, or a row that lost another member)"
-            )
-        return members
+        return self.repair.progress
 
     async def restore_pd(self, pd_id: int) -> PDInfo:
-        """A failed PD that turned out healthy, back in service.  It missed every write since it
-        failed, so each of its LD members is rebuilt in place from the others (the rebuild's own
-        job: writes during the copy reach it too) before anything reads it again; then its
-        failure is cleared in the store and the PD headers.  Until the last member is done the
-        store still says failed: a restart in the middle serves it as failed, never stale.
-
-        RAID 0 members have no other copy and need none: every request that touched them failed
-        while the PD was failed, so nothing was acknowledged there since; they are put back as
-        they are (``LogicalDisk.reinstate_member``) once the PD's header proves it is the same PD.
-        A member of a redundant row that lost another member too is refused: which copy is
-        current cannot be told."""
-        async with self._rebuild_lock:
-            old = self._pd(pd_id)
-            if not old.failed:
-                raise Conflict(f"PD {pd_id} is in service; only a failed PD can be restored")
-            members = self._refuse_unrebuildable(old, "restored", raid0_ok=True)
-            sole = [(ld, row, col) for ld, row, col in members if ld.raid is RaidLevel.RAID0]
-            members = [m for m in members if m[0].raid is not RaidLevel.RAID0]
-            old.close()  # its file's lock and fd: the PD is opened anew (a failed PD is never read)
-            try:
-                fresh = PhysicalDisk.open(
-                    pd_id, old.path, size=old.size, chunklet_size=old.chunklet_size, create=False,
-                    allow_tiny=True, data_offset=HEADER_AREA,
-                )  # fmt: skip
-            except (InvalidArgument, MediumError, OSError) as exc:
-                raise Conflict(f"PD {pd_id} cannot be restored: {exc}") from None
-            problem = self.headers.identity_problems([fresh]).get(fresh)
-            if problem is not None:
-                fresh.close()
-                raise Conflict(f"PD {pd_id} cannot be restored: {problem}")
-            if self.options.pd_direct_io:
-                fresh.enable_direct_io()
-            fresh.add_failure_listener(self.failures.listener)
-            fresh.on_no_space = self._pd_host_full
-            # In the engine's PDs from now on, so that every flush fsyncs what reaches it; the
-            # store still says failed until the end (a restart serves it failed, never stale),
-            # and the chunklet allocator keeps the failed one (no new LD is put on it meanwhile).
-            self.pds[pd_id] = fresh
-            log.warning(
-                "restoring PD %d: resynchronising %d member(s) from the others",
-                pd_id,
-                len(members),
-                extra={"event": "pd-restore", "pd": pd_id},
-            )
-            for ld, row, col in members:
-                target = Chunklet(fresh, ld.rows[row][col].index)
-                if not await self._rebuild_member(ld, row, col, target, lambda n: None):
-                    raise Conflict(f"PD {pd_id} could not be restored: resynchronising LD {ld.id} failed")
-            for ld, row, col in sole:
-                ld.reinstate_member(row, col, Chunklet(fresh, ld.rows[row][col].index))
-            self.chunklets.pds[pd_id] = fresh
-            old.remove_failure_listener(self.failures.listener)
-            await self.meta.call(self.store.set_pd_health, pd_id, PDHealth.NORMAL.value)
-            self.failures.record()  # the headers' failure record no longer names it
-            self.alerts.clear(AlertKind.PD_FAILED, f"pd:{pd_id}")
-            self._refresh_ld_alerts()
-            log.warning("PD %d restored", pd_id, extra={"event": "pd-restored", "pd": pd_id})
-            return self._pd_info(fresh)
+        """A failed PD that turned out healthy, back in service, resynchronised from the others
+        first (diskrepair.py ``DiskRepair.restore_pd``)."""
+        return self._pd_info(await self.repair.restore_pd(self._pd(pd_id)))
 
     async def replace_pd(self, old_id: int, new_id: int) -> PDInfo:
-        """Rebuild every LD member of the failed PD ``old_id`` onto free chunklets of ``new_id``
-        (added with pd add), then remove ``old_id``.  Everything is checked before anything is
-        copied; a copy that fails stops it (members done so far stay on the new PD)."""
-        async with self._rebuild_lock:
-            old, new = self._pd(old_id), self._pd(new_id)
-            if old is new:
-                raise InvalidArgument(f"PD {old_id} cannot replace itself")
-            if not old.failed:
-                raise Conflict(
-                    f"PD {old_id} is in service: fail it first (pd fail {old_id}), then replace it"
-                )
-            if new.failed:
-                raise Conflict(f"PD {new_id} has failed; replace PD {old_id} with a healthy PD")
-            if new.chunklet_size != old.chunklet_size:
-                raise InvalidArgument(
-                    f"PD {new_id} has chunklets of {format_size(new.chunklet_size)}, PD {old_id}"
-                    f" of {format_size(old.chunklet_size)}"
-                )
-            members = self._refuse_unrebuildable(old, "replaced")
-            clashes = sorted({ld.id for ld, row, _ in members if any(ch.pd is new for ch in ld.rows[row])})
-            if clashes:
-                raise Conflict(
-                    f"PD {new_id} already holds a member of the same RAID set in LD(s)"
-                    f" {', '.join(map(str, clashes))}: a set needs distinct PDs"
-                )
-            if self.chunklets.free_count(new_id) < len(members):
-                raise Conflict(
-                    f"PD {new_id} has {self.chunklets.free_count(new_id)} free chunklet(s); PD {old_id}"
-                    f" holds {len(members)}"
-                )
-            others = set(self.pds) - {new_id}
-            for ld, row, col in members:
-                if not await self._rebuild_onto_spare(ld, row, col, others, lambda n: None):
-                    self._refresh_ld_alerts()
-                    raise Conflict(f"replacing PD {old_id}: rebuilding LD {ld.id} onto PD {new_id} failed")
-            self._refresh_ld_alerts()
-            await self.remove_pd(old_id)
-            log.warning(
-                "PD %d replaced by PD %d",
-                old_id,
-                new_id,
-                extra={"event": "pd-replaced", "pd": old_id, "new_pd": new_id},
-            )
-            return self._pd_info(new)
+        """Rebuild every LD member of the failed PD ``old_id`` onto ``new_id``, then remove
+        ``old_id`` (diskrepair.py ``DiskRepair.replace_pd``)."""
+        new = self._pd(new_id)
+        await self.repair.replace_pd(self._pd(old_id), new)
+        return self._pd_info(new)
 
     # --- virtual volumes ------------------------------------------------------------
     async def create_vv(

@@ -1131,6 +1131,24 @@ class LogicalDisk:
         return rewritten
 
     # --- rebuild ------------------------------------------------------------------------
+    def replacement_problem(self, row: int, pd: PhysicalDisk) -> InvalidArgument | None:
+        """Why ``pd`` cannot take a failed member's place in ``row`` (None: it can).  The one
+        statement of the rule, asked by ``start_rebuild`` and, for every member at once before
+        anything is copied, by a PD replacement (diskrepair.py)."""
+        if pd.failed:
+            return InvalidArgument(f"replacement PD {pd.id} has failed")
+        if pd.chunklet_size != self.chunklet_size:
+            return InvalidArgument(
+                f"replacement PD {pd.id} has chunklets of {pd.chunklet_size} bytes, "
+                f"LD {self.id} uses {self.chunklet_size}"
+            )
+        if any(member is pd for member in self._pds[row]):
+            return InvalidArgument(
+                f"replacement PD {pd.id} already holds a member of the same RAID set (LD {self.id}"
+                f" row {row}): a RAID set needs distinct PDs"
+            )
+        return None
+
     def start_rebuild(self, row: int, column: int, replacement: Chunklet) -> RebuildJob:
         """Start rebuilding the failed member (row, column) onto ``replacement`` (a free
         chunklet on a healthy PD that is not in the row).  Drive it with ``job.step()``."""
@@ -1152,18 +1170,14 @@ class LogicalDisk:
             if any(job.column == column for job in jobs):
                 raise Conflict(f"LD {self.id} row {row} column {column} is already being rebuilt")
             rpd = replacement.pd
-            if rpd.failed:
-                raise InvalidArgument(f"replacement PD {rpd.id} has failed")
-            if rpd.chunklet_size != self.chunklet_size:
-                raise InvalidArgument(
-                    f"replacement PD {rpd.id} has chunklets of {rpd.chunklet_size} bytes, "
-                    f"LD {self.id} uses {self.chunklet_size}"
-                )
+            problem = self.replacement_problem(row, rpd)
+            if problem is not None:
+                raise problem
             replacement.pd.chunklet_offset(replacement.index)  # range check
-            if any(pd is rpd for pd in self._pds[row]) or any(job.replacement.pd is rpd for job in jobs):
+            if any(job.replacement.pd is rpd for job in jobs):
                 raise InvalidArgument(
-                    f"replacement PD {rpd.id} already holds a member of LD {self.id} row {row}; "
-                    "a RAID set needs distinct PDs"
+                    f"replacement PD {rpd.id} already holds a member of the same RAID set (LD {self.id}"
+                    f" row {row}, being rebuilt): a RAID set needs distinct PDs"
                 )
             for other_row in self.rows:
                 if replacement in other_row:
