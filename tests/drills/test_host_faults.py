@@ -92,11 +92,20 @@ def alert_objects(daemon: Daemon, kind: str) -> set[str]:
 
 
 def write_flush(daemon: Daemon, volume: str, value: int, offset: int, length: int) -> None:
-    qemu_io(daemon.uri(volume), f"write -P {value:#04x} {offset} {length}", "flush")
+    _qemu_io_or_log(daemon, volume, f"write -P {value:#04x} {offset} {length}", "flush")
 
 
 def read_check(daemon: Daemon, volume: str, value: int, offset: int, length: int) -> None:
-    qemu_io(daemon.uri(volume), f"read -P {value:#04x} {offset} {length}")
+    _qemu_io_or_log(daemon, volume, f"read -P {value:#04x} {offset} {length}")
+
+
+def _qemu_io_or_log(daemon: Daemon, volume: str, *commands: str) -> None:
+    """qemu-io that must succeed; when it does not, the daemon's log tail goes with the failure
+    (a refusal seen once under load could not be explained without it)."""
+    try:
+        qemu_io(daemon.uri(volume), *commands)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n--- daemon log ---\n{daemon.log_tail()}") from None
 
 
 # --- case 4: a PD file cut short or replaced while serving ---------------------------------------
