@@ -234,6 +234,33 @@ def test_the_check_tells_sharing_from_damage(backend: StoreBackend, store: Metad
     assert f"LD {ld} region 1 is reserved for a copy on write and also mapped" in check_store(store)
 
 
+def test_the_check_holds_every_reservation_and_the_tree_to_the_space_map(
+    backend: StoreBackend, store: MetadataStore
+) -> None:
+    """Damage the space map is built from (a reservation is a reference, like a map row), none of
+    which the check named before: a reservation past the first 20 that names a mapped region
+    (the next open would zero that volume's data), a reservation outside every LD (the open
+    would fail on it), a kind the engine does not know, a parent of another tree."""
+    pool, ld, vv = _populate(store)
+    store.assign_many([(vv, r, ld, 28 + r) for r in range(4)])  # LD regions 28..31
+    snap = store.add_vv_sharing(_snapshot_row(pool, "s", vv), vv)
+    for r in range(21):  # crash leftovers: reservations of free regions, which the open frees
+        store.reserve_region((vv, r, ld, r))
+    assert check_store(store) == []
+    backend.sql("UPDATE cow_reservations SET ld_region = 31 WHERE ld_region = 20")  # the 21st
+    assert f"LD {ld} region 31 is reserved for a copy on write and also mapped" in check_store(store)
+    backend.sql("UPDATE cow_reservations SET ld_region = 99 WHERE ld_region = 31")  # LD has 32
+    problems = check_store(store)
+    assert f"LD {ld} region 99 is reserved for a copy on write but is not a region of an existing LD" in problems
+    backend.sql("DELETE FROM cow_reservations")
+    assert check_store(store) == []
+    backend.sql("UPDATE vvs SET kind = 'snapshoot' WHERE id = ?", (snap,))
+    assert "VV 's' is of kind 'snapshoot'" in check_store(store)
+    other = store.add_vv(_vv(pool, "w"))
+    backend.sql("UPDATE vvs SET kind = 'snapshot', parent_id = ? WHERE id = ?", (other, snap))
+    assert f"VV 's' names VV {other} as its parent, which is not of its tree" in check_store(store)
+
+
 def test_a_schema_2_store_is_migrated_with_its_map(backend: StoreBackend, store: MetadataStore) -> None:
     """Version 2 (one owner per LD region) opens as version 3: rows kept, regions sharable."""
     pool, ld, vv = _populate(store)

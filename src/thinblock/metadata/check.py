@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import MetadataCorrupt
 from ..model import AlertKind, AlertState, PDHealth, Severity
-from .store import MetadataStore, VVRow
+from .store import LDRow, MetadataStore, Reservation, VVRow
 
 # Values the engine interprets; anything else in the store is damage.
 RAID_LEVELS = (0, 1, 5)
@@ -28,6 +28,7 @@ _SEVERITIES = {s.value for s in Severity}
 _ALERT_KINDS = {k.value for k in AlertKind}
 _ALERT_STATES = {s.value for s in AlertState}
 _SAMPLE = 20  # problems of one kind named at most
+_VV_KINDS = ("volume", "snapshot", "clone")
 
 
 def _is_power_of_two(n: object) -> bool:
@@ -110,9 +111,17 @@ def _check_rows(store: MetadataStore) -> list[str]:
     for (pd_id, chunklet), n in users.items():
         if n > 1:
             problems.append(f"chunklet {chunklet} of PD {pd_id} is used {n} times")
+    vv_by_id = {vv.id: vv for vv in vvs}
     for vv in vvs:
         if vv.pool_id not in pool_by_id:
             problems.append(f"VV '{vv.name}' belongs to pool {vv.pool_id}, which does not exist")
+        if vv.kind not in _VV_KINDS:
+            # read as a volume, a snapshot would be writable in place under its tree's shared regions
+            problems.append(f"VV '{vv.name}' is of kind {vv.kind!r}")
+        parent = vv_by_id.get(vv.parent_id) if vv.parent_id is not None else None
+        if vv.parent_id is not None and (parent is None or parent.family != vv.family):
+            # a deleted parent is cleared from its children's rows in the same transaction
+            problems.append(f"VV '{vv.name}' names VV {vv.parent_id} as its parent, which is not of its tree")
     for alert in alerts:
         if (
             alert.severity not in _SEVERITIES
@@ -146,10 +155,7 @@ def _check_map(store: MetadataStore) -> list[str]:
     for vv_key, region in _dupes(vv_id, vv_region):
         problems.append(f"VV {vv_key} region {region} is mapped more than once")
     problems += _check_sharing(m, store.load_vvs())
-    for _vv_id, _vv_region, r_ld, r_region in store.load_reservations()[:_SAMPLE]:
-        hit = (ld_id == r_ld) & (ld_region == r_region)
-        if hit.any():
-            problems.append(f"LD {r_ld} region {r_region} is reserved for a copy on write and also mapped")
+    problems += _check_reservations(m, store.load_reservations(), lds, vvs)
     known_ld = np.isin(ld_id, np.fromiter(lds, dtype=np.int64, count=len(lds)))
     for row in m[~known_ld][:_SAMPLE]:
         problems.append(f"VV {row[0]} region {row[1]} points at LD {row[2]}, which does not exist")
@@ -190,6 +196,40 @@ def _check_map(store: MetadataStore) -> list[str]:
         counted, actual = ld_counted.get(k, 0), int(ld_counts.get(k, 0))
         if counted != actual:
             problems.append(f"LD {k} records {counted} used regions but the maps assign {actual}")
+    return problems
+
+
+def _check_reservations(
+    m: np.ndarray, reservations: list[Reservation], lds: dict[int, LDRow], vvs: dict[int, VVRow]
+) -> list[str]:
+    """Copy-on-write reservations are references too (the space map holds a reserved region once
+    until its switch): each names a region inside an existing LD of its volume's pool, and no map
+    row holds that region -- the next open zeroes every reserved region, so one also mapped would
+    lose that mapping's data.  Every reservation is checked (a crash can leave many)."""
+    if not reservations:
+        return []
+    problems: list[str] = []
+    r = np.array(reservations, dtype=np.int64).reshape(-1, 4)
+    for vv_key, vv_region, r_ld, r_region in r.tolist():
+        ld = lds.get(r_ld)
+        vv = vvs.get(vv_key)
+        if ld is None or not 0 <= r_region < ld.regions:
+            problems.append(
+                f"LD {r_ld} region {r_region} is reserved for a copy on write but is not a region of an existing LD"
+            )
+        elif vv is None or vv.pool_id != ld.pool_id or not 0 <= vv_region * ld.region_size < vv.size:
+            problems.append(
+                f"LD {r_ld} region {r_region} is reserved for region {vv_region} of VV {vv_key},"
+                " which is not a region of a volume of its pool"
+            )
+        if len(problems) >= _SAMPLE:
+            return problems
+    mapped = (m[:, 2] << 32) | m[:, 3]
+    reserved = (r[:, 2] << 32) | r[:, 3]
+    for packed in reserved[np.isin(reserved, mapped)][:_SAMPLE].tolist():
+        problems.append(
+            f"LD {packed >> 32} region {packed & 0xFFFFFFFF} is reserved for a copy on write and also mapped"
+        )
     return problems
 
 
