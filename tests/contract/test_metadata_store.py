@@ -251,7 +251,9 @@ def test_the_check_holds_every_reservation_and_the_tree_to_the_space_map(
     assert f"LD {ld} region 31 is reserved for a copy on write and also mapped" in check_store(store)
     backend.sql("UPDATE cow_reservations SET ld_region = 99 WHERE ld_region = 31")  # LD has 32
     problems = check_store(store)
-    assert f"LD {ld} region 99 is reserved for a copy on write but is not a region of an existing LD" in problems
+    assert (
+        f"LD {ld} region 99 is reserved for a copy on write but is not a region of an existing LD" in problems
+    )
     backend.sql("DELETE FROM cow_reservations")
     assert check_store(store) == []
     backend.sql("UPDATE vvs SET kind = 'snapshoot' WHERE id = ?", (snap,))

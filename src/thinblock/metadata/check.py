@@ -148,7 +148,7 @@ def _check_map(store: MetadataStore) -> list[str]:
     existing LD of the VV's pool and inside the VV, counters equal to the map."""
     problems: list[str] = []
     m = store.map_array()
-    vv_id, vv_region, ld_id, ld_region = m[:, 0], m[:, 1], m[:, 2], m[:, 3]
+    vv_id, vv_region, ld_id = m[:, 0], m[:, 1], m[:, 2]
     lds = {ld.id: ld for ld in store.load_lds()}
     vvs = {vv.id: vv for vv in store.load_vvs()}
     vv_counted, ld_counted = store.region_counters()
