@@ -93,6 +93,17 @@ def test_every_record_reads_back_after_reopen(backend: StoreBackend, store: Meta
         again.close()
 
 
+def test_alerts_with_ids_given_and_ids_left_to_the_store(store: MetadataStore) -> None:
+    """The alert bus numbers its alerts itself; an id the store picks later comes past them."""
+    assert store.add_alert(1.0, "info", "ld-created", "ld:1", "one", "new", alert_id=7) == 7
+    assert store.add_alert(2.0, "info", "ld-created", "ld:2", "two", "new", alert_id=3) == 3
+    picked = store.add_alert(3.0, "info", "ld-created", "ld:3", "three", "new")
+    assert picked > 7
+    with pytest.raises(Exception, match=r"(?i)unique|duplicate"):  # the driver's IntegrityError
+        store.add_alert(4.0, "info", "ld-created", "ld:4", "four", "new", alert_id=3)
+    assert [(a.id, a.message) for a in store.load_alerts()] == [(3, "two"), (7, "one"), (picked, "three")]
+
+
 def test_updates_and_deletes(store: MetadataStore) -> None:
     pool, ld, vv = _populate(store)
     row = store.load_pools()[0]
@@ -127,6 +138,44 @@ def test_a_group_of_assignments_is_all_or_nothing(store: MetadataStore) -> None:
     assert store.map_array().tolist() == [[vv, 0, ld, 0]]
     assert store.region_counters() == ({vv: 1}, {ld: 1})
     assert check_store(store) == []
+
+
+def test_a_big_map_reads_back_row_for_row(store: MetadataStore) -> None:
+    """Enough rows that PostgreSQL's binary COPY arrives in many blocks (metadata/pgcopy.py
+    parses 256 KiB at a time), and values past 32 bits."""
+    _pool_id, ld, vv = _populate(store)
+    rows = [(vv, r, ld, r) for r in range(12_000)] + [(vv, 2**40 + 3, ld, 2**33 + 1)]
+    store.assign_many(rows)
+    store.forget_map_array()
+    got = store.map_array()
+    assert got.dtype == np.int64 and got.shape == (len(rows), 4)
+    assert sorted(map(tuple, got.tolist())) == rows
+
+
+def test_a_map_read_that_fails_leaves_the_store_usable(
+    backend: StoreBackend, store: MetadataStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A COPY refused half-way (PostgreSQL: the reader raises inside it) is MetadataCorrupt
+    naming the store, and the connection goes back to the pool in working order."""
+    if backend.kind != "postgresql":
+        pytest.skip("the binary COPY is PostgreSQL's")
+    from thinblock.metadata import pgcopy, postgres
+
+    _pool_id, ld, vv = _populate(store)
+    store.assign_many([(vv, r, ld, r) for r in range(6000)])
+    store.forget_map_array()
+
+    class Refusing(pgcopy.Int8CopyReader):
+        def feed(self, data: bytes | bytearray | memoryview) -> None:
+            raise pgcopy.BadCopy("refused by the test")
+
+    monkeypatch.setattr(postgres, "Int8CopyReader", Refusing)
+    with pytest.raises(MetadataCorrupt, match="region map cannot be read: refused by the test"):
+        store.map_array()
+    monkeypatch.undo()
+    for _ in range(4):  # every pooled connection, whichever served the failed read
+        store.assign_many([(vv, 6000 + _, ld, 6000 + _)])
+        assert len(store.map_array()) == 6001 + _
 
 
 def test_an_ld_goes_in_with_its_chunklets_or_not_at_all(store: MetadataStore) -> None:

@@ -27,6 +27,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..errors import LeaseLost, MetadataCorrupt, MetadataStoreFull, MetadataUnavailable
 from . import redact_url
+from .pgcopy import BadCopy, Int8CopyReader
 from .sql import TABLES, SQLStore, Statement
 from .store import Assignment, LDRow, Lease, StoreImage
 
@@ -263,6 +264,16 @@ class PostgresStore(SQLStore):
         with self._read() as conn:
             return [conn.execute(_pg(statement), args).fetchall() for statement, args in queries]
 
+    def _explicit_ids_taken(self, table: str) -> list[Statement]:
+        # An identity column's sequence does not move for explicit ids; the table name is ours.
+        return [
+            (
+                f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), m) FROM"
+                f" (SELECT MAX(id) AS m FROM {table}) t WHERE m IS NOT NULL",
+                (),
+            )
+        ]
+
     # --- life cycle ---
     def close(self) -> None:
         self._pool.close()
@@ -352,21 +363,30 @@ class PostgresStore(SQLStore):
         return len(gone)
 
     def map_array(self) -> np.ndarray:
-        """The whole map in one COPY, parsed by numpy: no Python object per row."""
+        """The whole map by one binary COPY, each block parsed as it arrives into an array
+        allocated for the row count (``pgcopy.py``): the bytes held at any moment are a block's,
+        never the whole map's (a million rows' text held beside the array made the open's peak).
+        The count and the COPY see one snapshot (REPEATABLE READ), so a map that does not hold
+        exactly the rows counted, or holds a NULL, is damage."""
         if self._map_cache is None:
-            with self._read() as conn, conn.cursor() as cur:
-                parts = []
-                with cur.copy(
-                    "COPY (SELECT vv_id, vv_region, ld_id, ld_region FROM vv_map) TO STDOUT"
-                ) as copy:
-                    for block in copy:
-                        parts.append(bytes(block))
+            with self._read() as conn:
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                 (rows,) = conn.execute("SELECT COUNT(*) FROM vv_map").fetchone() or (0,)
-            self._map_cache = self._map_from_text(
-                b"".join(parts),
-                rows,
-                f"{self.url}: the region map changed while it was read, or holds bad values",
-            )
+                reader = Int8CopyReader(int(rows), 4)
+                try:
+                    with (
+                        conn.cursor() as cur,
+                        cur.copy(
+                            "COPY (SELECT vv_id::int8, vv_region::int8, ld_id::int8, ld_region::int8"
+                            " FROM vv_map) TO STDOUT (FORMAT BINARY)"
+                        ) as copy,
+                    ):
+                        for block in copy:
+                            reader.feed(block)
+                    array = reader.finish()
+                except BadCopy as exc:
+                    raise MetadataCorrupt(f"{self.url}: the region map cannot be read: {exc}") from None
+            self._map_cache = array
         return self._map_cache
 
     # --- leases: the server's clock decides ---

@@ -320,11 +320,37 @@ class SQLStore(MetadataStore):
         return flat.reshape(-1, 4)
 
     # --- alerts ---
-    def add_alert(self, time: float, severity: str, kind: str, obj: str, message: str, state: str) -> int:
-        return self._insert(
-            "INSERT INTO alerts(time, severity, kind, object, message, state) VALUES(?, ?, ?, ?, ?, ?)",
-            (time, severity, kind, obj, message, state),
+    def add_alert(
+        self,
+        time: float,
+        severity: str,
+        kind: str,
+        obj: str,
+        message: str,
+        state: str,
+        alert_id: int | None = None,
+    ) -> int:
+        if alert_id is None:
+            return self._insert(
+                "INSERT INTO alerts(time, severity, kind, object, message, state) VALUES(?, ?, ?, ?, ?, ?)",
+                (time, severity, kind, obj, message, state),
+            )
+        self._exec_all(
+            [
+                (
+                    "INSERT INTO alerts(id, time, severity, kind, object, message, state)"
+                    " VALUES(?, ?, ?, ?, ?, ?, ?)",
+                    (alert_id, time, severity, kind, obj, message, state),
+                ),
+                *self._explicit_ids_taken("alerts"),
+            ]
         )
+        return alert_id
+
+    def _explicit_ids_taken(self, table: str) -> list[Statement]:
+        """Statements that move ``table``'s id generator past rows inserted with explicit ids
+        (SQLite's INTEGER PRIMARY KEY does by itself: its next id is the largest plus one)."""
+        return []
 
     def set_alert_state(self, alert_id: int, state: str) -> None:
         self._exec("UPDATE alerts SET state=? WHERE id=?", (state, alert_id))

@@ -340,7 +340,19 @@ class MetadataStore(abc.ABC):
 
     # --- alerts ---
     @abc.abstractmethod
-    def add_alert(self, time: float, severity: str, kind: str, obj: str, message: str, state: str) -> int: ...
+    def add_alert(
+        self,
+        time: float,
+        severity: str,
+        kind: str,
+        obj: str,
+        message: str,
+        state: str,
+        alert_id: int | None = None,
+    ) -> int:
+        """The new alert's id: ``alert_id`` when given (the engine's alert bus numbers its
+        alerts itself, so that raising one never waits for the store), else the store's next.
+        Either way a later call without an id gets one past every id stored."""
 
     @abc.abstractmethod
     def set_alert_state(self, alert_id: int, state: str) -> None: ...
