@@ -213,6 +213,10 @@ class NodeConfig:
     partner_metadata: str | None = None
     lease_ttl: float = 15.0
     fence_margin: float = 1.0
+    # FLUSH and FUA of a write-back volume answered on the two copies while the mirror is in
+    # sync and the partner takes over (claim 3).  False: they destage and fsync as without a
+    # partner (two nodes on one machine share its power: a power cut loses both copies).
+    flush_on_two_copies: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -488,6 +492,7 @@ _TABLES = {
         "partner_metadata",
         "lease_ttl",
         "fence_margin",
+        "flush_on_two_copies",
     },
 }
 
@@ -771,6 +776,10 @@ def parse_config(doc: dict[str, Any], *, base_dir: Path | None = None) -> Config
     if "fence_margin" in node:
         node_cfg = replace(
             node_cfg, fence_margin=_float(node["fence_margin"], "node.fence_margin", low=0.05, high=3600)
+        )
+    if "flush_on_two_copies" in node:
+        node_cfg = replace(
+            node_cfg, flush_on_two_copies=_bool(node["flush_on_two_copies"], "node.flush_on_two_copies")
         )
     changes["node"] = node_cfg
     return replace(cfg, **changes)

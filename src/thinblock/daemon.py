@@ -498,6 +498,7 @@ class Daemon:
                 listen_host=node.mirror_listen.host,
                 listen_port=node.mirror_listen.port,
                 partner_timeout=node.partner_timeout,
+                flush_on_two_copies=node.flush_on_two_copies,
             ),
             cache=engine.cache,
             flush=engine.flush_all,

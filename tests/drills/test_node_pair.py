@@ -221,13 +221,18 @@ class ReconnectingWriter:
     """Writes through the service address; when the connection dies, the write in flight is
     ambiguous (it may or may not have landed) and the writer reconnects until the new owner
     answers.  ``acked[block]``: last acknowledged sequence; ``maybe[block]``: sequences that
-    were in flight when a connection died."""
+    were in flight when a connection died.  With ``flush_every``, a FLUSH after every that many
+    writes; ``flushed`` is ``acked`` as it was when the last FLUSH was acknowledged."""
 
-    def __init__(self, port: int, export: str) -> None:
+    def __init__(self, port: int, export: str, *, flush_every: int = 0) -> None:
         self.port = port
         self.export = export
+        self.flush_every = flush_every
         self.acked: dict[int, int] = {}
         self.maybe: dict[int, set[int]] = {}
+        self.flushed: dict[int, int] = {}
+        self.flushes = 0
+        self.acks = 0  # writes acknowledged, every one (acked keeps the last of each block)
         self.seq = 0
         self.stop = asyncio.Event()
         self.connection_lost_at: float | None = None
@@ -254,6 +259,17 @@ class ReconnectingWriter:
                             self.connection_lost_at = time.monotonic()
                         break
                     self.acked[block] = self.seq
+                    self.acks += 1
+                    if self.flush_every and self.seq % self.flush_every == 0:
+                        covered = dict(self.acked)
+                        try:
+                            await client.flush()
+                        except Exception:
+                            if self.connection_lost_at is None:
+                                self.connection_lost_at = time.monotonic()
+                            break
+                        self.flushed = covered
+                        self.flushes += 1
                     await asyncio.sleep(0)
             finally:
                 client.abort()

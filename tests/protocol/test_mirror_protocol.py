@@ -74,6 +74,27 @@ def session() -> tuple[OwnerConnection, PartnerConnection]:
     return owner, peer
 
 
+@pytest.mark.parametrize("takes_over", [False, True])
+def test_the_partner_says_in_its_hello_whether_it_takes_over(takes_over: bool) -> None:
+    owner = OwnerConnection("n1", 3, 11)
+    peer = partner(takes_over=takes_over)
+    hello = peer.data_to_send()
+    assert struct.unpack_from(">IHHI", hello)[2] == (1 if takes_over else 0)  # the header's flags
+    for step in (None, 1):
+        fresh = OwnerConnection("n1", 3, 11)
+        assert feed(fresh, hello + encode_hello(9, 9, "x")[:3], step=step) == [
+            Hello(VERSION, 3, 22, "n2", takes_over=takes_over)
+        ]
+    assert feed(owner, hello) == [Hello(VERSION, 3, 22, "n2", takes_over=takes_over)]
+
+
+def test_an_owner_refuses_unknown_hello_flags() -> None:
+    owner = OwnerConnection("n1", 3, 11)
+    bad = frame(MessageType.HELLO, struct.pack(">HQQH", VERSION, 3, 22, 2) + b"n2", flags=0x2)
+    (event,) = feed(owner, bad)
+    assert isinstance(event, ProtocolError) and "flags" in event.reason
+
+
 def owner_stream() -> bytes:
     """HELLO, RESYNC, two MIRRORs, a DESTAGED and a RELEASE and a PING, as an owner sends them."""
     owner = OwnerConnection("n1", 3, 11)
@@ -263,6 +284,7 @@ def frames_of(data: bytes) -> tuple[list[int], bytes]:
             "not valid in this direction",
         ),  # ACK to a partner
         (struct.pack(">IHHI", MAGIC, 1, 4, 0), "flags"),
+        (encode_hello(3, 11, "n1", takes_over=True), "flags"),  # only a partner announces it
         (struct.pack(">IHHI", MAGIC, 2, 0, 1 << 30), "over the limit"),
         (frame(MessageType.PING, bytes(8)), "before HELLO"),
         (encode_hello(3, 11, "n1") + encode_hello(3, 11, "n1"), "second HELLO"),

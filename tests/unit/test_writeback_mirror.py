@@ -16,6 +16,7 @@ import pytest
 
 from tests.engine_helpers import CHUNKLET, REGION, STEP, make_engine, pattern
 from thinblock.engine import Engine
+from thinblock.errors import MediumError
 from thinblock.model import CacheMode
 from thinblock.node.mirror import OwnerMirror
 from thinblock.node.mirror_protocol import NEED_DATA, MirrorHolding, PartnerConnection, ProtocolError
@@ -27,9 +28,9 @@ class Pipe:
     """Owner <-> partner in memory.  Delivery runs at the next loop turn, or is held while
     ``held`` is set (a slow or silent partner)."""
 
-    def __init__(self, mirror: OwnerMirror, holding: MirrorHolding) -> None:
+    def __init__(self, mirror: OwnerMirror, holding: MirrorHolding, *, takes_over: bool = True) -> None:
         self.mirror = mirror
-        self.partner = PartnerConnection("n2", 1, 2, holding)
+        self.partner = PartnerConnection("n2", 1, 2, holding, takes_over=takes_over)
         self.to_partner = bytearray()
         self.held = False
         self.ended: str | None = None
@@ -58,7 +59,7 @@ class Pipe:
 
 
 async def mirrored_engine(
-    tmp_path: Path, *, covers_flush: bool = False
+    tmp_path: Path, *, covers_flush: bool = False, takes_over: bool = True
 ) -> tuple[Engine, Pipe, MirrorHolding]:
     engine = await make_engine(tmp_path)
     await engine.create_pool("p", raid=1, region_size=REGION, growth_increment=CHUNKLET, step=STEP)
@@ -66,7 +67,7 @@ async def mirrored_engine(
     holding = MirrorHolding("n1")
     mirror = OwnerMirror("n1", 7, durable=engine.flush_all, covers_flush=covers_flush)
     engine.cache.mirror = mirror
-    pipe = Pipe(mirror, holding)
+    pipe = Pipe(mirror, holding, takes_over=takes_over)
     await asyncio.sleep(0)
     mirror.mark_in_sync()
     return engine, pipe, holding
@@ -227,6 +228,57 @@ async def test_flush_is_satisfied_by_the_two_copies_only_when_they_cover_it(
     await vol.write_zeroes(2 * REGION, 100)
     await vol.flush()
     assert engine.cache.dirty_bytes == 0
+    await engine.close()
+
+
+async def test_flush_is_not_covered_by_a_partner_that_would_not_replay_the_copies(tmp_path: Path) -> None:
+    """A partner not configured to take over says so in its HELLO (no TAKES_OVER flag): its copy
+    would never be written anywhere if this node died, so FLUSH destages and fsyncs."""
+    engine, pipe, holding = await mirrored_engine(tmp_path, covers_flush=True, takes_over=False)
+    engine.cache.destage_delay = 60.0
+    assert pipe.mirror.peer is not None and not pipe.mirror.peer.takes_over
+    vol = engine.volume("v")
+    await vol.write(0, pattern(11, 4096))
+    assert len(holding) == 1
+    await vol.flush()
+    assert engine.cache.dirty_bytes == 0
+    await engine.close()
+
+
+async def test_a_flush_after_a_degrade_destages_and_fsyncs(tmp_path: Path) -> None:
+    """The mirror in sync and FLUSH covered; then the partner is lost while a write waits for its
+    copy.  From the moment of the loss every FLUSH destages and fsyncs: the one sent right after
+    ``lose`` (no loop turn between), the write that was waiting is written through, and its FUA is
+    a real one."""
+    engine, pipe, _ = await mirrored_engine(tmp_path, covers_flush=True)
+    engine.cache.destage_delay = 60.0
+    vol = engine.volume("v")
+    await vol.write(0, pattern(12, 4096))
+    await vol.flush()
+    assert engine.cache.flush_covered and engine.cache.dirty_bytes == 4096  # covered: still dirty
+    pipe.held = True
+    waiting = asyncio.create_task(vol.write(REGION, pattern(13, 4096), fua=True))
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    pipe.mirror.lose("partner silent")
+    assert not engine.cache.flush_covered  # at once, before any loop turn
+    flush = asyncio.create_task(vol.flush())
+    await asyncio.wait_for(asyncio.gather(flush, waiting), 5)
+    assert engine.cache.dirty_bytes == 0
+    assert on_ld(engine, key_of(engine, 0), 0, 4096) == pattern(12, 4096)
+    assert on_ld(engine, key_of(engine, 1), 0, 4096) == pattern(13, 4096)
+    await engine.close()
+
+
+async def test_a_failed_destage_makes_the_next_flush_a_real_one(tmp_path: Path) -> None:
+    """A destage that failed must be answered EIO by the next FLUSH: not covered by the copies."""
+    engine, _, _ = await mirrored_engine(tmp_path, covers_flush=True)
+    engine.cache.destage_delay = 60.0
+    assert engine.cache.flush_covered
+    engine.cache.errors.append("LD 1: simulated")
+    assert not engine.cache.flush_covered
+    with pytest.raises(MediumError):
+        await engine.volume("v").flush()
     await engine.close()
 
 

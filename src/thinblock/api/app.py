@@ -489,6 +489,11 @@ class NodeOut(BaseModel):
     held_bytes: int
     held_writes: int
     taken_over: bool = Field(description="this node took its partner's volumes over")
+    flush_covered: bool = Field(
+        default=False,
+        description="FLUSH and FUA of write-back volumes are answered on the two copies now (in sync,"
+        " the partner takes over, node.flush_on_two_copies)",
+    )
     lease_epoch: int | None = Field(
         default=None, description="epoch of this node's lease node:NAME in its metadata store"
     )

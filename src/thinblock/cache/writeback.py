@@ -160,9 +160,12 @@ class WriteBackCache:
 
     @property
     def flush_covered(self) -> bool:
-        """FLUSH and FUA of a write-back volume are satisfied by the two copies."""
+        """FLUSH and FUA of a write-back volume are satisfied by the two copies: the mirror is in
+        sync now (every write acknowledged so far is held by the partner, which replays it if this
+        node dies) and no destage failed since the last flush (that one must answer EIO).  Read
+        with no await before the answer: a degrade (``in_sync`` off) is seen by the next FLUSH."""
         mirror = self.mirror
-        return mirror is not None and mirror.in_sync and mirror.covers_flush
+        return mirror is not None and mirror.in_sync and mirror.covers_flush and not self.errors
 
     def settled(self, key: int) -> bool:
         """Region ``key`` may be written outside the cache: nothing of it is dirty here, and the

@@ -86,7 +86,12 @@ class OwnerMirror:
 
     @property
     def covers_flush(self) -> bool:
-        return self._covers_flush
+        """FLUSH and FUA may be answered on the two copies: allowed by the configuration, in sync
+        (``lose`` turns it off before anything else), and the partner of this session said in its
+        HELLO that it replays what it holds when this node dies (``HELLO_TAKES_OVER``): a copy
+        nobody would replay is no copy for a FLUSH."""
+        peer = self.peer
+        return self._covers_flush and self._in_sync and peer is not None and peer.takes_over
 
     def replicate(self, vv: int, key: int, vv_region: int, offset: int, data: Buffer) -> Awaitable[None]:
         conn = self._conn
@@ -146,6 +151,7 @@ class OwnerMirror:
         assert self._conn is None, "attach while a session is running"
         self.epoch = epoch
         self._session += 1
+        self.peer = None  # this session's partner says who it is (and whether it takes over) anew
         self._conn = OwnerConnection(self.node, epoch, self.incarnation)
         self._conn.resync()
         self._send = send

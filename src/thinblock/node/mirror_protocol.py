@@ -26,8 +26,10 @@ to its partner's mirror listener)::
                                                 <---  PONG(token)   (everything before it is done)
       ERROR(text) either way, then the sender closes.
 
-Every frame: a 12-byte header ``magic u32 ("TBMR"), type u16, flags u16 (0), body length u32``
-then the body, all big-endian.  ``seq`` is per volume and strictly increasing (MIRROR, DESTAGED
+Every frame: a 12-byte header ``magic u32 ("TBMR"), type u16, flags u16, body length u32``
+then the body, all big-endian.  Flags are 0 but on a partner's HELLO, where ``TAKES_OVER``
+(0x1) says that the partner replays the copies it holds when the owner dies (it is configured
+to take the owner over): only then may the copies stand in for the disk at a FLUSH.  ``seq`` is per volume and strictly increasing (MIRROR, DESTAGED
 and RELEASE share the counter; each is acknowledged); ``key`` is the packed LD region (``ld_id << 32 | index``), the
 name the cache, the pool and the map use for it; ``vv_region`` lets a taking-over partner
 record the assignment if the owner died before committing it.
@@ -66,6 +68,7 @@ _VV_SEQ = struct.Struct(">QQ")  # ACK
 _VV_SEQ_KEY = struct.Struct(">QQQ")  # RELEASE
 _DESTAGED = struct.Struct(">QQQQ")  # vv, seq, key, up to seq
 _U64 = struct.Struct(">Q")  # RESYNC epoch, PING and PONG token
+HELLO_TAKES_OVER = 0x1  # HELLO flag: the sender replays what it holds if the owner dies
 HEADER_SIZE = _HEADER.size
 
 MAX_NAME = 255
@@ -116,6 +119,7 @@ class Hello:
     epoch: int
     incarnation: int  # random per process start: tells a restarted peer from a reconnected one
     node: str
+    takes_over: bool = False  # HELLO_TAKES_OVER: a partner that replays the copies at a takeover
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,15 +216,16 @@ class MirrorViolation(Exception):
 
 
 # --- framing ------------------------------------------------------------------------------------
-def frame(kind: MessageType, body: bytes | bytearray | memoryview = b"") -> bytes:
-    return _HEADER.pack(MAGIC, kind, 0, len(body)) + bytes(body)
+def frame(kind: MessageType, body: bytes | bytearray | memoryview = b"", flags: int = 0) -> bytes:
+    return _HEADER.pack(MAGIC, kind, flags, len(body)) + bytes(body)
 
 
-def encode_hello(epoch: int, incarnation: int, node: str) -> bytes:
+def encode_hello(epoch: int, incarnation: int, node: str, *, takes_over: bool = False) -> bytes:
     name = node.encode()
     if not name or len(name) > MAX_NAME:
         raise ValueError(f"node name must be 1..{MAX_NAME} bytes of UTF-8, not {node!r}")
-    return frame(MessageType.HELLO, _HELLO.pack(VERSION, epoch, incarnation, len(name)) + name)
+    body = _HELLO.pack(VERSION, epoch, incarnation, len(name)) + name
+    return frame(MessageType.HELLO, body, HELLO_TAKES_OVER if takes_over else 0)
 
 
 def encode_error(text: str) -> bytes:
@@ -237,6 +242,10 @@ class _FrameReader:
     def __init__(self, allowed: frozenset[MessageType], max_body: int) -> None:
         self._allowed = allowed
         self._max_body = max_body
+        # Only a partner announces TAKES_OVER: the owner's reader (which receives the partner's
+        # HELLO) accepts the flag, the partner's does not.
+        self._hello_flags_allowed = MessageType.MIRROR not in allowed
+        self.hello_flags = 0
         self._buf = bytearray()
         self._pos = 0
         self.eof = False
@@ -250,7 +259,8 @@ class _FrameReader:
             self.eof = True
 
     def next_frame(self) -> tuple[MessageType, memoryview] | None:
-        """The next whole frame, or None when more data is needed.  MirrorViolation on a bad one."""
+        """The next whole frame, or None when more data is needed.  MirrorViolation on a bad one.
+        A HELLO's flags are in ``hello_flags``."""
         buf, pos = self._buf, self._pos
         if len(buf) - pos < HEADER_SIZE:
             return None
@@ -263,7 +273,8 @@ class _FrameReader:
             raise MirrorViolation(f"unknown message type {kind}") from None
         if message not in self._allowed:
             raise MirrorViolation(f"{message.name} is not valid in this direction")
-        if flags:
+        known = HELLO_TAKES_OVER if message is MessageType.HELLO and self._hello_flags_allowed else 0
+        if flags & ~known:
             raise MirrorViolation(f"unknown flags {flags:#06x} on {message.name}")
         if length > self._max_body:
             raise MirrorViolation(f"{message.name} body of {length} bytes is over the limit {self._max_body}")
@@ -273,6 +284,8 @@ class _FrameReader:
         with memoryview(buf) as view:
             body = memoryview(bytes(view[pos + HEADER_SIZE : end]))  # one copy, then the buffer may move
         self._pos = end
+        if message is MessageType.HELLO:
+            self.hello_flags = flags
         if end > 65536 and end * 2 > len(buf):
             del buf[:end]  # compact: keep the buffer from growing with the stream
             self._pos = 0
@@ -284,7 +297,7 @@ class _FrameReader:
         return len(self._buf) - self._pos
 
 
-def _decode_hello(body: memoryview) -> Hello:
+def _decode_hello(body: memoryview, flags: int = 0) -> Hello:
     if len(body) < _HELLO.size:
         raise MirrorViolation("HELLO too short")
     version, epoch, incarnation, name_length = _HELLO.unpack_from(body)
@@ -298,7 +311,7 @@ def _decode_hello(body: memoryview) -> Hello:
         raise MirrorViolation(
             f"mirror protocol version {version} is not supported (this node speaks {VERSION})"
         )
-    return Hello(version, epoch, incarnation, node)
+    return Hello(version, epoch, incarnation, node, takes_over=bool(flags & HELLO_TAKES_OVER))
 
 
 def _fixed(body: memoryview, layout: struct.Struct, what: MessageType) -> tuple[int, ...]:
@@ -348,7 +361,7 @@ class _Core:
             if kind is MessageType.HELLO:
                 if self.peer is not None:
                     raise MirrorViolation("a second HELLO")
-                self.peer = _decode_hello(body)
+                self.peer = _decode_hello(body, self._reader.hello_flags)
                 self._hello_received(self.peer)
                 return self.peer
             if self.peer is None:
@@ -482,13 +495,15 @@ class PartnerConnection(_Core):
         accept_owner: Callable[[Hello], str | None] = lambda hello: None,
         choose_holding: Callable[[Hello], MirrorHolding] | None = None,
         max_data: int = DEFAULT_MAX_DATA,
+        takes_over: bool = False,
     ) -> None:
         super().__init__(_TO_PARTNER, max_data + _MIRROR.size)
         self.holding = holding
         self._resynced = False  # a session begins with RESYNC: nothing is held across sessions
         self._accept_owner = accept_owner
         self._choose_holding = choose_holding
-        self._out += encode_hello(epoch, incarnation, node)
+        # takes_over: this partner replays what it holds when the owner dies (HELLO_TAKES_OVER)
+        self._out += encode_hello(epoch, incarnation, node, takes_over=takes_over)
 
     def _hello_received(self, hello: Hello) -> None:
         if self._choose_holding is not None:

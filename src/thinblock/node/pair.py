@@ -32,8 +32,10 @@ link closed, or open and quiet past ``partner_timeout``), ``take_over`` is tried
 ``takeover_poll`` until it succeeds or the owner is heard again; after it succeeded the owner's
 mirror links are refused (``refuse_owner``).
 
-Until the two copies can be proven to cover a FLUSH, ``covers_flush`` is False: FLUSH and FUA
-still destage and fsync.
+FLUSH and FUA of a write-back volume are answered on the two copies (no destage, no fsync)
+while the mirror is in sync and the partner said in its HELLO that it takes over
+(``HELLO_TAKES_OVER``), unless ``flush_on_two_copies`` is off.  ``lose`` turns it off with
+``in_sync``, before anything else, so a FLUSH that comes after a degrade destages and fsyncs.
 """
 
 from __future__ import annotations
@@ -84,6 +86,9 @@ class PairConfig:
     report_interval: float = DEFAULT_REPORT_INTERVAL
     max_held: int = DEFAULT_MAX_HELD
     takeover_poll: float = 0.2  # seconds between attempts to take over a silent owner
+    # FLUSH and FUA answered on the two copies while in sync, if the partner takes over
+    # (OwnerMirror.covers_flush; config node.flush_on_two_copies)
+    flush_on_two_copies: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +106,7 @@ class PairStatus:
     held_bytes: int
     held_writes: int
     taken_over: bool  # this node took its partner's volumes over
+    flush_covered: bool  # FLUSH and FUA of write-back volumes are answered on the two copies now
 
 
 class NodePair:
@@ -129,7 +135,9 @@ class NodePair:
         self._cache = cache
         self._flush = flush
         self._alerts = alerts
-        self.mirror = OwnerMirror(config.node, self.incarnation, durable=flush)
+        self.mirror = OwnerMirror(
+            config.node, self.incarnation, durable=flush, covers_flush=config.flush_on_two_copies
+        )
         self.holding: MirrorHolding | None = None
         self._sessions: set[_PartnerSession] = set()
         self._server: asyncio.Server | None = None
@@ -460,6 +468,7 @@ class NodePair:
             held_bytes=holding.held_bytes if holding is not None else 0,
             held_writes=len(holding) if holding is not None else 0,
             taken_over=self.taken_over,
+            flush_covered=mirror.covers_flush,
         )
 
     # --- metrics (a prometheus collector, as the daemon's webhook poster is) -----------------
@@ -521,6 +530,8 @@ class _PartnerSession:
             MirrorHolding("-"),  # replaced at HELLO by choose_holding
             choose_holding=pair._holding_for,
             accept_owner=pair._accept_owner,
+            # The owner may answer FLUSH on our copy only if we replay it when it dies.
+            takes_over=pair._take_over is not None,
         )
         self.last_heard = time.monotonic()
         self.link = Link(self._on_data, self._on_close, self._on_open)
