@@ -90,6 +90,9 @@ class Capabilities:
     maximum_block: int = 32 * 1024 * 1024
     # The volume has ``read_spans`` (read_extents that may answer with FileSpan pieces).
     file_spans: bool = False
+    # The volume has ``dirty_bitmaps()`` and ``dirty_bitmap(name)`` (``BitmapVolume``): what
+    # changed since a snapshot, for incremental backups (NBD's qemu:dirty-bitmap:NAME contexts).
+    dirty_bitmaps: bool = False
 
 
 @runtime_checkable
@@ -181,6 +184,38 @@ class Volume(Protocol):
 
     async def cache(self, offset: int, length: int) -> None:
         """Advisory prefetch (NBD_CMD_CACHE)."""
+        ...
+
+
+# A run of a dirty bitmap's status (``DirtyBitmap.status``): ``length`` bytes, dirty or clean.
+DirtyRun = tuple[int, bool]
+
+
+class DirtyBitmap(Protocol):
+    """The regions of a volume that changed since a fixed point (a snapshot), bound once: the
+    bitmap named ``name`` when it was asked for stays that one whatever is renamed later."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def status(self, offset: int, length: int) -> list[DirtyRun]:
+        """Runs ``(length, dirty)`` from ``offset`` on, at least one, together at most
+        ``length`` bytes (they may describe less: the caller asks again from where they end).
+        Like ``block_status``, ``length`` may be up to 4 GiB: the cost follows the runs.  Raises
+        ``VolumeGone`` when the volume or the fixed point the bitmap compares with is gone."""
+        ...
+
+
+@runtime_checkable
+class BitmapVolume(Volume, Protocol):
+    """A volume with dirty bitmaps (``capabilities.dirty_bitmaps``)."""
+
+    def dirty_bitmaps(self) -> list[str]:
+        """The names of the bitmaps this volume has now."""
+        ...
+
+    def dirty_bitmap(self, name: str) -> DirtyBitmap:
+        """The bitmap ``name``; raises ``NotFound`` when there is none by that name."""
         ...
 
 

@@ -602,6 +602,7 @@ class Engine:
             writeback_bypass_min=None if self.options.pd_direct_io else self.options.offload_min_bytes,
             serving=self.gate,
         )
+        vv.tree = self.snapshots
         self.vvs[row.name] = vv
         pool.vv_count += 1
         return vv

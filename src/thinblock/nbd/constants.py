@@ -188,3 +188,16 @@ class BlockStatusFlags(enum.IntFlag):
 
 
 BASE_ALLOCATION = "base:allocation"
+
+# qemu's namespace (registered in the NBD spec; qemu's docs/interop/nbd.rst): one context per dirty
+# bitmap, ``qemu:dirty-bitmap:NAME``, whose only flag is bit 0, NBD_STATE_DIRTY.  During
+# NBD_OPT_LIST_META_CONTEXT ``qemu:`` and ``qemu:dirty-bitmap:`` list every dirty bitmap.
+QEMU_NAMESPACE = "qemu:"
+DIRTY_BITMAP_PREFIX = "qemu:dirty-bitmap:"
+
+
+@enum.unique
+class DirtyBitmapFlags(enum.IntFlag):
+    """Status flags of a qemu:dirty-bitmap:NAME metadata context."""
+
+    DIRTY = 1 << 0

@@ -18,9 +18,10 @@ Usage::
 
 What the core does by itself
   * the whole fixed-newstyle negotiation (EXPORT_NAME, ABORT, LIST, INFO, GO,
-    STRUCTURED_REPLY, LIST/SET_META_CONTEXT with ``base:allocation``; anything else
-    gets NBD_REP_ERR_UNSUP), answering from the policy it was given: a callable
-    listing ``(name, description)`` pairs, a callable that returns an
+    STRUCTURED_REPLY, LIST/SET_META_CONTEXT with ``base:allocation`` and the
+    ``qemu:dirty-bitmap:NAME`` contexts an export names in ``ExportInfo.dirty_bitmaps``;
+    anything else gets NBD_REP_ERR_UNSUP), answering from the policy it was given: a
+    callable listing ``(name, description)`` pairs, a callable that returns an
     ``ExportInfo`` (or None) for a name, and the default export name;
   * validation of every request at the edge (magic, command, flags allowed for the
     command and negotiated, range within the export without 64-bit overflow, block
@@ -34,7 +35,8 @@ What the core does by itself
 
 What the application does: the I/O for each ``Request``, then one reply for it,
 with ``reply_ok``, ``reply_error``, ``reply_read``, ``reply_read_extents`` or
-``reply_block_status``; replies may go out in any order.
+``reply_block_status`` (one answer per context in ``meta_contexts``); replies may go out in
+any order.
 
 Receiving without a copy: ``get_buffer()`` returns a writable buffer to receive
 into (``recv_into``, ``asyncio.BufferedProtocol``) and ``buffer_updated(n)`` says how
@@ -53,11 +55,14 @@ from typing import TYPE_CHECKING, Any
 
 from .constants import (
     BASE_ALLOCATION,
+    DIRTY_BITMAP_PREFIX,
     MAX_STRING_LENGTH,
+    QEMU_NAMESPACE,
     BlockStatusFlags,
     ClientFlags,
     Command,
     CommandFlags,
+    DirtyBitmapFlags,
     Errno,
     HandshakeFlags,
     InfoType,
@@ -116,8 +121,11 @@ EXPORT_NAME_ZEROES = 124
 U32_MAX = 0xFFFFFFFF
 U64_MAX = 0xFFFFFFFFFFFFFFFF
 
-# The metadata context id this server gives base:allocation (any nonzero opaque value).
+# The metadata context id this server gives base:allocation (any nonzero opaque value); dirty
+# bitmaps selected with it get the ids after it, in the order of the client's queries.
 BASE_ALLOCATION_ID = 1
+# "Servers SHOULD NOT send more than 2^20 extents in a single reply chunk".
+MAX_DESCRIPTORS = 1 << 20
 
 # Defaults of the policy knobs.
 DEFAULT_MAX_OPTION_LENGTH = 64 * 1024  # export name + queries of the largest legal options fit
@@ -134,6 +142,8 @@ _SCRATCH = 64 * 1024
 # payload is returned as a separate buffer so that it is never copied.
 _JOIN_LIMIT = 16 * 1024
 _ZEROES = bytes(1024 * 1024)
+
+_BASE_ALLOCATION_MASK = int(BlockStatusFlags.HOLE | BlockStatusFlags.ZERO)
 
 _SERVER_HANDSHAKE_FLAGS = HandshakeFlags.FIXED_NEWSTYLE | HandshakeFlags.NO_ZEROES
 # Plain ints: ``~`` of an IntFlag keeps only the defined bits, which would hide unknown ones.
@@ -183,6 +193,8 @@ class ExportInfo:
     minimum_block: int = 1
     preferred_block: int = 4096
     maximum_block: int = 32 * 1024 * 1024
+    # NAMEs of the ``qemu:dirty-bitmap:NAME`` metadata contexts this export offers.
+    dirty_bitmaps: tuple[str, ...] = ()
     backend: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -212,6 +224,8 @@ class ExportInfo:
         if not (hi == U32_MAX or (0 < hi < U32_MAX and hi % lo == 0)) or hi < min(pref, self.size):
             raise ValueError(f"bad maximum block size {hi}")
         _check_string(self.name, "export name")
+        for bitmap in self.dirty_bitmaps:
+            _check_string(DIRTY_BITMAP_PREFIX + bitmap, "metadata context name")
 
     @classmethod
     def from_capabilities(
@@ -302,13 +316,25 @@ class StartTLS:
 
 
 @dataclass(frozen=True, slots=True)
+class MetaContext:
+    """A metadata context selected with NBD_OPT_SET_META_CONTEXT: its id on the wire, its name,
+    and for ``qemu:dirty-bitmap:NAME`` the NAME (``bitmap``; None for ``base:allocation``)."""
+
+    id: int
+    name: str
+    bitmap: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ExportChosen:
     """Negotiation is over (NBD_OPT_GO acknowledged, or NBD_OPT_EXPORT_NAME answered):
-    transmission starts with this export."""
+    transmission starts with this export.  ``contexts``: the metadata contexts BLOCK_STATUS
+    answers, each with its own chunk (``reply_block_status``)."""
 
     export: ExportInfo
     structured_replies: bool
     base_allocation: bool
+    contexts: tuple[MetaContext, ...] = ()
 
 
 @dataclass(slots=True)
@@ -561,6 +587,27 @@ class _Target(enum.Enum):
     DISCARD = 2
 
 
+def _list_contexts(export: ExportInfo, queries: list[str]) -> list[str]:
+    """The context names an NBD_OPT_LIST_META_CONTEXT answers, each once.  "If zero queries are
+    sent, then the server MUST return all the metadata contexts that are available"; ``base:`` is
+    the base namespace's wildcard ("MUST support this as a wildcard during
+    NBD_OPT_LIST_META_CONTEXT"); ``qemu:`` and ``qemu:dirty-bitmap:`` are qemu's ("returns list
+    of all available [dirty-bitmap] metadata contexts", docs/interop/nbd.rst); other names only
+    when they exist."""
+    bitmaps = [DIRTY_BITMAP_PREFIX + name for name in export.dirty_bitmaps]
+    if not queries:
+        return [BASE_ALLOCATION, *bitmaps]
+    names: dict[str, None] = {}  # ordered, without repeats
+    for query in queries:
+        if query in ("base:", BASE_ALLOCATION):
+            names[BASE_ALLOCATION] = None
+        elif query in (QEMU_NAMESPACE, DIRTY_BITMAP_PREFIX):
+            names.update(dict.fromkeys(bitmaps))
+        elif query in bitmaps:
+            names[query] = None
+    return list(names)
+
+
 def _decode_string(raw: Buffer, what: str) -> str:
     # "a sequence of UTF-8 code points, which is not NUL terminated, MUST NOT contain NUL
     # characters, SHOULD be no longer than 256 bytes and MUST be no longer than 4096 bytes"
@@ -619,10 +666,14 @@ class ServerConnection:
         # Negotiated state.
         self.client_flags = ClientFlags(0)
         self.structured_replies = False
-        self._meta_export: str | None = None  # export the last SET_META_CONTEXT selected base:allocation for
+        # The export the last SET_META_CONTEXT selected contexts for, and those contexts.
+        self._meta_export: str | None = None
+        self._meta_selected: tuple[MetaContext, ...] = ()
         self._options_seen = 0
         self.export: ExportInfo | None = None
         self.base_allocation = False
+        self.meta_contexts: tuple[MetaContext, ...] = ()  # in transmission: what BLOCK_STATUS answers
+        self._context_masks: dict[int, int] = {}  # context id -> the status bits it defines
         # Transmission-phase validation tables (filled when the export is chosen).
         self._size = 0
         self._export_flags = TransmissionFlags.HAS_FLAGS
@@ -653,6 +704,7 @@ class ServerConnection:
         self.tls_active = True
         self.structured_replies = False
         self._meta_export = None
+        self._meta_selected = ()
         self._state = _State.OPTIONS
 
     @property
@@ -1000,6 +1052,7 @@ class ServerConnection:
             # "Issuing this command replaces all previously-set metadata contexts (including when
             # this command fails)".
             self._meta_export = None
+            self._meta_selected = ()
         if not self.structured_replies:
             # "This option MUST NOT be requested unless structured replies have been negotiated
             # first. If a client attempts to do so, a server SHOULD send NBD_REP_ERR_INVALID."
@@ -1036,31 +1089,55 @@ class ServerConnection:
             self._outbox.append(encode_option_error(option, OptionReply.ERR_UNKNOWN, message))
             return OptionRequest(option, OptionReply.ERR_UNKNOWN, name, message)
         if is_set:
-            # "If zero queries are sent, the server MUST select no metadata contexts"; "base:" alone
-            # "the server MUST ignore ... during NBD_OPT_SET_META_CONTEXT"; unknown leaf names and
-            # namespaces are ignored.
-            selected = BASE_ALLOCATION in queries
+            selected = self._select_contexts(export, queries)
+            for context in selected:
+                self._reply(option, OptionReply.META_CONTEXT, _U32.pack(context.id) + context.name.encode())
             if selected:
-                self._reply(
-                    option, OptionReply.META_CONTEXT, _U32.pack(BASE_ALLOCATION_ID) + BASE_ALLOCATION.encode()
-                )
                 self._meta_export = export.name
+                self._meta_selected = selected
+            names = [context.name for context in selected]
         else:
-            # "If zero queries are sent, then the server MUST return all the metadata contexts";
-            # "base:" is a wildcard for the base namespace during LIST.  Context ids "SHOULD be
-            # set to zero" here.
-            selected = not queries or any(q in ("base:", BASE_ALLOCATION) for q in queries)
-            if selected:
-                self._reply(option, OptionReply.META_CONTEXT, _U32.pack(0) + BASE_ALLOCATION.encode())
+            names = _list_contexts(export, queries)
+            for name in names:
+                # "The metadata context ID in these replies is reserved and SHOULD be set to zero".
+                self._reply(option, OptionReply.META_CONTEXT, _U32.pack(0) + name.encode())
         self._reply(option, OptionReply.ACK)
-        detail = f"{BASE_ALLOCATION} {'selected' if selected else 'not selected'}"
+        detail = ", ".join(names) + (" selected" if is_set else " listed") if names else "no context"
         return OptionRequest(option, OptionReply.ACK, export.name, detail)
+
+    @staticmethod
+    def _select_contexts(export: ExportInfo, queries: list[str]) -> tuple[MetaContext, ...]:
+        """The contexts an NBD_OPT_SET_META_CONTEXT selects, with their ids.  "If zero queries are
+        sent, the server MUST select no metadata contexts"; ``base:`` alone "the server MUST
+        ignore ... during NBD_OPT_SET_META_CONTEXT", as are the ``qemu:`` and
+        ``qemu:dirty-bitmap:`` wildcards ("the empty leaf-name ... SHOULD NOT select any
+        contexts during NBD_OPT_SET_META_CONTEXT"); unknown names are ignored ("The server MAY
+        ignore queries that do not select a single metadata context"); a name asked twice is
+        selected once ("each with a unique metadata context ID")."""
+        selected: dict[str, MetaContext] = {}
+        bitmaps = set(export.dirty_bitmaps)
+        next_id = BASE_ALLOCATION_ID + 1  # bitmaps: the ids after base:allocation's
+        for query in queries:
+            if query in selected:
+                continue
+            if query == BASE_ALLOCATION:
+                selected[query] = MetaContext(BASE_ALLOCATION_ID, query)
+            elif query.startswith(DIRTY_BITMAP_PREFIX) and query[len(DIRTY_BITMAP_PREFIX) :] in bitmaps:
+                selected[query] = MetaContext(next_id, query, query[len(DIRTY_BITMAP_PREFIX) :])
+                next_id += 1
+        return tuple(selected.values())
 
     def _enter_transmission(self, export: ExportInfo) -> ExportChosen:
         self.export = export
         # "A client MUST NOT send NBD_CMD_BLOCK_STATUS unless ... the final time [SET_META_CONTEXT]
         # was sent, it referred to the same export name used to enter transmission phase".
-        self.base_allocation = self.structured_replies and self._meta_export == export.name
+        if self.structured_replies and self._meta_export == export.name:
+            self.meta_contexts = self._meta_selected
+        self.base_allocation = any(c.id == BASE_ALLOCATION_ID for c in self.meta_contexts)
+        self._context_masks = {
+            c.id: int(DirtyBitmapFlags.DIRTY) if c.bitmap is not None else _BASE_ALLOCATION_MASK
+            for c in self.meta_contexts
+        }
         self._state = _State.TRANSMISSION
         if len(self._buf) < _RECEIVE_BUFFER:
             # A new buffer, never a resize: the event loop may still hold a view of the old one.
@@ -1094,7 +1171,7 @@ class ServerConnection:
         ):
             if not flags & flag and command not in refusals:
                 refusals[command] = (Errno.EINVAL, f"{_name_of(Command, command)} was not advertised")
-        if not self.base_allocation:
+        if not self.meta_contexts:
             # "Servers SHOULD reply with NBD_EINVAL to clients sending NBD_CMD_BLOCK_STATUS without
             # selecting at least one metadata context."
             refusals[Command.BLOCK_STATUS] = (
@@ -1111,7 +1188,7 @@ class ServerConnection:
             Command.WRITE_ZEROES: zero_flags,
             Command.BLOCK_STATUS: fua | int(CommandFlags.REQ_ONE),
         }
-        return ExportChosen(export, self.structured_replies, self.base_allocation)
+        return ExportChosen(export, self.structured_replies, self.base_allocation, self.meta_contexts)
 
     # --- transmission ------------------------------------------------------------------------
     def _next_request(self) -> Event:
@@ -1383,36 +1460,67 @@ class ServerConnection:
                 out.append(data)
         return _join_small(out)
 
-    def reply_block_status(self, request: Request, extents: Iterable[tuple[int, int]]) -> bytes:
-        """Success of a BLOCK_STATUS: ``extents`` are ``(length, base:allocation flags)`` from
-        the request's offset on.  Merged, truncated to the request ("If the client used the
-        NBD_CMD_FLAG_REQ_ONE flag, each chunk contains exactly one descriptor where the length of
-        the descriptor MUST NOT be greater than the length of the request")."""
-        if request.command != Command.BLOCK_STATUS or not self.base_allocation:
+    def reply_block_status(
+        self,
+        request: Request,
+        extents: Iterable[tuple[int, int]] | None = None,
+        *,
+        contexts: Iterable[tuple[int, Iterable[tuple[int, int]]]] | None = None,
+    ) -> bytes:
+        """Success of a BLOCK_STATUS.  ``extents``: ``(length, flags)`` runs from the request's
+        offset on, for the one context negotiated; with several, ``contexts`` gives
+        ``(context id, extents)`` for each of them ("A successful block status request MUST have
+        exactly one status chunk per negotiated metadata context ID"; the last chunk carries
+        NBD_REPLY_FLAG_DONE).  Each context's runs are merged, truncated to the request ("the sum
+        of the length fields of the first N-1 extents (if any) MUST be less than the requested
+        length"; with NBD_CMD_FLAG_REQ_ONE "exactly one descriptor where the length of the
+        descriptor MUST NOT be greater than the length of the request"), their flags masked to
+        the bits the context defines, at most 2^20 descriptors a chunk."""
+        if request.command != Command.BLOCK_STATUS or not self.meta_contexts:
             raise ReplyError("reply_block_status answers NBD_CMD_BLOCK_STATUS only")
-        remaining = request.length
+        if (extents is None) == (contexts is None):
+            raise ReplyError("reply_block_status takes extents or contexts, not both")
+        if contexts is None:
+            if len(self.meta_contexts) != 1:
+                raise ReplyError(f"{len(self.meta_contexts)} contexts were negotiated: answer each of them")
+            assert extents is not None
+            contexts = [(self.meta_contexts[0].id, extents)]
+        answers = list(contexts)
+        ids = [context_id for context_id, _ in answers]
+        if sorted(ids) != sorted(self._context_masks):
+            raise ReplyError(f"block status answers contexts {ids}, negotiated {sorted(self._context_masks)}")
         req_one = bool(request.flags & CommandFlags.REQ_ONE)
-        descriptors: list[tuple[int, int]] = []
-        mask = int(BlockStatusFlags.HOLE | BlockStatusFlags.ZERO)
-        for length, status in extents:
-            if length <= 0:
-                continue
-            status = (
-                int(status) & mask
-            )  # "the remainder of the flags field is reserved. Servers SHOULD set it to all-zero"
-            length = min(length, remaining)
-            if descriptors and descriptors[-1][1] == status:
-                descriptors[-1] = (descriptors[-1][0] + length, status)
-            else:
-                if req_one and descriptors:
-                    break
-                descriptors.append((length, status))
-            remaining -= length
-            if not remaining:
+        chunks = []
+        last = len(answers) - 1
+        for i, (context_id, runs) in enumerate(answers):
+            descriptors = _descriptors(runs, request.length, self._context_masks[context_id], req_one)
+            chunks.append(encode_chunk_block_status(request.handle, context_id, descriptors, done=i == last))
+        return b"".join(chunks)
+
+
+def _descriptors(
+    runs: Iterable[tuple[int, int]], length: int, mask: int, req_one: bool
+) -> list[tuple[int, int]]:
+    remaining = length
+    descriptors: list[tuple[int, int]] = []
+    for run_length, status in runs:
+        if run_length <= 0:
+            continue
+        # "the remainder of the flags field is reserved. Servers SHOULD set it to all-zero"
+        status = int(status) & mask
+        run_length = min(run_length, remaining)
+        if descriptors and descriptors[-1][1] == status:
+            descriptors[-1] = (descriptors[-1][0] + run_length, status)
+        else:
+            if descriptors and (req_one or len(descriptors) == MAX_DESCRIPTORS):
                 break
-        if not descriptors:
-            raise ReplyError("block status needs at least one extent of nonzero length")
-        return encode_chunk_block_status(request.handle, BASE_ALLOCATION_ID, descriptors)
+            descriptors.append((run_length, status))
+        remaining -= run_length
+        if not remaining:
+            break
+    if not descriptors:
+        raise ReplyError("block status needs at least one extent of nonzero length")
+    return descriptors
 
 
 def _join_small(buffers: list[Buffer]) -> list[Buffer]:

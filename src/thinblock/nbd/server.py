@@ -25,6 +25,12 @@ TLS (the bytes must be encrypted) and on any sendfile error, the rest goes the c
 span is read (the PD's own error handling) and written to the transport.  Once the header has
 gone, a read error cannot be reported any more: the connection is closed (the client retries).
 
+Block status.  ``base:allocation`` alone is answered by ``Volume.block_status``; a volume with
+``capabilities.dirty_bitmaps`` also offers ``qemu:dirty-bitmap:NAME`` for each name of its
+``dirty_bitmaps()`` (volume/bitmaps.py: the regions that differ from snapshot NAME), each bound
+once when the client enters transmission (``dirty_bitmap(NAME)``); with such contexts every
+BLOCK_STATUS asks each selected context in turn and sends one chunk per context.
+
 Errors.  ``OutOfSpace`` -> NBD_ENOSPC, ``MediumError`` -> NBD_EIO, ``InvalidArgument`` ->
 NBD_EINVAL, ``SlowZero`` -> NBD_ENOTSUP, ``ReadOnlyDevice`` -> NBD_EPERM; any other
 exception -> NBD_EIO and one log line.  A request never crashes the server; a client
@@ -77,7 +83,15 @@ from functools import partial
 from typing import Any, cast
 
 from thinblock.aio import start_eager
-from thinblock.blockdev import FileSpan, SpanPiece, Volume, VolumeProvider
+from thinblock.blockdev import (
+    BitmapVolume,
+    DirtyBitmap,
+    DirtyRun,
+    FileSpan,
+    SpanPiece,
+    Volume,
+    VolumeProvider,
+)
 from thinblock.errors import (
     InvalidArgument,
     MediumError,
@@ -91,13 +105,14 @@ from thinblock.netlimits import STOPPING, ConnectionLimits, RefusalLog
 from thinblock.sessions import Session, SessionRegistry
 
 from .access import ANY, AccessList, AccessPolicy, AccessRule, ClientIdentity, parse_client
-from .constants import Command, CommandFlags, Errno, TransmissionFlags
+from .constants import Command, CommandFlags, DirtyBitmapFlags, Errno, TransmissionFlags
 from .protocol import (
     NEED_DATA,
     Buffer,
     ConnectionClosed,
     ExportChosen,
     ExportInfo,
+    MetaContext,
     OptionRequest,
     ProtocolError,
     ReplyError,
@@ -136,6 +151,8 @@ _KIND_VALUE = 0  # the coroutine's result is the reply's content
 _KIND_READ = 1  # bytes-like (a zero-length read)
 _KIND_EXTENTS = 2  # pieces from read_extents
 _KIND_SPANS = 3  # pieces from read_spans (FileSpans to sendfile)
+_KIND_CONTEXTS = 4  # (context id, extents) for each metadata context (reply_block_status contexts=)
+_DIRTY = int(DirtyBitmapFlags.DIRTY)
 # READs of this many bytes or more go through read_spans and sendfile when they can.  Smaller
 # ones gain nothing from it (the syscalls cost more than the copy) and lose the batching of
 # small replies into one send.
@@ -159,6 +176,38 @@ def errno_for(exc: BaseException, flags: int = 0) -> Errno:
     if isinstance(exc, asyncio.CancelledError):
         return Errno.ESHUTDOWN
     return Errno.EIO
+
+
+class _MissingBitmap:
+    """A dirty bitmap selected during negotiation whose snapshot was gone by NBD_OPT_GO: every
+    status of it fails (EIO, with the reason), as for a snapshot deleted later."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name = name
+        self._reason = reason
+
+    async def status(self, offset: int, length: int) -> list[DirtyRun]:
+        raise VolumeGone(self._reason)
+
+
+# Per metadata context of a connection, what answers it: None for base:allocation (the volume's
+# block_status), else the dirty bitmap.
+_StatusPlan = list[tuple[int, DirtyBitmap | None]]
+
+
+async def _status_of_contexts(
+    volume: Volume, plan: _StatusPlan, offset: int, length: int
+) -> list[tuple[int, list[tuple[int, int]]]]:
+    """NBD_CMD_BLOCK_STATUS with several contexts (or a dirty bitmap): one answer per context."""
+    answers: list[tuple[int, list[tuple[int, int]]]] = []
+    for context_id, bitmap in plan:
+        if bitmap is None:
+            extents = await volume.block_status(offset, length)
+            answers.append((context_id, [(e.length, int(e.flags)) for e in extents]))
+        else:
+            runs = await bitmap.status(offset, length)
+            answers.append((context_id, [(n, _DIRTY if dirty else 0) for n, dirty in runs]))
+    return answers
 
 
 async def _in_steps(
@@ -450,6 +499,10 @@ class NBDServer:
         if mode == "ro":
             # The core refuses WRITE, TRIM and WRITE_ZEROES with NBD_EPERM for a read-only export.
             info = dataclasses.replace(info, flags=info.flags | TransmissionFlags.READ_ONLY)
+        if volume.capabilities.dirty_bitmaps:
+            # The qemu:dirty-bitmap:NAME contexts the export offers (volume/bitmaps.py).
+            bitmaps = cast(BitmapVolume, volume).dirty_bitmaps()
+            info = dataclasses.replace(info, dirty_bitmaps=tuple(bitmaps))
         return info
 
     def _new_core(self, connection: _Connection) -> ServerConnection:
@@ -496,6 +549,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._tls_upgrading = False
         self._tls_core_started = False
         self.volume: Volume | None = None
+        # BLOCK_STATUS with anything but base:allocation alone: what answers each context.
+        self._status_plan: _StatusPlan | None = None
         # What the connection moved (bytes the client asked to read and to write), for its close line.
         self._bytes_read = 0
         self._bytes_written = 0
@@ -902,6 +957,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._opened_at = time.monotonic()
         self._max_block = export.maximum_block
         self._file_spans = self._sendfile_sock is not None and volume.capabilities.file_spans
+        if any(context.bitmap is not None for context in event.contexts):
+            self._status_plan = [self._bind_context(volume, context) for context in event.contexts]
         self.server._opened.setdefault(export.name, volume)
         self.session = self.server.sessions.open("NBD", export.name, self.address, self._disconnect)
         if self.server.idle_timeout > 0 and not any(
@@ -915,9 +972,19 @@ class _Connection(asyncio.BufferedProtocol):
             self.peer,
             export.name,
             "structured" if event.structured_replies else "simple",
-            ", base:allocation" if event.base_allocation else "",
+            "".join(f", {context.name}" for context in event.contexts),
             extra={"event": "nbd-open", "vv": export.name},
         )
+
+    @staticmethod
+    def _bind_context(volume: Volume, context: MetaContext) -> tuple[int, DirtyBitmap | None]:
+        """A context's answer, bound once: a dirty bitmap names its snapshot from now on."""
+        if context.bitmap is None:
+            return context.id, None
+        try:
+            return context.id, cast(BitmapVolume, volume).dirty_bitmap(context.bitmap)
+        except NotFound as exc:
+            return context.id, _MissingBitmap(context.bitmap, str(exc))
 
     def _idle_check(self) -> None:
         """The idle timer: close a connection that sent nothing and had nothing in flight for
@@ -1108,7 +1175,11 @@ class _Connection(asyncio.BufferedProtocol):
                 # The whole span asked (a u32: up to 4 GiB): the volume answers from its map, so a
                 # request over unwritten space costs one extent whatever its length.  Clipped to
                 # the 32 MiB maximum block, mapping a 1 PiB volume took 33 million requests.
-                coro = volume.block_status(offset, length)
+                if self._status_plan is None:  # base:allocation alone
+                    coro = volume.block_status(offset, length)
+                else:
+                    kind = _KIND_CONTEXTS
+                    coro = _status_of_contexts(volume, self._status_plan, offset, length)
             else:
                 assert command is Command.CACHE
                 coro = volume.cache(offset, length)
@@ -1169,7 +1240,10 @@ class _Connection(asyncio.BufferedProtocol):
                 else:
                     self._write_all(core.reply_read(request, result))
             elif command is Command.BLOCK_STATUS:
-                self._write(core.reply_block_status(request, [(e.length, int(e.flags)) for e in result]))
+                if kind == _KIND_CONTEXTS:
+                    self._write(core.reply_block_status(request, contexts=result))
+                else:
+                    self._write(core.reply_block_status(request, [(e.length, int(e.flags)) for e in result]))
             else:
                 self._write(core.reply_ok(request))
         except (ReplyError, TypeError, AttributeError) as exc:

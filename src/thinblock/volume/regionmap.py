@@ -75,20 +75,29 @@ class RegionMap:
         values = np.concatenate([np.frombuffer(self.chunks[key], np.int64) for key in self._keys])
         return values[values != ZERO_LD]
 
-    def differing(self, other: RegionMap) -> np.ndarray:
-        """The regions (sorted) where this map and ``other`` point at different places.  For
-        volumes of one tree that is exactly where their contents may differ: a region both map
-        is shared, and a shared region is never written in place (copy on write)."""
+    def differing(self, other: RegionMap, first: int = 0, end: int | None = None) -> np.ndarray:
+        """The regions (sorted) in [first, end) where this map and ``other`` point at different
+        places.  For volumes of one tree that is exactly where their contents may differ: a
+        region both map is shared, and a shared region is never written in place (copy on
+        write).  Chunk by chunk with numpy; chunks neither map holds are not looked at."""
+        stop = 1 << 62 if end is None else end
+        lo_key, hi_key = first >> CHUNK_SHIFT, -(-stop >> CHUNK_SHIFT)
+        keys: set[int] = set()
+        for sorted_keys in (self._keys, other._keys):
+            lo = bisect.bisect_left(sorted_keys, lo_key)
+            keys.update(sorted_keys[lo : bisect.bisect_left(sorted_keys, hi_key)])
         out: list[np.ndarray] = []
         empty = np.full(CHUNK_LEN, ZERO_LD, dtype=np.int64)
-        for key in sorted(set(self.chunks) | set(other.chunks)):
-            mine = self.chunks.get(key)
+        for key in sorted(keys):
+            mine_chunk = self.chunks.get(key)
             theirs = other.chunks.get(key)
-            a = empty if mine is None else np.frombuffer(mine, np.int64)
+            a = empty if mine_chunk is None else np.frombuffer(mine_chunk, np.int64)
             b = empty if theirs is None else np.frombuffer(theirs, np.int64)
-            hits = np.flatnonzero(a != b)
+            hits = np.flatnonzero(a != b) + (key << CHUNK_SHIFT)
+            if key == lo_key or (key + 1) << CHUNK_SHIFT > stop:  # a chunk the range cuts
+                hits = hits[(hits >= first) & (hits < stop)]
             if len(hits):
-                out.append(hits + (key << CHUNK_SHIFT))
+                out.append(hits)
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
     def load(self, regions: np.ndarray, packed: np.ndarray) -> None:

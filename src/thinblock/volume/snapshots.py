@@ -214,6 +214,19 @@ class Snapshots:
                 runs.append((start, end - start))
         return runs
 
+    def bitmap_bases(self, vv: VirtualVolume) -> dict[str, VirtualVolume]:
+        """The snapshots ``vv`` may be compared with (its dirty bitmaps, volume/bitmaps.py): every
+        other snapshot of its tree, by name."""
+        return {
+            other.name: other
+            for other in self._volumes().values()
+            if other.read_only
+            and other is not vv
+            and not other.deleted
+            and other.row.family == vv.row.family
+            and other.pool is vv.pool
+        }
+
     def forget(self, vv: VirtualVolume) -> None:
         """``vv`` was deleted: its children name no parent from now on (as the store has them)."""
         for other in self._volumes().values():

@@ -31,7 +31,7 @@ import numpy as np
 from ..alerts import AlertBus
 from ..blockdev import Buffer, Capabilities, Extent, ExtentFlags, ReadPiece, SpanPiece
 from ..cache.writeback import WriteBackCache
-from ..errors import OutOfSpace, ReadOnlyDevice, VolumeGone
+from ..errors import NotFound, OutOfSpace, ReadOnlyDevice, VolumeGone
 from ..logical.raid import LogicalDisk
 from ..metadata.lease import ServingGate
 from ..metadata.store import VVRow
@@ -40,6 +40,7 @@ from ..model import AlertKind, CacheMode, Severity
 from ..physical.workers import IOWorkers
 from ..pool.pool import REGION_BITS, REGION_MASK, Pool, SpaceShortage
 from ..units import Limit, format_size
+from .bitmaps import SnapshotBitmap, VolumeTree
 from .cow import copy_on_write
 from .regionmap import ZERO_LD, RegionMap
 
@@ -109,7 +110,9 @@ class VirtualVolume:
         self._writeback = row.cache_mode == CacheMode.WRITEBACK.value
         # A snapshot is read-only (a stable image for backups); a clone is a volume like any other.
         self.read_only = row.kind == "snapshot"
-        self.capabilities = Capabilities(file_spans=True, can_write=not self.read_only)
+        self.capabilities = Capabilities(file_spans=True, can_write=not self.read_only, dirty_bitmaps=True)
+        # The snapshots this volume may be compared with (dirty bitmaps): set by the engine.
+        self.tree: VolumeTree | None = None
         # Writes, trims and zeroings in progress, and the gate a snapshot closes while it settles
         # the volume and copies its map (``quiesced``).
         self._active = 0
@@ -180,6 +183,25 @@ class VirtualVolume:
         if self.deleted:
             return VolumeGone(f"volume '{self.row.name}' was deleted")
         return VolumeGone(f"volume '{self.row.name}' {self._serving.why()}")
+
+    def check_serving(self) -> None:
+        """Raises VolumeGone when the volume was deleted or this node may not serve it."""
+        if self.deleted or self._serving.closed():
+            raise self._gone()
+
+    # --- dirty bitmaps (volume/bitmaps.py) ---
+    def dirty_bitmaps(self) -> list[str]:
+        """One per other snapshot of this volume's tree, named after it (BitmapVolume)."""
+        return sorted(self.tree.bitmap_bases(self)) if self.tree is not None else []
+
+    def dirty_bitmap(self, name: str) -> SnapshotBitmap:
+        """The regions where this volume differs from snapshot ``name`` of its tree."""
+        base = self.tree.bitmap_bases(self).get(name) if self.tree is not None else None
+        if base is None:
+            raise NotFound(
+                f"volume '{self.name}' has no dirty bitmap '{name}' (no snapshot of its tree by that name)"
+            )
+        return SnapshotBitmap(self, base)
 
     # --- reads (claim 10) ---
     # One region walk (``_pieces``) and one way to read an assigned piece (``_read_piece``,
