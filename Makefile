@@ -47,6 +47,7 @@ bench: setup
 	$(BIN)/python -m bench.iscsi --output bench/results/iscsi-latest.md
 	$(BIN)/python -m bench.node_pair
 	$(BIN)/python -m bench.metadata_backends
+	$(BIN)/python -m bench.snapshots
 
 drills: setup
 	$(BIN)/pytest -q -m long tests/drills
