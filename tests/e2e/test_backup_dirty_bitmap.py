@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from thinblock.engine import Engine, EngineOptions
+from thinblock.nbd.access import AccessList, AccessRule
 from thinblock.nbd.server import NBDServer
 
 from .nbd_helpers import run
@@ -149,3 +150,19 @@ async def test_an_incremental_backup_copies_only_what_the_dirty_bitmap_names(
     (await run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(incremental), f"{base}/s2")).check()
     # And the volume itself, unchanged since S2, is what the backup holds.
     (await run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(incremental), f"{base}/v")).check()
+
+
+async def test_a_client_is_offered_only_bitmaps_of_snapshots_it_may_open(
+    served: tuple[Engine, NBDServer],
+) -> None:
+    engine, server = served
+    base = f"nbd://127.0.0.1:{server.port}"
+    (await run("qemu-io", "-f", "raw", "-c", "write -P 0x11 0 1M", f"{base}/v")).check()
+    await engine.snapshot_vv("v", "s1")
+    await engine.snapshot_vv("v", "s2")
+    # s1 only over the Unix socket: a TCP client learns nothing of it, not even which regions differ.
+    server.access = AccessList([AccessRule("s1", "unix", "rw")])
+    info = json.loads((await run("nbdinfo", "--json", f"{base}/v")).check().out)
+    assert info["exports"][0]["contexts"] == ["base:allocation", "qemu:dirty-bitmap:s2"], info
+    refused = await run("nbdinfo", "--map=qemu:dirty-bitmap:s1", f"{base}/s2")
+    assert refused.code != 0 and "qemu:dirty-bitmap:s1" in refused.err, refused

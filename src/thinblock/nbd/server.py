@@ -500,9 +500,11 @@ class NBDServer:
             # The core refuses WRITE, TRIM and WRITE_ZEROES with NBD_EPERM for a read-only export.
             info = dataclasses.replace(info, flags=info.flags | TransmissionFlags.READ_ONLY)
         if volume.capabilities.dirty_bitmaps:
-            # The qemu:dirty-bitmap:NAME contexts the export offers (volume/bitmaps.py).
+            # The qemu:dirty-bitmap:NAME contexts the export offers (volume/bitmaps.py): NAME is a
+            # snapshot, whose regions a bitmap describes, so only those this client may open too.
             bitmaps = cast(BitmapVolume, volume).dirty_bitmaps()
-            info = dataclasses.replace(info, dirty_bitmaps=tuple(bitmaps))
+            allowed = tuple(b for b in bitmaps if self.access.mode_for(b, who) is not None)
+            info = dataclasses.replace(info, dirty_bitmaps=allowed)
         return info
 
     def _new_core(self, connection: _Connection) -> ServerConnection:
