@@ -10,13 +10,17 @@ result against the S2 export.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import shutil
+import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from tests.support.wire import info_payload, meta_payload, option, request, u32
 from thinblock.engine import Engine, EngineOptions
 from thinblock.nbd.access import AccessList, AccessRule
 from thinblock.nbd.server import NBDServer
@@ -166,3 +170,59 @@ async def test_a_client_is_offered_only_bitmaps_of_snapshots_it_may_open(
     assert info["exports"][0]["contexts"] == ["base:allocation", "qemu:dirty-bitmap:s2"], info
     refused = await run("nbdinfo", "--map=qemu:dirty-bitmap:s1", f"{base}/s2")
     assert refused.code != 0 and "qemu:dirty-bitmap:s1" in refused.err, refused
+
+
+async def _option_replies(reader: asyncio.StreamReader, option_code: int) -> list[tuple[int, bytes]]:
+    """Option replies up to the final one (ACK or an error): (reply type, data)."""
+    replies = []
+    while True:
+        magic, opt, reply, length = struct.unpack(">QIII", await reader.readexactly(20))
+        assert magic == 0x3E889045565A9 and opt == option_code, (hex(magic), opt)
+        replies.append((reply, await reader.readexactly(length)))
+        if reply == 1 or reply & 0x80000000:
+            return replies
+
+
+async def test_base_allocation_and_a_bitmap_together_get_one_chunk_each(
+    served: tuple[Engine, NBDServer],
+) -> None:
+    """Raw NBD (no client asks for two contexts at once): SET_META_CONTEXT with both, then
+    BLOCK_STATUS answers with one NBD_REPLY_TYPE_BLOCK_STATUS chunk per context."""
+    engine, server = served
+    volume = engine.volume("v")
+    await volume.write(0, b"\x11" * (2 * REGION))
+    await engine.snapshot_vv("v", "s1")
+    await volume.write(REGION, b"\x22" * 4096)  # region 1 differs from s1
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        await reader.readexactly(18)  # NBDMAGIC, IHAVEOPT, handshake flags
+        writer.write(u32(3) + option(8))  # FIXED_NEWSTYLE | NO_ZEROES, STRUCTURED_REPLY
+        assert (await _option_replies(reader, 8))[-1][0] == 1
+        writer.write(option(10, meta_payload("v", ("qemu:dirty-bitmap:s1", "base:allocation"))))
+        selected = await _option_replies(reader, 10)
+        contexts = {
+            data[4:].decode(): struct.unpack(">I", data[:4])[0] for kind, data in selected if kind == 4
+        }
+        assert set(contexts) == {"qemu:dirty-bitmap:s1", "base:allocation"}, selected
+        writer.write(option(7, info_payload("v")))  # GO
+        assert (await _option_replies(reader, 7))[-1][0] == 1
+        writer.write(request(7, 99, 0, 4 * REGION))  # BLOCK_STATUS of regions 0-3
+        chunks: dict[int, list[tuple[int, int]]] = {}
+        done = False
+        while not done:
+            magic, flags, kind, handle, length = struct.unpack(">IHHQI", await reader.readexactly(20))
+            payload = await reader.readexactly(length)
+            assert magic == 0x668E33EF and kind == 5 and handle == 99, (hex(magic), kind, handle, payload)
+            (context_id,) = struct.unpack(">I", payload[:4])
+            words = struct.unpack(f">{(length - 4) // 4}I", payload[4:])
+            chunks[context_id] = list(zip(words[::2], words[1::2], strict=True))
+            done = bool(flags & 1)
+        assert chunks == {
+            contexts["base:allocation"]: [(2 * REGION, 0), (2 * REGION, 3)],  # data, then holes
+            contexts["qemu:dirty-bitmap:s1"]: [(REGION, 0), (REGION, 1), (2 * REGION, 0)],
+        }
+        writer.write(request(2))  # DISC
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
