@@ -281,6 +281,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="the partner's PostgreSQL metadata store: a takeover takes the partner's lease there",
     )
     serve.add_argument(
+        "--partner-api",
+        metavar="URL",
+        help="the partner's REST API (http://HOST:PORT): for vv move, vv create --node, node list",
+    )
+    serve.add_argument(
+        "--partner-api-token-file",
+        metavar="FILE",
+        help="a file holding an admin token of the partner's API",
+    )
+    serve.add_argument(
         "--lease-ttl",
         metavar="SECONDS",
         type=float,
@@ -426,6 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cache", choices=("writeback", "writethrough"), help="cache mode (default: the daemon's)"
     )
+    p.add_argument(
+        "--node",
+        metavar="NAME",
+        help="in a node pair: the node to create it on (default: the one with fewer volumes)",
+    )
     p = leaf(vv, "list", "list volumes", cmd_vv_list)
     p.add_argument("--pool", help="only the volumes of this pool")
     leaf(vv, "show", "show a volume", cmd_vv_show).add_argument("name", metavar="NAME")
@@ -461,6 +476,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--read-only", action="store_true", help="allow: read-only (NBD_FLAG_READ_ONLY, writes EPERM)"
     )
+    p = leaf(
+        vv,
+        "move",
+        "hand a volume over to the partner node (drain, copy, verify, switch; admin)",
+        cmd_vv_move,
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--to", required=True, metavar="NODE", help="the partner node's name")
     p = leaf(vv, "grow", "grow a volume's virtual size", cmd_vv_grow)
     p.add_argument("name", metavar="NAME")
     p.add_argument(
@@ -849,9 +872,13 @@ def render_nodes(nodes: list[dict[str, Any]]) -> Table:
         "LATENCY",
         "LOST",
         "HOLDS",
+        "VOLUMES",
         title="nodes",
     )
     for n in nodes:
+        if not n.get("reachable", True):
+            t.add_row(n["node"], n["role"], n["partner_node"] or "-", *["-"] * 7, "[red]unreachable[/]")
+            continue
         partner = n["partner_node"] or n["partner"] or "-"
         holds = f"{format_size(n['held_bytes'])} of {n['holding_for']}" if n["holding_for"] else "-"
         if n["taken_over"]:
@@ -867,6 +894,7 @@ def render_nodes(nodes: list[dict[str, Any]]) -> Table:
             f"{n['last_latency_s'] * 1000:.2f} ms",
             str(n["sessions_lost"]),
             holds,
+            "-" if n.get("volumes") is None else str(n["volumes"]),
         )
     return t
 
@@ -1319,7 +1347,21 @@ def cmd_vv_create(ctx: Context) -> None:
         body["alloc_limit"] = a.alloc_limit
     if a.cache is not None:
         body["cache_mode"] = a.cache
+    if a.node is not None:
+        body["node"] = a.node
     _show(ctx, ctx.call("POST", "/volumes", json=body), render_vv)
+
+
+def cmd_vv_move(ctx: Context) -> None:
+    a = ctx.args
+    # As long as the copy takes: the daemon answers once the partner serves the volume.
+    moved = ctx.call("POST", f"/volumes/{_quote(a.name)}/move", json={"to": a.to}, timeout=_COPY_TIMEOUT)
+    _done(
+        ctx,
+        moved,
+        f"moved volume {a.name!r} from {moved['source']} to {moved['target']}:"
+        f" {format_size(moved['copied_bytes'])} copied and verified in {moved['seconds']:.1f} s",
+    )
 
 
 def cmd_vv_list(ctx: Context) -> None:
@@ -1827,6 +1869,8 @@ def cmd_serve(ctx: Context) -> int:
             partner_data=a.partner_data,
             partner_service=a.partner_service,
             partner_metadata=a.partner_metadata,
+            partner_api=a.partner_api,
+            partner_api_token_file=a.partner_api_token_file,
             lease_ttl=a.lease_ttl,
             fence_margin=a.fence_margin,
         ).validate()

@@ -96,6 +96,7 @@ from __future__ import annotations
 
 import ipaddress
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -217,6 +218,10 @@ class NodeConfig:
     # sync and the partner takes over (claim 3).  False: they destage and fsync as without a
     # partner (two nodes on one machine share its power: a power cut loses both copies).
     flush_on_two_copies: bool = True
+    # Planned moves and placement (issue 12, step 6; node/move.py): the partner's REST API (its
+    # base URL) and a file holding an admin token it accepts (none: its API demands no token).
+    partner_api: str | None = None
+    partner_api_token_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,6 +338,16 @@ class Config:
                 raise ConfigError("node.partner_metadata must be a postgresql:// URL")
             if store_kind(self.metadata) != "postgresql":
                 raise ConfigError("node.partner_metadata is PostgreSQL: this node's metadata must be too")
+        if self.node.partner_api is not None:
+            if self.node.partner is None:
+                raise ConfigError("node.partner_api is set without node.partner")
+            api = urllib.parse.urlsplit(self.node.partner_api)
+            if api.scheme not in ("http", "https") or not api.hostname or api.path not in ("", "/"):
+                raise ConfigError(
+                    f"node.partner_api must be the partner's API as http[s]://HOST:PORT, not {self.node.partner_api!r}"
+                )
+        if self.node.partner_api_token_file is not None and self.node.partner_api is None:
+            raise ConfigError("node.partner_api_token_file is set without node.partner_api")
         if not 0 < self.node.fence_margin < self.node.lease_ttl * 2 / 3:
             raise ConfigError("node.fence_margin must be above 0 and below two thirds of node.lease_ttl")
         i = self.iscsi
@@ -493,6 +508,8 @@ _TABLES = {
         "lease_ttl",
         "fence_margin",
         "flush_on_two_copies",
+        "partner_api",
+        "partner_api_token_file",
     },
 }
 
@@ -781,6 +798,15 @@ def parse_config(doc: dict[str, Any], *, base_dir: Path | None = None) -> Config
         node_cfg = replace(
             node_cfg, flush_on_two_copies=_bool(node["flush_on_two_copies"], "node.flush_on_two_copies")
         )
+    if "partner_api" in node:
+        url = _optional_str(node["partner_api"], "node.partner_api")
+        node_cfg = replace(node_cfg, partner_api=(url or "").strip().rstrip("/") or None)
+    if "partner_api_token_file" in node:
+        token_file = _optional_str(node["partner_api_token_file"], "node.partner_api_token_file")
+        node_cfg = replace(
+            node_cfg,
+            partner_api_token_file=path(token_file, "node.partner_api_token_file") if token_file else None,
+        )
     changes["node"] = node_cfg
     return replace(cfg, **changes)
 
@@ -873,9 +899,17 @@ def apply_overrides(cfg: Config, **flags: Any) -> Config:
             "partner_metadata",
             "lease_ttl",
             "fence_margin",
+            "partner_api",
+            "partner_api_token_file",
         ):
             node_cfg = changes.get("node", cfg.node)
-            if key == "partner_metadata":
+            if key == "partner_api":
+                node_cfg = replace(node_cfg, partner_api=value.strip().rstrip("/") or None)
+            elif key == "partner_api_token_file":
+                node_cfg = replace(
+                    node_cfg, partner_api_token_file=Path(value).expanduser() if value.strip() else None
+                )
+            elif key == "partner_metadata":
                 node_cfg = replace(node_cfg, partner_metadata=value.strip() or None)
             elif key == "lease_ttl":
                 node_cfg = replace(

@@ -276,6 +276,7 @@ class Daemon:
         self.taken_over: list[tuple[Engine, Any]] = []  # the partner's engine and its NBD server
         self._partner_store: Any = None  # the partner's PostgreSQL store: its lease, watched
         self._unsubscribe_fence: Any = None
+        self.moves: Any = None  # api.moves.PairMoves, with node.partner_api
 
     def request_stop(self, signame: str) -> None:
         if self.stop_requested.is_set():
@@ -397,15 +398,22 @@ class Daemon:
                 log.info("alerts go to the webhook", extra={"event": "webhook", "url": cfg.webhook.url})
 
             from .api.metrics import InstrumentedProvider, LatencyRecorder
+            from .node.move import VolumeGate
 
+            # The hosts' view of the engine: minus the volumes in a move (node/move.py).  The
+            # moves' journals are read before NBD and iSCSI start, so that a volume whose move
+            # reached its switch before a crash is never served here again.
+            gate = VolumeGate(engine)
+            self._access_store()
+            self._setup_moves(gate)
             if cfg.latency_histograms:
                 latencies = LatencyRecorder(lambda: [vv.name for vv in engine.list_vvs()])
                 extra_metrics.append(latencies)
-                await self._start_nbd(InstrumentedProvider(engine, latencies))
-                await self._start_iscsi(InstrumentedProvider(engine, latencies))
+                await self._start_nbd(InstrumentedProvider(gate, latencies))
+                await self._start_iscsi(InstrumentedProvider(gate, latencies))
             else:
-                await self._start_nbd(engine)
-                await self._start_iscsi(engine)
+                await self._start_nbd(gate)
+                await self._start_iscsi(gate)
 
             if self.nbd is not None:
                 from .api.metrics import NBDCollector
@@ -429,6 +437,7 @@ class Daemon:
                 data_dir=data_dir.resolve(),
                 default_chunklet_size=cfg.chunklet_size,
                 pair_status=self.pair.status if self.pair is not None else None,
+                moves=self.moves,
             )
             from .api.auth import ApiSecurity
 
@@ -466,6 +475,62 @@ class Daemon:
         scheme = "https" if cfg.api_tls_cert else "http"
         api_url = f"{scheme}://{cfg.api_listen.url_host()}:{api_port}"
         self._log_ready(api_url)
+
+    def _setup_moves(self, gate: Any) -> None:
+        """Planned moves and placement (``node.partner_api``): the partner's API client, this
+        node's journals of outgoing and incoming moves, and the recovery of what a crash left."""
+        from .node.move import INCOMING_FILE, OUTGOING_FILE, IncomingMoves, MoveJournal, Mover
+
+        node = self.cfg.node
+        engine = self.engine
+        assert engine is not None
+        try:
+            outgoing = MoveJournal(self.cfg.data_dir / OUTGOING_FILE)
+            incoming = MoveJournal(self.cfg.data_dir / INCOMING_FILE)
+        except RuntimeError as exc:
+            raise StartupError(str(exc)) from None
+        if node.partner_api is None or not node.name:
+            if outgoing.records or any(r.state == "incoming" for r in incoming.records.values()):
+                raise StartupError(
+                    f"this node has volume moves under way ({self.cfg.data_dir / OUTGOING_FILE},"
+                    f" {self.cfg.data_dir / INCOMING_FILE}): start it with its node.partner_api to finish them"
+                )
+            for record in incoming.records.values():
+                gate.hidden.discard(record.temp)
+            return
+        from .api.moves import PairMoves
+        from .node.partner_api import PartnerAPI, read_token
+
+        token = None
+        if node.partner_api_token_file is not None:
+            try:
+                token = read_token(node.partner_api_token_file)
+            except ValueError as exc:
+                raise StartupError(str(exc)) from None
+        partner = PartnerAPI(node.partner_api, token)
+        iscsi_acl = {vv for vv, _ in self.cfg.iscsi.acl}
+
+        def config_rules(name: str) -> str:
+            found = []
+            if any(rule.volume == name for rule in self.cfg.nbd_access):
+                found.append("[[nbd.access]] rules")
+            if name in iscsi_acl:
+                found.append("[iscsi.acl] entries")
+            return " and ".join(found)
+
+        mover = Mover(
+            engine,
+            partner,
+            outgoing,
+            gate,
+            node_name=node.name,
+            access=self.nbd_access,
+            config_rules=config_rules,
+        )
+        mover.recover()
+        self.moves = PairMoves(
+            node.name, mover, IncomingMoves(engine, incoming, gate, access=self.nbd_access), partner
+        )
 
     async def _start_pair(self) -> None:
         """The node pair: mirror this node's write-back cache to the partner, hold the partner's."""
@@ -723,6 +788,8 @@ class Daemon:
         would open what they close)."""
         from .nbd.access import ACCESS_FILE, AccessStore
 
+        if self.nbd_access is not None:
+            return self.nbd_access  # one store: the moves carry its rules, NBD enforces them
         try:
             self.nbd_access = AccessStore(self.cfg.data_dir / ACCESS_FILE, fixed=self.cfg.nbd_access)
         except RuntimeError as exc:
@@ -864,6 +931,10 @@ class Daemon:
             self._unsubscribe()
         if self.webhook is not None:
             await self.webhook.stop(drain_timeout=2.0)
+        if self.moves is not None:
+            await self.moves.mover.aclose()  # a move under way is settled at the next start
+            if self.moves.partner is not None:
+                await self.moves.partner.aclose()
         if self.pair is not None:
             try:
                 await self.pair.stop()  # the cache writes through from here; the engine destages it

@@ -336,6 +336,10 @@ class VolumeCreate(_Request):
     alloc_warning: LimitSpec | None = None
     alloc_limit: LimitSpec | None = None
     cache_mode: CacheMode | None = None
+    node: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = Field(
+        default=None,
+        description="the node of a pair to create it on (default: the one with fewer volumes)",
+    )
 
     model_config = ConfigDict(
         extra="forbid",
@@ -497,6 +501,8 @@ class NodeOut(BaseModel):
     lease_epoch: int | None = Field(
         default=None, description="epoch of this node's lease node:NAME in its metadata store"
     )
+    volumes: int | None = Field(default=None, description="volumes the node serves (null: unreachable)")
+    reachable: bool = Field(default=True, description="false: the partner's API did not answer")
 
 
 class StatusOut(BaseModel):
@@ -559,6 +565,7 @@ class NodeInfo:
     # the iSCSI target's logged-in sessions (ISCSIServer.sessions), when it runs
     iscsi_sessions: Callable[[], list[dict[str, Any]]] | None = None
     pair_status: Any = None  # () -> node.pair.PairStatus, in a node pair
+    moves: Any = None  # api.moves.PairMoves: vv move, vv create --node, the partner's row (node.partner_api)
 
     @property
     def uptime(self) -> float:
@@ -778,6 +785,10 @@ def create_app(
     app.state.ctx = ctx
     _install_error_handlers(app)
     app.include_router(_router(ctx), prefix=API_PREFIX)
+    if node.moves is not None:
+        from .moves import moves_router
+
+        app.include_router(moves_router(node.moves), prefix=API_PREFIX, responses=_ERRORS)
     app.include_router(token_router(security), prefix=API_PREFIX, responses=_ERRORS)
     dashboard.install(app, openapi_url=OPENAPI_URL)
 
@@ -857,21 +868,43 @@ def _router(ctx: ApiContext) -> APIRouter:
 
     # --- status -------------------------------------------------------------------------------
     @router.get("/nodes", tags=["status"])
-    async def nodes() -> list[NodeOut]:
-        """This node and its mirror link: partner, epoch, mirror state and lag."""
+    async def nodes(
+        local: Annotated[bool, Query(description="this node's row only (what its partner asks)")] = False,
+    ) -> list[NodeOut]:
+        """This node and its mirror link: partner, epoch, mirror state and lag, volumes; with
+        ``node.partner_api``, the partner's own row after it (``reachable`` false when its API
+        does not answer)."""
         if node.pair_status is None:
             return [
                 NodeOut(
                     node=node.name, role="single", partner=None, partner_node=None, listen=None, epoch=0,
                     mirror="single", in_flight_bytes=0, last_latency_s=0.0, sessions_lost=0,
                     holding_for=None, held_bytes=0, held_writes=0, taken_over=False,
+                    volumes=len(engine.list_vvs()),
                 )
             ]  # fmt: skip
-        return [_pair_out()]
+        rows = [_pair_out()]
+        if not local and node.moves is not None and node.moves.partner is not None:
+            row = await node.moves.partner_row()
+            if row is not None:
+                rows.append(NodeOut(**{**row, "reachable": True}))
+            else:
+                mine = rows[0]
+                rows.append(
+                    NodeOut(
+                        node=mine.partner_node or "?", role="pair", partner=mine.listen,
+                        partner_node=mine.node, listen=mine.partner, epoch=0, mirror="unknown",
+                        in_flight_bytes=0, last_latency_s=0.0, sessions_lost=0, holding_for=None,
+                        held_bytes=0, held_writes=0, taken_over=False, volumes=None, reachable=False,
+                    )
+                )  # fmt: skip
+        return rows
 
     def _pair_out() -> NodeOut:
         lease = engine.lease.lease.epoch if engine.lease is not None else None
-        return NodeOut(role="pair", lease_epoch=lease, **asdict(node.pair_status()))
+        return NodeOut(
+            role="pair", lease_epoch=lease, volumes=len(engine.list_vvs()), **asdict(node.pair_status())
+        )
 
     @router.get("/status", tags=["status"])
     async def status() -> StatusOut:
@@ -1048,6 +1081,19 @@ def _router(ctx: ApiContext) -> APIRouter:
 
     @router.post("/volumes", status_code=201, tags=["volumes"])
     async def create_volume(body: VolumeCreate) -> VolumeOut:
+        """Create a thin volume; in a node pair (``node.partner_api``), on ``node`` (forwarded
+        to the partner's API) or, without it, on the node with fewer volumes."""
+        if node.moves is not None:
+            where = await node.moves.place(body.node, len(engine.list_vvs()))
+            if where is not None:
+                forwarded = body.model_dump(mode="json", exclude_none=True)
+                for key in ("alloc_warning", "alloc_limit"):
+                    if getattr(body, key) is not None:
+                        forwarded[key] = str(getattr(body, key))
+                forwarded["node"] = where
+                return VolumeOut(**await node.moves.partner.create_volume(forwarded))
+        elif body.node is not None and body.node != node.name:
+            raise InvalidArgument(f"no node {body.node!r}: this node is {node.name} and has no partner API")
         info = await engine.create_vv(
             body.name,
             pool=body.pool,
