@@ -24,6 +24,7 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -39,9 +40,10 @@ PARTNER_TIMEOUT = 0.5
 PATTERNS = [(0x11, 0, 1), (0x22, 1, 1), (0x5A, 20, 2), (0x77, 63, 1)]
 
 
-def node_config(name: str, listen: int, partner: int, partner_api: int) -> str:
+def node_config(name: str, listen: int, partner: int, partner_api: int, extra: str = "") -> str:
     return (
         "[node]\n"
+        f"{extra}"
         f'name = "{name}"\n'
         f'mirror_listen = "127.0.0.1:{listen}"\n'
         f'partner = "127.0.0.1:{partner}"\n'
@@ -159,7 +161,18 @@ def test_vv_create_on_a_named_node_and_balanced(make_daemon: Callable[..., Daemo
     assert volume_names(n1) == {"here", "b1"} and volume_names(n2) == {"there", "b2"}
     refused = n1.cli("vv", "create", "x", "--pool", "p", "--size", "8MiB", "--node", "n9")
     assert refused.code != 0 and "no node 'n9'" in refused.err
-    assert n1.stop() == 0 and n2.stop() == 0
+    # the partner down: its row says so, creating there is refused, balanced creates here
+    assert n2.stop() == 0
+    rows = n1.cli_json("node", "list")
+    assert [(r["node"], r["reachable"]) for r in rows] == [("n1", True), ("n2", False)]
+    assert "unreachable" in n1.cli("node", "list").out
+    refused = n1.cli("vv", "create", "y", "--pool", "p", "--size", "8MiB", "--node", "n2")
+    assert refused.code != 0 and "the partner is down" in refused.err
+    refused = n1.cli("vv", "move", "here", "--to", "n2")
+    assert refused.code != 0 and "the partner is down" in refused.err
+    n1.cli_json("vv", "create", "b3", "--pool", "p", "--size", "8MiB")
+    assert volume_names(n1) == {"here", "b1", "b3"}
+    assert n1.stop() == 0
 
 
 def test_the_source_killed_during_the_copy_restarts_with_the_volume_whole_on_one_node(
@@ -206,3 +219,15 @@ def _alert_open(daemon: Daemon) -> bool:
     return any(
         a["kind"] == "mirror-degraded" and a["state"] != "cleared" for a in daemon.api_ok("GET", "/alerts")
     )
+
+
+def test_a_partner_token_file_that_cannot_be_read_stops_the_start(
+    make_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    config = node_config(
+        "n1", free_port(), free_port(), free_port(), f'partner_api_token_file = "{tmp_path}/nope"\n'
+    )
+    rc, records = make_daemon("n1-token", config=config).start_expecting_failure()
+    assert rc != 0
+    (failed,) = [r for r in records if r.get("event") == "startup-failed"]
+    assert "cannot read node.partner_api_token_file" in str(failed["msg"]), failed

@@ -356,6 +356,36 @@ def test_takeover_needs_the_partners_directory_and_service_address(tmp_path: Pat
     assert (cfg.node.partner_data, cfg.node.partner_service) == (Path("/d"), Listen("127.0.1.1", 9))
 
 
+def test_the_partners_api_for_moves_needs_a_partner_and_a_url(tmp_path: Path) -> None:
+    doc = {
+        "node": {
+            "name": "n1",
+            "partner": "127.0.0.1:1",
+            "partner_api": "http://127.0.0.1:8081/",
+            "partner_api_token_file": "n2.token",
+        }
+    }
+    cfg = parse_config(doc, base_dir=tmp_path).validate()
+    assert cfg.node.partner_api == "http://127.0.0.1:8081"
+    assert cfg.node.partner_api_token_file == tmp_path / "n2.token"
+    with pytest.raises(ConfigError, match=r"node\.partner_api is set without node\.partner"):
+        parse_config({"node": {"name": "n1", "partner_api": "http://127.0.0.1:8081"}}).validate()
+    for bad in ("127.0.0.1:8081", "ftp://h:1", "http://h:1/api/v1"):
+        with pytest.raises(ConfigError, match=r"node\.partner_api must be the partner's API"):
+            parse_config({"node": {**doc["node"], "partner_api": bad}}, base_dir=tmp_path).validate()
+    no_api = {"name": "n1", "partner": "127.0.0.1:1", "partner_api_token_file": "t"}
+    with pytest.raises(ConfigError, match=r"partner_api_token_file is set without node\.partner_api"):
+        parse_config({"node": no_api}, base_dir=tmp_path).validate()
+    cfg = apply_overrides(
+        Config(),
+        node_name="n1",
+        partner="127.0.0.1:1",
+        partner_api="https://n2:8081",
+        partner_api_token_file="/t",
+    ).validate()
+    assert (cfg.node.partner_api, cfg.node.partner_api_token_file) == ("https://n2:8081", Path("/t"))
+
+
 def test_iscsi_connection_limits() -> None:
     default = Config()
     assert (default.iscsi.max_connections, default.iscsi.max_connections_per_client) == (256, 128)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,6 +61,7 @@ class Pair:
     def __init__(self, tmp_path: Path) -> None:
         self.dirs = (tmp_path / "n1", tmp_path / "n2")
         self.crash_at: str | None = None
+        self.pending: Any = None
 
     async def start(self, *, pd_sizes: tuple[int, int] = (4 * MiB, 4 * MiB)) -> None:
         engines = []
@@ -183,6 +185,8 @@ async def test_the_copy_is_only_the_assigned_extents(pair: Pair) -> None:
 @pytest.mark.parametrize("step", STEPS_BACK + STEPS_FORWARD)
 async def test_a_crash_of_the_source_at_every_step_leaves_one_copy_serving(pair: Pair, step: str) -> None:
     expected = await write_volume(pair.source.engine)
+    await pair.source.engine.set_vv("v", alloc_limit=Limit.parse("75%"))
+    pair.source.access.put("v", "10.0.0.0/8", "rw")
     pair.crash_at = step
     with pytest.raises(Crash):
         await pair.mover.move("v", "n2")
@@ -196,6 +200,10 @@ async def test_a_crash_of_the_source_at_every_step_leaves_one_copy_serving(pair:
     assert serving.serves("v") and await content(serving) == expected
     assert volumes(other) == set(), "no leftover copy (the temporary volume, or the source's)"
     assert pair.source.journal.records == {}
+    # the settings are the volume's wherever it ended (a finish after a restart sends them again)
+    info = serving.engine.get_vv("v")
+    assert (info.cache_mode, info.alloc_limit_spec) == (CacheMode.WRITEBACK, "75%")
+    assert [(r.client, r.mode) for r, s in serving.access.applying_to("v") if s] == [("10.0.0.0/8", "rw")]
 
 
 @pytest.mark.parametrize("step", STEPS_FORWARD)
@@ -334,3 +342,51 @@ async def test_a_target_without_space_is_refused_before_copying(tmp_path: Path) 
         assert p.target.journal.records == {}
     finally:
         await p.close()
+
+
+async def test_a_partner_lost_at_the_switch_finishes_the_move_when_it_answers(pair: Pair) -> None:
+    expected = await write_volume(pair.source.engine)
+
+    def partner_lost(step: str) -> None:
+        if step == "switching":
+            pair.partner.down = True
+
+    pair.mover.crash = partner_lost
+    with pytest.raises(PartnerUnavailable, match="finishes when it answers"):
+        await pair.mover.move("v", "n2")
+    assert not pair.source.serves("v") and not pair.target.serves("v")  # never two: here, none
+    pair.partner.down = False
+    await pair.mover.settle()
+    assert pair.target.serves("v") and volumes(pair.source) == set()
+    assert await content(pair.target) == expected
+
+
+async def test_the_name_taken_on_the_target_at_the_switch_rolls_the_move_back(pair: Pair) -> None:
+    expected = await write_volume(pair.source.engine)
+    pair.source.access.put("v", "127.0.0.1", "rw")
+
+    async def someone_creates_it(step: str) -> None:
+        await pair.target.engine.create_vv("v", pool="p", size=MiB)
+
+    def hook(step: str) -> None:
+        if step == "switching":
+            pair.pending = someone_creates_it(step)
+
+    pair.pending = None
+    real_finish = pair.incoming.finish
+
+    async def finish(*args: object) -> object:
+        if pair.pending is not None:
+            await pair.pending
+            pair.pending = None
+        return await real_finish(*args)  # type: ignore[arg-type]
+
+    pair.incoming.finish = finish  # type: ignore[method-assign]
+    pair.mover.crash = hook
+    with pytest.raises(AlreadyExists, match="made during the move"):
+        await pair.mover.move("v", "n2")
+    await pair.mover.settle()
+    assert pair.source.serves("v") and await content(pair.source) == expected
+    assert volumes(pair.target) == {"v"} and pair.target.engine.get_vv("v").size == MiB  # theirs, untouched
+    assert [s for _, s in pair.target.access.applying_to("v") if s] == []  # no rule given to it
+    assert pair.source.journal.records == {}

@@ -93,6 +93,8 @@ class MoveRecord:
     partner: str = ""  # source: the target node's name
     started: float = field(default_factory=time.time)
     created: float | None = None  # target: TEMP's creation time (identifies it after the rename)
+    # source, from SWITCHING: the settings the target gives the volume (a restart sends them again)
+    spec: dict[str, Any] | None = None
 
 
 class MoveJournal:
@@ -299,14 +301,14 @@ class Mover:
     # -- refusals: one clear line each, before anything changes --------------------------------
     async def _check(self, name: str, to: str) -> tuple[Partner, str, Any]:
         info = self.engine.get_vv(name)  # NotFound
+        if to == self.node_name:
+            raise InvalidArgument(f"volume '{name}' is already on node {to}")
         if self.partner is None:
             raise Conflict("this node has no partner to move a volume to (node.partner_api is not set)")
         try:
             partner_name = await self.partner.name()
         except PartnerUnavailable as exc:
             raise PartnerUnavailable(f"cannot move volume '{name}': the partner is down ({exc})") from None
-        if to == self.node_name:
-            raise InvalidArgument(f"volume '{name}' is already on node {to}")
         if to != partner_name:
             raise InvalidArgument(
                 f"node {to!r} is not this pair's: the nodes are {self.node_name} and {partner_name}"
@@ -393,9 +395,17 @@ class Mover:
                 await self._roll_back(record, reason=exc)
                 raise
             record.state = MoveState.SWITCHING
+            record.spec = asdict(spec)
             self.journal.put(record)  # from here on, only forward
             self.crash("switching")
-            await self._finish(record, spec)
+            try:
+                await self._finish(record)
+            except PartnerUnavailable as exc:
+                self._background(self._finish_until_done(record))
+                raise PartnerUnavailable(
+                    f"volume '{name}' was copied and verified on {partner_name}, which stopped answering"
+                    f" at the switch ({exc}): the move finishes when it answers; until then no node serves it"
+                ) from None
         finally:
             self.busy.discard(name)
         result = MoveResult(
@@ -462,10 +472,19 @@ class Mover:
         while not await self._try_abort(record):
             await asyncio.sleep(RETRY_INTERVAL)
 
-    async def _finish(self, record: MoveRecord, spec: VolumeSpec | None) -> None:
-        """SWITCHING: the target takes the name, then this node drops its copy."""
-        assert self.partner is not None
-        await self.partner.finish(record.id, spec or _NO_SPEC)
+    async def _finish(self, record: MoveRecord) -> None:
+        """SWITCHING: the target takes the name, then this node drops its copy.  A refusal of the
+        target (its temporary volume gone, the name taken there meanwhile) means it does not serve
+        this copy: the move is rolled back (this node serves it again)."""
+        assert self.partner is not None and record.spec is not None
+        spec = VolumeSpec(**{**record.spec, "access": [(a[0], a[1]) for a in record.spec["access"]]})
+        try:
+            await self.partner.finish(record.id, spec)
+        except PartnerUnavailable:
+            raise
+        except ThinblockError as exc:
+            await self._roll_back(record, reason=exc)
+            raise
         self.crash("renamed")
         with contextlib.suppress(NotFound):
             await self.engine.delete_vv(record.vv, force=True)
@@ -478,7 +497,7 @@ class Mover:
     async def _finish_until_done(self, record: MoveRecord) -> None:
         while True:
             try:
-                await self._finish(record, None)
+                await self._finish(record)
                 log.info(
                     "vv move finished after a restart", extra={"event": "vv-move-finished", "vv": record.vv}
                 )
@@ -489,6 +508,8 @@ class Mover:
                     exc,
                     extra={"event": "vv-move-waiting", "vv": record.vv, "move": record.id},
                 )
+            except ThinblockError:
+                return  # rolled back (_finish said why)
             await asyncio.sleep(RETRY_INTERVAL)
 
     def recover(self) -> None:
@@ -524,10 +545,6 @@ class Mover:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*list(self._tasks), return_exceptions=True)
-
-
-# A finish repeated after a restart of the source: the target applied the settings the first time.
-_NO_SPEC = VolumeSpec(size=0, pool="", cache_mode="", alloc_warning=None, alloc_limit=None, access=[])
 
 
 # --- the target ------------------------------------------------------------------------------
@@ -629,6 +646,14 @@ class IncomingMoves:
             if renamed is None or renamed.created != record.created:
                 raise Conflict(f"move {move_id}: volume '{record.temp}' is gone") from None
         else:
+            try:
+                self.engine.get_vv(record.vv)
+            except NotFound:
+                pass
+            else:  # created here meanwhile: its access rules must not change
+                raise AlreadyExists(
+                    f"volume '{record.vv}' already exists on this node (made during the move)"
+                )
             if spec.cache_mode:
                 await self.engine.set_vv(
                     record.temp,
