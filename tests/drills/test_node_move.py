@@ -7,8 +7,13 @@ API (``node.partner_api``) and mirrors its write-back cache to it (``node.partne
 * qemu-io writes patterns to a write-back volume on n1; ``vv move --to n2``; qemu-io reads every
   pattern back from n2; n1 answers the name as an unknown export; ``node list`` shows both nodes
   with their volumes; the mirror metrics (latency, bytes in flight) are exported;
+* an NBD client connected to the volume during the move is disconnected (its next request is
+  not answered: nothing it was not told of is lost), n1 then answers the name as an unknown
+  export (NBD_REP_ERR_UNKNOWN), n2 serves the write it was acknowledged;
 * ``vv create --node n2`` on n1 makes the volume on n2; without ``--node`` the node with fewer
-  volumes gets it; refusals (an unknown node, a name used on the target) are one line;
+  volumes gets it; refusals (an unknown node, a name used on the target) are one line; with n2
+  stopped, ``node list`` shows it unreachable, ``--node n2`` and ``vv move`` say the partner is
+  down, a balanced create makes the volume on n1; a token file that cannot be read stops the start;
 * kill -9 of the source during the copy (the target stopped mid-copy so that the kill lands
   there), then both running again: the volume is whole on exactly one node (n1: the move rolled
   back) and the partial copy on n2 is deleted.
@@ -16,6 +21,7 @@ API (``node.partner_api``) and mirrors its write-back cache to it (``node.partne
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -29,6 +35,7 @@ from pathlib import Path
 import pytest
 
 from tests.drills.harness import Standard, add_pds, setup_pool, setup_volume
+from tests.drills.nbd_client import ConnectionLost, HandshakeError, NBDClient
 from tests.support.daemon import Daemon
 from tests.support.ports import free_port
 from thinblock.units import MiB
@@ -231,3 +238,27 @@ def test_a_partner_token_file_that_cannot_be_read_stops_the_start(
     assert rc != 0
     (failed,) = [r for r in records if r.get("event") == "startup-failed"]
     assert "cannot read node.partner_api_token_file" in str(failed["msg"]), failed
+
+
+async def test_a_connected_nbd_client_is_disconnected_and_finds_the_volume_on_the_partner(
+    make_daemon: Callable[..., Daemon],
+) -> None:
+    n1, n2 = start_pair(make_daemon, "client")
+    setup_volume(n1, "wb", "p", 64 * MiB, cache="writeback")
+    client = await NBDClient.connect("127.0.0.1", n1.nbd_port, "wb")
+    block = bytes(range(256)) * 16
+    await client.write(0, block)  # acknowledged (n1's cache and n2's mirror copy)
+    moved = await asyncio.to_thread(n1.cli_json, "vv", "move", "wb", "--to", "n2")
+    assert moved["copied_bytes"] > 0
+    # the move ended the connection: its next request is not answered
+    with pytest.raises((ConnectionLost, ConnectionError)):
+        await client.read(0, 4096)
+    await client.close()
+    # n1 answers the name as an unknown export (NBD_REP_ERR_UNKNOWN), n2 serves the write
+    with pytest.raises(HandshakeError, match="0x80000006"):
+        await NBDClient.connect("127.0.0.1", n1.nbd_port, "wb")
+    async with await NBDClient.connect("127.0.0.1", n2.nbd_port, "wb") as again:
+        assert await again.read(0, 4096) == block
+    (disconnected,) = [json.loads(line) for line in n1.events("vv-move-disconnect")]
+    assert disconnected["vv"] == "wb"
+    assert n1.stop() == 0 and n2.stop() == 0
