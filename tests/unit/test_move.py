@@ -33,7 +33,11 @@ from thinblock.node.move import (
     MoveState,
     PartnerUnavailable,
     VolumeGate,
+    VolumeSpec,
     allocated_extents,
+    crc32c,
+    decode_piece,
+    encode_piece,
 )
 from thinblock.units import KiB, Limit, MiB
 
@@ -390,3 +394,26 @@ async def test_the_name_taken_on_the_target_at_the_switch_rolls_the_move_back(pa
     assert volumes(pair.target) == {"v"} and pair.target.engine.get_vv("v").size == MiB  # theirs, untouched
     assert [s for _, s in pair.target.access.applying_to("v") if s] == []  # no rule given to it
     assert pair.source.journal.records == {}
+
+
+async def test_the_target_refuses_damaged_or_misplaced_pieces(pair: Pair) -> None:
+    await write_volume(pair.source.engine)
+    spec = VolumeSpec(SIZE, "p", "writeback", None, None, [])
+    record = await pair.incoming.prepare("0123456789ab", "v", "move-0123456789ab", spec, REGION)
+    assert not pair.target.serves(record.temp)  # hidden from hosts while it fills
+    data = pattern(9, 4096)
+    with pytest.raises(InvalidArgument, match="damaged in transit"):
+        decode_piece(encode_piece(data), crc32c(data) ^ 1)
+    with pytest.raises(InvalidArgument, match="not base64"):
+        decode_piece("!!!", 0)
+    assert decode_piece(encode_piece(data), crc32c(data)) == data
+    for offset, piece in ((SIZE - 2048, data), (100, data), (0, data[:100])):
+        with pytest.raises(InvalidArgument, match="outside volume"):
+            await pair.incoming.write(record.id, offset, piece)
+    with pytest.raises(NotFound, match="no move"):
+        await pair.incoming.write("ffffffffffff", 0, data)
+    with pytest.raises(AlreadyExists):
+        await pair.incoming.prepare(record.id, "w", "move-x", spec, 0)
+    await pair.incoming.abort(record.id)
+    assert volumes(pair.target) == set() and pair.target.journal.records == {}
+    await pair.incoming.abort(record.id)  # again: a move unknown here is done
