@@ -255,6 +255,16 @@ class StartupError(Exception):
     """The daemon cannot start; the message says why, for one clear line in the log."""
 
 
+class _StoppedWhileRejoined(Exception):
+    """Asked to stop while partner-only (rejoined, before this node's lease came back)."""
+
+
+def _held_by_a_takeover(lease: Any) -> bool:
+    """``node:NAME`` is held by the partner's takeover engine (daemon._take_over names itself so),
+    and by the local clock not yet expired (the store has the last word: Engine.open asks it)."""
+    return str(lease.holder).startswith("takeover by ") and lease.expires_at > time.time()
+
+
 # --- the daemon ----------------------------------------------------------------------------------
 
 
@@ -292,6 +302,9 @@ class Daemon:
             loop.add_signal_handler(sig, self.request_stop, sig.name)
         try:
             await self._start()
+        except _StoppedWhileRejoined:
+            log.info("stopped while rejoined as partner", extra={"event": "rejoin-stopped"})
+            return EXIT_OK if await self._stop() else EXIT_FAILURE
         except StartupError as exc:
             log.error("%s", exc, extra={"event": "startup-failed"})
             await self._stop()
@@ -357,22 +370,9 @@ class Daemon:
                     "version": __version__,
                 },
             )
-            self.engine = await Engine.open(
-                data_dir,
-                EngineOptions(
-                    max_dirty_bytes=cfg.max_dirty_bytes,
-                    destage_delay=cfg.destage_delay,
-                    default_cache_mode=cfg.default_cache_mode,
-                    io_threads=cfg.io_threads,
-                    offload_min_bytes=cfg.offload_min,
-                    pd_check_interval=cfg.pd_check_interval,
-                    node_name=cfg.node.name,  # the lease node:NAME in the metadata store
-                    pd_allowed_roots=cfg.pd_allowed_roots,
-                    pd_direct_io=cfg.pd_direct_io,
-                    **_lease_options(cfg),
-                ),
-                metadata=cfg.metadata,
-            )
+            if self._rejoin_possible():
+                await self._rejoin_while_taken_over()
+            self.engine = await Engine.open(data_dir, self._engine_options(), metadata=cfg.metadata)
             engine = self.engine
             if first_start and cfg.first_start.enabled:
                 await create_first_start_defaults(engine, cfg)
@@ -532,9 +532,112 @@ class Daemon:
             node.name, mover, IncomingMoves(engine, incoming, gate, access=self.nbd_access), partner
         )
 
+    def _engine_options(self) -> EngineOptions:
+        cfg = self.cfg
+        return EngineOptions(
+            max_dirty_bytes=cfg.max_dirty_bytes,
+            destage_delay=cfg.destage_delay,
+            default_cache_mode=cfg.default_cache_mode,
+            io_threads=cfg.io_threads,
+            offload_min_bytes=cfg.offload_min,
+            pd_check_interval=cfg.pd_check_interval,
+            node_name=cfg.node.name,  # the lease node:NAME in the metadata store
+            pd_allowed_roots=cfg.pd_allowed_roots,
+            pd_direct_io=cfg.pd_direct_io,
+            **_lease_options(cfg),
+        )
+
+    def _rejoin_possible(self) -> bool:
+        """A node of a pair on PostgreSQL: its partner may be serving its volumes (a takeover)."""
+        node = self.cfg.node
+        return (
+            node.partner is not None
+            and node.name is not None
+            and store_kind(self.cfg.metadata) == "postgresql"
+        )
+
+    async def _rejoin_while_taken_over(self) -> None:
+        """The old owner started again after its partner took it over (issue 12 step 5): while the
+        partner's takeover holds this node's lease, this node owns nothing.  It rejoins as the
+        partner's partner: it holds nothing of its own (its cache died with its last process; its
+        volumes' data is on its PDs or was replayed by the partner, which writes them through), it
+        listens for the partner's mirror link (the partner's own write-back volumes are mirrored to
+        it again once its owner side resyncs) and may take the partner over if it dies.  Returns
+        once this node's lease is free again (the partner died and its takeover engine stopped
+        renewing it); the caller then opens this node's engine as at any start."""
+        from .alerts import AlertBus
+        from .metadata.postgres import PostgresStore
+        from .node.pair import NodePair
+
+        node, url = self.cfg.node, self.cfg.metadata
+        assert node.name is not None and node.partner is not None and url is not None
+        try:
+            store = await asyncio.to_thread(PostgresStore, url, create=False, max_connections=1)
+        except MetadataCorrupt:
+            return  # no store yet (Engine.open makes it; nothing to take over) or damaged (it says so)
+        try:
+            lease = await asyncio.to_thread(store.read_lease, f"node:{node.name}")
+            if lease is None or not _held_by_a_takeover(lease):
+                return
+            log.warning(
+                "this node's volumes are served by its partner (%s): rejoining as its partner",
+                lease.holder,
+                extra={"event": "rejoin-partner", "holder": lease.holder, "epoch": lease.epoch},
+            )
+            self.pair = NodePair(
+                self._pair_config(),
+                cache=None,
+                flush=None,
+                alerts=AlertBus(store),
+                take_over=self._take_over if node.partner_data is not None else None,
+            )
+            await self._start_pair_listener()
+            while _held_by_a_takeover(lease) and not self.stop_requested.is_set():
+                stop = asyncio.ensure_future(self.stop_requested.wait())
+                await asyncio.wait({stop}, timeout=max(0.2, node.lease_ttl / 6))
+                stop.cancel()
+                lease = await asyncio.to_thread(store.read_lease, f"node:{node.name}")
+                if lease is None:
+                    break
+            if self.stop_requested.is_set():
+                raise _StoppedWhileRejoined()
+            log.warning(
+                "this node's lease is free again: opening its engine",
+                extra={"event": "rejoin-owner", "holder": lease.holder if lease is not None else None},
+            )
+        finally:
+            store.close()
+
+    def _pair_config(self) -> Any:
+        from .node.pair import PairConfig
+
+        node = self.cfg.node
+        assert node.partner is not None and node.name
+        return PairConfig(
+            node.name,
+            node.partner.host,
+            node.partner.port,
+            listen_host=node.mirror_listen.host,
+            listen_port=node.mirror_listen.port,
+            partner_timeout=node.partner_timeout,
+            flush_on_two_copies=node.flush_on_two_copies,
+        )
+
+    async def _start_pair_listener(self) -> None:
+        assert self.pair is not None
+        node = self.cfg.node
+        try:
+            await self.pair.start()
+        except OSError as exc:
+            self.pair = None
+            reason = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+            raise StartupError(
+                f"cannot listen for the mirror link on {node.mirror_listen}: {reason}"
+            ) from None
+
     async def _start_pair(self) -> None:
         """The node pair: mirror this node's write-back cache to the partner, hold the partner's."""
-        from .node.pair import NodePair, PairConfig
+        from .node.pair import NodePair
         from .node.takeover import EpochMarks
 
         node, engine = self.cfg.node, self.engine
@@ -555,16 +658,22 @@ class Daemon:
                 f" of its write-back cache (epoch {died_mirrored}): the partner must replay those writes"
                 " by taking this node's volumes over before this node serves them again"
             )
+        writeback_volumes = lambda: sum(  # noqa: E731
+            1 for vv in engine.list_vvs() if vv.cache_mode == CacheMode.WRITEBACK
+        )
+        if self.pair is not None:
+            # Rejoined as partner-only while the partner served this node's volumes; they are this
+            # node's again: mirror them as at any start.
+            self.pair.start_owner(
+                cache=engine.cache,
+                flush=engine.flush_all,
+                alerts=engine.alerts,
+                marks=marks,
+                writeback_volumes=writeback_volumes,
+            )
+            return
         self.pair = NodePair(
-            PairConfig(
-                node.name,
-                node.partner.host,
-                node.partner.port,
-                listen_host=node.mirror_listen.host,
-                listen_port=node.mirror_listen.port,
-                partner_timeout=node.partner_timeout,
-                flush_on_two_copies=node.flush_on_two_copies,
-            ),
+            self._pair_config(),
             cache=engine.cache,
             flush=engine.flush_all,
             alerts=engine.alerts,
@@ -573,18 +682,9 @@ class Daemon:
             # and end only).
             marks=marks,
             take_over=self._take_over if node.partner_data is not None else None,
-            writeback_volumes=lambda: sum(
-                1 for vv in engine.list_vvs() if vv.cache_mode == CacheMode.WRITEBACK
-            ),
+            writeback_volumes=writeback_volumes,
         )
-        try:
-            await self.pair.start()
-        except OSError as exc:
-            self.pair = None
-            reason = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
-            raise StartupError(
-                f"cannot listen for the mirror link on {node.mirror_listen}: {reason}"
-            ) from None
+        await self._start_pair_listener()
 
     async def _take_over(self, holding: Any) -> bool:
         """The partner's engine, once the partner is dead or fenced: replay the copies held of it,
@@ -596,9 +696,9 @@ class Daemon:
         from .node.takeover import replay
 
         node = self.cfg.node
-        assert node.partner_data is not None and node.partner_service is not None and self.engine is not None
+        assert node.partner_data is not None and node.partner_service is not None
         started = time.monotonic()
-        options = self.engine.options
+        options = self._engine_options()
         if node.partner_metadata is not None:
             owner = holding.owner if holding is not None else None
             if not owner or owner == "-":

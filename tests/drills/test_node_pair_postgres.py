@@ -386,3 +386,93 @@ async def test_owner_killed_under_load_partner_takes_over_nothing_lost_long(
     make_daemon: Callable[..., Daemon], postgres_cluster: PostgresCluster
 ) -> None:
     await run_kill_rounds(make_daemon, postgres_cluster, 20)
+
+
+# --- the old owner rejoins as partner ----------------------------------------------------------------
+async def write_export(port: int, export: str, tag: int, count: int, first_seq: int) -> dict[int, int]:
+    """``count`` acknowledged 4 KiB writes to ``export`` on SERVICE_HOST:port; block -> sequence."""
+    acked: dict[int, int] = {}
+    async with await NBDClient.connect(SERVICE_HOST, port, export, timeout=30) as client:
+        for seq in range(first_seq, first_seq + count):
+            block = (seq * 7919) % BLOCKS
+            await client.write(block * BLOCK, block_data(tag, block, seq))
+            acked[block] = seq
+    return acked
+
+
+async def lost_in_export(port: int, export: str, tag: int, acked: dict[int, int]) -> list[int]:
+    async with await NBDClient.connect(SERVICE_HOST, port, export, timeout=30) as client:
+        data = await client.read_all(0, BLOCKS * BLOCK)
+    return [
+        b for b, seq in acked.items() if bytes(data[b * BLOCK : (b + 1) * BLOCK]) != block_data(tag, b, seq)
+    ]
+
+
+async def test_old_owner_rejoins_as_partner_and_takes_over_when_the_new_owner_dies(
+    make_daemon: Callable[..., Daemon], two_databases: tuple[str, str], tmp_path: Path
+) -> None:
+    """Both nodes own a write-back volume and may take the other over.  kill -9 n1: n2 takes it
+    over.  n1 started again finds its lease held by n2's takeover: it rejoins as n2's partner
+    (partner only: it owns nothing while n2 serves its volume) and n2's own write-back volume is
+    mirrored to it again (n2 in sync, its writes acknowledged from the cache).  kill -9 n2: n1
+    takes n2 over (replaying the copies it held since it rejoined), opens its own engine once its
+    lease is free again, and every acknowledged byte of both volumes reads back."""
+    url1, url2 = two_databases
+    p1, p2 = free_port(), free_port()
+    s1, s2 = free_port(SERVICE_HOST), free_port(SERVICE_HOST)
+    dir1, dir2 = tmp_path / "n1-rj" / "data", tmp_path / "n2-rj" / "data"
+
+    def takeover_of(data: Path, service: int, url: str) -> str:
+        return f'partner_data = "{data}"\npartner_service = "{SERVICE_HOST}:{service}"\npartner_metadata = "{url}"\n'
+
+    n1 = make_daemon(
+        "n1-rj",
+        config=pg_node_config("n1", p1, p2, takeover=takeover_of(dir2, s2, url2)),
+        args=("--metadata", url1, "--nbd", f"{SERVICE_HOST}:{s1}"),
+    ).start()
+    n2 = make_daemon(
+        "n2-rj",
+        config=pg_node_config("n2", p2, p1, takeover=takeover_of(dir1, s1, url1)),
+        args=("--metadata", url2, "--nbd", f"{SERVICE_HOST}:{s2}"),
+    ).start()
+    assert (n1.data_dir, n2.data_dir) == (dir1, dir2)
+    wait_until(lambda: n1.events("mirror-in-sync") and n2.events("mirror-in-sync"), "the pair in sync")
+    for daemon, volume in ((n1, "wb"), (n2, "wb2")):
+        add_pds(daemon, Standard(count=2, size=64 * MiB), daemon.workdir)
+        setup_pool(daemon, "p", 1)
+        setup_volume(daemon, volume, "p", 64 * MiB, cache="writeback")
+    acked1 = await write_export(s1, "wb", 1, 300, 1)
+    acked2 = await write_export(s2, "wb2", 2, 300, 1)
+
+    n1.kill()
+    await asyncio.to_thread(wait_until, lambda: n2.events("takeover-done"), "n2 took n1 over", 60)
+    acked1 |= await write_export(s1, "wb", 1, 200, 1000)  # n1's volume, served by n2 now
+
+    # n1 again: its lease is held by n2's takeover.  It rejoins as n2's partner.
+    n1.spawn()
+    await asyncio.to_thread(wait_until, lambda: n1.events("rejoin-partner"), "n1 rejoined as partner", 60)
+    assert n1.running and not n1.events("ready"), n1.log_tail()
+
+    def n2_in_sync() -> bool:
+        (pair,) = n2.api_ok("GET", "/nodes")
+        return bool(pair["mirror"] == "in-sync")
+
+    await asyncio.to_thread(wait_until, n2_in_sync, "n2 mirrored to the rejoined n1", 60)
+    (pair,) = n2.api_ok("GET", "/nodes")
+    assert pair["partner_node"] == "n1" and pair["taken_over"], pair
+    acked2 |= await write_export(s2, "wb2", 2, 300, 1000)
+    # Acknowledged from n2's cache (destage delay 60 s): write-back again, so on two copies.
+    assert n2.api_ok("GET", "/volumes/wb2")["dirty_bytes"] > 0
+    acked1 |= await write_export(s1, "wb", 1, 100, 2000)  # n1's volume on n2: written through
+
+    n2.kill()
+    await asyncio.to_thread(wait_until, lambda: n1.events("takeover-done"), "n1 took n2 over", 60)
+    (done,) = [json.loads(line) for line in n1.events("takeover-done")]
+    assert done["replayed"] > 0, done  # n2's writes since n1 rejoined, from n1's copies
+    await asyncio.to_thread(n1.wait_ready, 120)  # its own lease free again: its engine opened
+    assert n1.events("rejoin-owner"), n1.log_tail()
+
+    lost1 = await lost_in_export(s1, "wb", 1, acked1)
+    lost2 = await lost_in_export(s2, "wb2", 2, acked2)
+    assert (lost1, lost2) == ([], []), f"lost: n1's volume {len(lost1)} blocks, n2's {len(lost2)} blocks"
+    assert n1.stop() == 0

@@ -295,6 +295,11 @@ class Daemon:
             time.sleep(_POLL_INTERVAL)
         raise DaemonFailed(f"thinblock serve was not ready after {timeout:.0f} s:\n{self.log_tail()}")
 
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> Daemon:
+        """After ``spawn``: wait for the ``ready`` line (a daemon that starts serving late)."""
+        self._wait_ready(timeout)
+        return self
+
     def start_expecting_failure(self, timeout: float = START_TIMEOUT) -> tuple[int, list[dict[str, Any]]]:
         """Start a daemon that should refuse to start: its exit status and its log records.
         If it starts serving instead, ``(0, records)`` is returned with the daemon running."""

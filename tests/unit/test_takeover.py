@@ -82,3 +82,17 @@ async def test_epochs_grow_across_restarts(tmp_path: Path) -> None:
     assert marks.was_valid_at_death() == 2
     assert marks.next_epoch() == 3
     await engine.close()
+
+
+async def test_a_takeover_with_nothing_held_clears_the_mark_all_the_same(tmp_path: Path) -> None:
+    """The owner died mirrored (its store's mark names the session) but had destaged everything: the
+    partner holds nothing.  The takeover consumes the mark anyway: the taken-over volumes are
+    written through from then on, and the old owner, started again later (rejoined, then its
+    lease back), must not refuse to start for copies that no longer exist."""
+    engine = await owner(tmp_path)
+    marks = EpochMarks(engine.store)
+    marks.mark_valid(marks.next_epoch())
+    result = await replay(engine, holding_of(1, engine.vvs["v"].row.id, []))
+    assert (result.replayed, result.reason) == (0, "nothing held")
+    assert marks.was_valid_at_death() == 0
+    await engine.close()

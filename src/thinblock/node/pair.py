@@ -116,8 +116,8 @@ class NodePair:
         self,
         config: PairConfig,
         *,
-        cache: WriteBackCache,
-        flush: Callable[[], Awaitable[None]],
+        cache: WriteBackCache | None,
+        flush: Callable[[], Awaitable[None]] | None,
         alerts: AlertBus,
         epoch: int = 0,
         marks: EpochMarks | None = None,
@@ -132,11 +132,13 @@ class NodePair:
         self._takeover_task: asyncio.Task[None] | None = None
         self.taken_over = False
         self.incarnation = int.from_bytes(os.urandom(8), "big") or 1
+        # None: a partner only (an old owner rejoined while its partner serves its volumes,
+        # ``start_owner`` once it owns volumes again)
         self._cache = cache
-        self._flush = flush
+        self._engine_flush = flush
         self._alerts = alerts
         self.mirror = OwnerMirror(
-            config.node, self.incarnation, durable=flush, covers_flush=config.flush_on_two_copies
+            config.node, self.incarnation, durable=self._flush, covers_flush=config.flush_on_two_copies
         )
         self.holding: MirrorHolding | None = None
         self._sessions: set[_PartnerSession] = set()
@@ -156,16 +158,23 @@ class NodePair:
         return f"node:{self.config.node}"
 
     # --- life cycle -------------------------------------------------------------------------
+    async def _flush(self) -> None:
+        assert self._engine_flush is not None, "the owner's side runs only with an engine"
+        await self._engine_flush()
+
+    @property
+    def partner_only(self) -> bool:
+        """This node owns no volumes (yet): it holds its partner's copies and may take it over."""
+        return self._cache is None
+
     async def start(self) -> None:
         cfg = self.config
         self._server = await listen(cfg.listen_host, cfg.listen_port, self._accept)
         self.listen_port = self._server.sockets[0].getsockname()[1]
-        self._cache.mirror = self.mirror  # out of sync until the partner is: writes go through
         loop = asyncio.get_running_loop()
-        self._tasks = [
-            loop.create_task(self._owner_loop(), name="pair-owner-link"),
-            loop.create_task(self._report_loop(), name="pair-report-destaged"),
-        ]
+        self._tasks = []
+        if self._cache is not None:
+            self._start_owner_side()
         if self._take_over is not None:
             self._tasks.append(loop.create_task(self._silence_watch(), name="pair-owner-silence"))
         log.info(
@@ -176,6 +185,30 @@ class NodePair:
                 "listen": f"{cfg.listen_host}:{self.listen_port}",
             },
         )
+
+    def _start_owner_side(self) -> None:
+        assert self._cache is not None
+        self._cache.mirror = self.mirror  # out of sync until the partner is: writes go through
+        loop = asyncio.get_running_loop()
+        self._tasks += [
+            loop.create_task(self._owner_loop(), name="pair-owner-link"),
+            loop.create_task(self._report_loop(), name="pair-report-destaged"),
+        ]
+
+    def start_owner(
+        self,
+        *,
+        cache: WriteBackCache,
+        flush: Callable[[], Awaitable[None]],
+        alerts: AlertBus,
+        marks: EpochMarks | None,
+        writeback_volumes: Callable[[], int],
+    ) -> None:
+        """A partner-only node (rejoined) owns volumes again (its lease came back): mirror them."""
+        assert self._cache is None and self._server is not None, "start_owner on a running owner"
+        self._cache, self._engine_flush, self._marks, self._alerts = cache, flush, marks, alerts
+        self._writeback_volumes = writeback_volumes
+        self._start_owner_side()
 
     async def stop(self) -> None:
         self._stopping = True
@@ -332,7 +365,11 @@ class NodePair:
             f"node {self.config.node}: the write-back cache is not mirrored ({reason}); "
             "write-back volumes are written through until the partner is back in sync",
         )
-        if self._cache.dirty_bytes and (self._degrade_flush is None or self._degrade_flush.done()):
+        if (
+            self._cache is not None
+            and self._cache.dirty_bytes
+            and (self._degrade_flush is None or self._degrade_flush.done())
+        ):
             self._degrade_flush = asyncio.get_running_loop().create_task(self._flush_after_loss())
 
     async def _flush_after_loss(self) -> None:
@@ -451,7 +488,10 @@ class NodePair:
     # --- status -----------------------------------------------------------------------------
     def status(self) -> PairStatus:
         mirror = self.mirror
-        state = "in-sync" if mirror.in_sync else ("syncing" if mirror.attached else "degraded")
+        if self._cache is None:
+            state = "partner-only"  # rejoined: owns no volumes, holds the partner's copies
+        else:
+            state = "in-sync" if mirror.in_sync else ("syncing" if mirror.attached else "degraded")
         holding = self.holding
         cfg = self.config
         return PairStatus(

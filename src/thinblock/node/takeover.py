@@ -36,7 +36,10 @@ So:
 An owner that died with valid copies at its partner (the mark set) and is restarted refuses to
 start and gives its lease up (daemon.py): the partner takes over and replays them first.
 
-Not built: the old owner rejoining as partner (failback) while its partner serves its volumes.
+The old owner started again while the partner's takeover holds its lease rejoins as partner
+(daemon.py, ``_rejoin_while_taken_over``): it owns nothing, holds the partner's copies, and opens
+its engine once its lease is free again.  Not built: failback (handing the volumes back while
+the partner lives) and a mirror for the taken-over volumes (they are written through).
 """
 
 from __future__ import annotations
@@ -89,6 +92,10 @@ async def replay(engine: TakenOverEngine, holding: MirrorHolding) -> ReplayResul
     valid = engine.store.get_meta(MIRROR_VALID_KEY)
     total = len(holding)
     if total == 0:
+        if valid not in (None, "0"):
+            # Consumed all the same: the new owner writes through from here, and the old owner,
+            # started again later, must not take the mark for copies it died with.
+            engine.store.set_meta(MIRROR_VALID_KEY, "0")
         return ReplayResult(0, 0, 0, "nothing held")
     if valid != str(holding.epoch):
         holding.clear()
