@@ -73,6 +73,7 @@ DEFAULT_MAX_PER_CLIENT = 128  # connections one initiator address may hold (0: n
 DEFAULT_MAX_BYTES = 128 * 1024 * 1024  # read bytes in flight per connection before it stops reading
 _CLOSE_GRACE = 5.0
 _JOIN_LIMIT = 16 * 1024  # reply pieces up to this size are joined into one write
+_FLUSH_EVERY = 4  # commands executed between two writes to the socket (see _pump_own)
 _NAME_BAD = re.compile(r"[^a-z0-9.:-]")
 
 
@@ -494,20 +495,25 @@ class _Connection(asyncio.Protocol):
 
     def _pump_own(self) -> None:
         core = self.core
+        answered = 0
         while True:
             event = core.next_event()
             if event is NEED_DATA:
                 break
             if isinstance(event, ScsiCommand):
                 self._command(event)
-                # Each answer goes out as soon as it is ready, not after the whole batch the
-                # initiator sent: with qemu-img bench at queue depth 16 (libiscsi), answering
-                # a batch of 16 at once left the initiator idle until the last one and then
-                # sent it 16 new commands at once, lock-step; pauses of 15-25 ms between
-                # batches took a third of the run (strace).  Streaming them, as tgtd does,
-                # keeps its queue full: 4 KiB reads and writes 1.5-3x faster, for one send
-                # per answer (measured: bench/README.md, "iSCSI").
-                self._flush()
+                # Answers go out a few at a time, not after the whole batch the initiator
+                # sent: with qemu-img bench at queue depth 16 (libiscsi), answering a batch of
+                # 16 at once left the initiator idle until the last one and then sent it 16
+                # new commands at once, lock-step (strace: pauses of 15-25 ms between batches
+                # on a loaded machine).  Nor one send per answer: that was a quarter of the
+                # daemon's CPU at 4 KiB (py-spy: transport.write, a syscall per 48-byte
+                # response).  Every _FLUSH_EVERY answers keeps the initiator's queue fed at a
+                # fraction of the syscalls (bench/README.md, "iSCSI").
+                answered += 1
+                if answered >= _FLUSH_EVERY:
+                    answered = 0
+                    self._flush()
             elif isinstance(event, LoginComplete):
                 self._logged_in(event)
             elif isinstance(event, TaskManagement):
