@@ -101,9 +101,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--thinblock-launch",
         choices=("auto", "daemon", "engine"),
-        default="auto",
-        help="start thinblock as the daemon + CLI, with bench.launch_thinblock, or the daemon "
-        "falling back to the launcher (default)",
+        default="daemon",
+        help="start thinblock as the daemon + CLI (default: a daemon that does not start is a "
+        "failed server), with bench.launch_thinblock, or the daemon falling back to the launcher "
+        "(auto: such rows are flagged FALLBACK in the report)",
     )
     parser.add_argument(
         "--thinblock-loop",
@@ -153,6 +154,11 @@ def run_profiles(args: argparse.Namespace, servers: list[Server], workdir: Path,
                 os.sync()
                 try:
                     with serving(server, workdir, connections) as running:
+                        if getattr(server, "fell_back", False):
+                            console.print(
+                                f"  [bold red]FALLBACK: {server.key} runs the engine launcher, not the "
+                                f"daemon: {getattr(server, 'fallback_reason', '')}[/]"
+                            )
                         for profile in profiles:
                             cell = Cell(connections, profile.name, server.key)
                             timeout = args.runtime * 3 + 120 if profile.time_based else 900
@@ -227,6 +233,13 @@ def markdown_report(
     out = [f"# thinblock benchmark: {started:%Y-%m-%d} on {host}", ""]
     if args.quick:
         out += ["> **Quick run** (smoke test: short runtime, small size); not a measurement to compare.", ""]
+    fell_back = [server.key for server in servers if getattr(server, "fell_back", False)]
+    if fell_back:
+        out += [
+            f"> **FALLBACK**: {', '.join(fell_back)} could not start as the daemon and ran the engine "
+            "launcher (bench.launch_thinblock) instead: their rows do not measure the daemon (see Servers).",
+            "",
+        ]
     out += [
         f"Command: `{' '.join(['python -m bench.run', shlex.join(argv)]).strip()}`",
         f"Started {started:%Y-%m-%d %H:%M:%S}, took {seconds / 60:.1f} min.",

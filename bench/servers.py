@@ -302,16 +302,18 @@ def thinblock_env() -> dict[str, str]:
 class ThinblockServer:
     """thinblock with a fresh data directory, two file PDs and one pool of the given RAID level.
 
-    ``launch`` is "daemon" (``thinblock serve`` set up through the CLI and the REST API),
+    ``launch`` is "daemon" (``thinblock serve`` set up through the CLI and the REST API; the
+    default: a daemon that cannot start is a failed server, never silently replaced),
     "engine" (``python -m bench.launch_thinblock``: the engine API and the NBD server
     directly) or "auto": the daemon, falling back to the engine launcher for the rest of the
     run when the daemon cannot be started.  ``launched_with`` and ``fallback_reason`` say
-    what happened, for the report.
+    what happened; a fallback is marked in the description (``FALLBACK``) and ``fell_back``
+    is true, so the report flags the server (it measured something other than the daemon).
     """
 
     key: str
     raid: int
-    launch: str = "auto"
+    launch: str = "daemon"
     event_loop: str | None = None  # "uvloop" or "asyncio"; None: the daemon's default (launcher: uvloop)
     cache_mode: str = "writethrough"  # the VV's cache mode: "writethrough" (the default) or "writeback"
     direct_io: bool = False  # the PDs opened for direct I/O (engine.pd_direct_io)
@@ -337,7 +339,14 @@ class ThinblockServer:
         )
         if self.metadata is not None:
             text += f", metadata in {self.metadata_name}"
-        return text + (f"; {self.fallback_reason}" if self.fallback_reason else "")
+        if self.fallback_reason:
+            text = f"**FALLBACK: the engine launcher, not the daemon** -- {text}; {self.fallback_reason}"
+        return text
+
+    @property
+    def fell_back(self) -> bool:
+        """True when the daemon could not start and the engine launcher ran instead."""
+        return self.fallback_reason is not None
 
     def start(self, workdir: Path, connections: int) -> Running:
         use_daemon = self.launch == "daemon" or (self.launch == "auto" and self.launched_with != "engine")
@@ -475,7 +484,7 @@ def _fresh_dir(workdir: Path, key: str) -> Path:
     raise ServerError("no fresh directory")
 
 
-def thinblock_variants(launch: str = "auto", event_loop: str | None = None) -> list[ThinblockServer]:
+def thinblock_variants(launch: str = "daemon", event_loop: str | None = None) -> list[ThinblockServer]:
     """thinblock's variants: RAID 0 and RAID 1 (the default), write-through (the default) and
     write-back, PDs through the page cache (the default) and opened for direct I/O."""
     out = []
@@ -491,7 +500,7 @@ def thinblock_variants(launch: str = "auto", event_loop: str | None = None) -> l
     return out
 
 
-def all_servers(thinblock_launch: str = "auto", thinblock_loop: str | None = None) -> list[Server]:
+def all_servers(thinblock_launch: str = "daemon", thinblock_loop: str | None = None) -> list[Server]:
     """Every server of a run, in the order they run."""
     return [*thinblock_variants(thinblock_launch, thinblock_loop), QemuNbd(), NbdkitFile(), NbdkitNull()]
 
