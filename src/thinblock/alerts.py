@@ -26,6 +26,8 @@ CONDITION_KINDS = frozenset(
     {
         AlertKind.VV_ALLOCATION_WARNING,
         AlertKind.VV_ALLOCATION_LIMIT,
+        AlertKind.VV_SNAPSHOT_SPACE_WARNING,
+        AlertKind.VV_SNAPSHOT_SPACE_LIMIT,
         AlertKind.POOL_GROWTH_WARNING,
         AlertKind.POOL_GROWTH_LIMIT,
         AlertKind.POOL_OUT_OF_CHUNKLETS,

@@ -441,10 +441,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="in a node pair: the node to create it on (default: the one with fewer volumes)",
     )
+    _snapshot_space_args(p, _limit_arg, "SIZE|PCT", None)
     p = leaf(vv, "list", "list volumes", cmd_vv_list)
     p.add_argument("--pool", help="only the volumes of this pool")
     leaf(vv, "show", "show a volume", cmd_vv_show).add_argument("name", metavar="NAME")
-    p = leaf(vv, "set", "change a volume's allocation warning, limit or cache mode", cmd_vv_set)
+    p = leaf(
+        vv, "set", "change a volume's allocation or snapshot space warning, limit, or cache mode", cmd_vv_set
+    )
     p.add_argument("name", metavar="NAME")
     p.add_argument(
         "--alloc-warning", type=_optional_limit_arg, metavar="SIZE|PCT|none", default=argparse.SUPPRESS
@@ -453,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--alloc-limit", type=_optional_limit_arg, metavar="SIZE|PCT|none", default=argparse.SUPPRESS
     )
     p.add_argument("--cache", choices=("writeback", "writethrough"))
+    _snapshot_space_args(p, _optional_limit_arg, "SIZE|PCT|none", argparse.SUPPRESS)
     p = leaf(
         vv,
         "access",
@@ -975,6 +979,7 @@ def render_vv(v: dict[str, Any]) -> Table:
             ),
             ("alloc warning", _limit_text(v["alloc_warning"], v.get("alloc_warning_spec"))),
             ("alloc limit", _limit_text(v["alloc_limit"], v.get("alloc_limit_spec"))),
+            ("snapshot space", _snapshot_space_text(v)),
             ("cache", v["cache_mode"]),
             ("dirty", format_size(v["dirty_bytes"])),
             ("forecast", _forecast_text(v.get("forecast"))),
@@ -985,6 +990,18 @@ def render_vv(v: dict[str, Any]) -> Table:
         ],
         title=f"volume {v['name']}",
     )
+
+
+def _snapshot_space_text(v: dict[str, Any]) -> str:
+    """``4 MiB held only by its snapshots; warning 10% (6.4 MiB), limit 20% (12.8 MiB), fail``."""
+    if v.get("kind") == "snapshot":
+        return "-"
+    text = f"{format_size(v.get('snapshot_space', 0))} held only by its snapshots"
+    warning = _limit_text(v.get("snapshot_warning"), v.get("snapshot_warning_spec"))
+    limit = _limit_text(v.get("snapshot_limit"), v.get("snapshot_limit_spec"))
+    if v.get("snapshot_limit") is not None:
+        limit += f" ({v.get('snapshot_limit_policy', 'fail')} at it)"
+    return f"{text}; warning {warning}, limit {limit}"
 
 
 def _access_text(access: dict[str, Any] | None) -> str:
@@ -1338,6 +1355,34 @@ def cmd_pool_delete(ctx: Context) -> None:
     _done(ctx, {"deleted": "pool", "name": ctx.args.name}, f"deleted pool {ctx.args.name!r}")
 
 
+_SNAPSHOT_SPACE_KEYS = ("snapshot_warning", "snapshot_limit", "snapshot_limit_policy")
+
+
+def _snapshot_space_args(p: argparse.ArgumentParser, limit_type: Any, metavar: str, default: Any) -> None:
+    """vv create and vv set: the snapshot space warning, limit and policy (3PAR's -snp_aw, -snp_al)."""
+    p.add_argument(
+        "--snapshot-warning",
+        type=limit_type,
+        metavar=metavar,
+        default=default,
+        help="alert when the space only its snapshots hold passes it",
+    )
+    p.add_argument(
+        "--snapshot-limit",
+        type=limit_type,
+        metavar=metavar,
+        default=default,
+        help="cap the space only its snapshots hold (see --snapshot-limit-policy)",
+    )
+    p.add_argument(
+        "--snapshot-limit-policy",
+        choices=("fail", "invalidate-oldest"),
+        default=default,
+        help="at the limit, a write needing a copy on write: fails with ENOSPC (fail, the default),"
+        " or deletes the oldest snapshot and goes on (invalidate-oldest)",
+    )
+
+
 def cmd_vv_create(ctx: Context) -> None:
     a = ctx.args
     body: dict[str, Any] = {"name": a.name, "pool": a.pool, "size": a.size}
@@ -1349,6 +1394,9 @@ def cmd_vv_create(ctx: Context) -> None:
         body["cache_mode"] = a.cache
     if a.node is not None:
         body["node"] = a.node
+    for key in _SNAPSHOT_SPACE_KEYS:
+        if getattr(a, key) is not None:
+            body[key] = getattr(a, key)
     _show(ctx, ctx.call("POST", "/volumes", json=body), render_vv)
 
 
@@ -1379,13 +1427,17 @@ def cmd_vv_show(ctx: Context) -> None:
 def cmd_vv_set(ctx: Context) -> None:
     a = ctx.args
     body: dict[str, Any] = {}
-    for key in ("alloc_warning", "alloc_limit"):
+    for key in ("alloc_warning", "alloc_limit", *_SNAPSHOT_SPACE_KEYS):
         if hasattr(a, key):
             body[key] = getattr(a, key)
     if a.cache is not None:
         body["cache_mode"] = a.cache
     if not body:
-        raise CliError("nothing to change: give --alloc-warning, --alloc-limit or --cache", EXIT_USAGE)
+        raise CliError(
+            "nothing to change: give --alloc-warning, --alloc-limit, --cache, --snapshot-warning,"
+            " --snapshot-limit or --snapshot-limit-policy",
+            EXIT_USAGE,
+        )
     _show(ctx, ctx.call("PATCH", f"/volumes/{_quote(a.name)}", json=body), render_vv)
 
 

@@ -39,7 +39,7 @@ from .errors import (
 )
 from .failures import FailureRecorder
 from .fence import WriteFence
-from .limits import check_pool_growth, check_vv_limits
+from .limits import check_pool_growth, check_snapshot_limits, check_vv_limits
 from .logical.journal import FILENAME as JOURNAL_FILE
 from .logical.journal import StripeJournal
 from .logical.raid import Chunklet, LogicalDisk, RaidLevel, replay_journal, validate_policy
@@ -72,6 +72,7 @@ from .model import (
     PoolInfo,
     RebuildProgress,
     Severity,
+    SnapshotLimitPolicy,
     VVInfo,
     VVStats,
 )
@@ -84,6 +85,7 @@ from .pool.chunklets import ChunkletAllocator
 from .pool.pool import Pool
 from .sessions import SessionRegistry, describe_clients
 from .units import GiB, KiB, Limit, MiB, format_size
+from .volume import snapspace
 from .volume.cow import recover_reservations
 from .volume.snapshots import Snapshots
 from .volume.vv import VirtualVolume
@@ -174,7 +176,12 @@ class Engine:
         self.sessions = SessionRegistry()
         self.cache = WriteBackCache(max_dirty=options.max_dirty_bytes, destage_delay=options.destage_delay)
         self.snapshots = Snapshots(
-            vvs=lambda: self.vvs, make_vv=self._make_vv, cache=self.cache, meta=self.meta
+            vvs=lambda: self.vvs,
+            make_vv=self._make_vv,
+            cache=self.cache,
+            meta=self.meta,
+            alerts=self.alerts,
+            delete_forced=lambda name: self._delete_vv(name, force=True),
         )
         # Degraded RAID 5 writes log here first (logical/journal.py); the file is made on first use.
         self.journal = StripeJournal(data_dir / JOURNAL_FILE)
@@ -463,6 +470,15 @@ class Engine:
         for ld_id in np.unique(rows[:, 2]):
             indexes = rows[rows[:, 2] == ld_id, 3]
             self.ld_pool[int(ld_id)].load_references(int(ld_id), indexes)
+        # Snapshot space (volume/snapspace.py): which references are snapshots', then the counters.
+        for vv in vvs_by_id.values():
+            if vv.snapshot_of is not None:
+                vv.pool.space.load_snapshot_holders(vv.map.packed_array(), vv.snapshot_of)
+        for pool in self.pools.values():
+            pool.space.recount_snapshot_space()
+            pool.space.changed.clear()
+        for vv in vvs_by_id.values():
+            snapspace.check_alerts(vv)
 
     async def _replay_journal(self) -> None:
         """Degraded RAID 5 writes a crash interrupted: recompute their stripes' parity from the
@@ -583,6 +599,7 @@ class Engine:
     def _make_pool(self, row: PoolRow) -> Pool:
         pool = Pool(row, meta=self.meta, alerts=self.alerts, chunklets=self.chunklets, ld_registry=self.lds)
         pool.on_ld_created = self._ld_created
+        pool.on_snapshot_space = self._snapshot_space_changed
         self.pools[row.name] = pool
         return pool
 
@@ -603,9 +620,17 @@ class Engine:
             serving=self.gate,
         )
         vv.tree = self.snapshots
+        vv.invalidate_oldest = self.snapshots.invalidate_oldest
         self.vvs[row.name] = vv
         pool.vv_count += 1
         return vv
+
+    def _snapshot_space_changed(self, vv_ids: list[int]) -> None:
+        """The pool's snapshot space counters moved: those volumes' warning and limit alerts."""
+        wanted = set(vv_ids)
+        for vv in self.vvs.values():
+            if vv.row.id in wanted and not vv.deleted:
+                snapspace.check_alerts(vv)
 
     def _metadata_trouble(self, exc: Exception) -> None:
         """The store refused a write (full, unreachable, lease lost): say so once, as an alert."""
@@ -1132,6 +1157,9 @@ class Engine:
         alloc_warning: Limit | None = None,
         alloc_limit: Limit | None = None,
         cache_mode: CacheMode | None = None,
+        snapshot_warning: Limit | None = None,
+        snapshot_limit: Limit | None = None,
+        snapshot_limit_policy: str | None = None,
     ) -> VVInfo:
         names.VOLUME.check(name)
         if name in self.vvs:
@@ -1143,6 +1171,7 @@ class Engine:
         _apply_limit(row, "alloc_warning", alloc_warning)
         _apply_limit(row, "alloc_limit", alloc_limit)
         check_vv_limits(name, size=size, region_size=p.region_size, warning=alloc_warning, limit=alloc_limit)
+        _apply_snapshot_limits(row, snapshot_warning, snapshot_limit, snapshot_limit_policy)
         row.id = await self.meta.call(self.store.add_vv, row)
         self._make_vv(row, p)
         log.info(
@@ -1190,6 +1219,7 @@ class Engine:
             self.snapshots.parent_of(vv),
             self.snapshots.children_of(vv),
             *self.snapshots.space_of(vv),
+            *snapspace.info(vv),  # type: ignore[arg-type]  # the fields after those, in order
         )
 
     def list_vvs(self) -> list[VVInfo]:
@@ -1203,10 +1233,31 @@ class Engine:
         return VVStats(v.reads, v.writes, v.read_bytes, v.write_bytes, v.trims, v.zeroes, v.flushes, v.errors)
 
     async def set_vv(
-        self, name: str, *, alloc_warning: Any = UNSET, alloc_limit: Any = UNSET, cache_mode: Any = UNSET
+        self,
+        name: str,
+        *,
+        alloc_warning: Any = UNSET,
+        alloc_limit: Any = UNSET,
+        cache_mode: Any = UNSET,
+        snapshot_warning: Any = UNSET,
+        snapshot_limit: Any = UNSET,
+        snapshot_limit_policy: Any = UNSET,
     ) -> VVInfo:
         vv = self._vv(name)
         row = replace(vv.row)
+        snapshot_settings = (snapshot_warning, snapshot_limit, snapshot_limit_policy)
+        if any(value is not UNSET for value in snapshot_settings):
+            if vv.read_only:
+                raise InvalidArgument(
+                    f"'{name}' is a snapshot: snapshot space is a volume's (set it on the volume it was taken of)"
+                )
+            _apply_snapshot_limits(
+                row,
+                *(
+                    getattr(vv, f) if v is UNSET else v
+                    for f, v in zip(_SNAPSHOT_FIELDS, snapshot_settings, strict=True)
+                ),
+            )
         if alloc_warning is not UNSET:
             _apply_limit(row, "alloc_warning", alloc_warning)
         if alloc_limit is not UNSET:
@@ -1234,6 +1285,7 @@ class Engine:
         vv.check_thresholds_after_release()
         if vv.map.count:
             vv._check_after_assign()
+        snapspace.check_alerts(vv)
         return self._vv_info(vv)
 
     async def grow_vv(self, name: str, size: int) -> VVInfo:
@@ -1370,6 +1422,22 @@ def _apply_limit(row: VVRow, field: str, value: Limit | None) -> None:
         raise InvalidArgument(f"{field.replace('_', ' ')} must be a Limit (bytes or percent), not {value!r}")
     setattr(row, f"{field}_bytes", None if value is None else value.bytes)
     setattr(row, f"{field}_pct", None if value is None else value.percent)
+
+
+_SNAPSHOT_FIELDS = ("snapshot_warning", "snapshot_limit", "snapshot_limit_policy")
+
+
+def _apply_snapshot_limits(row: VVRow, warning: Limit | None, limit: Limit | None, policy: object) -> None:
+    """The snapshot space warning, limit and policy into ``row``, checked (volume/snapspace.py)."""
+    _apply_limit(row, "snap_warning", warning)
+    _apply_limit(row, "snap_limit", limit)
+    try:
+        row.snap_limit_policy = SnapshotLimitPolicy(str(policy) if policy is not None else "fail").value
+    except ValueError:
+        raise InvalidArgument(
+            f"snapshot limit policy must be fail or invalidate-oldest, not {policy!r}"
+        ) from None
+    check_snapshot_limits(row.name, size=row.size, warning=warning, limit=limit)
 
 
 def _limit_of(row: VVRow, field: str) -> Limit | None:

@@ -55,6 +55,15 @@ def check_vv_limits(
         )
 
 
+def check_snapshot_limits(name: str, *, size: int, warning: Limit | None, limit: Limit | None) -> None:
+    """InvalidArgument when the volume's snapshot space warning is above its limit."""
+    if warning is not None and limit is not None and warning.resolve(size) > limit.resolve(size):
+        raise InvalidArgument(
+            f"volume '{name}': snapshot space warning {_limit_text(warning, size)} is above the snapshot"
+            f" space limit {_limit_text(limit, size)}; it would never be seen"
+        )
+
+
 def overcommit_ratio(virtual: int, capacity: int, growth_limit: int | None) -> float | None:
     """Virtual sizes over what the pool can hold at most (its growth limit, else its capacity);
     None when that is zero (a pool with no LD and no limit can grow as far as the PDs go)."""

@@ -41,6 +41,15 @@ class CacheMode(enum.StrEnum):
     WRITETHROUGH = "writethrough"
 
 
+class SnapshotLimitPolicy(enum.StrEnum):
+    """What a write of a volume does when the copy on write it needs would take the volume's
+    snapshot space past its limit (3PAR's choice between failing the base write and
+    invalidating snapshots)."""
+
+    FAIL = "fail"  # the snapshots stay; the write fails with ENOSPC
+    INVALIDATE_OLDEST = "invalidate-oldest"  # the oldest snapshot is deleted; the write goes on
+
+
 class Severity(enum.StrEnum):
     INFO = "info"
     WARNING = "warning"
@@ -72,6 +81,10 @@ class AlertKind(enum.StrEnum):
     METADATA_UNAVAILABLE = "metadata-unavailable"
     METADATA_RECONNECTED = "metadata-reconnected"
     LEASE_LOST = "lease-lost"
+    # Snapshot space (volume/snapspace.py): the regions only a volume's snapshots hold.
+    VV_SNAPSHOT_SPACE_WARNING = "vv-snapshot-space-warning"
+    VV_SNAPSHOT_SPACE_LIMIT = "vv-snapshot-space-limit"
+    VV_SNAPSHOT_INVALIDATED = "vv-snapshot-invalidated"  # an event: the limit's policy deleted one
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +175,15 @@ class VVInfo:
     children: tuple[str, ...] = ()
     exclusive: int = 0
     shared: int = 0
+    # Snapshot space (volume/snapspace.py): bytes of regions only this volume's snapshots hold
+    # (what deleting all of them would free), its warning and limit (bytes, resolved; and as
+    # given), and what a write that would pass the limit does.
+    snapshot_space: int = 0
+    snapshot_warning: int | None = None
+    snapshot_limit: int | None = None
+    snapshot_warning_spec: str | None = None
+    snapshot_limit_spec: str | None = None
+    snapshot_limit_policy: str = "fail"
 
 
 @dataclass(frozen=True, slots=True)

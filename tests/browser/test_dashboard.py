@@ -94,11 +94,16 @@ def test_dashboard_create_write_see_allocation_and_alerts_change(daemon: Daemon,
     page.fill("#create-size", "256MiB")
     page.fill("#create-warning", "2MiB")
     page.fill("#create-limit", "50%")
+    page.fill("#create-snap-limit", "10%")
+    page.select_option("#create-snap-policy", "invalidate-oldest")
     page.click("#create-submit")
     expect(page.locator("#create-result")).to_contain_text("created web1 (256 MiB)")
     row = page.locator('#volume-table tr[data-volume="web1"]')
     expect(row.locator(".allocated")).to_have_text("0 B of 256 MiB")
-    assert daemon.cli_json("vv", "show", "web1")["alloc_warning"] == 2 * 1024 * 1024
+    expect(row.locator(".snapshot-space")).to_have_text("snapshots 0 B of 10%")
+    shown = daemon.cli_json("vv", "show", "web1")
+    assert shown["alloc_warning"] == 2 * 1024 * 1024
+    assert (shown["snapshot_limit_spec"], shown["snapshot_limit_policy"]) == ("10%", "invalidate-oldest")
     shot(page, "2-created")
 
     # Write to it from outside the page: allocation and alerts change without a reload.

@@ -54,7 +54,7 @@ def store(backend: StoreBackend) -> MetadataStore:
 def test_a_new_store_is_empty_and_checks_clean(store: MetadataStore) -> None:
     assert store.is_empty()
     assert check_store(store) == []
-    assert store.get_meta("schema_version") == "3"
+    assert store.get_meta("schema_version") == "4"
     assert store.counts() == dict.fromkeys(
         ("pds", "pools", "lds", "ld_chunklets", "vvs", "vv_map", "alerts"), 0
     )
@@ -337,19 +337,69 @@ def test_a_schema_2_store_is_migrated_with_its_map(backend: StoreBackend, store:
         "ALTER TABLE vvs DROP COLUMN kind",
         "ALTER TABLE vvs DROP COLUMN parent_id",
         "ALTER TABLE vvs DROP COLUMN family_id",
+        *_DROP_SNAPSHOT_SPACE,
         "UPDATE meta SET value = '2' WHERE key = 'schema_version'",
     ]
     for statement in statements:
         backend.sql(statement)
     migrated = backend.open()
     try:
-        assert migrated.get_meta("schema_version") == "3"
+        assert migrated.get_meta("schema_version") == "4"
         assert sorted(map(tuple, migrated.map_array().tolist())) == [(vv, r, ld, r) for r in range(3)]
         snap = migrated.add_vv_sharing(_snapshot_row(pool, "s", vv), vv)
         assert migrated.region_counters() == ({vv: 3, snap: 3}, {ld: 6})
         assert check_store(migrated) == []
     finally:
         migrated.close()
+
+
+_DROP_SNAPSHOT_SPACE = [
+    f"ALTER TABLE vvs DROP COLUMN {column}"
+    for column in (
+        "snap_warning_bytes",
+        "snap_warning_pct",
+        "snap_limit_bytes",
+        "snap_limit_pct",
+        "snap_limit_policy",
+    )
+]
+
+
+def test_a_schema_3_store_is_migrated_to_snapshot_space_limits(
+    backend: StoreBackend, store: MetadataStore
+) -> None:
+    """Version 3 (no snapshot space settings) opens as version 4: every volume without a snapshot
+    space warning or limit, policy ``fail``; the settings then go in and read back."""
+    _pool_id, ld, vv = _populate(store)
+    store.assign_many([(vv, 0, ld, 0)])
+    store.close()
+    for statement in [*_DROP_SNAPSHOT_SPACE, "UPDATE meta SET value = '3' WHERE key = 'schema_version'"]:
+        backend.sql(statement)
+    migrated = backend.open()
+    try:
+        assert migrated.get_meta("schema_version") == "4"
+        [row] = migrated.load_vvs()
+        assert (row.alloc_limit_bytes, row.snap_warning_bytes, row.snap_limit_pct, row.snap_limit_policy) == (
+            32 * MiB,
+            None,
+            None,
+            "fail",
+        )
+        row.snap_warning_pct, row.snap_limit_bytes, row.snap_limit_policy = 10.0, 8 * MiB, "invalidate-oldest"
+        migrated.update_vv(row)
+        assert check_store(migrated) == []
+    finally:
+        migrated.close()
+    again = backend.open(create=False)
+    try:
+        [row] = again.load_vvs()
+        assert (row.snap_warning_pct, row.snap_limit_bytes, row.snap_limit_policy) == (
+            10.0,
+            8 * MiB,
+            "invalidate-oldest",
+        )
+    finally:
+        again.close()
 
 
 def test_a_newer_schema_is_refused_with_a_clear_message(backend: StoreBackend, store: MetadataStore) -> None:

@@ -20,6 +20,7 @@ from thinblock.cli import main
 from thinblock.engine import Engine, EngineOptions
 from thinblock.nbd.constants import TransmissionFlags
 from thinblock.nbd.server import NBDServer
+from thinblock.units import Limit
 
 from .nbd_helpers import run
 
@@ -37,7 +38,7 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[Engine, NBDServer]]:
             await engine.add_pd(tmp_path / "engine" / f"pd{i}.img", size=128 * MiB, chunklet_size=MiB)
         await engine.create_pool("p", raid=1, region_size=64 * 1024, growth_increment=16 * MiB, step=4096)
         await engine.create_vv("v", pool="p", size=SIZE)
-        server = NBDServer(engine)
+        server = NBDServer(engine, sessions=engine.sessions)  # as the daemon wires it
         await server.start("127.0.0.1", 0)
         try:
             yield engine, server
@@ -172,3 +173,102 @@ async def test_the_api_and_cli_revert_and_diff(served: tuple[Engine, NBDServer])
         assert bytes(await v.read(0, SIZE)) == b"\x05" * (256 * 1024) + bytes(SIZE - 256 * 1024)
         code, out, _ = await asyncio.to_thread(cli, "vv", "diff", "full", "v", "--json")
         assert json.loads(out)["extents"] == []
+
+
+@pytest.mark.parametrize("policy", ["fail", "invalidate-oldest"])
+async def test_snapshot_space_warning_and_limit_with_qemu_io(
+    served: tuple[Engine, NBDServer], policy: str
+) -> None:
+    """qemu-io writes a volume whose snapshot holds what it overwrites: past the snapshot space
+    warning an alert, at the limit another; the next write needing a copy on write either fails
+    with "No space left on device" (fail: the snapshot and the volume unchanged) or deletes the
+    snapshot, names it in an alert and goes on (invalidate-oldest)."""
+    engine, server = served
+    uri = f"nbd://127.0.0.1:{server.port}"
+    region = 64 * 1024
+    await engine.set_vv(
+        "v",
+        snapshot_warning=Limit(bytes=2 * region),
+        snapshot_limit=Limit(bytes=4 * region),
+        snapshot_limit_policy=policy,
+    )
+    (await run("qemu-io", "-f", "raw", "-c", "write -P 0x11 0 1M", f"{uri}/v")).check()
+    await engine.snapshot_vv("v", "monday")
+
+    def open_kinds() -> set[str]:  # v's open snapshot space conditions (not the events)
+        return {
+            a.kind.value
+            for a in engine.list_alerts()
+            if a.object == "vv:v"
+            and a.state.value != "cleared"
+            and a.kind.value.startswith("vv-snapshot-space")
+        }
+
+    (await run("qemu-io", "-f", "raw", "-c", "write -P 0x22 0 128k", f"{uri}/v")).check()  # 2 regions copied
+    assert engine.get_vv("v").snapshot_space == 2 * region
+    assert open_kinds() == {"vv-snapshot-space-warning"}
+    (
+        await run("qemu-io", "-f", "raw", "-c", "write -P 0x22 128k 128k", f"{uri}/v")
+    ).check()  # 4: at the limit
+    assert open_kinds() == {"vv-snapshot-space-warning", "vv-snapshot-space-limit"}
+    attempt = await run("qemu-io", "-f", "raw", "-c", "write -P 0x33 256k 64k", f"{uri}/v")
+    if policy == "fail":
+        assert "No space left on device" in attempt.out + attempt.err, attempt
+        (await run("qemu-io", "-f", "raw", "-r", "-c", "read -P 0x11 0 1M", f"{uri}/monday")).check()
+        (await run("qemu-io", "-f", "raw", "-r", "-c", "read -P 0x22 0 256k", f"{uri}/v")).check()
+        (await run("qemu-io", "-f", "raw", "-r", "-c", "read -P 0x11 256k 768k", f"{uri}/v")).check()
+        assert engine.get_vv("v").snapshot_space == 4 * region
+        # Deleting the snapshot frees its space: both alerts clear, the write goes through.
+        await engine.delete_vv("monday")
+        assert open_kinds() == set()
+        (await run("qemu-io", "-f", "raw", "-c", "write -P 0x33 256k 64k", f"{uri}/v")).check()
+    else:
+        attempt.check()
+        assert "No space left" not in attempt.out + attempt.err
+        assert "monday" not in {i.name for i in engine.list_vvs()}
+        [event] = [a for a in engine.list_alerts() if a.kind.value == "vv-snapshot-invalidated"]
+        assert "'monday' was deleted" in event.message
+        assert open_kinds() == set()  # no snapshot, no snapshot space
+        gone = await run("qemu-io", "-f", "raw", "-r", "-c", "read 0 4k", f"{uri}/monday")
+        assert gone.code != 0
+    (await run("qemu-io", "-f", "raw", "-r", "-c", "read -P 0x33 256k 64k", f"{uri}/v")).check()
+    assert_space_map_matches_the_store(engine)
+
+
+async def test_bad_input_with_a_real_client_connected(served: tuple[Engine, NBDServer]) -> None:
+    """Issue 14 item 6 with a real NBD client on the volume: the revert is refused in one line
+    saying why and what to do (--force), a clone of the live volume says to take a snapshot, a
+    clone name already taken is refused; nothing changed, and the connected client still reads
+    and writes."""
+    engine, server = served
+    await engine.volume("v").write(0, b"\x05" * 65536)
+    await engine.snapshot_vv("v", "s")
+    await engine.volume("v").write(0, b"\x06" * 65536)
+    app = create_app(engine, NodeInfo())
+    async with (
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as api,
+        await NBDClient.connect("127.0.0.1", server.port, "v") as client,
+    ):
+        bridge = _sync_bridge(api)
+
+        def cli(*argv: str) -> tuple[int, str, str]:
+            out, err = io.StringIO(), io.StringIO()
+            code = main([*argv], transport=bridge, stdout=out, stderr=err)
+            return code, out.getvalue(), err.getvalue()
+
+        before = sorted((v.name, v.allocated, v.kind) for v in engine.list_vvs())
+        for argv, message in (
+            (("vv", "revert", "v", "s"), "is in use by 1 NBD client from 127.0.0.1:"),
+            (("vv", "clone", "v", "x"), "take one first (thinblock vv snapshot v SNAP), then clone it"),
+            (("vv", "clone", "s", "v"), "volume 'v' already exists"),
+            (("vv", "snapshot", "nope", "x"), "volume 'nope' not found"),
+        ):
+            code, _, err = await asyncio.to_thread(cli, *argv)
+            assert code != 0 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+        code, _, err = await asyncio.to_thread(cli, "vv", "revert", "v", "s")
+        assert "reverting it under them would leave their caches holding data it no longer has" in err
+        assert "disconnect them or use --force" in err
+        assert sorted((v.name, v.allocated, v.kind) for v in engine.list_vvs()) == before
+        assert await client.read(0, 65536) == b"\x06" * 65536  # not reverted
+        await client.write(0, b"\x07" * 4096)  # and still served
+        assert await client.read(0, 4096) == b"\x07" * 4096

@@ -55,7 +55,7 @@ from tests.engine_helpers import CHUNKLET, STEP, make_engine
 from thinblock.blockdev import ExtentFlags
 from thinblock.engine import Engine, EngineOptions
 from thinblock.errors import MediumError
-from thinblock.metadata.check import check_space_map
+from thinblock.metadata.check import check_snapshot_space, check_space_map
 from thinblock.model import AlertKind, CacheMode, LDHealth
 from thinblock.units import KiB, MiB
 from thinblock.volume.vv import VirtualVolume
@@ -121,6 +121,17 @@ def assert_free_regions_hold_nothing(eng: Engine) -> None:
 def assert_space_map_matches_the_store(eng: Engine) -> None:
     refcounts = {ld: refs for pool in eng.pools.values() for ld, refs in pool.space.refcounts().items()}
     assert check_space_map(eng.store, refcounts) == []
+    # Snapshot space: the counters kept on the way equal a recount of the pool's arrays and a
+    # count from the store's rows (volume/snapspace.py).
+    counters = {
+        vv.row.id: vv.pool.space.snapshot_regions(vv.row.id) for vv in eng.vvs.values() if not vv.read_only
+    }
+    for pool in eng.pools.values():
+        recount = pool.space.recount_for_check()
+        assert {k: v for k, v in recount.items() if k in counters} == {
+            k: v for k, v in counters.items() if k in recount
+        }
+    assert check_snapshot_space(eng.store, counters) == []
 
 
 def assert_mirrors_agree(eng: Engine) -> None:

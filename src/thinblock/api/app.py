@@ -42,6 +42,7 @@ from ..model import (
     LDHealth,
     PDHealth,
     Severity,
+    SnapshotLimitPolicy,
 )
 from ..model import (
     RebuildProgress as RebuildProgressInfo,
@@ -323,6 +324,16 @@ class VolumeOut(BaseModel):
     children: list[str] = Field(description="snapshots and clones made from it")
     exclusive: int = Field(description="bytes of regions only it maps")
     shared: int = Field(description="bytes of regions it shares with its snapshots, clones or parent")
+    snapshot_space: int = Field(
+        description="bytes of regions only its snapshots hold: what deleting all of them would free"
+    )
+    snapshot_warning: int | None = Field(description="snapshot space warning, in bytes (when set)")
+    snapshot_limit: int | None = Field(description="snapshot space limit, in bytes (when set)")
+    snapshot_warning_spec: str | None
+    snapshot_limit_spec: str | None
+    snapshot_limit_policy: SnapshotLimitPolicy = Field(
+        description="at the limit, a write needing a copy on write: fail (ENOSPC) or invalidate-oldest"
+    )
     export_uri: str | None = Field(description="where NBD clients (qemu-img, nbdinfo, nbdcopy) reach it")
     clients: list[ClientOut] = Field(default=[], description="connected clients doing I/O on it")
     forecast: ForecastOut = Field(description="toward the allocation warning and limit")
@@ -340,6 +351,9 @@ class VolumeCreate(_Request):
         default=None,
         description="the node of a pair to create it on (default: the one with fewer volumes)",
     )
+    snapshot_warning: LimitSpec | None = None
+    snapshot_limit: LimitSpec | None = None
+    snapshot_limit_policy: SnapshotLimitPolicy | None = None
 
     model_config = ConfigDict(
         extra="forbid",
@@ -363,6 +377,9 @@ class VolumeUpdate(_Request):
     alloc_warning: LimitSpec | None = None
     alloc_limit: LimitSpec | None = None
     cache_mode: CacheMode | None = None
+    snapshot_warning: LimitSpec | None = None
+    snapshot_limit: LimitSpec | None = None
+    snapshot_limit_policy: SnapshotLimitPolicy | None = None
 
     model_config = ConfigDict(
         extra="forbid", json_schema_extra={"examples": [{"alloc_limit": None, "cache_mode": "writeback"}]}
@@ -1087,7 +1104,7 @@ def _router(ctx: ApiContext) -> APIRouter:
             where = await node.moves.place(body.node, len(engine.list_vvs()))
             if where is not None:
                 forwarded = body.model_dump(mode="json", exclude_none=True)
-                for key in ("alloc_warning", "alloc_limit"):
+                for key in ("alloc_warning", "alloc_limit", "snapshot_warning", "snapshot_limit"):
                     if getattr(body, key) is not None:
                         forwarded[key] = str(getattr(body, key))
                 forwarded["node"] = where
@@ -1101,6 +1118,9 @@ def _router(ctx: ApiContext) -> APIRouter:
             alloc_warning=body.alloc_warning,
             alloc_limit=body.alloc_limit,
             cache_mode=body.cache_mode,
+            snapshot_warning=body.snapshot_warning,
+            snapshot_limit=body.snapshot_limit,
+            snapshot_limit_policy=body.snapshot_limit_policy,
         )
         return _volume_out(info, ctx)
 
@@ -1112,11 +1132,18 @@ def _router(ctx: ApiContext) -> APIRouter:
     async def set_volume(name: VolumePath, body: VolumeUpdate) -> VolumeOut:
         if "cache_mode" in body.model_fields_set and body.cache_mode is None:
             raise InvalidArgument("cache_mode cannot be removed, only changed (writeback or writethrough)")
+        if "snapshot_limit_policy" in body.model_fields_set and body.snapshot_limit_policy is None:
+            raise InvalidArgument(
+                "snapshot_limit_policy cannot be removed, only changed (fail or invalidate-oldest)"
+            )
         info = await engine.set_vv(
             name,
             alloc_warning=_unset_unless_given(body, "alloc_warning"),
             alloc_limit=_unset_unless_given(body, "alloc_limit"),
             cache_mode=_unset_unless_given(body, "cache_mode"),
+            snapshot_warning=_unset_unless_given(body, "snapshot_warning"),
+            snapshot_limit=_unset_unless_given(body, "snapshot_limit"),
+            snapshot_limit_policy=_unset_unless_given(body, "snapshot_limit_policy"),
         )
         return _volume_out(info, ctx)
 

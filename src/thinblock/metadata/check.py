@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import MetadataCorrupt
-from ..model import AlertKind, AlertState, PDHealth, Severity
+from ..model import AlertKind, AlertState, PDHealth, Severity, SnapshotLimitPolicy
 from .store import LDRow, MetadataStore, Reservation, VVRow
 
 # Values the engine interprets; anything else in the store is damage.
@@ -29,6 +29,7 @@ _ALERT_KINDS = {k.value for k in AlertKind}
 _ALERT_STATES = {s.value for s in AlertState}
 _SAMPLE = 20  # problems of one kind named at most
 _VV_KINDS = ("volume", "snapshot", "clone")
+_SNAPSHOT_POLICIES = {p.value for p in SnapshotLimitPolicy}
 
 
 def _is_power_of_two(n: object) -> bool:
@@ -115,6 +116,8 @@ def _check_rows(store: MetadataStore) -> list[str]:
     for vv in vvs:
         if vv.pool_id not in pool_by_id:
             problems.append(f"VV '{vv.name}' belongs to pool {vv.pool_id}, which does not exist")
+        if vv.snap_limit_policy not in _SNAPSHOT_POLICIES:
+            problems.append(f"VV '{vv.name}' has snapshot limit policy {vv.snap_limit_policy!r}")
         if vv.kind not in _VV_KINDS:
             # read as a volume, a snapshot would be writable in place under its tree's shared regions
             problems.append(f"VV '{vv.name}' is of kind {vv.kind!r}")
@@ -285,3 +288,34 @@ def check_space_map(store: MetadataStore, refcounts: dict[int, np.ndarray]) -> l
                 f" {expected[ld][index]} mapping(s) and reservation(s) in the store"
             )
     return problems
+
+
+def expected_snapshot_space(store: MetadataStore) -> dict[int, int]:
+    """Volume id -> the regions only its snapshots map (its snapshot space, volume/snapspace.py),
+    counted from the map rows: an LD region is volume V's when every row naming it is a row of a
+    snapshot whose parent is V.  (A snapshot whose volume was deleted names no parent: nobody's.)"""
+    m = store.map_array()
+    if not len(m):
+        return {}
+    parent = {v.id: v.parent_id for v in store.load_vvs() if v.kind == "snapshot" and v.parent_id is not None}
+    owners = np.array([parent.get(int(vv_id), -1) for vv_id in m[:, 0]], dtype=np.int64)  # -1: not a snapshot
+    packed = (m[:, 2] << 32) | m[:, 3]
+    order = np.argsort(packed, kind="stable")
+    packed, owners = packed[order], owners[order]
+    starts = np.flatnonzero(np.r_[True, packed[1:] != packed[:-1]])
+    low, high = np.minimum.reduceat(owners, starts), np.maximum.reduceat(owners, starts)
+    owned = low[(low == high) & (low >= 0)]
+    values, counts = np.unique(owned, return_counts=True)
+    return dict(zip(values.tolist(), counts.tolist(), strict=True))
+
+
+def check_snapshot_space(store: MetadataStore, counters: dict[int, int]) -> list[str]:
+    """The pool's snapshot space counters (volume id -> regions, for every volume that is not a
+    snapshot) against a count from the store's rows.  Empty when they agree."""
+    expected = expected_snapshot_space(store)
+    return [
+        f"VV {vv_id} counts {regions} region(s) of snapshot space, its snapshots alone map"
+        f" {expected.get(vv_id, 0)}"
+        for vv_id, regions in sorted(counters.items())
+        if regions != expected.get(vv_id, 0)
+    ]

@@ -33,7 +33,7 @@ from .store import Assignment, LDRow, Lease, StoreImage
 
 log = logging.getLogger("thinblock.metadata")
 
-SCHEMA_VERSION = 3  # the same numbering as the SQLite store's: the same tables
+SCHEMA_VERSION = 4  # the same numbering as the SQLite store's: the same tables
 TIMEOUT = 5.0  # seconds to connect, or to wait for a free connection
 DOWN_TIMEOUT = 0.5  # the same while the server is known to be away
 # A session left inside a transaction this long is ended by the server.  Why: a daemon paused
@@ -61,7 +61,8 @@ _SCHEMA = [
     " alloc_warning_bytes BIGINT, alloc_warning_pct DOUBLE PRECISION, alloc_limit_bytes BIGINT,"
     " alloc_limit_pct DOUBLE PRECISION, cache_mode TEXT NOT NULL, created DOUBLE PRECISION NOT NULL,"
     " regions BIGINT NOT NULL DEFAULT 0, owner TEXT, kind TEXT NOT NULL DEFAULT 'volume', parent_id BIGINT,"
-    " family_id BIGINT)",
+    " family_id BIGINT, snap_warning_bytes BIGINT, snap_warning_pct DOUBLE PRECISION, snap_limit_bytes BIGINT,"
+    " snap_limit_pct DOUBLE PRECISION, snap_limit_policy TEXT NOT NULL DEFAULT 'fail')",
     "CREATE TABLE IF NOT EXISTS vv_map (vv_id BIGINT NOT NULL, vv_region BIGINT NOT NULL, ld_id BIGINT NOT NULL,"
     " ld_region BIGINT NOT NULL, epoch BIGINT, PRIMARY KEY (vv_id, vv_region))",
     "CREATE INDEX IF NOT EXISTS vv_map_ld ON vv_map(ld_id, ld_region)",
@@ -86,6 +87,14 @@ _MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE vvs ADD COLUMN family_id BIGINT",
         "CREATE TABLE IF NOT EXISTS cow_reservations (ld_id BIGINT NOT NULL, ld_region BIGINT NOT NULL,"
         " vv_id BIGINT NOT NULL, vv_region BIGINT NOT NULL, PRIMARY KEY (ld_id, ld_region))",
+    ],
+    # Snapshot space warning, limit and policy per volume, as in the SQLite store's migration 3.
+    3: [
+        "ALTER TABLE vvs ADD COLUMN snap_warning_bytes BIGINT",
+        "ALTER TABLE vvs ADD COLUMN snap_warning_pct DOUBLE PRECISION",
+        "ALTER TABLE vvs ADD COLUMN snap_limit_bytes BIGINT",
+        "ALTER TABLE vvs ADD COLUMN snap_limit_pct DOUBLE PRECISION",
+        "ALTER TABLE vvs ADD COLUMN snap_limit_policy TEXT NOT NULL DEFAULT 'fail'",
     ],
 }
 

@@ -261,7 +261,8 @@ class SQLStore(MetadataStore):
     def update_vv(self, row: VVRow) -> None:
         self._exec(
             "UPDATE vvs SET size=?, alloc_warning_bytes=?, alloc_warning_pct=?, alloc_limit_bytes=?,"
-            " alloc_limit_pct=?, cache_mode=? WHERE id=?",
+            " alloc_limit_pct=?, cache_mode=?, snap_warning_bytes=?, snap_warning_pct=?, snap_limit_bytes=?,"
+            " snap_limit_pct=?, snap_limit_policy=? WHERE id=?",
             (
                 row.size,
                 row.alloc_warning_bytes,
@@ -269,6 +270,7 @@ class SQLStore(MetadataStore):
                 row.alloc_limit_bytes,
                 row.alloc_limit_pct,
                 row.cache_mode,
+                *_snap_values(row),
                 row.id,
             ),
         )
@@ -291,7 +293,8 @@ class SQLStore(MetadataStore):
             VVRow(*r)
             for r in self._query(
                 "SELECT id, name, pool_id, size, alloc_warning_bytes, alloc_warning_pct, alloc_limit_bytes,"
-                " alloc_limit_pct, cache_mode, created, owner, kind, parent_id, family_id FROM vvs ORDER BY id"
+                " alloc_limit_pct, cache_mode, created, owner, kind, parent_id, family_id, snap_warning_bytes,"
+                " snap_warning_pct, snap_limit_bytes, snap_limit_pct, snap_limit_policy FROM vvs ORDER BY id"
             )
         ]
 
@@ -419,7 +422,8 @@ class SQLStore(MetadataStore):
             (
                 "INSERT INTO vvs(id, name, pool_id, size, alloc_warning_bytes, alloc_warning_pct,"
                 " alloc_limit_bytes, alloc_limit_pct, cache_mode, created, owner, regions, kind, parent_id,"
-                " family_id) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " family_id, snap_warning_bytes, snap_warning_pct, snap_limit_bytes, snap_limit_pct,"
+                " snap_limit_policy) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         v.id,
@@ -437,6 +441,7 @@ class SQLStore(MetadataStore):
                         v.kind,
                         v.parent_id,
                         v.family_id,
+                        *_snap_values(v),
                     )
                     for v in image.vvs
                 ],
@@ -460,8 +465,9 @@ class SQLStore(MetadataStore):
 def _vv_insert(row: VVRow) -> Statement:
     return (
         "INSERT INTO vvs(name, pool_id, size, alloc_warning_bytes, alloc_warning_pct, alloc_limit_bytes,"
-        " alloc_limit_pct, cache_mode, created, owner, kind, parent_id, family_id)"
-        " VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " alloc_limit_pct, cache_mode, created, owner, kind, parent_id, family_id, snap_warning_bytes,"
+        " snap_warning_pct, snap_limit_bytes, snap_limit_pct, snap_limit_policy)"
+        " VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             row.name,
             row.pool_id,
@@ -476,5 +482,17 @@ def _vv_insert(row: VVRow) -> Statement:
             row.kind,
             row.parent_id,
             row.family_id,
+            *_snap_values(row),
         ),
+    )
+
+
+def _snap_values(row: VVRow) -> tuple[int | None, float | None, int | None, float | None, str]:
+    """The snapshot space columns of a row (schema 4), in the order every statement names them."""
+    return (
+        row.snap_warning_bytes,
+        row.snap_warning_pct,
+        row.snap_limit_bytes,
+        row.snap_limit_pct,
+        row.snap_limit_policy,
     )

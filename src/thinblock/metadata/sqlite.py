@@ -31,7 +31,7 @@ from .store import Assignment, LDRow, Lease, StoreImage
 
 #: the schema this code writes; it opens older ones by migrating them (``_MIGRATIONS``) and
 #: refuses newer ones
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _SQLITE_FULL = 13
 _SQLITE_BUSY = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED
 _NOW = "((julianday('now') - 2440587.5) * 86400.0)"  # unix seconds, with fractions
@@ -58,7 +58,8 @@ CREATE TABLE IF NOT EXISTS vvs (
     size INTEGER NOT NULL, alloc_warning_bytes INTEGER, alloc_warning_pct REAL,
     alloc_limit_bytes INTEGER, alloc_limit_pct REAL, cache_mode TEXT NOT NULL, created REAL NOT NULL,
     regions INTEGER NOT NULL DEFAULT 0, owner TEXT, kind TEXT NOT NULL DEFAULT 'volume', parent_id INTEGER,
-    family_id INTEGER);
+    family_id INTEGER, snap_warning_bytes INTEGER, snap_warning_pct REAL, snap_limit_bytes INTEGER,
+    snap_limit_pct REAL, snap_limit_policy TEXT NOT NULL DEFAULT 'fail');
 CREATE TABLE IF NOT EXISTS vv_map (
     vv_id INTEGER NOT NULL, vv_region INTEGER NOT NULL, ld_id INTEGER NOT NULL, ld_region INTEGER NOT NULL,
     epoch INTEGER,
@@ -98,6 +99,14 @@ _MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE vvs ADD COLUMN family_id INTEGER",
         "CREATE TABLE cow_reservations (ld_id INTEGER NOT NULL, ld_region INTEGER NOT NULL,"
         " vv_id INTEGER NOT NULL, vv_region INTEGER NOT NULL, PRIMARY KEY (ld_id, ld_region)) WITHOUT ROWID",
+    ],
+    # Snapshot space warning, limit and policy per volume (volume/snapspace.py).
+    3: [
+        "ALTER TABLE vvs ADD COLUMN snap_warning_bytes INTEGER",
+        "ALTER TABLE vvs ADD COLUMN snap_warning_pct REAL",
+        "ALTER TABLE vvs ADD COLUMN snap_limit_bytes INTEGER",
+        "ALTER TABLE vvs ADD COLUMN snap_limit_pct REAL",
+        "ALTER TABLE vvs ADD COLUMN snap_limit_policy TEXT NOT NULL DEFAULT 'fail'",
     ],
 }
 

@@ -91,6 +91,13 @@ class VVRow:
     kind: str = "volume"
     parent_id: int | None = None
     family_id: int | None = None
+    # Snapshot space warning and limit (bytes or percent of ``size``, as the allocation ones) and
+    # the limit's policy (volume/snapspace.py): schema 4.
+    snap_warning_bytes: int | None = None
+    snap_warning_pct: float | None = None
+    snap_limit_bytes: int | None = None
+    snap_limit_pct: float | None = None
+    snap_limit_policy: str = "fail"
 
     @property
     def family(self) -> int:

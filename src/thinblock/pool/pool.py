@@ -116,6 +116,9 @@ class Pool:
         self._landed_waiters: dict[int, list[asyncio.Future[None]]] = {}
         self.before_ld_create: LDCreateHook | None = None
         self.on_ld_created: Callable[[LogicalDisk, Pool], None] | None = None
+        # Called with the ids of volumes whose snapshot space changed (the engine re-checks
+        # their snapshot space warning and limit).
+        self.on_snapshot_space: Callable[[list[int]], None] | None = None
         self.vv_count = 0
 
     # --- properties ---
@@ -187,13 +190,40 @@ class Pool:
         """``count`` more mappings of a held region (a snapshot or clone maps it too)."""
         self.space.ref(packed, count)
 
-    def share_many(self, packed: np.ndarray) -> None:
-        """One more mapping of each region in ``packed`` (a snapshot's map copied at once)."""
-        self.space.ref_many(packed)
+    def share_many(self, packed: np.ndarray, snapshot_of: int | None = None) -> None:
+        """One more mapping of each region in ``packed`` (a map copied at once): a snapshot's of
+        volume ``snapshot_of``, or (None) a clone's or a reverted volume's."""
+        self.space.ref_many(packed, snapshot_of)
+        self._snapshot_space_moved()
 
-    def unshare_many(self, packed: np.ndarray) -> None:
+    def unshare_many(self, packed: np.ndarray, snapshot_of: int | None = None) -> None:
         """Undo ``share_many`` (the snapshot's store row was refused): each still held by others."""
-        self.space.unref_many(packed)
+        self.space.unref_many(packed, snapshot_of)
+        self._snapshot_space_moved()
+
+    # --- snapshot space (spacemap.py) ---
+    def snapshot_space(self, vv_id: int) -> int:
+        """Bytes only volume ``vv_id``'s snapshots hold: what deleting all of them would free."""
+        return self.space.snapshot_regions(vv_id) * self.row.region_size
+
+    def snapshot_holder_gone(self, packed: np.ndarray, vv_id: int) -> None:
+        """Volume ``vv_id`` was deleted: its snapshots (their maps: ``packed``, one call each) are
+        nobody's snapshots from now on, as after the next open."""
+        self.space.drop_snapshot_holder(packed, vv_id)
+        self._snapshot_space_moved()
+
+    def forget_snapshot_owner(self, vv_id: int) -> None:
+        self.space.forget_owner(vv_id)
+
+    def _snapshot_space_moved(self) -> None:
+        """Tell the volumes whose snapshot space changed (their warning and limit alerts)."""
+        changed = self.space.changed
+        if not changed:
+            return
+        owners = [vv_id for key in changed if (vv_id := self.space.key_owner(key)) is not None]
+        changed.clear()
+        if self.on_snapshot_space is not None and owners:
+            self.on_snapshot_space(owners)
 
     # --- allocation ---
     def try_allocate(self) -> int | None:
@@ -314,22 +344,29 @@ class Pool:
         except Exception:  # never let the clean-up hide the refusal being reported
             log.exception("pool '%s': giving back the host blocks of LD region %#x", self.name, packed)
 
-    def release(self, packed: int) -> bool:
-        """One reference to a region goes (the caller unmapped it).  When it was the last, the
+    def release(self, packed: int, snapshot_of: int | None = None) -> bool:
+        """One reference to a region goes (the caller unmapped it): a snapshot's of volume
+        ``snapshot_of``, or (None) a volume's or a clone's.  When it was the last, the
         region is zeroed now and free after the next fsync; a region other volumes still map is
         left as it is.  With offloaded writes still landing in it, all that waits for the last
         of them.  Returns whether the region was zeroed now."""
         if packed in self._writes_in_flight:
+            # Writes go only into regions no snapshot holds: this reference is the writer's.
+            assert snapshot_of is None, "a snapshot's region with writes in flight"
             self._release_when_landed[packed] = self._release_when_landed.get(packed, 0) + 1
             return False
         if self.space.refcount(packed) > 1:
-            self.space.unref(packed)  # still mapped elsewhere: its data stays
+            self.space.unref(packed, snapshot_of)  # still mapped elsewhere: its data stays
+            if self.space.changed:
+                self._snapshot_space_moved()
             return False
         size = self.row.region_size
         # Zeroed while still held: a zeroing that fails (a failed PD) leaves it held, not reused.
         self.slots[packed >> REGION_BITS].ld.zero((packed & REGION_MASK) * size, size)
-        left = self.space.unref(packed)
+        left = self.space.unref(packed, snapshot_of)
         assert left == 0
+        if self.space.changed:
+            self._snapshot_space_moved()
         self.space.mark_pending(packed)
         self.pending.append(packed)
         return True

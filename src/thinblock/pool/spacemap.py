@@ -21,6 +21,20 @@ reservations) of the metadata store; the counts are rebuilt from them at every o
 
 One ``LDSpace`` per LD (regions of one LD), and the pool's ``SpaceMap`` over them.  Event-loop
 thread only; no I/O here (the pool zeroes and fsyncs).
+
+**Snapshot space.**  A volume's snapshot space is the set of LD regions that its snapshots hold
+and nothing else does -- no volume, no clone, no snapshot of another volume: exactly what deleting
+all its snapshots would free.  It grows when the volume's copy on write (or a trim, or a clone
+letting go of a region) leaves a region to its snapshots alone, and shrinks when snapshots go.
+It is kept as a counter per volume (``snapshot_space``), never found by a scan: besides its
+reference count, each region an LD's snapshots hold records how many of its references are
+snapshots' (``snaps``) and the sum and the sum of squares of their owners' keys (``owner_sum``,
+``owner_sq``; a key is a small number per volume that has snapshots, ``owner_key``).  Its
+snapshots all belong to one volume exactly when ``snaps * owner_sq == owner_sum ** 2`` (the keys'
+variance is zero), and the region is that volume's snapshot space when, in addition, every
+reference is a snapshot's (``snaps == refs``).  Every change of a region's references compares its
+owner before and after and moves the region between counters: O(1) per reference, vectorised for
+a whole map, and nothing for LDs no snapshot ever held (their arrays are not even made).
 """
 
 from __future__ import annotations
@@ -37,9 +51,10 @@ def pack(ld_id: int, index: int) -> int:
 
 
 class LDSpace:
-    """Reference counts of one LD's regions, and a search hint for the next free one."""
+    """Reference counts of one LD's regions, and a search hint for the next free one; for LDs
+    snapshots hold regions of, which of the references are snapshots' and whose (see above)."""
 
-    __slots__ = ("_free", "free", "hint", "refs", "regions")
+    __slots__ = ("_free", "free", "hint", "owner_sq", "owner_sum", "refs", "regions", "snaps")
 
     def __init__(self, regions: int) -> None:
         self.regions = regions
@@ -49,6 +64,35 @@ class LDSpace:
         self._free = bytearray(b"\x01") * regions
         self.free = regions
         self.hint = 0
+        # Made when a snapshot first holds a region of this LD (``snapshot_arrays``).
+        self.snaps: np.ndarray | None = None
+        self.owner_sum: np.ndarray | None = None
+        self.owner_sq: np.ndarray | None = None
+
+    def snapshot_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self.snaps is None or self.owner_sum is None or self.owner_sq is None:
+            self.snaps = np.zeros(self.regions, dtype=np.int32)
+            self.owner_sum = np.zeros(self.regions, dtype=np.int64)
+            self.owner_sq = np.zeros(self.regions, dtype=np.int64)
+        return self.snaps, self.owner_sum, self.owner_sq
+
+    def owners(self, indexes: np.ndarray | slice) -> np.ndarray:
+        """The key of the volume whose snapshot space each region is, or 0 (none)."""
+        if self.snaps is None or self.owner_sum is None or self.owner_sq is None:
+            return np.zeros(len(self.refs[indexes]), dtype=np.int64)
+        n = self.snaps[indexes].astype(np.int64)
+        s = self.owner_sum[indexes]
+        one_owner = (n > 0) & (n == self.refs[indexes]) & (n * self.owner_sq[indexes] == s * s)
+        return np.where(one_owner, s // np.maximum(n, 1), 0)
+
+    def owner(self, index: int) -> int:
+        if self.snaps is None or self.owner_sum is None or self.owner_sq is None:
+            return 0
+        n = int(self.snaps[index])
+        if n == 0 or n != int(self.refs[index]):
+            return 0
+        s = int(self.owner_sum[index])
+        return s // n if n * int(self.owner_sq[index]) == s * s else 0
 
     # --- queries ---
     def refcount(self, index: int) -> int:
@@ -158,12 +202,134 @@ def _by_ld(packed: np.ndarray) -> list[tuple[int, np.ndarray]]:
 class SpaceMap:
     """The pool's LD spaces, by LD id, in creation order, with the pool-wide totals."""
 
-    __slots__ = ("free", "held", "lds")
+    __slots__ = ("_keys", "_last_key", "changed", "free", "held", "lds", "snapshot_space")
 
     def __init__(self) -> None:
         self.lds: dict[int, LDSpace] = {}
         self.free = 0  # free regions, every LD
         self.held = 0  # regions with at least one reference, every LD
+        # Snapshot space (module docstring): volume id -> its key, and key -> regions only that
+        # volume's snapshots hold.  Keys are never reused (a forgotten volume's id may be).
+        self._keys: dict[int, int] = {}
+        self._last_key = 0
+        self.snapshot_space: dict[int, int] = {}
+        self.changed: set[int] = set()  # keys whose snapshot space changed since the pool looked
+
+    # --- snapshot space ---
+    def owner_key(self, vv_id: int) -> int:
+        """The key of volume ``vv_id``'s snapshots (made on first use)."""
+        key = self._keys.get(vv_id)
+        if key is None:
+            self._last_key += 1
+            key = self._keys[vv_id] = self._last_key
+            self.snapshot_space[key] = 0
+        return key
+
+    def forget_owner(self, vv_id: int) -> None:
+        """Volume ``vv_id`` is gone (its snapshots were handed to no one, ``drop_snapshot_holder``)."""
+        key = self._keys.pop(vv_id, None)
+        if key is not None:
+            assert self.snapshot_space.get(key, 0) == 0, "a deleted volume's snapshots still own space"
+            self.snapshot_space.pop(key, None)
+
+    def snapshot_regions(self, vv_id: int) -> int:
+        """Regions only volume ``vv_id``'s snapshots hold (its snapshot space, in regions)."""
+        key = self._keys.get(vv_id)
+        return 0 if key is None else self.snapshot_space[key]
+
+    def key_owner(self, key: int) -> int | None:
+        return next((vv_id for vv_id, k in self._keys.items() if k == key), None)
+
+    def _moved(self, before: int, after: int) -> None:
+        if before != after:
+            if before:
+                self.snapshot_space[before] -= 1
+                self.changed.add(before)
+            if after:
+                self.snapshot_space[after] += 1
+                self.changed.add(after)
+
+    def _moved_many(self, before: np.ndarray, after: np.ndarray) -> None:
+        moved = before != after
+        if not moved.any():
+            return
+        for keys, sign in ((before[moved], -1), (after[moved], 1)):
+            values, counts = np.unique(keys[keys > 0], return_counts=True)
+            for key, count in zip(values.tolist(), counts.tolist(), strict=True):
+                self.snapshot_space[key] += sign * count
+                self.changed.add(key)
+
+    def would_own_after_unref(self, packed: int, vv_id: int) -> bool:
+        """Whether, once one non-snapshot reference of ``packed`` goes (a copy on write or a trim
+        by a volume), the region is volume ``vv_id``'s snapshot space: all references left are
+        its snapshots'."""
+        key = self._keys.get(vv_id)
+        if key is None:
+            return False
+        space, index = self._space(packed)
+        if space.snaps is None or space.owner_sum is None or space.owner_sq is None:
+            return False
+        n = int(space.snaps[index])
+        return (
+            n > 0
+            and n == int(space.refs[index]) - 1
+            and int(space.owner_sum[index]) == n * key
+            and (int(space.owner_sq[index]) == n * key * key)
+        )
+
+    def _snapshot_holders(self, packed: np.ndarray, key: int, sign: int) -> None:
+        """``sign`` (+1, -1) snapshot references of owner ``key`` to each region of ``packed``,
+        without touching the reference counts (the caller does)."""
+        for ld_id, indexes in _by_ld(packed):
+            snaps, owner_sum, owner_sq = self.lds[ld_id].snapshot_arrays()
+            snaps[indexes] += sign
+            owner_sum[indexes] += sign * key
+            owner_sq[indexes] += sign * key * key
+
+    def drop_snapshot_holder(self, packed: np.ndarray, vv_id: int) -> None:
+        """The snapshot holding ``packed`` is nobody's any more (its volume was deleted): its
+        references count as a volume's from now on, as they will after the next open, where a
+        snapshot without a parent is loaded so."""
+        key = self._keys.get(vv_id)
+        if key is None or not len(packed):
+            return
+        for ld_id, indexes in _by_ld(packed):
+            space = self.lds[ld_id]
+            before = space.owners(indexes)
+            snaps, owner_sum, owner_sq = space.snapshot_arrays()
+            snaps[indexes] -= 1
+            owner_sum[indexes] -= key
+            owner_sq[indexes] -= key * key
+            self._moved_many(before, space.owners(indexes))
+
+    def load_snapshot_holders(self, packed: np.ndarray, vv_id: int) -> None:
+        """Loading: the references of a snapshot of volume ``vv_id`` (already counted in ``refs``
+        by ``load``) are a snapshot's; ``recount_snapshot_space`` once every map is loaded."""
+        if len(packed):
+            self._snapshot_holders(packed, self.owner_key(vv_id), 1)
+
+    def recount_snapshot_space(self) -> None:
+        """Every volume's snapshot space from the arrays (at open, after loading)."""
+        for key in self.snapshot_space:
+            self.snapshot_space[key] = 0
+        for space in self.lds.values():
+            if space.snaps is None:
+                continue
+            owners = space.owners(slice(None))
+            values, counts = np.unique(owners[owners > 0], return_counts=True)
+            for key, count in zip(values.tolist(), counts.tolist(), strict=True):
+                self.snapshot_space[key] += count
+        self.changed.update(self.snapshot_space)
+
+    def recount_for_check(self) -> dict[int, int]:
+        """Volume id -> snapshot space in regions, recomputed from the arrays (the state machines
+        compare it with the counters and with the store)."""
+        counts: dict[int, int] = dict.fromkeys(self._keys.values(), 0)
+        for space in self.lds.values():
+            owners = space.owners(slice(None))
+            for key in owners[owners > 0].tolist():
+                counts[key] = counts.get(key, 0) + 1
+        return {vv_id: counts.get(key, 0) for vv_id, key in self._keys.items()}
 
     def attach(self, ld_id: int, regions: int) -> LDSpace:
         assert ld_id not in self.lds
@@ -199,26 +365,54 @@ class SpaceMap:
         self.held -= 1
 
     def ref(self, packed: int, count: int = 1) -> None:
+        """``count`` more references of volumes or clones to a held region."""
         space, index = self._space(packed)
+        before = space.owner(index)
         space.ref(index, count)
+        self._moved(before, space.owner(index))
 
-    def ref_many(self, packed: np.ndarray) -> None:
-        """One more reference to each held region of ``packed`` (an array; no duplicates)."""
+    def ref_many(self, packed: np.ndarray, snapshot_of: int | None = None) -> None:
+        """One more reference to each held region of ``packed`` (an array; no duplicates): a
+        snapshot's of volume ``snapshot_of``, or (None) a volume's or a clone's."""
+        key = None if snapshot_of is None else self.owner_key(snapshot_of)
         for ld_id, indexes in _by_ld(packed):
-            refs = self.lds[ld_id].refs
+            space = self.lds[ld_id]
+            refs = space.refs
             assert (refs[indexes] >= 1).all(), f"LD {ld_id}: a region shared but not held"
+            before = space.owners(indexes)
             refs[indexes] += 1
+            if key is not None:
+                self._snapshot_holders(indexes | (ld_id << REGION_BITS), key, 1)
+            self._moved_many(before, space.owners(indexes))
 
-    def unref_many(self, packed: np.ndarray) -> None:
+    def unref_many(self, packed: np.ndarray, snapshot_of: int | None = None) -> None:
         """Undo ``ref_many``: every region keeps at least one reference."""
+        key = None if snapshot_of is None else self._keys[snapshot_of]
         for ld_id, indexes in _by_ld(packed):
-            refs = self.lds[ld_id].refs
+            space = self.lds[ld_id]
+            refs = space.refs
             assert (refs[indexes] >= 2).all(), f"LD {ld_id}: the last reference of a region dropped in bulk"
+            before = space.owners(indexes)
             refs[indexes] -= 1
+            if key is not None:
+                self._snapshot_holders(indexes | (ld_id << REGION_BITS), key, -1)
+            self._moved_many(before, space.owners(indexes))
 
-    def unref(self, packed: int) -> int:
+    def unref(self, packed: int, snapshot_of: int | None = None) -> int:
+        """One reference goes: a snapshot's of volume ``snapshot_of``, or (None) a volume's."""
         space, index = self._space(packed)
-        left = space.unref(index)
+        if space.snaps is None:
+            assert snapshot_of is None, "a snapshot's reference to a region no snapshot holds"
+            left = space.unref(index)
+        else:
+            before = space.owner(index)
+            left = space.unref(index)
+            if snapshot_of is not None:
+                key = self._keys[snapshot_of]
+                space.snaps[index] -= 1
+                space.owner_sum[index] -= key  # type: ignore[index]
+                space.owner_sq[index] -= key * key  # type: ignore[index]
+            self._moved(before, space.owner(index))
         if left == 0:
             self.held -= 1
         return left

@@ -26,7 +26,10 @@ references go, shared regions stay with the others, and its children name no par
 (no promote or flatten needed, unlike ZFS and RBD clones).
 
 Management calls of this module and volume deletes take turns (``lock``): a clone never copies
-the map of a snapshot being deleted.
+the map of a snapshot being deleted.  A snapshot or a revert holds the volume's writes *before* it
+takes the lock: a write of the volume may need the lock itself (the snapshot space limit's
+invalidate-oldest policy deletes a snapshot, ``invalidate_oldest``), and a lock holder waiting for
+that write to finish would wait for ever.
 """
 
 from __future__ import annotations
@@ -34,15 +37,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 
+from ..alerts import AlertBus
 from ..cache.writeback import WriteBackCache
-from ..errors import AlreadyExists, InvalidArgument, NotFound
+from ..errors import AlreadyExists, InvalidArgument, NotFound, VolumeGone
 from ..metadata.store import VVRow
 from ..metadata.writer import MetadataWriter
+from ..model import AlertKind, Severity
 from ..pool.pool import REGION_BITS, REGION_MASK, Pool
+from . import snapspace
 from .vv import VirtualVolume
 
 log = logging.getLogger("thinblock.volume")
@@ -58,11 +64,17 @@ class Snapshots:
         make_vv: Callable[[VVRow, Pool], VirtualVolume],
         cache: WriteBackCache,
         meta: MetadataWriter,
+        alerts: AlertBus,
+        delete_forced: Callable[[str], Awaitable[None]],
     ) -> None:
         self._volumes = vvs  # the engine's table (a rename replaces the dict: asked each time)
         self._make_vv = make_vv
         self._cache = cache
         self._meta = meta
+        self._alerts = alerts
+        # The engine's delete of a volume, forced (its clients disconnected), called with the lock
+        # held: the snapshot space limit's invalidate-oldest policy.
+        self._delete_forced = delete_forced
         self.lock = asyncio.Lock()
 
     def _get(self, name: str) -> VirtualVolume:
@@ -77,18 +89,20 @@ class Snapshots:
 
     async def snapshot(self, source_name: str, name: str) -> VirtualVolume:
         """A read-only snapshot ``name`` of volume ``source_name`` (see the module docstring)."""
-        async with self.lock:
-            source = self._get(source_name)
+        source = self._get(source_name)
+        self._check_free(name)
+        if source.read_only:
+            raise InvalidArgument(
+                f"'{source_name}' is a snapshot already: it does not change, so a snapshot of it"
+                f" would hold the same; clone it for a writable copy (thinblock vv clone {source_name} NAME)"
+            )
+        async with source.quiesced(), self.lock:  # writes held first (module docstring)
+            if self._get(source_name) is not source:
+                raise NotFound(f"volume '{source_name}' not found")
             self._check_free(name)
-            if source.read_only:
-                raise InvalidArgument(
-                    f"'{source_name}' is a snapshot already: it does not change, so a snapshot of it"
-                    f" would hold the same; clone it for a writable copy (thinblock vv clone {source_name} NAME)"
-                )
-            async with source.quiesced():
-                await self._cache.settle_owner(source.row.id)
-                assert not self._cache.owns_dirty(source.row.id)
-                snap = await self._share(source, name, SNAPSHOT)
+            await self._cache.settle_owner(source.row.id)
+            assert not self._cache.owns_dirty(source.row.id)
+            snap = await self._share(source, name, SNAPSHOT)
         log.info(
             "vv snapshot",
             extra={"event": "vv-snapshot", "vv": source_name, "snapshot": name, "regions": snap.map.count},
@@ -133,11 +147,12 @@ class Snapshots:
         )
         new_map = source.map.copy()
         packed = source.map.packed_array()
-        source.pool.share_many(packed)
+        snapshot_of = src.id if kind == SNAPSHOT else None  # a snapshot's references are its volume's
+        source.pool.share_many(packed, snapshot_of)
         try:
             row.id = await self._meta.call(self._meta.store.add_vv_sharing, row, src.id)
         except BaseException:
-            source.pool.unshare_many(packed)
+            source.pool.unshare_many(packed, snapshot_of)
             raise
         vv = self._make_vv(row, source.pool)
         vv.map = new_map
@@ -148,8 +163,10 @@ class Snapshots:
         atomically: one store transaction replaces its map with a copy of the snapshot's, and
         memory follows with no await in between.  Other snapshots and clones are not touched
         (LVM thin's merge consumes the snapshot; this shares it).  The caller checked clients."""
-        async with self.lock:
-            vv = self._get(name)
+        vv = self._get(name)
+        async with vv.quiesced(), self.lock:  # writes held first (module docstring)
+            if self._get(name) is not vv:
+                raise NotFound(f"volume '{name}' not found")
             snap = self._get(snapshot_name)
             if vv.read_only:
                 raise InvalidArgument(
@@ -168,25 +185,24 @@ class Snapshots:
                 raise InvalidArgument(
                     f"'{snapshot_name}' is larger than '{name}' ({snap.size} > {vv.size} bytes)"
                 )
-            async with vv.quiesced():
-                # Its cached writes go to their regions first: the cache must not hold data of
-                # regions that change hands below it.
-                await self._cache.settle_owner(vv.row.id)
-                new_map = snap.map.copy()
-                packed = snap.map.packed_array()
-                vv.pool.share_many(packed)
-                try:
-                    await self._meta.call(self._meta.store.replace_map, vv.row.id, snap.row.id)
-                except BaseException:
-                    vv.pool.unshare_many(packed)
-                    raise
-                old_map, vv.map = vv.map, new_map
-                # The old references go (regions only it held are zeroed and freed), in batches.
-                for i, (_region, old) in enumerate(old_map.items()):
-                    vv.pool.release(old)
-                    if i % 256 == 255:
-                        await asyncio.sleep(0)
-                vv.check_thresholds_after_release()
+            # Its cached writes go to their regions first: the cache must not hold data of
+            # regions that change hands below it.
+            await self._cache.settle_owner(vv.row.id)
+            new_map = snap.map.copy()
+            packed = snap.map.packed_array()
+            vv.pool.share_many(packed)
+            try:
+                await self._meta.call(self._meta.store.replace_map, vv.row.id, snap.row.id)
+            except BaseException:
+                vv.pool.unshare_many(packed)
+                raise
+            old_map, vv.map = vv.map, new_map
+            # The old references go (regions only it held are zeroed and freed), in batches.
+            for i, (_region, old) in enumerate(old_map.items()):
+                vv.pool.release(old)
+                if i % 256 == 255:
+                    await asyncio.sleep(0)
+            vv.check_thresholds_after_release()
         log.info(
             "vv revert",
             extra={"event": "vv-revert", "vv": name, "snapshot": snapshot_name, "regions": vv.map.count},
@@ -228,10 +244,42 @@ class Snapshots:
         }
 
     def forget(self, vv: VirtualVolume) -> None:
-        """``vv`` was deleted: its children name no parent from now on (as the store has them)."""
+        """``vv`` was deleted: its children name no parent from now on (as the store has them),
+        and its snapshots are nobody's snapshots (their regions no one's snapshot space), as the
+        next open will load them."""
         for other in self._volumes().values():
             if other.row.parent_id == vv.row.id:
                 other.row.parent_id = None
+            if other.snapshot_of == vv.row.id:
+                other.pool.snapshot_holder_gone(other.map.packed_array(), vv.row.id)
+                other.snapshot_of = None
+        vv.pool.forget_snapshot_owner(vv.row.id)
+
+    async def invalidate_oldest(self, vv: VirtualVolume) -> str | None:
+        """The snapshot space limit's invalidate-oldest policy (volume/snapspace.py): delete
+        ``vv``'s oldest snapshot, unless the room is there by now (another write's invalidation,
+        a snapshot deleted meanwhile: then "" and nothing deleted).  None: it has no snapshot."""
+        async with self.lock:
+            if vv.deleted:
+                raise VolumeGone(f"volume '{vv.name}' was deleted")
+            if not snapspace.needs_room(vv):
+                return ""
+            snaps = [o for o in self._volumes().values() if o.snapshot_of == vv.row.id and not o.deleted]
+            if not snaps:
+                return None
+            oldest = min(snaps, key=lambda o: (o.row.created, o.row.id))
+            limit = vv.snapshot_limit
+            await self._delete_forced(oldest.name)
+        message = (
+            f"VV '{vv.name}' reached its snapshot space limit of {limit}: its oldest snapshot"
+            f" '{oldest.name}' was deleted (policy invalidate-oldest) so that a write could go on"
+        )
+        self._alerts.event(AlertKind.VV_SNAPSHOT_INVALIDATED, vv.object_name, Severity.WARNING, message)
+        log.warning(
+            "snapshot invalidated",
+            extra={"event": "vv-snapshot-invalidated", "vv": vv.name, "snapshot": oldest.name},
+        )
+        return oldest.name
 
     # --- listing ---
     def parent_of(self, vv: VirtualVolume) -> str | None:

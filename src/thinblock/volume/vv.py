@@ -36,10 +36,11 @@ from ..logical.raid import LogicalDisk
 from ..metadata.lease import ServingGate
 from ..metadata.store import VVRow
 from ..metadata.writer import MetadataWriter
-from ..model import AlertKind, CacheMode, Severity
+from ..model import AlertKind, CacheMode, Severity, SnapshotLimitPolicy
 from ..physical.workers import IOWorkers
 from ..pool.pool import REGION_BITS, REGION_MASK, Pool, SpaceShortage
 from ..units import Limit, format_size
+from . import snapspace
 from .bitmaps import SnapshotBitmap, VolumeTree
 from .cow import copy_on_write
 from .regionmap import ZERO_LD, RegionMap
@@ -113,6 +114,16 @@ class VirtualVolume:
         self.capabilities = Capabilities(file_spans=True, can_write=not self.read_only, dirty_bitmaps=True)
         # The snapshots this volume may be compared with (dirty bitmaps): set by the engine.
         self.tree: VolumeTree | None = None
+        # The volume whose snapshot this is (its references count as that volume's snapshot
+        # space: volume/snapspace.py); None for volumes, clones, and snapshots whose volume was
+        # deleted (they are nobody's snapshots from then on).
+        self.snapshot_of: int | None = row.parent_id if self.read_only else None
+        # Copies on write under way that will add to this volume's snapshot space (counted
+        # against its limit before they land), and the limit's invalidate-oldest policy
+        # (the engine's: it deletes a snapshot; returns its name, None when there is none).
+        self.cow_to_snapshots = 0
+        self.invalidate_oldest: Callable[[VirtualVolume], Awaitable[str | None]] | None = None
+        self.capabilities = Capabilities(file_spans=True, can_write=not self.read_only)
         # Writes, trims and zeroings in progress, and the gate a snapshot closes while it settles
         # the volume and copies its map (``quiesced``).
         self._active = 0
@@ -175,6 +186,29 @@ class VirtualVolume:
         if r.alloc_limit_bytes is None and r.alloc_limit_pct is None:
             return None
         return Limit(r.alloc_limit_bytes, r.alloc_limit_pct)
+
+    @property
+    def snapshot_warning(self) -> Limit | None:
+        r = self.row
+        if r.snap_warning_bytes is None and r.snap_warning_pct is None:
+            return None
+        return Limit(r.snap_warning_bytes, r.snap_warning_pct)
+
+    @property
+    def snapshot_limit(self) -> Limit | None:
+        r = self.row
+        if r.snap_limit_bytes is None and r.snap_limit_pct is None:
+            return None
+        return Limit(r.snap_limit_bytes, r.snap_limit_pct)
+
+    @property
+    def snapshot_limit_policy(self) -> SnapshotLimitPolicy:
+        return SnapshotLimitPolicy(self.row.snap_limit_policy)
+
+    @property
+    def snapshot_space(self) -> int:
+        """Bytes only this volume's snapshots hold (volume/snapspace.py)."""
+        return self.pool.snapshot_space(self.row.id)
 
     def _gone(self) -> VolumeGone:
         # Deleted under a connected client (vv delete --force): its regions went back to the
@@ -455,7 +489,7 @@ class VirtualVolume:
         region that is free (another VV's, once reused)."""
         n = len(data)
         while True:
-            if self._serving.closed():  # after a wait: the node may have lost its volumes meanwhile
+            if self.deleted or self._serving.closed():  # after a wait: deleted, or the node lost its volumes
                 raise self._gone()
             packed = self.map.get(region)
             if packed == ZERO_LD:
@@ -463,7 +497,17 @@ class VirtualVolume:
                     return  # zero detect: the zero LD already reads these zeros
                 await self._assign(region, reserved)
             elif self.pool.shared(packed):
-                await copy_on_write(self, region, packed)  # a region of its own first
+                adds = snapspace.adds_space(self, region, packed)
+                if adds and snapspace.needs_room(self):
+                    # Before the copy is registered: the policy may delete a snapshot, which
+                    # takes turns with deletes of this volume (they wait for its copies).
+                    await snapspace.make_room(self)  # OutOfSpace, or a snapshot fewer
+                    continue
+                self.cow_to_snapshots += adds
+                try:
+                    await copy_on_write(self, region, packed)  # a region of its own first
+                finally:
+                    self.cow_to_snapshots -= adds
             elif self._writeback and not self._wb.has_room(n):
                 await self._wb.wait_for_room(n)
             elif not self._writeback and not self._wb.settled(packed):
@@ -764,7 +808,7 @@ class VirtualVolume:
             for _region, packed in batch:
                 # zeroes the LD region now (once writes still landing in it are done); free for
                 # reuse after the next fsync
-                self.pool.release(packed)
+                self.pool.release(packed, self.snapshot_of)
             total += len(batch)
             await asyncio.sleep(0)
         if total:

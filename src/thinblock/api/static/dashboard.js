@@ -189,7 +189,9 @@ function renderVolumes(volumes, owner) {
       el("td", {}, v.name),
       el("td", {}, v.pool),
       el("td", {}, el("span", { class: "allocated" }, `${size(v.allocated)} of ${size(v.size)}`), gauge(marks, true)),
-      el("td", {}, `${v.alloc_warning_spec || "-"} / ${v.alloc_limit_spec || "-"}`),
+      el("td", {}, `${v.alloc_warning_spec || "-"} / ${v.alloc_limit_spec || "-"}`,
+        v.snapshot_limit === null ? "" : el("div", { class: "snapshot-space muted", title: `at the limit: ${v.snapshot_limit_policy}` },
+          `snapshots ${size(v.snapshot_space)} of ${v.snapshot_limit_spec}`)),
       el("td", { class: "muted" }, forecastText(v.forecast, "limit")),
       el("td", {}, v.cache_mode),
       el("td", {}, owner),
@@ -315,6 +317,10 @@ async function createVolume(event) {
   if (warning) body.alloc_warning = warning;
   if (limit) body.alloc_limit = limit;
   if (cache) body.cache_mode = cache;
+  const snapLimit = document.getElementById("create-snap-limit").value.trim();
+  const snapPolicy = document.getElementById("create-snap-policy").value;
+  if (snapLimit) body.snapshot_limit = snapLimit;
+  if (snapPolicy) body.snapshot_limit_policy = snapPolicy;
   try {
     const v = await api("POST", "/volumes", body);
     result.className = "";
