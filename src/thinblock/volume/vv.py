@@ -123,7 +123,6 @@ class VirtualVolume:
         # (the engine's: it deletes a snapshot; returns its name, None when there is none).
         self.cow_to_snapshots = 0
         self.invalidate_oldest: Callable[[VirtualVolume], Awaitable[str | None]] | None = None
-        self.capabilities = Capabilities(file_spans=True, can_write=not self.read_only)
         # Writes, trims and zeroings in progress, and the gate a snapshot closes while it settles
         # the volume and copies its map (``quiesced``).
         self._active = 0
