@@ -135,6 +135,30 @@ async def test_a_snapshot_is_write_protected_over_iscsi(target: tuple[ISCSIServe
         await host.close()
 
 
+async def test_the_snapshot_space_limit_answers_data_protect_space_allocation_failed(
+    target: tuple[ISCSIServer, Engine],
+) -> None:
+    """A write whose copy on write would pass the volume's snapshot space limit (policy fail) is
+    answered as a write past the allocation limit: DATA PROTECT 27h/07h; the data is unchanged."""
+    server, engine = target
+    await engine.set_vv("thin", snapshot_limit=Limit(bytes=REGION))  # one region of snapshot space
+    await engine.volume("thin").write(0, b"\x41" * (2 * REGION))
+    await engine.snapshot_vv("thin", "snap")
+    host = await RawInitiator.connect(server.port or 0, server.target_name("thin"), "iqn.2026-12.test:host1")
+    try:
+        assert (await host.write16(0, b"\x42" * 4096)).status == 0  # region 0 copied: at the limit
+        refused = await host.write16(BLOCKS_PER_REGION, b"\x43" * 4096)  # region 1 would pass it
+        assert (refused.status, refused.sense_key, refused.asc) == (
+            CHECK_CONDITION,
+            DATA_PROTECT,
+            SPACE_ALLOCATION_FAILED,
+        )
+        read = await host.read16(BLOCKS_PER_REGION, 8)
+        assert read.status == 0 and read.data == b"\x41" * 4096
+    finally:
+        await host.close()
+
+
 async def test_a_renamed_volume_still_warns_its_connected_initiator(
     target: tuple[ISCSIServer, Engine],
 ) -> None:
