@@ -15,7 +15,14 @@ volume's allocation and kills as soon as it starts falling).  After the restart:
 the half-deleted volume holds only its own data or zeros, it can be deleted, and new volumes in
 the pool again read only their own data or zeros.
 
-Short variant (CI): 8 volumes, 1 crash during a deletion.  Long variant: 32 volumes, 10 crashes.
+Then snapshot trees (issue 14): a volume is snapshotted and the snapshot cloned twice; the volume
+and both clones write the same blocks, each its own pattern.  A clone never reads its sibling's
+writes nor the volume's later ones, the snapshot reads the volume as it was; then the snapshot (the
+clones' parent) and the volume are deleted, new volumes take the regions given back, and the clones
+still read exactly their own data and what they inherited -- no promote, no flatten.
+
+Short variant (CI): 8 volumes, 1 crash during a deletion, 1 snapshot tree.  Long variant: 32
+volumes, 10 crashes, 6 trees.
 """
 
 from __future__ import annotations
@@ -60,6 +67,9 @@ class Tenant:
     cache: str
     image: dict[int, int] = field(default_factory=dict)
     seq: int = 0
+    # Blocks it holds from the volume it was cloned from, as (that volume's tag, write), until it
+    # writes or zeroes them itself.
+    inherited: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def blocks(self) -> int:
@@ -70,22 +80,30 @@ class Tenant:
         await client.write(first * BLOCK, run_data(self.tag, first, count, self.seq))
         for b in range(first, first + count):
             self.image[b] = self.seq
+            self.inherited.pop(b, None)
 
     def zeroed(self, first: int, count: int) -> None:
         for b in range(first, first + count):
             self.image.pop(b, None)
+            self.inherited.pop(b, None)
+
+    def content(self) -> dict[int, tuple[int, int]]:
+        """What each block holds, as (tag, write): what a snapshot or clone made now inherits."""
+        return {**self.inherited, **{b: (self.tag, seq) for b, seq in self.image.items()}}
 
     async def verify(self, client: NBDClient, tags: dict[int, str]) -> tuple[int, list[str]]:
         """Read everything; (bytes checked, problems).  ``tags`` names the other volumes' tags."""
         data = await client.read_all(0, self.size)
         problems = []
+        content = self.content()
         for b in range(self.blocks):
             got = data[b * BLOCK : (b + 1) * BLOCK]
-            seq = self.image.get(b)
-            expected = bytes(BLOCK) if seq is None else block_data(self.tag, b, seq)
+            held = content.get(b)
+            expected = bytes(BLOCK) if held is None else block_data(held[0], b, held[1])
+            seq = None if held is None else held[1]
             if got != expected:
                 found = decode_block(got)
-                if found.kind == "pattern" and found.tag != self.tag:
+                if found.kind == "pattern" and held is not None and found.tag != held[0]:
                     what = f"DATA OF ANOTHER VOLUME ({tags.get(found.tag, found.tag)} block {found.block})"
                 elif found.kind == "pattern":
                     what = f"its own write {found.seq} of block {found.block}"
@@ -154,8 +172,62 @@ def _kill_during_deletion(daemon: Daemon, name: str, delay: float) -> None:
     thread.join(timeout=30)
 
 
+async def _snapshot_tree(
+    daemon: Daemon,
+    figures: Figures,
+    rng: random.Random,
+    new_tenant: Callable[[str, int, str], Tenant],
+    name: str,
+) -> list[Tenant]:
+    """A volume, its snapshot, two clones of the snapshot writing the same blocks as each other
+    and as the volume; checked; then the snapshot and the volume deleted and their regions reused.
+    Returns the clones (still alive, to be checked again with everything else)."""
+    base = new_tenant(name, 2 * MiB, "writeback")
+    async with await NBDClient.connect(LOOPBACK, daemon.nbd_port, base.name) as client:
+        for first in range(0, base.blocks, 64):
+            await base.write(client, first, 64)
+        await client.flush()
+    daemon.cli_subprocess_json("vv", "snapshot", base.name, f"{name}-s")
+    snap = Tenant(f"{name}-s", base.tag, base.size, base.cache, inherited=base.content())
+    clones = []
+    for c in range(2):
+        clone_name = f"{name}-c{c}"
+        daemon.cli_subprocess_json("vv", "clone", snap.name, clone_name)
+        clones.append(_clone_tenant(clone_name, 1000 + 10 * base.tag + c, snap))
+    # The same blocks written by the volume and by both clones, each with its own tag.
+    blocks = sorted(rng.sample(range(base.blocks), 24))
+    for tenant in (base, *clones):
+        async with await NBDClient.connect(LOOPBACK, daemon.nbd_port, tenant.name) as client:
+            for b in blocks:
+                await tenant.write(client, b, 1)
+            await tenant.write(client, rng.randrange(base.size // REGION) * PER_REGION, PER_REGION)
+            await client.trim(blocks[0] * BLOCK, BLOCK)  # a partial trim: zeros in the copy only
+            tenant.zeroed(blocks[0], 1)
+            await client.flush()
+    await _verify_all(daemon, [base, snap, *clones], figures, f"{name}: siblings' writes")
+    # The clones' parent and the tree's volume go; the clones keep their data.
+    daemon.cli_subprocess_json("vv", "delete", snap.name)
+    daemon.cli_subprocess_json("vv", "delete", base.name)
+    shown = daemon.cli_subprocess_json("vv", "show", clones[0].name)
+    assert shown["parent"] is None and shown["kind"] == "clone", shown
+    # New volumes take the regions the deletes gave back.
+    reusers = [new_tenant(f"{name}-reuse{j}", 2 * MiB, "writethrough") for j in range(2)]
+    for tenant in reusers:
+        async with await NBDClient.connect(LOOPBACK, daemon.nbd_port, tenant.name) as client:
+            for first in range(0, tenant.blocks, 64):
+                await tenant.write(client, first, 64)
+    await _verify_all(daemon, [*clones, *reusers], figures, f"{name}: parent deleted, regions reused")
+    return [*clones, *reusers]
+
+
+def _clone_tenant(name: str, tag: int, snap: Tenant) -> Tenant:
+    """A clone of ``snap`` as a tenant of its own (``tag`` for its writes: a sibling's writes are
+    told from its own), holding the snapshot's content to start with."""
+    return Tenant(name, tag, snap.size, "writethrough", inherited=dict(snap.inherited))
+
+
 async def isolation_drill(
-    make_daemon: Callable[..., Daemon], *, volumes: int, crashes: int, seed: int
+    make_daemon: Callable[..., Daemon], *, volumes: int, crashes: int, seed: int, trees: int = 1
 ) -> Figures:
     rng = random.Random(seed)
     figures = Figures("5-isolation")
@@ -260,6 +332,13 @@ async def isolation_drill(
         figures.rounds += 1
 
     assert mid_deletion == crashes
+
+    # --- snapshot trees: clones isolated from each other, intact after their parent is deleted ---
+    for t in range(trees):
+        survivors = await _snapshot_tree(daemon, figures, rng, new_tenant, f"tree{t}")
+        await _verify_all(daemon, alive + fresh + survivors, figures, f"after snapshot tree {t}")
+        fresh += survivors
+        figures.rounds += 1
     assert daemon.stop() == 0
     rc, report = thinblock_check(daemon.data_dir)
     assert rc == 0 and report["ok"], report
@@ -276,5 +355,5 @@ async def test_isolation_short(make_daemon: Callable[..., Daemon]) -> None:
 @pytest.mark.long
 @pytest.mark.timeout(3600)
 async def test_isolation_long(make_daemon: Callable[..., Daemon]) -> None:
-    figures = await isolation_drill(make_daemon, volumes=32, crashes=10, seed=55)
+    figures = await isolation_drill(make_daemon, volumes=32, crashes=10, seed=55, trees=6)
     assert figures.data_lost == 0
