@@ -19,9 +19,10 @@ acknowledged (block, sequence) and a checker reads every block back at the end.
   owner killed while qemu-io sleeps, the next write reconnects to the new owner by itself, and
   every pattern reads back.
 
-Not drilled yet (not built): SIGSTOP of the owner past a lease (there are no leases with
-expiry yet: a stopped owner keeps its lock and is not taken over), the link cut in network
-namespaces.
+On SQLite a stopped owner keeps its lock and is not taken over: SIGSTOP of the owner past its
+lease, kill -9 under load with FLUSHes answered on the two copies, and the old owner rejoining
+as partner are drilled on PostgreSQL (test_node_pair_postgres.py); the link cut in network
+namespaces in test_node_pair_netns.py.
 """
 
 from __future__ import annotations

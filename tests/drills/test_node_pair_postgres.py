@@ -15,6 +15,12 @@ served on the pair's service address and mirrors its cache to n2.
   must not serve without the writes its partner holds (it did before: same holder, same epoch,
   the lease taken back at once, the partner never got to replay).  It refuses to start and gives
   its lease up; the partner takes over; every acknowledged write reads back.
+* kill -9 of the owner at a random moment of a write-back load with a FLUSH every 64 writes,
+  answered on the two copies (2 rounds; 20 with ``-m long``): every acknowledged write reads
+  back after the takeover; the time from the kill to the first read served by the partner.
+* the old owner started again after the takeover rejoins as partner; the new owner's writes are
+  mirrored to it again; kill -9 of the new owner: the old one takes it over, opens its own
+  engine once its lease is back, and every acknowledged write of both volumes reads back.
 """
 
 from __future__ import annotations
