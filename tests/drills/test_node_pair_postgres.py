@@ -464,6 +464,12 @@ async def test_old_owner_rejoins_as_partner_and_takes_over_when_the_new_owner_di
         return bool(pair["mirror"] == "in-sync")
 
     await asyncio.to_thread(wait_until, n2_in_sync, "n2 mirrored to the rejoined n1", 60)
+    # Stopped while partner only (no engine, no API): a clean stop; started again, it rejoins again.
+    assert n1.stop() == 0, n1.log_tail()
+    await asyncio.to_thread(wait_until, lambda: not n2_in_sync(), "n2 degraded without n1", 60)
+    n1.spawn()
+    await asyncio.to_thread(wait_until, lambda: n1.events("rejoin-partner"), "n1 rejoined again", 60)
+    await asyncio.to_thread(wait_until, n2_in_sync, "n2 mirrored to n1 again", 60)
     (pair,) = n2.api_ok("GET", "/nodes")
     assert pair["partner_node"] == "n1" and pair["taken_over"], pair
     acked2 |= await write_export(s2, "wb2", 2, 300, 1000)
