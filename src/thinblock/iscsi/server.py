@@ -56,7 +56,6 @@ from .connection import (
 )
 from .constants import Asc, LoginStatus, LogoutResponse, SenseKey, Status, TaskFunction, TaskResponse
 from .negotiation import ChapCredentials
-from .pdu import Buffer
 from .scsi import LogicalUnit, Nexus
 from .sense import fixed_sense
 from .session import Session, SessionTable
@@ -72,7 +71,7 @@ DEFAULT_MAX_CONNECTIONS = 256
 DEFAULT_MAX_PER_CLIENT = 128  # connections one initiator address may hold (0: no such limit)
 DEFAULT_MAX_BYTES = 128 * 1024 * 1024  # read bytes in flight per connection before it stops reading
 _CLOSE_GRACE = 5.0
-_JOIN_LIMIT = 16 * 1024  # reply pieces up to this size are joined into one write
+_LARGE_ANSWER = 16 * 1024  # a command moving more than this is answered at once (_pump_own)
 _FLUSH_EVERY = 4  # commands executed between two writes to the socket (see _pump_own)
 _NAME_BAD = re.compile(r"[^a-z0-9.:-]")
 
@@ -519,7 +518,7 @@ class _Connection(asyncio.BufferedProtocol):
                 # answer goes at once: it is a syscall of its own anyway, and a 1 MiB read
                 # held back for three more lost a third of the 1 MiB read rate.
                 answered += 1
-                if answered >= _FLUSH_EVERY or event.expected_length > _JOIN_LIMIT:
+                if answered >= _FLUSH_EVERY or event.expected_length > _LARGE_ANSWER:
                     answered = 0
                     self._flush()
             elif isinstance(event, LoginComplete):
@@ -548,19 +547,10 @@ class _Connection(asyncio.BufferedProtocol):
         out = self.core.data_to_send()
         if not out or self.transport is None or self._lost or self.transport.is_closing():
             return
-        # One write per batch: asyncio's writelines sends each buffer with its own syscall;
-        # small replies (SCSI Response, R2T, short Data-In) are joined, large data goes as is.
-        run: list[Buffer] = []
-        for piece in out:
-            if len(piece) > _JOIN_LIMIT:
-                if run:
-                    self.transport.write(b"".join(run))
-                    run = []
-                self.transport.write(piece)
-            else:
-                run.append(piece)
-        if run:
-            self.transport.write(b"".join(run) if len(run) > 1 else run[0])
+        # One writev for the batch (uvloop's writelines): the BHSs and the data as they are,
+        # never joined (joining the small ones and writing the large ones apart cost 38 us
+        # of daemon CPU per 4 KiB read, this 31, in the same interleaved run).
+        self.transport.writelines(out)
 
     def _login_timeout(self) -> None:
         self._login_timer = None
