@@ -8,6 +8,16 @@ Two kinds of alert:
   acknowledged) the same condition raises nothing more.  When the condition ends the
   alert is marked ``cleared`` and the next crossing raises a new one.
 * *events* (an LD created, a rebuild done) are raised every time they happen.
+
+Storing never waits (issue 11: with PostgreSQL every store call is a network round trip, and
+the event loop serves every connection).  The bus numbers its alerts itself (one past the
+largest id loaded), then queues the row on the metadata writer (``writer.MetadataWriter``): it
+is committed in order with the writer's other transactions, at the end of the loop turn
+(SQLite) or on the writer's thread (PostgreSQL); a state change queued after it never
+overtakes it.  The alert is logged and delivered to subscribers at once.  A row the store
+refuses (full, unreachable, lease lost) is logged (``alert-not-stored``) and the alert is kept
+in memory until the daemon stops.  Without a writer (offline tools, or after the engine's writer
+closed) the store is called directly.
 """
 
 from __future__ import annotations
@@ -15,10 +25,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from .errors import LeaseLost, MetadataStoreFull, MetadataUnavailable, NotFound
 from .metadata.store import MetadataStore
 from .model import Alert, AlertKind, AlertState, Severity
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from .metadata.writer import MetadataWriter
 
 log = logging.getLogger("thinblock.alerts")
 
@@ -54,12 +70,12 @@ _LOG_LEVEL = {
 
 
 class AlertBus:
-    def __init__(self, store: MetadataStore) -> None:
+    def __init__(self, store: MetadataStore, writer: MetadataWriter | None = None) -> None:
         self._store = store
+        self.writer = writer
         self._alerts: dict[int, Alert] = {}
         self._open_conditions: dict[tuple[AlertKind, str], int] = {}
         self._subscribers: list[Callable[[Alert], None]] = []
-        self._unsaved_id = 0  # alerts the store could not take get ids -1, -2, ...
         for row in store.load_alerts():
             alert = Alert(
                 row.id,
@@ -73,6 +89,7 @@ class AlertBus:
             self._alerts[alert.id] = alert
             if alert.kind in CONDITION_KINDS and alert.state != AlertState.CLEARED:
                 self._open_conditions[(alert.kind, alert.object)] = alert.id
+        self._next_id = max(self._alerts, default=0) + 1
 
     # --- raising ---
     def event(self, kind: AlertKind, obj: str, severity: Severity, message: str) -> Alert:
@@ -131,19 +148,20 @@ class AlertBus:
     # --- internals ---
     def _new(self, kind: AlertKind, obj: str, severity: Severity, message: str) -> Alert:
         now = time.time()
-        try:
-            alert_id = self._store.add_alert(
-                now, severity.value, kind.value, obj, message, AlertState.NEW.value
-            )
-        except _STORE_TROUBLE as exc:
-            # Raised, logged and delivered all the same; listed until the daemon stops.
-            self._unsaved_id -= 1
-            alert_id = self._unsaved_id
-            log.error(
-                "alert not stored (%s); kept in memory",
-                exc,
-                extra={"event": "alert-not-stored", "kind": kind.value, "id": alert_id},
-            )
+        alert_id = self._next_id
+        self._next_id += 1
+        self._store_call(
+            f"alert {alert_id} not stored",
+            {"event": "alert-not-stored", "kind": kind.value, "id": alert_id},
+            self._store.add_alert,
+            now,
+            severity.value,
+            kind.value,
+            obj,
+            message,
+            AlertState.NEW.value,
+            alert_id,
+        )
         alert = Alert(alert_id, now, severity, kind, obj, message, AlertState.NEW)
         self._alerts[alert_id] = alert
         log.log(
@@ -166,11 +184,33 @@ class AlertBus:
 
     def _set_state(self, alert_id: int, state: AlertState) -> Alert:
         old = self._alerts[alert_id]
-        if alert_id > 0:
-            try:
-                self._store.set_alert_state(alert_id, state.value)
-            except _STORE_TROUBLE as exc:
-                log.error("alert %d: state %s not stored (%s)", alert_id, state.value, exc)
+        self._store_call(
+            f"alert {alert_id}: state {state.value} not stored",
+            {"event": "alert-state-not-stored", "id": alert_id},
+            self._store.set_alert_state,
+            alert_id,
+            state.value,
+        )
         new = Alert(old.id, old.time, old.severity, old.kind, old.object, old.message, state)
         self._alerts[alert_id] = new
         return new
+
+    def _store_call(self, failed: str, fields: dict[str, Any], fn: Callable[..., Any], *args: Any) -> None:
+        """Queue ``fn(*args)`` on the writer (never waiting for it), or call it now without one.
+        A store in trouble loses the row, not the alert: logged, kept in memory."""
+        writer = self.writer
+        if writer is None or writer.closed:
+            try:
+                fn(*args)
+            except _STORE_TROUBLE as exc:
+                log.error("%s (%s); kept in memory", failed, exc, extra=fields)
+            return
+
+        def done(future: asyncio.Future[Any]) -> None:
+            if future.cancelled():
+                return
+            exc = future.exception()
+            if exc is not None:
+                log.error("%s (%s); kept in memory", failed, exc, extra=fields)
+
+        writer.call(fn, *args).add_done_callback(done)

@@ -162,7 +162,7 @@ class Engine:
         self.meta = MetadataWriter(
             store, loop, on_trouble=self._metadata_trouble, on_recovered=self._metadata_recovered
         )
-        self.alerts = AlertBus(store)
+        self.alerts = AlertBus(store, self.meta)  # rows queued on the writer, never awaited
         # Room on the store's file system for the store generation's bump while it is full
         # (metadata/reserve.py); SQLite only.
         self.store_reserve = StoreReserve(data_dir / RESERVE_FILE) if isinstance(store, SQLiteStore) else None
@@ -700,7 +700,7 @@ class Engine:
             log.error("final flush failed: %s", exc)
         else:
             try:
-                self.store.set_meta("clean", "1")
+                await self.meta.call(self.store.set_meta, "clean", "1")
                 await asyncio.get_running_loop().run_in_executor(None, self.store.sync)
             except ThinblockError as exc:  # the store full or gone: the next start is an unclean one
                 # Every write is durable (the flush succeeded); only the mark is missing, so the
@@ -860,7 +860,7 @@ class Engine:
             pd.write_header(self.headers.header_for(pd))
         except MediumError as exc:
             pd.close()
-            self.store.remove_pd(pd_id)
+            await self.meta.call(self.store.remove_pd, pd_id)
             raise InvalidArgument(f"cannot use {path} as a PD: its header cannot be written: {exc}") from None
         self._register_pd(pd, zeroed=pd.created)
         # New chunklets may let a pool that ran out grow again.

@@ -167,7 +167,8 @@ class LeaseKeeper:
                         assert self.fence is not None and self._loop is not None
                         self.fence.close(f"lease {self.lease.name} (epoch {self.lease.epoch}) lost")
                         self.gate.lost = f"lease {self.lease.name} (epoch {self.lease.epoch}) lost"
-                        self._loop.call_soon_threadsafe(self._lose, renewed)
+                        current = renewed if renewed is not None else self._holder_now()
+                        self._loop.call_soon_threadsafe(self._lose, current)
                         return
             except ThinblockError as exc:
                 log.warning("lease %s not renewed: %s", self.lease.name, exc)
@@ -195,7 +196,11 @@ class LeaseKeeper:
                     store.acquire_lease, self.lease.name, self.lease.holder, self.ttl, unfenced=True
                 )
                 if renewed is None or renewed.epoch != self.lease.epoch:
-                    self._lose(renewed)
+                    if not self.lost:
+                        self._close_now()  # before the question below: no request waits for it
+                        self._tell(
+                            renewed if renewed is not None else await asyncio.to_thread(self._holder_now)
+                        )
                     return
                 log.warning("lease %s had expired; taken back with epoch %d", self.lease.name, renewed.epoch)
         except ThinblockError as exc:  # the store away or full: try again at the next tick
@@ -224,19 +229,29 @@ class LeaseKeeper:
                     extra={"event": "lease-renewed-late"},
                 )
 
-    def _lose(self, taken: Lease | None) -> None:
+    def _lose(self, current: Lease | None) -> None:
+        """On the loop, from the keeper's thread, which found the lease lost and asked the store
+        who holds it now (``current``) itself: the loop never waits for that question (with
+        PostgreSQL a round trip, while the loop serves every connection)."""
         if self.lost:
             return
+        self._close_now()
+        self._tell(current)
+
+    def _close_now(self) -> None:
         self.gate.lost = f"lease {self.lease.name} (epoch {self.lease.epoch}) lost"  # first of all
         self.lost = True
         if self.fence is not None:
             self.fence.close(f"lease {self.lease.name} (epoch {self.lease.epoch}) lost")
-        current = taken
-        if current is None:
-            try:
-                current = self.writer.store.read_lease(self.lease.name)
-            except ThinblockError:
-                current = None
+
+    def _holder_now(self) -> Lease | None:
+        """The lease row as the store has it now (any thread but the loop's); None if unknown."""
+        try:
+            return self.writer.store.read_lease(self.lease.name)
+        except ThinblockError:
+            return None
+
+    def _tell(self, current: Lease | None) -> None:
         who = "nobody" if current is None else f"{current.holder} (epoch {current.epoch})"
         message = (
             f"lease {self.lease.name} lost (held with epoch {self.lease.epoch}, now {who}):"

@@ -91,6 +91,7 @@ class MetadataWriter:
         self.on_trouble = on_trouble
         self.on_recovered = on_recovered
         self.in_trouble = False
+        self.closed = False  # close() has drained it: callers that must not wait call the store
         self.groups = 0  # groups committed (tests, metrics)
         # A node of a pair changes its store only while it holds its lease (fence.py): checked
         # before every transaction but the lease's own (``call(..., unfenced=True)``).
@@ -126,6 +127,7 @@ class MetadataWriter:
 
     async def close(self) -> None:
         await self.drain()
+        self.closed = True
         if self._executor is not None:
             await self._loop.run_in_executor(None, self._executor.shutdown)
 
