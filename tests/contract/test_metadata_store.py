@@ -330,7 +330,7 @@ def test_a_schema_2_store_is_migrated_with_its_map(backend: StoreBackend, store:
     else:
         statements = [
             "DROP TABLE cow_reservations",
-            "DROP INDEX vv_map_ld",
+            "DROP INDEX IF EXISTS vv_map_ld",
             "ALTER TABLE vv_map ADD CONSTRAINT vv_map_ld_id_ld_region_key UNIQUE (ld_id, ld_region)",
         ]
     statements += [
@@ -345,6 +345,7 @@ def test_a_schema_2_store_is_migrated_with_its_map(backend: StoreBackend, store:
     migrated = backend.open()
     try:
         assert migrated.get_meta("schema_version") == "4"
+        assert not _has_map_index(backend)  # the migration made it; the open drops it
         assert sorted(map(tuple, migrated.map_array().tolist())) == [(vv, r, ld, r) for r in range(3)]
         snap = migrated.add_vv_sharing(_snapshot_row(pool, "s", vv), vv)
         assert migrated.region_counters() == ({vv: 3, snap: 3}, {ld: 6})
@@ -400,6 +401,56 @@ def test_a_schema_3_store_is_migrated_to_snapshot_space_limits(
         )
     finally:
         again.close()
+
+
+def _has_map_index(backend: StoreBackend) -> bool:
+    """Does the store hold the index on vv_map(ld_id, ld_region) (metadata/sql.py UNUSED_MAP_INDEX)?"""
+    if backend.kind == "sqlite":
+        return bool(backend.sql("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'vv_map_ld'"))
+    return bool(backend.sql("SELECT to_regclass('vv_map_ld') IS NOT NULL")[0][0])
+
+
+def test_the_unused_map_index_is_dropped_on_open_and_snapshots_still_count(
+    backend: StoreBackend, store: MetadataStore
+) -> None:
+    """A store of this version written by an older thinblock keeps vv_map(ld_id, ld_region)
+    indexed: nothing reads it, and it made a snapshot's row copy cost a random B-tree insert a
+    row.  The next open drops it; the rows and the counters are the same either way."""
+    pool, ld, vv = _populate(store)
+    store.assign_many([(vv, r, ld, 5 - r) for r in range(4)])
+    assert not _has_map_index(backend)  # a new store never has it
+    store.close()
+    backend.sql("CREATE INDEX vv_map_ld ON vv_map(ld_id, ld_region)")
+    reopened = backend.open()
+    try:
+        assert not _has_map_index(backend)
+        snap = reopened.add_vv_sharing(_snapshot_row(pool, "s", vv), vv)
+        assert reopened.region_counters() == ({vv: 4, snap: 4}, {ld: 8})
+        assert check_store(reopened) == []
+    finally:
+        reopened.close()
+
+
+def test_a_snapshot_told_its_counts_records_them_with_the_rows(store: MetadataStore) -> None:
+    """The engine passes how many rows each LD gets (its map); the store records those counters
+    with the copied rows in the one transaction, and the check finds them equal to the rows."""
+    pool, ld, vv = _populate(store)
+    chunklets = {(0, 0): (1, 2), (0, 1): (2, 2)}
+    ld2 = store.add_ld(LDRow(0, pool, 1, 2, 4096, MiB, 16, chunklets))
+    store.assign_many([(vv, 0, ld, 0), (vv, 1, ld2, 0), (vv, 2, ld2, 1), (vv, 7, ld, 3)])
+    snap = store.add_vv_sharing(_snapshot_row(pool, "s", vv), vv, {ld: 2, ld2: 2})
+    clone_row = _snapshot_row(pool, "c", snap)
+    clone_row.kind, clone_row.family_id = "clone", vv
+    clone = store.add_vv_sharing(clone_row, snap, {ld: 2, ld2: 2})
+    assert store.region_counters() == ({vv: 4, snap: 4, clone: 4}, {ld: 6, ld2: 6})
+    rows = sorted(map(tuple, store.map_array().tolist()))
+    assert [r[1:] for r in rows if r[0] == clone] == [(0, ld, 0), (1, ld2, 0), (2, ld2, 1), (7, ld, 3)]
+    assert check_store(store) == []
+    # A volume with no regions: no LD counter moves.
+    empty = store.add_vv(_vv(pool, "e"))
+    empty_snap = store.add_vv_sharing(_snapshot_row(pool, "es", empty), empty, {})
+    assert store.region_counters() == ({vv: 4, snap: 4, clone: 4, empty: 0, empty_snap: 0}, {ld: 6, ld2: 6})
+    assert check_store(store) == []
 
 
 def test_a_newer_schema_is_refused_with_a_clear_message(backend: StoreBackend, store: MetadataStore) -> None:

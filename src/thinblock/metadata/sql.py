@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import abc
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,6 +26,15 @@ from .store import AlertRow, LDRow, Lease, MetadataStore, PDRow, PoolRow, StoreI
 TABLES = ("pds", "pools", "lds", "ld_chunklets", "vvs", "vv_map", "alerts")
 
 Statement = tuple[str, tuple[Any, ...]]
+
+#: The index on vv_map(ld_id, ld_region) that stores before this version kept.  It began as the
+#: UNIQUE constraint "one LD region, one map row", which snapshots ended (schema 3: a shared
+#: region is mapped by each volume of its tree); since then it enforced nothing and no statement
+#: reads the map by LD region (the check and the open read the whole map).  Kept up to date it
+#: was most of a snapshot's cost: every copied row one insert at a random place of a second
+#: B-tree (bench/README.md, the snapshot section).  Each backend drops it on open when a store
+#: still has it (no schema version of its own: an older thinblock reads a store without it).
+UNUSED_MAP_INDEX = "vv_map_ld"
 
 
 class SQLStore(MetadataStore):
@@ -175,22 +184,37 @@ class SQLStore(MetadataStore):
     def add_vv(self, row: VVRow) -> int:
         return self._insert(*_vv_insert(row))
 
-    def add_vv_sharing(self, row: VVRow, source_id: int) -> int:
+    def add_vv_sharing(self, row: VVRow, source_id: int, ld_counts: Mapping[int, int] | None = None) -> int:
         epoch = None if self._lease is None else self._lease.epoch
-        # source_id and epoch are ints of ours, never input: written into the statements, so that
-        # each follow-up statement takes the new id as its one parameter.
+        # source_id, epoch and the counts are ints of ours, never input: written into the
+        # statements, so that each follow-up statement takes the new id as its one parameter.
         assert isinstance(source_id, int) and (epoch is None or isinstance(epoch, int))
         epoch_sql = "NULL" if epoch is None else str(epoch)
-        return self._insert_and_exec(
-            *_vv_insert(row),
-            [
-                "INSERT INTO vv_map(vv_id, vv_region, ld_id, ld_region, epoch)"
-                f" SELECT ?, vv_region, ld_id, ld_region, {epoch_sql} FROM vv_map WHERE vv_id={source_id}",
+        copy_rows = (
+            "INSERT INTO vv_map(vv_id, vv_region, ld_id, ld_region, epoch)"
+            f" SELECT ?, vv_region, ld_id, ld_region, {epoch_sql} FROM vv_map WHERE vv_id={source_id}"
+        )
+        if ld_counts is None:
+            counters = [
                 "UPDATE vvs SET regions = (SELECT COUNT(*) FROM vv_map WHERE vv_id=vvs.id) WHERE id=?",
                 "UPDATE lds SET regions_used = regions_used + d.n FROM (SELECT ld_id, COUNT(*) AS n"
                 " FROM vv_map WHERE vv_id=? GROUP BY ld_id) AS d WHERE lds.id = d.ld_id",
-            ],
-        )
+            ]
+        else:
+            # The caller's counts of the rows copied (the engine's map is the store's: every
+            # change to it was queued before this call, and the writer keeps the order): two
+            # scans of the new rows fewer.  The check holds the counters to the rows
+            # (metadata/check.py: regions == map rows per VV, regions_used == map rows per LD).
+            counts = {int(ld): int(n) for ld, n in ld_counts.items() if n}
+            assert all(n > 0 for n in counts.values()), counts
+            counters = [f"UPDATE vvs SET regions = {sum(counts.values())} WHERE id=?"]
+            if counts:
+                cases = " ".join(f"WHEN {ld} THEN {n}" for ld, n in sorted(counts.items()))
+                ids = ", ".join(str(ld) for ld in sorted(counts))
+                counters.append(
+                    f"UPDATE lds SET regions_used = regions_used + CASE id {cases} END WHERE id IN ({ids})"
+                )
+        return self._insert_and_exec(*_vv_insert(row), [copy_rows, *counters])
 
     def replace_map(self, vv_id: int, source_id: int) -> None:
         epoch = None if self._lease is None else self._lease.epoch

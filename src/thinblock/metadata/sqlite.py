@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import LeaseLost, MetadataCorrupt, MetadataStoreFull
-from .sql import TABLES, SQLStore, Statement
+from .sql import TABLES, UNUSED_MAP_INDEX, SQLStore, Statement
 from .store import Assignment, LDRow, Lease, StoreImage
 
 #: the schema this code writes; it opens older ones by migrating them (``_MIGRATIONS``) and
@@ -64,7 +64,6 @@ CREATE TABLE IF NOT EXISTS vv_map (
     vv_id INTEGER NOT NULL, vv_region INTEGER NOT NULL, ld_id INTEGER NOT NULL, ld_region INTEGER NOT NULL,
     epoch INTEGER,
     PRIMARY KEY (vv_id, vv_region)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS vv_map_ld ON vv_map(ld_id, ld_region);
 CREATE TABLE IF NOT EXISTS cow_reservations (
     ld_id INTEGER NOT NULL, ld_region INTEGER NOT NULL, vv_id INTEGER NOT NULL, vv_region INTEGER NOT NULL,
     PRIMARY KEY (ld_id, ld_region)) WITHOUT ROWID;
@@ -169,6 +168,11 @@ class SQLiteStore(SQLStore):
                     for statement in _MIGRATIONS[step]:
                         db.execute(statement)
                 self._put_meta(db, "schema_version", str(SCHEMA_VERSION))
+        if self._db.execute(
+            f"SELECT 1 FROM sqlite_master WHERE type='index' AND name='{UNUSED_MAP_INDEX}'"
+        ).fetchone():
+            with self._write() as db:
+                db.execute(f"DROP INDEX IF EXISTS {UNUSED_MAP_INDEX}")
 
     # --- helpers ---
     def _holds_a_store(self) -> bool:

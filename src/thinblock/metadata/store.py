@@ -32,6 +32,7 @@ epoch they were written under.
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -302,10 +303,12 @@ class MetadataStore(abc.ABC):
         """Return regions to the zero LD in one transaction; returns how many rows went."""
 
     @abc.abstractmethod
-    def add_vv_sharing(self, row: VVRow, source_id: int) -> int:
+    def add_vv_sharing(self, row: VVRow, source_id: int, ld_counts: Mapping[int, int] | None = None) -> int:
         """Insert a VV (a snapshot or clone) whose map is a copy of VV ``source_id``'s, in one
         transaction, with the counters (each copied row is one more reference to its LD region);
-        returns the new id."""
+        returns the new id.  ``ld_counts``: how many of the source's map rows each LD holds, when
+        the caller knows (the engine: its map, which is the store's); the store counts them
+        itself when None."""
 
     @abc.abstractmethod
     def replace_map(self, vv_id: int, source_id: int) -> None:
