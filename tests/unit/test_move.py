@@ -10,7 +10,7 @@ two nodes serving the name, and once settled exactly one, with every byte writte
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,9 +25,7 @@ from thinblock.nbd.access import AccessStore
 from thinblock.node.move import (
     INCOMING_FILE,
     OUTGOING_FILE,
-    Crash,
     IncomingMoves,
-    LocalPartner,
     MoveJournal,
     Mover,
     MoveState,
@@ -40,6 +38,47 @@ from thinblock.node.move import (
     encode_piece,
 )
 from thinblock.units import KiB, Limit, MiB
+
+
+class Crash(BaseException):
+    """A kill -9 played in process: raised by the crash hook at a named step, it leaves
+    everything as it is (a BaseException: the mover does not roll back for it, as a dead
+    process would not); the next ``recover`` settles it."""
+
+
+class LocalPartner:
+    """The target reached without sockets: an IncomingMoves in this process (``down``: the
+    partner's API does not answer)."""
+
+    def __init__(self, node_name: str, incoming: Callable[[], IncomingMoves]) -> None:
+        self.node_name = node_name
+        self.incoming = incoming  # called each time: a "restarted" target is a new IncomingMoves
+        self.down = False
+
+    def _target(self) -> IncomingMoves:
+        if self.down:
+            raise PartnerUnavailable("connection refused")
+        return self.incoming()
+
+    async def name(self) -> str:
+        self._target()
+        return self.node_name
+
+    async def prepare(self, move_id: str, vv: str, temp: str, spec: VolumeSpec, needed: int) -> None:
+        await self._target().prepare(move_id, vv, temp, spec, needed)
+
+    async def write(self, move_id: str, offset: int, data: bytes) -> None:
+        await self._target().write(move_id, offset, data)
+
+    async def checksums(self, move_id: str, pieces: list[tuple[int, int]]) -> list[int]:
+        return await self._target().checksums(move_id, pieces)
+
+    async def finish(self, move_id: str, spec: VolumeSpec) -> None:
+        await self._target().finish(move_id, spec)
+
+    async def abort(self, move_id: str) -> None:
+        await self._target().abort(move_id)
+
 
 SIZE = 4 * MiB
 # Written before the move: three runs, the middle one across a region boundary; the rest unwritten.

@@ -256,12 +256,8 @@ class MoveResult:
     seconds: float
 
 
-class Crash(BaseException):
-    """A kill -9 played in process (tests): raised by a crash hook at a named step, it leaves
-    everything as it is, as the kernel would; the next ``recover`` settles it."""
-
-
-CrashHook = Callable[[str], None]  # tests: raise Crash at a named step
+# Tests: raise a BaseException (not an Exception) at a named step to play a kill -9 there.
+CrashHook = Callable[[str], None]
 
 
 def _no_crash(step: str) -> None:
@@ -448,8 +444,8 @@ class Mover:
     async def _roll_back(self, record: MoveRecord, *, reason: BaseException | None) -> None:
         """Before SWITCHING: this node serves the volume again at once; the partial copy on the
         partner is deleted (now, or in the background while the partner cannot be reached)."""
-        if isinstance(reason, asyncio.CancelledError | KeyboardInterrupt | Crash):
-            return  # a crash or a cancelled daemon: recover() rolls back at the next start
+        if not isinstance(reason, Exception):
+            return  # cancelled (the daemon stops) or a crash played by a test: recover() rolls back
         self.gate.hidden.discard(record.vv)
         log.warning(
             "vv move rolled back: %s",
@@ -690,43 +686,8 @@ def _limit(spec: str | None) -> Limit | None:
     return None if spec is None else Limit.parse(spec)
 
 
-class LocalPartner:
-    """An IncomingMoves in the same process as a Partner (tests; no sockets)."""
-
-    def __init__(self, node_name: str, incoming: Callable[[], IncomingMoves]) -> None:
-        self.node_name = node_name
-        self.incoming = incoming  # called each time: a "restarted" target is a new IncomingMoves
-        self.down = False
-
-    def _target(self) -> IncomingMoves:
-        if self.down:
-            raise PartnerUnavailable("connection refused")
-        return self.incoming()
-
-    async def name(self) -> str:
-        self._target()
-        return self.node_name
-
-    async def prepare(self, move_id: str, vv: str, temp: str, spec: VolumeSpec, needed: int) -> None:
-        await self._target().prepare(move_id, vv, temp, spec, needed)
-
-    async def write(self, move_id: str, offset: int, data: bytes) -> None:
-        await self._target().write(move_id, offset, data)
-
-    async def checksums(self, move_id: str, pieces: list[tuple[int, int]]) -> list[int]:
-        return await self._target().checksums(move_id, pieces)
-
-    async def finish(self, move_id: str, spec: VolumeSpec) -> None:
-        await self._target().finish(move_id, spec)
-
-    async def abort(self, move_id: str) -> None:
-        await self._target().abort(move_id)
-
-
 __all__ = [
-    "Crash",
     "IncomingMoves",
-    "LocalPartner",
     "MoveJournal",
     "MoveRecord",
     "MoveResult",
