@@ -157,8 +157,10 @@ def test_a_volume_moves_to_the_partner_and_reads_back_there(make_daemon: Callabl
 
 def test_vv_create_on_a_named_node_and_balanced(make_daemon: Callable[..., Daemon]) -> None:
     n1, n2 = start_pair(make_daemon, "create")
-    made = n1.cli_json("vv", "create", "there", "--pool", "p", "--size", "8MiB", "--node", "n2")
-    assert made["name"] == "there"
+    made = n1.cli_json(
+        "vv", "create", "there", "--pool", "p", "--size", "8MiB", "--node", "n2", "--alloc-limit", "50%"
+    )
+    assert (made["name"], made["alloc_limit_spec"]) == ("there", "50%")  # n2's answer, forwarded
     assert volume_names(n2) == {"there"} and volume_names(n1) == set()
     n1.cli_json("vv", "create", "here", "--pool", "p", "--size", "8MiB", "--node", "n1")
     assert volume_names(n1) == {"here"}

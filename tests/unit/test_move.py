@@ -228,7 +228,12 @@ async def test_the_copy_is_only_the_assigned_extents(pair: Pair) -> None:
 @pytest.mark.parametrize("step", STEPS_BACK + STEPS_FORWARD)
 async def test_a_crash_of_the_source_at_every_step_leaves_one_copy_serving(pair: Pair, step: str) -> None:
     expected = await write_volume(pair.source.engine)
-    await pair.source.engine.set_vv("v", alloc_limit=Limit.parse("75%"))
+    await pair.source.engine.set_vv(
+        "v",
+        alloc_limit=Limit.parse("75%"),
+        snapshot_limit=Limit.parse("10%"),
+        snapshot_limit_policy="invalidate-oldest",
+    )
     pair.source.access.put("v", "10.0.0.0/8", "rw")
     pair.crash_at = step
     with pytest.raises(Crash):
@@ -246,6 +251,7 @@ async def test_a_crash_of_the_source_at_every_step_leaves_one_copy_serving(pair:
     # the settings are the volume's wherever it ended (a finish after a restart sends them again)
     info = serving.engine.get_vv("v")
     assert (info.cache_mode, info.alloc_limit_spec) == (CacheMode.WRITEBACK, "75%")
+    assert (info.snapshot_limit_spec, info.snapshot_limit_policy) == ("10%", "invalidate-oldest")
     assert [(r.client, r.mode) for r, s in serving.access.applying_to("v") if s] == [("10.0.0.0/8", "rw")]
 
 

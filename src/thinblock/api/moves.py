@@ -119,6 +119,9 @@ class SpecIn(_Request):
     alloc_warning: str | None = None
     alloc_limit: str | None = None
     access: list[AccessIn] = Field(default_factory=list, max_length=1024)
+    snapshot_warning: str | None = None
+    snapshot_limit: str | None = None
+    snapshot_limit_policy: Literal["fail", "invalidate-oldest"] = "fail"
 
     def spec(self) -> VolumeSpec:
         return VolumeSpec(
@@ -128,6 +131,9 @@ class SpecIn(_Request):
             alloc_warning=self.alloc_warning,
             alloc_limit=self.alloc_limit,
             access=[(a.client, a.mode) for a in self.access],
+            snapshot_warning=self.snapshot_warning,
+            snapshot_limit=self.snapshot_limit,
+            snapshot_limit_policy=self.snapshot_limit_policy,
         )
 
 

@@ -185,6 +185,9 @@ class VolumeSpec:
     alloc_warning: str | None  # "80%" or a byte count, as the API takes them
     alloc_limit: str | None
     access: list[tuple[str, str]]  # (client, mode) of the access rules made through the API
+    snapshot_warning: str | None = None  # the snapshot space settings (volume/snapshots.py)
+    snapshot_limit: str | None = None
+    snapshot_limit_policy: str = "fail"
 
 
 class Partner(Protocol):
@@ -339,6 +342,9 @@ class Mover:
             alloc_warning=info.alloc_warning_spec,
             alloc_limit=info.alloc_limit_spec,
             access=access,
+            snapshot_warning=info.snapshot_warning_spec,
+            snapshot_limit=info.snapshot_limit_spec,
+            snapshot_limit_policy=info.snapshot_limit_policy,
         )
 
     async def move(self, name: str, to: str) -> MoveResult:
@@ -656,6 +662,9 @@ class IncomingMoves:
                     cache_mode=spec.cache_mode,
                     alloc_warning=_limit(spec.alloc_warning),
                     alloc_limit=_limit(spec.alloc_limit),
+                    snapshot_warning=_limit(spec.snapshot_warning),
+                    snapshot_limit=_limit(spec.snapshot_limit),
+                    snapshot_limit_policy=spec.snapshot_limit_policy,
                 )
             if self.access is not None:
                 for client, mode in spec.access:

@@ -22,7 +22,7 @@ from thinblock.node.move import PartnerUnavailable, VolumeSpec, encode_piece
 
 API_PREFIX = "/api/v1"
 TIMEOUT = 10.0  # seconds for one call (a piece of a copy is 512 KiB; a finish flushes)
-STATUS_TIMEOUT = 2.0  # seconds for the status calls of `node list` and placement: fail fast
+STATUS_TIMEOUT = 5.0  # seconds for `node list` and placement calls (a loaded partner is slow)
 
 _REFUSALS: dict[int, type[ThinblockError]] = {
     400: InvalidArgument,
@@ -142,6 +142,9 @@ def _spec(spec: VolumeSpec) -> dict[str, Any]:
         "alloc_warning": spec.alloc_warning,
         "alloc_limit": spec.alloc_limit,
         "access": [{"client": c, "mode": m} for c, m in spec.access],
+        "snapshot_warning": spec.snapshot_warning,
+        "snapshot_limit": spec.snapshot_limit,
+        "snapshot_limit_policy": spec.snapshot_limit_policy,
     }
 
 
