@@ -143,6 +143,26 @@ async def test_at_the_limit_the_fail_policy_refuses_the_write_and_keeps_the_snap
         await engine.close()
 
 
+async def test_the_fail_policy_refuses_a_write_of_several_regions_whole(tmp_path: Path) -> None:
+    """All or none, as the allocation limit: a write whose copies on write would pass the limit
+    changes none of its regions (refused half-way, it would have changed the first ones)."""
+    engine = await engine_with_volume(tmp_path)
+    try:
+        await engine.set_vv("v", snapshot_limit=Limit(bytes=2 * REGION))
+        v = engine.volume("v")
+        await v.write(0, pattern(7, 4 * REGION))
+        await engine.snapshot_vv("v", "s")
+        before = await read_all(engine, "v")
+        with pytest.raises(OutOfSpace, match="the write needs 3 copies on write; none was made"):
+            await v.write(REGION // 2, b"\x09" * (2 * REGION + 512))  # regions 0, 1 and 2
+        assert await read_all(engine, "v") == before and space(engine) == 0
+        await v.write(REGION // 2, b"\x09" * REGION)  # two copies: room for them
+        assert space(engine) == 2
+        assert_sound(engine)
+    finally:
+        await engine.close()
+
+
 async def test_at_the_limit_invalidate_oldest_deletes_the_oldest_snapshot_and_names_it(
     tmp_path: Path,
 ) -> None:

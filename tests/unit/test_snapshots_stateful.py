@@ -31,10 +31,10 @@ from tests.unit.test_engine_stateful import (
     assert_space_map_matches_the_store,
 )
 from thinblock.engine import Engine, EngineOptions
-from thinblock.errors import ReadOnlyDevice
+from thinblock.errors import OutOfSpace, ReadOnlyDevice
 from thinblock.metadata.check import check_store
 from thinblock.model import CacheMode
-from thinblock.units import KiB
+from thinblock.units import KiB, Limit
 
 REGION = 8 * KiB
 REGIONS = 6
@@ -51,6 +51,8 @@ class SnapshotMachine(EngineMachineBase):
         self.models: dict[str, bytearray] = {}
         self.snapshots: set[str] = set()
         self.family: dict[str, str] = {"v": "v"}  # the volume each tree started from
+        self.snapshot_of: dict[str, str] = {}  # snapshot -> the volume it was taken of
+        self.capped: set[str] = set()  # volumes with a snapshot space limit
         self.names = (f"n{i}" for i in range(10_000))
 
     @initialize(
@@ -93,14 +95,71 @@ class SnapshotMachine(EngineMachineBase):
         name = data.draw(st.sampled_from(self.writable()))
         offset, length = self.draw_range(data)
         payload = bytes(length) if zeros else random.Random(seed).randbytes(length)
-        self.run(self.eng.volume(name).write(offset, payload))
-        self.models[name][offset : offset + length] = payload
+        try:
+            self.run(self.eng.volume(name).write(offset, payload))
+        except OutOfSpace as exc:
+            # The snapshot space limit, policy fail: all or none, the volume unchanged.
+            assert exc.reason == "vv-snapshot-space-limit" and name in self.capped, exc
+        else:
+            self.models[name][offset : offset + length] = payload
+        self.invalidated(name)
+
+    def invalidated(self, name: str) -> None:
+        """Snapshots the limit's invalidate-oldest policy deleted while ``name`` wrote: only
+        ``name``'s, and its oldest (names are made in order: n0, n1, ...)."""
+        gone = sorted((s for s in self.snapshots if s not in self.eng.vvs), key=lambda s: int(s[1:]))
+        if not gone:
+            return
+        assert name in self.capped and all(self.snapshot_of[s] == name for s in gone), gone
+        left = [s for s in self.snapshots if self.snapshot_of[s] == name and s not in gone]
+        assert all(int(s[1:]) > int(g[1:]) for s in left for g in gone), (gone, left)
+        for s in gone:
+            del self.models[s]
+            self.snapshots.discard(s)
 
     @precondition(lambda self: self.writable())
+    @rule(
+        data=st.data(),
+        limit=st.integers(1, 3),
+        policy=st.sampled_from(["fail", "invalidate-oldest"]),
+        seed=st.integers(0, 2**32),
+    )
+    def cap_snapshot_space(self, data: st.DataObject, limit: int, policy: str, seed: int) -> None:
+        """A snapshot space limit of a few regions on a volume, a snapshot of it (room allowing),
+        and a write over the whole volume: past the limit it fails whole (fail) or deletes the
+        volume's oldest snapshots as it goes (invalidate-oldest); the model follows, and the
+        counters stay exact (invariant)."""
+        name = data.draw(st.sampled_from(self.writable()))
+        self.run(
+            self.eng.set_vv(name, snapshot_limit=Limit(bytes=limit * REGION), snapshot_limit_policy=policy)
+        )
+        self.capped.add(name)
+        if len(self.models) < MAX_VOLUMES:
+            snap = next(self.names)
+            self.run(self.eng.snapshot_vv(name, snap))
+            self.models[snap] = bytearray(self.models[name])
+            self.snapshots.add(snap)
+            self.family[snap] = self.family[name]
+            self.snapshot_of[snap] = name
+        payload = random.Random(seed).randbytes(REGIONS * REGION)
+        try:
+            self.run(self.eng.volume(name).write(0, payload))
+        except OutOfSpace as exc:
+            assert exc.reason == "vv-snapshot-space-limit" and policy == "fail", exc
+        else:
+            self.models[name][:] = payload
+        self.invalidated(name)
+
+    def uncapped(self) -> list[str]:
+        return [n for n in self.writable() if n not in self.capped]
+
+    @precondition(lambda self: self.uncapped())
     @rule(data=st.data(), seed=st.integers(0, 2**32))
     def racing_writes(self, data: st.DataObject, seed: int) -> None:
-        """Several writes into one volume at once (copies on write waited for, claim 8)."""
-        name = data.draw(st.sampled_from(self.writable()))
+        """Several writes into one volume at once (copies on write waited for, claim 8).  Not into
+        a volume with a snapshot space limit: racing writes refused by it may each be refused
+        half-way (all or none holds for one write at a time)."""
+        name = data.draw(st.sampled_from(self.uncapped()))
         rng = random.Random(seed)
         writes = []
         for _ in range(3):
@@ -131,11 +190,27 @@ class SnapshotMachine(EngineMachineBase):
         name = data.draw(st.sampled_from(self.writable()))
         offset, length = self.draw_range(data)
         vol = self.eng.volume(name)
-        if unmap and data.draw(st.booleans()):
-            self.run(vol.trim(offset, length))
+        try:
+            if unmap and data.draw(st.booleans()):
+                self.run(vol.trim(offset, length))
+            else:
+                self.run(vol.write_zeroes(offset, length, may_trim=unmap))
+        except OutOfSpace as exc:
+            # A partial region's zeroing copies it first, and the limit may refuse that (a trim
+            # never copies): a failed zeroing changed nothing outside its range, and put only
+            # zeros in it.
+            assert exc.reason == "vv-snapshot-space-limit" and name in self.capped, exc
+            got = bytes(self.run(vol.read(0, REGIONS * REGION)))
+            model = self.models[name]
+            assert got[:offset] == model[:offset] and got[offset + length :] == model[offset + length :]
+            assert all(
+                g == m or g == 0
+                for g, m in zip(got[offset : offset + length], model[offset : offset + length], strict=True)
+            )
+            model[:] = got
         else:
-            self.run(vol.write_zeroes(offset, length, may_trim=unmap))
-        self.models[name][offset : offset + length] = bytes(length)
+            self.models[name][offset : offset + length] = bytes(length)
+        self.invalidated(name)
 
     @precondition(lambda self: self.writable() and len(self.models) < MAX_VOLUMES)
     @rule(data=st.data())
@@ -146,6 +221,7 @@ class SnapshotMachine(EngineMachineBase):
         self.models[name] = bytearray(self.models[source])
         self.snapshots.add(name)
         self.family[name] = self.family[source]
+        self.snapshot_of[name] = source
 
     @precondition(lambda self: self.snapshots and len(self.models) < MAX_VOLUMES)
     @rule(data=st.data())
@@ -186,6 +262,10 @@ class SnapshotMachine(EngineMachineBase):
         self.run(self.eng.delete_vv(name))
         del self.models[name]
         self.snapshots.discard(name)
+        self.capped.discard(name)
+        for snap, volume in list(self.snapshot_of.items()):
+            if volume == name:
+                self.snapshot_of[snap] = ""  # nobody's snapshots now: no policy deletes them
 
     @rule()
     def reopen(self) -> None:

@@ -29,7 +29,7 @@ refusing anything, and the volume's next copy on write meets the policy.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from ..errors import OutOfSpace
 from ..model import AlertKind, Severity, SnapshotLimitPolicy
@@ -59,22 +59,49 @@ def needs_room(vv: VirtualVolume) -> bool:
     return regions * vv.region_size > limit.resolve(vv.row.size)
 
 
+def check_whole_write(vv: VirtualVolume, offset: int, length: int) -> None:
+    """The ``fail`` policy is all or none for a write of several regions, as the allocation limit
+    is: when the copies on write it needs would take the snapshot space past the limit, it fails
+    before any of them is made (a write refused half-way would have changed its first regions).
+    Nothing to do without a limit or with ``invalidate-oldest`` (which deletes snapshots as it
+    goes and then lets the write on)."""
+    limit = vv.snapshot_limit
+    if limit is None or vv.snapshot_limit_policy != SnapshotLimitPolicy.FAIL:
+        return
+    space, vv_id, get = vv.pool.space, vv.row.id, vv.map.get
+    first, last = offset // vv.region_size, (offset + length - 1) // vv.region_size
+    needed = 0
+    for region in range(first, last + 1):
+        packed = get(region)
+        if packed >= 0 and vv.pool.shared(packed) and adds_space(vv, region, packed):
+            needed += 1
+    if not needed:
+        return
+    regions = space.snapshot_regions(vv_id) + vv.cow_to_snapshots + needed
+    if regions * vv.region_size > limit.resolve(vv.row.size):
+        _refuse(vv, f" (the write needs {needed} copies on write; none was made)")
+
+
 async def make_room(vv: VirtualVolume) -> None:
     """The limit's policy, for a copy on write that needs room (``needs_room``): OutOfSpace, or
     the oldest snapshot deleted (the caller then looks at the region again)."""
-    limit = vv.snapshot_limit
-    assert limit is not None
-    used = format_size(vv.snapshot_space)
     invalidate = vv.invalidate_oldest
     invalidating = (
         vv.snapshot_limit_policy == SnapshotLimitPolicy.INVALIDATE_OLDEST and invalidate is not None
     )
     if invalidating and invalidate is not None and await invalidate(vv) is not None:
         return  # a snapshot fewer (or room made meanwhile): the caller looks at the region again
+    _refuse(vv, "")
+
+
+def _refuse(vv: VirtualVolume, detail: str) -> NoReturn:
+    """OutOfSpace for a write the limit refuses (policy fail, or no snapshot left to delete)."""
+    limit = vv.snapshot_limit
+    assert limit is not None
     message = (
-        f"VV '{vv.row.name}' reached its snapshot space limit of {limit} ({used} held only by its"
-        " snapshots): a write that needs a copy on write was refused; delete a snapshot or raise the"
-        " limit (thinblock vv set --snapshot-limit)"
+        f"VV '{vv.row.name}' reached its snapshot space limit of {limit} ({format_size(vv.snapshot_space)}"
+        f" held only by its snapshots): a write that needs a copy on write was refused{detail}; delete a"
+        " snapshot or raise the limit (thinblock vv set --snapshot-limit)"
     )
     vv._alerts.condition(AlertKind.VV_SNAPSHOT_SPACE_LIMIT, vv.object_name, Severity.CRITICAL, message)
     raise OutOfSpace(message, AlertKind.VV_SNAPSHOT_SPACE_LIMIT.value)

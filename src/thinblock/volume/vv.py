@@ -397,6 +397,7 @@ class VirtualVolume:
                 await self._write_piece(region, offset & mask, data)
         else:
             view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data
+            snapspace.check_whole_write(self, offset, length)  # the fail policy: all or none
             reserved = await self._reserve_new_regions(offset, view)
             try:
                 pos = 0
