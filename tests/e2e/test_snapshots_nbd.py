@@ -1,5 +1,5 @@
 """Snapshots with real clients: a snapshot is exported read-only (NBD_FLAG_READ_ONLY, EPERM for
-writes); qemu-img copies a stable image from it while qemu-io keeps writing the volume; a clone
+writes); qemu-img copies a stable image from it while qemu-io, or fio, keeps writing the volume; a clone
 is writable and isolated; the REST API and the CLI (``--json``) make and list them."""
 
 from __future__ import annotations
@@ -79,6 +79,47 @@ async def test_a_snapshot_export_is_read_only_and_stable_under_writes(
     (await run("qemu-io", "-f", "raw", "-c", "write -P 0x33 0 64k", f"{base}/c")).check()
     (await run("qemu-io", "-f", "raw", "-r", "-c", "read -P 0x11 0 64k", f"{base}/s")).check()
     (await run("qemu-io", "-f", "raw", "-r", "-c", "read -P 0x22 0 64k", f"{base}/v")).check()
+    assert_space_map_matches_the_store(engine)
+
+
+async def test_a_backup_of_a_snapshot_while_fio_writes_the_volume(
+    served: tuple[Engine, NBDServer], tmp_path: Path
+) -> None:
+    """The issue's real-client case: qemu-img convert copies a snapshot's export while fio (its
+    NBD engine, four connections, random writes of several sizes) rewrites the volume; the image
+    is the snapshot's moment exactly, and fio's own verification of the volume passes after."""
+    engine, server = served
+    base = f"nbd://127.0.0.1:{server.port}"
+    pattern = bytes(range(256)) * (SIZE // 256)
+    await engine.volume("v").write(0, pattern)
+    await engine.snapshot_vv("v", "s")
+    fio = [
+        "fio",
+        "--name=rewrite",
+        "--ioengine=nbd",
+        f"--uri={base}/v",
+        "--thread",
+        "--numjobs=4",
+        "--iodepth=8",
+        f"--size={SIZE // 4}",
+        f"--offset_increment={SIZE // 4}",
+        "--bsrange=4k-64k",
+        "--rw=randwrite",
+        "--verify=crc32c",
+        "--verify_state_save=0",
+        "--randseed=77",
+        "--group_reporting",
+        "--output-format=json",
+    ]
+    writer = asyncio.ensure_future(run(*fio, "--do_verify=0", cwd=tmp_path))
+    image = tmp_path / "backup.raw"
+    (await run("qemu-img", "convert", "-f", "raw", "-O", "raw", f"{base}/s", str(image))).check()
+    result = (await writer).check()
+    job = json.loads(result.out[result.out.index("{") :])["jobs"][0]
+    assert job["error"] == 0 and job["write"]["io_bytes"] >= SIZE // 2, job["write"]
+    assert image.read_bytes() == pattern, "the backup is not the snapshot's moment"
+    (await run(*fio, "--verify_only", cwd=tmp_path)).check()  # the volume holds fio's writes
+    assert bytes(await engine.volume("s").read(0, SIZE)) == pattern
     assert_space_map_matches_the_store(engine)
 
 
