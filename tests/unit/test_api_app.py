@@ -510,12 +510,22 @@ async def test_metrics_read_engine_state(client: httpx.AsyncClient, engine: Engi
     await _setup(client)
     _ok(
         await client.post(
-            "/volumes", json={"name": "v", "pool": "default", "size": "1GiB", "alloc_limit": "80%"}
+            "/volumes",
+            json={
+                "name": "v",
+                "pool": "default",
+                "size": "1GiB",
+                "alloc_limit": "80%",
+                "snapshot_warning": "2MiB",
+                "snapshot_limit": "3MiB",
+            },
         ),
         201,
     )
     await engine.volume("v").write(0, b"\x01" * (MiB + 1))
     await engine.volume("v").read(0, 4096)
+    await engine.snapshot_vv("v", "s")
+    await engine.volume("v").write(0, b"\x02")  # copy on write: the old region is the snapshot's alone
     r = await client.get("http://thinblock/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
@@ -529,12 +539,16 @@ async def test_metrics_read_engine_state(client: httpx.AsyncClient, engine: Engi
     assert value("thinblock_vv_virtual_bytes", vv="v", pool="default") == GiB
     assert value("thinblock_vv_allocated_bytes", vv="v", pool="default") == 2 * MiB
     assert value("thinblock_vv_alloc_limit_bytes", vv="v", pool="default") == int(GiB * 0.8)
-    assert value("thinblock_vv_requests_total", vv="v", op="write") == 1
+    assert value("thinblock_vv_snapshot_space_bytes", vv="v", pool="default") == MiB
+    assert value("thinblock_vv_snapshot_space_bytes", vv="s", pool="default") == 0
+    assert value("thinblock_vv_snapshot_warning_bytes", vv="v", pool="default") == 2 * MiB
+    assert value("thinblock_vv_snapshot_limit_bytes", vv="v", pool="default") == 3 * MiB
+    assert value("thinblock_vv_requests_total", vv="v", op="write") == 2
     assert value("thinblock_vv_requests_total", vv="v", op="read") == 1
-    assert value("thinblock_vv_bytes_total", vv="v", op="write") == MiB + 1
+    assert value("thinblock_vv_bytes_total", vv="v", op="write") == MiB + 2
     assert value("thinblock_pool_capacity_bytes", pool="default") == 8 * MiB
-    assert value("thinblock_pool_used_bytes", pool="default") == 2 * MiB
-    assert value("thinblock_pool_free_bytes", pool="default") == 6 * MiB
+    assert value("thinblock_pool_used_bytes", pool="default") == 3 * MiB  # two regions + the copy
+    assert value("thinblock_pool_free_bytes", pool="default") == 5 * MiB
     assert value("thinblock_pool_lds", pool="default") == 1
     assert value("thinblock_pool_state", pool="default", state="healthy") == 1
     pd_path = str(Path(engine.list_pds()[0].path))

@@ -127,6 +127,17 @@ class EngineCollector:
         dirty = GaugeMetricFamily(
             "thinblock_vv_dirty_bytes", "write-back cache bytes of the volume not yet destaged", labels=labels
         )
+        snapshot_space = GaugeMetricFamily(
+            "thinblock_vv_snapshot_space_bytes",
+            "bytes of regions only the volume's snapshots hold (what deleting them all would free)",
+            labels=labels,
+        )
+        snapshot_warning = GaugeMetricFamily(
+            "thinblock_vv_snapshot_warning_bytes", "snapshot space warning (when set)", labels=labels
+        )
+        snapshot_limit = GaugeMetricFamily(
+            "thinblock_vv_snapshot_limit_bytes", "snapshot space limit (when set)", labels=labels
+        )
         requests = CounterMetricFamily(
             "thinblock_vv_requests", "I/O requests since the daemon started", labels=["vv", "op"]
         )
@@ -144,6 +155,11 @@ class EngineCollector:
                 warning.add_metric(key, vv.alloc_warning)
             if vv.alloc_limit is not None:
                 limit.add_metric(key, vv.alloc_limit)
+            snapshot_space.add_metric(key, vv.snapshot_space)
+            if vv.snapshot_warning is not None:
+                snapshot_warning.add_metric(key, vv.snapshot_warning)
+            if vv.snapshot_limit is not None:
+                snapshot_limit.add_metric(key, vv.snapshot_limit)
             stats = self.engine.vv_stats(vv.name)
             for op, count in (
                 ("read", stats.reads),
@@ -156,7 +172,10 @@ class EngineCollector:
             data.add_metric([vv.name, "read"], stats.read_bytes)
             data.add_metric([vv.name, "write"], stats.write_bytes)
             errors.add_metric([vv.name], stats.errors)
-        yield from (virtual, allocated, regions, warning, limit, dirty, requests, data, errors)
+        yield from (
+            virtual, allocated, regions, warning, limit, dirty, snapshot_space, snapshot_warning,
+            snapshot_limit, requests, data, errors,
+        )  # fmt: skip
 
     def _pools(self) -> Iterable[Metric]:
         labels = ["pool"]
