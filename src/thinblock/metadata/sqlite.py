@@ -32,6 +32,14 @@ from .store import Assignment, LDRow, Lease, StoreImage
 #: the schema this code writes; it opens older ones by migrating them (``_MIGRATIONS``) and
 #: refuses newer ones
 SCHEMA_VERSION = 4
+#: A second copy of every map row's LD address, for the check alone: ``PRAGMA integrity_check``
+#: holds each table row to its index entries, so a bit flipped in a row's ld_id or ld_region in
+#: the table's page (drill 6, tests/drills/test_metadata_damage.py) no longer matches the index
+#: and is found, where it would otherwise serve another region's data.  The index on (ld_id,
+#: ld_region) did that until snapshots made it useless and slow (sql.UNUSED_MAP_INDEX: a random
+#: insert per row a snapshot copies); this one is keyed like the table, so a snapshot's copied
+#: rows (a new, highest vv_id) append at its end.  Made on open when missing.
+MAP_CHECK_INDEX = "vv_map_check"
 _SQLITE_FULL = 13
 _SQLITE_BUSY = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED
 _NOW = "((julianday('now') - 2440587.5) * 86400.0)"  # unix seconds, with fractions
@@ -173,6 +181,13 @@ class SQLiteStore(SQLStore):
         ).fetchone():
             with self._write() as db:
                 db.execute(f"DROP INDEX IF EXISTS {UNUSED_MAP_INDEX}")
+        if not self._db.execute(
+            f"SELECT 1 FROM sqlite_master WHERE type='index' AND name='{MAP_CHECK_INDEX}'"
+        ).fetchone():
+            with self._write() as db:
+                db.execute(
+                    f"CREATE INDEX IF NOT EXISTS {MAP_CHECK_INDEX} ON vv_map(vv_id, vv_region, ld_id, ld_region)"
+                )
 
     # --- helpers ---
     def _holds_a_store(self) -> bool:
