@@ -18,6 +18,15 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
         yield cluster
 
 
+@pytest.fixture
+def postgresql_backend(postgres_cluster: PostgresCluster) -> Iterator[StoreBackend]:
+    """An empty PostgreSQL store (a fresh database of the session's cluster), for what only
+    PostgreSQL has: a test of it is not parametrized over SQLite to be skipped there (a skipped
+    test reads as passed)."""
+    with fresh_database(postgres_cluster) as url:
+        yield StoreBackend("postgresql", url)
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreBackend]:
     """Every metadata store backend, each test with an empty store of its own: SQLite in a

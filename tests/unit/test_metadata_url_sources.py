@@ -27,13 +27,12 @@ def _check(argv: list[str]) -> dict[str, object]:
 
 
 @pytest.fixture
-def one_pd_store(backend: StoreBackend) -> StoreBackend:
-    if backend.kind != "postgresql":
-        pytest.skip("the URL sources are the same for every backend; PostgreSQL is the one a URL names")
-    store = backend.open()
+def one_pd_store(postgresql_backend: StoreBackend) -> StoreBackend:
+    # The URL sources are the same for every backend; PostgreSQL is the one a URL names.
+    store = postgresql_backend.open()
     store.add_pd("/dev/thinblock-test-pd", 64 * MiB, 16 * MiB)
     store.close()
-    return backend
+    return postgresql_backend
 
 
 def test_the_environment_names_the_store(
