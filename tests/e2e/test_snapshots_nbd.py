@@ -5,6 +5,7 @@ is writable and isolated; the REST API and the CLI (``--json``) make and list th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 from collections.abc import AsyncIterator
@@ -126,25 +127,17 @@ async def test_a_backup_of_a_snapshot_while_fio_writes_the_volume(
 async def test_the_api_and_cli_make_and_list_snapshots_and_clones(served: tuple[Engine, NBDServer]) -> None:
     engine, _server = served
     await engine.volume("v").write(0, b"\x05" * (256 * 1024))
-    app = create_app(engine, NodeInfo())
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as api:
-        bridge = _sync_bridge(api)
-
-        def cli(*argv: str) -> tuple[int, str, str]:
-            out, err = io.StringIO(), io.StringIO()
-            code = main([*argv], transport=bridge, stdout=out, stderr=err)
-            return code, out.getvalue(), err.getvalue()
-
-        code, out, _ = await asyncio.to_thread(cli, "vv", "snapshot", "v", "s", "--json")
+    async with cli_against(engine) as cli:
+        code, out, _ = await cli("vv", "snapshot", "v", "s", "--json")
         made = json.loads(out)
         assert code == 0 and (made["kind"], made["parent"], made["shared"]) == ("snapshot", "v", 256 * 1024)
-        code, out, _ = await asyncio.to_thread(cli, "vv", "clone", "s", "c", "--json")
+        code, out, _ = await cli("vv", "clone", "s", "c", "--json")
         assert code == 0 and json.loads(out)["kind"] == "clone"
-        code, out, _ = await asyncio.to_thread(cli, "vv", "list", "--json")
+        code, out, _ = await cli("vv", "list", "--json")
         listed = {v["name"]: v for v in json.loads(out)}
         assert listed["v"]["children"] == ["s"] and listed["s"]["children"] == ["c"]
         assert listed["c"]["parent"] == "s" and listed["v"]["exclusive"] == 0
-        code, out, _ = await asyncio.to_thread(cli, "vv", "list")
+        code, out, _ = await cli("vv", "list")
         assert code == 0 and "└ s (snap)" in out and "└ c (clone)" in out
         # Bad input: one clear line each, nothing changed.
         for argv, message in (
@@ -152,11 +145,36 @@ async def test_the_api_and_cli_make_and_list_snapshots_and_clones(served: tuple[
             (("vv", "snapshot", "nope", "x"), "volume 'nope' not found"),
             (("vv", "snapshot", "v", "s"), "volume 's' already exists"),
         ):
-            code, out, err = await asyncio.to_thread(cli, *argv)
+            code, out, err = await cli(*argv)
             assert code != 0 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
         assert sorted(v.name for v in engine.list_vvs()) == ["c", "s", "v"]
-        response = await api.post("/api/v1/volumes/s/snapshots", json={"name": "x"})
+        response = await cli.api.post("/api/v1/volumes/s/snapshots", json={"name": "x"})
         assert response.status_code == 400 and "is a snapshot already" in response.text
+
+
+class InProcessCLI:
+    """``thinblock`` CLI commands run in a thread against the engine's REST API (``api``),
+    answered by the ASGI app on the test's event loop: ``code, out, err = await cli("vv", "list")``."""
+
+    def __init__(self, api: httpx.AsyncClient) -> None:
+        self.api = api
+        self._bridge = _sync_bridge(api)
+
+    def _call(self, *argv: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        code = main([*argv], transport=self._bridge, stdout=out, stderr=err)
+        return code, out.getvalue(), err.getvalue()
+
+    async def __call__(self, *argv: str) -> tuple[int, str, str]:
+        return await asyncio.to_thread(self._call, *argv)
+
+
+@contextlib.asynccontextmanager
+async def cli_against(engine: Engine) -> AsyncIterator[InProcessCLI]:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=create_app(engine, NodeInfo())), base_url="http://t"
+    ) as api:
+        yield InProcessCLI(api)
 
 
 def _sync_bridge(api: httpx.AsyncClient) -> httpx.BaseTransport:
@@ -186,33 +204,25 @@ async def test_the_api_and_cli_revert_and_diff(served: tuple[Engine, NBDServer])
     await engine.snapshot_vv("v", "full")
     await v.write(64 * 1024, b"\x06" * 4096)  # region 1 (64 KiB regions)
     await v.write(10 * 64 * 1024, b"\x07" * 4096)  # region 10
-    app = create_app(engine, NodeInfo())
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as api:
-        bridge = _sync_bridge(api)
-
-        def cli(*argv: str) -> tuple[int, str, str]:
-            out, err = io.StringIO(), io.StringIO()
-            code = main([*argv], transport=bridge, stdout=out, stderr=err)
-            return code, out.getvalue(), err.getvalue()
-
-        code, out, _ = await asyncio.to_thread(cli, "vv", "diff", "full", "v", "--json")
+    async with cli_against(engine) as cli:
+        code, out, _ = await cli("vv", "diff", "full", "v", "--json")
         diff = json.loads(out)
         assert code == 0 and diff["extents"] == [
             {"offset": 64 * 1024, "length": 64 * 1024},
             {"offset": 10 * 64 * 1024, "length": 64 * 1024},
         ]
         assert diff["bytes"] == 128 * 1024 and diff["region_size"] == 64 * 1024
-        code, out, _ = await asyncio.to_thread(cli, "vv", "diff", "full", "v")
+        code, out, _ = await cli("vv", "diff", "full", "v")
         assert code == 0 and "128 KiB differ" in out
         session = engine.sessions.open("NBD", "v", "127.0.0.1:7000", disconnect=lambda: None)
-        code, _, err = await asyncio.to_thread(cli, "vv", "revert", "v", "full")
+        code, _, err = await cli("vv", "revert", "v", "full")
         assert code != 0 and "in use by 1 NBD client from 127.0.0.1:7000" in err and "--force" in err
         assert len(err.strip().splitlines()) == 1
-        code, out, _ = await asyncio.to_thread(cli, "vv", "revert", "v", "full", "--force", "--json")
+        code, out, _ = await cli("vv", "revert", "v", "full", "--force", "--json")
         engine.sessions.close(session)
         assert code == 0 and json.loads(out)["allocated"] == 256 * 1024
         assert bytes(await v.read(0, SIZE)) == b"\x05" * (256 * 1024) + bytes(SIZE - 256 * 1024)
-        code, out, _ = await asyncio.to_thread(cli, "vv", "diff", "full", "v", "--json")
+        code, out, _ = await cli("vv", "diff", "full", "v", "--json")
         assert json.loads(out)["extents"] == []
 
 
@@ -285,18 +295,10 @@ async def test_bad_input_with_a_real_client_connected(served: tuple[Engine, NBDS
     await engine.volume("v").write(0, b"\x05" * 65536)
     await engine.snapshot_vv("v", "s")
     await engine.volume("v").write(0, b"\x06" * 65536)
-    app = create_app(engine, NodeInfo())
     async with (
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as api,
+        cli_against(engine) as cli,
         await NBDClient.connect("127.0.0.1", server.port, "v") as client,
     ):
-        bridge = _sync_bridge(api)
-
-        def cli(*argv: str) -> tuple[int, str, str]:
-            out, err = io.StringIO(), io.StringIO()
-            code = main([*argv], transport=bridge, stdout=out, stderr=err)
-            return code, out.getvalue(), err.getvalue()
-
         before = sorted((v.name, v.allocated, v.kind) for v in engine.list_vvs())
         for argv, message in (
             (("vv", "revert", "v", "s"), "is in use by 1 NBD client from 127.0.0.1:"),
@@ -304,9 +306,9 @@ async def test_bad_input_with_a_real_client_connected(served: tuple[Engine, NBDS
             (("vv", "clone", "s", "v"), "volume 'v' already exists"),
             (("vv", "snapshot", "nope", "x"), "volume 'nope' not found"),
         ):
-            code, _, err = await asyncio.to_thread(cli, *argv)
+            code, _, err = await cli(*argv)
             assert code != 0 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
-        code, _, err = await asyncio.to_thread(cli, "vv", "revert", "v", "s")
+        code, _, err = await cli("vv", "revert", "v", "s")
         assert "reverting it under them would leave their caches holding data it no longer has" in err
         assert "disconnect them or use --force" in err
         assert sorted((v.name, v.allocated, v.kind) for v in engine.list_vvs()) == before
