@@ -15,44 +15,22 @@ import contextlib
 import json
 import shutil
 import struct
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.wire import info_payload, meta_payload, option, request, u32
-from thinblock.engine import Engine, EngineOptions
+from thinblock.engine import Engine
 from thinblock.nbd.access import AccessList, AccessRule
 from thinblock.nbd.server import NBDServer
 
 from .nbd_helpers import run
+from .snapshot_fixtures import REGION, SIZE
 
 pytestmark = pytest.mark.e2e
 
 KiB = 1 << 10
 MiB = 1 << 20
-SIZE = 16 * MiB
-REGION = 64 * KiB
-
-
-@pytest.fixture
-async def served(tmp_path: Path) -> AsyncIterator[tuple[Engine, NBDServer]]:
-    engine = await Engine.open(tmp_path / "engine", EngineOptions(allow_tiny_chunklets=True))
-    try:
-        for i in range(2):
-            await engine.add_pd(tmp_path / "engine" / f"pd{i}.img", size=128 * MiB, chunklet_size=MiB)
-        await engine.create_pool("p", raid=1, region_size=REGION, growth_increment=16 * MiB, step=4096)
-        await engine.create_vv("v", pool="p", size=SIZE)
-        server = NBDServer(engine)
-        await server.start("127.0.0.1", 0)
-        try:
-            yield engine, server
-        finally:
-            await server.stop()
-    finally:
-        await engine.close()
-    report = Engine.check(tmp_path / "engine")
-    assert report.ok, report.problems
 
 
 def _region_runs(regions: set[int]) -> list[tuple[int, int]]:
@@ -79,9 +57,9 @@ def _nbd_opts(port: int, export: str, prefix: str = "") -> str:
 
 
 async def test_an_incremental_backup_copies_only_what_the_dirty_bitmap_names(
-    served: tuple[Engine, NBDServer], tmp_path: Path
+    snapshots_served: tuple[Engine, NBDServer], tmp_path: Path
 ) -> None:
-    engine, server = served
+    engine, server = snapshots_served
     port = server.port
     base = f"nbd://127.0.0.1:{port}"
     # Half the volume written, then snapshot S1 and its full backup.
@@ -157,9 +135,9 @@ async def test_an_incremental_backup_copies_only_what_the_dirty_bitmap_names(
 
 
 async def test_a_client_is_offered_only_bitmaps_of_snapshots_it_may_open(
-    served: tuple[Engine, NBDServer],
+    snapshots_served: tuple[Engine, NBDServer],
 ) -> None:
-    engine, server = served
+    engine, server = snapshots_served
     base = f"nbd://127.0.0.1:{server.port}"
     (await run("qemu-io", "-f", "raw", "-c", "write -P 0x11 0 1M", f"{base}/v")).check()
     await engine.snapshot_vv("v", "s1")
@@ -184,11 +162,11 @@ async def _option_replies(reader: asyncio.StreamReader, option_code: int) -> lis
 
 
 async def test_base_allocation_and_a_bitmap_together_get_one_chunk_each(
-    served: tuple[Engine, NBDServer],
+    snapshots_served: tuple[Engine, NBDServer],
 ) -> None:
     """Raw NBD (no client asks for two contexts at once): SET_META_CONTEXT with both, then
     BLOCK_STATUS answers with one NBD_REPLY_TYPE_BLOCK_STATUS chunk per context."""
-    engine, server = served
+    engine, server = snapshots_served
     volume = engine.volume("v")
     await volume.write(0, b"\x11" * (2 * REGION))
     await engine.snapshot_vv("v", "s1")

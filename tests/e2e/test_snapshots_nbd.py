@@ -18,43 +18,23 @@ from tests.drills.nbd_client import NBDClient, NBDError
 from tests.unit.test_engine_stateful import assert_space_map_matches_the_store
 from thinblock.api.app import NodeInfo, create_app
 from thinblock.cli import main
-from thinblock.engine import Engine, EngineOptions
+from thinblock.engine import Engine
 from thinblock.nbd.constants import TransmissionFlags
 from thinblock.nbd.server import NBDServer
 from thinblock.units import Limit
 
 from .nbd_helpers import run
+from .snapshot_fixtures import SIZE
 
 pytestmark = pytest.mark.e2e
 
 MiB = 1 << 20
-SIZE = 16 * MiB
-
-
-@pytest.fixture
-async def served(tmp_path: Path) -> AsyncIterator[tuple[Engine, NBDServer]]:
-    engine = await Engine.open(tmp_path / "engine", EngineOptions(allow_tiny_chunklets=True))
-    try:
-        for i in range(2):
-            await engine.add_pd(tmp_path / "engine" / f"pd{i}.img", size=128 * MiB, chunklet_size=MiB)
-        await engine.create_pool("p", raid=1, region_size=64 * 1024, growth_increment=16 * MiB, step=4096)
-        await engine.create_vv("v", pool="p", size=SIZE)
-        server = NBDServer(engine, sessions=engine.sessions)  # as the daemon wires it
-        await server.start("127.0.0.1", 0)
-        try:
-            yield engine, server
-        finally:
-            await server.stop()
-    finally:
-        await engine.close()
-    report = Engine.check(tmp_path / "engine")
-    assert report.ok, report.problems
 
 
 async def test_a_snapshot_export_is_read_only_and_stable_under_writes(
-    served: tuple[Engine, NBDServer], tmp_path: Path
+    snapshots_served: tuple[Engine, NBDServer], tmp_path: Path
 ) -> None:
-    engine, server = served
+    engine, server = snapshots_served
     base = f"nbd://127.0.0.1:{server.port}"
     (await run("qemu-io", "-f", "raw", "-c", f"write -P 0x11 0 {SIZE}", f"{base}/v")).check()
     await engine.snapshot_vv("v", "s")
@@ -84,12 +64,12 @@ async def test_a_snapshot_export_is_read_only_and_stable_under_writes(
 
 
 async def test_a_backup_of_a_snapshot_while_fio_writes_the_volume(
-    served: tuple[Engine, NBDServer], tmp_path: Path
+    snapshots_served: tuple[Engine, NBDServer], tmp_path: Path
 ) -> None:
     """The issue's real-client case: qemu-img convert copies a snapshot's export while fio (its
     NBD engine, four connections, random writes of several sizes) rewrites the volume; the image
     is the snapshot's moment exactly, and fio's own verification of the volume passes after."""
-    engine, server = served
+    engine, server = snapshots_served
     base = f"nbd://127.0.0.1:{server.port}"
     pattern = bytes(range(256)) * (SIZE // 256)
     await engine.volume("v").write(0, pattern)
@@ -124,8 +104,10 @@ async def test_a_backup_of_a_snapshot_while_fio_writes_the_volume(
     assert_space_map_matches_the_store(engine)
 
 
-async def test_the_api_and_cli_make_and_list_snapshots_and_clones(served: tuple[Engine, NBDServer]) -> None:
-    engine, _server = served
+async def test_the_api_and_cli_make_and_list_snapshots_and_clones(
+    snapshots_served: tuple[Engine, NBDServer],
+) -> None:
+    engine, _server = snapshots_served
     await engine.volume("v").write(0, b"\x05" * (256 * 1024))
     async with cli_against(engine) as cli:
         code, out, _ = await cli("vv", "snapshot", "v", "s", "--json")
@@ -197,8 +179,8 @@ def _sync_bridge(api: httpx.AsyncClient) -> httpx.BaseTransport:
     return Bridge()
 
 
-async def test_the_api_and_cli_revert_and_diff(served: tuple[Engine, NBDServer]) -> None:
-    engine, _server = served
+async def test_the_api_and_cli_revert_and_diff(snapshots_served: tuple[Engine, NBDServer]) -> None:
+    engine, _server = snapshots_served
     v = engine.volume("v")
     await v.write(0, b"\x05" * (256 * 1024))
     await engine.snapshot_vv("v", "full")
@@ -228,13 +210,13 @@ async def test_the_api_and_cli_revert_and_diff(served: tuple[Engine, NBDServer])
 
 @pytest.mark.parametrize("policy", ["fail", "invalidate-oldest"])
 async def test_snapshot_space_warning_and_limit_with_qemu_io(
-    served: tuple[Engine, NBDServer], policy: str
+    snapshots_served: tuple[Engine, NBDServer], policy: str
 ) -> None:
     """qemu-io writes a volume whose snapshot holds what it overwrites: past the snapshot space
     warning an alert, at the limit another; the next write needing a copy on write either fails
     with "No space left on device" (fail: the snapshot and the volume unchanged) or deletes the
     snapshot, names it in an alert and goes on (invalidate-oldest)."""
-    engine, server = served
+    engine, server = snapshots_served
     uri = f"nbd://127.0.0.1:{server.port}"
     region = 64 * 1024
     await engine.set_vv(
@@ -286,12 +268,12 @@ async def test_snapshot_space_warning_and_limit_with_qemu_io(
     assert_space_map_matches_the_store(engine)
 
 
-async def test_bad_input_with_a_real_client_connected(served: tuple[Engine, NBDServer]) -> None:
+async def test_bad_input_with_a_real_client_connected(snapshots_served: tuple[Engine, NBDServer]) -> None:
     """Issue 14 item 6 with a real NBD client on the volume: the revert is refused in one line
     saying why and what to do (--force), a clone of the live volume says to take a snapshot, a
     clone name already taken is refused; nothing changed, and the connected client still reads
     and writes."""
-    engine, server = served
+    engine, server = snapshots_served
     await engine.volume("v").write(0, b"\x05" * 65536)
     await engine.snapshot_vv("v", "s")
     await engine.volume("v").write(0, b"\x06" * 65536)
