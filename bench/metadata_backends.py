@@ -44,7 +44,7 @@ from tests.support.postgres import PostgresCluster, start_cluster, unavailable_r
 
 from .fio import FioError, FioResult, parse_fio_json, profile_by_name, run_fio
 from .metadata_scale import STORE_MARKER, build_store, probe_open
-from .report import Table, results_path
+from .report import Table, write_results
 from .servers import ServerError, ThinblockServer, serving
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -302,10 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         text += [open_table.markdown(), ""]
     print("\n".join(text))
     if not args.no_write:
-        output = args.output or results_path("metadata-backends" + ("-quick" if args.quick else ""))
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text("\n".join(text))
-        print(f"written: {output}")
+        write_results("\n".join(text), args.output, "metadata-backends", quick=args.quick)
     return 0
 
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .report import Table, results_path
+from .report import Table, write_results
 from .servers import HOST, Process, ServerError, free_port, thinblock_env, thinblock_executable, wait_for_port
 
 KiB, MiB, GiB, TiB = 2**10, 2**20, 2**30, 2**40
@@ -433,10 +433,9 @@ def main(argv: list[str] | None = None) -> None:
     table = figures_table(figures)
     Console(width=None if sys.stdout.isatty() else 200).print(table.rich())
     if not args.no_write:
-        output = args.output or results_path("metadata" + ("-quick" if args.quick else ""))
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(f"# thinblock metadata scale\n\n{table.markdown()}\n")
-        print(f"written to {output}")
+        write_results(
+            f"# thinblock metadata scale\n\n{table.markdown()}\n", args.output, "metadata", quick=args.quick
+        )
 
 
 if __name__ == "__main__":

@@ -377,6 +377,16 @@ def results_path(suffix: str = "", day: datetime.date | None = None) -> Path:
     return RESULTS_DIR / f"{name}.md"
 
 
+def write_results(text: str, output: Path | None, name: str, *, quick: bool = False) -> Path:
+    """Write a benchmark's Markdown to ``output``, or to bench/results/<date>-<host>-NAME.md
+    (NAME-quick for a quick run); says where."""
+    path = output or results_path(name + ("-quick" if quick else ""))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(f"written: {path}")
+    return path
+
+
 def key_value_table(
     title: str, pairs: Sequence[tuple[str, str]], headers: tuple[str, str] = ("", "")
 ) -> Table:

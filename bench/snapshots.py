@@ -54,7 +54,7 @@ from thinblock.logical.raid import LogicalDisk
 from thinblock.memory import warm_heap
 
 from .metadata_scale import STORE_MARKER, build_store
-from .report import Table, machine_description, results_path
+from .report import Table, machine_description, write_results
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 ROOT = Path(__file__).resolve().parent.parent
@@ -423,10 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     text.append("")
     print("\n".join(text))
     if not args.no_write:
-        output = args.output or results_path("snapshots" + ("-quick" if args.quick else ""))
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text("\n".join(text))
-        print(f"written: {output}")
+        write_results("\n".join(text), args.output, "snapshots", quick=args.quick)
     return 0
 
 
