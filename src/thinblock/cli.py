@@ -502,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", metavar="OLD")
     p.add_argument("new_name", metavar="NEW")
 
-    p = leaf(vv, "snapshot", "take a read-only snapshot of a volume (instant)", cmd_vv_snapshot)
+    p = leaf(vv, "snapshot", "take a read-only snapshot of a volume (no data copied)", cmd_vv_snapshot)
     p.add_argument("name", metavar="VV")
     p.add_argument("snapshot", metavar="NAME", help="the snapshot's name")
     p = leaf(vv, "revert", "make a volume the content of one of its snapshots (atomic)", cmd_vv_revert)
@@ -519,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("base", metavar="A")
     p.add_argument("target", metavar="B")
-    p = leaf(vv, "clone", "make a writable clone of a snapshot (instant)", cmd_vv_clone)
+    p = leaf(vv, "clone", "make a writable clone of a snapshot (no data copied)", cmd_vv_clone)
     p.add_argument("snapshot", metavar="SNAPSHOT")
     p.add_argument("clone", metavar="NAME", help="the clone's name")
     p = leaf(vv, "delete", "delete a volume (its regions go back to the pool, zeroed)", cmd_vv_delete)
