@@ -1275,8 +1275,8 @@ class Engine:
             name,
             size=row.size,
             region_size=vv.region_size,
-            warning=_limit_of(row, "alloc_warning"),
-            limit=_limit_of(row, "alloc_limit"),
+            warning=row.limit("alloc_warning"),
+            limit=row.limit("alloc_limit"),
         )
         await self.meta.call(self.store.update_vv, row)
         vv.row = row
@@ -1438,11 +1438,6 @@ def _apply_snapshot_limits(row: VVRow, warning: Limit | None, limit: Limit | Non
             f"snapshot limit policy must be fail or invalidate-oldest, not {policy!r}"
         ) from None
     check_snapshot_limits(row.name, size=row.size, warning=warning, limit=limit)
-
-
-def _limit_of(row: VVRow, field: str) -> Limit | None:
-    nbytes, pct = getattr(row, f"{field}_bytes"), getattr(row, f"{field}_pct")
-    return None if nbytes is None and pct is None else Limit(nbytes, pct)
 
 
 def _sync_all(

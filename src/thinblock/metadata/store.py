@@ -37,6 +37,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..units import Limit
+
 
 @dataclass(slots=True)
 class PDRow:
@@ -103,6 +105,12 @@ class VVRow:
     @property
     def family(self) -> int:
         return self.id if self.family_id is None else self.family_id
+
+    def limit(self, field: str) -> Limit | None:
+        """The warning or limit stored as ``FIELD_bytes`` / ``FIELD_pct`` (``alloc_warning``,
+        ``alloc_limit``, ``snap_warning``, ``snap_limit``); None when neither is set."""
+        nbytes, pct = getattr(self, f"{field}_bytes"), getattr(self, f"{field}_pct")
+        return None if nbytes is None and pct is None else Limit(nbytes, pct)
 
 
 @dataclass(slots=True)

@@ -174,31 +174,19 @@ class VirtualVolume:
 
     @property
     def alloc_warning(self) -> Limit | None:
-        r = self.row
-        if r.alloc_warning_bytes is None and r.alloc_warning_pct is None:
-            return None
-        return Limit(r.alloc_warning_bytes, r.alloc_warning_pct)
+        return self.row.limit("alloc_warning")
 
     @property
     def alloc_limit(self) -> Limit | None:
-        r = self.row
-        if r.alloc_limit_bytes is None and r.alloc_limit_pct is None:
-            return None
-        return Limit(r.alloc_limit_bytes, r.alloc_limit_pct)
+        return self.row.limit("alloc_limit")
 
     @property
     def snapshot_warning(self) -> Limit | None:
-        r = self.row
-        if r.snap_warning_bytes is None and r.snap_warning_pct is None:
-            return None
-        return Limit(r.snap_warning_bytes, r.snap_warning_pct)
+        return self.row.limit("snap_warning")
 
     @property
     def snapshot_limit(self) -> Limit | None:
-        r = self.row
-        if r.snap_limit_bytes is None and r.snap_limit_pct is None:
-            return None
-        return Limit(r.snap_limit_bytes, r.snap_limit_pct)
+        return self.row.limit("snap_limit")
 
     @property
     def snapshot_limit_policy(self) -> SnapshotLimitPolicy:
