@@ -27,14 +27,13 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.drills.harness import Standard, add_pds, setup_pool, setup_volume
+from tests.drills.harness import Standard, add_pds, setup_pool, setup_volume, wait_until
 from tests.drills.nbd_client import ConnectionLost, HandshakeError, NBDClient
 from tests.support.daemon import Daemon
 from tests.support.ports import free_port
@@ -59,14 +58,6 @@ def node_config(name: str, listen: int, partner: int, partner_api: int, extra: s
         "[engine]\n"
         "destage_delay = 0.2\n"
     )
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def start_pair(make_daemon: Callable[..., Daemon], tag: str) -> tuple[Daemon, Daemon]:

@@ -39,7 +39,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.drills.harness import BLOCK, Standard, add_pds, block_data, setup_pool, setup_volume
+from tests.drills.harness import BLOCK, Standard, add_pds, block_data, setup_pool, setup_volume, wait_until
 from tests.drills.nbd_client import NBDClient
 from tests.support.daemon import Daemon
 from tests.support.ports import free_port
@@ -65,14 +65,6 @@ def node_config(
         "[engine]\n"
         f"destage_delay = {destage_delay}\n"
     )
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def mirror_alerts(daemon: Daemon, *, open_only: bool = True) -> list[dict[str, object]]:

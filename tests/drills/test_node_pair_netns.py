@@ -31,8 +31,8 @@ from pathlib import Path
 import pytest
 
 from tests.drills.conftest import DRILL_SERVE_ARGS
-from tests.drills.harness import Standard, add_pds, setup_pool, setup_volume
-from tests.drills.test_node_pair import PARTNER_TIMEOUT, Writer, check_every_block, mirror_alerts, wait_until
+from tests.drills.harness import Standard, add_pds, setup_pool, setup_volume, wait_until
+from tests.drills.test_node_pair import PARTNER_TIMEOUT, Writer, check_every_block, mirror_alerts
 from tests.drills.test_node_pair_postgres import lease_row, pg_node_config
 from tests.support.daemon import Daemon
 from tests.support.ports import free_port

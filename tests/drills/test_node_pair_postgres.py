@@ -39,7 +39,16 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.drills.harness import BLOCK, Figures, Standard, add_pds, block_data, setup_pool, setup_volume
+from tests.drills.harness import (
+    BLOCK,
+    Figures,
+    Standard,
+    add_pds,
+    block_data,
+    setup_pool,
+    setup_volume,
+    wait_until,
+)
 from tests.drills.nbd_client import NBDClient
 from tests.drills.test_node_pair import (
     BLOCKS,
@@ -47,7 +56,6 @@ from tests.drills.test_node_pair import (
     TAG,
     ReconnectingWriter,
     read_back,
-    wait_until,
 )
 from tests.support.daemon import Daemon
 from tests.support.ports import free_port
