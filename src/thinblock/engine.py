@@ -696,6 +696,8 @@ class Engine:
             await asyncio.get_running_loop().run_in_executor(None, self.io.shutdown)
         try:
             await self.flush_all()
+            if self.cache.errors:  # acknowledged writes lost by their destage, never reported
+                raise MediumError("; ".join(e for lost in self.cache.errors.values() for e in lost))
         except MediumError as exc:
             log.error("final flush failed: %s", exc)
         else:
@@ -742,8 +744,9 @@ class Engine:
         async with self._flush_lock:
             if self._flush_done < ticket:
                 target = self._flush_requested
+                # A destage that fails is reported by its volume's next FLUSH (VV.flush), not here:
+                # this round may be the node's own (a pair's destage report, a move, a takeover).
                 await self.cache.destage_all()
-                errors = self.cache.take_errors()
                 pending = {pool: pool.take_pending() for pool in self.pools.values()}
                 try:
                     pds = [pd for pd in self.pds.values() if not pd.failed]
@@ -765,11 +768,11 @@ class Engine:
                 if self.store_reserve is not None and not self.store_reserve.in_place:
                     self.store_reserve.ensure()  # released by a bump: made again once there is room
                 self._flush_done = target
-                if errors or failures:
+                if failures:
                     # The lost write may have been acknowledged before any flush asked for so far
                     # (waiting ones included, which this round covers or the next one runs for):
                     # every one of them fails, not only the caller that ran this round.
-                    self._flush_failure = (self._flush_requested, "; ".join(errors + failures))
+                    self._flush_failure = (self._flush_requested, "; ".join(failures))
         failure = self._flush_failure
         if failure is not None and ticket <= failure[0]:
             raise MediumError("flush could not make every write durable: " + failure[1])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.engine_helpers import CHUNKLET, REGION, STEP, make_engine, pattern
+from tests.engine_helpers import CHUNKLET, REGION, STEP, fail_writes_to_region, make_engine, pattern
 from thinblock.engine import Engine
 from thinblock.errors import MediumError
 from thinblock.model import CacheMode
@@ -255,13 +255,15 @@ async def test_a_flush_after_a_degrade_destages_and_fsyncs(tmp_path: Path) -> No
     vol = engine.volume("v")
     await vol.write(0, pattern(12, 4096))
     await vol.flush()
-    assert engine.cache.flush_covered and engine.cache.dirty_bytes == 4096  # covered: still dirty
+    assert (
+        engine.cache.flush_covered(engine.vvs["v"].row.id) and engine.cache.dirty_bytes == 4096
+    )  # covered: still dirty
     pipe.held = True
     waiting = asyncio.create_task(vol.write(REGION, pattern(13, 4096), fua=True))
     await asyncio.sleep(0.01)
     assert not waiting.done()
     pipe.mirror.lose("partner silent")
-    assert not engine.cache.flush_covered  # at once, before any loop turn
+    assert not engine.cache.flush_covered(engine.vvs["v"].row.id)  # at once, before any loop turn
     flush = asyncio.create_task(vol.flush())
     await asyncio.wait_for(asyncio.gather(flush, waiting), 5)
     assert engine.cache.dirty_bytes == 0
@@ -271,14 +273,20 @@ async def test_a_flush_after_a_degrade_destages_and_fsyncs(tmp_path: Path) -> No
 
 
 async def test_a_failed_destage_makes_the_next_flush_a_real_one(tmp_path: Path) -> None:
-    """A destage that failed must be answered EIO by the next FLUSH: not covered by the copies."""
-    engine, _, _ = await mirrored_engine(tmp_path, covers_flush=True)
+    """A destage that failed must be answered EIO by the volume's next FLUSH: not covered by the
+    copies, and not swallowed by the flush of the pair's destage report that ran before it."""
+    engine, pipe, _ = await mirrored_engine(tmp_path, covers_flush=True)
     engine.cache.destage_delay = 60.0
-    assert engine.cache.flush_covered
-    engine.cache.errors.append("LD 1: simulated")
-    assert not engine.cache.flush_covered
-    with pytest.raises(MediumError):
-        await engine.volume("v").flush()
+    vol = engine.volume("v")
+    vv_id = engine.vvs["v"].row.id
+    await vol.write(0, pattern(14, 4096))
+    assert engine.cache.flush_covered(vv_id)
+    fail_writes_to_region(engine, "v", 0)
+    await engine.cache.destage_all()
+    assert not engine.cache.flush_covered(vv_id)
+    await pipe.mirror.report_destaged()  # what the pair's report loop runs every interval
+    with pytest.raises(MediumError, match="simulated write error"):
+        await vol.flush()
     await engine.close()
 
 
@@ -286,7 +294,8 @@ async def test_without_a_mirror_nothing_changes(tmp_path: Path) -> None:
     engine = await make_engine(tmp_path)
     await engine.create_pool("p", raid=1, region_size=REGION, growth_increment=CHUNKLET, step=STEP)
     await engine.create_vv("v", pool="p", size=4 * MiB, cache_mode=CacheMode.WRITEBACK)
-    assert engine.cache.mirror is None and not engine.cache.writes_through and not engine.cache.flush_covered
+    assert engine.cache.mirror is None and not engine.cache.writes_through
+    assert not engine.cache.flush_covered(engine.vvs["v"].row.id)
     vol = engine.volume("v")
     engine.cache.destage_delay = 60.0
     await vol.write(0, pattern(10, 4096))

@@ -111,7 +111,10 @@ class WriteBackCache:
         self._wake = asyncio.Event()  # set when dirty data appeared
         self._pressure = asyncio.Event()  # set when a writer waits for room
         self._task: asyncio.Task[None] | None = None
-        self.errors: list[str] = []  # destage failures, reported by the next flush
+        # Destage failures by owning VV, each reported by that volume's next FLUSH (take_errors),
+        # as fsync reports a lost page to its own file: a flush the node runs for itself (a
+        # pair's destage report, a move, a takeover) or another volume's FLUSH must not take it.
+        self.errors: dict[int, list[str]] = {}
         # A node of a pair destages only while it holds its lease (fence.py): a fenced destage
         # keeps the region dirty (the partner holds its copies and replays them at a takeover).
         self.fence: WriteFence | None = None
@@ -158,14 +161,14 @@ class WriteBackCache:
         mirror = self.mirror
         return mirror is not None and not mirror.in_sync
 
-    @property
-    def flush_covered(self) -> bool:
-        """FLUSH and FUA of a write-back volume are satisfied by the two copies: the mirror is in
-        sync now (every write acknowledged so far is held by the partner, which replays it if this
-        node dies) and no destage failed since the last flush (that one must answer EIO).  Read
-        with no await before the answer: a degrade (``in_sync`` off) is seen by the next FLUSH."""
+    def flush_covered(self, owner: int) -> bool:
+        """FLUSH and FUA of write-back VV ``owner`` are satisfied by the two copies: the mirror is
+        in sync now (every write acknowledged so far is held by the partner, which replays it if
+        this node dies) and none of the VV's destages failed since its last flush (that one must
+        answer EIO).  Read with no await before the answer: a degrade (``in_sync`` off) is seen by
+        the next FLUSH."""
         mirror = self.mirror
-        return mirror is not None and mirror.in_sync and mirror.covers_flush and not self.errors
+        return mirror is not None and mirror.in_sync and mirror.covers_flush and owner not in self.errors
 
     def settled(self, key: int) -> bool:
         """Region ``key`` may be written outside the cache: nothing of it is dirty here, and the
@@ -286,8 +289,8 @@ class WriteBackCache:
             raise
         except (MediumError, OutOfSpace) as exc:
             # The LD lost the data (or the host had no room for it: issue 10 case 5): remember it
-            # for the next flush, which must report EIO.
-            self.errors.append(f"LD {ld.id}: {exc}")
+            # for the volume's next flush, which must report EIO.
+            self.errors.setdefault(region.owner, []).append(f"LD {ld.id}: {exc}")
             log.error(
                 "destage failed: %s", exc, extra={"event": "destage-failed", "ld": ld.id, "offset": base}
             )
@@ -313,9 +316,9 @@ class WriteBackCache:
             self.destage_region(key)
             await asyncio.sleep(0)
 
-    def take_errors(self) -> list[str]:
-        errors, self.errors = self.errors, []
-        return errors
+    def take_errors(self, owner: int) -> list[str]:
+        """The destage failures of VV ``owner`` not yet reported, now reported (by its FLUSH)."""
+        return self.errors.pop(owner, [])
 
     async def _destager(self) -> None:
         while True:

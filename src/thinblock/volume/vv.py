@@ -31,7 +31,7 @@ import numpy as np
 from ..alerts import AlertBus
 from ..blockdev import Buffer, Capabilities, Extent, ExtentFlags, ReadPiece, SpanPiece
 from ..cache.writeback import WriteBackCache
-from ..errors import NotFound, OutOfSpace, ReadOnlyDevice, VolumeGone
+from ..errors import MediumError, NotFound, OutOfSpace, ReadOnlyDevice, VolumeGone
 from ..logical.raid import LogicalDisk
 from ..metadata.lease import ServingGate
 from ..metadata.store import VVRow
@@ -139,6 +139,11 @@ class VirtualVolume:
         # Something reached the LDs outside the two cache copies since the last node flush (a
         # write-through write, a zeroing, a trim): the next FLUSH cannot be covered by the copies.
         self._unflushed_direct = False
+        # FLUSHes (and FUA writes) asked so far, and the last lost destage reported: (the count
+        # when it was taken, what was lost).  Every one asked up to then fails, not only the one
+        # that took it: each may cover the lost write (as Engine.flush_all does for fsyncs).
+        self._flushes_asked = 0
+        self._destage_failure: tuple[int, str] | None = None
 
     # --- identity ---
     @property
@@ -812,11 +817,20 @@ class VirtualVolume:
 
     async def _flush_if_needed(self) -> None:
         """FLUSH and FUA: make every acknowledged write durable, or nothing when the partner's copy
-        already makes it so (the write-back volume of a pair in sync, claim 3)."""
-        if self._writeback and self._wb.flush_covered and not self._unflushed_direct:
-            return
-        self._unflushed_direct = False  # writes from here on set it again; the flush covers the rest
-        await self._flush_node()
+        already makes it so (the write-back volume of a pair in sync, claim 3).  A write of this
+        volume acknowledged from the cache and lost by its destage makes it fail with EIO."""
+        self._flushes_asked += 1
+        asked = self._flushes_asked
+        owner = self.row.id
+        if not (self._writeback and self._wb.flush_covered(owner) and not self._unflushed_direct):
+            self._unflushed_direct = False  # writes from here on set it again; the flush covers the rest
+            await self._flush_node()
+        lost = self._wb.take_errors(owner)
+        if lost:
+            self._destage_failure = (self._flushes_asked, "; ".join(lost))
+        failure = self._destage_failure
+        if failure is not None and asked <= failure[0]:
+            raise MediumError("an acknowledged write was lost by its destage: " + failure[1])
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         """Runs of allocated (0) and zero-LD (HOLE|ZERO) space from ``offset``; at most
