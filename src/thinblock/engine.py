@@ -77,6 +77,7 @@ from .model import (
     VVStats,
 )
 from .pdheaders import PDHeaders, offline_problems
+from .pdwatch import PDWatch
 from .physical.admission import vet_pd_path
 from .physical.header import HEADER_AREA
 from .physical.pd import PhysicalDisk
@@ -141,7 +142,6 @@ class EngineOptions:
 
 DEFAULT_SET_SIZE = {0: 2, 1: 2, 5: 4}
 MAX_VV_SIZE = 1 << 60  # 1 EiB: far past "at least 64 TiB", still exact in every map structure
-HOST_ROOM_AGAIN = 1 * MiB  # free bytes under a PD that end a pd-host-full alert
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -221,7 +221,15 @@ class Engine:
             refresh_ld_alerts=self._refresh_ld_alerts,
             remove_pd=self.remove_pd,
         )
-        self._pd_check_timer: asyncio.TimerHandle | None = None
+        # The PDs' identity checked every pd_check_interval, their hosts' full file systems
+        # alerted (pdwatch.py).
+        self.pd_watch = PDWatch(
+            pds=self.pds,
+            headers=lambda: self.headers,
+            alerts=self.alerts,
+            loop=loop,
+            interval=options.pd_check_interval,
+        )
         self.node_name = options.node_name or ""
         self.lease: LeaseKeeper | None = None  # the node's lease in the store (Engine.open)
         self.fence: WriteFence | None = None  # a node of a pair: writes only under its lease
@@ -288,7 +296,7 @@ class Engine:
             engine._close_files()
             raise
         engine.cache.start()
-        engine._schedule_pd_check()
+        engine.pd_watch.start()
         # Loading a big store can outlast the gate's deadline (0.8 of the lease, counted from its
         # acquisition): renewed once now, so that serving starts with a whole lease ahead.
         await engine.lease.renew_once()
@@ -397,67 +405,6 @@ class Engine:
             pd = self.pds.get(pd_id)
             if pd is not None and not pd.failed:
                 pd.fail(f"stale: {why}")
-
-    def check_pds(self) -> int:
-        """Fail every PD in service whose file or header is no longer what was formatted (issue 10
-        case 4: a PD file truncated or replaced while serving); how many were failed.  Runs every
-        ``pd_check_interval`` seconds; I/O errors check the file too (PhysicalDisk.file_problem)."""
-        problems = self.headers.identity_problems(self.pds.values())
-        for pd, problem in problems.items():
-            if not pd.failed:
-                pd.fail(f"identity check: {problem}")
-        return len(problems)
-
-    def _pd_host_full(self, pd: PhysicalDisk, message: str) -> None:
-        """A PD's host file system had no room (any thread): an alert, once per episode; the
-        periodic check clears it when room is back.  The PD stays in service."""
-        loop = self._loop
-        if loop is None or self._closed:
-            return
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is not loop:
-            loop.call_soon_threadsafe(self._pd_host_full, pd, message)
-            return
-        try:
-            self.alerts.condition(
-                AlertKind.PD_HOST_FULL,
-                f"pd:{pd.id}",
-                Severity.CRITICAL,
-                f"the host file system under PD {pd.id} ({pd.path}) is full: writes that need new"
-                " space fail with ENOSPC; written data stays readable",
-            )
-        except Exception as exc:  # the store may live on the same full file system
-            log.error("the pd-host-full alert for PD %d could not be stored: %s", pd.id, exc)
-
-    def _clear_host_full(self) -> None:
-        for pd in self.pds.values():
-            obj = f"pd:{pd.id}"
-            if self.alerts.is_open(AlertKind.PD_HOST_FULL, obj):
-                free = pd.host_free_bytes()
-                if free is not None and free >= HOST_ROOM_AGAIN:
-                    try:
-                        self.alerts.clear(AlertKind.PD_HOST_FULL, obj)
-                    except Exception as exc:
-                        log.error("the pd-host-full alert for PD %d could not be cleared: %s", pd.id, exc)
-
-    def _schedule_pd_check(self) -> None:
-        interval = self.options.pd_check_interval
-        if interval > 0 and not self._closed and self._loop is not None:
-            self._pd_check_timer = self._loop.call_later(interval, self._pd_check_tick)
-
-    def _pd_check_tick(self) -> None:
-        self._pd_check_timer = None
-        if self._closed:
-            return
-        try:
-            self.check_pds()
-            self._clear_host_full()
-        except Exception:
-            log.exception("the periodic PD check failed")
-        self._schedule_pd_check()
 
     def _load_maps(self, rows: np.ndarray, vvs_by_id: dict[int, VirtualVolume]) -> None:
         if not len(rows):
@@ -594,7 +541,7 @@ class Engine:
         if self.options.pd_direct_io:
             pd.enable_direct_io()
         pd.add_failure_listener(self.failures.listener)
-        pd.on_no_space = self._pd_host_full
+        pd.on_no_space = self.pd_watch.no_space
 
     def _make_pool(self, row: PoolRow) -> Pool:
         pool = Pool(row, meta=self.meta, alerts=self.alerts, chunklets=self.chunklets, ld_registry=self.lds)
@@ -713,9 +660,7 @@ class Engine:
                     exc,
                     extra={"event": "clean-mark-not-written"},
                 )
-        if self._pd_check_timer is not None:
-            self._pd_check_timer.cancel()
-            self._pd_check_timer = None
+        self.pd_watch.stop()
         if self.lease is not None:
             await self.lease.stop(release=True)  # after the last write it fences
         await self.meta.close()

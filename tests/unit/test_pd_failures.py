@@ -162,7 +162,7 @@ async def test_a_full_host_file_system_is_out_of_space_not_a_failure(
     await asyncio.sleep(0)  # the alert is raised on the loop
     assert {a.object for a in engine.list_alerts() if a.kind.value == "pd-host-full"}
     monkeypatch.undo()
-    engine._clear_host_full()  # what the periodic PD check does: room is back
+    engine.pd_watch.clear_host_full()  # what the periodic PD check does: room is back
     assert not [a for a in engine.list_alerts() if a.kind.value == "pd-host-full"]
     await vol.write(REGION, pattern(3, REGION))
     await engine.flush_all()

@@ -179,18 +179,18 @@ async def test_a_store_with_pds_and_no_data_directory_id_is_refused(tmp_path: Pa
 async def test_the_pd_check_fails_a_pd_cut_short_or_replaced(tmp_path: Path) -> None:
     engine = await make_engine(tmp_path, pds=3, pd_size=MiB)
     try:
-        assert engine.check_pds() == 0
+        assert engine.pd_watch.check_identity() == 0
         os.truncate(engine.pds[1].path, HEADER_AREA + MiB // 2)
         replacement = tmp_path / "new.img"
         replacement.write_bytes(bytes(HEADER_AREA + MiB))
         os.rename(replacement, engine.pds[2].path)
-        assert engine.check_pds() == 2
+        assert engine.pd_watch.check_identity() == 2
         assert "shorter than" in str(engine.pds[1].failure_reason)
         assert "another file" in str(engine.pds[2].failure_reason)
         assert not engine.pds[3].failed
         # A header overwritten in place (the same file, its header now another PD's) is found too.
         engine.pds[3].write_header(engine.headers.header_for(engine.pds[1]))
-        assert engine.check_pds() == 1
+        assert engine.pd_watch.check_identity() == 1
         assert "says it is PD 1" in str(engine.pds[3].failure_reason)
     finally:
         await engine.close()
