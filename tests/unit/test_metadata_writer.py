@@ -4,6 +4,7 @@ own thread."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import pytest
@@ -69,5 +70,40 @@ async def test_a_refused_group_fails_each_of_its_futures_and_recovery_is_reporte
     monkeypatch.setattr(store, "assign_many", real)
     await writer.assign(vv, 0, ld, 0)
     assert events == ["trouble MetadataStoreFull", "recovered"]
+    await writer.close()
+    store.close()
+
+
+async def test_an_off_loop_call_on_a_local_store_runs_on_the_thread_in_its_queue_order(
+    tmp_path: Path,
+) -> None:
+    """A long call (``off_loop``: a snapshot's map copy) runs on the writer's thread even on
+    SQLite, the loop free meanwhile; what was queued before it runs before it, what after, after."""
+    store, ld, vv = _store(tmp_path)
+    writer = MetadataWriter(store, asyncio.get_running_loop())  # SQLite: inline by default
+    order: list[str] = []
+    release = threading.Event()
+
+    def long_call() -> str:
+        order.append("long")
+        release.wait(30)  # held until the loop has run meanwhile (never, were it run on the loop)
+        return threading.current_thread().name
+
+    before = writer.assign(vv, 0, ld, 0)
+    long = writer.call(long_call, off_loop=True)
+    after = writer.call(lambda: order.append("after"))
+    while not order:  # until the long call has started: the loop turns meanwhile
+        await asyncio.sleep(0.001)
+    assert not long.done() and order == ["long"], "the loop runs while the long call holds the queue"
+    release.set()
+    await before
+    assert (await long).startswith("thinblock-metadata")
+    await after
+    assert order == ["long", "after"]
+    assert store.map_array()[:, 1].tolist() == [0]
+    # Groups without a long call run inline again.
+    thread_names: list[str] = []
+    await writer.call(lambda: thread_names.append(threading.current_thread().name))
+    assert thread_names == [threading.main_thread().name]
     await writer.close()
     store.close()

@@ -5,6 +5,7 @@ refusals."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import pytest
@@ -183,6 +184,55 @@ async def test_a_renamed_volume_keeps_its_tree(tmp_path: Path) -> None:
         await engine.snapshot_vv("w", "s2")
         await engine.clone_vv("s2", "c")
         assert bytes(await engine.volume("c").read(0, REGION)) == pattern(7, REGION)
+        assert_sound(engine)
+    finally:
+        await engine.close()
+
+
+@pytest.mark.parametrize("operation", ["snapshot", "clone", "revert"])
+async def test_other_volumes_are_served_while_a_long_map_copy_commits(
+    tmp_path: Path, operation: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite: the store transaction of a snapshot, clone or revert (a million map rows copied
+    take a second) runs off the event loop (metadata/writer.py, ``off_loop``), so another
+    volume's reads and writes go on meanwhile.  The store call here is held until that I/O has
+    been served: run on the loop, it would have held the loop, and the I/O, for all its length."""
+    engine = await engine_with_volume(tmp_path)
+    try:
+        assert not engine.store.remote
+        await engine.create_vv("other", pool="p", size=SIZE)
+        other = engine.volume("other")
+        await other.write(0, pattern(7, 2 * REGION))
+        await engine.volume("v").write(0, pattern(8, REGION))
+        if operation != "snapshot":
+            await engine.snapshot_vv("v", "s0")
+        method = {"snapshot": "add_vv_sharing", "clone": "add_vv_sharing", "revert": "replace_map"}[operation]
+        real = getattr(engine.store, method)
+        entered, served = threading.Event(), threading.Event()
+        waited: list[bool] = []
+
+        def held(*args: object) -> object:
+            entered.set()
+            # The other volume's I/O, served meanwhile, sets it; on the loop this times out.
+            waited.append(served.wait(20))
+            return real(*args)
+
+        monkeypatch.setattr(engine.store, method, held)
+        call = {
+            "snapshot": lambda: engine.snapshot_vv("v", "s1"),
+            "clone": lambda: engine.clone_vv("s0", "c1"),
+            "revert": lambda: engine.revert_vv("v", "s0"),
+        }[operation]
+        task = asyncio.create_task(call())
+        while not entered.is_set():
+            await asyncio.sleep(0.001)
+        assert bytes(await other.read(REGION, REGION)) == pattern(7, 2 * REGION)[REGION:]
+        await other.write(0, b"\x5a" * 4096)  # a mapped region: no store write needed
+        assert bytes(await other.read(0, 4096)) == b"\x5a" * 4096
+        served.set()
+        await task
+        assert waited == [True], "the other volume's I/O waited for the store transaction"
+        monkeypatch.undo()
         assert_sound(engine)
     finally:
         await engine.close()

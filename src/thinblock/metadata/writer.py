@@ -8,9 +8,14 @@ database's group commit works.  Callers get futures and carry on serving other r
 
 Where a group runs: on the event loop at the end of the current turn when the store is local
 (SQLite: a commit is a WAL append, about 10 us for a group, cheaper than a thread hop), on one
-thread of its own when the store is remote (``MetadataStore.remote``).  One queue either way, so
-calls run in the order they were made: an unassignment queued after an assignment never
-overtakes it.
+thread of its own when the store is remote (``MetadataStore.remote``).  A call queued with
+``off_loop=True`` -- one whose transaction is long: a snapshot's or clone's copy of a million
+map rows takes a second, a revert's as long, a big batch of unassignments milliseconds -- makes
+its group run on that thread on a local store too: run on the loop, it stalled the I/O of every
+volume for its whole length.  One queue either way, and one group at a time, so calls run in
+the order they were made: an unassignment queued after an assignment never overtakes it, and
+what is queued behind a long call waits for it (an assignment of another volume included),
+while the loop serves everything that needs no store write (reads, writes into mapped regions).
 
 The durability rule the engine keeps on top of this (volume/vv.py): a region's assignment is
 *committed* before any data is written into it, so memory never runs ahead of the store.  When
@@ -49,7 +54,7 @@ class _Assign:
 
 
 class _Call:
-    __slots__ = ("args", "fn", "future", "unfenced")
+    __slots__ = ("args", "fn", "future", "off_loop", "unfenced")
 
     def __init__(
         self,
@@ -57,11 +62,13 @@ class _Call:
         args: tuple[Any, ...],
         future: asyncio.Future[Any],
         unfenced: bool = False,
+        off_loop: bool = False,
     ) -> None:
         self.fn = fn
         self.args = args
         self.future = future
         self.unfenced = unfenced
+        self.off_loop = off_loop
 
 
 _Item = _Assign | _Call
@@ -82,6 +89,8 @@ class MetadataWriter:
         self.store = store
         self._loop = loop
         self._threaded = store.remote if threaded is None else threaded
+        # The writer's one thread: every group runs there when threaded; otherwise made the
+        # first time a group holds an ``off_loop`` call (a local store's long transaction).
         self._executor = (
             ThreadPoolExecutor(1, thread_name_prefix="thinblock-metadata") if self._threaded else None
         )
@@ -106,11 +115,15 @@ class MetadataWriter:
         self._kick()
         return future
 
-    def call(self, fn: Callable[..., T], *args: Any, unfenced: bool = False) -> asyncio.Future[T]:
+    def call(
+        self, fn: Callable[..., T], *args: Any, unfenced: bool = False, off_loop: bool = False
+    ) -> asyncio.Future[T]:
         """Queue any store method (``writer.call(store.add_vv, row)``), run in order with the rest.
-        ``unfenced``: run even when the fence is closed (the lease's renewal, nothing else)."""
+        ``unfenced``: run even when the fence is closed (the lease's renewal, nothing else).
+        ``off_loop``: a long transaction (a map copy): its group runs on the writer's thread
+        even on a local store, so that the loop goes on serving meanwhile."""
         future: asyncio.Future[T] = self._loop.create_future()
-        self._queue.append(_Call(fn, args, future, unfenced))
+        self._queue.append(_Call(fn, args, future, unfenced, off_loop))
         self._kick()
         return future
 
@@ -141,9 +154,12 @@ class MetadataWriter:
 
     def _start_group(self) -> None:
         batch, self._queue = self._queue, []
-        if self._executor is None:
+        if not self._threaded and not any(isinstance(item, _Call) and item.off_loop for item in batch):
             self._finish(self._run_group(batch))
         else:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="thinblock-metadata")
+            # _busy stays set until _finish: the next group starts only after this one, in order.
             done = self._executor.submit(self._run_group, batch)
             done.add_done_callback(lambda f: self._loop.call_soon_threadsafe(self._finish, f.result()))
 

@@ -152,7 +152,11 @@ class Snapshots:
         try:
             # The store is told how many rows each LD gets (one bincount here, instead of two
             # scans of the copied rows in its transaction; bench/README.md, the snapshot section).
-            row.id = await self._meta.call(self._meta.store.add_vv_sharing, row, src.id, _rows_per_ld(packed))
+            # off_loop: the copy of a million rows is a long transaction; on the loop it stalled
+            # every volume's I/O (metadata/writer.py).
+            row.id = await self._meta.call(
+                self._meta.store.add_vv_sharing, row, src.id, _rows_per_ld(packed), off_loop=True
+            )
         except BaseException:
             source.pool.unshare_many(packed, snapshot_of)
             raise
@@ -194,7 +198,7 @@ class Snapshots:
             packed = snap.map.packed_array()
             vv.pool.share_many(packed)
             try:
-                await self._meta.call(self._meta.store.replace_map, vv.row.id, snap.row.id)
+                await self._meta.call(self._meta.store.replace_map, vv.row.id, snap.row.id, off_loop=True)
             except BaseException:
                 vv.pool.unshare_many(packed)
                 raise

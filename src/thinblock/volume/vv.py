@@ -52,6 +52,7 @@ _ZERO_VIEW = memoryview(_ZEROS)  # read-only: safe to hand out slices of it
 HOLE_ZERO = ExtentFlags.HOLE | ExtentFlags.ZERO
 # Trims and deletes unmap at most this many regions before yielding to the loop.
 UNMAP_BATCH = 256
+UNMAP_OFF_LOOP = 64  # unassignments in one store call that run off the loop (metadata/writer.py)
 
 
 def _is_zero(data: Buffer) -> bool:
@@ -784,7 +785,14 @@ class VirtualVolume:
             # memory first, a refused commit (the store full) would leave rows pointing at regions
             # another VV may be given.  Concurrent trims of one region: only the map entries still
             # pointing where they did when the batch was taken are cleared and released.
-            await self._meta.call(self._meta.store.unassign, self.row.id, [r for r, _ in batch])
+            # A full batch (a delete or a big trim) is a long transaction: off the loop
+            # (metadata/writer.py); a few regions are cheaper inline than a thread hop.
+            await self._meta.call(
+                self._meta.store.unassign,
+                self.row.id,
+                [r for r, _ in batch],
+                off_loop=len(batch) >= UNMAP_OFF_LOOP,
+            )
             first = batch[-1][0] + 1
             batch = [(region, packed) for region, packed in batch if self.map.get(region) == packed]
             releases = []
