@@ -42,7 +42,7 @@ from .fence import WriteFence
 from .limits import check_pool_growth, check_snapshot_limits, check_vv_limits
 from .logical.journal import FILENAME as JOURNAL_FILE
 from .logical.journal import StripeJournal
-from .logical.raid import Chunklet, LogicalDisk, RaidLevel, replay_journal, validate_policy
+from .logical.raid import Chunklet, LogicalDisk, RaidLevel, validate_policy
 from .metadata import open_store, redact_url
 from .metadata.check import check_store
 from .metadata.lease import (
@@ -84,6 +84,7 @@ from .physical.pd import PhysicalDisk
 from .physical.workers import IOWorkers
 from .pool.chunklets import ChunkletAllocator
 from .pool.pool import Pool
+from .recovery import recover_after_unclean_stop, replay_raid5_journal
 from .sessions import SessionRegistry, describe_clients
 from .units import GiB, KiB, Limit, MiB, format_size
 from .volume import snapspace
@@ -387,9 +388,9 @@ class Engine:
                 self.failures.unrecorded.setdefault(pd.id, pd.failure_reason or "failed")
         self.failures.activate()
         # Before the unclean-start pass: its scrub writes degraded rows too (through the journal).
-        await self._replay_journal()
+        await replay_raid5_journal(self.journal, self.lds)
         if store.get_meta("clean") == "0":
-            await self._recover_after_unclean_stop()
+            await recover_after_unclean_stop(self.pools.values())
         store.set_meta("clean", "0")
         self.headers.start_counting(store)
 
@@ -426,88 +427,6 @@ class Engine:
             pool.space.changed.clear()
         for vv in vvs_by_id.values():
             snapspace.check_alerts(vv)
-
-    async def _replay_journal(self) -> None:
-        """Degraded RAID 5 writes a crash interrupted: recompute their stripes' parity from the
-        journal (logical/journal.py) before anything reads them.  A clean stop leaves none."""
-        report = await asyncio.get_running_loop().run_in_executor(
-            None, replay_journal, self.journal, self.lds
-        )
-        if report.records:
-            log.warning(
-                "RAID 5 journal replayed: %d record(s), %d applied, %d parity bytes rewritten",
-                report.records,
-                report.applied,
-                report.parity_bytes,
-                extra={
-                    "event": "raid5-journal-replayed",
-                    "records": report.records,
-                    "applied": report.applied,
-                    "bytes": report.parity_bytes,
-                },
-            )
-
-    async def _recover_after_unclean_stop(self) -> None:
-        """After an unclean shutdown, before serving:
-
-        * a free region may hold data whose assignment never reached the store (power cut
-          between data and WAL): every free region is zeroed before it is offered;
-        * a write in flight at the crash may have reached some members of a RAID set and not
-          others: every assigned region of a RAID 1 or RAID 5 LD is resynchronised
-          (``LogicalDisk.resync``), so that a later member failure does not change what reads
-          return.  This reads the assigned data once; md limits the same pass with a
-          write-intent bitmap, which thinblock does not have (yet)."""
-        log.warning("unclean shutdown detected: zeroing free regions, resynchronising RAID 1/5 LDs")
-        jobs = []
-        resyncs = []
-        for pool in self.pools.values():
-            size = pool.region_size
-            for slots in pool.slots.values():
-                if slots.ld.health == LDHealth.FAILED:
-                    continue
-                for first, count in slots.free_ranges():
-                    jobs.append((slots.ld, first * size, count * size))
-                if slots.ld.raid is not RaidLevel.RAID0:
-                    for first, count in slots.assigned_ranges():
-                        resyncs.append((slots.ld, first * size, count * size))
-
-        def scrub() -> int:
-            for ld, offset, length in jobs:
-                try:
-                    ld.zero(offset, length)
-                except MediumError as exc:
-                    log.error("scrub failed: %s", exc, extra={"event": "scrub-failed", "ld": ld.id})
-            repaired = checked = 0
-            total = sum(length for _, _, length in resyncs)
-            started = last_report = time.monotonic()
-            for ld, offset, length in resyncs:
-                try:
-                    repaired += ld.resync(offset, length)
-                except MediumError as exc:
-                    log.error("resync failed: %s", exc, extra={"event": "resync-failed", "ld": ld.id})
-                checked += length
-                if time.monotonic() - last_report >= 10:  # a long pass says how far it got
-                    last_report = time.monotonic()
-                    log.warning(
-                        "resync: %s of %s checked (%.0f s)",
-                        format_size(checked),
-                        format_size(total),
-                        last_report - started,
-                        extra={"event": "resync-progress", "bytes": checked, "total": total},
-                    )
-            for ld in {j[0] for j in jobs + resyncs}:
-                try:
-                    ld.flush()
-                except MediumError:
-                    pass
-            return repaired
-
-        repaired = await asyncio.get_running_loop().run_in_executor(None, scrub)
-        log.warning(
-            "unclean shutdown recovery done: %d bytes of RAID redundancy rewritten",
-            repaired,
-            extra={"event": "resync-done", "bytes": repaired},
-        )
 
     def _open_pd(self, pd_id: int, path: str, size: int, chunklet_size: int) -> PhysicalDisk:
         try:
