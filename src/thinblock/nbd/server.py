@@ -19,7 +19,8 @@ Zero-copy reads.  On a plain (not TLS) connection, a READ of at least ``SENDFILE
 to a volume with ``capabilities.file_spans`` goes through ``read_spans``: where the data lies
 in PD files as it is (one region, no write-back data over it, RAID 0 or 1), the volume answers
 with FileSpans and the server writes the reply header to the socket itself (MSG_MORE) and the
-data with ``sendfile(2)``, page cache to socket, never through Python.  Only when the transport
+data with ``sendfile(2)``, page cache to socket, never through Python (the socket queue of
+``thinblock.sendqueue``, which the iSCSI target's Data-In uses too).  Only when the transport
 has nothing queued (replies stay in order); otherwise, when the socket takes less than all, on
 TLS (the bytes must be encrypted) and on any sendfile error, the rest goes the copy path: the
 span is read (the PD's own error handling) and written to the transport.  Once the header has
@@ -66,10 +67,8 @@ client opened, close the connections.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import dataclasses
-import errno
 import itertools
 import logging
 import os
@@ -102,6 +101,7 @@ from thinblock.errors import (
     VolumeGone,
 )
 from thinblock.netlimits import STOPPING, ConnectionLimits, RefusalLog
+from thinblock.sendqueue import SendQueue, dup_socket
 from thinblock.sessions import Session, SessionRegistry
 
 from .access import ANY, AccessList, AccessPolicy, AccessRule, ClientIdentity, parse_client
@@ -578,15 +578,12 @@ class _Connection(asyncio.BufferedProtocol):
         self._out: list[Buffer] = []
         self._out_bytes = 0
         self._flush_scheduled = False
-        # A duplicate of the plain socket's descriptor for sendfile (None: no zero-copy reads,
-        # e.g. once TLS started); whether the chosen volume can give FileSpans.
-        self._sendfile_sock: socket.socket | None = None
+        # The socket queue (thinblock.sendqueue) on a duplicate of the plain socket's
+        # descriptor (None: no zero-copy reads, e.g. once TLS started): while it holds
+        # anything, every reply goes through it (in order) instead of the transport.  Whether
+        # the chosen volume can give FileSpans.
+        self._sockq: SendQueue | None = None
         self._file_spans = False
-        # The socket queue: while it holds anything, every reply goes through it (in order)
-        # instead of the transport, sent by _drain_socket, woken by the loop when writable.
-        self._sockq: collections.deque[Buffer | FileSpan] = collections.deque()
-        self._sockq_bytes = 0
-        self._sock_writer = False
         self._close_when_drained = False
 
     # --- asyncio callbacks ------------------------------------------------------------------
@@ -619,10 +616,14 @@ class _Connection(asyncio.BufferedProtocol):
             # "both the client and server SHOULD disable Nagle's algorithm" (asyncio usually has)
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX):
-            with contextlib.suppress(OSError):
-                self._sendfile_sock = socket.socket(fileno=os.dup(sock.fileno()))
-                self._sendfile_sock.setblocking(False)
+        dup = dup_socket(transport)
+        if dup is not None:
+            self._sockq = SendQueue(
+                dup,
+                on_drained=self._socket_drained,
+                on_error=self._socket_failed,
+                on_sendfile=self._count_sendfile,
+            )
         self._timer = asyncio.get_running_loop().call_later(server.handshake_timeout, self._handshake_timeout)
         self._flush_core()  # the greeting
         self._flush_out()
@@ -702,12 +703,9 @@ class _Connection(asyncio.BufferedProtocol):
         self._notify_idle()
 
     def _drop_sendfile(self) -> None:
-        self._stop_socket_writer()
-        self._sockq.clear()
-        self._sockq_bytes = 0
-        sock, self._sendfile_sock = self._sendfile_sock, None
-        if sock is not None:
-            sock.close()
+        queue, self._sockq = self._sockq, None
+        if queue is not None:
+            queue.close()
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -727,7 +725,7 @@ class _Connection(asyncio.BufferedProtocol):
             while True:
                 if (
                     self._write_paused
-                    or self._sockq_bytes >= _WRITE_HIGH_WATER
+                    or (self._sockq is not None and self._sockq.bytes >= _WRITE_HIGH_WATER)
                     or self._in_flight >= server.max_requests_per_connection
                     or self._bytes_in_flight >= server.max_bytes_per_connection
                 ):
@@ -875,7 +873,7 @@ class _Connection(asyncio.BufferedProtocol):
             self._reading_paused
             and not self._closing
             and not self._write_paused
-            and self._sockq_bytes < _WRITE_HIGH_WATER
+            and (self._sockq is None or self._sockq.bytes < _WRITE_HIGH_WATER)
             and self._in_flight < server.max_requests_per_connection
             and self._bytes_in_flight < server.max_bytes_per_connection
             and server._budget_left()
@@ -911,8 +909,7 @@ class _Connection(asyncio.BufferedProtocol):
         if transport is None or self._lost or transport.is_closing():
             return
         if self._sockq:  # the socket queue owns the socket until it drains: keep the order
-            self._sockq.extend(out)
-            self._sockq_bytes += sum(len(data) for data in out)
+            self._sockq.push(out)
             return
         if len(out) == 1:
             transport.write(out[0])
@@ -958,7 +955,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.volume = volume
         self._opened_at = time.monotonic()
         self._max_block = export.maximum_block
-        self._file_spans = self._sendfile_sock is not None and volume.capabilities.file_spans
+        self._file_spans = self._sockq is not None and volume.capabilities.file_spans
         if any(context.bitmap is not None for context in event.contexts):
             self._status_plan = [self._bind_context(volume, context) for context in event.contexts]
         self.server._opened.setdefault(export.name, volume)
@@ -1145,7 +1142,7 @@ class _Connection(asyncio.BufferedProtocol):
                 return
             coro: Coroutine[Any, Any, Any]
             if command is Command.READ:
-                if length >= SENDFILE_MIN and self._file_spans and self._sendfile_sock is not None:
+                if length >= SENDFILE_MIN and self._file_spans and self._sockq is not None:
                     kind = _KIND_SPANS
                     coro = cast(Any, volume).read_spans(offset, length)
                 else:
@@ -1275,18 +1272,15 @@ class _Connection(asyncio.BufferedProtocol):
         header = self.core.reply_read_header(request)
         self._flush_out()  # earlier replies go first
         transport = self.transport
+        queue = self._sockq
         if (
-            self._sendfile_sock is not None
+            queue is not None
             and transport is not None
             and not self._lost
             and not transport.is_closing()
-            and (self._sockq or not transport.get_write_buffer_size())
+            and (queue or not transport.get_write_buffer_size())
         ):
-            self._sockq.append(header)
-            self._sockq.extend(spans)
-            self._sockq_bytes += len(header) + request.length
-            if len(self._sockq) == len(spans) + 1:  # it was empty: nothing is waiting to send it
-                self._drain_socket()
+            queue.push([header, *spans])
             return
         try:
             copies: list[Buffer] = [span.read_part() for span in spans]
@@ -1296,73 +1290,26 @@ class _Connection(asyncio.BufferedProtocol):
         self._write(header)
         self._write_all(copies)
 
-    def _drain_socket(self) -> None:
-        """Send the socket queue in order (headers and small replies with send, FileSpans with
-        sendfile) until it is empty or the socket is full; then wait until it is writable."""
-        sock, queue = self._sendfile_sock, self._sockq
-        if sock is None or self._lost:
-            queue.clear()
-            self._sockq_bytes = 0
-            return
-        fd = sock.fileno()
-        try:
-            while queue:
-                item = queue[0]
-                if isinstance(item, FileSpan):
-                    try:
-                        n = os.sendfile(fd, item.fd, item.offset, item.length)
-                        if not n:
-                            raise OSError(errno.EIO, "the file ends before the span")
-                    except BlockingIOError:
-                        raise
-                    except OSError:
-                        # A read error or a broken connection: read the rest the PD's way (a
-                        # read error fails the PD: MediumError); the send says which it was.
-                        queue[0] = item.read_part()
-                        continue
-                    self.server.sendfile_bytes += n
-                    if n < item.length:
-                        item.offset += n
-                        item.length -= n
-                    else:
-                        queue.popleft()
-                else:
-                    n = sock.send(item, socket.MSG_MORE if len(queue) > 1 else 0)
-                    if n < len(item):
-                        queue[0] = memoryview(item)[n:]
-                    else:
-                        queue.popleft()
-                self._sockq_bytes -= n
-        except BlockingIOError:
-            if not self._sock_writer:
-                asyncio.get_running_loop().add_writer(fd, self._drain_socket)
-                self._sock_writer = True
-            return
-        except (OSError, MediumError) as exc:
-            # Reply headers went out promising data: nothing more can be said on this connection.
-            self._log_once(
-                "sendfile",
-                logging.WARNING,
-                "client %s: sending read data failed (%s); disconnecting",
-                self.peer,
-                exc,
-            )
-            queue.clear()
-            self._sockq_bytes = 0
-            self._stop_socket_writer()
-            self._closing = True
-            self.close_transport(abort=True)
-            return
-        self._stop_socket_writer()
+    def _count_sendfile(self, n: int) -> None:
+        self.server.sendfile_bytes += n
+
+    def _socket_drained(self) -> None:
         if self._close_when_drained:
             self.close_transport(abort=False)
         else:
             self._resume()
 
-    def _stop_socket_writer(self) -> None:
-        if self._sock_writer and self._sendfile_sock is not None:
-            asyncio.get_running_loop().remove_writer(self._sendfile_sock.fileno())
-        self._sock_writer = False
+    def _socket_failed(self, exc: BaseException) -> None:
+        # Reply headers went out promising data: nothing more can be said on this connection.
+        self._log_once(
+            "sendfile",
+            logging.WARNING,
+            "client %s: sending read data failed (%s); disconnecting",
+            self.peer,
+            exc,
+        )
+        self._closing = True
+        self.close_transport(abort=True)
 
     def _fail(self, request: Request, exc: BaseException) -> None:
         error = errno_for(exc, request.flags)
