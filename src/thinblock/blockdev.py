@@ -18,6 +18,7 @@ inside the stack those are invariants and are asserted, not re-validated.
 
 from __future__ import annotations
 
+import copy
 import enum
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -44,6 +45,15 @@ class FileSpan:
     def read_part(self, skip: int = 0) -> bytearray:
         """The span's bytes from ``skip`` on, read with the maker's error handling (MediumError)."""
         raise NotImplementedError
+
+    def part(self, skip: int, length: int) -> FileSpan:
+        """``length`` bytes of the span from ``skip`` on: a span of the same maker (its
+        ``read_part``), for a front end that sends a read in several messages (iSCSI Data-In)."""
+        assert skip >= 0 and 0 < length <= self.length - skip, (skip, length, self.length)
+        piece = copy.copy(self)
+        piece.offset = self.offset + skip
+        piece.length = length
+        return piece
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(fd={self.fd}, offset={self.offset}, length={self.length})"

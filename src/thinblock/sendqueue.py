@@ -34,6 +34,10 @@ from thinblock.blockdev import Buffer, FileSpan
 from thinblock.errors import MediumError
 
 QueueItem = Buffer | FileSpan
+# Reads of this many bytes or more go through read_spans and sendfile when they can.  Smaller
+# ones gain nothing from it (the syscalls cost more than the copy) and lose the batching of
+# small replies into one send.
+SENDFILE_MIN = 64 * 1024
 
 
 def dup_socket(transport: asyncio.BaseTransport) -> socket.socket | None:
@@ -154,4 +158,4 @@ class SendQueue:
         self._writer = False
 
 
-__all__ = ["QueueItem", "SendQueue", "dup_socket"]
+__all__ = ["SENDFILE_MIN", "QueueItem", "SendQueue", "dup_socket"]

@@ -7,10 +7,11 @@ connections of a session share one CmdSN counter."""
 from __future__ import annotations
 
 import asyncio
+import struct
 from dataclasses import dataclass, field
 
 from thinblock.iscsi.constants import BHS_LENGTH, Opcode
-from thinblock.iscsi.pdu import pad_length
+from thinblock.iscsi.pdu import crc32c, pad_length
 
 from .initiator import ISID, Reply, login_request, logout_request, nop_out, scsi_command
 
@@ -61,6 +62,9 @@ class RawInitiator:
         self.reader, self.writer = reader, writer
         self.port, self.isid, self.cid = port, isid, cid
         self.session = session or SessionCounters()
+        # CRC32C digests, as the login negotiated them (``digests=True`` offers them).
+        self.header_digest = False
+        self.data_digest = False
 
     @classmethod
     async def connect(
@@ -73,6 +77,7 @@ class RawInitiator:
         max_connections: int = 1,
         cid: int = 0,
         session: SessionCounters | None = None,
+        digests: bool = False,
     ) -> RawInitiator:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         self = cls(reader, writer, port=port, isid=isid, cid=cid, session=session)
@@ -89,6 +94,8 @@ class RawInitiator:
                 ("MaxRecvDataSegmentLength", "262144"),
                 ("MaxConnections", str(max_connections)),
             ]
+            if digests:
+                counters.pairs += [("HeaderDigest", "CRC32C"), ("DataDigest", "CRC32C")]
         writer.write(
             login_request(
                 counters.pairs, csg=1, nsg=3, isid=isid, tsih=counters.tsih, cid=cid, cmdsn=counters.cmdsn
@@ -101,6 +108,9 @@ class RawInitiator:
             raise LoginRefused(reply.login_status)
         assert reply.opcode == Opcode.LOGIN_RESPONSE
         counters.tsih = int.from_bytes(reply.bhs[14:16], "big")
+        keys = reply.text
+        self.header_digest = keys.get("HeaderDigest") == "CRC32C"
+        self.data_digest = keys.get("DataDigest") == "CRC32C"
         return self
 
     async def add_connection(self, cid: int) -> RawInitiator:
@@ -125,7 +135,17 @@ class RawInitiator:
         """Send one command without waiting (the caller numbers it)."""
         edtl = read or len(data)
         self.writer.write(
-            scsi_command(cdb, itt=itt, cmdsn=cmdsn, edtl=edtl, read=bool(read), write=bool(data), data=data)
+            scsi_command(
+                cdb,
+                itt=itt,
+                cmdsn=cmdsn,
+                edtl=edtl,
+                read=bool(read),
+                write=bool(data),
+                data=data,
+                header_digest=self.header_digest,
+                data_digest=self.data_digest,
+            )
         )
 
     async def answer_pings(self, until: asyncio.Event) -> int:
@@ -166,8 +186,15 @@ class RawInitiator:
     async def _reply(self) -> Reply:
         bhs = await self.reader.readexactly(BHS_LENGTH)
         dsl = int.from_bytes(bhs[5:8], "big")
-        body = await self.reader.readexactly(bhs[4] * 4 + dsl + pad_length(dsl))
-        return Reply(bhs, body[bhs[4] * 4 : bhs[4] * 4 + dsl])
+        ahs = await self.reader.readexactly(bhs[4] * 4)
+        if self.header_digest:
+            digest = await self.reader.readexactly(4)
+            assert digest == struct.pack("<I", crc32c(bhs + ahs)), "bad header digest from the target"
+        body = await self.reader.readexactly(dsl + pad_length(dsl))
+        if self.data_digest and dsl:
+            digest = await self.reader.readexactly(4)
+            assert digest == struct.pack("<I", crc32c(body)), "bad data digest from the target"
+        return Reply(bhs, body[:dsl])
 
     async def command(self, cdb: bytes, *, read: int = 0, data: bytes = b"") -> Outcome:
         itt = self.session.next_itt()

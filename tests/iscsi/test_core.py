@@ -4,10 +4,15 @@ connection.  Fed whole and byte by byte, with trailing data; fuzzed with hypothe
 
 from __future__ import annotations
 
+import itertools
+import os
+from pathlib import Path
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from thinblock.blockdev import FileSpan
 from thinblock.iscsi.connection import (
     NEED_DATA,
     ConnectionClosed,
@@ -494,3 +499,66 @@ def test_short_read_is_one_data_in_with_status_and_a_write_one_response(digests:
     [response] = replies(core, **wire)
     assert response.opcode == Opcode.SCSI_RESPONSE and response.bhs[3] == 0 and response.u32(16) == 7
     assert response.u32(24) == stat_sn + 1 and response.u32(28) == 3  # StatSN, ExpCmdSN
+
+
+class _FileSpan(FileSpan):
+    def read_part(self, skip: int = 0) -> bytearray:
+        return bytearray(os.pread(self.fd, self.length - skip, self.offset + skip))
+
+
+@pytest.mark.parametrize("header_digest", [False, True])
+@pytest.mark.parametrize(("segment", "burst"), [("4096", "16384"), ("24576", "65536"), ("262144", "262144")])
+@pytest.mark.parametrize("edtl_short", [False, True])
+def test_data_in_from_file_spans_is_the_same_wire_as_from_bytes(
+    tmp_path: Path, segment: str, burst: str, header_digest: bool, edtl_short: bool
+) -> None:
+    """A read answered with FileSpans (zero-copy Data-In): headers, DataSN, offsets, F and S
+    bits, residuals as for the same bytes, each segment's spans split where it ends; the spans
+    read back give the bytes the buffered path sends."""
+    payload = bytes((i * 13 + i // 997) & 0xFF for i in range(160 * 1024))
+    path = tmp_path / "pd.img"
+    path.write_bytes(bytes(1000) + payload)
+    pairs = [
+        *(
+            (k, "CRC32C" if header_digest and k == "HeaderDigest" else v)
+            for k, v in OPERATIONAL
+            if k not in ("MaxRecvDataSegmentLength", "MaxBurstLength")
+        ),
+        ("MaxRecvDataSegmentLength", segment),
+        ("MaxBurstLength", burst),
+    ]
+    # Spans of uneven lengths, as RAID 0 stripe units at an unaligned read would give.
+    cuts = [0, 5000, 70000, 70001, 131072, len(payload)]
+    edtl = len(payload) - (4096 if edtl_short else 0)  # shorter than the CDB: overflow residual
+    cdb = bytes([0x28, 0, 0, 0, 0, 0, 0, 0, 80, 0])
+    wires = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for answer in ("bytes", "spans"):
+            core = logged_in(pairs)
+            core.receive_data(
+                scsi_command(cdb, itt=7, cmdsn=1, edtl=edtl, read=True, header_digest=header_digest)
+            )
+            [task] = events(core)
+            assert isinstance(task, ScsiCommand)
+            if answer == "bytes":
+                core.complete(task, ScsiResult(data=payload))
+            else:
+                spans: list[FileSpan] = [
+                    _FileSpan(fd, 1000 + start, end - start) for start, end in itertools.pairwise(cuts)
+                ]
+                core.complete(task, ScsiResult(spans=spans, wanted=len(payload)))
+            out = core.data_to_send()
+            if answer == "spans":
+                assert any(isinstance(item, FileSpan) for item in out)
+            wires.append(
+                b"".join(item.read_part() if isinstance(item, FileSpan) else bytes(item) for item in out)
+            )
+    finally:
+        os.close(fd)
+    assert wires[0] == wires[1]
+    pdus = parse_replies(wires[1], header_digest=header_digest)
+    assert b"".join(p.data for p in pdus) == payload[:edtl]
+    assert pdus[-1].flags & 0x81 == 0x81  # F and S on the last
+    if edtl_short:
+        assert pdus[-1].flags & 0x04 and pdus[-1].u32(44) == 4096  # overflow, residual count

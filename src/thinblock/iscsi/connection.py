@@ -28,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from thinblock.blockdev import FileSpan
+
 from .constants import (
     BHS_LENGTH,
     CONTINUE_BIT,
@@ -60,7 +62,18 @@ from .negotiation import (
     SessionParameters,
     negotiate_operational,
 )
-from .pdu import Buffer, Pdu, PduError, PduReader, build_bhs, encode, format_text, pack_bhs, parse_text
+from .pdu import (
+    Buffer,
+    Pdu,
+    PduError,
+    PduReader,
+    build_bhs,
+    digest_bytes,
+    encode,
+    format_text,
+    pack_bhs,
+    parse_text,
+)
 from .sense import fixed_sense
 from .session import Session, SessionTable, WindowOverflow, sn_add
 
@@ -165,12 +178,16 @@ Event = LoginComplete | ScsiCommand | TaskManagement | LogoutRequested | Connect
 @dataclass(slots=True)
 class ScsiResult:
     """What the SCSI layer answers: status, Data-In, sense, and how many bytes the command
-    wanted to move (for the residual count; None: the length of ``data``)."""
+    wanted to move (for the residual count; None: the length of ``data``).  A read with GOOD
+    status may give its Data-In as ``spans`` instead of ``data``: FileSpans (blockdev.py) in
+    order, which the core puts in its output as they are, after each Data-In header, for the
+    server to ``sendfile`` (only on a connection without DataDigest: the CRC needs the bytes)."""
 
     status: int = Status.GOOD
     data: Buffer = b""
     sense: bytes = b""
     wanted: int | None = None
+    spans: list[FileSpan] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +220,7 @@ class TargetConnection:
         self.reader.sink = self._data_sink
         self.queue_depth = queue_depth
         self._events: list[Event] = []
-        self._out: list[Buffer] = []
+        self._out: list[Buffer | FileSpan] = []
         self.session_type = SessionType.NORMAL
         self.initiator_name = ""
         self.initiator_alias = ""
@@ -284,7 +301,8 @@ class TargetConnection:
             return self._events.pop(0)
         return NEED_DATA
 
-    def data_to_send(self) -> list[Buffer]:
+    def data_to_send(self) -> list[Buffer | FileSpan]:
+        """What to send, in order: bytes, and the FileSpans of Data-In answered with spans."""
         out = self._out
         self._out = []
         return out
@@ -1024,6 +1042,9 @@ class TargetConnection:
         self._release_budget(task)
         if task.aborted or self.phase is not Phase.FULL_FEATURE:
             return
+        if result.spans:
+            self._data_in_spans(task, result.spans, result.wanted)
+            return
         data = result.data
         wanted = len(data) if result.wanted is None else result.wanted
         edtl = task.expected_length
@@ -1150,6 +1171,77 @@ class TargetConnection:
         )
         self.stat_sn = sn_add(self.stat_sn, 1)
         self._send(bhs, segment_data)
+
+    def _data_in_spans(self, task: ScsiCommand, spans: list[FileSpan], wanted: int | None) -> None:
+        """A read's GOOD answer whose data lies in files: the Data-In PDUs as ``complete``
+        makes them (segments of MaxRecvDataSegmentLength, the F bit at each MaxBurstLength,
+        the status in the last), each header followed by the FileSpans of its segment --
+        split where a segment ends inside one -- instead of the bytes."""
+        assert not self.reader.data_digest, "DataDigest needs the bytes: no spans (server.py)"
+        total = sum(span.length for span in spans)
+        wanted = total if wanted is None else wanted
+        edtl = task.expected_length
+        total = min(total, edtl)
+        residual_flags = 0
+        residual = 0
+        if wanted > edtl:
+            residual_flags, residual = OVERFLOW_BIT, wanted - edtl
+        elif wanted < edtl:
+            residual_flags, residual = UNDERFLOW_BIT, edtl - wanted
+        params = self.params
+        burst = params.max_burst_length
+        segment = min(params.initiator_max_recv_data_segment, burst)
+        header_digest = self.reader.header_digest
+        session = self.session
+        out = self._out
+        index = 0  # the span the next segment starts in, and how far into it
+        skip = 0
+        data_sn = 0
+        offset = 0
+        while offset < total:
+            n = min(segment, total - offset, burst - offset % burst)
+            last = offset + n >= total
+            flags = FINAL_BIT if last or (offset + n) % burst == 0 else 0
+            if last:
+                flags |= STATUS_BIT | residual_flags
+            header = pack_bhs(
+                Opcode.SCSI_DATA_IN,
+                flags,
+                Status.GOOD,
+                n,
+                task.lun,
+                task.itt,
+                NO_TAG,
+                self.stat_sn if last else 0,
+                session.exp_cmd_sn,
+                session.advertised_max(),
+                data_sn,
+                offset,
+                residual if last else 0,
+            )
+            out.append(header)
+            if header_digest:
+                out.append(digest_bytes(header))
+            need = n
+            while need:
+                span = spans[index]
+                left = span.length - skip
+                if left <= need:
+                    out.append(span if not skip else span.part(skip, left))
+                    index += 1
+                    skip = 0
+                    need -= left
+                else:
+                    out.append(span.part(skip, need))
+                    skip += need
+                    need = 0
+            pad = -n & 3
+            if pad:
+                out.append(_PADDING[pad])
+            data_sn += 1
+            offset += n
+        task.responses_sent += data_sn
+        self.stat_sn = (self.stat_sn + 1) & 0xFFFFFFFF
 
     def abort(self, itt: int) -> ScsiCommand | None:
         """Mark a task aborted: no response will be sent for it; its data is dropped."""

@@ -27,11 +27,11 @@ import asyncio
 import hashlib
 import logging
 import struct
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from thinblock.blockdev import Buffer, ExtentFlags, Volume
+from thinblock.blockdev import Buffer, ExtentFlags, FileSpan, SpanPiece, Volume
 from thinblock.errors import InvalidArgument, MediumError, NotFound, OutOfSpace, ReadOnlyDevice
 
 from .connection import ScsiResult
@@ -197,6 +197,12 @@ class LogicalUnit:
         # the VV was deleted (under a metrics wrapper, the VV itself: asking the wrapper for
         # an attribute it lacks costs a failed lookup per command).
         self._max_block = volume.capabilities.maximum_block
+        # The volume has read_spans (the zero-copy read path NBD uses too): beyond the Volume
+        # protocol, as on the NBD server, so bound once.
+        self._read_spans: Callable[[int, int], Awaitable[list[SpanPiece]]] | None = getattr(
+            volume, "read_spans", None
+        )
+        self._file_spans = volume.capabilities.file_spans and self._read_spans is not None
         self._base = getattr(volume, "_inner", volume)
 
     # --- who is connected -------------------------------------------------------------------
@@ -234,7 +240,12 @@ class LogicalUnit:
             raise CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.LBA_OUT_OF_RANGE)
 
     # --- entry --------------------------------------------------------------------------------
-    async def execute(self, nexus: Nexus, cdb: bytes, data: bytearray | None) -> ScsiResult:
+    async def execute(
+        self, nexus: Nexus, cdb: bytes, data: bytearray | None, *, spans: bool = False
+    ) -> ScsiResult:
+        """Run one command.  ``spans``: the caller can send a read's data from files
+        (sendfile): a READ whose data lies in files as it is (``read_spans``: one region, no
+        write-back data over it) is then answered with ``ScsiResult.spans``."""
         op = cdb[0]
         try:
             if (
@@ -243,7 +254,7 @@ class LogicalUnit:
                 and not self.gone
                 and not self.pending_ua.get(nexus)
             ):
-                result = await self._fast_rw(op, cdb, data)
+                result = await self._fast_rw(op, cdb, data, spans and self._file_spans)
                 if result is not None:
                     if self.sense:
                         self.sense.pop(nexus, None)
@@ -298,7 +309,9 @@ class LogicalUnit:
             log.error("LU %s: 0x%02x failed unexpectedly: %r", self.volume.name, op, exc)
             return self._fail(nexus, CheckCondition(SenseKey.HARDWARE_ERROR, Asc.INTERNAL_TARGET_FAILURE))
 
-    async def _fast_rw(self, op: int, cdb: bytes, data: bytearray | None) -> ScsiResult | None:
+    async def _fast_rw(
+        self, op: int, cdb: bytes, data: bytearray | None, spans: bool = False
+    ) -> ScsiResult | None:
         """READ/WRITE 10/16 as hosts send them (no protection bits, within the volume and one
         volume request, the whole write's data here), with nothing pending for the nexus:
         the same checks as the general path in fewer steps; None for anything else, which
@@ -318,6 +331,9 @@ class LogicalUnit:
             return None
         offset = lba << BLOCK_SHIFT
         if op == Op.READ_10 or op == Op.READ_16:
+            if spans:
+                assert self._read_spans is not None  # (_file_spans)
+                return _spans_result(await self._read_spans(offset, length), length)
             return ScsiResult(data=await volume.read(offset, length))
         if data is None or len(data) != length:
             return None
@@ -962,6 +978,23 @@ class LogicalUnit:
 
     def describe(self) -> dict[str, Any]:
         return {"vv": self.volume.name, "nexuses": sorted(self.nexuses)}
+
+
+def _spans_result(pieces: list[SpanPiece], length: int) -> ScsiResult:
+    """A read answered by ``read_spans``: its FileSpans when every piece is one, else the
+    bytes (holes read as zeros: LBPRZ)."""
+    if all(isinstance(piece[2], FileSpan) for piece in pieces):
+        return ScsiResult(spans=[piece[2] for piece in pieces])  # type: ignore[misc]
+    if len(pieces) == 1 and pieces[0][2] is not None and pieces[0][1] == length:
+        return ScsiResult(data=pieces[0][2])  # type: ignore[arg-type]
+    out = bytearray(length)
+    start = pieces[0][0] if pieces else 0
+    for offset, n, data in pieces:
+        if data is not None:
+            out[offset - start : offset - start + n] = (
+                data.read_part() if isinstance(data, FileSpan) else data
+            )
+    return ScsiResult(data=out)
 
 
 def _iscsi_transport_id(nexus: Nexus) -> bytes:

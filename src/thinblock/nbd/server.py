@@ -101,7 +101,7 @@ from thinblock.errors import (
     VolumeGone,
 )
 from thinblock.netlimits import STOPPING, ConnectionLimits, RefusalLog
-from thinblock.sendqueue import SendQueue, dup_socket
+from thinblock.sendqueue import SENDFILE_MIN, SendQueue, dup_socket
 from thinblock.sessions import Session, SessionRegistry
 
 from .access import ANY, AccessList, AccessPolicy, AccessRule, ClientIdentity, parse_client
@@ -153,10 +153,6 @@ _KIND_EXTENTS = 2  # pieces from read_extents
 _KIND_SPANS = 3  # pieces from read_spans (FileSpans to sendfile)
 _KIND_CONTEXTS = 4  # (context id, extents) for each metadata context (reply_block_status contexts=)
 _DIRTY = int(DirtyBitmapFlags.DIRTY)
-# READs of this many bytes or more go through read_spans and sendfile when they can.  Smaller
-# ones gain nothing from it (the syscalls cost more than the copy) and lose the batching of
-# small replies into one send.
-SENDFILE_MIN = 64 * 1024
 
 
 def errno_for(exc: BaseException, flags: int = 0) -> Errno:
@@ -1375,4 +1371,4 @@ class _Connection(asyncio.BufferedProtocol):
             )
 
 
-__all__ = ["DEFAULT_PORT", "NBDServer", "errno_for"]
+__all__ = ["DEFAULT_PORT", "SENDFILE_MIN", "NBDServer", "errno_for"]
