@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.drills.nbd_client import NBDClient, NBDError
-from tests.unit.test_engine_stateful import assert_space_map_matches_the_store
+from tests.engine_machine import assert_space_map_matches_the_store
 from thinblock.api.app import NodeInfo, create_app
 from thinblock.cli import main
 from thinblock.engine import Engine

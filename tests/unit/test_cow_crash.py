@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.engine_helpers import CHUNKLET, REGION, STEP, make_engine, pattern
-from tests.unit.test_engine_stateful import (
+from tests.engine_machine import (
     assert_free_regions_hold_nothing,
     assert_space_map_matches_the_store,
 )

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.engine_helpers import CHUNKLET, REGION, STEP, make_engine, pattern, reopen
-from tests.unit.test_engine_stateful import assert_free_regions_hold_nothing, assert_mirrors_agree
+from tests.engine_machine import assert_free_regions_hold_nothing, assert_mirrors_agree
 from thinblock.engine import Engine, EngineOptions
 from thinblock.errors import MediumError
 from thinblock.model import LDHealth

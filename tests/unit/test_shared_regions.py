@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.engine_helpers import CHUNKLET, REGION, STEP, make_engine, pattern, reopen
-from tests.unit.test_engine_stateful import (
+from tests.engine_machine import (
     assert_free_regions_hold_nothing,
     assert_space_map_matches_the_store,
 )

@@ -21,11 +21,10 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from tests.unit.test_engine_stateful import (
-    CHUNKLET,
+from tests.engine_helpers import CHUNKLET, STEP
+from tests.engine_machine import (
     PD_SIZE,
     SET_SIZE,
-    STEP,
     EngineMachineBase,
     assert_free_regions_hold_nothing,
     assert_space_map_matches_the_store,
