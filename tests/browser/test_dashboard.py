@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.client_tools import qemu_io
-from tests.support.daemon import FAST_FORECAST_CONFIG, Daemon, start_daemon
+from tests.support.daemon import FAST_FORECAST_CONFIG, Daemon, running_daemon
 
 pytestmark = pytest.mark.e2e
 
@@ -41,11 +41,10 @@ if not os.access(CHROMIUM, os.X_OK):
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    d = start_daemon(tmp_path, config=FAST_FORECAST_CONFIG, args=("--api-token", TOKEN), token=TOKEN)
-    try:
+    with running_daemon(
+        tmp_path, config=FAST_FORECAST_CONFIG, args=("--api-token", TOKEN), token=TOKEN, clean_stop=True
+    ) as d:
         yield d
-    finally:
-        assert d.stop() == 0, d.log_text()
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from tests.support.certs import make_pki
-from tests.support.daemon import SMALL_CONFIG, Daemon, start_daemon
+from tests.support.daemon import SMALL_CONFIG, Daemon, running_daemon, start_daemon
 
 from .client_tools import qemu_io
 
@@ -37,11 +37,8 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
         f'[api]\nrequire_token = true\ntoken = "{TOKEN}"\n[metrics]\nlatency_histograms = false\n'
         + SMALL_CONFIG
     )
-    d = start_daemon(tmp_path, config=config, token=TOKEN)
-    try:
+    with running_daemon(tmp_path, config=config, token=TOKEN, clean_stop=True) as d:
         yield d
-    finally:
-        assert d.stop() == 0
 
 
 def _state(client: httpx.Client) -> dict[str, Any]:

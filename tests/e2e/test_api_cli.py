@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemon import SMALL_CONFIG, Daemon, start_daemon
+from tests.support.daemon import SMALL_CONFIG, Daemon, running_daemon
 from thinblock.units import GiB, MiB
 
 from .client_tools import data_extents, nbd_size, qemu_io, run_tool
@@ -28,11 +28,8 @@ ALERT_KEYS = {"id", "time", "severity", "kind", "object", "message", "state"}
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    d = start_daemon(tmp_path, config=SMALL_CONFIG)
-    try:
+    with running_daemon(tmp_path, config=SMALL_CONFIG, clean_stop=True) as d:
         yield d
-    finally:
-        assert d.stop() == 0, d.log_text()
 
 
 def _alerts(daemon: Daemon, *extra: str) -> list[dict[str, object]]:

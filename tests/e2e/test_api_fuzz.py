@@ -36,7 +36,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.support.daemon import SMALL_CONFIG, Daemon, start_daemon
+from tests.support.daemon import SMALL_CONFIG, Daemon, running_daemon
 
 pytestmark = pytest.mark.e2e
 
@@ -53,11 +53,10 @@ STATE = ("/pds", "/pools", "/lds", "/volumes", "/alerts?all=true", "/tokens")
 def daemon(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Daemon]:
     with_tokens = request.param
     config = SMALL_CONFIG + (f'[api]\ntoken = "{ADMIN_TOKEN}"\n' if with_tokens else "")
-    d = start_daemon(tmp_path, config=config, token=ADMIN_TOKEN if with_tokens else None)
-    try:
+    with running_daemon(
+        tmp_path, config=config, token=ADMIN_TOKEN if with_tokens else None, clean_stop=True
+    ) as d:
         yield d
-    finally:
-        assert d.stop() == 0, d.log_text()
 
 
 def test_fuzz_the_api_from_its_openapi(daemon: Daemon) -> None:

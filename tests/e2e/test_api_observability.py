@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.daemon import SMALL_CONFIG, Daemon, start_daemon
+from tests.support.daemon import SMALL_CONFIG, Daemon, running_daemon
 from thinblock.units import MiB
 
 from .client_tools import qemu_io
@@ -76,11 +76,10 @@ def receiver() -> Iterator[Receiver]:
 
 @pytest.fixture
 def daemon(tmp_path: Path, receiver: Receiver) -> Iterator[Daemon]:
-    d = start_daemon(tmp_path, config=SMALL_CONFIG + f'\n[webhook]\nurl = "{receiver.url}"\n')
-    try:
+    with running_daemon(
+        tmp_path, config=SMALL_CONFIG + f'\n[webhook]\nurl = "{receiver.url}"\n', clean_stop=True
+    ) as d:
         yield d
-    finally:
-        assert d.stop() == 0
 
 
 def _scrape(daemon: Daemon) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

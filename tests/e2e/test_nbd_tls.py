@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.certs import Pki, make_pki
-from tests.support.daemon import SMALL_CONFIG, Daemon, start_daemon
+from tests.support.daemon import SMALL_CONFIG, Daemon, running_daemon, start_daemon
 
 from .client_tools import run_tool
 
@@ -41,11 +41,8 @@ def pki(tmp_path: Path) -> Pki:
 
 @pytest.fixture
 def tls_daemon(tmp_path: Path, pki: Pki) -> Iterator[Daemon]:
-    d = start_daemon(tmp_path, config=_config(pki, "required"))
-    try:
+    with running_daemon(tmp_path, config=_config(pki, "required"), clean_stop=True) as d:
         yield d
-    finally:
-        assert d.stop() == 0, d.log_tail()
 
 
 def _qemu_tls(pki: Pki, port: int, export: str) -> list[str]:

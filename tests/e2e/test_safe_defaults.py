@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.drills.nbd_client import ConnectionLost, NBDClient, NBDError
-from tests.support.daemon import SMALL_CONFIG, Daemon, start_daemon
+from tests.support.daemon import SMALL_CONFIG, Daemon, running_daemon
 from thinblock.units import GiB, MiB
 
 from .client_tools import qemu_io, run_tool
@@ -22,11 +22,8 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    d = start_daemon(tmp_path, config=SMALL_CONFIG)
-    try:
+    with running_daemon(tmp_path, config=SMALL_CONFIG, clean_stop=True) as d:
         yield d
-    finally:
-        assert d.stop() == 0, d.log_text()
 
 
 def test_delete_of_a_volume_in_use_is_refused_and_forced_delete_fails_the_client(daemon: Daemon) -> None:

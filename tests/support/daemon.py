@@ -542,12 +542,18 @@ def running_daemon(
     *,
     config: str | None = None,
     args: Sequence[str] = (),
+    token: str | None = None,
     log_format: Literal["logfmt", "json"] | None = None,
+    clean_stop: bool = False,
 ) -> Iterator[Daemon]:
-    """``start_daemon`` for a ``with`` block, stopped with SIGTERM after it.  The exit status is
-    not checked there; a test that cares calls ``stop()`` in the block and asserts on it."""
-    daemon = start_daemon(workdir, config=config, args=args, log_format=log_format)
+    """``start_daemon`` for a ``with`` block, stopped with SIGTERM after it.  With ``clean_stop``
+    the stop must exit 0 (its log is the failure's message): a fixture whose every test must
+    leave the daemon able to stop cleanly.  Otherwise the exit status is not checked; a test
+    that cares calls ``stop()`` in the block and asserts on it."""
+    daemon = start_daemon(workdir, config=config, args=args, token=token, log_format=log_format)
     try:
         yield daemon
     finally:
-        daemon.stop()
+        status = daemon.stop()
+    if clean_stop:
+        assert status == 0, daemon.log_text()
