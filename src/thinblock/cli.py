@@ -351,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     node = noun("node", "the node pair")
     leaf(node, "list", "this node and its mirror link: partner, epoch, mirror state and lag", cmd_node_list)
+    leaf(
+        node,
+        "failback",
+        "hand the volumes this node took over back to their owner (rejoined and in sync; no copy)",
+        cmd_node_failback,
+    )
 
     pd = noun("pd", "physical disks")
     p = leaf(pd, "add", "add a PD: a file (created sparse when missing) or a block device", cmd_pd_add)
@@ -886,7 +892,12 @@ def render_nodes(nodes: list[dict[str, Any]]) -> Table:
         partner = n["partner_node"] or n["partner"] or "-"
         holds = f"{format_size(n['held_bytes'])} of {n['holding_for']}" if n["holding_for"] else "-"
         if n["taken_over"]:
-            holds += " (took over)"
+            holds += " (took over"
+            if n.get("taken_over_mirror"):
+                holds += f", mirrored back: {n['taken_over_mirror']}"
+            holds += ")"
+        if n.get("own_held_writes"):
+            holds += f"; {format_size(n['own_held_bytes'])} of its own volumes"
         t.add_row(
             n["node"],
             n["role"],
@@ -1139,6 +1150,8 @@ def _pair_health(p: dict[str, Any]) -> str:
         text += f"; holding {p['held_writes']} writes ({format_size(p['held_bytes'])}) of {p['holding_for']}"
     if p.get("taken_over"):
         text += f"; [yellow]took over {p.get('holding_for') or 'its partner'}[/]"
+        if p.get("taken_over_mirror"):
+            text += f" (their mirror: {p['taken_over_mirror']})"
     if p.get("lease_epoch") is not None:
         text += f"; lease epoch {p['lease_epoch']}"
     return text
@@ -1238,6 +1251,12 @@ def cmd_iscsi_sessions(ctx: Context) -> None:
 
 def cmd_node_list(ctx: Context) -> None:
     _show(ctx, ctx.call("GET", "/nodes"), render_nodes)
+
+
+def cmd_node_failback(ctx: Context) -> None:
+    # As long as the taken-over volumes' clients finish and their cache destages.
+    done = ctx.call("POST", "/nodes/failback", timeout=_COPY_TIMEOUT)
+    _done(ctx, done, f"handed back to their owner: {', '.join(done['volumes']) or 'no volumes'}")
 
 
 def cmd_status(ctx: Context) -> None:

@@ -283,7 +283,8 @@ class Daemon:
         self.webhook: Any = None
         self._unsubscribe: Any = None
         self.pair: Any = None  # node.pair.NodePair, with a partner configured
-        self.taken_over: list[tuple[Engine, Any]] = []  # the partner's engine and its NBD server
+        self.taken_over: list[Any] = []  # node.takeover.TakenOver: the partner's volumes served here
+        self._own_copies: Any = None  # rejoined: the copies of this node's volumes its partner sent
         self._partner_store: Any = None  # the partner's PostgreSQL store: its lease, watched
         self._unsubscribe_fence: Any = None
         self.moves: Any = None  # api.moves.PairMoves, with node.partner_api
@@ -382,7 +383,11 @@ class Daemon:
                 await self._start_pair()
                 self._unsubscribe_fence = engine.subscribe(self._lease_lost)
 
-            extra_metrics: list[Any] = [self.pair] if self.pair is not None else []
+            extra_metrics: list[Any] = []
+            if self.pair is not None:
+                from .node.pair import PairMetrics
+
+                extra_metrics.append(PairMetrics(self._pairs))
             if cfg.webhook.url:
                 from .api.webhook import WebhookPoster
 
@@ -436,8 +441,9 @@ class Daemon:
                 iscsi_acl_volumes=tuple(vv for vv, _ in cfg.iscsi.acl),
                 data_dir=data_dir.resolve(),
                 default_chunklet_size=cfg.chunklet_size,
-                pair_status=self.pair.status if self.pair is not None else None,
+                pair_status=self._pair_status if self.pair is not None else None,
                 moves=self.moves,
+                failback=self.failback if self.pair is not None else None,
             )
             from .api.auth import ApiSecurity
 
@@ -601,9 +607,16 @@ class Daemon:
                     break
             if self.stop_requested.is_set():
                 raise _StoppedWhileRejoined()
+            # From here the partner's takeover gets no write acknowledged on a copy here: what is
+            # held is what _start_pair replays (node/takeover.py).
+            self._own_copies = self.pair.freeze_own()
             log.warning(
                 "this node's lease is free again: opening its engine",
-                extra={"event": "rejoin-owner", "holder": lease.holder if lease is not None else None},
+                extra={
+                    "event": "rejoin-owner",
+                    "holder": lease.holder if lease is not None else None,
+                    "held_writes": len(self._own_copies) if self._own_copies is not None else 0,
+                },
             )
         finally:
             store.close()
@@ -638,12 +651,23 @@ class Daemon:
     async def _start_pair(self) -> None:
         """The node pair: mirror this node's write-back cache to the partner, hold the partner's."""
         from .node.pair import NodePair
-        from .node.takeover import EpochMarks
+        from .node.takeover import EpochMarks, replay
 
         node, engine = self.cfg.node, self.engine
         assert node.partner is not None and node.name and engine is not None
         marks = EpochMarks(engine.store)
         died_mirrored = marks.was_valid_at_death()
+        own, self._own_copies = self._own_copies, None
+        if died_mirrored and own is not None and own.epoch == died_mirrored:
+            # Rejoined: the partner served this node's volumes, mirrored here, and is gone (or
+            # handed them back while in sync); the copies this process holds are the ones marked
+            # valid.  Replayed as a takeover replays them.
+            result = await replay(engine, own)
+            log.warning(
+                "replayed the copies of this node's volumes its partner mirrored here",
+                extra={"event": "rejoin-replayed", "replayed": result.replayed, "why": result.reason},
+            )
+            died_mirrored = marks.was_valid_at_death()
         if died_mirrored:
             # The last process of this node died (kill -9, a crash) while its partner held copies
             # of writes it acknowledged: they may be on no PD of this node.  Serving now would
@@ -693,14 +717,14 @@ class Daemon:
         from .errors import Conflict
         from .node.mirror import OwnerMirror
         from .node.mirror_protocol import MirrorHolding
-        from .node.takeover import replay
+        from .node.takeover import TakenOver, replay
 
         node = self.cfg.node
         assert node.partner_data is not None and node.partner_service is not None
         started = time.monotonic()
         options = self._engine_options()
+        owner = holding.owner if holding is not None else None
         if node.partner_metadata is not None:
-            owner = holding.owner if holding is not None else None
             if not owner or owner == "-":
                 return False  # the partner never said who it is: nothing to take over
             holder = f"takeover by {node.name} ({holder_name(self.cfg.data_dir)})"
@@ -736,11 +760,18 @@ class Daemon:
                     "epoch": engine.lease.lease.epoch if engine.lease is not None else 0,
                 },
             )
-            server = await self._bind_service(engine)
+            mirror = await self._mirror_taken_over(engine, owner) if node.partner_metadata else None
+            try:
+                server = await self._bind_service(engine)
+            except BaseException:
+                if mirror is not None:
+                    await mirror.stop()
+                raise
         except BaseException:
             await engine.close()
             raise
-        self.taken_over.append((engine, server))
+        assert owner is not None or mirror is None
+        self.taken_over.append(TakenOver(owner or "?", engine, server, mirror))
         log.warning(
             "took over the partner's volumes",
             extra={
@@ -755,6 +786,61 @@ class Daemon:
             },
         )
         return True
+
+    async def _mirror_taken_over(self, engine: Engine, owner: str | None) -> Any:
+        """The taken-over volumes are mirrored to their old owner once it rejoins as partner
+        (node/takeover.py): under its name, with its store's epoch marks; written through (and
+        the mirror-degraded alert raised on this node) until it is back and in sync."""
+        from .node.pair import NodePair
+        from .node.takeover import EpochMarks
+
+        assert owner is not None and owner != "-"
+        alerts = self.engine.alerts if self.engine is not None else engine.alerts
+        mirror = NodePair(
+            replace(self._pair_config(), node=owner, to_old_owner=True),
+            cache=engine.cache,
+            flush=engine.flush_all,
+            alerts=alerts,
+            marks=EpochMarks(engine.store),
+            writeback_volumes=lambda: sum(
+                1 for vv in engine.list_vvs() if vv.cache_mode == CacheMode.WRITEBACK
+            ),
+        )
+        await mirror.start(listen_for_partner=False)
+        return mirror
+
+    def _pairs(self) -> list[Any]:
+        """Every mirror of this daemon: its own pair's, and those of the volumes it took over."""
+        pairs = [self.pair] if self.pair is not None else []
+        return pairs + [t.mirror for t in self.taken_over if t.mirror is not None]
+
+    def _pair_status(self) -> Any:
+        assert self.pair is not None
+        status = self.pair.status()
+        if self.taken_over:
+            states = {t.mirror_state() for t in self.taken_over}
+            status = replace(status, taken_over_mirror=states.pop() if len(states) == 1 else "mixed")
+        return status
+
+    async def failback(self) -> list[str]:
+        """Hand the volumes this node took over back to their owner (``thinblock node failback``):
+        refused (node.takeover.FailbackRefused) unless the owner rejoined and is in sync."""
+        from .node.takeover import FailbackRefused
+
+        if not self.taken_over:
+            raise FailbackRefused("this node serves no volumes taken over from its partner")
+        handed: list[str] = []
+        for taken in list(self.taken_over):
+            names = await taken.hand_back()
+            self.taken_over.remove(taken)
+            handed += names
+            assert self.pair is not None
+            self.pair.handed_back(taken.owner)
+            log.warning(
+                "handed the partner's volumes back",
+                extra={"event": "failback-done", "owner": taken.owner, "volumes": ",".join(names)},
+            )
+        return handed
 
     async def _bind_service(self, engine: Engine) -> Any:
         """Serve the taken-over volumes on the partner's service address.  A partner that was
@@ -1041,10 +1127,9 @@ class Daemon:
             except Exception:
                 clean = False
                 log.exception("stopping the node pair failed", extra={"event": "pair-stop-failed"})
-        for engine, server in self.taken_over:
+        for taken in self.taken_over:
             try:
-                await server.stop()
-                await engine.close()
+                await taken.close()
             except Exception:
                 clean = False
                 log.exception("closing a taken-over engine failed", extra={"event": "takeover-close-failed"})

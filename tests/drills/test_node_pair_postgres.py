@@ -30,8 +30,11 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
+import subprocess
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -55,6 +58,7 @@ from tests.drills.test_node_pair import (
     SERVICE_HOST,
     TAG,
     ReconnectingWriter,
+    mirror_alerts,
     read_back,
 )
 from tests.support.daemon import Daemon
@@ -483,7 +487,7 @@ async def test_old_owner_rejoins_as_partner_and_takes_over_when_the_new_owner_di
     acked2 |= await write_export(s2, "wb2", 2, 300, 1000)
     # Acknowledged from n2's cache (destage delay 60 s): write-back again, so on two copies.
     assert n2.api_ok("GET", "/volumes/wb2")["dirty_bytes"] > 0
-    acked1 |= await write_export(s1, "wb", 1, 100, 2000)  # n1's volume on n2: written through
+    acked1 |= await write_export(s1, "wb", 1, 100, 2000)  # n1's volume on n2, mirrored to n1
 
     n2.kill()
     await asyncio.to_thread(wait_until, lambda: n1.events("takeover-done"), "n1 took n2 over", 60)
@@ -496,3 +500,257 @@ async def test_old_owner_rejoins_as_partner_and_takes_over_when_the_new_owner_di
     lost2 = await lost_in_export(s2, "wb2", 2, acked2)
     assert (lost1, lost2) == ([], []), f"lost: n1's volume {len(lost1)} blocks, n2's {len(lost2)} blocks"
     assert n1.stop() == 0
+
+
+# --- the volumes a takeover serves, mirrored to the rejoined old owner ----------------------------
+def labelled_metric(daemon: Daemon, name: str, node: str) -> float:
+    """``name{node="NODE"}`` in the daemon's /metrics."""
+    with urllib.request.urlopen(f"{daemon.api_url}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    prefix = f'{name}{{node="{node}"}} '
+    values = [float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix)]
+    assert len(values) == 1, f"{name} of {node}: {values}"
+    return values[0]
+
+
+async def one_rejoin_round(
+    make_daemon: Callable[..., Daemon], urls: tuple[str, str], workdir: Path, tag: str, rng: random.Random
+) -> dict[str, float]:
+    """kill -9 n1: n2 takes it over.  n1 started again rejoins as partner, and n2 mirrors to it
+    both its own volume and n1's, which it serves: n1's is written back again once n1 is in sync
+    (node list, metrics, the alert cleared).  kill -9 n2 at a random moment of a write-back load
+    on n1's volume (a FLUSH every FLUSH_EVERY writes, answered on the two copies): n1 takes n2
+    over, opens its own engine once its lease is free, replays the copies of its volume n2 sent
+    it, and every acknowledged write of both volumes reads back."""
+    url1, url2 = urls
+    p1, p2 = free_port(), free_port()
+    s1, s2 = free_port(SERVICE_HOST), free_port(SERVICE_HOST)
+    dir1, dir2 = workdir / f"n1-{tag}" / "data", workdir / f"n2-{tag}" / "data"
+
+    def takeover_of(data: Path, service: int, url: str) -> str:
+        return f'partner_data = "{data}"\npartner_service = "{SERVICE_HOST}:{service}"\npartner_metadata = "{url}"\n'
+
+    n1 = make_daemon(
+        f"n1-{tag}",
+        config=pg_node_config("n1", p1, p2, takeover=takeover_of(dir2, s2, url2)),
+        args=("--metadata", url1, "--nbd", f"{SERVICE_HOST}:{s1}"),
+    ).start()
+    n2 = make_daemon(
+        f"n2-{tag}",
+        config=pg_node_config(
+            "n2", p2, p1, takeover=takeover_of(dir1, s1, url1), destage_delay=KILL_DESTAGE_DELAY
+        ),
+        args=("--metadata", url2, "--nbd", f"{SERVICE_HOST}:{s2}"),
+    ).start()
+    assert (n1.data_dir, n2.data_dir) == (dir1, dir2)
+    wait_until(lambda: n1.events("mirror-in-sync") and n2.events("mirror-in-sync"), "the pair in sync")
+    for daemon, volume in ((n1, "wb"), (n2, "wb2")):
+        add_pds(daemon, Standard(count=2, size=64 * MiB), daemon.workdir)
+        setup_pool(daemon, "p", 1)
+        setup_volume(daemon, volume, "p", 64 * MiB, cache="writeback")
+    acked2 = await write_export(s2, "wb2", 2, 200, 1)
+
+    n1.kill()
+    await asyncio.to_thread(wait_until, lambda: n2.events("takeover-done"), "n2 took n1 over", 60)
+    (pair,) = n2.api_ok("GET", "/nodes")
+    # n1 is gone: its volumes, served by n2, are written through, and n2 says so.
+    assert pair["taken_over_mirror"] in ("degraded", "syncing"), pair
+    assert any(a["object"] == "node:n1" for a in mirror_alerts(n2)), mirror_alerts(n2)
+
+    n1.spawn()
+    await asyncio.to_thread(wait_until, lambda: n1.events("rejoin-partner"), "n1 rejoined as partner", 60)
+
+    def both_in_sync() -> bool:
+        (pair,) = n2.api_ok("GET", "/nodes")
+        return bool(pair["mirror"] == "in-sync" and pair["taken_over_mirror"] == "in-sync")
+
+    await asyncio.to_thread(wait_until, both_in_sync, "n2 mirrors its own and n1's volumes to n1", 60)
+    assert labelled_metric(n2, "thinblock_mirror_in_sync", "n1") == 1.0
+    assert labelled_metric(n2, "thinblock_mirror_degraded_volumes", "n1") == 0.0
+    assert not any(a["object"] == "node:n1" for a in mirror_alerts(n2)), mirror_alerts(n2)
+
+    writer = ReconnectingWriter(s1, "wb", flush_every=FLUSH_EVERY)
+    task = asyncio.create_task(writer.run())
+    stop_probe = asyncio.Event()
+    try:
+        await writer.writes_after(0, 2 * FLUSH_EVERY)
+        # Written back on n2 again (n1's copies held): n1 holds copies of its own volume
+        (pair,) = n2.api_ok("GET", "/nodes")
+        assert pair["taken_over_mirror"] == "in-sync", pair
+        assert labelled_metric(n2, "thinblock_mirror_in_flight_bytes", "n1") >= 0.0
+        acked2 |= await write_export(s2, "wb2", 2, 100, 1000)
+        await writer.writes_after(writer.seq, rng.randint(0, 1500))
+        await asyncio.sleep(rng.uniform(0.0, 0.3))
+        flushes_before = writer.flushes
+        n2.kill()
+        killed_at = time.monotonic()
+        first_read_s = await asyncio.wait_for(first_read_after(s1, killed_at, stop_probe), 120)
+        await writer.writes_after(writer.seq, 100)  # the writer goes on with n1
+    finally:
+        stop_probe.set()
+        writer.stop.set()
+        await task
+    await asyncio.to_thread(wait_until, lambda: n1.events("takeover-done"), "n1 took n2 over", 60)
+    await asyncio.to_thread(n1.wait_ready, 120)
+    (replayed,) = [json.loads(line) for line in n1.events("rejoin-replayed")]
+    assert flushes_before > 0, "no FLUSH was acknowledged before the kill"
+    lost1 = await read_back(s1, writer)
+    lost2 = await lost_in_export(s2, "wb2", 2, acked2)
+    assert (lost1, lost2) == ([], []), f"lost: n1's volume {len(lost1)} blocks, n2's {len(lost2)} blocks"
+    assert n1.stop() == 0, n1.log_tail()
+    return {
+        "acks": float(writer.acks),
+        "checked": float(len(writer.acked) + len(acked2)),
+        "replayed": float(replayed["replayed"]),
+        "first_read_s": first_read_s,
+    }
+
+
+async def run_rejoin_rounds(
+    make_daemon: Callable[..., Daemon], cluster: PostgresCluster, workdir: Path, rounds: int
+) -> None:
+    rng = random.Random(int(os.environ.get("THINBLOCK_DRILL_SEED", "12")))
+    results = []
+    for r in range(rounds):
+        with ExitStack() as stack:
+            urls = (
+                stack.enter_context(fresh_database(cluster)),
+                stack.enter_context(fresh_database(cluster)),
+            )
+            results.append(await one_rejoin_round(make_daemon, urls, workdir, f"rj{r}", rng))
+        print(f"round {r}: {results[-1]}", flush=True)
+    first = sorted(r["first_read_s"] for r in results)
+    print(
+        f"node-pair rejoin drill on PostgreSQL: {rounds} rounds, {sum(int(r['acks']) for r in results)}"
+        f" writes acknowledged on the old owner's volume while the new owner served it mirrored to the"
+        f" rejoined old owner, {sum(int(r['checked']) for r in results)} blocks checked, lost 0,"
+        f" {sum(int(r['replayed']) for r in results)} copies replayed by the old owner; kill -9 of the"
+        f" new owner to the first read served by the old owner: median {first[len(first) // 2]:.2f} s,"
+        f" max {first[-1]:.2f} s (lease {LEASE_TTL} s)"
+    )
+    Figures(
+        "node-pair-rejoin-kill9-postgresql",
+        rounds=rounds,
+        bytes_verified=sum(int(r["checked"]) for r in results) * BLOCK,
+        faults=2 * rounds,
+        notes={
+            "acknowledged_writes": sum(int(r["acks"]) for r in results),
+            "replayed_by_old_owner": sum(int(r["replayed"]) for r in results),
+            "first_read_median_s": round(first[len(first) // 2], 2),
+            "first_read_max_s": round(first[-1], 2),
+        },
+    ).report()
+
+
+async def test_taken_over_volumes_mirrored_to_the_rejoined_owner_nothing_lost(
+    make_daemon: Callable[..., Daemon], postgres_cluster: PostgresCluster, tmp_path: Path
+) -> None:
+    await run_rejoin_rounds(make_daemon, postgres_cluster, tmp_path, 1)
+
+
+@pytest.mark.long
+@pytest.mark.timeout(3600)
+async def test_taken_over_volumes_mirrored_to_the_rejoined_owner_nothing_lost_long(
+    make_daemon: Callable[..., Daemon], postgres_cluster: PostgresCluster, tmp_path: Path
+) -> None:
+    await run_rejoin_rounds(make_daemon, postgres_cluster, tmp_path, 10)
+
+
+# --- failback: the new owner hands the old owner's volumes back -----------------------------------
+async def test_failback_hands_the_taken_over_volumes_back_without_a_copy(
+    make_daemon: Callable[..., Daemon], two_databases: tuple[str, str], tmp_path: Path
+) -> None:
+    """kill -9 n1: n2 takes it over.  ``node failback`` is refused while n1 is not back.  n1
+    started again rejoins and is brought in sync with its own volume (served by n2).  qemu-io,
+    connected to the service address with ``reconnect-delay``, writes two patterns to it on n2,
+    then ``thinblock node failback`` on n2: n2 stops serving it, flushes, stops mirroring it and
+    lets n1's lease go; n1 opens its engine and serves it; qemu-io reconnects, writes a third
+    pattern and reads all three back.  Nothing was copied: n1's PDs and store are the ones n2's
+    takeover wrote.  Afterwards each node mirrors its own volume to the other again."""
+    qemu_io = shutil.which("qemu-io")
+    if qemu_io is None:
+        pytest.skip("qemu-io is not installed (make deps installs qemu-utils)")
+    url1, url2 = two_databases
+    p1, p2 = free_port(), free_port()
+    s1, s2 = free_port(SERVICE_HOST), free_port(SERVICE_HOST)
+    dir1, dir2 = tmp_path / "n1-fb" / "data", tmp_path / "n2-fb" / "data"
+
+    def takeover_of(data: Path, service: int, url: str) -> str:
+        return f'partner_data = "{data}"\npartner_service = "{SERVICE_HOST}:{service}"\npartner_metadata = "{url}"\n'
+
+    n1 = make_daemon(
+        "n1-fb",
+        config=pg_node_config("n1", p1, p2, takeover=takeover_of(dir2, s2, url2)),
+        args=("--metadata", url1, "--nbd", f"{SERVICE_HOST}:{s1}"),
+    ).start()
+    n2 = make_daemon(
+        "n2-fb",
+        config=pg_node_config("n2", p2, p1, takeover=takeover_of(dir1, s1, url1)),
+        args=("--metadata", url2, "--nbd", f"{SERVICE_HOST}:{s2}"),
+    ).start()
+    wait_until(lambda: n1.events("mirror-in-sync") and n2.events("mirror-in-sync"), "the pair in sync")
+    for daemon, volume in ((n1, "wb"), (n2, "wb2")):
+        add_pds(daemon, Standard(count=2, size=64 * MiB), daemon.workdir)
+        setup_pool(daemon, "p", 1)
+        setup_volume(daemon, volume, "p", 64 * MiB, cache="writeback")
+    acked1 = await write_export(s1, "wb", 1, 200, 1)
+    acked2 = await write_export(s2, "wb2", 2, 200, 1)
+
+    n1.kill()
+    await asyncio.to_thread(wait_until, lambda: n2.events("takeover-done"), "n2 took n1 over", 60)
+    refused = n2.cli("node", "failback")
+    assert refused.code != 0 and "not in sync" in refused.err, refused
+    n1.spawn()
+    await asyncio.to_thread(wait_until, lambda: n1.events("rejoin-partner"), "n1 rejoined as partner", 60)
+
+    def taken_over_in_sync() -> bool:
+        (pair,) = n2.api_ok("GET", "/nodes")
+        return bool(pair["taken_over_mirror"] == "in-sync")
+
+    await asyncio.to_thread(wait_until, taken_over_in_sync, "n1's volume on n2 mirrored to n1", 60)
+    acked1 |= await write_export(s1, "wb", 1, 200, 1000)  # on n2, written back and mirrored to n1
+
+    image = (
+        f"driver=raw,file.driver=nbd,file.server.type=inet,file.server.host={SERVICE_HOST},"
+        f"file.server.port={s1},file.export=wb,file.reconnect-delay=30"
+    )
+    base = 32 * MiB  # beyond the blocks the NBD writes above touch
+    commands = [f"write -P 0x11 {base} 1M", f"write -P 0x22 {base + MiB} 1M", "sleep 6000"]
+    commands += [f"write -P 0x33 {base + 2 * MiB} 1M"]
+    commands += [
+        f"read -P 0x11 {base} 1M",
+        f"read -P 0x22 {base + MiB} 1M",
+        f"read -P 0x33 {base + 2 * MiB} 1M",
+    ]
+    argv = [qemu_io, "-t", "writeback", "--image-opts", image, *[arg for c in commands for arg in ("-c", c)]]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        # qemu-io sleeps after its first two writes (printed as it goes): hand the volume back then.
+        await asyncio.sleep(1.0)
+        handed = n2.cli_json("node", "failback")
+        assert handed == {"volumes": ["wb"]}, handed
+        await asyncio.to_thread(n1.wait_ready, 120)
+        out, _ = await asyncio.to_thread(proc.communicate, timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out
+    assert "Pattern verification failed" not in out and out.count("read 1048576/1048576 bytes") == 3, out
+    assert n1.events("rejoin-owner") and n2.events("failback-done"), n2.log_tail()
+    assert not n1.events("rejoin-replayed"), "handed back in sync and flushed: nothing to replay"
+    (pair,) = n2.api_ok("GET", "/nodes")
+    assert not pair["taken_over"] and pair["taken_over_mirror"] is None, pair
+    # Both nodes serve their own volume and mirror it to the other again.
+
+    def both_mirrored() -> bool:
+        rows = [d.api_ok("GET", "/nodes?local=true")[0] for d in (n1, n2)]
+        return all(r["mirror"] == "in-sync" for r in rows)
+
+    await asyncio.to_thread(wait_until, both_mirrored, "n1 and n2 mirrored to each other again", 60)
+    assert not [a for a in mirror_alerts(n2) if a["object"] == "node:n1"], mirror_alerts(n2)
+    lost1 = await lost_in_export(s1, "wb", 1, acked1)
+    lost2 = await lost_in_export(s2, "wb2", 2, acked2)
+    assert (lost1, lost2) == ([], []), f"lost: n1's volume {len(lost1)} blocks, n2's {len(lost2)} blocks"
+    assert n1.stop() == 0, n1.log_tail()
+    assert n2.stop() == 0, n2.log_tail()

@@ -395,6 +395,12 @@ def test_owner_refuses_unknown_acks_and_reports_remote_errors() -> None:
     owner = OwnerConnection("n1", 3, 11)
     events = feed(owner, encode_hello(3, 22, "n2") + mirror_body(3, 5, 1, KEY_A, b"d"))
     assert isinstance(events[-1], ProtocolError) and "not valid in this direction" in events[-1].reason
+    # A takeover mirroring the old owner's volumes back to it: its partner must be that node.
+    owner = OwnerConnection("n1", 3, 11, to_itself=True)
+    assert not any(isinstance(e, ProtocolError) for e in feed(owner, encode_hello(3, 22, "n1")))
+    owner = OwnerConnection("n1", 3, 11, to_itself=True)
+    events = feed(owner, encode_hello(3, 22, "n2"))
+    assert isinstance(events[-1], ProtocolError) and "not 'n1'" in events[-1].reason
 
 
 # --- fuzzing ------------------------------------------------------------------------------------

@@ -148,3 +148,69 @@ async def test_write_through_volumes_are_not_mirrored(tmp_path: Path, mode: Cach
         await e1.set_vv("v", cache_mode=mode)
         await e1.volume("v").write(0, pattern(7, 4096))
         assert p2.holding is None or len(p2.holding) == 0
+
+
+async def test_a_rejoined_node_holds_its_own_volumes_mirrored_by_the_takeover_until_frozen(
+    tmp_path: Path,
+) -> None:
+    """n2 took n1 over (its engine: e1 here) and mirrors n1's volumes back to n1, rejoined as
+    partner only: held under n1's own name (``own_holding``), not as a partner's copies to take
+    over; ``freeze_own`` (n1's lease is free again) ends and refuses those links, and hands over
+    what is held.  A node that serves its own volumes refuses such a link."""
+    e1 = await node(tmp_path, "n1")
+    rejoined_port = free_port()
+    rejoined = NodePair(
+        PairConfig("n1", "127.0.0.1", free_port(), listen_port=rejoined_port, partner_timeout=BOUND),
+        cache=None,
+        flush=None,
+        alerts=e1.alerts,
+    )
+    takeover = NodePair(
+        PairConfig(
+            "n1", "127.0.0.1", rejoined_port, partner_timeout=BOUND, report_interval=0.05, to_old_owner=True
+        ),
+        cache=e1.cache,
+        flush=e1.flush_all,
+        alerts=e1.alerts,
+    )
+    await rejoined.start()
+    await takeover.start(listen_for_partner=False)
+    try:
+        await wait_for(lambda: takeover.mirror.in_sync)
+        e1.cache.destage_delay = 60.0
+        data = pattern(8, 4096)
+        await e1.volume("v").write(REGION, data)
+        assert rejoined.holding is None, "held as a partner's copies: it would try to take itself over"
+        own = rejoined.own_holding
+        assert own is not None and [w.data for w in own.in_replay_order()] == [data]
+        assert rejoined.status().own_held_writes == 1
+        frozen = rejoined.freeze_own()
+        assert frozen is own and rejoined.own_holding is None
+        await wait_for(lambda: not takeover.mirror.in_sync)  # its link ended, and refused from now
+        await asyncio.sleep(3 * BOUND)
+        assert not takeover.mirror.in_sync and len(frozen) == 1
+    finally:
+        await takeover.stop()
+        await rejoined.stop()
+    # A node serving its own volumes (not partner only) holds no copies of them.
+    serving = NodePair(
+        PairConfig("n1", "127.0.0.1", free_port(), listen_port=rejoined_port, partner_timeout=BOUND),
+        cache=e1.cache,
+        flush=e1.flush_all,
+        alerts=e1.alerts,
+    )
+    takeover = NodePair(
+        PairConfig("n1", "127.0.0.1", rejoined_port, partner_timeout=BOUND, to_old_owner=True),
+        cache=e1.cache,
+        flush=e1.flush_all,
+        alerts=e1.alerts,
+    )
+    await serving.start()
+    await takeover.start(listen_for_partner=False)
+    try:
+        await asyncio.sleep(4 * BOUND)
+        assert not takeover.mirror.in_sync and serving.own_holding is None
+    finally:
+        await takeover.stop()
+        await serving.stop()
+        await e1.close()

@@ -515,11 +515,25 @@ class NodeOut(BaseModel):
         description="FLUSH and FUA of write-back volumes are answered on the two copies now (in sync,"
         " the partner takes over, node.flush_on_two_copies)",
     )
+    own_held_bytes: int = Field(
+        default=0,
+        description="rejoined as partner: bytes of this node's own volumes the partner serving them mirrored here",
+    )
+    own_held_writes: int = 0
+    taken_over_mirror: str | None = Field(
+        default=None,
+        description="the mirror of the volumes this node took over, to their rejoined old owner: in-sync"
+        " (written back again), syncing or degraded (written through); null when it took nothing over",
+    )
     lease_epoch: int | None = Field(
         default=None, description="epoch of this node's lease node:NAME in its metadata store"
     )
     volumes: int | None = Field(default=None, description="volumes the node serves (null: unreachable)")
     reachable: bool = Field(default=True, description="false: the partner's API did not answer")
+
+
+class FailbackOut(BaseModel):
+    volumes: list[str] = Field(description="the volumes handed back to their owner")
 
 
 class StatusOut(BaseModel):
@@ -583,6 +597,8 @@ class NodeInfo:
     iscsi_sessions: Callable[[], list[dict[str, Any]]] | None = None
     pair_status: Any = None  # () -> node.pair.PairStatus, in a node pair
     moves: Any = None  # api.moves.PairMoves: vv move, vv create --node, the partner's row (node.partner_api)
+    # () -> names of the volumes handed back to their rejoined owner (the daemon's failback)
+    failback: Callable[[], Awaitable[list[str]]] | None = None
 
     @property
     def uptime(self) -> float:
@@ -916,6 +932,16 @@ def _router(ctx: ApiContext) -> APIRouter:
                     )
                 )  # fmt: skip
         return rows
+
+    @router.post("/nodes/failback", tags=["status"])
+    async def failback() -> FailbackOut:
+        """Hand the volumes this node took over back to their owner, which rejoined as partner and
+        is in sync: no copy (the pair shares the PDs and the store); their clients reconnect to
+        the owner's service address.  409 when this node took nothing over or the owner is not in
+        sync."""
+        if node.failback is None:
+            raise Conflict("this node has no partner")
+        return FailbackOut(volumes=await node.failback())
 
     def _pair_out() -> NodeOut:
         lease = engine.lease.lease.epoch if engine.lease is not None else None

@@ -114,6 +114,8 @@ ROUTE_ROLES: dict[tuple[str, str], Role] = {
     ("POST", "/api/v1/volumes/{name}/access"): Role.ADMIN,
     ("DELETE", "/api/v1/volumes/{name}/access/{rule_id}"): Role.ADMIN,
     ("POST", "/api/v1/alerts/{alert_id}/ack"): Role.OPERATOR,
+    # Moves the partner's volumes (their clients are disconnected and reconnect elsewhere).
+    ("POST", "/api/v1/nodes/failback"): Role.ADMIN,
     ("POST", "/api/v1/tokens"): Role.ADMIN,
     ("DELETE", "/api/v1/tokens/{token_id}"): Role.ADMIN,
 }

@@ -54,8 +54,10 @@ class OwnerMirror:
         *,
         durable: Callable[[], Awaitable[None]],
         covers_flush: bool = False,
+        to_itself: bool = False,  # OwnerConnection.to_itself: a takeover mirroring to the old owner
     ) -> None:
         self.node = node
+        self._to_itself = to_itself
         self.incarnation = incarnation
         self.epoch = 0
         self._durable = durable
@@ -152,7 +154,7 @@ class OwnerMirror:
         self.epoch = epoch
         self._session += 1
         self.peer = None  # this session's partner says who it is (and whether it takes over) anew
-        self._conn = OwnerConnection(self.node, epoch, self.incarnation)
+        self._conn = OwnerConnection(self.node, epoch, self.incarnation, to_itself=self._to_itself)
         self._conn.resync()
         self._send = send
         self._flush_out()

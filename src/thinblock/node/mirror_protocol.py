@@ -583,10 +583,15 @@ class OwnerConnection(_Core):
     holding empty, and the owner then sends what it still has dirty (or nothing, when it
     destaged everything while the partner was away)."""
 
-    def __init__(self, node: str, epoch: int, incarnation: int, *, max_body: int = 4096) -> None:
+    def __init__(
+        self, node: str, epoch: int, incarnation: int, *, max_body: int = 4096, to_itself: bool = False
+    ) -> None:
         super().__init__(_TO_OWNER, max_body)
         self.node = node
         self.epoch = epoch
+        # The volumes of node ``node`` served by its partner's takeover, mirrored to ``node``
+        # itself (rejoined as partner): the one link whose partner answers with the same name.
+        self.to_itself = to_itself
         self._next_seq: dict[int, int] = {}
         self.outstanding: dict[tuple[int, int], int] = {}  # (vv, seq) -> key, awaiting ACK
         self._held: dict[int, tuple[int, int]] = {}  # key -> (vv, last seq mirrored): partner may hold it
@@ -661,7 +666,9 @@ class OwnerConnection(_Core):
         self._out += frame(MessageType.PING, _U64.pack(token))
 
     def _hello_received(self, hello: Hello) -> None:
-        if hello.node == self.node:
+        if (hello.node == self.node) != self.to_itself:
+            if self.to_itself:
+                raise MirrorViolation(f"the partner calls itself {hello.node!r}, not {self.node!r}")
             raise MirrorViolation(f"the partner calls itself {hello.node!r}, this node's own name")
 
     def _handle(self, kind: MessageType, body: memoryview) -> Event:

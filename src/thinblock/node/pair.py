@@ -89,6 +89,9 @@ class PairConfig:
     # FLUSH and FUA answered on the two copies while in sync, if the partner takes over
     # (OwnerMirror.covers_flush; config node.flush_on_two_copies)
     flush_on_two_copies: bool = True
+    # The owner's side of a takeover: ``node`` is the old owner's name and the partner is the
+    # old owner itself, rejoined (OwnerConnection.to_itself)
+    to_old_owner: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +110,12 @@ class PairStatus:
     held_writes: int
     taken_over: bool  # this node took its partner's volumes over
     flush_covered: bool  # FLUSH and FUA of write-back volumes are answered on the two copies now
+    # Rejoined: copies of this node's own volumes, sent by the partner that serves them (a takeover)
+    own_held_bytes: int = 0
+    own_held_writes: int = 0
+    # The mirror of the volumes this node took over (to the rejoined old owner): in-sync,
+    # syncing, degraded; None when it took nothing over (the daemon fills it in)
+    taken_over_mirror: str | None = None
 
 
 class NodePair:
@@ -138,9 +147,17 @@ class NodePair:
         self._engine_flush = flush
         self._alerts = alerts
         self.mirror = OwnerMirror(
-            config.node, self.incarnation, durable=self._flush, covers_flush=config.flush_on_two_copies
+            config.node,
+            self.incarnation,
+            durable=self._flush,
+            covers_flush=config.flush_on_two_copies,
+            to_itself=config.to_old_owner,
         )
         self.holding: MirrorHolding | None = None
+        # Rejoined while the partner serves this node's volumes (its takeover): the partner
+        # mirrors them here under this node's name; replayed when this node serves them again
+        # (``freeze_own``, then node/takeover.replay).
+        self.own_holding: MirrorHolding | None = None
         self._sessions: set[_PartnerSession] = set()
         self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -167,12 +184,18 @@ class NodePair:
         """This node owns no volumes (yet): it holds its partner's copies and may take it over."""
         return self._cache is None
 
-    async def start(self) -> None:
+    async def start(self, *, listen_for_partner: bool = True) -> None:
+        """``listen_for_partner`` False: the owner's side only (the mirror of volumes taken over,
+        sent to the rejoined old owner under its own name: the daemon's takeover)."""
         cfg = self.config
-        self._server = await listen(cfg.listen_host, cfg.listen_port, self._accept)
-        self.listen_port = self._server.sockets[0].getsockname()[1]
         loop = asyncio.get_running_loop()
         self._tasks = []
+        if not listen_for_partner:
+            assert self._cache is not None and self._take_over is None
+            self._start_owner_side()
+            return
+        self._server = await listen(cfg.listen_host, cfg.listen_port, self._accept)
+        self.listen_port = self._server.sockets[0].getsockname()[1]
         if self._cache is not None:
             self._start_owner_side()
         if self._take_over is not None:
@@ -394,8 +417,13 @@ class NodePair:
         return session.link
 
     def _holding_for(self, hello: Hello) -> MirrorHolding:
-        if hello.node in self.refused_owners:
+        if self._accept_owner(hello) is not None:
             return MirrorHolding(hello.node)  # refused by _accept_owner next: nothing is kept
+        if hello.node == self.config.node:
+            # This node's own volumes, served by the partner's takeover while this node rejoined
+            if self.own_holding is None:
+                self.own_holding = MirrorHolding(hello.node, max_bytes=self.config.max_held)
+            return self.own_holding
         holding = self.holding
         if holding is None or (holding.owner != hello.node and len(holding) == 0):
             holding = self.holding = MirrorHolding(hello.node, max_bytes=self.config.max_held)
@@ -403,6 +431,8 @@ class NodePair:
 
     def _owner_session_ended(self, session: _PartnerSession) -> None:
         """The owner's link closed: it may be dead.  Try to take over until it is back."""
+        if session.owner == self.config.node:
+            return  # the mirror of this node's own volumes: its lease says when they are its again
         if self._take_over is None or self.taken_over or self._stopping:
             return
         if self._takeover_task is None or self._takeover_task.done():
@@ -445,10 +475,38 @@ class NodePair:
                 session.link.abort()
                 self._sessions.discard(session)
 
+    def handed_back(self, owner: str) -> None:
+        """Failback: the volumes taken over from ``owner`` are its again.  Its mirror links are
+        welcome again, and it may be taken over again once it mirrors to this node; not before
+        (its lease, released by the takeover's engine, is free until it takes it, and this node
+        must not take it back meanwhile: the holding of its old copies, replayed, is dropped)."""
+        self.refused_owners.discard(owner)
+        self.taken_over = False
+        if self.holding is not None and self.holding.owner == owner:
+            assert len(self.holding) == 0, "a taken-over owner's copies were replayed"
+            self.holding = None
+
     def _accept_owner(self, hello: Hello) -> str | None:
         if hello.node in self.refused_owners:
+            if hello.node == self.config.node:
+                return f"node {self.config.node} serves its own volumes again: the partner's takeover is over"
             return f"node {self.config.node} took over node {hello.node}'s volumes: it is fenced"
+        if hello.node == self.config.node and not self.partner_only:
+            # Only a rejoined node replays copies of its own volumes (when its lease is free
+            # again); a node serving them, or fenced, would hold copies nobody replays.
+            return (
+                f"node {self.config.node} is not rejoined as partner: it holds no copies of its own volumes"
+            )
         return None
+
+    def freeze_own(self) -> MirrorHolding | None:
+        """This node's lease is free again: it serves its own volumes from here.  The partner's
+        takeover may no longer have a write acknowledged on a copy here (its links under this
+        node's name are ended and refused, as ``refuse_owner`` does for a taken-over owner), so
+        what is held now is every write it acknowledged on two copies: the copies to replay."""
+        self.refuse_owner(self.config.node)
+        held, self.own_holding = self.own_holding, None
+        return held
 
     async def _takeover_loop(self) -> None:
         assert self._take_over is not None
@@ -485,6 +543,10 @@ class NodePair:
             extra={"event": "mirror-partner-session", "owner": hello.node, "epoch": hello.epoch},
         )
 
+    def clear_degraded_alert(self) -> None:
+        """The volumes this pair mirrored are no longer served here (handed back)."""
+        self._alerts.clear(AlertKind.MIRROR_DEGRADED, self.object_name)
+
     # --- status -----------------------------------------------------------------------------
     def status(self) -> PairStatus:
         mirror = self.mirror
@@ -509,6 +571,8 @@ class NodePair:
             held_writes=len(holding) if holding is not None else 0,
             taken_over=self.taken_over,
             flush_covered=mirror.covers_flush,
+            own_held_bytes=self.own_holding.held_bytes if self.own_holding is not None else 0,
+            own_held_writes=len(self.own_holding) if self.own_holding is not None else 0,
         )
 
     # --- metrics (a prometheus collector, as the daemon's webhook poster is) -----------------
@@ -551,6 +615,24 @@ class NodePair:
         )
         held.add_metric([st.node], float(st.held_bytes))
         yield held
+
+
+class PairMetrics:
+    """The mirror metrics of every ``NodePair`` of the daemon (its own, and the mirror of the
+    volumes it took over, labelled with the old owner's name), one family per metric name."""
+
+    def __init__(self, pairs: Callable[[], list[NodePair]]) -> None:
+        self._pairs = pairs
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        for pair in self._pairs():
+            for family in pair.collect():
+                if family.name in families:
+                    families[family.name].samples.extend(family.samples)
+                else:
+                    families[family.name] = family
+        yield from families.values()
 
 
 class _SessionOver(Exception):

@@ -38,8 +38,20 @@ start and gives its lease up (daemon.py): the partner takes over and replays the
 
 The old owner started again while the partner's takeover holds its lease rejoins as partner
 (daemon.py, ``_rejoin_while_taken_over``): it owns nothing, holds the partner's copies, and opens
-its engine once its lease is free again.  Not built: failback (handing the volumes back while
-the partner lives) and a mirror for the taken-over volumes (they are written through).
+its engine once its lease is free again.  Meanwhile the taken-over volumes are mirrored to it
+(``TakenOver.mirror``: a ``NodePair`` with the owner's side only, under the old owner's name and
+with its store's epoch marks, so the rejoined node holds them as ``own_holding``): brought in
+sync first as any mirror is (RESYNC, flush, then two copies), written back again once in sync,
+written through before.  When the old owner's lease is free again (the new owner died, or
+handed the volumes back) it ends those links (``NodePair.freeze_own``) and replays what it
+holds under the same valid mark as any takeover (``replay``) before serving.
+
+Failback (``TakenOver.hand_back``, ``thinblock node failback``): only while that mirror is in
+sync (the old owner runs and holds every acknowledged write); stop serving (the NBD clients
+finish their requests and are disconnected), flush on the mirror, stop mirroring (the mark
+obsolete: the LDs hold everything), close the engine (which releases the lease); the old owner
+sees its lease free and serves its volumes on its own service address.  Both nodes see the same
+PDs and store, so nothing is copied.
 """
 
 from __future__ import annotations
@@ -49,6 +61,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ..errors import Conflict
 from .mirror_protocol import MirrorHolding
 
 log = logging.getLogger("thinblock.node.takeover")
@@ -117,6 +130,46 @@ async def replay(engine: TakenOverEngine, holding: MirrorHolding) -> ReplayResul
     holding.clear()
     engine.store.set_meta(MIRROR_VALID_KEY, "0")
     return ReplayResult(replayed, replayed_bytes, discarded, "replayed")
+
+
+class FailbackRefused(Conflict):
+    """The old owner cannot take its volumes back now (it is not running, or not in sync)."""
+
+
+@dataclass(slots=True)
+class TakenOver:
+    """A partner's volumes this node serves after a takeover: the partner's engine, the NBD
+    server on the partner's service address, and the mirror to the partner once it rejoins."""
+
+    owner: str
+    engine: Any  # engine.Engine over the partner's data directory and store
+    server: Any  # nbd.server.NBDServer on the partner's service address
+    mirror: Any  # node.pair.NodePair, the owner's side only; None on SQLite (no rejoin there)
+
+    def mirror_state(self) -> str:
+        return str(self.mirror.status().mirror) if self.mirror is not None else "degraded"
+
+    async def hand_back(self) -> list[str]:
+        """Failback (module docstring); the names of the volumes handed back."""
+        state = self.mirror_state()
+        if state != "in-sync":
+            raise FailbackRefused(
+                f"node {self.owner} is not in sync with its volumes here (mirror {state}): start it"
+                " (it rejoins as partner and is brought in sync) before handing them back"
+            )
+        names = list(self.engine.export_names())
+        await self.server.stop()  # requests in flight finish; every client is disconnected
+        await self.engine.flush_all()  # still mirrored: a failure here leaves the copies valid
+        await self.mirror.stop()  # mark obsolete: the LDs hold every acknowledged write
+        self.mirror.clear_degraded_alert()
+        await self.engine.close()  # destages the rest and releases the lease node:OWNER
+        return names
+
+    async def close(self) -> None:
+        await self.server.stop()
+        if self.mirror is not None:
+            await self.mirror.stop()
+        await self.engine.close()
 
 
 class EpochMarks:
