@@ -1138,16 +1138,21 @@ def _pair_health(p: dict[str, Any]) -> str:
     what this node holds of its partner, a takeover."""
     partner = p.get("partner_node") or p.get("partner") or "?"
     mirror = p["mirror"]
-    shown = (
-        "[green]in sync[/]"
-        if mirror == "in-sync"
-        else f"[red]{mirror}: write-back volumes written through[/]"  # syncing or degraded
-    )
+    if mirror == "in-sync":
+        shown = "[green]in sync[/]"
+    elif mirror == "partner-only":
+        shown = "[yellow]partner only[/] (no volumes of its own served here)"
+    else:
+        shown = f"[red]{mirror}: write-back volumes written through[/]"  # syncing or degraded
     text = f"with {partner}: mirror {shown}"
     if mirror == "in-sync":
         text += f", last round trip {p['last_latency_s'] * 1000:.2f} ms"
     if p.get("holding_for"):
         text += f"; holding {p['held_writes']} writes ({format_size(p['held_bytes'])}) of {p['holding_for']}"
+    if p.get("own_held_writes"):
+        text += (
+            f"; holding {p['own_held_writes']} writes ({format_size(p['own_held_bytes'])}) of its own volumes"
+        )
     if p.get("taken_over"):
         text += f"; [yellow]took over {p.get('holding_for') or 'its partner'}[/]"
         if p.get("taken_over_mirror"):
@@ -1158,6 +1163,19 @@ def _pair_health(p: dict[str, Any]) -> str:
 
 
 def render_status(s: dict[str, Any]) -> Table:
+    if s.get("role") == "partner-only":  # rejoined as partner: api/partner_only.py
+        return _kv_table(
+            [
+                ("node", f"{s['node']} (thinblock {s['version']})"),
+                ("uptime", format_duration(s["uptime"], parts=3)),
+                (
+                    "role",
+                    "[yellow]partner only[/]: rejoined, its volumes served by "
+                    f"{s.get('served_by') or 'its partner'} until its lease is free again",
+                ),
+                ("pair", _pair_health(s["pair"])),
+            ]
+        )
     nbd = s.get("nbd") or {}
     where = nbd.get("uri") or ""
     if nbd.get("unix_socket"):

@@ -28,7 +28,7 @@ import socket
 import ssl
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -372,7 +372,7 @@ class Daemon:
                 },
             )
             if self._rejoin_possible():
-                await self._rejoin_while_taken_over()
+                await self._rejoin_while_taken_over(api_sock)
             self.engine = await Engine.open(data_dir, self._engine_options(), metadata=cfg.metadata)
             engine = self.engine
             if first_start and cfg.first_start.enabled:
@@ -445,14 +445,7 @@ class Daemon:
                 moves=self.moves,
                 failback=self.failback if self.pair is not None else None,
             )
-            from .api.auth import ApiSecurity
-
-            security = ApiSecurity.for_data_dir(
-                data_dir,
-                config_token=cfg.api_token,
-                require_token=cfg.token_required,
-                allowed_hosts=_api_allowed_hosts(cfg, api_port),
-            )
+            security = self._api_security(api_port)
             if not security.token_required:
                 log.warning(
                     "the API demands no token: anyone on this host can manage thinblock "
@@ -562,7 +555,49 @@ class Daemon:
             and store_kind(self.cfg.metadata) == "postgresql"
         )
 
-    async def _rejoin_while_taken_over(self) -> None:
+    def _api_security(self, api_port: int) -> Any:
+        from .api.auth import ApiSecurity
+
+        cfg = self.cfg
+        return ApiSecurity.for_data_dir(
+            cfg.data_dir,
+            config_token=cfg.api_token,
+            require_token=cfg.token_required,
+            allowed_hosts=_api_allowed_hosts(cfg, api_port),
+        )
+
+    async def _serve_partner_only_api(self, api_sock: socket.socket, lease: Callable[[], Any]) -> Any:
+        """The reduced API of a node rejoined as partner only (api/partner_only.py), on a duplicate
+        of the API socket: stopping it closes the duplicate, and the full API serves the socket
+        once the engine is open."""
+        from .api.partner_only import PartnerOnlyInfo, create_partner_only_app
+        from .node.pair import PairMetrics
+
+        assert self.pair is not None and self.cfg.node.name is not None
+
+        def lease_fields() -> tuple[str | None, int | None]:
+            seen = lease()
+            return (seen.holder, seen.epoch) if seen is not None else (None, None)
+
+        info = PartnerOnlyInfo(
+            self.cfg.node.name, self.pair.status, lease_fields, metrics=PairMetrics(self._pairs)
+        )
+        app = create_partner_only_app(info, self._api_security(api_sock.getsockname()[1]))
+        server = _uvicorn_server(app, self.cfg)
+        task = asyncio.create_task(server.serve(sockets=[api_sock.dup()]), name="thinblock-api-partner-only")
+        while not server.started and not task.done():
+            await asyncio.sleep(0.01)
+        if task.done():
+            raise StartupError("the API server failed to start")
+        scheme = "https" if self.cfg.api_tls_cert else "http"
+        api_url = f"{scheme}://{self.cfg.api_listen.url_host()}:{api_sock.getsockname()[1]}/api/v1"
+        log.info(
+            "the API answers status, nodes and health while this node is partner only",
+            extra={"event": "api-partner-only", "api": api_url},
+        )
+        return server, task
+
+    async def _rejoin_while_taken_over(self, api_sock: socket.socket) -> None:
         """The old owner started again after its partner took it over (issue 12 step 5): while the
         partner's takeover holds this node's lease, this node owns nothing.  It rejoins as the
         partner's partner: it holds nothing of its own (its cache died with its last process; its
@@ -598,13 +633,18 @@ class Daemon:
                 take_over=self._take_over if node.partner_data is not None else None,
             )
             await self._start_pair_listener()
-            while _held_by_a_takeover(lease) and not self.stop_requested.is_set():
-                stop = asyncio.ensure_future(self.stop_requested.wait())
-                await asyncio.wait({stop}, timeout=max(0.2, node.lease_ttl / 6))
-                stop.cancel()
-                lease = await asyncio.to_thread(store.read_lease, f"node:{node.name}")
-                if lease is None:
-                    break
+            api_server, api_task = await self._serve_partner_only_api(api_sock, lambda: lease)
+            try:
+                while _held_by_a_takeover(lease) and not self.stop_requested.is_set():
+                    stop = asyncio.ensure_future(self.stop_requested.wait())
+                    await asyncio.wait({stop}, timeout=max(0.2, node.lease_ttl / 6))
+                    stop.cancel()
+                    lease = await asyncio.to_thread(store.read_lease, f"node:{node.name}")
+                    if lease is None:
+                        break
+            finally:
+                api_server.should_exit = True
+                await api_task
             if self.stop_requested.is_set():
                 raise _StoppedWhileRejoined()
             # From here the partner's takeover gets no write acknowledged on a copy here: what is

@@ -476,7 +476,21 @@ async def test_old_owner_rejoins_as_partner_and_takes_over_when_the_new_owner_di
         return bool(pair["mirror"] == "in-sync")
 
     await asyncio.to_thread(wait_until, n2_in_sync, "n2 mirrored to the rejoined n1", 60)
-    # Stopped while partner only (no engine, no API): a clean stop; started again, it rejoins again.
+    # Partner only, its API answers status, nodes and health (and 503 for the rest).
+    await asyncio.to_thread(wait_until, lambda: n1.events("api-partner-only"), "n1's partner-only API", 30)
+    (api_line,) = [json.loads(line) for line in n1.events("api-partner-only")]
+    n1.api_url = str(api_line["api"]).removesuffix("/api/v1")
+    status = n1.api_ok("GET", "/status")
+    assert status["role"] == "partner-only" and status["served_by"].startswith("takeover by n2"), status
+    assert status["pair"]["holding_for"] == "n2" and status["pair"]["mirror"] == "partner-only", status
+    (row,) = n1.api_ok("GET", "/nodes")
+    assert row["node"] == "n1" and row["volumes"] == 0 and row["lease_epoch"] >= 2, row
+    assert n1.api_ok("GET", "/health") == {"node": "n1", "state": "partner-only", "mirror": "partner-only"}
+    refused = n1.cli("vv", "list")
+    assert refused.code != 0 and "rejoined as partner only" in refused.err, refused
+    shown = n1.cli("status")
+    assert shown.code == 0 and "partner only" in shown.out, shown
+    # Stopped while partner only (no engine): a clean stop; started again, it rejoins again.
     assert n1.stop() == 0, n1.log_tail()
     await asyncio.to_thread(wait_until, lambda: not n2_in_sync(), "n2 degraded without n1", 60)
     n1.spawn()
@@ -574,9 +588,16 @@ async def one_rejoin_round(
     stop_probe = asyncio.Event()
     try:
         await writer.writes_after(0, 2 * FLUSH_EVERY)
-        # Written back on n2 again (n1's copies held): n1 holds copies of its own volume
+        # Written back on n2 again: n1 holds copies of its own volume (its partner-only API)
         (pair,) = n2.api_ok("GET", "/nodes")
         assert pair["taken_over_mirror"] == "in-sync", pair
+        await asyncio.to_thread(
+            wait_until, lambda: n1.events("api-partner-only"), "n1's partner-only API", 30
+        )
+        (api_line,) = [json.loads(line) for line in n1.events("api-partner-only")]
+        n1.api_url = str(api_line["api"]).removesuffix("/api/v1")
+        (row,) = n1.api_ok("GET", "/nodes")
+        assert row["own_held_writes"] > 0, row
         assert labelled_metric(n2, "thinblock_mirror_in_flight_bytes", "n1") >= 0.0
         acked2 |= await write_export(s2, "wb2", 2, 100, 1000)
         await writer.writes_after(writer.seq, rng.randint(0, 1500))

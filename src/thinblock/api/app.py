@@ -532,6 +532,12 @@ class NodeOut(BaseModel):
     reachable: bool = Field(default=True, description="false: the partner's API did not answer")
 
 
+class HealthOut(BaseModel):
+    node: str
+    state: str = Field(description="serving, or partner-only (rejoined as partner: no volumes served here)")
+    mirror: str | None = Field(description="this node's mirror state (null without a partner)")
+
+
 class FailbackOut(BaseModel):
     volumes: list[str] = Field(description="the volumes handed back to their owner")
 
@@ -932,6 +938,13 @@ def _router(ctx: ApiContext) -> APIRouter:
                     )
                 )  # fmt: skip
         return rows
+
+    @router.get("/health", tags=["status"])
+    async def health() -> HealthOut:
+        """Whether this node serves its volumes (a node rejoined as partner only answers
+        ``partner-only`` on its reduced API, api/partner_only.py), and its mirror state."""
+        mirror = node.pair_status().mirror if node.pair_status is not None else None
+        return HealthOut(node=node.name, state="serving", mirror=mirror)
 
     @router.post("/nodes/failback", tags=["status"])
     async def failback() -> FailbackOut:
