@@ -264,10 +264,13 @@ def _deliver(core: TargetConnection, wire: bytes, mode: str) -> None:
             pos += step
             step = step * 7 % 65521 + 13
     else:
+        # "loopback": as much as the buffer offered takes, as a receive on loopback does (a
+        # header and most of a 256 KiB data segment in one).
+        limit = 40000 if mode == "buffered" else 1 << 30
         view = memoryview(wire)
         while view:
             target = core.get_buffer(-1)
-            n = min(len(target), len(view), 40000)
+            n = min(len(target), len(view), limit)
             target[:n] = view[:n]
             core.buffer_updated(n)
             view = view[n:]
@@ -562,3 +565,57 @@ def test_data_in_from_file_spans_is_the_same_wire_as_from_bytes(
     assert pdus[-1].flags & 0x81 == 0x81  # F and S on the last
     if edtl_short:
         assert pdus[-1].flags & 0x04 and pdus[-1].u32(44) == 4096  # overflow, residual count
+
+
+@pytest.mark.parametrize("digests", [False, True])
+@pytest.mark.parametrize("mode", ["whole", "bytes", "chunks", "buffered", "loopback"])
+def test_a_write_with_a_quarter_immediate_gets_its_whole_buffer_at_once(mode: str, digests: bool) -> None:
+    """libiscsi's 1 MiB write: 256 KiB immediate data, then three R2Ts of 256 KiB
+    (MaxBurstLength).  The immediate data is received into a buffer of the whole write
+    (PREALLOCATE_FACTOR), the Data-Out after it into that same buffer: nothing is copied into
+    a larger buffer later, and (unless the PDUs arrive whole) every byte is received in place."""
+    # What libiscsi offers: FirstBurstLength and MaxBurstLength 256 KiB.
+    burst_keys = {"FirstBurstLength": "262144", "MaxBurstLength": "262144"}
+    pairs = [
+        (k, "CRC32C" if digests and k in ("HeaderDigest", "DataDigest") else burst_keys.get(k, v))
+        for k, v in LARGE
+    ]
+    d = {"header_digest": digests, "data_digest": digests}
+    core = logged_in(pairs)
+    assert core.params.max_burst_length == core.params.first_burst_length == 262144
+    payload = bytes((i * 11 + i // 4093) & 0xFF for i in range(1024 * 1024))
+    cdb = bytes([0x2A, 0, 0, 0, 0, 0, 0, 8, 0, 0])  # 2048 blocks
+    burst = 262144
+    _deliver(
+        core,
+        scsi_command(cdb, itt=5, cmdsn=1, edtl=len(payload), write=True, data=payload[:burst], **d),
+        mode,
+    )
+    buffers = {id(task.data) for task in core.tasks.values()}
+    for n in range(1, 4):
+        [r2t] = replies(core, **d)
+        assert (r2t.opcode, r2t.u32(40), r2t.u32(44)) == (Opcode.R2T, n * burst, burst)
+        piece = payload[n * burst : (n + 1) * burst]
+        _deliver(
+            core, data_out(piece, itt=5, ttt=r2t.u32(20), datasn=0, offset=n * burst, final=True, **d), mode
+        )
+        buffers |= {id(task.data) for task in core.tasks.values()}
+    [task] = events(core)
+    assert isinstance(task, ScsiCommand) and task.data == payload
+    assert buffers == {id(task.data)}  # one buffer from the command on: never reallocated
+    assert core.reader.in_place_bytes == (0 if mode == "whole" else len(payload))
+    assert core.reader.buffered == 0
+
+
+def test_immediate_data_of_a_much_larger_write_is_not_preallocated_whole() -> None:
+    """A command whose immediate data is less than a quarter of its transfer pins only what
+    it sent until the R2T budget takes it (memory bounded by what initiators send)."""
+    core = logged_in(LARGE)
+    cdb = bytes([0x2A, 0, 0, 0, 0, 0, 0x10, 0, 0, 0])  # 8 MiB
+    wire = scsi_command(cdb, itt=5, cmdsn=1, edtl=8 * 1024 * 1024, write=True, data=bytes(65536))
+    reader = core.reader
+    view = memoryview(wire)
+    target = core.get_buffer(-1)
+    target[: len(view) - 10] = view[:-10]
+    core.buffer_updated(len(view) - 10)  # the data has not all arrived: the sink is asked
+    assert reader._held is not None and len(reader._held[2].obj) == 65536  # type: ignore[attr-defined]

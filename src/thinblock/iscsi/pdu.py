@@ -130,8 +130,12 @@ class PduReader:
     bytes then land there -- received into it directly when the caller uses get_buffer --
     and the PDU comes out with ``in_place`` set, its data that view: a 256 KiB Data-Out is
     not copied from a receive buffer into a segment and from the segment into the write's
-    buffer.  What the reader holds besides is at most one PDU's header and data segment
-    (``buffered``), bounded by ``max_data_segment``."""
+    buffer.  A receive into the chunk that begins with such a header hands what came of its
+    data to the sink at once (``_claim``: not through the buffer), and after a PDU that went
+    to a sink the next ``get_buffer`` offers just a header's room, so that in a stream of
+    large writes each data segment is received into its sink, never into the chunk.  What
+    the reader holds besides is at most one PDU's header and data segment (``buffered``),
+    bounded by ``max_data_segment``."""
 
     def __init__(self, max_data_segment: int = 8192) -> None:
         self._buf = bytearray()
@@ -146,6 +150,7 @@ class PduReader:
         self._held: tuple[bytes, bytes, memoryview, int] | None = None
         self._sink_filled = 0
         self._into_sink = False  # the last get_buffer handed out the sink
+        self._header_next = False  # the last PDU went to a sink: offer the next one's header alone
         self.in_place_bytes = 0  # data received into sinks (for tests and figures)
 
     @property
@@ -158,13 +163,59 @@ class PduReader:
             self._into_sink = True
             return held[2][self._sink_filled :]
         self._into_sink = False
+        if self._header_next and not self._buf:
+            # The last PDU's data went to a sink: the next is likely long too (a stream of
+            # large writes), so receive its header alone, and then its data straight into the
+            # sink, rather than most of its data into the chunk and from there (a copy of
+            # each 256 KiB Data-Out) -- as many receives, one copy fewer.
+            return self._chunk_view[: BHS_LENGTH + (DIGEST_LENGTH if self.header_digest else 0)]
         return self._chunk_view
 
     def buffer_updated(self, nbytes: int) -> None:
         if self._into_sink:
             self._sink_filled += nbytes
-        else:
-            self._buf += self._chunk_view[:nbytes]
+            return
+        received = self._chunk_view[:nbytes]
+        if not self._buf and self._held is None and nbytes > SINK_MIN and self.sink is not None:
+            # A receive that starts with a header: most of a long data segment may have come
+            # with it (a 256 KiB Data-Out over loopback: all but a few bytes).  Copy it from the
+            # chunk straight to the sink, not through the buffer (one copy, not two).
+            received = received[self._claim(received) :]
+        self._buf += received
+
+    def _claim(self, view: memoryview) -> int:
+        """``view`` begins with a PDU (nothing buffered before it): when it holds the whole
+        header of a long PDU whose data has not all arrived and the sink names a place for
+        that data, hold the PDU, copy what arrived of the data there, and return how many
+        bytes of ``view`` that consumed (its header and data); otherwise 0 (next_pdu judges
+        the bytes, errors included)."""
+        if len(view) < BHS_LENGTH:
+            return 0
+        bhs = bytes(view[:BHS_LENGTH])
+        dsl = data_segment_length(bhs)
+        if bhs[0] & OPCODE_MASK not in INITIATOR_OPCODES or dsl > self.max_data_segment or dsl < SINK_MIN:
+            return 0
+        header_end = BHS_LENGTH + bhs[4] * 4
+        hd = DIGEST_LENGTH if self.header_digest else 0
+        data_start = header_end + hd
+        padded = dsl + pad_length(dsl)
+        dd = DIGEST_LENGTH if self.data_digest else 0
+        if len(view) < data_start or len(view) >= data_start + padded + dd:
+            return 0
+        if hd:
+            got = int(_DIGEST.unpack_from(view, header_end)[0])
+            if got != crc32c(view[:header_end]):
+                return 0  # next_pdu raises the mismatch
+        assert self.sink is not None
+        target = self.sink(bhs)
+        if target is None:
+            return 0
+        assert len(target) == dsl, (len(target), dsl)
+        take = min(len(view) - data_start, dsl)
+        target[:take] = view[data_start : data_start + take]
+        self._held = (bhs, bytes(view[BHS_LENGTH:header_end]), target, padded - dsl + dd)
+        self._sink_filled = take
+        return data_start + take
 
     def feed(self, data: Buffer) -> None:
         """Received bytes, copied in (the get_buffer way receives them in place)."""
@@ -235,6 +286,7 @@ class PduReader:
                 data = bytes(view[data_start : data_start + dsl])
         ahs = bytes(buf[BHS_LENGTH:header_end])
         del buf[:total]
+        self._header_next = False
         return Pdu(bhs, ahs, data)
 
     def _check_header_digest(self, bhs: bytes, header_end: int, hd: int) -> None:
@@ -260,6 +312,7 @@ class PduReader:
                 raise PduError("data digest mismatch", header=bhs + ahs, digest=True)
         del buf[:tail]
         self.in_place_bytes += len(target)
+        self._header_next = True
         return Pdu(bhs, ahs, target, in_place=True)
 
 
