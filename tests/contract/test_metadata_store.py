@@ -19,6 +19,7 @@ import pytest
 from tests.support.postgres import fresh_database
 from tests.support.stores import StoreBackend
 from thinblock.errors import Conflict, LeaseLost, MetadataCorrupt
+from thinblock.metadata import mapcheck
 from thinblock.metadata.check import check_store
 from thinblock.metadata.store import LDRow, MetadataStore, PoolRow, VVRow
 
@@ -54,7 +55,7 @@ def store(backend: StoreBackend) -> MetadataStore:
 def test_a_new_store_is_empty_and_checks_clean(store: MetadataStore) -> None:
     assert store.is_empty()
     assert check_store(store) == []
-    assert store.get_meta("schema_version") == "4"
+    assert store.get_meta("schema_version") == "5"
     assert store.counts() == dict.fromkeys(
         ("pds", "pools", "lds", "ld_chunklets", "vvs", "vv_map", "alerts"), 0
     )
@@ -344,13 +345,14 @@ def test_a_schema_2_store_is_migrated_with_its_map(backend: StoreBackend, store:
         "ALTER TABLE vvs DROP COLUMN parent_id",
         "ALTER TABLE vvs DROP COLUMN family_id",
         *_DROP_SNAPSHOT_SPACE,
+        _DROP_MAP_CHECK,
         "UPDATE meta SET value = '2' WHERE key = 'schema_version'",
     ]
     for statement in statements:
         backend.sql(statement)
     migrated = backend.open()
     try:
-        assert migrated.get_meta("schema_version") == "4"
+        assert migrated.get_meta("schema_version") == "5"
         assert not _has_map_index(backend)  # the migration made it; the open drops it
         assert sorted(map(tuple, migrated.map_array().tolist())) == [(vv, r, ld, r) for r in range(3)]
         snap = migrated.add_vv_sharing(_snapshot_row(pool, "s", vv), vv)
@@ -360,6 +362,7 @@ def test_a_schema_2_store_is_migrated_with_its_map(backend: StoreBackend, store:
         migrated.close()
 
 
+_DROP_MAP_CHECK = "ALTER TABLE vvs DROP COLUMN map_check"  # schema 5
 _DROP_SNAPSHOT_SPACE = [
     f"ALTER TABLE vvs DROP COLUMN {column}"
     for column in (
@@ -380,11 +383,15 @@ def test_a_schema_3_store_is_migrated_to_snapshot_space_limits(
     _pool_id, ld, vv = _populate(store)
     store.assign_many([(vv, 0, ld, 0)])
     store.close()
-    for statement in [*_DROP_SNAPSHOT_SPACE, "UPDATE meta SET value = '3' WHERE key = 'schema_version'"]:
+    for statement in [
+        *_DROP_SNAPSHOT_SPACE,
+        _DROP_MAP_CHECK,
+        "UPDATE meta SET value = '3' WHERE key = 'schema_version'",
+    ]:
         backend.sql(statement)
     migrated = backend.open()
     try:
-        assert migrated.get_meta("schema_version") == "4"
+        assert migrated.get_meta("schema_version") == "5"
         [row] = migrated.load_vvs()
         assert (row.alloc_limit_bytes, row.snap_warning_bytes, row.snap_limit_pct, row.snap_limit_policy) == (
             32 * MiB,
@@ -407,6 +414,63 @@ def test_a_schema_3_store_is_migrated_to_snapshot_space_limits(
         )
     finally:
         again.close()
+
+
+def test_a_schema_4_store_is_migrated_to_map_checks(backend: StoreBackend, store: MetadataStore) -> None:
+    """Version 4 (SQLite: a second index over the map rows for integrity_check) opens as version 5:
+    each volume's map check computed from its rows, the index gone, the check clean; the checks
+    then follow every change of the map."""
+    pool, ld, vv = _populate(store)
+    store.assign_many([(vv, r, ld, 3 * r + 1) for r in range(5)])
+    snap = store.add_vv_sharing(_snapshot_row(pool, "s", vv), vv)
+    expected = store.map_checks()
+    assert expected[vv] == expected[snap] == sum(mapcheck.term(r, ld, 3 * r + 1) for r in range(5))
+    store.close()
+    statements = [_DROP_MAP_CHECK, "UPDATE meta SET value = '4' WHERE key = 'schema_version'"]
+    if backend.kind == "sqlite":
+        statements.append("CREATE INDEX vv_map_check ON vv_map(vv_id, vv_region, ld_id, ld_region)")
+    for statement in statements:
+        backend.sql(statement)
+    migrated = backend.open()
+    try:
+        assert migrated.get_meta("schema_version") == "5"
+        assert migrated.map_checks() == expected
+        if backend.kind == "sqlite":
+            assert not backend.sql("SELECT 1 FROM sqlite_master WHERE name = 'vv_map_check'")
+        assert check_store(migrated) == []
+        migrated.unassign(vv, [0])
+        migrated.reserve_region((vv, 1, ld, 30))
+        assert migrated.switch_region(vv, 1, (ld, 4), (ld, 30))
+        migrated.assign_many([(vv, 7, ld, 31)])
+        assert check_store(migrated) == []
+        migrated.replace_map(vv, snap)
+        assert migrated.map_checks() == expected
+        assert check_store(migrated) == []
+    finally:
+        migrated.close()
+
+
+def test_the_map_check_finds_a_row_pointed_at_another_region(
+    backend: StoreBackend, store: MetadataStore
+) -> None:
+    """A map row's LD address changed behind the store's back (drill 6 flips the bit in SQLite's
+    page; here an UPDATE, which keeps every index and counter right) to a free region of the same
+    LD: the counters and the sharing rules cannot see it, the map check does."""
+    pool, ld, vv = _populate(store)
+    store.assign_many([(vv, r, ld, r) for r in range(4)])
+    snap = store.add_vv_sharing(_snapshot_row(pool, "s", vv), vv)
+    assert check_store(store) == []
+    backend.sql("UPDATE vv_map SET ld_region = 20 WHERE vv_id = ? AND vv_region = 2", (snap,))
+    store.forget_map_array()
+    problems = check_store(store)
+    assert any(p.startswith("VV 's' has map check") and "a flipped bit?" in p for p in problems), problems
+    assert not any("VV 'v'" in p for p in problems), problems
+    backend.sql("UPDATE vv_map SET ld_region = 2 WHERE vv_id = ? AND vv_region = 2", (snap,))
+    store.forget_map_array()
+    assert check_store(store) == []
+    backend.sql("UPDATE vv_map SET vv_region = 9 WHERE vv_id = ? AND vv_region = 3", (vv,))  # another offset
+    store.forget_map_array()
+    assert any(p.startswith("VV 'v' has map check") for p in check_store(store))
 
 
 def _has_map_index(backend: StoreBackend) -> bool:

@@ -13,6 +13,7 @@ import pytest
 from tests.engine_helpers import CHUNKLET, REGION, STEP, make_engine, pattern, reopen
 from thinblock.engine import Engine, EngineOptions
 from thinblock.errors import AlreadyExists, Conflict, InvalidArgument, MetadataCorrupt, NotFound, OutOfSpace
+from thinblock.metadata import mapcheck
 from thinblock.model import AlertKind, AlertState, CacheMode
 from thinblock.units import KiB, Limit, MiB, TiB
 
@@ -259,6 +260,9 @@ async def test_store_check_refuses_a_damaged_store(tmp_path: Path) -> None:
     await engine.close()
     db = sqlite3.connect(tmp_path / "thinblock.db")
     with db:
+        (before,) = db.execute("SELECT map_check FROM vvs").fetchone()
+        (taken,) = db.execute(f"SELECT {mapcheck.term_sql()} FROM vv_map WHERE vv_region = 1").fetchone()
+        after = before - taken
         db.execute("DELETE FROM vv_map WHERE vv_region = 1")
     db.close()
     report = Engine.check(tmp_path)
@@ -271,6 +275,15 @@ async def test_store_check_refuses_a_damaged_store(tmp_path: Path) -> None:
     with db:
         db.execute("UPDATE vvs SET regions = 2")
         db.execute("UPDATE lds SET regions_used = 2")
+    db.close()
+    assert Engine.check(tmp_path).problems == [
+        f"VV 'v' has map check {before} but its map rows add up to {after} (a map row's region or LD"
+        " address changed behind the store's back: a flipped bit?)"
+    ]
+    # ... and the map check too: the store holds two rows, consistently
+    db = sqlite3.connect(tmp_path / "thinblock.db")
+    with db:
+        db.execute(f"UPDATE vvs SET map_check = {after}")
     db.close()
     assert Engine.check(tmp_path).ok
 

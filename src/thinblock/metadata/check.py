@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import MetadataCorrupt
 from ..model import AlertKind, AlertState, PDHealth, Severity, SnapshotLimitPolicy
+from . import mapcheck
 from .store import LDRow, MetadataStore, Reservation, VVRow
 
 # Values the engine interprets; anything else in the store is damage.
@@ -148,7 +149,9 @@ def _dupes(a: np.ndarray, b: np.ndarray) -> list[tuple[int, int]]:
 
 def _check_map(store: MetadataStore) -> list[str]:
     """Each VV region mapped once, each LD region assigned at most once, every entry inside an
-    existing LD of the VV's pool and inside the VV, counters equal to the map."""
+    existing LD of the VV's pool and inside the VV, counters equal to the map, each VV's map
+    check equal to the sum of its rows' terms (a row's address changed behind the store's back:
+    metadata/mapcheck.py)."""
     problems: list[str] = []
     m = store.map_array()
     vv_id, vv_region, ld_id = m[:, 0], m[:, 1], m[:, 2]
@@ -193,6 +196,14 @@ def _check_map(store: MetadataStore) -> list[str]:
             problems.append(
                 f"VV '{vv.name}' records {counted} assigned regions but its map holds {actual}"
                 " (region map rows lost or added)"
+            )
+    checks, sums = store.map_checks(), mapcheck.sums_by_vv(m)
+    for k, vv in vvs.items():
+        kept, actual = checks.get(k, 0), sums.get(k, 0)
+        if kept != actual:
+            problems.append(
+                f"VV '{vv.name}' has map check {kept} but its map rows add up to {actual} (a map row's"
+                " region or LD address changed behind the store's back: a flipped bit?)"
             )
     ld_counts = dict(zip(*np.unique(ld_id, return_counts=True), strict=True)) if len(m) else {}
     for k in lds:

@@ -26,14 +26,14 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..errors import LeaseLost, MetadataCorrupt, MetadataStoreFull, MetadataUnavailable
-from . import redact_url
+from . import mapcheck, redact_url
 from .pgcopy import BadCopy, Int8CopyReader
 from .sql import TABLES, UNUSED_MAP_INDEX, SQLStore, Statement
 from .store import Assignment, LDRow, Lease, StoreImage
 
 log = logging.getLogger("thinblock.metadata")
 
-SCHEMA_VERSION = 4  # the same numbering as the SQLite store's: the same tables
+SCHEMA_VERSION = 5  # the same numbering as the SQLite store's: the same tables
 TIMEOUT = 5.0  # seconds to connect, or to wait for a free connection
 DOWN_TIMEOUT = 0.5  # the same while the server is known to be away
 # A session left inside a transaction this long is ended by the server.  Why: a daemon paused
@@ -62,7 +62,8 @@ _SCHEMA = [
     " alloc_limit_pct DOUBLE PRECISION, cache_mode TEXT NOT NULL, created DOUBLE PRECISION NOT NULL,"
     " regions BIGINT NOT NULL DEFAULT 0, owner TEXT, kind TEXT NOT NULL DEFAULT 'volume', parent_id BIGINT,"
     " family_id BIGINT, snap_warning_bytes BIGINT, snap_warning_pct DOUBLE PRECISION, snap_limit_bytes BIGINT,"
-    " snap_limit_pct DOUBLE PRECISION, snap_limit_policy TEXT NOT NULL DEFAULT 'fail')",
+    " snap_limit_pct DOUBLE PRECISION, snap_limit_policy TEXT NOT NULL DEFAULT 'fail',"
+    " map_check BIGINT NOT NULL DEFAULT 0)",
     "CREATE TABLE IF NOT EXISTS vv_map (vv_id BIGINT NOT NULL, vv_region BIGINT NOT NULL, ld_id BIGINT NOT NULL,"
     " ld_region BIGINT NOT NULL, epoch BIGINT, PRIMARY KEY (vv_id, vv_region))",
     "CREATE TABLE IF NOT EXISTS cow_reservations (ld_id BIGINT NOT NULL, ld_region BIGINT NOT NULL,"
@@ -94,6 +95,13 @@ _MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE vvs ADD COLUMN snap_limit_bytes BIGINT",
         "ALTER TABLE vvs ADD COLUMN snap_limit_pct DOUBLE PRECISION",
         "ALTER TABLE vvs ADD COLUMN snap_limit_policy TEXT NOT NULL DEFAULT 'fail'",
+    ],
+    # Each VV's map check (metadata/mapcheck.py), as in the SQLite store's migration 4 (which
+    # drops the index it replaces there; PostgreSQL never had one).
+    4: [
+        "ALTER TABLE vvs ADD COLUMN map_check BIGINT NOT NULL DEFAULT 0",
+        f"UPDATE vvs SET map_check = COALESCE((SELECT SUM({mapcheck.term_sql()}) FROM vv_map"
+        " WHERE vv_map.vv_id = vvs.id), 0)",
     ],
 }
 
@@ -362,17 +370,28 @@ class PostgresStore(SQLStore):
             )
             conn.execute(_count_ids("vvs", "regions", "+"), (list(cols[0]),))
             conn.execute(_count_ids("lds", "regions_used", "+"), (list(cols[2]),))
+            gained = mapcheck.added_by_vv(rows)
+            conn.execute(
+                "UPDATE vvs SET map_check = map_check + d.s FROM unnest(%s::bigint[], %s::bigint[]) AS d(k, s)"
+                " WHERE vvs.id = d.k",
+                (list(gained), list(gained.values())),
+            )
 
     def unassign(self, vv_id: int, vv_regions: list[int]) -> int:
         with self._write() as conn:
             self._map_cache = None
             gone = conn.execute(
-                "DELETE FROM vv_map WHERE vv_id=%s AND vv_region = ANY(%s::bigint[]) RETURNING ld_id",
+                "DELETE FROM vv_map WHERE vv_id=%s AND vv_region = ANY(%s::bigint[])"
+                " RETURNING ld_id, vv_region, ld_region",
                 (vv_id, vv_regions),
             ).fetchall()
             if gone:
                 conn.execute(_count_ids("lds", "regions_used", "-"), ([int(r[0]) for r in gone],))
-                conn.execute("UPDATE vvs SET regions = regions - %s WHERE id=%s", (len(gone), vv_id))
+                taken = sum(mapcheck.term(int(vr), int(ld), int(lr)) for ld, vr, lr in gone)
+                conn.execute(
+                    "UPDATE vvs SET regions = regions - %s, map_check = map_check - %s WHERE id=%s",
+                    (len(gone), taken, vv_id),
+                )
         return len(gone)
 
     def map_array(self) -> np.ndarray:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import Conflict, MetadataCorrupt
+from . import mapcheck
 from .store import AlertRow, LDRow, Lease, MetadataStore, PDRow, PoolRow, StoreImage, VVRow
 
 #: the tables ``counts`` reports (every table that holds the node's objects)
@@ -100,6 +101,9 @@ class SQLStore(MetadataStore):
             [("SELECT id, regions FROM vvs", ()), ("SELECT id, regions_used FROM lds", ())]
         )
         return {int(k): int(n) for k, n in vvs}, {int(k): int(n) for k, n in lds}
+
+    def map_checks(self) -> dict[int, int]:
+        return {int(k): int(c) for k, c in self._query("SELECT id, map_check FROM vvs")}
 
     # --- PDs ---
     def add_pd(self, path: str, size: int, chunklet_size: int) -> int:
@@ -194,6 +198,10 @@ class SQLStore(MetadataStore):
             "INSERT INTO vv_map(vv_id, vv_region, ld_id, ld_region, epoch)"
             f" SELECT ?, vv_region, ld_id, ld_region, {epoch_sql} FROM vv_map WHERE vv_id={source_id}"
         )
+        # The copy's map check is its source's (metadata/mapcheck.py: the VV id is not in it).
+        same_check = (
+            f"UPDATE vvs SET map_check = (SELECT s.map_check FROM vvs AS s WHERE s.id={source_id}) WHERE id=?"
+        )
         if ld_counts is None:
             counters = [
                 "UPDATE vvs SET regions = (SELECT COUNT(*) FROM vv_map WHERE vv_id=vvs.id) WHERE id=?",
@@ -214,7 +222,7 @@ class SQLStore(MetadataStore):
                 counters.append(
                     f"UPDATE lds SET regions_used = regions_used + CASE id {cases} END WHERE id IN ({ids})"
                 )
-        return self._insert_and_exec(*_vv_insert(row), [copy_rows, *counters])
+        return self._insert_and_exec(*_vv_insert(row), [copy_rows, *counters, same_check])
 
     def replace_map(self, vv_id: int, source_id: int) -> None:
         epoch = None if self._lease is None else self._lease.epoch
@@ -236,6 +244,11 @@ class SQLStore(MetadataStore):
                     "UPDATE vvs SET regions = (SELECT COUNT(*) FROM vv_map WHERE vv_id=vvs.id) WHERE id=?",
                     (vv_id,),
                 ),
+                # The same rows as the snapshot's under another VV id: the same map check.
+                (
+                    "UPDATE vvs SET map_check = (SELECT s.map_check FROM vvs AS s WHERE s.id=?) WHERE id=?",
+                    (source_id, vv_id),
+                ),
             ]
         )
         self._map_cache = None
@@ -249,6 +262,7 @@ class SQLStore(MetadataStore):
         epoch = None if self._lease is None else self._lease.epoch
         moved = "EXISTS (SELECT 1 FROM vv_map WHERE vv_id=? AND vv_region=? AND ld_id=? AND ld_region=?)"
         here = (vv_id, vv_region, *new)
+        moved_by = mapcheck.term(vv_region, *new) - mapcheck.term(vv_region, *old)
         counts = self._exec_counted(
             [
                 (
@@ -258,6 +272,10 @@ class SQLStore(MetadataStore):
                 ),
                 (f"UPDATE lds SET regions_used = regions_used + 1 WHERE id=? AND {moved}", (new[0], *here)),
                 (f"UPDATE lds SET regions_used = regions_used - 1 WHERE id=? AND {moved}", (old[0], *here)),
+                (
+                    f"UPDATE vvs SET map_check = map_check + ? WHERE id=? AND {moved}",
+                    (moved_by, vv_id, *here),
+                ),
                 ("DELETE FROM cow_reservations WHERE ld_id=? AND ld_region=?", new),
             ]
         )
@@ -447,7 +465,7 @@ class SQLStore(MetadataStore):
                 "INSERT INTO vvs(id, name, pool_id, size, alloc_warning_bytes, alloc_warning_pct,"
                 " alloc_limit_bytes, alloc_limit_pct, cache_mode, created, owner, regions, kind, parent_id,"
                 " family_id, snap_warning_bytes, snap_warning_pct, snap_limit_bytes, snap_limit_pct,"
-                " snap_limit_policy) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " snap_limit_policy, map_check) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         v.id,
@@ -466,6 +484,7 @@ class SQLStore(MetadataStore):
                         v.parent_id,
                         v.family_id,
                         *_snap_values(v),
+                        image.vv_map_checks.get(v.id, 0),
                     )
                     for v in image.vvs
                 ],

@@ -26,20 +26,13 @@ from typing import Any
 import numpy as np
 
 from ..errors import LeaseLost, MetadataCorrupt, MetadataStoreFull
+from . import mapcheck
 from .sql import TABLES, UNUSED_MAP_INDEX, SQLStore, Statement
 from .store import Assignment, LDRow, Lease, StoreImage
 
 #: the schema this code writes; it opens older ones by migrating them (``_MIGRATIONS``) and
 #: refuses newer ones
-SCHEMA_VERSION = 4
-#: A second copy of every map row's LD address, for the check alone: ``PRAGMA integrity_check``
-#: holds each table row to its index entries, so a bit flipped in a row's ld_id or ld_region in
-#: the table's page (drill 6, tests/drills/test_metadata_damage.py) no longer matches the index
-#: and is found, where it would otherwise serve another region's data.  The index on (ld_id,
-#: ld_region) did that until snapshots made it useless and slow (sql.UNUSED_MAP_INDEX: a random
-#: insert per row a snapshot copies); this one is keyed like the table, so a snapshot's copied
-#: rows (a new, highest vv_id) append at its end.  Made on open when missing.
-MAP_CHECK_INDEX = "vv_map_check"
+SCHEMA_VERSION = 5
 _SQLITE_FULL = 13
 _SQLITE_BUSY = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED
 _NOW = "((julianday('now') - 2440587.5) * 86400.0)"  # unix seconds, with fractions
@@ -67,7 +60,7 @@ CREATE TABLE IF NOT EXISTS vvs (
     alloc_limit_bytes INTEGER, alloc_limit_pct REAL, cache_mode TEXT NOT NULL, created REAL NOT NULL,
     regions INTEGER NOT NULL DEFAULT 0, owner TEXT, kind TEXT NOT NULL DEFAULT 'volume', parent_id INTEGER,
     family_id INTEGER, snap_warning_bytes INTEGER, snap_warning_pct REAL, snap_limit_bytes INTEGER,
-    snap_limit_pct REAL, snap_limit_policy TEXT NOT NULL DEFAULT 'fail');
+    snap_limit_pct REAL, snap_limit_policy TEXT NOT NULL DEFAULT 'fail', map_check INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS vv_map (
     vv_id INTEGER NOT NULL, vv_region INTEGER NOT NULL, ld_id INTEGER NOT NULL, ld_region INTEGER NOT NULL,
     epoch INTEGER,
@@ -114,6 +107,15 @@ _MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE vvs ADD COLUMN snap_limit_bytes INTEGER",
         "ALTER TABLE vvs ADD COLUMN snap_limit_pct REAL",
         "ALTER TABLE vvs ADD COLUMN snap_limit_policy TEXT NOT NULL DEFAULT 'fail'",
+    ],
+    # Each VV's map check (metadata/mapcheck.py), computed from its rows, replaces the second
+    # index over the map rows (vv_map_check, schema 4 stores made it on open) that held each
+    # row's LD address a second time for integrity_check: it doubled the cost of a snapshot.
+    4: [
+        "ALTER TABLE vvs ADD COLUMN map_check INTEGER NOT NULL DEFAULT 0",
+        f"UPDATE vvs SET map_check = COALESCE((SELECT SUM({mapcheck.term_sql()}) FROM vv_map"
+        " WHERE vv_map.vv_id = vvs.id), 0)",
+        "DROP INDEX IF EXISTS vv_map_check",
     ],
 }
 
@@ -181,13 +183,6 @@ class SQLiteStore(SQLStore):
         ).fetchone():
             with self._write() as db:
                 db.execute(f"DROP INDEX IF EXISTS {UNUSED_MAP_INDEX}")
-        if not self._db.execute(
-            f"SELECT 1 FROM sqlite_master WHERE type='index' AND name='{MAP_CHECK_INDEX}'"
-        ).fetchone():
-            with self._write() as db:
-                db.execute(
-                    f"CREATE INDEX IF NOT EXISTS {MAP_CHECK_INDEX} ON vv_map(vv_id, vv_region, ld_id, ld_region)"
-                )
 
     # --- helpers ---
     def _holds_a_store(self) -> bool:
@@ -325,10 +320,9 @@ class SQLiteStore(SQLStore):
                         f"{self.path} is {size} bytes, not a whole number of {page_size}-byte pages (truncated?)"
                     ]
                 # integrity_check, not quick_check: it also verifies that every index agrees with its
-                # table and that keys are in order.  quick_check let a flipped bit in a vv_map row
-                # through (drill 6): the row then pointed at another LD region -- wrong data served --
-                # or at one the unique index still gave to another row.  It costs about 0.5 s for a
-                # million mapped regions.
+                # table and that keys are in order.  A flipped bit in a vv_map row's LD address
+                # (drill 6) is the map check's to find (metadata/mapcheck.py, check.py): no index
+                # holds the address a second time since schema 5.
                 for (msg,) in self._db.execute("PRAGMA integrity_check").fetchall():
                     if msg != "ok":
                         problems.append(f"sqlite: {msg}")
@@ -384,6 +378,7 @@ class SQLiteStore(SQLStore):
         for vv_id, _vr, ld_id, _lr in rows:
             vv_delta[vv_id] = vv_delta.get(vv_id, 0) + 1
             ld_delta[ld_id] = ld_delta.get(ld_id, 0) + 1
+        check_delta = mapcheck.added_by_vv(rows)
         epoch = None if self._lease is None else self._lease.epoch
         with self._write() as db:
             self._map_cache = None
@@ -392,7 +387,8 @@ class SQLiteStore(SQLStore):
                 [(*row, epoch) for row in rows],
             )
             db.executemany(
-                "UPDATE vvs SET regions = regions + ? WHERE id=?", [(n, k) for k, n in vv_delta.items()]
+                "UPDATE vvs SET regions = regions + ?, map_check = map_check + ? WHERE id=?",
+                [(n, check_delta[k], k) for k, n in vv_delta.items()],
             )
             db.executemany(
                 "UPDATE lds SET regions_used = regions_used + ? WHERE id=?",
@@ -401,17 +397,27 @@ class SQLiteStore(SQLStore):
 
     def unassign(self, vv_id: int, vv_regions: list[int]) -> int:
         gone = 0
+        taken = 0  # what the VV's map check loses
+        per_ld: dict[int, int] = {}  # rows gone per LD: one counter update each, not one per row
         with self._write() as db:
             self._map_cache = None
             for vr in vv_regions:
                 row = db.execute(
-                    "DELETE FROM vv_map WHERE vv_id=? AND vv_region=? RETURNING ld_id", (vv_id, vr)
+                    "DELETE FROM vv_map WHERE vv_id=? AND vv_region=? RETURNING ld_id, ld_region", (vv_id, vr)
                 ).fetchone()
                 if row is not None:
                     gone += 1
-                    db.execute("UPDATE lds SET regions_used = regions_used - 1 WHERE id=?", (row[0],))
+                    taken += mapcheck.term(vr, row[0], row[1])
+                    per_ld[row[0]] = per_ld.get(row[0], 0) + 1
+            db.executemany(
+                "UPDATE lds SET regions_used = regions_used - ? WHERE id=?",
+                [(n, ld) for ld, n in per_ld.items()],
+            )
             if gone:
-                db.execute("UPDATE vvs SET regions = regions - ? WHERE id=?", (gone, vv_id))
+                db.execute(
+                    "UPDATE vvs SET regions = regions - ?, map_check = map_check - ? WHERE id=?",
+                    (gone, taken, vv_id),
+                )
         return gone
 
     def map_array(self) -> np.ndarray:

@@ -159,6 +159,7 @@ class StoreImage:
     ld_regions_used: dict[int, int]
     map: np.ndarray  # (N, 4) int64: vv_id, vv_region, ld_id, ld_region
     alerts: list[AlertRow]
+    vv_map_checks: dict[int, int]  # each VV's map check (metadata/mapcheck.py), as the source holds it
 
 
 class MetadataStore(abc.ABC):
@@ -192,6 +193,11 @@ class MetadataStore(abc.ABC):
         regions used per LD id), as the store holds them."""
 
     @abc.abstractmethod
+    def map_checks(self) -> dict[int, int]:
+        """Each VV id's map check (metadata/mapcheck.py: a sum over its map rows kept with
+        them), as the store holds it, for the check."""
+
+    @abc.abstractmethod
     def is_empty(self) -> bool:
         """No PD, pool, LD, VV, map row or alert (``metadata copy`` refuses any other target)."""
 
@@ -223,6 +229,7 @@ class MetadataStore(abc.ABC):
             ld_regions_used=ld_regions_used,
             map=self.map_array().copy(),
             alerts=self.load_alerts(),
+            vv_map_checks=self.map_checks(),
         )
 
     @abc.abstractmethod
