@@ -865,22 +865,10 @@ class Daemon:
     async def failback(self) -> list[str]:
         """Hand the volumes this node took over back to their owner (``thinblock node failback``):
         refused (node.takeover.FailbackRefused) unless the owner rejoined and is in sync."""
-        from .node.takeover import FailbackRefused
+        from .node.takeover import fail_back
 
-        if not self.taken_over:
-            raise FailbackRefused("this node serves no volumes taken over from its partner")
-        handed: list[str] = []
-        for taken in list(self.taken_over):
-            names = await taken.hand_back()
-            self.taken_over.remove(taken)
-            handed += names
-            assert self.pair is not None
-            self.pair.handed_back(taken.owner)
-            log.warning(
-                "handed the partner's volumes back",
-                extra={"event": "failback-done", "owner": taken.owner, "volumes": ",".join(names)},
-            )
-        return handed
+        assert self.pair is not None
+        return await fail_back(self.taken_over, self.pair)
 
     async def _bind_service(self, engine: Engine) -> Any:
         """Serve the taken-over volumes on the partner's service address.  A partner that was

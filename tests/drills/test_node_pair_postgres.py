@@ -643,8 +643,8 @@ async def run_rejoin_rounds(
     first = sorted(r["first_read_s"] for r in results)
     print(
         f"node-pair rejoin drill on PostgreSQL: {rounds} rounds, {sum(int(r['acks']) for r in results)}"
-        f" writes acknowledged on the old owner's volume while the new owner served it mirrored to the"
-        f" rejoined old owner, {sum(int(r['checked']) for r in results)} blocks checked, lost 0,"
+        f" writes acknowledged on the old owner's volume (served by the new owner and mirrored to the"
+        f" rejoined old owner, then after the kill by the old owner), {sum(int(r['checked']) for r in results)} blocks checked, lost 0,"
         f" {sum(int(r['replayed']) for r in results)} copies replayed by the old owner; kill -9 of the"
         f" new owner to the first read served by the old owner: median {first[len(first) // 2]:.2f} s,"
         f" max {first[-1]:.2f} s (lease {LEASE_TTL} s)"

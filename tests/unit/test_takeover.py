@@ -1,16 +1,29 @@
 """Takeover's replay (node/takeover.py) on a real engine: valid copies are written per volume in
 sequence order through the volume's write path (a region never assigned is assigned), copies
-the owner marked obsolete are never written, and the epoch marks grow across restarts."""
+the owner marked obsolete are never written, and the epoch marks grow across restarts.  Failback
+(``TakenOver.hand_back``, ``fail_back``): its steps in order, its refusals."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
 
 from tests.engine_helpers import CHUNKLET, REGION, STEP, make_engine, pattern, reopen
 from thinblock.engine import Engine
 from thinblock.model import CacheMode
 from thinblock.node.mirror_protocol import HeldWrite, MirrorHolding
-from thinblock.node.takeover import MIRROR_VALID_KEY, EpochMarks, replay
+from thinblock.node.takeover import (
+    MIRROR_VALID_KEY,
+    EpochMarks,
+    FailbackRefused,
+    TakenOver,
+    fail_back,
+    replay,
+)
 from thinblock.units import MiB
 
 
@@ -96,3 +109,88 @@ async def test_a_takeover_with_nothing_held_clears_the_mark_all_the_same(tmp_pat
     assert (result.replayed, result.reason) == (0, "nothing held")
     assert marks.was_valid_at_death() == 0
     await engine.close()
+
+
+# --- failback (TakenOver.hand_back, fail_back) -------------------------------------------------------
+class _Recorder:
+    """The parts of a taken-over volume set a failback drives, recording the order of the steps."""
+
+    def __init__(self, steps: list[str], mirror: str) -> None:
+        self.steps = steps
+        self.mirror_now = mirror
+
+    # the NBD server
+    async def stop(self) -> None:
+        self.steps.append("server.stop")
+
+    # the engine
+    def export_names(self) -> list[str]:
+        return ["wb"]
+
+    async def flush_all(self) -> None:
+        self.steps.append(f"flush (mirror {self.mirror_now})")
+
+    async def close(self) -> None:
+        self.steps.append("engine.close")
+
+
+class _Mirror:
+    def __init__(self, steps: list[str], state: str) -> None:
+        self.steps, self.state = steps, state
+
+    def status(self) -> Any:
+        return SimpleNamespace(mirror=self.state)
+
+    async def stop(self) -> None:
+        self.steps.append("mirror.stop")
+        self.state = "degraded"
+
+    def clear_degraded_alert(self) -> None:
+        self.steps.append("alert cleared")
+
+
+class _Pair:
+    def __init__(self) -> None:
+        self.handed: list[str] = []
+
+    def handed_back(self, owner: str) -> None:
+        self.handed.append(owner)
+
+
+def taken(steps: list[str], state: str) -> TakenOver:
+    parts = _Recorder(steps, state)
+    return TakenOver("n1", engine=parts, server=parts, mirror=_Mirror(steps, state))
+
+
+async def test_failback_drains_flushes_on_the_mirror_then_stops_it_and_closes() -> None:
+    steps: list[str] = []
+    pair = _Pair()
+    served = [taken(steps, "in-sync")]
+    assert await fail_back(served, pair) == ["wb"]
+    # Flushed while still mirrored (a failed flush leaves the owner's copies valid), the mirror's
+    # mark made obsolete only then, the lease released last (engine.close).
+    assert steps == ["server.stop", "flush (mirror in-sync)", "mirror.stop", "alert cleared", "engine.close"]
+    assert served == [] and pair.handed == ["n1"]
+
+
+@pytest.mark.parametrize("state", ["degraded", "syncing"])
+async def test_failback_is_refused_unless_the_owner_is_in_sync(state: str) -> None:
+    steps: list[str] = []
+    pair = _Pair()
+    served = [taken(steps, state)]
+    with pytest.raises(FailbackRefused, match="not in sync"):
+        await fail_back(served, pair)
+    assert steps == [] and len(served) == 1 and pair.handed == []
+    with pytest.raises(FailbackRefused, match="no volumes taken over"):
+        await fail_back([], pair)
+
+
+async def test_a_second_failback_while_one_runs_is_refused() -> None:
+    steps: list[str] = []
+    one = taken(steps, "in-sync")
+    first = asyncio.ensure_future(one.hand_back())
+    await asyncio.sleep(0)  # the first is under way (stopping the server)
+    with pytest.raises(FailbackRefused, match="already"):
+        await one.hand_back()
+    await first
+    assert steps.count("engine.close") == 1

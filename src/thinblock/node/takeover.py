@@ -145,18 +145,22 @@ class TakenOver:
     engine: Any  # engine.Engine over the partner's data directory and store
     server: Any  # nbd.server.NBDServer on the partner's service address
     mirror: Any  # node.pair.NodePair, the owner's side only; None on SQLite (no rejoin there)
+    leaving: bool = False  # a failback of these volumes is under way
 
     def mirror_state(self) -> str:
         return str(self.mirror.status().mirror) if self.mirror is not None else "degraded"
 
     async def hand_back(self) -> list[str]:
         """Failback (module docstring); the names of the volumes handed back."""
+        if self.leaving:
+            raise FailbackRefused(f"node {self.owner}'s volumes are being handed back already")
         state = self.mirror_state()
         if state != "in-sync":
             raise FailbackRefused(
                 f"node {self.owner} is not in sync with its volumes here (mirror {state}): start it"
                 " (it rejoins as partner and is brought in sync) before handing them back"
             )
+        self.leaving = True
         names = list(self.engine.export_names())
         await self.server.stop()  # requests in flight finish; every client is disconnected
         await self.engine.flush_all()  # still mirrored: a failure here leaves the copies valid
@@ -170,6 +174,28 @@ class TakenOver:
         if self.mirror is not None:
             await self.mirror.stop()
         await self.engine.close()
+
+
+class Partnership(Protocol):
+    def handed_back(self, owner: str) -> None: ...
+
+
+async def fail_back(taken_over: list[TakenOver], pair: Partnership) -> list[str]:
+    """``thinblock node failback``: hand every owner's volumes taken over back (``hand_back``),
+    and tell this node's pair (``NodePair.handed_back``); the names of the volumes handed back."""
+    if not taken_over:
+        raise FailbackRefused("this node serves no volumes taken over from its partner")
+    handed: list[str] = []
+    for taken in list(taken_over):
+        names = await taken.hand_back()
+        taken_over.remove(taken)
+        pair.handed_back(taken.owner)
+        handed += names
+        log.warning(
+            "handed the partner's volumes back",
+            extra={"event": "failback-done", "owner": taken.owner, "volumes": ",".join(names)},
+        )
+    return handed
 
 
 class EpochMarks:
