@@ -569,7 +569,12 @@ async def one_rejoin_round(
     (pair,) = n2.api_ok("GET", "/nodes")
     # n1 is gone: its volumes, served by n2, are written through, and n2 says so.
     assert pair["taken_over_mirror"] in ("degraded", "syncing"), pair
-    assert any(a["object"] == "node:n1" for a in mirror_alerts(n2)), mirror_alerts(n2)
+    await asyncio.to_thread(
+        wait_until,
+        lambda: any(a["object"] == "node:n1" for a in mirror_alerts(n2)),
+        "n2's alert: n1's volumes are not mirrored",
+        30,
+    )
 
     n1.spawn()
     await asyncio.to_thread(wait_until, lambda: n1.events("rejoin-partner"), "n1 rejoined as partner", 60)
@@ -598,7 +603,6 @@ async def one_rejoin_round(
         n1.api_url = str(api_line["api"]).removesuffix("/api/v1")
         (row,) = n1.api_ok("GET", "/nodes")
         assert row["own_held_writes"] > 0, row
-        assert labelled_metric(n2, "thinblock_mirror_in_flight_bytes", "n1") >= 0.0
         acked2 |= await write_export(s2, "wb2", 2, 100, 1000)
         await writer.writes_after(writer.seq, rng.randint(0, 1500))
         await asyncio.sleep(rng.uniform(0.0, 0.3))
@@ -744,10 +748,22 @@ async def test_failback_hands_the_taken_over_volumes_back_without_a_copy(
         f"read -P 0x33 {base + 2 * MiB} 1M",
     ]
     argv = [qemu_io, "-t", "writeback", "--image-opts", image, *[arg for c in commands for arg in ("-c", c)]]
+    await asyncio.to_thread(wait_until, lambda: n1.events("api-partner-only"), "n1's partner-only API", 30)
+    (api_line,) = [json.loads(line) for line in n1.events("api-partner-only")]
+    n1.api_url = str(api_line["api"]).removesuffix("/api/v1")
+
+    def own_held() -> int:
+        (row,) = n1.api_ok("GET", "/nodes")
+        return int(row["own_held_bytes"])
+
+    held_before = own_held()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        # qemu-io sleeps after its first two writes (printed as it goes): hand the volume back then.
-        await asyncio.sleep(1.0)
+        # qemu-io sleeps after its first two writes: once n2 mirrored both to n1 (n2's destage
+        # delay is 60 s: held there until the failback's flush), hand the volume back.
+        await asyncio.to_thread(
+            wait_until, lambda: own_held() >= held_before + 2 * MiB, "qemu-io's writes mirrored to n1", 60
+        )
         handed = n2.cli_json("node", "failback")
         assert handed == {"volumes": ["wb"]}, handed
         await asyncio.to_thread(n1.wait_ready, 120)
