@@ -19,6 +19,16 @@ SCSI commands run with
 suspending is answered at once, without a Task.  Bad input costs only its connection:
 a login that does not finish within ``login_timeout`` is closed, as is any PDU the core
 refuses; a connection stops reading while too many bytes are in flight.
+
+Zero-copy reads, as on the NBD server: on a connection without DataDigest, a READ of at least
+``sendqueue.SENDFILE_MIN`` bytes whose data lies in PD files as it is (``read_spans``: one
+region, no write-back data over it, RAID 0 or 1) is answered with FileSpans; the core makes
+the Data-In headers and the connection's socket queue (``thinblock.sendqueue``, NBD's) sends
+each header and then its spans with ``sendfile(2)``.  While the queue holds anything every PDU
+of the connection goes through it, in order; it starts only when the transport has nothing
+buffered (otherwise the spans are read and written to the transport); its bytes stop the
+connection reading past ``_SEND_HIGH_WATER``; a span that cannot be sent or read once its
+header went out closes the connection (ERL 0).
 """
 
 from __future__ import annotations
