@@ -6,8 +6,8 @@ machine against a model of what the partner must hold."""
 from __future__ import annotations
 
 import struct
-import zlib
 
+import google_crc32c
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -33,6 +33,7 @@ from thinblock.node.mirror_protocol import (
     Released,
     RemoteError,
     Resynced,
+    data_crc,
     encode_hello,
     frame,
 )
@@ -121,11 +122,12 @@ EXPECTED = [
 # --- golden bytes -------------------------------------------------------------------------------
 def test_golden_frames() -> None:
     hello = encode_hello(3, 11, "n1")
-    assert hello == struct.pack(">IHHI", MAGIC, 1, 0, 22) + struct.pack(">HQQH", 1, 3, 11, 2) + b"n1"
+    assert hello == struct.pack(">IHHI", MAGIC, 1, 0, 22) + struct.pack(">HQQH", 2, 3, 11, 2) + b"n1"
     owner = OwnerConnection("n1", 3, 11)
     owner.data_to_send()
     assert owner.mirror(5, KEY_A, 40, 16, b"xyz") == 1
-    crc = zlib.crc32(b"xyz")
+    assert data_crc(b"123456789") == 0xE3069283  # CRC32C's check value (Castagnoli), not zlib's CRC32
+    crc = google_crc32c.value(b"xyz")
     assert owner.data_to_send() == (
         struct.pack(">IHHI", MAGIC, 2, 0, 48 + 3)
         + struct.pack(">QQQQQII", 3, 5, 1, KEY_A, 40, 16, crc)
@@ -175,6 +177,51 @@ def test_owner_round_trip_acknowledgements() -> None:
     assert owner.outstanding == {}
 
 
+def test_the_partner_acknowledges_a_batch_with_one_ack_per_volume_before_the_pong() -> None:
+    owner, peer = session()
+    for i in range(3):
+        owner.mirror(5, KEY_A, 40, i * 10, b"a" * 10)
+    owner.mirror(6, KEY_B, 0, 0, b"b")
+    owner.destaged(5, KEY_A, 2)
+    owner.mirror(6, KEY_B, 0, 1, b"c")
+    owner.ping(7)
+    feed(peer, owner.data_to_send(), step=5)  # however the batch was cut, one ACK per volume
+    answer = peer.data_to_send()
+    kinds, _ = frames_of(answer)
+    assert kinds == [MessageType.ACK, MessageType.ACK, MessageType.PONG]
+    assert answer[HEADER_SIZE : HEADER_SIZE + 16] == struct.pack(">QQ", 5, 4)  # seq 4: the DESTAGED
+    assert feed(owner, answer, step=1) == [Acked(5, 4), Acked(6, 2), Pong(7)]
+    assert owner.outstanding == {}
+    assert owner.last_mirrored(KEY_A) == (5, 3)  # seq 3 came after the destage: may still be held
+
+
+def test_acks_kept_back_go_before_an_error() -> None:
+    peer = partner()
+    feed(peer, START + mirror_body(3, 5, 1, KEY_A, b"d") + mirror_body(3, 5, 1, KEY_A, b"e"))
+    kinds, _ = frames_of(peer.data_to_send())
+    assert kinds == [MessageType.HELLO, MessageType.ACK, MessageType.ERROR]
+
+
+def test_owner_refuses_an_ack_outside_what_is_outstanding() -> None:
+    owner, peer = session()
+    owner.mirror(5, KEY_A, 40, 0, b"a")
+    owner.mirror(5, KEY_A, 40, 1, b"b")
+    feed(peer, owner.data_to_send())
+    assert feed(owner, frame(MessageType.ACK, struct.pack(">QQ", 5, 1))) == [Acked(5, 1)]
+    events = feed(owner, frame(MessageType.ACK, struct.pack(">QQ", 5, 1)))  # again: not outstanding
+    assert isinstance(events[-1], ProtocolError) and "not outstanding" in events[-1].reason
+    owner, peer = session()
+    owner.mirror(5, KEY_A, 40, 0, b"a")
+    events = feed(owner, frame(MessageType.ACK, struct.pack(">QQ", 5, 2)))  # never sent
+    assert isinstance(events[-1], ProtocolError) and "not outstanding" in events[-1].reason
+
+
+def test_a_partner_refuses_an_owner_of_the_previous_version() -> None:
+    version_1 = frame(MessageType.HELLO, struct.pack(">HQQH", 1, 3, 11, 2) + b"n1")
+    (event,) = feed(partner(), version_1)
+    assert isinstance(event, ProtocolError) and "version 1 is not supported" in event.reason
+
+
 # --- the holding: destage watermark, release, replay order --------------------------------------
 def test_destaged_drops_only_entries_up_to_its_sequence() -> None:
     owner, peer = session()
@@ -221,7 +268,7 @@ def test_release_is_ordered_after_the_writes_and_settles_on_its_ack() -> None:
     events = feed(peer, owner.data_to_send())
     assert events == [Mirrored(5, 1, KEY_A, 30), Released(5, 2, KEY_A)]
     assert peer.holding.held_for(KEY_A) == []
-    assert feed(owner, peer.data_to_send()) == [Acked(5, 1), Acked(5, 2)]
+    assert feed(owner, peer.data_to_send()) == [Acked(5, 2)]  # cumulative: the write and the RELEASE
     assert owner.region_settled(KEY_A)
 
 
@@ -254,7 +301,7 @@ def test_resync_drops_everything_and_sequences_restart() -> None:
 
 # --- rules at the edge --------------------------------------------------------------------------
 def mirror_body(epoch: int, vv: int, seq: int, key: int, data: bytes, crc: int | None = None) -> bytes:
-    crc = zlib.crc32(data) if crc is None else crc
+    crc = google_crc32c.value(data) if crc is None else crc
     return frame(MessageType.MIRROR, struct.pack(">QQQQQII", epoch, vv, seq, key, 0, 0, crc) + data)
 
 
@@ -536,9 +583,10 @@ class MirrorLink(RuleBasedStateMachine):
         self.owner.receive_data(chunk)
         for event in drain(self.owner):
             assert isinstance(event, Acked), event
-            self.acked.add((event.vv, event.seq))
+            # Cumulative: every message of the volume up to event.seq.
+            self.acked |= {(vv, seq) for vv, seq in self.sent if vv == event.vv and seq <= event.seq}
             for key, (vv, seq) in list(self.releasing.items()):
-                if (vv, seq) == (event.vv, event.seq):
+                if vv == event.vv and seq <= event.seq:
                     assert self.owner.region_settled(key)
                     del self.releasing[key]
                     self._released(key)

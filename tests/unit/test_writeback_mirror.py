@@ -34,10 +34,12 @@ class Pipe:
         self.to_partner = bytearray()
         self.held = False
         self.ended: str | None = None
+        self.sends = 0
         mirror.attach(1, self.send)
         mirror.receive(self.partner.data_to_send())  # the partner's HELLO
 
     def send(self, data: bytes) -> None:
+        self.sends += 1
         self.to_partner += data
         if not self.held:
             asyncio.get_running_loop().call_soon(self.deliver)
@@ -99,6 +101,22 @@ async def test_acknowledged_only_when_the_partner_holds_the_write(tmp_path: Path
     vv_id = engine.vvs["v"].row.id
     assert (held.vv, held.vv_region, held.offset, held.data) == (vv_id, 3, 512, data)
     assert bytes(await vol.read(3 * REGION + 512, 4096)) == data
+    await engine.close()
+
+
+async def test_writes_arriving_together_go_to_the_partner_in_one_send(tmp_path: Path) -> None:
+    """One send per loop turn, not per write: a batch of NBD requests costs one loopback
+    syscall on the link, and the partner answers it with one ACK per volume."""
+    engine, pipe, holding = await mirrored_engine(tmp_path)
+    vol = engine.volume("v")
+    await vol.write(0, pattern(1, 4 * REGION))  # regions assigned: the writes below do not wait
+    sends = pipe.sends
+    writes = [asyncio.create_task(vol.write(i * 4096, pattern(i + 2, 4096))) for i in range(8)]
+    await asyncio.wait_for(asyncio.gather(*writes), 5)
+    assert pipe.sends == sends + 1, f"{pipe.sends - sends} sends for 8 writes"
+    assert len(holding) >= 8
+    for i in range(8):
+        assert bytes(await vol.read(i * 4096, 4096)) == pattern(i + 2, 4096)
     await engine.close()
 
 

@@ -764,7 +764,12 @@ class _Connection(asyncio.BufferedProtocol):
         finally:
             self._processing = False
         self._flush_core()
-        self._flush_out()
+        if not self._flush_scheduled:
+            # Otherwise replies of requests that finished in a task are queued for the flush at
+            # the end of this loop turn: the other tasks finishing in this turn (a mirrored
+            # write-back volume's writes, woken together by one batch of the partner's ACKs)
+            # add theirs, and one send carries them all.  Flushing here sent one per request.
+            self._flush_out()
 
     def _begin_tls(self) -> None:
         """STARTTLS acknowledged: send the ACK, stop reading plaintext, hand the socket to TLS."""
