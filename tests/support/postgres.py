@@ -22,6 +22,7 @@ import glob
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,11 @@ import pytest
 
 PG_USER = "thinblock"  # the cluster's superuser (trust authentication on its private socket)
 PORT = 5432  # only names the socket file, inside the cluster's own directory
+# Server options for the tests that show an immediate stop loses asynchronous commits: no
+# background process writes the WAL behind their back (autovacuum's commits are synchronous: each
+# flushes the WAL before it; the background writer, writing out a page, flushes the WAL up to
+# it).  The WAL writer is frozen by the test itself (``freeze_wal_writer``).
+LOSES_ASYNC_COMMITS = "-c autovacuum=off -c bgwriter_lru_maxpages=0"
 
 
 def find_bin_dir() -> Path | None:
@@ -54,6 +60,7 @@ class PostgresCluster:
     run_as: str | None  # "postgres" when we are root
     durable: bool = False  # fsync and full page writes as the server's defaults have them
     reaper: subprocess.Popen[bytes] | None = None  # removes the cluster when its owner dies
+    options: str = ""  # more server options (-c name=value ...), kept across restarts
 
     @property
     def data(self) -> Path:
@@ -82,6 +89,8 @@ class PostgresCluster:
         options = f"-k {self.socket_dir} -c listen_addresses='' -p {PORT} -c max_connections=200"
         if not self.durable:
             options += " -c fsync=off -c full_page_writes=off -c shared_buffers=16MB"
+        if self.options:
+            options += " " + self.options
         result = self._run(
             "pg_ctl",
             "-D",
@@ -106,6 +115,37 @@ class PostgresCluster:
         pid_file = self.data / "postmaster.pid"
         pid = int(pid_file.read_text().split()[0])
         os.kill(pid, 9)
+
+    def _children(self, title: str) -> list[int]:
+        """The postmaster's children whose process title names ``title`` ("walwriter")."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        found = []
+        for stat in glob.glob("/proc/[0-9]*/stat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+                if int(fields[1]) == postmaster:
+                    cmdline = Path(stat).with_name("cmdline").read_bytes()
+                    if title.encode() in cmdline:
+                        found.append(int(Path(stat).parent.name))
+        return found
+
+    def freeze_wal_writer(self) -> None:
+        """SIGSTOP the WAL writer: from now on an asynchronous commit reaches the WAL files only
+        when a synchronous one (or a full WAL buffer) writes it, so an immediate stop loses it
+        for certain, not only when the WAL writer had not woken yet (``crash``)."""
+        (pid,) = self._children("walwriter")
+        os.kill(pid, signal.SIGSTOP)
+
+    def crash(self, *, start: bool = True) -> None:
+        """``pg_ctl -m immediate`` (the server ends without writing its WAL buffers: what a
+        crash of it loses), then start again unless told not to.  A frozen WAL writer is killed
+        first (stopped, it would not end at the immediate stop's signal)."""
+        for pid in self._children("walwriter"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.stop("immediate")
+        if start:
+            self.start()
 
     def sql(self, statement: str, database: str = "postgres") -> None:
         import psycopg
@@ -174,7 +214,7 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def start_cluster(*, durable: bool = False) -> PostgresCluster:
+def start_cluster(*, durable: bool = False, options: str = "") -> PostgresCluster:
     bin_dir = find_bin_dir()
     assert bin_dir is not None
     root = Path(tempfile.mkdtemp(prefix="thinblock-pg-"))
@@ -184,7 +224,7 @@ def start_cluster(*, durable: bool = False) -> PostgresCluster:
         user = pwd.getpwnam(run_as)
         os.chown(root, user.pw_uid, user.pw_gid)
     os.chmod(root, 0o755)
-    cluster = PostgresCluster(bin_dir, root, run_as, durable, reaper=_start_reaper(root))
+    cluster = PostgresCluster(bin_dir, root, run_as, durable, reaper=_start_reaper(root), options=options)
     try:
         cluster.init()
         cluster.start()
@@ -195,13 +235,13 @@ def start_cluster(*, durable: bool = False) -> PostgresCluster:
 
 
 @contextlib.contextmanager
-def throwaway_cluster() -> Iterator[PostgresCluster]:
+def throwaway_cluster(options: str = "") -> Iterator[PostgresCluster]:
     """A cluster of its own for a fixture, removed afterwards; the test is skipped, with the
-    reason, where none can be started."""
+    reason, where none can be started.  ``options``: more server options."""
     reason = unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
-    cluster = start_cluster()
+    cluster = start_cluster(options=options)
     try:
         yield cluster
     finally:

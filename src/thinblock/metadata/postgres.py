@@ -3,9 +3,12 @@
 One database holds the same tables as the SQLite store (``sqlite.py``), created and versioned
 here: a ``meta`` row ``schema_version``; an older store is migrated on open, a newer one refused
 with a clear message.  Connections come from a psycopg pool; each store method is one
-transaction on one connection, so the metadata writer's thread and the event loop can call the
-store at the same time.  Every commit is durable when it returns (``synchronous_commit`` as the
-server has it, ``on`` by default), so ``sync()`` has nothing to do.
+read on one pooled connection, so the metadata writer's thread and the event loop can call the
+store at the same time.  Every write transaction of the owner (fenced by its lease) runs on one
+session (``pgsession.py``), in order: region assignments and unassignments commit
+asynchronously (``synchronous_commit = off``: no WAL flush per group), everything else
+synchronously, and ``sync()`` (every flush) is the barrier that makes them durable, re-applying
+what a lost session may have lost first.  The lease's own statements (unfenced) use the pool.
 
 Errors: a connection that fails, or a pool that has none to give within ``TIMEOUT``, is
 ``MetadataUnavailable`` (the pool replaces broken connections by itself, so the store works
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -25,9 +28,10 @@ import numpy as np
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from ..errors import LeaseLost, MetadataCorrupt, MetadataStoreFull, MetadataUnavailable
+from ..errors import LeaseLost, MetadataCorrupt, MetadataStoreFull, MetadataUnavailable, ThinblockError
 from . import mapcheck, redact_url
 from .pgcopy import BadCopy, Int8CopyReader
+from .pgsession import Connection, SessionBusy, Unsynced, WriteSession
 from .sql import TABLES, UNUSED_MAP_INDEX, SQLStore, Statement
 from .store import Assignment, LDRow, Lease, StoreImage
 
@@ -112,6 +116,7 @@ class PostgresStore(SQLStore):
     def __init__(self, url: str, *, create: bool = True, max_connections: int = 4) -> None:
         self.url = redact_url(url)
         self._lease: Lease | None = None
+        options = f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_MS}"
         self._map_cache: np.ndarray | None = None
         self._down = False
         try:
@@ -130,10 +135,7 @@ class PostgresStore(SQLStore):
             url,
             min_size=1,
             max_size=max_connections,
-            kwargs={
-                "connect_timeout": int(TIMEOUT),
-                "options": f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_MS}",
-            },
+            kwargs={"connect_timeout": int(TIMEOUT), "options": options},
             timeout=TIMEOUT,
             check=ConnectionPool.check_connection,  # a connection the server dropped is replaced
             open=False,
@@ -144,6 +146,13 @@ class PostgresStore(SQLStore):
         except PoolTimeout as exc:
             self._pool.close()
             raise MetadataUnavailable(f"cannot connect to metadata store {self.url}: {exc}") from None
+
+        def connect() -> Connection:
+            return psycopg.connect(url, connect_timeout=int(TIMEOUT), options=options, autocommit=True)
+
+        # The barrier's write: a row updated to itself (see pgsession.WriteSession).
+        barrier = "UPDATE meta SET value = value WHERE key = 'schema_version'"
+        self._session = WriteSession(connect, self._check_lease, barrier)
 
     def _open_schema(self, conn: psycopg.Connection[Any], create: bool) -> None:
         try:
@@ -231,23 +240,77 @@ class PostgresStore(SQLStore):
             yield conn
 
     @contextmanager
-    def _write(self, fenced: bool = True) -> Iterator[psycopg.Connection[Any]]:
-        """One write transaction; with a lease bound (and ``fenced``), the lease row is checked
-        first inside it, ``FOR SHARE``: a takeover (which updates the row) waits for this
-        transaction, or this one sees the new epoch and writes nothing."""
-        with self._conn("cannot write the metadata store") as conn, conn.transaction():
-            lease = self._lease if fenced else None
-            if lease is not None:
-                held = conn.execute(
-                    "SELECT 1 FROM leases WHERE name=%s AND holder=%s AND epoch=%s AND expires_at > now() FOR SHARE",
-                    (lease.name, lease.holder, lease.epoch),
-                ).fetchone()
-                if held is None:
-                    raise LeaseLost(
-                        f"lease lost: '{lease.name}' is no longer held by {lease.holder} with epoch"
-                        f" {lease.epoch}; the metadata write was refused"
-                    )
+    def _write(
+        self,
+        fenced: bool = True,
+        *,
+        redo: Unsynced | None = None,
+        undo: Unsynced | None = None,
+        pipeline: bool = False,
+    ) -> Iterator[Connection]:
+        """One write transaction.  Fenced (every write of the owner): on the write session, in
+        order, the bound lease checked first inside it, ``FOR SHARE`` (a takeover, which updates
+        the row, waits for this transaction, or this one sees the new epoch and writes nothing);
+        committed synchronously unless ``redo`` is given (how to apply it again: then
+        asynchronously, made durable by the next ``sync``).  Unfenced (the lease's own
+        statements): on a pooled connection, synchronously."""
+        if not fenced:
+            with self._conn("cannot write the metadata store") as conn, conn.transaction():
+                yield conn
+            return
+        doing = "cannot write the metadata store"
+        with (
+            self._session_errors(doing),
+            self._session.transaction(
+                durable=redo is None, redo=redo, undo=undo, pipeline=pipeline, wait=self._wait()
+            ) as conn,
+        ):
             yield conn
+
+    def _check_lease(self, conn: Connection) -> Callable[[], None]:
+        """The bound lease's check, sent now and verified by the call it returns (before the
+        commit): LeaseLost when the lease is no longer held with its epoch, unexpired."""
+        lease = self._lease
+        if lease is None:
+            return _nothing
+        cur = conn.execute(
+            "SELECT 1 FROM leases WHERE name=%s AND holder=%s AND epoch=%s AND expires_at > now() FOR SHARE",
+            (lease.name, lease.holder, lease.epoch),
+        )
+
+        def verify() -> None:
+            if cur.fetchone() is None:
+                raise self._lease_lost()
+
+        return verify
+
+    def _wait(self) -> float:
+        # While the server is known to be away, a call waits a moment, not TIMEOUT: some calls
+        # run on the event loop (a PD failure's record), which must not stall for long.
+        return DOWN_TIMEOUT if self._down else TIMEOUT
+
+    @contextmanager
+    def _session_errors(self, doing: str) -> Iterator[None]:
+        """The write session's errors as the contract's, and whether the server is away."""
+        try:
+            yield
+        except (psycopg.IntegrityError, LeaseLost):
+            raise
+        except (psycopg.Error, SessionBusy) as exc:
+            error = (
+                MetadataUnavailable(f"metadata store {self.url} unreachable ({doing}): {exc}")
+                if isinstance(exc, SessionBusy)
+                else self._error(exc, doing)
+            )
+            if isinstance(error, MetadataUnavailable):
+                if not self._down:
+                    log.error("%s", error)
+                self._down = True
+            raise error from exc
+        else:
+            if self._down:
+                self._down = False
+                log.warning("metadata store %s reachable again", self.url)
 
     # The shared statements (sql.py) are written with "?"; psycopg's placeholder is "%s".  None
     # of them holds a "?" or a "%" of its own; statements written here use "%s" already.
@@ -297,10 +360,23 @@ class PostgresStore(SQLStore):
 
     # --- life cycle ---
     def close(self) -> None:
+        try:
+            self.sync()  # what the last flush did not cover (a clean stop flushed it all)
+        except ThinblockError as exc:
+            log.error("closing the metadata store: the last writes may not be durable: %s", exc)
+        self._session.close()
         self._pool.close()
 
     def sync(self) -> None:
-        """Nothing to do: every commit returned once the server made it durable."""
+        """The barrier: every transaction committed so far durable, those a lost session may
+        have lost re-applied first (``pgsession.py``); the store's error when it cannot be done."""
+        with self._session_errors("cannot make the metadata store's commits durable"):
+            self._session.barrier(self._wait())
+
+    @property
+    def unsynced(self) -> int:
+        """Operations committed asynchronously that no synchronous commit covers yet."""
+        return len(self._session.unsynced)
 
     def backend_problems(self) -> list[str]:
         """PostgreSQL keeps its own indexes and types; what is left to check is backend-independent."""
@@ -354,45 +430,72 @@ class PostgresStore(SQLStore):
 
     # --- the map ---
     def assign_many(self, rows: list[Assignment]) -> None:
-        """One statement for the rows (unnest of four arrays) and one per counter table: three
-        round trips for a group of any size."""
+        """One statement (the lease's check, the rows by unnest of four arrays, the counters)
+        committed asynchronously, pipelined with BEGIN and COMMIT: one round trip for a group of
+        any size, and no WAL flush (the next ``sync`` makes it durable)."""
         if not rows:
             return
-        cols = list(zip(*rows, strict=True))
-        epoch = None if self._lease is None else self._lease.epoch
-        with self._write() as conn:
+        arrays = _columns(rows)
+        redo = Unsynced(
+            f"assign {len(rows)} region(s)", lambda conn: self._assign(conn, arrays, redo=True)[1]
+        )
+        # The commit's answer lost with the connection: the caller is told it failed and gives
+        # the regions back, so whatever the server kept of it must go before anything else.
+        undo = Unsynced(f"undo assigning {len(rows)} region(s)", lambda conn: _unassign_exact(conn, arrays))
+        with self._write(redo=redo, undo=undo, pipeline=True) as conn:
             self._map_cache = None
-            conn.execute(
-                "INSERT INTO vv_map(vv_id, vv_region, ld_id, ld_region, epoch)"
-                " SELECT v, r, l, lr, %s FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[])"
-                " AS t(v, r, l, lr)",
-                (epoch, list(cols[0]), list(cols[1]), list(cols[2]), list(cols[3])),
-            )
-            conn.execute(_count_ids("vvs", "regions", "+"), (list(cols[0]),))
-            conn.execute(_count_ids("lds", "regions_used", "+"), (list(cols[2]),))
-            gained = mapcheck.added_by_vv(rows)
-            conn.execute(
-                "UPDATE vvs SET map_check = map_check + d.s FROM unnest(%s::bigint[], %s::bigint[]) AS d(k, s)"
-                " WHERE vvs.id = d.k",
-                (list(gained), list(gained.values())),
-            )
+            cur = self._assign_statement(conn, arrays, redo=False)
+        held, _inserted = _fetch_assign(cur)
+        if not held:  # nothing was written: the statement inserts only under the lease
+            self._session.unsynced.pop()  # its redo: nothing to re-apply (and it would be refused)
+            raise self._lease_lost()
+
+    def _assign(self, conn: Connection, arrays: list[list[int]], *, redo: bool) -> tuple[bool, int]:
+        return _fetch_assign(self._assign_statement(conn, arrays, redo=redo))
+
+    def _assign_statement(
+        self, conn: Connection, arrays: list[list[int]], *, redo: bool
+    ) -> psycopg.Cursor[Any]:
+        """Insert the map rows and count them (VV and LD counters) in one statement, only while
+        the bound lease holds (checked inside it, FOR SHARE); answers (lease held, rows
+        inserted).  ``redo``: rows whose key is there already are left alone (re-applied after a
+        lost session), else a key already there is an error (a region assigned twice)."""
+        lease = self._lease
+        epoch = None if lease is None else lease.epoch
+        held_args: tuple[Any, ...] = ()
+        if lease is None:
+            held = "SELECT 1"
+        else:
+            held = "SELECT 1 FROM leases WHERE name=%s AND holder=%s AND epoch=%s AND expires_at > now() FOR SHARE"
+            held_args = (lease.name, lease.holder, lease.epoch)
+        conflict = " ON CONFLICT (vv_id, vv_region) DO NOTHING" if redo else ""
+        return conn.execute(
+            f"WITH held AS ({held}),"
+            " new AS (INSERT INTO vv_map(vv_id, vv_region, ld_id, ld_region, epoch)"
+            " SELECT v, r, l, lr, %s::bigint FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[])"
+            f" AS t(v, r, l, lr) WHERE EXISTS (SELECT 1 FROM held){conflict} RETURNING vv_id, ld_id, {_term()}), "
+            + _count_rows("new", "+")
+            + " SELECT EXISTS (SELECT 1 FROM held), COUNT(*) FROM new",
+            (*held_args, epoch, *arrays),
+        )
+
+    def _lease_lost(self) -> LeaseLost:
+        lease = self._lease
+        assert lease is not None
+        return LeaseLost(
+            f"lease lost: '{lease.name}' is no longer held by {lease.holder} with epoch"
+            f" {lease.epoch}; the metadata write was refused"
+        )
 
     def unassign(self, vv_id: int, vv_regions: list[int]) -> int:
-        with self._write() as conn:
+        """Committed asynchronously; re-applied as it is (it deletes what is still there)."""
+        redo = Unsynced(
+            f"unassign {len(vv_regions)} region(s) of VV {vv_id}",
+            lambda conn: _count(_unassign(conn, vv_id, vv_regions)),
+        )
+        with self._write(redo=redo) as conn:
             self._map_cache = None
-            gone = conn.execute(
-                "DELETE FROM vv_map WHERE vv_id=%s AND vv_region = ANY(%s::bigint[])"
-                " RETURNING ld_id, vv_region, ld_region",
-                (vv_id, vv_regions),
-            ).fetchall()
-            if gone:
-                conn.execute(_count_ids("lds", "regions_used", "-"), ([int(r[0]) for r in gone],))
-                taken = sum(mapcheck.term(int(vr), int(ld), int(lr)) for ld, vr, lr in gone)
-                conn.execute(
-                    "UPDATE vvs SET regions = regions - %s, map_check = map_check - %s WHERE id=%s",
-                    (len(gone), taken, vv_id),
-                )
-        return len(gone)
+            return _count(_unassign(conn, vv_id, vv_regions))
 
     def map_array(self) -> np.ndarray:
         """The whole map by one binary COPY, each block parsed as it arrives into an array
@@ -461,13 +564,67 @@ class PostgresStore(SQLStore):
         return None if row is None else Lease(name, str(row[0]), int(row[1]), float(row[2]))
 
 
-def _count_ids(table: str, column: str, sign: str) -> str:
-    """An UPDATE that adds (``+``) or takes (``-``) to ``table.column`` of each row, once per
-    time its id occurs in the array parameter: one statement for a group of any size."""
+def _term(table: str = "") -> str:
+    """A map row's map check term (``mapcheck.py``) for a RETURNING list, as ``t``: "%" doubled,
+    psycopg's placeholders being "%s"."""
+    term = mapcheck.term_sql(f"{table}vv_region", f"{table}ld_id", f"{table}ld_region")
+    return term.replace("%", "%%") + " AS t"
+
+
+def _count_rows(rows: str, sign: str) -> str:
+    """Two statements for a WITH: add (``+``) or take (``-``) the rows of ``rows`` (a data-changing
+    CTE returning vv_id, ld_id and the row's map check term ``t``) to the counters and the map
+    check of their VVs and to the counters of their LDs."""
     return (
-        f"UPDATE {table} SET {column} = {column} {sign} d.n FROM (SELECT k, COUNT(*) AS n"
-        f" FROM unnest(%s::bigint[]) AS t(k) GROUP BY k) d WHERE {table}.id = d.k"
+        f"vv_counts AS (UPDATE vvs SET regions = regions {sign} d.n, map_check = map_check {sign} d.s"
+        f" FROM (SELECT vv_id AS k, COUNT(*) AS n, SUM(t)::bigint AS s FROM {rows} GROUP BY vv_id) d"
+        " WHERE vvs.id = d.k), "
+        f"ld_counts AS (UPDATE lds SET regions_used = regions_used {sign} d.n FROM (SELECT ld_id AS k,"
+        f" COUNT(*) AS n FROM {rows} GROUP BY ld_id) d WHERE lds.id = d.k)"
     )
+
+
+def _unassign(conn: Connection, vv_id: int, vv_regions: list[int]) -> psycopg.Cursor[Any]:
+    """Delete the map rows still there and count them off, in one statement; counts the rows."""
+    return conn.execute(
+        "WITH gone AS (DELETE FROM vv_map WHERE vv_id=%s AND vv_region = ANY(%s::bigint[])"
+        f" RETURNING vv_id, ld_id, {_term()}), " + _count_rows("gone", "-") + " SELECT COUNT(*) FROM gone",
+        (vv_id, vv_regions),
+    )
+
+
+def _unassign_exact(conn: Connection, arrays: list[list[int]]) -> int:
+    """Delete the map rows that are exactly these assignments, if there, and count them off."""
+    return _count(
+        conn.execute(
+            "WITH gone AS (DELETE FROM vv_map m USING unnest(%s::bigint[], %s::bigint[], %s::bigint[],"
+            " %s::bigint[]) AS t(v, r, l, lr) WHERE m.vv_id = t.v AND m.vv_region = t.r AND m.ld_id = t.l"
+            f" AND m.ld_region = t.lr RETURNING m.vv_id, m.ld_id, {_term('m.')}), "
+            + _count_rows("gone", "-")
+            + " SELECT COUNT(*) FROM gone",
+            tuple(arrays),
+        )
+    )
+
+
+def _columns(rows: list[Assignment]) -> list[list[int]]:
+    return [list(column) for column in zip(*rows, strict=True)]
+
+
+def _fetch_assign(cur: psycopg.Cursor[Any]) -> tuple[bool, int]:
+    row = cur.fetchone()
+    assert row is not None
+    return bool(row[0]), int(row[1])
+
+
+def _count(cur: psycopg.Cursor[Any]) -> int:
+    row = cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _nothing() -> None:
+    pass
 
 
 def _pg(statement: str) -> str:

@@ -11,9 +11,14 @@ test_metadata_store.py) runs every method against every backend.
 Transaction rule: every mutating method is one transaction, committed when it returns
 (visible to a new process after ``kill -9``) or not at all (it raises and changed
 nothing).  There is no open transaction between calls: region assignments are batched by
-the caller (``writer.MetadataWriter``) into one ``assign_many``.  ``sync()`` makes every
-committed transaction durable against power loss (SQLite: fsync of the WAL; PostgreSQL:
-its commits are durable already).
+the caller (``writer.MetadataWriter``) into one ``assign_many``.  ``sync()`` (every flush)
+makes every committed transaction durable against a crash of the machine or of the database
+server, or raises: SQLite commits with ``synchronous=NORMAL`` and fsyncs its WAL there;
+PostgreSQL commits ``assign_many`` and ``unassign`` asynchronously (no WAL flush per group)
+and everything else synchronously, and its ``sync()`` is a synchronous commit on the same
+session, after re-applying, on a new session, whatever a crash of the server may have lost
+(``pgsession.py``).  So an assignment is durable before a flush that covers its data is
+acknowledged, on either backend, and not before each write.
 
 Errors: a backend raises ``MetadataStoreFull`` when it has no room for a transaction,
 ``MetadataUnavailable`` when it cannot be reached, ``LeaseLost`` when a bound lease no
@@ -175,7 +180,9 @@ class MetadataStore(abc.ABC):
 
     @abc.abstractmethod
     def sync(self) -> None:
-        """Make every committed transaction durable (blocking: call it off the loop)."""
+        """Make every committed transaction durable (blocking: call it off the loop); the
+        store's error (``MetadataUnavailable``...) when it cannot, and then a flush waiting
+        for it must fail."""
 
     @abc.abstractmethod
     def backend_problems(self) -> list[str]:
