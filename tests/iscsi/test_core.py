@@ -619,3 +619,71 @@ def test_immediate_data_of_a_much_larger_write_is_not_preallocated_whole() -> No
     target[: len(view) - 10] = view[:-10]
     core.buffer_updated(len(view) - 10)  # the data has not all arrived: the sink is asked
     assert reader._held is not None and len(reader._held[2].obj) == 65536  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("mode", ["whole", "buffered"])
+def test_max_outstanding_r2t_asks_the_next_bursts_before_the_current_one_is_in(mode: str) -> None:
+    """An initiator offering MaxOutstandingR2T=8 gets 4 (the target's limit, Minimum): a
+    1 MiB write with 128 KiB immediate data and 128 KiB bursts gets four R2Ts at once, and one
+    more each time a burst is complete, in offset order with R2TSN counting up; the Data-Out
+    answering them in order (DataSequenceInOrder=Yes) makes the whole write."""
+    pairs = [
+        *[(k, v) for k, v in LARGE if k not in ("MaxBurstLength", "FirstBurstLength")],
+        ("FirstBurstLength", "131072"),
+        ("MaxBurstLength", "131072"),
+        ("MaxOutstandingR2T", "8"),
+    ]
+    core = TargetConnection(policy())
+    core.receive_data(login_request(pairs, csg=1, nsg=3))
+    [login] = replies(core)
+    assert login.text["MaxOutstandingR2T"] == "4"
+    events(core)
+    payload = bytes((i * 5 + i // 3001) & 0xFF for i in range(1024 * 1024))
+    cdb = bytes([0x2A, 0, 0, 0, 0, 0, 0, 8, 0, 0])
+    burst = first = 131072
+    _deliver(
+        core, scsi_command(cdb, itt=5, cmdsn=1, edtl=len(payload), write=True, data=payload[:first]), mode
+    )
+    asked = replies(core)
+    assert [(r.opcode, r.u32(36), r.u32(40), r.u32(44)) for r in asked] == [
+        (Opcode.R2T, sn, first + sn * burst, burst) for sn in range(4)
+    ]
+    outstanding = [(r.u32(20), r.u32(40)) for r in asked]
+    sn = 4
+    while outstanding:
+        ttt, offset = outstanding.pop(0)
+        _deliver(
+            core,
+            data_out(payload[offset : offset + burst], itt=5, ttt=ttt, datasn=0, offset=offset, final=True),
+            mode,
+        )
+        more = replies(core)
+        if first + sn * burst < len(payload):
+            [r2t] = more
+            assert (r2t.u32(36), r2t.u32(40), r2t.u32(44)) == (sn, first + sn * burst, burst)
+            outstanding.append((r2t.u32(20), r2t.u32(40)))
+            sn += 1
+        else:
+            assert more == []
+    assert sn == 7  # 896 KiB in 128 KiB bursts
+    [task] = events(core)
+    assert isinstance(task, ScsiCommand) and task.data == payload
+
+
+def test_data_out_for_an_r2t_ahead_of_the_current_one_is_refused() -> None:
+    """DataSequenceInOrder=Yes: the bursts come in the order asked; data for the second
+    outstanding R2T before the first's is a protocol error."""
+    pairs = [
+        *[(k, v) for k, v in LARGE if k not in ("MaxBurstLength", "FirstBurstLength")],
+        ("FirstBurstLength", "65536"),
+        ("MaxBurstLength", "65536"),
+        ("MaxOutstandingR2T", "2"),
+    ]
+    core = logged_in(pairs)
+    cdb = bytes([0x2A, 0, 0, 0, 0, 0, 0, 1, 128, 0])  # 192 KiB
+    core.receive_data(scsi_command(cdb, itt=5, cmdsn=1, edtl=196608, write=True, data=bytes(65536)))
+    first, second = replies(core)
+    assert (first.u32(40), second.u32(40)) == (65536, 131072)
+    core.receive_data(data_out(bytes(65536), itt=5, ttt=second.u32(20), datasn=0, offset=131072, final=True))
+    closed = [e for e in events(core) if isinstance(e, ConnectionClosed)]
+    assert closed and not closed[0].clean

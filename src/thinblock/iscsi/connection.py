@@ -138,8 +138,12 @@ class ScsiCommand:
     # collection state (the core's)
     received: int = 0
     unsolicited_done: bool = True
-    r2t_outstanding: bool = False
+    r2t_outstanding: bool = False  # the current burst (ttt, burst_end, data_sn) answers an R2T
     r2t_sn: int = 0
+    # R2Ts sent after the current one's (MaxOutstandingR2T > 1): (TTT, burst end) in offset
+    # order, answered in that order (DataSequenceInOrder=Yes); and how far R2Ts have asked.
+    r2ts_ahead: list[tuple[int, int]] = field(default_factory=list)
+    solicited: int = 0
     ttt: int = NO_TAG
     data_sn: int = 0  # DataSN expected on the next Data-Out of the current sequence
     burst_end: int = 0
@@ -944,12 +948,21 @@ class TargetConnection:
         self._events.append(task)
 
     def _advance_write(self, task: ScsiCommand) -> None:
-        """Unsolicited data done and no R2T outstanding: ask for more, or the task is ready."""
+        """Unsolicited data done and the current burst complete: the task is ready, or the
+        next R2T already sent becomes the current burst, and R2Ts are sent for what is not
+        asked yet, up to MaxOutstandingR2T of them (RFC 7143 13.17: per task, the current
+        one included; with libiscsi's 1, the next burst is asked when the last is in)."""
         if not task.unsolicited_done or task.r2t_outstanding:
             return
         assert task.data is not None
         if task.received >= task.expected_length:
             self._events.append(task)
+            return
+        if task.r2ts_ahead:
+            task.ttt, task.burst_end = task.r2ts_ahead.pop(0)
+            task.r2t_outstanding = True
+            task.data_sn = 0
+            self._solicit(task)
             return
         if not task.budgeted:
             # Solicited data is bounded per connection: a task gets its first R2T only when its
@@ -972,29 +985,43 @@ class TargetConnection:
                 whole = bytearray(task.expected_length)
                 whole[: len(data)] = data
                 task.data = whole
-        length = min(self.params.max_burst_length, task.expected_length - task.received)
-        task.ttt = self._new_ttt()
-        task.r2t_outstanding = True
-        task.burst_end = task.received + length
-        task.data_sn = 0
-        bhs = build_bhs(
-            Opcode.R2T,
-            FINAL_BIT,
-            lun=task.lun,
-            itt=task.itt,
-            fields=(
-                task.ttt,
-                self.stat_sn,
-                self.exp_cmd_sn,
-                self._advertised_max(),
-                task.r2t_sn,
-                task.received,
-                length,
-            ),
-        )
-        task.r2t_sn += 1
-        task.responses_sent += 1
-        self._send(bhs)
+        task.solicited = task.received
+        self._solicit(task)
+
+    def _solicit(self, task: ScsiCommand) -> None:
+        """Send R2Ts from ``task.solicited`` on, MaxBurstLength each, while fewer than
+        MaxOutstandingR2T are outstanding; the first becomes the current burst."""
+        limit = self.params.max_outstanding_r2t
+        edtl = task.expected_length
+        while task.solicited < edtl and int(task.r2t_outstanding) + len(task.r2ts_ahead) < limit:
+            offset = task.solicited
+            length = min(self.params.max_burst_length, edtl - offset)
+            ttt = self._new_ttt()
+            if task.r2t_outstanding:
+                task.r2ts_ahead.append((ttt, offset + length))
+            else:
+                task.ttt, task.burst_end = ttt, offset + length
+                task.r2t_outstanding = True
+                task.data_sn = 0
+            task.solicited = offset + length
+            bhs = build_bhs(
+                Opcode.R2T,
+                FINAL_BIT,
+                lun=task.lun,
+                itt=task.itt,
+                fields=(
+                    ttt,
+                    self.stat_sn,
+                    self.exp_cmd_sn,
+                    self._advertised_max(),
+                    task.r2t_sn,
+                    offset,
+                    length,
+                ),
+            )
+            task.r2t_sn += 1
+            task.responses_sent += 1
+            self._send(bhs)
 
     def _data_out(self, pdu: Pdu) -> None:
         itt = pdu.itt

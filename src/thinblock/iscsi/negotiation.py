@@ -4,7 +4,9 @@
 answers one batch of an initiator's keys with the target's values and updates them.
 The target's own preferences are the ones thinblock wants: immediate and unsolicited
 data accepted (ImmediateData=Yes, InitialR2T=No: a 4 KiB write then takes one round
-trip, not two), up to ``TARGET_MAX_CONNECTIONS`` connections per session (MC/S), error
+trip, not two), FirstBurstLength 256 KiB, MaxBurstLength 16 MiB and MaxOutstandingR2T 4 at
+most (all three Minimum: an initiator's smaller offer stands -- libiscsi offers 256 KiB,
+256 KiB and 1), up to ``TARGET_MAX_CONNECTIONS`` connections per session (MC/S), error
 recovery level 0.  A connection added to a session negotiates only the connection's own keys
 (digests, MaxRecvDataSegmentLength); the "leading only" keys keep the leading connection's
 values and are answered Irrelevant.
@@ -25,6 +27,9 @@ DEFAULT_MAX_RECV_DATA_SEGMENT = 8192  # RFC 7143 13.12: the default until declar
 LOGIN_MAX_RECV_DATA_SEGMENT = 8192  # during login both sides accept at least this
 TARGET_PORTAL_GROUP_TAG = 1
 TARGET_MAX_CONNECTIONS = 8  # connections one session may have (MaxConnections, result: minimum)
+# R2Ts one task may have outstanding (MaxOutstandingR2T, result: minimum): the next bursts of
+# a write are asked before the current one's data is in.  libiscsi and open-iscsi offer 1.
+TARGET_MAX_OUTSTANDING_R2T = 4
 # RFC 7143 13: keys negotiated on the leading connection only ("LO"), session-wide values.
 LEADING_ONLY_KEYS = frozenset(
     {
@@ -149,7 +154,7 @@ def negotiate_operational(
             params.default_time2retain = min(_number(key, value, 0, 3600), 0)
             out.append((key, str(params.default_time2retain)))
         elif key == "MaxOutstandingR2T":
-            params.max_outstanding_r2t = min(_number(key, value, 1, 65535), 1)
+            params.max_outstanding_r2t = min(_number(key, value, 1, 65535), TARGET_MAX_OUTSTANDING_R2T)
             out.append((key, str(params.max_outstanding_r2t)))
         elif key in ("DataPDUInOrder", "DataSequenceInOrder"):
             _boolean(key, value)
