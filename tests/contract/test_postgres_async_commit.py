@@ -79,8 +79,24 @@ def test_assignments_commit_asynchronously_until_a_barrier(cluster: PostgresClus
             store.sync()
             assert store.unsynced == 0
             store.assign_many([(vv, 2, ld, 2)])
-            store.set_meta("clean", "0")  # a synchronous commit on the session covers it too
+            store.rename_vv(vv, "w")  # a synchronous commit on the session covers it too
             assert store.unsynced == 0
+        finally:
+            store.close()
+
+
+def test_writes_made_on_the_event_loop_do_not_wait_for_the_session(cluster: PostgresCluster) -> None:
+    """A PD failure's record and the pair's mirror marks are written on the loop: behind a long
+    transaction of the writer's thread (a snapshot's map copy) they would stall every volume."""
+    with fresh_database(cluster) as url:
+        store = _open(url)
+        try:
+            _populate(store)
+            with store._session._lock:  # the writer's thread inside a long transaction
+                store.set_pd_health(1, "failed")
+                store.set_meta("mirror_valid", "0")
+            assert [p.health for p in store.load_pds()] == ["failed", "normal"]
+            assert store.get_meta("mirror_valid") == "0"
         finally:
             store.close()
 

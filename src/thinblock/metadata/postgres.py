@@ -40,6 +40,7 @@ log = logging.getLogger("thinblock.metadata")
 SCHEMA_VERSION = 5  # the same numbering as the SQLite store's: the same tables
 TIMEOUT = 5.0  # seconds to connect, or to wait for a free connection
 DOWN_TIMEOUT = 0.5  # the same while the server is known to be away
+SESSION_WAIT = 60.0  # seconds a write waits for the write session (metadata/pgsession.py)
 # A session left inside a transaction this long is ended by the server.  Why: a daemon paused
 # (SIGSTOP, a VM frozen) in the middle of a transaction holds its lease row FOR SHARE, and the
 # node taking over would wait for it for as long as the pause lasts.
@@ -247,15 +248,20 @@ class PostgresStore(SQLStore):
         redo: Unsynced | None = None,
         undo: Unsynced | None = None,
         pipeline: bool = False,
+        pooled: bool = False,
     ) -> Iterator[Connection]:
-        """One write transaction.  Fenced (every write of the owner): on the write session, in
-        order, the bound lease checked first inside it, ``FOR SHARE`` (a takeover, which updates
-        the row, waits for this transaction, or this one sees the new epoch and writes nothing);
-        committed synchronously unless ``redo`` is given (how to apply it again: then
-        asynchronously, made durable by the next ``sync``).  Unfenced (the lease's own
+        """One write transaction.  Fenced (every write of the owner): the bound lease checked
+        first inside it, ``FOR SHARE`` (a takeover, which updates the row, waits for this
+        transaction, or this one sees the new epoch and writes nothing); on the write session,
+        in order, committed synchronously unless ``redo`` is given (how to apply it again: then
+        asynchronously, made durable by the next ``sync``).  ``pooled`` (writes whose order
+        against the map's does not matter, made on the event loop: they must not wait for the
+        session behind a long transaction of the writer's thread) and unfenced (the lease's own
         statements): on a pooled connection, synchronously."""
-        if not fenced:
+        if not fenced or pooled:
             with self._conn("cannot write the metadata store") as conn, conn.transaction():
+                verify = self._check_lease(conn) if fenced else _nothing
+                verify()
                 yield conn
             return
         doing = "cannot write the metadata store"
@@ -285,9 +291,10 @@ class PostgresStore(SQLStore):
         return verify
 
     def _wait(self) -> float:
-        # While the server is known to be away, a call waits a moment, not TIMEOUT: some calls
-        # run on the event loop (a PD failure's record), which must not stall for long.
-        return DOWN_TIMEOUT if self._down else TIMEOUT
+        """How long a write waits for the session: behind a long transaction of the writer's
+        thread (a snapshot's copy of a million map rows) when the server is there, a moment when
+        it is known to be away.  Nothing on the event loop waits for it (``pooled``)."""
+        return DOWN_TIMEOUT if self._down else SESSION_WAIT
 
     @contextmanager
     def _session_errors(self, doing: str) -> Iterator[None]:
@@ -381,6 +388,22 @@ class PostgresStore(SQLStore):
     def backend_problems(self) -> list[str]:
         """PostgreSQL keeps its own indexes and types; what is left to check is backend-independent."""
         return []
+
+    # --- writes made on the event loop: pooled (see _write) ---
+    def set_pd_health(self, pd_id: int, health: str) -> None:
+        """A PD failure's record, made on the loop (failures.py)."""
+        with self._write(pooled=True) as conn:
+            conn.execute("UPDATE pds SET health=%s WHERE id=%s", (health, pd_id))
+
+    def set_meta(self, key: str, value: str) -> None:
+        """The node pair's mirror epoch marks are set on the loop (node/takeover.py); the store
+        generation's bump from a flush's thread (on the session it would cover the list, but wait
+        behind the writer's transactions: the barrier covers the list instead)."""
+        with self._write(pooled=True) as conn:
+            conn.execute(
+                "INSERT INTO meta(key, value) VALUES(%s, %s) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                (key, value),
+            )
 
     # --- LDs ---
     def add_ld(self, row: LDRow) -> int:
