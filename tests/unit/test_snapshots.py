@@ -14,7 +14,7 @@ from tests.engine_helpers import REGION, pattern, reopen
 from tests.unit.snapshot_support import SIZE, assert_sound, engine_with_volume, read_all
 from thinblock.errors import AlreadyExists, InvalidArgument, NotFound, ReadOnlyDevice
 from thinblock.model import CacheMode
-from thinblock.volume.vv import VirtualVolume
+from thinblock.volume.vv import UNMAP_OFF_LOOP, VirtualVolume
 
 
 @pytest.mark.parametrize("mode", [CacheMode.WRITETHROUGH, CacheMode.WRITEBACK])
@@ -189,13 +189,14 @@ async def test_a_renamed_volume_keeps_its_tree(tmp_path: Path) -> None:
         await engine.close()
 
 
-@pytest.mark.parametrize("operation", ["snapshot", "clone", "revert"])
+@pytest.mark.parametrize("operation", ["snapshot", "clone", "revert", "delete"])
 async def test_other_volumes_are_served_while_a_long_map_copy_commits(
     tmp_path: Path, operation: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """SQLite: the store transaction of a snapshot, clone or revert (a million map rows copied
-    take a second) runs off the event loop (metadata/writer.py, ``off_loop``), so another
-    volume's reads and writes go on meanwhile.  The store call here is held until that I/O has
+    take a second), or of a delete's batch of unassignments (vv.UNMAP_OFF_LOOP or more), runs off
+    the event loop (metadata/writer.py, ``off_loop``), so another volume's reads and writes go on
+    meanwhile.  The store call here is held until that I/O has
     been served: run on the loop, it would have held the loop, and the I/O, for all its length."""
     engine = await engine_with_volume(tmp_path)
     try:
@@ -204,9 +205,17 @@ async def test_other_volumes_are_served_while_a_long_map_copy_commits(
         other = engine.volume("other")
         await other.write(0, pattern(7, 2 * REGION))
         await engine.volume("v").write(0, pattern(8, REGION))
-        if operation != "snapshot":
+        if operation in ("clone", "revert"):
             await engine.snapshot_vv("v", "s0")
-        method = {"snapshot": "add_vv_sharing", "clone": "add_vv_sharing", "revert": "replace_map"}[operation]
+        if operation == "delete":
+            await engine.create_vv("big", pool="p", size=UNMAP_OFF_LOOP * REGION)
+            await engine.volume("big").write(0, pattern(9, UNMAP_OFF_LOOP * REGION))
+        method = {
+            "snapshot": "add_vv_sharing",
+            "clone": "add_vv_sharing",
+            "revert": "replace_map",
+            "delete": "unassign",
+        }[operation]
         real = getattr(engine.store, method)
         entered, served = threading.Event(), threading.Event()
         waited: list[bool] = []
@@ -222,6 +231,7 @@ async def test_other_volumes_are_served_while_a_long_map_copy_commits(
             "snapshot": lambda: engine.snapshot_vv("v", "s1"),
             "clone": lambda: engine.clone_vv("s0", "c1"),
             "revert": lambda: engine.revert_vv("v", "s0"),
+            "delete": lambda: engine.delete_vv("big"),
         }[operation]
         task = asyncio.create_task(call())
         while not entered.is_set():
