@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 
 from tests.engine_helpers import CHUNKLET, REGION, STEP, fail_writes_to_region, make_engine, pattern
-from thinblock.engine import Engine
+from thinblock.engine import Engine, EngineOptions
 from thinblock.errors import MediumError
 from thinblock.model import CacheMode
 from thinblock.node.mirror import OwnerMirror
 from thinblock.node.mirror_protocol import NEED_DATA, MirrorHolding, PartnerConnection, ProtocolError
 from thinblock.pool.pool import REGION_BITS, REGION_MASK
-from thinblock.units import MiB
+from thinblock.units import KiB, MiB
 
 
 class Pipe:
@@ -61,9 +61,13 @@ class Pipe:
 
 
 async def mirrored_engine(
-    tmp_path: Path, *, covers_flush: bool = False, takes_over: bool = True
+    tmp_path: Path,
+    *,
+    covers_flush: bool = False,
+    takes_over: bool = True,
+    options: EngineOptions | None = None,
 ) -> tuple[Engine, Pipe, MirrorHolding]:
-    engine = await make_engine(tmp_path)
+    engine = await make_engine(tmp_path, options=options)
     await engine.create_pool("p", raid=1, region_size=REGION, growth_increment=CHUNKLET, step=STEP)
     await engine.create_vv("v", pool="p", size=4 * MiB, cache_mode=CacheMode.WRITEBACK)
     holding = MirrorHolding("n1")
@@ -117,6 +121,71 @@ async def test_writes_arriving_together_go_to_the_partner_in_one_send(tmp_path: 
     assert len(holding) >= 8
     for i in range(8):
         assert bytes(await vol.read(i * 4096, 4096)) == pattern(i + 2, 4096)
+    await engine.close()
+
+
+async def test_a_large_write_goes_around_the_cache_with_its_copy_at_the_partner(tmp_path: Path) -> None:
+    """A write of offload_min or more into a region with no dirty data goes to the LD through the
+    I/O threads while its copy goes to the partner (no inline destage on the loop later); it is
+    acknowledged once both hold it, and the partner drops its copy once a report made it durable."""
+    options = EngineOptions(allow_tiny_chunklets=True, destage_delay=3600.0, offload_min_bytes=8 * KiB)
+    engine, pipe, holding = await mirrored_engine(tmp_path, options=options)
+    vol = engine.volume("v")
+    await vol.write(0, pattern(1, REGION))
+    key = key_of(engine, 0)
+    assert engine.cache.dirty_bytes == 0, "cached: not around the cache"
+    assert on_ld(engine, key, 0, REGION) == pattern(1, REGION)
+    assert [w.data for w in holding.held_for(key)] == [pattern(1, REGION)]
+    # Acknowledged only once the partner holds the copy (the LD has it before).
+    pipe.held = True
+    write = asyncio.create_task(vol.write(0, pattern(2, REGION)))
+    await asyncio.sleep(0.05)
+    assert not write.done(), "acknowledged before the partner held the copy"
+    assert on_ld(engine, key, 0, REGION) == pattern(2, REGION)
+    pipe.release_hold()
+    await asyncio.wait_for(write, 5)
+    # Reported like a destaged region: dropped by the partner once durable.
+    assert pipe.mirror.pending_destaged == 2
+    assert await pipe.mirror.report_destaged() == 2
+    await asyncio.sleep(0)
+    assert holding.held_for(key) == [] and holding.held_bytes == 0
+    # Dirty data in the region (a small write, cached): a large write must not overtake it.
+    await vol.write(REGION, pattern(3, 4096))
+    await vol.write(REGION, pattern(4, REGION))
+    assert engine.cache.dirty_bytes == 4096 + REGION
+    assert bytes(await vol.read(0, 2 * REGION)) == pattern(2, REGION) + pattern(4, REGION)
+    await engine.close()
+
+
+async def test_a_destage_during_a_write_around_the_cache_does_not_report_its_copy(tmp_path: Path) -> None:
+    """While a write around the cache is on its way to the LD, a small write into the same region
+    is cached and destaged: that destage must not report the region (its report could drop the
+    large write's copy before the large write is on the LD, let alone durable); the large write's
+    end reports it, covering both."""
+    options = EngineOptions(allow_tiny_chunklets=True, destage_delay=3600.0, offload_min_bytes=8 * KiB)
+    engine, pipe, _ = await mirrored_engine(tmp_path, options=options)
+    vol = engine.volume("v")
+    await vol.write(0, pattern(1, 4096))  # assigns region 0 (cached: small)
+    await engine.cache.destage_all()
+    assert await pipe.mirror.report_destaged() == 1
+    key = key_of(engine, 0)
+    landed = asyncio.Event()
+    go_on = asyncio.Event()
+
+    async def slow_ld_write() -> None:
+        landed.set()
+        await go_on.wait()
+
+    large = asyncio.create_task(
+        engine.cache.write_around(key, engine.vvs["v"].row.id, 0, 0, pattern(5, REGION), slow_ld_write)
+    )
+    await landed.wait()
+    await vol.write(8192, pattern(6, 4096))  # cached into the region
+    engine.cache.destage_region(key)
+    assert pipe.mirror.pending_destaged == 0, "the destage reported a region with a write on its way"
+    go_on.set()
+    await asyncio.wait_for(large, 5)
+    assert pipe.mirror.pending_destaged == 1
     await engine.close()
 
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from ..blockdev import Buffer
@@ -111,6 +111,7 @@ class WriteBackCache:
         self._wake = asyncio.Event()  # set when dirty data appeared
         self._pressure = asyncio.Event()  # set when a writer waits for room
         self._task: asyncio.Task[None] | None = None
+        self._around: set[int] = set()  # regions with a write_around in flight
         # Destage failures by owning VV, each reported by that volume's next FLUSH (take_errors),
         # as fsync reports a lost page to its own file: a flush the node runs for itself (a
         # pair's destage report, a move, a takeover) or another volume's FLUSH must not take it.
@@ -243,6 +244,50 @@ class WriteBackCache:
                 return
         self._wake.set()
 
+    def may_write_around(self, key: int) -> bool:
+        """Whether a write into region ``key`` may go around the cache (``write_around``): a
+        partner in sync holds its copy, no dirty data of the region is here (it must not overtake
+        it), and no other write around the cache is in flight there (whose destage report could
+        otherwise cover this one's copy before it landed)."""
+        mirror = self.mirror
+        return mirror is not None and mirror.in_sync and key not in self._regions and key not in self._around
+
+    async def write_around(
+        self,
+        key: int,
+        owner: int,
+        vv_region: int,
+        offset: int,
+        data: Buffer,
+        write_to_ld: Callable[[], Awaitable[None]],
+    ) -> None:
+        """A large write of a mirrored volume around the cache: its copy goes to the partner
+        while ``write_to_ld`` writes it to the LD (through the I/O threads); it is acknowledged
+        once both are done.  Then it is as a destaged region's write: on the LD, not yet durable,
+        and the partner drops its copy only once the next report made it durable (``destaged``
+        is called after the LD write landed, so that report's fsync covers it).  A copy the
+        partner never confirmed (``MirrorLost``) leaves the write written through, as ``write``
+        does.  Call only when ``may_write_around(key)``, with no await in between."""
+        mirror = self.mirror
+        assert mirror is not None and self.may_write_around(key)
+        copy = mirror.replicate(owner, key, vv_region, offset, data)
+        self._around.add(key)
+        try:
+            await write_to_ld()
+        except BaseException:
+            # Not written: its copy (if confirmed) is of a write never acknowledged (undefined
+            # content); the partner drops it with the region's next report.
+            if isinstance(copy, asyncio.Future):
+                copy.add_done_callback(_retrieve)
+            raise
+        finally:
+            self._around.discard(key)
+            mirror.destaged(owner, key)
+        try:
+            await copy
+        except MirrorLost:
+            return  # on the LD already: written through (the volume sees ``writes_through``)
+
     def overlay(self, key: int, offset: int, buf: memoryview) -> None:
         """Lay the cached writes of region ``key`` over ``buf``, which holds the region's bytes
         from ``offset`` as read from the LD."""
@@ -296,7 +341,9 @@ class WriteBackCache:
             )
         finally:
             self._forget(region)
-            if self.mirror is not None:
+            if self.mirror is not None and key not in self._around:
+                # (with a write around the cache in flight here, its end reports the region: a
+                # report now could cover that write's copy before it landed)
                 self.mirror.destaged(region.owner, key)
             self._destaged.set()
 
@@ -343,3 +390,9 @@ class WriteBackCache:
                 self._wake.set()
             except Exception:  # never let the destager die silently
                 log.exception("destager failed")
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    """Mark a future's exception retrieved: nobody awaits it any more."""
+    if not future.cancelled():
+        future.exception()

@@ -523,11 +523,22 @@ class VirtualVolume:
                 # A large write around the cache, straight to the LD through the I/O threads as a
                 # write-through write: caching it would cost a copy now and an inline destage on
                 # the loop later, to save a page-cache write that costs the same (measured in
-                # bench/README.md).  Only with no partner (its copy is the point of write-back
-                # there) and no dirty data in the region (which must not overtake it).  Durable
-                # at the next flush, as every write-back write.
+                # bench/README.md).  Here with no partner and no dirty data in the region (which
+                # must not overtake it).  Durable at the next flush, as every write-back write.
                 self._unflushed_direct = True
                 await self._write_to_ld(packed, ld, base + offset, data)
+                return
+            if len(data) >= self._bypass_min and self._wb.may_write_around(packed):
+                # The same with a partner in sync: its copy is sent while the I/O threads write
+                # the LD, instead of an inline destage of the cached copy on the loop later.
+                await self._wb.write_around(
+                    packed,
+                    self.row.id,
+                    region,
+                    offset,
+                    data,
+                    lambda: self._write_to_ld(packed, ld, base + offset, data),
+                )
                 return
             await self._wb.write(packed, ld, base, offset, data, self.row.id, region)
         else:
