@@ -192,6 +192,32 @@ def test_reapplied_writes_are_checked_against_the_lease(cluster: PostgresCluster
                 other.close()
 
 
+def test_an_assignment_refused_for_the_lease_is_never_reapplied(cluster: PostgresCluster) -> None:
+    """Its caller was told it failed (and gave the regions back): re-applied once the same
+    holder took the lease again (same epoch), it would assign them behind its back."""
+    with fresh_database(cluster) as url:
+        store = _open(url)
+        try:
+            ld, vv = _populate(store)
+            lease = store.acquire_lease("node:a", "a", 60)
+            assert lease is not None
+            store.bind_lease(lease)
+            store.release_lease(lease)  # expired, nobody else took it
+            with pytest.raises(LeaseLost):
+                store.assign_many([(vv, 0, ld, 0)])
+            assert store.unsynced == 0
+            again = store.acquire_lease("node:a", "a", 60)
+            assert again is not None and again.epoch == lease.epoch
+            store.bind_lease(again)
+            store.assign_many([(vv, 1, ld, 1)])
+            store._session.close()  # a lost session: the next write re-applies the list
+            store.assign_many([(vv, 2, ld, 2)])
+            assert _map(url) == [(vv, 1, ld, 1), (vv, 2, ld, 2)]
+            assert check_store(store) == []
+        finally:
+            store.close()
+
+
 def test_a_barrier_the_server_cannot_take_fails_and_keeps_the_list(cluster: PostgresCluster) -> None:
     with fresh_database(cluster) as url:
         store = _open(url)

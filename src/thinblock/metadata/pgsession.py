@@ -103,6 +103,7 @@ class WriteSession:
         redo: Unsynced | None = None,
         undo: Unsynced | None = None,
         pipeline: bool = False,
+        wrote: Callable[[], bool] | None = None,
         wait: float,
     ) -> Iterator[Connection]:
         """One transaction on the session.  ``durable``: a synchronous commit (it covers every
@@ -111,8 +112,10 @@ class WriteSession:
         during it (the commit's outcome then unknown).  ``pipeline``: BEGIN, the caller's
         statements and COMMIT go in one round trip; the caller's statements then check the lease
         themselves (the session's check would need an answer before the COMMIT is sent), and
-        write nothing when it is not held.  Raises ``SessionBusy`` after ``wait`` seconds
-        without the session, the driver's errors as they are."""
+        write nothing when it is not held; ``wrote``, asked once it committed, says whether they
+        did (False: the redo does not join the list -- re-applied once the lease was taken
+        again, it would assign what its caller was told failed).  Raises ``SessionBusy`` after
+        ``wait`` seconds without the session, the driver's errors as they are."""
         assert durable or redo is not None, "an asynchronous commit needs its redo"
         if not self._lock.acquire(timeout=wait):
             raise SessionBusy("the metadata store's write session is busy")
@@ -141,7 +144,7 @@ class WriteSession:
                 raise
             if durable:
                 self.unsynced.clear()
-            elif redo is not None:
+            elif redo is not None and (wrote is None or wrote()):
                 self.unsynced.append(redo)
         finally:
             self._lock.release()
@@ -234,8 +237,10 @@ class WriteSession:
 
 def _alive(conn: Connection) -> bool:
     """Whether an idle connection still has its session, without a round trip: an idle session
-    is sent nothing unasked, so anything to read (the server's last words, the end of the
-    stream) says it is gone -- after a restart of the server, before the first write tries it."""
+    is rarely sent anything unasked, so anything to read (the server's last words, the end of
+    the stream) is taken to say it is gone -- after a restart of the server, before the first
+    write tries it.  (A notice or a parameter's new value makes it open a new session needlessly:
+    the list is re-applied, changing nothing.)"""
     if conn.broken or conn.closed:
         return False
     try:

@@ -249,6 +249,7 @@ class PostgresStore(SQLStore):
         undo: Unsynced | None = None,
         pipeline: bool = False,
         pooled: bool = False,
+        wrote: Callable[[], bool] | None = None,
     ) -> Iterator[Connection]:
         """One write transaction.  Fenced (every write of the owner): the bound lease checked
         first inside it, ``FOR SHARE`` (a takeover, which updates the row, waits for this
@@ -268,7 +269,7 @@ class PostgresStore(SQLStore):
         with (
             self._session_errors(doing),
             self._session.transaction(
-                durable=redo is None, redo=redo, undo=undo, pipeline=pipeline, wait=self._wait()
+                durable=redo is None, redo=redo, undo=undo, pipeline=pipeline, wrote=wrote, wait=self._wait()
             ) as conn,
         ):
             yield conn
@@ -465,12 +466,18 @@ class PostgresStore(SQLStore):
         # The commit's answer lost with the connection: the caller is told it failed and gives
         # the regions back, so whatever the server kept of it must go before anything else.
         undo = Unsynced(f"undo assigning {len(rows)} region(s)", lambda conn: _unassign_exact(conn, arrays))
-        with self._write(redo=redo, undo=undo, pipeline=True) as conn:
+        answer: list[tuple[bool, int]] = []
+
+        def held() -> bool:  # the statement inserts nothing when the lease is not held
+            if not answer:
+                answer.append(_fetch_assign(cursor[0]))
+            return answer[0][0]
+
+        cursor: list[psycopg.Cursor[Any]] = []
+        with self._write(redo=redo, undo=undo, pipeline=True, wrote=held) as conn:
             self._map_cache = None
-            cur = self._assign_statement(conn, arrays, redo=False)
-        held, _inserted = _fetch_assign(cur)
-        if not held:  # nothing was written: the statement inserts only under the lease
-            self._session.unsynced.pop()  # its redo: nothing to re-apply (and it would be refused)
+            cursor.append(self._assign_statement(conn, arrays, redo=False))
+        if not held():
             raise self._lease_lost()
 
     def _assign(self, conn: Connection, arrays: list[list[int]], *, redo: bool) -> tuple[bool, int]:
