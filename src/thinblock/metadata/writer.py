@@ -23,6 +23,12 @@ a commit fails (the store's file system full, the database gone) the future fail
 goes back to the pool untouched, and the write that needed it fails with ENOSPC (full) or EIO
 (unreachable); nothing was acknowledged that the store does not hold.  ``on_trouble`` and
 ``on_recovered`` let the engine raise and clear an alert.
+
+Committed is not yet durable: a flush makes it so (``store.sync()`` in the engine's flush, off
+the loop).  On PostgreSQL assignments commit asynchronously, and what a crash of the server loses
+before that flush is re-applied by the store's write session (``pgsession.py``), not here: only
+the store sees its connections, and the re-application must run on a new one before anything
+else does.
 """
 
 from __future__ import annotations
