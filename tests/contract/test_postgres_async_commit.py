@@ -85,6 +85,26 @@ def test_assignments_commit_asynchronously_until_a_barrier(cluster: PostgresClus
             store.close()
 
 
+def test_the_list_is_bounded_by_a_synchronous_commit(cluster: PostgresCluster) -> None:
+    """A client that never flushes: every ``max_unsynced`` groups one commits synchronously."""
+    with fresh_database(cluster) as url:
+        store = _open(url)
+        try:
+            ld, vv = _populate(store)
+            store._session.max_unsynced = 3
+            cluster.freeze_wal_writer()
+            sizes = []
+            for r in range(5):
+                store.assign_many([(vv, r, ld, r)])
+                sizes.append(store.unsynced)
+            assert sizes == [1, 2, 3, 0, 1]
+            store._session.unsynced.clear()  # as if the process died with the server
+            _crash(cluster)
+            assert _map(url) == [(vv, r, ld, r) for r in range(4)]  # the fourth was synchronous
+        finally:
+            store.close()
+
+
 def test_writes_made_on_the_event_loop_do_not_wait_for_the_session(cluster: PostgresCluster) -> None:
     """A PD failure's record and the pair's mirror marks are written on the loop: behind a long
     transaction of the writer's thread (a snapshot's map copy) they would stall every volume."""

@@ -54,6 +54,12 @@ log = logging.getLogger("thinblock.metadata")
 Connection = psycopg.Connection[Any]
 
 
+#: Asynchronous commits kept at most; the next one commits synchronously and empties the list.
+#: Why: a client that never flushes would otherwise grow it (and a crash's re-application) for
+#: as long as it writes; one fsync per this many groups is nothing beside one per group.
+MAX_UNSYNCED = 1024
+
+
 class SessionBusy(Exception):
     """Another thread held the session longer than the caller may wait."""
 
@@ -90,6 +96,7 @@ class WriteSession:
         self._conn: Connection | None = None
         self._barrier_level: str | None = None  # SET LOCAL synchronous_commit for durable commits
         self.unsynced: list[Unsynced] = []
+        self.max_unsynced = MAX_UNSYNCED
         # What re-applying found (tests, logs): sessions replayed, rows they had to change.
         self.replays = 0
         self.restored = 0
@@ -120,6 +127,8 @@ class WriteSession:
         if not self._lock.acquire(timeout=wait):
             raise SessionBusy("the metadata store's write session is busy")
         try:
+            if len(self.unsynced) >= self.max_unsynced:
+                durable = True
             conn = self._open()
             try:
                 if pipeline:
