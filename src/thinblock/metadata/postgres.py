@@ -213,6 +213,21 @@ class PostgresStore(SQLStore):
             return MetadataStoreFull(f"metadata store {self.url} is full ({doing}): {_one_line(exc)}")
         return MetadataCorrupt(f"{self.url}: {doing}: {_one_line(exc)}")
 
+    def _failed(self, error: Exception) -> Exception:
+        """A call failed with ``error`` (returned, for the caller to raise): when it says the
+        server is away, remember it (shorter waits from now on) and say so once in the log."""
+        if isinstance(error, MetadataUnavailable):
+            if not self._down:
+                log.error("%s", error)
+            self._down = True
+        return error
+
+    def _succeeded(self) -> None:
+        """A call reached the server: if it was away, it is back (said once in the log)."""
+        if self._down:
+            self._down = False
+            log.warning("metadata store %s reachable again", self.url)
+
     @contextmanager
     def _conn(self, doing: str) -> Iterator[psycopg.Connection[Any]]:
         # While the server is known to be away, a call waits a moment for a connection, not
@@ -224,16 +239,9 @@ class PostgresStore(SQLStore):
         except (psycopg.IntegrityError, LeaseLost):
             raise
         except (psycopg.Error, PoolTimeout) as exc:
-            error = self._error(exc, doing)
-            if isinstance(error, MetadataUnavailable):
-                if not self._down:
-                    log.error("%s", error)
-                self._down = True
-            raise error from exc
+            raise self._failed(self._error(exc, doing)) from exc
         else:
-            if self._down:
-                self._down = False
-                log.warning("metadata store %s reachable again", self.url)
+            self._succeeded()
 
     @contextmanager
     def _read(self) -> Iterator[psycopg.Connection[Any]]:
@@ -310,15 +318,9 @@ class PostgresStore(SQLStore):
                 if isinstance(exc, SessionBusy)
                 else self._error(exc, doing)
             )
-            if isinstance(error, MetadataUnavailable):
-                if not self._down:
-                    log.error("%s", error)
-                self._down = True
-            raise error from exc
+            raise self._failed(error) from exc
         else:
-            if self._down:
-                self._down = False
-                log.warning("metadata store %s reachable again", self.url)
+            self._succeeded()
 
     # The shared statements (sql.py) are written with "?"; psycopg's placeholder is "%s".  None
     # of them holds a "?" or a "%" of its own; statements written here use "%s" already.
