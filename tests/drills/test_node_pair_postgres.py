@@ -98,6 +98,41 @@ def pg_node_config(
     )
 
 
+def start_pair_taking_each_other_over(
+    make_daemon: Callable[..., Daemon],
+    urls: tuple[str, str],
+    base: Path,
+    tag: str,
+    *,
+    n2_destage_delay: float | None = None,
+) -> tuple[Daemon, Daemon, int, int]:
+    """n1 and n2, each on its own database, each configured to take the other over (the other's
+    data directory, store and service address), started and in sync.  Both serve NBD on
+    SERVICE_HOST, the address a takeover binds.  Returns (n1, n2, n1's service port, n2's)."""
+    url1, url2 = urls
+    p1, p2 = free_port(), free_port()
+    s1, s2 = free_port(SERVICE_HOST), free_port(SERVICE_HOST)
+    dir1, dir2 = base / f"n1-{tag}" / "data", base / f"n2-{tag}" / "data"
+
+    def takeover_of(data: Path, service: int, url: str) -> str:
+        return f'partner_data = "{data}"\npartner_service = "{SERVICE_HOST}:{service}"\npartner_metadata = "{url}"\n'
+
+    n2_options = {} if n2_destage_delay is None else {"destage_delay": n2_destage_delay}
+    n1 = make_daemon(
+        f"n1-{tag}",
+        config=pg_node_config("n1", p1, p2, takeover=takeover_of(dir2, s2, url2)),
+        args=("--metadata", url1, "--nbd", f"{SERVICE_HOST}:{s1}"),
+    ).start()
+    n2 = make_daemon(
+        f"n2-{tag}",
+        config=pg_node_config("n2", p2, p1, takeover=takeover_of(dir1, s1, url1), **n2_options),
+        args=("--metadata", url2, "--nbd", f"{SERVICE_HOST}:{s2}"),
+    ).start()
+    assert (n1.data_dir, n2.data_dir) == (dir1, dir2)
+    wait_until(lambda: n1.events("mirror-in-sync") and n2.events("mirror-in-sync"), "the pair in sync")
+    return n1, n2, s1, s2
+
+
 @pytest.fixture
 def two_databases(postgres_cluster: PostgresCluster) -> Iterator[tuple[str, str]]:
     with ExitStack() as stack:
@@ -435,26 +470,7 @@ async def test_old_owner_rejoins_as_partner_and_takes_over_when_the_new_owner_di
     mirrored to it again (n2 in sync, its writes acknowledged from the cache).  kill -9 n2: n1
     takes n2 over (replaying the copies it held since it rejoined), opens its own engine once its
     lease is free again, and every acknowledged byte of both volumes reads back."""
-    url1, url2 = two_databases
-    p1, p2 = free_port(), free_port()
-    s1, s2 = free_port(SERVICE_HOST), free_port(SERVICE_HOST)
-    dir1, dir2 = tmp_path / "n1-rj" / "data", tmp_path / "n2-rj" / "data"
-
-    def takeover_of(data: Path, service: int, url: str) -> str:
-        return f'partner_data = "{data}"\npartner_service = "{SERVICE_HOST}:{service}"\npartner_metadata = "{url}"\n'
-
-    n1 = make_daemon(
-        "n1-rj",
-        config=pg_node_config("n1", p1, p2, takeover=takeover_of(dir2, s2, url2)),
-        args=("--metadata", url1, "--nbd", f"{SERVICE_HOST}:{s1}"),
-    ).start()
-    n2 = make_daemon(
-        "n2-rj",
-        config=pg_node_config("n2", p2, p1, takeover=takeover_of(dir1, s1, url1)),
-        args=("--metadata", url2, "--nbd", f"{SERVICE_HOST}:{s2}"),
-    ).start()
-    assert (n1.data_dir, n2.data_dir) == (dir1, dir2)
-    wait_until(lambda: n1.events("mirror-in-sync") and n2.events("mirror-in-sync"), "the pair in sync")
+    n1, n2, s1, s2 = start_pair_taking_each_other_over(make_daemon, two_databases, tmp_path, "rj")
     for daemon, volume in ((n1, "wb"), (n2, "wb2")):
         add_pds(daemon, Standard(count=2, size=64 * MiB), daemon.workdir)
         setup_pool(daemon, "p", 1)
@@ -536,28 +552,9 @@ async def one_rejoin_round(
     on n1's volume (a FLUSH every FLUSH_EVERY writes, answered on the two copies): n1 takes n2
     over, opens its own engine once its lease is free, replays the copies of its volume n2 sent
     it, and every acknowledged write of both volumes reads back."""
-    url1, url2 = urls
-    p1, p2 = free_port(), free_port()
-    s1, s2 = free_port(SERVICE_HOST), free_port(SERVICE_HOST)
-    dir1, dir2 = workdir / f"n1-{tag}" / "data", workdir / f"n2-{tag}" / "data"
-
-    def takeover_of(data: Path, service: int, url: str) -> str:
-        return f'partner_data = "{data}"\npartner_service = "{SERVICE_HOST}:{service}"\npartner_metadata = "{url}"\n'
-
-    n1 = make_daemon(
-        f"n1-{tag}",
-        config=pg_node_config("n1", p1, p2, takeover=takeover_of(dir2, s2, url2)),
-        args=("--metadata", url1, "--nbd", f"{SERVICE_HOST}:{s1}"),
-    ).start()
-    n2 = make_daemon(
-        f"n2-{tag}",
-        config=pg_node_config(
-            "n2", p2, p1, takeover=takeover_of(dir1, s1, url1), destage_delay=KILL_DESTAGE_DELAY
-        ),
-        args=("--metadata", url2, "--nbd", f"{SERVICE_HOST}:{s2}"),
-    ).start()
-    assert (n1.data_dir, n2.data_dir) == (dir1, dir2)
-    wait_until(lambda: n1.events("mirror-in-sync") and n2.events("mirror-in-sync"), "the pair in sync")
+    n1, n2, s1, s2 = start_pair_taking_each_other_over(
+        make_daemon, urls, workdir, tag, n2_destage_delay=KILL_DESTAGE_DELAY
+    )
     for daemon, volume in ((n1, "wb"), (n2, "wb2")):
         add_pds(daemon, Standard(count=2, size=64 * MiB), daemon.workdir)
         setup_pool(daemon, "p", 1)
@@ -695,25 +692,7 @@ async def test_failback_hands_the_taken_over_volumes_back_without_a_copy(
     qemu_io = shutil.which("qemu-io")
     if qemu_io is None:
         pytest.skip("qemu-io is not installed (make deps installs qemu-utils)")
-    url1, url2 = two_databases
-    p1, p2 = free_port(), free_port()
-    s1, s2 = free_port(SERVICE_HOST), free_port(SERVICE_HOST)
-    dir1, dir2 = tmp_path / "n1-fb" / "data", tmp_path / "n2-fb" / "data"
-
-    def takeover_of(data: Path, service: int, url: str) -> str:
-        return f'partner_data = "{data}"\npartner_service = "{SERVICE_HOST}:{service}"\npartner_metadata = "{url}"\n'
-
-    n1 = make_daemon(
-        "n1-fb",
-        config=pg_node_config("n1", p1, p2, takeover=takeover_of(dir2, s2, url2)),
-        args=("--metadata", url1, "--nbd", f"{SERVICE_HOST}:{s1}"),
-    ).start()
-    n2 = make_daemon(
-        "n2-fb",
-        config=pg_node_config("n2", p2, p1, takeover=takeover_of(dir1, s1, url1)),
-        args=("--metadata", url2, "--nbd", f"{SERVICE_HOST}:{s2}"),
-    ).start()
-    wait_until(lambda: n1.events("mirror-in-sync") and n2.events("mirror-in-sync"), "the pair in sync")
+    n1, n2, s1, s2 = start_pair_taking_each_other_over(make_daemon, two_databases, tmp_path, "fb")
     for daemon, volume in ((n1, "wb"), (n2, "wb2")):
         add_pds(daemon, Standard(count=2, size=64 * MiB), daemon.workdir)
         setup_pool(daemon, "p", 1)
