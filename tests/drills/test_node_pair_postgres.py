@@ -107,7 +107,8 @@ def start_pair_taking_each_other_over(
     n2_destage_delay: float | None = None,
 ) -> tuple[Daemon, Daemon, int, int]:
     """n1 and n2, each on its own database, each configured to take the other over (the other's
-    data directory, store and service address), started and in sync.  Both serve NBD on
+    data directory, store and service address), started and in sync, each with a 64 MiB
+    write-back volume of its own on RAID 1 (n1 "wb", n2 "wb2").  Both serve NBD on
     SERVICE_HOST, the address a takeover binds.  Returns (n1, n2, n1's service port, n2's)."""
     url1, url2 = urls
     p1, p2 = free_port(), free_port()
@@ -130,6 +131,10 @@ def start_pair_taking_each_other_over(
     ).start()
     assert (n1.data_dir, n2.data_dir) == (dir1, dir2)
     wait_until(lambda: n1.events("mirror-in-sync") and n2.events("mirror-in-sync"), "the pair in sync")
+    for daemon, volume in ((n1, "wb"), (n2, "wb2")):
+        add_pds(daemon, Standard(count=2, size=64 * MiB), daemon.workdir)
+        setup_pool(daemon, "p", 1)
+        setup_volume(daemon, volume, "p", 64 * MiB, cache="writeback")
     return n1, n2, s1, s2
 
 
@@ -471,10 +476,6 @@ async def test_old_owner_rejoins_as_partner_and_takes_over_when_the_new_owner_di
     takes n2 over (replaying the copies it held since it rejoined), opens its own engine once its
     lease is free again, and every acknowledged byte of both volumes reads back."""
     n1, n2, s1, s2 = start_pair_taking_each_other_over(make_daemon, two_databases, tmp_path, "rj")
-    for daemon, volume in ((n1, "wb"), (n2, "wb2")):
-        add_pds(daemon, Standard(count=2, size=64 * MiB), daemon.workdir)
-        setup_pool(daemon, "p", 1)
-        setup_volume(daemon, volume, "p", 64 * MiB, cache="writeback")
     acked1 = await write_export(s1, "wb", 1, 300, 1)
     acked2 = await write_export(s2, "wb2", 2, 300, 1)
 
@@ -555,10 +556,6 @@ async def one_rejoin_round(
     n1, n2, s1, s2 = start_pair_taking_each_other_over(
         make_daemon, urls, workdir, tag, n2_destage_delay=KILL_DESTAGE_DELAY
     )
-    for daemon, volume in ((n1, "wb"), (n2, "wb2")):
-        add_pds(daemon, Standard(count=2, size=64 * MiB), daemon.workdir)
-        setup_pool(daemon, "p", 1)
-        setup_volume(daemon, volume, "p", 64 * MiB, cache="writeback")
     acked2 = await write_export(s2, "wb2", 2, 200, 1)
 
     n1.kill()
@@ -693,10 +690,6 @@ async def test_failback_hands_the_taken_over_volumes_back_without_a_copy(
     if qemu_io is None:
         pytest.skip("qemu-io is not installed (make deps installs qemu-utils)")
     n1, n2, s1, s2 = start_pair_taking_each_other_over(make_daemon, two_databases, tmp_path, "fb")
-    for daemon, volume in ((n1, "wb"), (n2, "wb2")):
-        add_pds(daemon, Standard(count=2, size=64 * MiB), daemon.workdir)
-        setup_pool(daemon, "p", 1)
-        setup_volume(daemon, volume, "p", 64 * MiB, cache="writeback")
     acked1 = await write_export(s1, "wb", 1, 200, 1)
     acked2 = await write_export(s2, "wb2", 2, 200, 1)
 
