@@ -11,6 +11,7 @@ store re-applies anything."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import closing
 from typing import Any
 
 import psycopg
@@ -66,67 +67,54 @@ def _crash(cluster: PostgresCluster) -> None:
 
 
 def test_assignments_commit_asynchronously_until_a_barrier(cluster: PostgresCluster) -> None:
-    with fresh_database(cluster) as url:
-        store = _open(url)
-        try:
-            ld, vv = _populate(store)
-            assert store.unsynced == 0  # synchronous commits leave nothing to re-apply
-            store.assign_many([(vv, 0, ld, 0), (vv, 1, ld, 1)])
-            store.unassign(vv, [1])
-            assert store.unsynced == 2
-            # Committed: visible to any other session at once.
-            assert _map(url) == [(vv, 0, ld, 0)]
-            store.sync()
-            assert store.unsynced == 0
-            store.assign_many([(vv, 2, ld, 2)])
-            store.rename_vv(vv, "w")  # a synchronous commit on the session covers it too
-            assert store.unsynced == 0
-        finally:
-            store.close()
+    with fresh_database(cluster) as url, closing(_open(url)) as store:
+        ld, vv = _populate(store)
+        assert store.unsynced == 0  # synchronous commits leave nothing to re-apply
+        store.assign_many([(vv, 0, ld, 0), (vv, 1, ld, 1)])
+        store.unassign(vv, [1])
+        assert store.unsynced == 2
+        # Committed: visible to any other session at once.
+        assert _map(url) == [(vv, 0, ld, 0)]
+        store.sync()
+        assert store.unsynced == 0
+        store.assign_many([(vv, 2, ld, 2)])
+        store.rename_vv(vv, "w")  # a synchronous commit on the session covers it too
+        assert store.unsynced == 0
 
 
 def test_the_list_is_bounded_by_a_synchronous_commit(cluster: PostgresCluster) -> None:
     """A client that never flushes: every ``max_unsynced`` groups one commits synchronously."""
-    with fresh_database(cluster) as url:
-        store = _open(url)
-        try:
-            ld, vv = _populate(store)
-            store._session.max_unsynced = 3
-            cluster.freeze_wal_writer()
-            sizes = []
-            for r in range(5):
-                store.assign_many([(vv, r, ld, r)])
-                sizes.append(store.unsynced)
-            assert sizes == [1, 2, 3, 0, 1]
-            store._session.unsynced.clear()  # as if the process died with the server
-            _crash(cluster)
-            assert _map(url) == [(vv, r, ld, r) for r in range(4)]  # the fourth was synchronous
-        finally:
-            store.close()
+    with fresh_database(cluster) as url, closing(_open(url)) as store:
+        ld, vv = _populate(store)
+        store._session.max_unsynced = 3
+        cluster.freeze_wal_writer()
+        sizes = []
+        for r in range(5):
+            store.assign_many([(vv, r, ld, r)])
+            sizes.append(store.unsynced)
+        assert sizes == [1, 2, 3, 0, 1]
+        store._session.unsynced.clear()  # as if the process died with the server
+        _crash(cluster)
+        assert _map(url) == [(vv, r, ld, r) for r in range(4)]  # the fourth was synchronous
 
 
 def test_writes_made_on_the_event_loop_do_not_wait_for_the_session(cluster: PostgresCluster) -> None:
     """A PD failure's record and the pair's mirror marks are written on the loop: behind a long
     transaction of the writer's thread (a snapshot's map copy) they would stall every volume."""
-    with fresh_database(cluster) as url:
-        store = _open(url)
-        try:
-            _populate(store)
-            with store._session._lock:  # the writer's thread inside a long transaction
-                store.set_pd_health(1, "failed")
-                store.set_meta("mirror_valid", "0")
-            assert [p.health for p in store.load_pds()] == ["failed", "normal"]
-            assert store.get_meta("mirror_valid") == "0"
-        finally:
-            store.close()
+    with fresh_database(cluster) as url, closing(_open(url)) as store:
+        _populate(store)
+        with store._session._lock:  # the writer's thread inside a long transaction
+            store.set_pd_health(1, "failed")
+            store.set_meta("mirror_valid", "0")
+        assert [p.health for p in store.load_pds()] == ["failed", "normal"]
+        assert store.get_meta("mirror_valid") == "0"
 
 
 def test_an_immediate_stop_loses_async_commits_and_the_barrier_reapplies_them(
     cluster: PostgresCluster,
 ) -> None:
     with fresh_database(cluster) as url:
-        store = _open(url)
-        try:
+        with closing(_open(url)) as store:
             ld, vv = _populate(store)
             cluster.freeze_wal_writer()
             lease = store.acquire_lease("node:a", "a", 60)
@@ -152,8 +140,6 @@ def test_an_immediate_stop_loses_async_commits_and_the_barrier_reapplies_them(
             # The re-applied transaction was itself synchronous: another crash keeps it.
             _crash(cluster)
             assert _map(url) == expected
-        finally:
-            store.close()
         again = _open(url)
         try:
             assert check_store(again) == []
@@ -164,21 +150,17 @@ def test_an_immediate_stop_loses_async_commits_and_the_barrier_reapplies_them(
 def test_the_first_write_on_a_new_session_reapplies_before_it_runs(cluster: PostgresCluster) -> None:
     """No barrier needed: a trim the crash lost is re-applied before the region is assigned
     again, so the store never holds it twice."""
-    with fresh_database(cluster) as url:
-        store = _open(url)
-        try:
-            ld, vv = _populate(store)
-            cluster.freeze_wal_writer()
-            store.assign_many([(vv, 0, ld, 0)])
-            store.sync()
-            store.unassign(vv, [0])
-            _crash(cluster)
-            assert _map(url) == [(vv, 0, ld, 0)], "the crash kept the trim"
-            store.assign_many([(vv, 1, ld, 0)])  # LD region 0 again, for another VV region
-            assert _map(url) == [(vv, 1, ld, 0)]
-            assert check_store(store) == []
-        finally:
-            store.close()
+    with fresh_database(cluster) as url, closing(_open(url)) as store:
+        ld, vv = _populate(store)
+        cluster.freeze_wal_writer()
+        store.assign_many([(vv, 0, ld, 0)])
+        store.sync()
+        store.unassign(vv, [0])
+        _crash(cluster)
+        assert _map(url) == [(vv, 0, ld, 0)], "the crash kept the trim"
+        store.assign_many([(vv, 1, ld, 0)])  # LD region 0 again, for another VV region
+        assert _map(url) == [(vv, 1, ld, 0)]
+        assert check_store(store) == []
 
 
 def test_reapplied_writes_are_checked_against_the_lease(cluster: PostgresCluster) -> None:
@@ -215,47 +197,39 @@ def test_reapplied_writes_are_checked_against_the_lease(cluster: PostgresCluster
 def test_an_assignment_refused_for_the_lease_is_never_reapplied(cluster: PostgresCluster) -> None:
     """Its caller was told it failed (and gave the regions back): re-applied once the same
     holder took the lease again (same epoch), it would assign them behind its back."""
-    with fresh_database(cluster) as url:
-        store = _open(url)
-        try:
-            ld, vv = _populate(store)
-            lease = store.acquire_lease("node:a", "a", 60)
-            assert lease is not None
-            store.bind_lease(lease)
-            store.release_lease(lease)  # expired, nobody else took it
-            with pytest.raises(LeaseLost):
-                store.assign_many([(vv, 0, ld, 0)])
-            assert store.unsynced == 0
-            again = store.acquire_lease("node:a", "a", 60)
-            assert again is not None and again.epoch == lease.epoch
-            store.bind_lease(again)
-            store.assign_many([(vv, 1, ld, 1)])
-            store._session.close()  # a lost session: the next write re-applies the list
-            store.assign_many([(vv, 2, ld, 2)])
-            assert _map(url) == [(vv, 1, ld, 1), (vv, 2, ld, 2)]
-            assert check_store(store) == []
-        finally:
-            store.close()
+    with fresh_database(cluster) as url, closing(_open(url)) as store:
+        ld, vv = _populate(store)
+        lease = store.acquire_lease("node:a", "a", 60)
+        assert lease is not None
+        store.bind_lease(lease)
+        store.release_lease(lease)  # expired, nobody else took it
+        with pytest.raises(LeaseLost):
+            store.assign_many([(vv, 0, ld, 0)])
+        assert store.unsynced == 0
+        again = store.acquire_lease("node:a", "a", 60)
+        assert again is not None and again.epoch == lease.epoch
+        store.bind_lease(again)
+        store.assign_many([(vv, 1, ld, 1)])
+        store._session.close()  # a lost session: the next write re-applies the list
+        store.assign_many([(vv, 2, ld, 2)])
+        assert _map(url) == [(vv, 1, ld, 1), (vv, 2, ld, 2)]
+        assert check_store(store) == []
 
 
 def test_a_barrier_the_server_cannot_take_fails_and_keeps_the_list(cluster: PostgresCluster) -> None:
-    with fresh_database(cluster) as url:
-        store = _open(url)
+    with fresh_database(cluster) as url, closing(_open(url)) as store:
+        ld, vv = _populate(store)
+        store.assign_many([(vv, r, ld, r) for r in range(4)])
+        cluster.stop("immediate")
         try:
-            ld, vv = _populate(store)
-            store.assign_many([(vv, r, ld, r) for r in range(4)])
-            cluster.stop("immediate")
-            try:
-                with pytest.raises(MetadataUnavailable):
-                    store.sync()
-                assert store.unsynced == 1
-            finally:
-                cluster.start()
-            store.sync()
-            assert _map(url) == [(vv, r, ld, r) for r in range(4)]
-            assert check_store(store) == []
+            with pytest.raises(MetadataUnavailable):
+                store.sync()
+            assert store.unsynced == 1
         finally:
-            store.close()
+            cluster.start()
+        store.sync()
+        assert _map(url) == [(vv, r, ld, r) for r in range(4)]
+        assert check_store(store) == []
 
 
 class _AnswerLost(psycopg.Connection[Any]):
@@ -287,21 +261,17 @@ class _AnswerLost(psycopg.Connection[Any]):
 
 
 def test_an_assignment_whose_commit_answer_was_lost_is_undone_first(cluster: PostgresCluster) -> None:
-    with fresh_database(cluster) as url:
-        store = _open(url)
-        try:
-            ld, vv = _populate(store)
-            store._session._connect = lambda: _AnswerLost.connect(url, autocommit=True)
-            store._session.close()  # the next transaction opens a losing connection
-            _AnswerLost.lose_next = True
-            with pytest.raises(MetadataUnavailable):
-                store.assign_many([(vv, 0, ld, 0), (vv, 1, ld, 1)])
-            # The commit happened; its caller was told it failed and gave the regions back.
-            assert _map(url) == [(vv, 0, ld, 0), (vv, 1, ld, 1)]
-            store.assign_many([(vv, 5, ld, 0)])  # LD region 0 again: undone first
-            assert _map(url) == [(vv, 5, ld, 0)]
-            assert store._session.restored == 2
-            assert check_store(store) == []
-            assert store.region_counters() == ({vv: 1}, {ld: 1})
-        finally:
-            store.close()
+    with fresh_database(cluster) as url, closing(_open(url)) as store:
+        ld, vv = _populate(store)
+        store._session._connect = lambda: _AnswerLost.connect(url, autocommit=True)
+        store._session.close()  # the next transaction opens a losing connection
+        _AnswerLost.lose_next = True
+        with pytest.raises(MetadataUnavailable):
+            store.assign_many([(vv, 0, ld, 0), (vv, 1, ld, 1)])
+        # The commit happened; its caller was told it failed and gave the regions back.
+        assert _map(url) == [(vv, 0, ld, 0), (vv, 1, ld, 1)]
+        store.assign_many([(vv, 5, ld, 0)])  # LD region 0 again: undone first
+        assert _map(url) == [(vv, 5, ld, 0)]
+        assert store._session.restored == 2
+        assert check_store(store) == []
+        assert store.region_counters() == ({vv: 1}, {ld: 1})
